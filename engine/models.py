@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Final
 
 COST_SOURCES: Final = ("provider", "computed", "estimated", "unpriced")
@@ -160,7 +160,7 @@ def parse_timestamp_ms(value: Any, name: str = "ts") -> int:
 
 
 def _dt_ms(dt: datetime) -> int:
-    delta = dt.astimezone(timezone.utc) - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    delta = dt.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
@@ -238,8 +238,8 @@ def _cost_fields(raw: dict[str, Any]) -> dict[str, Any]:
             raise FieldError("cost_source", "is 'provider' but no cost_nanos or cost_usd was given")
         # Priced on record; 'estimated' survives so estimated token counts stay marked.
         return {"cost_nanos": None, "cost_source": source if source == "estimated" else "computed"}
-    if source == "unpriced":
-        raise FieldError("cost_source", "is 'unpriced' but a cost was given")
+    if source == "unpriced" and cost:
+        raise FieldError("cost_source", "is 'unpriced' but a cost above zero was given")
     return {"cost_nanos": cost, "cost_source": source or "provider"}
 
 

@@ -16,8 +16,8 @@ NANOS_PER_CENT = 10_000_000
 #: as nano-dollars per million tokens; LiteLLM's per-token prices are exact at it.
 FEMTOS_PER_NANO = 1_000_000
 
-_AMOUNT = re.compile(r"^\s*(?P<sign>[-+]?)\s*\$?\s*(?P<num>[0-9][0-9,_]*(?:\.[0-9]*)?|\.[0-9]+)\s*(?:usd)?\s*$",
-                     re.IGNORECASE)
+_AMOUNT = re.compile(
+    r"^\s*(?P<sign>[-+]?)\s*\$?\s*(?P<num>[0-9][0-9,_]*(?:\.[0-9]*)?|\.[0-9]+)\s*(?:usd)?\s*$", re.IGNORECASE)
 _GROUPED = re.compile(r"^[0-9]{1,3}(?:,[0-9]{3})*$")
 
 
@@ -36,7 +36,7 @@ def parse_usd(text: str | int | Decimal, field: str = "amount") -> int:
     Refuses negatives, NaN and infinities, more than nine decimal places (finer than
     a nano-dollar), floats and anything that is not a plain number, naming ``field``.
     """
-    if isinstance(text, bool) or isinstance(text, float):
+    if isinstance(text, (bool, float)):
         raise MoneyError(field, "must be given as text or an integer, not a binary float")
     if isinstance(text, int):
         if text < 0:

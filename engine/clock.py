@@ -1,0 +1,75 @@
+"""The one clock, and the durations and periods people type.
+
+Everything that needs the time takes a ``Clock``, so tests freeze it and the rules
+stay pure functions of their inputs.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Protocol
+
+from engine.models import FieldError
+
+MINUTE_MS: Final = 60_000
+HOUR_MS: Final = 3_600_000
+DAY_MS: Final = 86_400_000
+_UNITS: Final = {"s": 1000, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS, "w": 7 * DAY_MS}
+_DURATION = re.compile(r"^\s*(\d{1,7})\s*([smhdw])\s*$", re.IGNORECASE)
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+
+@dataclass
+class FrozenClock:
+    """A clock that moves only when told to (tests, screenshots)."""
+
+    ms: int
+
+    def now_ms(self) -> int:
+        return self.ms
+
+    def advance(self, ms: int) -> None:
+        self.ms += ms
+
+
+def parse_duration_ms(text: str, field: str = "duration") -> int:
+    """``90s``, ``30m``, ``6h``, ``7d``, ``2w`` into milliseconds; anything else names ``field``."""
+    m = _DURATION.match(text or "")
+    if not m:
+        raise FieldError(field, f"must be a number and a unit (s, m, h, d or w) like 30m or 7d, not {text!r}")
+    value = int(m.group(1))
+    if value <= 0:
+        raise FieldError(field, f"must be longer than zero (got {text!r})")
+    return value * _UNITS[m.group(2).lower()]
+
+
+def period_range(period: str | None, now_ms: int, field: str = "period") -> tuple[int, int]:
+    """[start, end) for a period: ``24h``, ``7d``, ``30d``, ``90d`` (any duration), ``today``,
+    ``month`` (calendar, UTC) or ``all``."""
+    text = (period or "all").strip().lower()
+    if text == "all":
+        return 0, now_ms + MINUTE_MS
+    if text == "today":
+        return now_ms - now_ms % DAY_MS, now_ms + MINUTE_MS
+    if text == "month":
+        now = datetime.fromtimestamp(now_ms / 1000, UTC)
+        start = datetime(now.year, now.month, 1, tzinfo=UTC)
+        return int(start.timestamp()) * 1000, now_ms + MINUTE_MS
+    return now_ms - parse_duration_ms(text, field), now_ms + MINUTE_MS
+
+
+def iso(ms: int) -> str:
+    """UTC ISO 8601 with milliseconds and a Z: the one text form of a time in files."""
+    dt = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=(ms % 1000) * 1000)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"

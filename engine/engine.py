@@ -1,0 +1,161 @@
+"""Engine: opens a ledger, wires the modules, and is the one public entry point.
+
+The command line, the dashboard and the integrations all go through an ``Engine``;
+none of them touches SQL or builds a store of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import platformdirs
+
+from engine.clock import Clock, SystemClock, period_range
+from engine.models import FieldError, UsageEvent
+from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm
+from engine.store import (
+    BreakdownRow,
+    Metric,
+    RecordResult,
+    SQLiteStore,
+    TimelinePoint,
+    Totals,
+)
+
+LEDGER_FILENAME = "ledger.db"
+
+
+def default_db_path() -> Path:
+    """``BUDGETEER_DB``, else ``$BUDGETEER_HOME/ledger.db``, else the user data directory."""
+    if os.environ.get("BUDGETEER_DB"):
+        return Path(os.environ["BUDGETEER_DB"]).expanduser()
+    if os.environ.get("BUDGETEER_HOME"):
+        return Path(os.environ["BUDGETEER_HOME"]).expanduser() / LEDGER_FILENAME
+    return Path(platformdirs.user_data_dir("budgeteer", appauthor=False)) / LEDGER_FILENAME
+
+
+class Engine:
+    """A ledger with its prices. Open with ``async with await Engine.open(path) as engine``."""
+
+    def __init__(self, store: SQLiteStore, prices: PriceBook, clock: Clock) -> None:
+        self.store = store
+        self.prices = prices
+        self.clock = clock
+
+    @classmethod
+    async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
+                   durable: bool = True) -> Engine:
+        store = await SQLiteStore.open(Path(db) if db else default_db_path(), durable=durable)
+        try:
+            prices = PriceBook()
+            prices.extend(bundled_prices().all_versions())
+            prices.extend(ModelPrice.from_json(json.loads(spec)) for spec in await store.load_prices())
+        except BaseException:
+            await store.close()
+            raise
+        return cls(store, prices, clock or SystemClock())
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def now_ms(self) -> int:
+        return self.clock.now_ms()
+
+    # ------------------------------------------------------------------ writing
+
+    def priced(self, event: UsageEvent) -> UsageEvent:
+        """The event with its cost settled: the provider's if given, else from the price table
+        of the event's own day, else marked ``unpriced`` (never a silent $0)."""
+        if event.cost_nanos is not None:
+            return event
+        cost, source = self.prices.price_event(event)
+        return replace(event, cost_nanos=cost, cost_source=source)
+
+    async def record(self, event: UsageEvent) -> RecordResult:
+        """Append one event (group-committed); returns once it is durable."""
+        return await self.store.record(self.priced(event))
+
+    async def record_many(self, events: Iterable[UsageEvent]) -> list[RecordResult]:
+        """Append events in one transaction: all or none."""
+        return await self.store.record_many([self.priced(e) for e in events])
+
+    async def bulk_record(self, events: Iterable[UsageEvent], *, atomic: bool = False) -> tuple[int, int]:
+        """Append a large stream; returns (recorded, duplicates). ``atomic``: one transaction."""
+        return await self.store.bulk_record((self.priced(e) for e in events), atomic=atomic)
+
+    # ------------------------------------------------------------------ reading
+
+    def period(self, period: str | None) -> tuple[int, int]:
+        return period_range(period, self.now_ms())
+
+    async def totals(self, start_ms: int, end_ms: int, filters: Mapping[str, str] | None = None) -> Totals:
+        return await self.store.totals(start_ms, end_ms, filters)
+
+    async def timeline(self, start_ms: int, end_ms: int, bucket_ms: int, *,
+                       filters: Mapping[str, str] | None = None,
+                       group_by: str | None = None) -> list[TimelinePoint]:
+        return await self.store.timeline(start_ms, end_ms, bucket_ms, filters, group_by)
+
+    async def breakdown(self, start_ms: int, end_ms: int, by: str, *, limit: int = 10,
+                        order: Metric = "cost",
+                        filters: Mapping[str, str] | None = None) -> list[BreakdownRow]:
+        return await self.store.breakdown(start_ms, end_ms, by, limit=limit, order=order, filters=filters)
+
+    async def usage_report(self, period: str | None, by: str, limit: int = 50) -> dict[str, Any]:
+        """What ``budgeteer usage`` prints: totals and a breakdown for a period."""
+        start, end = self.period(period)
+        totals = await self.totals(start, end)
+        rows = await self.breakdown(start, end, by, limit=limit)
+        return {"period": period or "all", "start_ms": start, "end_ms": end, "by": by,
+                "totals": totals, "rows": rows}
+
+    async def event_count(self) -> int:
+        return await self.store.event_count()
+
+    def iter_events(self, start_ms: int, end_ms: int) -> AsyncIterator[UsageEvent]:
+        return self.store.iter_events(start_ms, end_ms)
+
+    async def data_version(self) -> int:
+        return await self.store.data_version()
+
+    # ------------------------------------------------------------------ prices
+
+    def price_for(self, model: str, *, workspace: str = "", provider: str | None = None,
+                  at_ms: int | None = None) -> ModelPrice | None:
+        return self.prices.lookup(model, self.now_ms() if at_ms is None else at_ms, workspace, provider)
+
+    async def import_prices(self, data: Any, *, effective_from_ms: int | None = None,
+                            workspace: str = "", source: str = "") -> tuple[int, list[str]]:
+        """Add price versions from a LiteLLM-format table; returns (stored, skipped reasons).
+
+        Versions apply from ``effective_from_ms`` (default: now), so events already in
+        the ledger keep the price of their own day.
+        """
+        effective = self.now_ms() if effective_from_ms is None else effective_from_ms
+        if effective < 0:
+            raise FieldError("effective_from", "must not be before 1970")
+        prices, skipped = parse_litellm(data, effective_from_ms=effective, source=source)
+        prices = [replace(p, workspace=workspace) for p in prices]
+        now = self.now_ms()
+        await self.store.save_prices([
+            (p.model, p.workspace, p.effective_from_ms, p.provider, json.dumps(p.to_json()), p.source, now)
+            for p in prices])
+        self.prices.extend(prices)
+        return len(prices), skipped

@@ -1,0 +1,718 @@
+"""The ledger store: the one place that knows the SQL.
+
+SQLite through aiosqlite, in WAL mode, with numbered migrations. ``usage_events`` is
+append-only and ``request_id`` is unique, so a retried write is a no-op reported as a
+duplicate. Rollups per minute, hour and day are written in the same transaction as the
+events they sum, and every dashboard read is served from them. Writes are
+group-committed: concurrent ``record()`` calls share one transaction, and each returns
+only once its event is committed.
+
+``LedgerStore`` is the interface the rest of the engine codes against, so another
+backend (PostgreSQL for several gateway machines) can stand in later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from itertools import islice
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+
+import aiosqlite
+
+from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
+
+#: At most this many events go into one group-committed transaction.
+MAX_BATCH: Final = 4096
+#: Bulk writes commit in chunks of this many events (each chunk all-or-nothing).
+BULK_CHUNK: Final = 50_000
+
+
+class StoreError(RuntimeError):
+    """The ledger cannot be opened or written; the message says why in one sentence."""
+
+
+class SchemaTooNewError(StoreError):
+    pass
+
+
+# --------------------------------------------------------------------------- schema
+
+_EVENT_COLUMNS: Final = (
+    "ts_ms", "request_id", "series_id", "session", "agent", "input_tokens", "cached_input_tokens",
+    "cache_write_tokens", "output_tokens", "reasoning_tokens", "cost_nanos", "cost_source",
+    "latency_ms", "status", "tags",
+)
+_DIMS_SQL: Final = ", ".join(ROLLUP_DIMENSIONS)
+_SUM_COLUMNS: Final = (
+    "requests", "errors", "blocked", "input_tokens", "cached_input_tokens", "cache_write_tokens",
+    "output_tokens", "reasoning_tokens", "cost_nanos", "unpriced", "estimated", "latency_ms",
+)
+_ROLLUP_TABLES: Final = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
+
+
+def _rollup_table_sql(name: str) -> str:
+    sums = ",\n    ".join(f"{col} INTEGER NOT NULL" for col in _SUM_COLUMNS)
+    return f"""
+CREATE TABLE rollup_{name} (
+    bucket_ms INTEGER NOT NULL,
+    series_id INTEGER NOT NULL,
+    {sums},
+    PRIMARY KEY (bucket_ms, series_id)
+) WITHOUT ROWID;
+"""
+
+
+# Each entry is one schema version; never edit a shipped one, append a new one.
+# Value rules (non-negative counts, known statuses) are enforced by validate_event and
+# asserted in _write; only the money invariant, an integer cost, is also a CHECK here,
+# because SQLite evaluates CHECKs per row and they would halve the bulk insert rate.
+# A *series* is one combination of the rollup dimensions; events and rollups refer to
+# it by a small integer, so rollup keys are two integers and upserts stay cheap.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    f"""
+CREATE TABLE series (
+    id INTEGER PRIMARY KEY,
+    {", ".join(f"{d} TEXT NOT NULL" for d in ROLLUP_DIMENSIONS)},
+    UNIQUE ({_DIMS_SQL})
+);
+CREATE TABLE usage_events (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL UNIQUE,
+    series_id INTEGER NOT NULL REFERENCES series (id),
+    session TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cost_nanos INTEGER NOT NULL CHECK (typeof(cost_nanos) = 'integer'),
+    cost_source TEXT NOT NULL,
+    latency_ms INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    tags TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX usage_events_ts ON usage_events (ts_ms);
+CREATE TRIGGER usage_events_append_only_update BEFORE UPDATE ON usage_events
+BEGIN SELECT RAISE(ABORT, 'usage_events is append-only'); END;
+CREATE TRIGGER usage_events_append_only_delete BEFORE DELETE ON usage_events
+BEGIN SELECT RAISE(ABORT, 'usage_events is append-only'); END;
+"""
+    + "".join(_rollup_table_sql(name) for name in _ROLLUP_TABLES)
+    + """
+CREATE TABLE prices (
+    model TEXT NOT NULL,
+    workspace TEXT NOT NULL,
+    effective_from_ms INTEGER NOT NULL,
+    provider TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    source TEXT NOT NULL,
+    imported_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (model, workspace, effective_from_ms)
+);
+""",
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (triggers keep their inner semicolons)."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                out.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError("migration ends in an incomplete statement")
+    return out
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(slots=True, frozen=True)
+class RecordResult:
+    request_id: str
+    duplicate: bool
+    cost_nanos: int
+    cost_source: str
+
+
+@dataclass(slots=True)
+class Totals:
+    """Sums over a set of rollup rows. Money is integer nano-dollars."""
+
+    requests: int = 0
+    errors: int = 0
+    blocked: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_nanos: int = 0
+    unpriced: int = 0
+    estimated: int = 0
+    latency_ms: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def mean_latency_ms(self) -> float:
+        return self.latency_ms / self.requests if self.requests else 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any], offset: int = 0) -> Totals:
+        return cls(*(int(v or 0) for v in row[offset:offset + len(_SUM_COLUMNS)]))
+
+
+@dataclass(slots=True, frozen=True)
+class TimelinePoint:
+    bucket_ms: int
+    group: str
+    totals: Totals
+
+
+@dataclass(slots=True, frozen=True)
+class BreakdownRow:
+    key: str
+    totals: Totals
+
+
+Metric = Literal["cost", "tokens", "requests", "errors"]
+_ORDER: Final[Mapping[str, str]] = {  # columns of a per-series segment select, by position
+    "cost": "sum(r.c8)",
+    "tokens": "sum(r.c3) + sum(r.c6)",
+    "requests": "sum(r.c0)",
+    "errors": "sum(r.c1)",
+}
+
+
+class LedgerStore(Protocol):
+    """What the engine needs from a ledger backend."""
+
+    async def record(self, event: UsageEvent) -> RecordResult: ...
+    async def record_many(self, events: Iterable[UsageEvent]) -> list[RecordResult]: ...
+    async def totals(self, start_ms: int, end_ms: int,
+                     filters: Mapping[str, str] | None = None) -> Totals: ...
+    async def timeline(self, start_ms: int, end_ms: int, bucket_ms: int,
+                       filters: Mapping[str, str] | None = None,
+                       group_by: str | None = None) -> list[TimelinePoint]: ...
+    async def breakdown(self, start_ms: int, end_ms: int, by: str, *, limit: int = 10,
+                        order: Metric = "cost",
+                        filters: Mapping[str, str] | None = None) -> list[BreakdownRow]: ...
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _series_key(e: UsageEvent) -> tuple[str, ...]:
+    return (e.workspace, e.team, e.principal, e.token_id, e.provider, e.model)
+
+
+def _event_row(e: UsageEvent, series_id: int) -> tuple[Any, ...]:
+    return (
+        e.ts_ms, e.request_id, series_id, e.session, e.agent, e.input_tokens, e.cached_input_tokens,
+        e.cache_write_tokens, e.output_tokens, e.reasoning_tokens, e.cost_nanos, e.cost_source,
+        e.latency_ms, e.status,
+        json.dumps(e.tags, separators=(",", ":"), sort_keys=True) if e.tags else "{}",
+    )
+
+
+_INSERT_EVENT: Final = (
+    f"INSERT INTO usage_events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))}) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_INSERT_SERIES: Final = (
+    f"INSERT INTO series ({_DIMS_SQL}) VALUES ({', '.join('?' * len(ROLLUP_DIMENSIONS))}) "
+    f"ON CONFLICT ({_DIMS_SQL}) DO NOTHING"
+)
+_FIND_SERIES: Final = "SELECT id FROM series WHERE " + " AND ".join(f"{d} = ?" for d in ROLLUP_DIMENSIONS)
+
+
+def _rollup_upsert_sql(table: str, size_ms: int) -> str:
+    sums = (
+        "count(*), sum(status = 'error'), sum(status = 'blocked'), sum(input_tokens), "
+        "sum(cached_input_tokens), sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), "
+        "sum(cost_nanos), sum(cost_source = 'unpriced'), sum(cost_source = 'estimated'), sum(latency_ms)"
+    )
+    update = ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUM_COLUMNS)
+    return (
+        f"INSERT INTO rollup_{table} (bucket_ms, series_id, {', '.join(_SUM_COLUMNS)}) "
+        f"SELECT ts_ms - ts_ms % {size_ms}, series_id, {sums} FROM usage_events "
+        f"WHERE id > ? AND id <= ? GROUP BY 1, 2 "
+        f"ON CONFLICT (bucket_ms, series_id) DO UPDATE SET {update}"
+    )
+
+
+_ROLLUP_UPSERTS: Final = tuple(_rollup_upsert_sql(t, s) for t, s in _ROLLUP_TABLES.items())
+
+
+def _floor(ms: int, size: int) -> int:
+    return ms - ms % size
+
+
+def _ceil(ms: int, size: int) -> int:
+    return -((-ms) // size) * size
+
+
+def range_segments(start_ms: int, end_ms: int) -> list[tuple[str, int, int]]:
+    """Cover [start, end) with as few rollup rows as possible: days inside, hours and minutes at the edges.
+
+    Both ends are widened to whole minutes (the finest rollup), so the current
+    minute's events are included.
+    """
+    start = _floor(start_ms, MINUTE_MS)
+    end = _ceil(end_ms, MINUTE_MS)
+    if end <= start:
+        return []
+    segments: list[tuple[str, int, int]] = []
+    h0, h1 = _ceil(start, HOUR_MS), _floor(end, HOUR_MS)
+    if h0 >= h1:
+        return [("minute", start, end)]
+    d0, d1 = _ceil(h0, DAY_MS), _floor(h1, DAY_MS)
+    if start < h0:
+        segments.append(("minute", start, h0))
+    if d0 < d1:
+        if h0 < d0:
+            segments.append(("hour", h0, d0))
+        segments.append(("day", d0, d1))
+        if d1 < h1:
+            segments.append(("hour", d1, h1))
+    else:
+        segments.append(("hour", h0, h1))
+    if h1 < end:
+        segments.append(("minute", h1, end))
+    return segments
+
+
+def _filter_sql(filters: Mapping[str, str] | None) -> tuple[str, list[Any]]:
+    if not filters:
+        return "", []
+    clauses, params = [], []
+    for dim, value in filters.items():
+        if dim not in ROLLUP_DIMENSIONS:
+            raise FieldError("filter", f"cannot filter by {dim!r}; use one of {', '.join(ROLLUP_DIMENSIONS)}")
+        clauses.append(f"{dim} = ?")
+        params.append(value)
+    return f" AND series_id IN (SELECT id FROM series WHERE {' AND '.join(clauses)})", params
+
+
+def _sum_select() -> str:
+    return ", ".join(f"sum({c})" for c in _SUM_COLUMNS)
+
+
+def _segments_sql(start_ms: int, end_ms: int, filters: Mapping[str, str] | None,
+                  *, per_series: bool) -> tuple[str, list[Any]]:
+    """A UNION ALL over the rollup segments covering [start, end); sums are named c0, c1, ..."""
+    where, params = _filter_sql(filters)
+    aliased = ", ".join(f"sum({c}) AS c{i}" for i, c in enumerate(_SUM_COLUMNS))
+    head = f"SELECT series_id, {aliased}" if per_series else f"SELECT {aliased}"
+    tail = " GROUP BY series_id" if per_series else ""
+    parts, args = [], []
+    for table, lo, hi in range_segments(start_ms, end_ms):
+        parts.append(f"{head} FROM rollup_{table} WHERE bucket_ms >= ? AND bucket_ms < ?{where}{tail}")
+        args += [lo, hi, *params]
+    return " UNION ALL ".join(parts), args
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SQLiteStore:
+    """The SQLite ledger. Open with ``await SQLiteStore.open(path)``."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._pending: list[tuple[UsageEvent, asyncio.Future[RecordResult]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+        self.commits = 0  # group-commit transactions so far (for benchmarks and tests)
+        self._series: dict[tuple[str, ...], int] = {}  # dimension combination -> series id
+
+    # ---- opening
+
+    @classmethod
+    async def open(cls, path: str | Path, *, durable: bool = True) -> SQLiteStore:
+        """Open (creating and migrating if needed) the ledger at ``path``.
+
+        ``durable`` makes every commit reach the disk (synchronous=FULL); group commit
+        keeps that affordable. Without it a commit survives a process crash but not
+        a power cut.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the ledger's folder {path.parent}: {exc.strerror}") from None
+        writer = await _connect(path, durable)
+        try:
+            await _migrate(writer, path)
+            reader = await _connect(path, durable)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        await self._writer.close()
+        await self._reader.close()
+
+    async def schema_version(self) -> int:
+        async with self._reader.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def data_version(self) -> int:
+        """A number that changes whenever another connection commits (cheap change detection)."""
+        async with self._reader.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # ---- writing
+
+    async def record(self, event: UsageEvent) -> RecordResult:
+        """Append one event; returns once it is committed. Concurrent calls share a transaction."""
+        if self._closed:
+            raise StoreError("the ledger is closed")
+        future: asyncio.Future[RecordResult] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+        return await future
+
+    async def flush(self) -> None:
+        """Wait until every pending ``record()`` is committed."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            try:
+                results = await self._write([e for e, _ in batch])
+            except Exception as exc:  # every caller of this batch learns of the failure
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def record_many(self, events: Iterable[UsageEvent]) -> list[RecordResult]:
+        """Append many events in one transaction: all are written or none is."""
+        return await self._write(list(events))
+
+    async def bulk_record(self, events: Iterable[UsageEvent], *, chunk: int = BULK_CHUNK,
+                          atomic: bool = False) -> tuple[int, int]:
+        """Append a large stream; returns (recorded, duplicates).
+
+        Each chunk of ``chunk`` events is one transaction, so a long import does not
+        hold the write lock against live traffic for its whole length; ``atomic``
+        makes the whole stream one transaction instead (all or nothing).
+        """
+        async with self._write_lock:
+            return await self._writer._execute(  # type: ignore[no-untyped-call,no-any-return]
+                self._bulk_sync, iter(events), chunk, atomic)
+
+    async def _write(self, events: list[UsageEvent]) -> list[RecordResult]:
+        if not events:
+            return []
+        async with self._write_lock:
+            # One hop to the connection's thread for the whole transaction (aiosqlite's
+            # own queue), instead of a hop per statement.
+            return await self._writer._execute(self._write_sync, events)  # type: ignore[no-untyped-call,no-any-return]
+
+    def _write_sync(self, events: list[UsageEvent]) -> list[RecordResult]:
+        """Runs on the writer's thread: one transaction holding SQLite's write lock."""
+        conn: sqlite3.Connection = self._writer._conn
+        fresh: dict[tuple[str, ...], int] = {}
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = self._append(conn, events, fresh)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._series.update(fresh)  # only once committed: a rolled-back id must not be reused
+        self.commits += 1
+        return results
+
+    def _bulk_sync(self, events: Iterator[UsageEvent], chunk: int, atomic: bool) -> tuple[int, int]:
+        conn: sqlite3.Connection = self._writer._conn
+        recorded = duplicates = 0
+        fresh: dict[tuple[str, ...], int] = {}
+        if atomic:
+            conn.execute("BEGIN IMMEDIATE")
+        try:
+            while batch := list(islice(events, chunk)):
+                if not atomic:
+                    conn.execute("BEGIN IMMEDIATE")
+                dup = sum(r.duplicate for r in self._append(conn, batch, fresh))
+                if not atomic:
+                    conn.execute("COMMIT")
+                    self._series.update(fresh)
+                    self.commits += 1
+                recorded, duplicates = recorded + len(batch) - dup, duplicates + dup
+            if atomic:
+                conn.execute("COMMIT")
+                self._series.update(fresh)
+                self.commits += 1
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return recorded, duplicates
+
+    def _append(self, conn: sqlite3.Connection, events: list[UsageEvent],
+                fresh: dict[tuple[str, ...], int]) -> list[RecordResult]:
+        """Insert events and their rollups inside the caller's transaction."""
+        for e in events:
+            # The ledger's invariant, checked before anything is written.
+            if type(e.cost_nanos) is not int or e.cost_nanos < 0:
+                raise ValueError(f"event {e.request_id} has no integer nano-dollar cost: {e.cost_nanos!r}")
+        keys = [_series_key(e) for e in events]
+        series = self._series
+        missing = set(keys).difference(series).difference(fresh)
+        if missing:
+            conn.executemany(_INSERT_SERIES, sorted(missing))
+            for k in missing:
+                fresh[k] = int(conn.execute(_FIND_SERIES, k).fetchone()[0])
+        ids = [series.get(k) or fresh[k] for k in keys]
+        lo = conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0]
+        before = conn.total_changes
+        conn.executemany(_INSERT_EVENT, map(_event_row, events, ids))
+        inserted = conn.total_changes - before
+        hi = conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0]
+        for sql in _ROLLUP_UPSERTS:
+            conn.execute(sql, (lo, hi))
+        if inserted == len(events):
+            return [RecordResult(e.request_id, False, e.cost_nanos or 0, e.cost_source) for e in events]
+        new_ids = {r[0] for r in conn.execute(
+            "SELECT request_id FROM usage_events WHERE id > ? AND id <= ?", (lo, hi))}
+        results = []
+        for e in events:
+            duplicate = e.request_id not in new_ids
+            new_ids.discard(e.request_id)  # a repeat inside the same batch is a duplicate too
+            results.append(RecordResult(e.request_id, duplicate, e.cost_nanos or 0, e.cost_source))
+        return results
+
+    # ---- reading (rollups only)
+
+    async def totals(self, start_ms: int, end_ms: int, filters: Mapping[str, str] | None = None) -> Totals:
+        """Sums over [start, end), from the coarsest rollups that cover it exactly."""
+        sql, args = _segments_sql(start_ms, end_ms, filters, per_series=False)
+        if not sql:
+            return Totals()
+        outer = ", ".join(f"sum(c{i})" for i in range(len(_SUM_COLUMNS)))
+        row = await self._fetchone(f"SELECT {outer} FROM ({sql})", args)
+        return Totals.from_row(row) if row else Totals()
+
+    async def timeline(self, start_ms: int, end_ms: int, bucket_ms: int,
+                       filters: Mapping[str, str] | None = None,
+                       group_by: str | None = None) -> list[TimelinePoint]:
+        """Sums per bucket of ``bucket_ms`` (aligned to the epoch, UTC), optionally per group."""
+        if bucket_ms <= 0 or bucket_ms % MINUTE_MS:
+            raise FieldError("bucket", "must be a positive whole number of minutes")
+        if group_by is not None and group_by not in ROLLUP_DIMENSIONS:
+            raise FieldError("group_by", f"must be one of {', '.join(ROLLUP_DIMENSIONS)}")
+        table = "day" if bucket_ms % DAY_MS == 0 else "hour" if bucket_ms % HOUR_MS == 0 else "minute"
+        start, end = _floor(start_ms, bucket_ms), _ceil(end_ms, MINUTE_MS)
+        where, params = _filter_sql(filters)
+        bucket = f"bucket_ms - bucket_ms % {bucket_ms}"
+        if group_by is None:
+            sql = (f"SELECT {bucket} AS b, '', {_sum_select()} FROM rollup_{table} "
+                   f"WHERE bucket_ms >= ? AND bucket_ms < ?{where} GROUP BY b ORDER BY b")
+        else:
+            aliased = ", ".join(f"sum({c}) AS c{i}" for i, c in enumerate(_SUM_COLUMNS))
+            outer = ", ".join(f"sum(r.c{i})" for i in range(len(_SUM_COLUMNS)))
+            sql = (f"SELECT r.b, s.{group_by} AS g, {outer} FROM ("
+                   f"SELECT {bucket} AS b, series_id, {aliased} FROM rollup_{table} "
+                   f"WHERE bucket_ms >= ? AND bucket_ms < ?{where} GROUP BY b, series_id"
+                   f") r JOIN series s ON s.id = r.series_id GROUP BY r.b, g ORDER BY r.b, g")
+        rows = await self._fetchall(sql, [start, end, *params])
+        return [TimelinePoint(int(r[0]), str(r[1]), Totals.from_row(r, 2)) for r in rows]
+
+    async def breakdown(self, start_ms: int, end_ms: int, by: str, *, limit: int = 10,
+                        order: Metric = "cost",
+                        filters: Mapping[str, str] | None = None) -> list[BreakdownRow]:
+        """The top ``limit`` values of dimension ``by`` over [start, end), largest first."""
+        if by not in ROLLUP_DIMENSIONS:
+            raise FieldError("by", f"must be one of {', '.join(ROLLUP_DIMENSIONS)} (got {by!r})")
+        if order not in _ORDER:
+            raise FieldError("order", f"must be one of {', '.join(_ORDER)}")
+        sql, args = _segments_sql(start_ms, end_ms, filters, per_series=True)
+        if not sql:
+            return []
+        outer = ", ".join(f"sum(r.c{i})" for i in range(len(_SUM_COLUMNS)))
+        sql = (f"SELECT s.{by} AS k, {outer} FROM ({sql}) r JOIN series s ON s.id = r.series_id "
+               f"GROUP BY k ORDER BY {_ORDER[order]} DESC, k LIMIT ?")
+        rows = await self._fetchall(sql, [*args, max(1, limit)])
+        return [BreakdownRow(str(r[0]), Totals.from_row(r, 1)) for r in rows]
+
+    async def dimension_values(self, dim: str) -> list[str]:
+        """Every value a dimension has taken (for filters and pickers)."""
+        if dim not in ROLLUP_DIMENSIONS:
+            raise FieldError("dimension", f"must be one of {', '.join(ROLLUP_DIMENSIONS)}")
+        rows = await self._fetchall(f"SELECT DISTINCT {dim} FROM series ORDER BY 1", [])
+        return [str(r[0]) for r in rows]
+
+    async def event_count(self) -> int:
+        row = await self._fetchone("SELECT count(*) FROM usage_events", [])
+        return int(row[0]) if row else 0
+
+    async def time_span(self) -> tuple[int, int] | None:
+        """The first and last event time in the ledger, or None when it is empty."""
+        row = await self._fetchone("SELECT min(bucket_ms), max(bucket_ms) FROM rollup_day", [])
+        if not row or row[0] is None:
+            return None
+        first = await self._fetchone("SELECT min(ts_ms) FROM usage_events WHERE ts_ms >= ?", [row[0]])
+        last = await self._fetchone("SELECT max(ts_ms) FROM usage_events WHERE ts_ms >= ?", [row[1]])
+        return int(first[0]), int(last[0])
+
+    async def iter_events(self, start_ms: int, end_ms: int, batch: int = 5000) -> AsyncIterator[UsageEvent]:
+        """Raw events in [start, end), oldest first (for export and replay, not for dashboards)."""
+        cols = ", ".join(f"e.{c}" for c in _EVENT_COLUMNS if c != "series_id")
+        dims = ", ".join(f"s.{d}" for d in ROLLUP_DIMENSIONS)
+        cursor = (start_ms, 0)
+        while True:
+            rows = await self._fetchall(
+                f"SELECT e.id, {cols}, {dims} FROM usage_events e JOIN series s ON s.id = e.series_id "
+                "WHERE e.ts_ms < ? AND (e.ts_ms > ? OR (e.ts_ms = ? AND e.id > ?)) "
+                "ORDER BY e.ts_ms, e.id LIMIT ?",
+                [end_ms, cursor[0], cursor[0], cursor[1], batch] if cursor[1] else
+                [end_ms, start_ms - 1, start_ms - 1, 0, batch],
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield _row_event(r[1:])
+            cursor = (int(rows[-1][1]), int(rows[-1][0]))
+
+    # ---- prices
+
+    async def save_prices(self, rows: Sequence[tuple[str, str, int, str, str, str, int]]) -> int:
+        """Store price versions (model, workspace, effective_from_ms, provider, spec, source, imported_at)."""
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                await self._writer.executemany(
+                    "INSERT INTO prices (model, workspace, effective_from_ms, provider, spec, source,"
+                    " imported_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (model, workspace, effective_from_ms) DO UPDATE SET"
+                    " provider = excluded.provider, spec = excluded.spec, source = excluded.source,"
+                    " imported_at_ms = excluded.imported_at_ms", rows)
+                await self._writer.execute("COMMIT")
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    async def load_prices(self) -> list[str]:
+        rows = await self._fetchall(
+            "SELECT spec FROM prices ORDER BY model, workspace, effective_from_ms", [])
+        return [str(r[0]) for r in rows]
+
+    # ---- plumbing
+
+    async def _fetchone(self, sql: str, params: Sequence[Any]) -> Any:
+        async with self._reader.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def _fetchall(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        async with self._reader.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+
+_ROW_FIELDS: Final = tuple(c for c in _EVENT_COLUMNS if c != "series_id") + ROLLUP_DIMENSIONS
+
+
+def _row_event(r: Sequence[Any]) -> UsageEvent:
+    values = dict(zip(_ROW_FIELDS, r, strict=True))
+    values["tags"] = json.loads(values["tags"]) if values["tags"] != "{}" else {}
+    return UsageEvent(**values)
+
+
+async def _connect(path: Path, durable: bool) -> aiosqlite.Connection:
+    try:
+        conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=30.0)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the ledger at {path}: {exc}") from None
+    try:
+        await conn.execute("PRAGMA busy_timeout = 30000")
+        async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+            mode = await cur.fetchone()
+        if not mode or str(mode[0]).lower() != "wal":
+            raise StoreError(f"the ledger at {path} cannot use write-ahead logging (journal mode {mode})")
+        await conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        await conn.execute("PRAGMA cache_size = -65536")
+        await conn.execute("PRAGMA temp_store = MEMORY")
+        await conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as exc:
+        await conn.close()
+        raise StoreError(f"the file at {path} is not a Budgeteer ledger ({exc})") from None
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"the ledger at {path} has schema version {version}, newer than this Budgeteer "
+            f"understands ({SCHEMA_VERSION}); upgrade Budgeteer to open it")
+    if version == SCHEMA_VERSION:
+        return
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Another process may have migrated while we waited for the lock.
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version == 0:
+            async with conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'") as cur:
+                other = await cur.fetchone()
+            if other and other[0]:
+                raise StoreError(f"the file at {path} is an SQLite database but not a Budgeteer ledger")
+        for number in range(version, SCHEMA_VERSION):
+            for statement in _statements(MIGRATIONS[number]):
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {number + 1}")
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise

@@ -1,0 +1,71 @@
+"""Shared fixtures: a real SQLite ledger in a temporary folder and a frozen clock.
+
+The developer's own environment (BUDGETEER_DB, BUDGETEER_HOME, BUDGETEER_NOW) is kept
+out of every test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from engine.clock import FrozenClock
+from engine.models import UsageEvent
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+#: 2026-11-18 12:00:00 UTC, a Wednesday.
+NOW_MS = 1_795_003_200_000
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    for name in ("BUDGETEER_DB", "BUDGETEER_NOW", "BUDGETEER_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BUDGETEER_HOME", str(tmp_path / "home"))
+    yield
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(NOW_MS)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+async def engine(db_path: Path, clock: FrozenClock) -> AsyncIterator[Engine]:
+    from engine.engine import Engine
+
+    eng = await Engine.open(db_path, clock=clock)
+    try:
+        yield eng
+    finally:
+        await eng.close()
+
+
+def event(n: int = 0, **overrides: object) -> UsageEvent:
+    """A small valid event with a fixed cost, for tests that do not care about prices."""
+    values: dict[str, object] = {
+        "ts_ms": NOW_MS - 3_600_000 + n * 1000,
+        "request_id": f"req-{n}",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "workspace": "acme",
+        "team": "ml",
+        "principal": "alice",
+        "input_tokens": 1000,
+        "output_tokens": 200,
+        "cost_nanos": 270_000,
+        "cost_source": "provider",
+        "latency_ms": 420,
+    }
+    values.update(overrides)
+    return UsageEvent(**values)  # type: ignore[arg-type]

@@ -1,0 +1,285 @@
+"""The ledger store: WAL, migrations, append-only events, exact rollups, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.models import ROLLUP_DIMENSIONS, UsageEvent
+from engine.store import SCHEMA_VERSION, SchemaTooNewError, SQLiteStore, StoreError, Totals, range_segments
+from tests.conftest import NOW_MS, event
+
+
+async def test_ledger_uses_wal_and_records_its_schema_version(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.close()
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+async def test_a_newer_schema_is_refused_with_a_clear_message(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 3}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match=rf"schema version {SCHEMA_VERSION + 3}, newer than .*upgrade"):
+        await SQLiteStore.open(db_path)
+
+
+async def test_a_foreign_sqlite_file_is_not_taken_for_a_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE customers (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not a Budgeteer ledger"):
+        await SQLiteStore.open(path)
+
+
+async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("these are not the pages you are looking for" * 100)
+    with pytest.raises(StoreError, match="not a Budgeteer ledger"):
+        await SQLiteStore.open(path)
+
+
+async def test_writing_the_same_request_twice_is_a_duplicate_not_a_double_charge(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    first = await store.record(event(1))
+    again = await store.record(event(1, cost_nanos=999_999_999))
+    assert (first.duplicate, again.duplicate) == (False, True)
+    totals = await store.totals(0, NOW_MS + DAY_MS)
+    assert totals.requests == 1
+    assert totals.cost_nanos == 270_000
+    assert await store.event_count() == 1
+    await store.close()
+
+
+async def test_a_repeat_inside_one_batch_is_reported_as_duplicate(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    results = await store.record_many([event(1), event(2), event(1)])
+    assert [r.duplicate for r in results] == [False, False, True]
+    assert (await store.totals(0, NOW_MS + DAY_MS)).requests == 2
+    await store.close()
+
+
+async def test_usage_events_are_append_only(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.record(event(1))
+    await store.close()
+    conn = sqlite3.connect(db_path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE usage_events SET cost_nanos = 0")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM usage_events")
+    conn.close()
+
+
+async def test_a_batch_with_a_bad_event_writes_nothing(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.record(event(0))
+    with pytest.raises(ValueError, match="integer nano-dollar cost"):
+        await store.record_many([event(1), event(2, cost_nanos=0.5)])
+    with pytest.raises(ValueError, match="integer nano-dollar cost"):
+        await store.record_many([event(3), event(4, cost_nanos=None)])
+    totals = await store.totals(0, NOW_MS + DAY_MS)
+    assert (totals.requests, totals.cost_nanos) == (1, 270_000)
+    assert await store.event_count() == 1
+    await store.close()
+
+
+async def test_an_atomic_bulk_write_is_all_or_nothing(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    events = [event(i) for i in range(10)] + [event(99, cost_nanos=None)]
+    with pytest.raises(ValueError):
+        await store.bulk_record(events, chunk=3, atomic=True)
+    assert await store.event_count() == 0
+    assert (await store.totals(0, NOW_MS + DAY_MS)).requests == 0
+    # A later write is unaffected by the rolled-back series ids.
+    assert (await store.bulk_record([event(i) for i in range(10)], chunk=3, atomic=True)) == (10, 0)
+    assert (await store.totals(0, NOW_MS + DAY_MS, {"principal": "alice"})).requests == 10
+    await store.close()
+
+
+async def test_200_concurrent_records_share_transactions_and_survive_reopen(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    results = await asyncio.gather(*(store.record(event(i, principal=f"p{i % 7}")) for i in range(200)))
+    assert all(not r.duplicate for r in results)
+    assert store.commits < 200  # group commit: far fewer transactions than calls
+    await store.close()
+    reopened = await SQLiteStore.open(db_path)
+    assert await reopened.event_count() == 200
+    totals = await reopened.totals(0, NOW_MS + DAY_MS)
+    assert (totals.requests, totals.cost_nanos) == (200, 200 * 270_000)
+    await reopened.close()
+
+
+async def test_record_returns_only_after_commit_visible_to_another_connection(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.record(event(5))
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 1
+    conn.close()
+    await store.close()
+
+
+def test_range_segments_cover_exactly_the_minutes_asked() -> None:
+    start = NOW_MS - 3 * DAY_MS - 5 * HOUR_MS - 17 * MINUTE_MS
+    end = NOW_MS + 2 * HOUR_MS + 3 * MINUTE_MS
+    segments = range_segments(start, end)
+    assert [s[0] for s in segments] == ["minute", "hour", "day", "hour", "minute"]
+    assert segments[0][1] == start and segments[-1][2] == end
+    for (_, _, hi), (_, lo, _) in zip(segments, segments[1:], strict=False):
+        assert hi == lo
+    sizes = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
+    for table, lo, hi in segments:
+        assert lo % sizes[table] == 0 and hi % sizes[table] == 0
+    assert range_segments(NOW_MS, NOW_MS) == []
+    assert range_segments(NOW_MS + 1, NOW_MS + 2) == [("minute", NOW_MS, NOW_MS + MINUTE_MS)]
+
+
+_dims = st.sampled_from(["a", "b", "c"])
+_event = st.builds(
+    lambda n, ts, ws, team, who, model, inp, out, cost, status: UsageEvent(
+        ts_ms=NOW_MS - 3 * DAY_MS + ts, request_id=f"r{n}", provider="openai" if model != "m3" else "anthropic",
+        model=model, workspace=ws, team=team, principal=who, input_tokens=inp, output_tokens=out,
+        cost_nanos=cost, cost_source="provider", status=status, latency_ms=n % 500),
+    st.integers(0, 10**9), st.integers(0, 6 * DAY_MS), _dims, _dims, _dims, st.sampled_from(["m1", "m2", "m3"]),
+    st.integers(0, 10**6), st.integers(0, 10**5), st.integers(0, 10**12), st.sampled_from(["ok", "error", "blocked"]),
+)
+
+
+def _raw_totals(events: list[UsageEvent], start: int, end: int, **filters: str) -> Totals:
+    t = Totals()
+    for e in events:
+        if start <= e.ts_ms < end and all(getattr(e, k) == v for k, v in filters.items()):
+            t.requests += 1
+            t.errors += e.status == "error"
+            t.blocked += e.status == "blocked"
+            t.input_tokens += e.input_tokens
+            t.output_tokens += e.output_tokens
+            t.cost_nanos += e.cost_nanos or 0
+            t.latency_ms += e.latency_ms
+    return t
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(_event, min_size=1, max_size=120, unique_by=lambda e: e.request_id),
+       cut_a=st.integers(0, 6 * DAY_MS), cut_b=st.integers(0, 6 * DAY_MS))
+def test_rollups_always_equal_the_raw_sums(tmp_path_factory: pytest.TempPathFactory, events: list[UsageEvent],
+                                           cut_a: int, cut_b: int) -> None:
+    path = tmp_path_factory.mktemp("rollups") / "ledger.db"
+
+    async def check() -> None:
+        store = await SQLiteStore.open(path)
+        half = len(events) // 2
+        # Written in two ways: group-committed singles and one batch.
+        await asyncio.gather(*(store.record(e) for e in events[:half]))
+        await store.record_many(events[half:])
+        # Every rollup level, bucket by bucket and series by series, equals the raw events.
+        conn = sqlite3.connect(path)
+        for table, size in (("minute", MINUTE_MS), ("hour", HOUR_MS), ("day", DAY_MS)):
+            expected: dict[tuple[object, ...], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+            for e in events:
+                key = (e.ts_ms - e.ts_ms % size, *(getattr(e, d) for d in ROLLUP_DIMENSIONS))
+                row = expected[key]
+                row[0] += 1
+                row[1] += e.input_tokens
+                row[2] += e.output_tokens
+                row[3] += e.cost_nanos or 0
+            got = {
+                (r[0], *r[1:7]): list(r[7:])
+                for r in conn.execute(
+                    f"SELECT r.bucket_ms, s.workspace, s.team, s.principal, s.token_id, s.provider, s.model, "
+                    f"r.requests, r.input_tokens, r.output_tokens, r.cost_nanos FROM rollup_{table} r "
+                    f"JOIN series s ON s.id = r.series_id")
+            }
+            assert got == dict(expected), table
+        conn.close()
+        # The read API (which mixes levels) agrees with the raw sums over any minute-aligned range.
+        lo, hi = sorted((cut_a, cut_b))
+        start = NOW_MS - 3 * DAY_MS + lo - lo % MINUTE_MS
+        end = NOW_MS - 3 * DAY_MS + hi - hi % MINUTE_MS
+        assert await store.totals(start, end) == _raw_totals(events, start, end)
+        assert await store.totals(start, end, {"team": "a"}) == _raw_totals(events, start, end, team="a")
+        rows = await store.breakdown(start, end, "model", limit=10)
+        for row in rows:
+            assert row.totals == _raw_totals(events, start, end, model=row.key)
+        assert sum(r.totals.requests for r in rows) == _raw_totals(events, start, end).requests
+        await store.close()
+
+    asyncio.run(check())
+
+
+async def test_timeline_buckets_sum_to_the_totals(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    events = [event(i, ts_ms=NOW_MS - DAY_MS + i * 7 * MINUTE_MS, model=("a", "b")[i % 2]) for i in range(200)]
+    await store.record_many(events)
+    start, end = NOW_MS - DAY_MS, NOW_MS + MINUTE_MS
+    hourly = await store.timeline(start, end, HOUR_MS)
+    assert sum(p.totals.requests for p in hourly) == 200
+    assert all(p.bucket_ms % HOUR_MS == 0 for p in hourly)
+    per_model = await store.timeline(start, end, 6 * HOUR_MS, group_by="model")
+    assert {p.group for p in per_model} == {"a", "b"}
+    assert sum(p.totals.cost_nanos for p in per_model) == 200 * 270_000
+    minutes = await store.timeline(NOW_MS - HOUR_MS, end, 5 * MINUTE_MS)
+    assert sum(p.totals.requests for p in minutes) == (await store.totals(NOW_MS - HOUR_MS, end)).requests
+    await store.close()
+
+
+async def test_breakdown_orders_by_the_metric_asked(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.record_many([
+        event(1, principal="big-spender", cost_nanos=10**10, input_tokens=10, output_tokens=0),
+        event(2, principal="chatty", cost_nanos=1, input_tokens=10**6, output_tokens=0),
+        event(3, principal="chatty", cost_nanos=1, input_tokens=10**6, output_tokens=0),
+    ])
+    by_cost = await store.breakdown(0, NOW_MS + DAY_MS, "principal", order="cost")
+    by_tokens = await store.breakdown(0, NOW_MS + DAY_MS, "principal", order="tokens")
+    assert [r.key for r in by_cost] == ["big-spender", "chatty"]
+    assert [r.key for r in by_tokens] == ["chatty", "big-spender"]
+    assert (await store.breakdown(0, NOW_MS + DAY_MS, "principal", limit=1))[0].key == "big-spender"
+    await store.close()
+
+
+async def test_reads_name_a_bad_dimension(db_path: Path) -> None:
+    from engine.models import FieldError
+
+    store = await SQLiteStore.open(db_path)
+    with pytest.raises(FieldError, match="by: must be one of"):
+        await store.breakdown(0, 1, "colour")
+    with pytest.raises(FieldError, match="filter: cannot filter by 'x; DROP TABLE'"):
+        await store.totals(0, NOW_MS, {"x; DROP TABLE": "1"})
+    await store.close()
+
+
+async def test_events_read_back_exactly_as_written(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    original = event(7, session="s-1", agent="planner", tags={"env": "prod"}, cached_input_tokens=300,
+                     reasoning_tokens=50, status="error")
+    await store.record(original)
+    back = [e async for e in store.iter_events(0, NOW_MS + DAY_MS)]
+    assert back == [original]
+    await store.close()
+
+
+async def test_iter_events_pages_through_many_events_in_time_order(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    events = [event(i, ts_ms=NOW_MS - (i % 50) * 1000) for i in range(1200)]
+    await store.record_many(events)
+    seen = [e async for e in store.iter_events(NOW_MS - 30_000, NOW_MS + 1, batch=100)]
+    assert len(seen) == sum(1 for e in events if e.ts_ms >= NOW_MS - 30_000)
+    assert [e.ts_ms for e in seen] == sorted(e.ts_ms for e in seen)
+    assert len({e.request_id for e in seen}) == len(seen)
+    await store.close()

@@ -1,0 +1,432 @@
+"""The ``budgeteer`` command line: opens the dashboard by default, and scripts the engine.
+
+A contract (see DESIGN.md): every command takes ``--db`` (env ``BUDGETEER_DB``),
+prints human tables by default and JSON with ``--json``, exits 0 on success, 2 on bad
+usage or bad input and 1 on any other failure, with one clear sentence on stderr and
+never a traceback (``BUDGETEER_DEBUG=1`` shows one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, iso
+from engine.engine import Engine, default_db_path
+from engine.models import FieldError, parse_timestamp_ms
+from engine.money import MoneyError, format_usd, format_usd_plain
+from engine.store import StoreError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+BY_CHOICES = ("model", "provider", "team", "principal", "workspace", "token_id")
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: exit 2 with this one sentence."""
+
+
+class Failure(Exception):
+    """Anything else that stops a command: exit 1 with this one sentence."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"budgeteer: {message} (see '{self.prog} --help')\n")
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=False, default=str)
+
+
+def _money_json(nanos: int) -> dict[str, Any]:
+    return {"cost_nanos": nanos, "cost_usd": format_usd_plain(nanos)}
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def _now_clock() -> FrozenClock | None:
+    """``BUDGETEER_NOW`` (ISO time or epoch ms) freezes the clock: for screenshots and demos."""
+    value = os.environ.get("BUDGETEER_NOW")
+    if not value:
+        return None
+    try:
+        return FrozenClock(parse_timestamp_ms(value, "BUDGETEER_NOW"))
+    except FieldError as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _open(args: argparse.Namespace) -> Engine:
+    return await Engine.open(args.db, clock=_now_clock())
+
+
+async def cmd_usage(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        report = await engine.usage_report(args.period, args.by, limit=args.limit)
+    totals, rows = report["totals"], report["rows"]
+    if args.json:
+        print(_json({
+            "period": report["period"], "start": iso(report["start_ms"]), "end": iso(report["end_ms"]),
+            "by": args.by,
+            "totals": {**totals.as_dict(), "cost_usd": format_usd_plain(totals.cost_nanos)},
+            "rows": [{args.by: r.key, **r.totals.as_dict(), "cost_usd": format_usd_plain(r.totals.cost_nanos)}
+                     for r in rows],
+        }))
+        return EXIT_OK
+    if not totals.requests:
+        print(f"No usage in the last {report['period']}. Import events with 'budgeteer import FILE' "
+              "or try 'budgeteer demo'.")
+        return EXIT_OK
+    body = []
+    for r in rows:
+        t = r.totals
+        share = f"{100 * t.cost_nanos / totals.cost_nanos:.1f}%" if totals.cost_nanos else "-"
+        body.append([r.key or "(none)", f"{t.requests:,}", f"{t.tokens:,}", format_usd(t.cost_nanos), share,
+                     f"{100 * t.error_rate:.1f}%", f"{t.unpriced:,}" if t.unpriced else ""])
+    body.append(["total", f"{totals.requests:,}", f"{totals.tokens:,}", format_usd(totals.cost_nanos), "100%",
+                 f"{100 * totals.error_rate:.1f}%", f"{totals.unpriced:,}" if totals.unpriced else ""])
+    print(f"Usage, last {report['period']} ({iso(report['start_ms'])[:16]} to {iso(report['end_ms'])[:16]} UTC), "
+          f"by {args.by}")
+    print(_table([args.by, "requests", "tokens", "cost", "share", "errors", "unpriced"], body, right=range(1, 7)))
+    if totals.unpriced:
+        print(f"\n{totals.unpriced:,} calls have no price in the table and are counted at $0 (unpriced); "
+              "add prices with 'budgeteer pricing import FILE'.")
+    return EXIT_OK
+
+
+async def cmd_import(args: argparse.Namespace) -> int:
+    from engine.integrations.files import ImportFileError, import_events
+
+    path = Path(args.file)
+    async with await _open(args) as engine:
+        try:
+            report = await import_events(engine, path, strict=args.strict)
+        except ImportFileError as exc:
+            raise UsageError(str(exc)) from None
+    if args.json:
+        print(_json(report.as_dict()))
+    else:
+        if report.written:
+            print(f"Imported {report.recorded:,} events from {path} ({report.format}); "
+                  f"{report.duplicates:,} duplicates skipped, {report.bad:,} bad lines skipped.")
+        for error in report.errors:
+            print(f"  {error}", file=sys.stderr)
+        if report.bad > len(report.errors):
+            print(f"  ... and {report.bad - len(report.errors):,} more", file=sys.stderr)
+    if report.bad:
+        if report.strict:
+            print(f"budgeteer: nothing was imported: {report.bad:,} of {report.lines:,} lines are bad "
+                  "(--strict writes only a file with no bad line)", file=sys.stderr)
+        else:
+            print(f"budgeteer: {report.bad:,} of {report.lines:,} lines were bad and skipped", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    from engine.integrations.files import export_events
+
+    fmt = args.format
+    if fmt is None:
+        suffix = Path(args.out).suffix.lower() if args.out else ""
+        fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix)
+        if fmt is None:
+            raise UsageError("--format is required (csv or jsonl) unless --out ends in .csv or .jsonl")
+    async with await _open(args) as engine:
+        start, end = engine.period(args.period)
+        if not args.out:
+            count = await export_events(engine, sys.stdout, fmt, start, end)
+        else:
+            out = Path(args.out)
+            # Write beside the target and rename, so a failed export never leaves half a file.
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                    count = await export_events(engine, handle, fmt, start, end)
+                os.replace(tmp, out)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    if args.out:
+        print(f"Exported {count:,} events to {args.out} ({fmt}).", file=sys.stderr)
+    return EXIT_OK
+
+
+def _read_json_file(path: Path, what: str) -> Any:
+    try:
+        with path.open("rb") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a folder, not a file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} {path} is not valid JSON ({exc})") from None
+
+
+async def cmd_pricing_import(args: argparse.Namespace) -> int:
+    from engine.pricing import PricingError
+
+    path = Path(args.file)
+    data = _read_json_file(path, "the price file")
+    effective = parse_timestamp_ms(args.effective_from, "--effective-from") if args.effective_from else None
+    async with await _open(args) as engine:
+        try:
+            stored, skipped = await engine.import_prices(
+                data, effective_from_ms=effective, workspace=args.workspace or "", source=str(path.name))
+        except PricingError as exc:
+            raise UsageError(str(exc)) from None
+        effective = engine.now_ms() if effective is None else effective
+    if args.json:
+        print(_json({"stored": stored, "skipped": skipped, "effective_from": iso(effective),
+                     "workspace": args.workspace or ""}))
+    else:
+        scope = f" for workspace {args.workspace}" if args.workspace else ""
+        print(f"Stored {stored:,} prices{scope}, effective from {iso(effective)}; "
+              f"{len(skipped):,} entries skipped (no per-token price or bad values).")
+        if args.verbose:
+            for line in skipped:
+                print(f"  {line}")
+    return EXIT_OK
+
+
+def _per_million(femtos: int | None) -> str:
+    # femto-dollars per token = nano-dollars per million tokens
+    return "-" if femtos is None else format_usd(femtos, precise=True)
+
+
+async def cmd_pricing_show(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        at = parse_timestamp_ms(args.at, "--at") if args.at else engine.now_ms()
+        price = engine.price_for(args.model, workspace=args.workspace or "", at_ms=at)
+        versions = engine.prices.versions(args.model) if price else []
+    if price is None:
+        raise UsageError(f"model: no price for {args.model!r}; import one with 'budgeteer pricing import FILE'")
+    if args.json:
+        print(_json({**price.to_json(), "versions": [
+            {"effective_from": iso(v.effective_from_ms), "workspace": v.workspace, "source": v.source}
+            for v in versions]}))
+        return EXIT_OK
+    rows = [
+        ["input", _per_million(price.input)],
+        ["cached input (read)", _per_million(price.cache_read if price.cache_read is not None else price.input)],
+        ["cache write", _per_million(price.cache_write if price.cache_write is not None else price.input)],
+        ["output", _per_million(price.output)],
+        ["reasoning output", _per_million(price.reasoning if price.reasoning is not None else price.output)],
+    ]
+    for tier in price.tiers:
+        rows.append([f"input above {tier.threshold_tokens:,} tokens", _per_million(tier.input)])
+        rows.append([f"output above {tier.threshold_tokens:,} tokens", _per_million(tier.output)])
+    print(f"{price.model} ({price.provider}, {price.mode})")
+    print(_table(["rate", "per 1M tokens"], rows, right=[1]))
+    ctx = f"{price.max_input_tokens:,}" if price.max_input_tokens else "unknown"
+    out = f"{price.max_output_tokens:,}" if price.max_output_tokens else "unknown"
+    print(f"context: {ctx} input tokens, {out} output tokens")
+    if price.capabilities:
+        print(f"supports: {', '.join(sorted(price.capabilities))}")
+    print(f"source: {price.source or 'bundled'}; effective from "
+          f"{iso(price.effective_from_ms)[:10] if price.effective_from_ms else 'the beginning'}"
+          f"{'; workspace ' + price.workspace if price.workspace else ''}")
+    if len(versions) > 1:
+        print(f"{len(versions)} versions: " + ", ".join(
+            (iso(v.effective_from_ms)[:10] if v.effective_from_ms else "initial") + (f" ({v.workspace})"
+                                                                                     if v.workspace else "")
+            for v in versions))
+    return EXIT_OK
+
+
+def _demo_path(args: argparse.Namespace) -> Path:
+    """--db if given; otherwise demo.db beside the default ledger, never the ledger itself."""
+    return Path(args.db) if args.db else default_db_path().with_name("demo.db")
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import generate_demo
+
+    if args.days < 1 or args.days > 400:
+        raise UsageError(f"--days must be between 1 and 400 (got {args.days})")
+    path = _demo_path(args)
+    explicit = bool(args.db)
+    if path.exists():
+        if explicit and not args.replace:
+            async with await Engine.open(path) as probe:
+                count = await probe.event_count()
+            if count:
+                raise UsageError(f"--db {path} already holds {count:,} events; the demo writes only to a fresh "
+                                 "ledger (choose another --db, or add --replace to start it over)")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    clock = _now_clock()
+    started = time.perf_counter()
+    async with await Engine.open(path, clock=clock, durable=False) as engine:
+        end_ms = engine.now_ms() - engine.now_ms() % MINUTE_MS
+        total = 0
+        for batch in generate_demo(days=args.days, seed=args.seed, end_ms=end_ms):
+            recorded, _ = await engine.bulk_record(batch)
+            total += recorded
+        elapsed = time.perf_counter() - started
+        month = await engine.totals(end_ms - args.days * DAY_MS, end_ms + MINUTE_MS)
+    print(f"Wrote a demo ledger of {total:,} events over {args.days} days "
+          f"({format_usd(month.cost_nanos)} of spend) to {path} in {elapsed:.1f} s.")
+    if args.open:
+        return _run_dashboard(path)
+    print(f"Open it with: budgeteer --db {path}")
+    return EXIT_OK
+
+
+def _run_dashboard(path: Path | None) -> int:
+    from tui.app import BudgeteerApp
+
+    db = path or default_db_path()
+    app = BudgeteerApp(db_path=db, clock=_now_clock())
+    app.run()
+    if app.fatal_error:
+        raise Failure(app.fatal_error)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    db_help = "ledger file (env BUDGETEER_DB; default: the user data directory)"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
+    parser = _Parser(prog="budgeteer", description="Govern what your organisation spends on language models. "
+                     "With no command, opens the dashboard.")
+    parser.add_argument("--db", default=None, help=db_help)
+    parser.add_argument("--version", action="version", version="budgeteer 0.1.0")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("demo", parents=[common], help="write a realistic demo ledger",
+                       description="Write a realistic, deterministic month of traffic to a fresh ledger "
+                                   "(default: demo.db beside the default ledger).")
+    p.add_argument("--days", type=int, default=30, help="days of history (default 30)")
+    p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    p.add_argument("--open", action="store_true", help="open the dashboard on it afterwards")
+    p.add_argument("--replace", action="store_true", help="start over a --db ledger that already holds events")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("usage", parents=[common], help="spend and tokens for a period",
+                       description="Totals and a breakdown of usage for a period.")
+    p.add_argument("--period", default="30d", help="24h, 7d, 30d, 90d (any Nh/Nd), today, month or all (default 30d)")
+    p.add_argument("--by", default="model", choices=BY_CHOICES, help="break down by (default model)")
+    p.add_argument("--limit", type=int, default=50, help="rows at most (default 50)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_usage)
+
+    p = sub.add_parser("import", parents=[common], help="import JSONL or CSV events",
+                       description="Import usage events from a JSONL or CSV file. Bad lines are listed with "
+                                   "their line number, field and reason and skipped (exit 2); --strict writes "
+                                   "nothing unless every line is good.")
+    p.add_argument("file", help="a .jsonl or .csv file")
+    p.add_argument("--strict", action="store_true", help="write nothing if any line is bad")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser("export", parents=[common], help="export events as CSV or JSONL",
+                       description="Export raw events. CSV cells that a spreadsheet would run as a formula "
+                                   "are prefixed with a quote.")
+    p.add_argument("--format", choices=("csv", "jsonl"), help="csv or jsonl (default: from --out)")
+    p.add_argument("--period", default="all", help="24h, 7d, 30d, 90d, today, month or all (default all)")
+    p.add_argument("--out", help="file to write (default: standard output)")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("pricing", parents=[common], help="the price table",
+                       description="Import and inspect model prices.")
+    psub = p.add_subparsers(dest="pricing_command", parser_class=_Parser, metavar="ACTION", required=True)
+    q = psub.add_parser("import", parents=[common], help="import a LiteLLM-format price file")
+    q.add_argument("file", help="model_prices_and_context_window.json or a file of the same shape")
+    q.add_argument("--effective-from", help="ISO date/time from which these prices apply (default: now)")
+    q.add_argument("--workspace", help="apply only to this workspace (an override)")
+    q.add_argument("--verbose", action="store_true", help="list the skipped entries")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_pricing_import)
+    q = psub.add_parser("show", parents=[common], help="show a model's price")
+    q.add_argument("model")
+    q.add_argument("--workspace", help="the price this workspace pays")
+    q.add_argument("--at", help="the price in force at this ISO time (default: now)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_pricing_show)
+    return parser
+
+
+def _normalise_dates(args: argparse.Namespace) -> None:
+    # Accept plain dates (2026-11-01) where a time is asked for: midnight UTC.
+    for name in ("effective_from", "at"):
+        value = getattr(args, name, None)
+        if value and len(value) == 10 and value[4] == "-":
+            try:
+                datetime.strptime(value, "%Y-%m-%d")
+            except ValueError:
+                raise UsageError(f"--{name.replace('_', '-')}: {value!r} is not a date") from None
+            setattr(args, name, value + "T00:00:00Z")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "db", None) is None:
+        args.db = None
+    debug = bool(os.environ.get("BUDGETEER_DEBUG"))
+    try:
+        _normalise_dates(args)
+        handler: Callable[[argparse.Namespace], Awaitable[int]] | None = getattr(args, "handler", None)
+        if handler is None:
+            return _run_dashboard(Path(args.db) if args.db else None)
+        return asyncio.run(handler(args))
+    except (UsageError, FieldError, MoneyError) as exc:
+        if debug:
+            raise
+        print(f"budgeteer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (Failure, StoreError) as exc:
+        if debug:
+            raise
+        print(f"budgeteer: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("budgeteer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+        return EXIT_OK
+    except OSError as exc:
+        if debug:
+            raise
+        print(f"budgeteer: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # the last line of defence: one sentence, never a traceback
+        if debug:
+            raise
+        print(f"budgeteer: unexpected error: {type(exc).__name__}: {exc} (BUDGETEER_DEBUG=1 shows details)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""A KPI tile: a label, a big value and a small note under it."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Static
+
+
+class KpiTile(Vertical):
+    def __init__(self, label: str, *, id: str | None = None) -> None:
+        super().__init__(id=id, classes="kpi")
+        self.label = label
+
+    def compose(self) -> ComposeResult:
+        yield Static(self.label, classes="kpi-label")
+        yield Static("…", classes="kpi-value")
+        yield Static("", classes="kpi-note")
+
+    def show(self, value: str, note: str = "") -> None:
+        self.query_one(".kpi-value", Static).update(value)
+        self.query_one(".kpi-note", Static).update(note)
