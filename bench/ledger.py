@@ -1,0 +1,135 @@
+"""Ledger benchmark: bulk import, acknowledged group-committed writes, dashboard reads.
+
+Prints its figures; it is not a test. Targets on a 2-core machine (issue 2):
+bulk >= 150,000 events/s; acknowledged >= 20,000 events/s with 64 writers; every
+dashboard read <= 50 ms on a 1,000,000-event ledger.
+
+    python -m bench.ledger [--events 1000000] [--writers 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from engine.clock import DAY_MS, HOUR_MS, FrozenClock, period_range
+from engine.demo import generate_demo
+from engine.engine import Engine
+from engine.models import UsageEvent
+
+NOW_MS = 1_795_003_200_000
+
+
+def _events(count: int) -> list[UsageEvent]:
+    per_day = count // 30 + 1
+    out: list[UsageEvent] = []
+    for batch in generate_demo(days=30, seed=11, end_ms=NOW_MS, events_per_day=per_day):
+        out.extend(batch)
+    return out[:count]
+
+
+def raw_sqlite_rate(events: list[UsageEvent]) -> float:
+    """Plain executemany into a bare table with the same columns: the ceiling for the ledger."""
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = sqlite3.connect(Path(tmp) / "raw.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE e (ts INTEGER, rid TEXT, ws TEXT, team TEXT, who TEXT, model TEXT, "
+                     "i INTEGER, o INTEGER, cost INTEGER)")
+        rows = [(e.ts_ms, e.request_id, e.workspace, e.team, e.principal, e.model, e.input_tokens,
+                 e.output_tokens, 0) for e in events]
+        started = time.perf_counter()
+        for i in range(0, len(rows), 50_000):
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO e VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[i:i + 50_000])
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+        conn.close()
+    return len(rows) / elapsed
+
+
+async def bench_bulk(path: Path, events: list[UsageEvent]) -> float:
+    async with await Engine.open(path, clock=FrozenClock(NOW_MS)) as engine:
+        started = time.perf_counter()
+        recorded, _ = await engine.bulk_record(events)
+        elapsed = time.perf_counter() - started
+    assert recorded == len(events)
+    return len(events) / elapsed
+
+
+async def bench_acknowledged(path: Path, writers: int, per_writer: int) -> tuple[float, int]:
+    async with await Engine.open(path, clock=FrozenClock(NOW_MS)) as engine:
+        commits_before = engine.store.commits
+
+        async def writer(w: int) -> None:
+            for i in range(per_writer):
+                await engine.record(UsageEvent(
+                    ts_ms=NOW_MS - 1000, request_id=f"ack-{w}-{i}", provider="openai", model="gpt-4o-mini",
+                    workspace="bench", team="load", principal=f"writer-{w}", input_tokens=800,
+                    output_tokens=200, latency_ms=300))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+        elapsed = time.perf_counter() - started
+        commits = engine.store.commits - commits_before
+    return writers * per_writer / elapsed, commits
+
+
+async def bench_reads(path: Path, repeats: int = 25) -> dict[str, tuple[float, float]]:
+    async with await Engine.open(path, clock=FrozenClock(NOW_MS)) as engine:
+        now = NOW_MS
+        reads = {
+            "totals (today)": lambda: engine.totals(*period_range("today", now)),
+            "totals (this month)": lambda: engine.totals(*period_range("month", now)),
+            "totals (30 days)": lambda: engine.totals(now - 30 * DAY_MS, now),
+            "timeline (30 days, hourly)": lambda: engine.timeline(now - 30 * DAY_MS, now, HOUR_MS),
+            "timeline (30 days, 6-hourly by model)": lambda: engine.timeline(
+                now - 30 * DAY_MS, now, 6 * HOUR_MS, group_by="model"),
+            "top-10 principals (30 days)": lambda: engine.breakdown(now - 30 * DAY_MS, now, "principal", limit=10),
+            "top-10 models (24 hours)": lambda: engine.breakdown(now - DAY_MS, now, "model", limit=10),
+        }
+        results: dict[str, tuple[float, float]] = {}
+        for name, read in reads.items():
+            await read()  # warm the page cache as a running dashboard would be
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                await read()
+                times.append((time.perf_counter() - started) * 1000)
+            results[name] = (statistics.median(times), max(times))
+    return results
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--writers", type=int, default=64)
+    parser.add_argument("--per-writer", type=int, default=500)
+    args = parser.parse_args()
+
+    print(f"generating {args.events:,} demo events ...", flush=True)
+    started = time.perf_counter()
+    events = _events(args.events)
+    print(f"  generated in {time.perf_counter() - started:.1f} s (not counted)")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        path = Path(tmp) / "bench.db"
+        print(f"raw SQLite insert (ceiling):          {raw_sqlite_rate(events):>10,.0f} rows/s")
+        bulk = await bench_bulk(path, events)
+        print(f"bulk import, {len(events):,} events:     {bulk:>10,.0f} events/s   (target >= 150,000)")
+        del events
+        ack, commits = await bench_acknowledged(path, args.writers, args.per_writer)
+        total = args.writers * args.per_writer
+        print(f"acknowledged record(), {args.writers} writers: {ack:>10,.0f} events/s   (target >= 20,000; "
+              f"{total:,} events in {commits:,} commits)")
+        print(f"dashboard reads on a {args.events:,}-event ledger (median / max of 25, target <= 50 ms):")
+        for name, (median, worst) in (await bench_reads(path)).items():
+            print(f"  {name:<40} {median:7.2f} ms / {worst:7.2f} ms")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

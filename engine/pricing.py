@@ -1,0 +1,398 @@
+"""Model prices: LiteLLM's price-table format, versioned prices, exact costs, token estimates.
+
+Rates are integer femto-dollars per token (1e-15 USD, the same number as nano-dollars
+per million tokens), so a cost is summed exactly in femto-dollars and rounded once, half
+up, to nano-dollars. Price versions carry ``effective_from_ms``: an event is costed at
+the price in force on its own day, and a workspace may have its own override.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any, Final
+
+from engine.models import Usage, UsageEvent
+from engine.money import MoneyError, cost_from_femtos, rate_to_femtos
+
+
+class PricingError(ValueError):
+    """A price file that cannot be read as a whole."""
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTier:
+    """Rates that apply once a request's input passes ``threshold_tokens`` (long context)."""
+
+    threshold_tokens: int
+    input: int | None = None
+    output: int | None = None
+    cache_read: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    model: str
+    provider: str
+    mode: str = "chat"
+    input: int = 0
+    output: int = 0
+    cache_read: int | None = None  # None: cached reads are charged at the input rate
+    cache_write: int | None = None  # None: cache writes are charged at the input rate
+    reasoning: int | None = None  # None: reasoning tokens are charged at the output rate
+    tiers: tuple[PriceTier, ...] = ()
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    capabilities: frozenset[str] = field(default_factory=frozenset)
+    effective_from_ms: int = 0
+    workspace: str = ""
+    source: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "provider": self.provider, "mode": self.mode, "input": self.input,
+            "output": self.output, "cache_read": self.cache_read, "cache_write": self.cache_write,
+            "reasoning": self.reasoning,
+            "tiers": [[t.threshold_tokens, t.input, t.output, t.cache_read] for t in self.tiers],
+            "max_input_tokens": self.max_input_tokens, "max_output_tokens": self.max_output_tokens,
+            "capabilities": sorted(self.capabilities), "effective_from_ms": self.effective_from_ms,
+            "workspace": self.workspace, "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelPrice:
+        values = dict(data)
+        values["tiers"] = tuple(PriceTier(*t) for t in values.get("tiers", ()))
+        values["capabilities"] = frozenset(values.get("capabilities", ()))
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def cost_femtos(price: ModelPrice, usage: Usage) -> int:
+    """The exact cost in femto-dollars (see ``cost_nanos``)."""
+    input_rate, output_rate, read_rate = price.input, price.output, price.cache_read
+    for tier in price.tiers:  # sorted by threshold: the highest one passed wins
+        if usage.input_tokens > tier.threshold_tokens:
+            input_rate = tier.input if tier.input is not None else input_rate
+            output_rate = tier.output if tier.output is not None else output_rate
+            read_rate = tier.cache_read if tier.cache_read is not None else read_rate
+    uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+    visible_output = usage.output_tokens - usage.reasoning_tokens
+    return (
+        uncached * input_rate
+        + usage.cached_input_tokens * (read_rate if read_rate is not None else input_rate)
+        + usage.cache_write_tokens * (price.cache_write if price.cache_write is not None else input_rate)
+        + visible_output * output_rate
+        + usage.reasoning_tokens * (price.reasoning if price.reasoning is not None else output_rate)
+    )
+
+
+def cost_nanos(price: ModelPrice, usage: Usage) -> int:
+    """The exact cost of a call in nano-dollars.
+
+    ``usage.input_tokens`` includes cached reads and cache writes and
+    ``usage.output_tokens`` includes reasoning tokens (the OpenAI convention), so each
+    part is charged once, at its own rate where the table gives one. Past a
+    long-context threshold the tier's rates replace the base rates for the whole call,
+    as the providers bill it.
+    """
+    return cost_from_femtos(cost_femtos(price, usage))
+
+
+# ----------------------------------------------------------------------------- LiteLLM format
+
+_TIER_KEY = re.compile(r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost)"
+                       r"_above_(\d+)(k?)_tokens$")
+_RATE_FIELDS: Final = {
+    "input": "input_cost_per_token",
+    "output": "output_cost_per_token",
+    "cache_read": "cache_read_input_token_cost",
+    "cache_write": "cache_creation_input_token_cost",
+    "reasoning": "output_cost_per_reasoning_token",
+}
+
+
+def _optional_int(value: Any, key: str, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise PricingError(f"{key}: {name} must be a non-negative number (got {value!r})")
+    return int(value)
+
+
+def _entry(key: str, spec: dict[str, Any], effective_from_ms: int, source: str) -> ModelPrice | str:
+    """One price, or the reason the entry is skipped."""
+    if "input_cost_per_token" not in spec and "output_cost_per_token" not in spec:
+        return f"{key}: no per-token input or output price"
+    rates: dict[str, int | None] = {}
+    try:
+        for name, litellm_key in _RATE_FIELDS.items():
+            value = spec.get(litellm_key)
+            rates[name] = None if value is None else rate_to_femtos(value, litellm_key)
+        tiers: dict[int, dict[str, int]] = {}
+        for spec_key, value in spec.items():
+            m = _TIER_KEY.match(spec_key)
+            if m and value is not None:
+                threshold = int(m.group(2)) * (1000 if m.group(3) else 1)
+                kind = {"input_cost_per_token": "input", "output_cost_per_token": "output",
+                        "cache_read_input_token_cost": "cache_read"}[m.group(1)]
+                tiers.setdefault(threshold, {})[kind] = rate_to_femtos(value, spec_key)
+        max_in = _optional_int(spec.get("max_input_tokens"), key, "max_input_tokens")
+        max_out = _optional_int(spec.get("max_output_tokens"), key, "max_output_tokens")
+    except MoneyError as exc:
+        return f"{key}: {exc.field}: {exc.reason}"
+    except PricingError as exc:
+        return str(exc)
+    provider = spec.get("litellm_provider")
+    mode = spec.get("mode")
+    return ModelPrice(
+        model=key,
+        provider=provider if isinstance(provider, str) else "",
+        mode=mode if isinstance(mode, str) else "chat",
+        input=rates["input"] or 0,
+        output=rates["output"] or 0,
+        cache_read=rates["cache_read"],
+        cache_write=rates["cache_write"],
+        reasoning=rates["reasoning"],
+        tiers=tuple(PriceTier(t, v.get("input"), v.get("output"), v.get("cache_read"))
+                    for t, v in sorted(tiers.items())),
+        max_input_tokens=max_in,
+        max_output_tokens=max_out,
+        capabilities=frozenset(k.removeprefix("supports_") for k, v in spec.items()
+                               if k.startswith("supports_") and v is True),
+        effective_from_ms=effective_from_ms,
+        source=source,
+    )
+
+
+def parse_litellm(data: Any, *, effective_from_ms: int = 0, source: str = "") -> tuple[list[ModelPrice], list[str]]:
+    """Read LiteLLM's ``model_prices_and_context_window.json`` (or our bundled wrapper of it).
+
+    Returns the prices and, for every entry skipped, a line naming the key and the
+    reason (no per-token price, a bad value). Unknown keys are ignored.
+    """
+    if isinstance(data, dict) and isinstance(data.get("models"), dict):
+        data = data["models"]
+    if not isinstance(data, dict):
+        raise PricingError("a price file must be a JSON object of model names to prices")
+    prices: list[ModelPrice] = []
+    skipped: list[str] = []
+    for key, spec in data.items():
+        if key == "sample_spec":
+            continue
+        if not isinstance(spec, dict):
+            skipped.append(f"{key}: not an object")
+            continue
+        result = _entry(key, spec, effective_from_ms, source)
+        if isinstance(result, str):
+            skipped.append(result)
+        else:
+            prices.append(result)
+    return prices, skipped
+
+
+# ----------------------------------------------------------------------------- the price book
+
+_DATED = re.compile(r"^(.*?)-(\d{4}-\d{2}-\d{2}|\d{8})$")
+
+
+class PriceBook:
+    """Every version of every price, looked up by model, time and workspace."""
+
+    def __init__(self) -> None:
+        # (model, workspace) -> versions sorted by effective_from_ms, and their start times
+        self._versions: dict[tuple[str, str], list[ModelPrice]] = {}
+        self._starts: dict[tuple[str, str], list[int]] = {}
+        self._names: dict[tuple[str, str], str | None] = {}
+
+    def __len__(self) -> int:
+        return len({model for model, _ in self._versions})
+
+    def add(self, price: ModelPrice) -> None:
+        key = (price.model, price.workspace)
+        versions = [v for v in self._versions.get(key, []) if v.effective_from_ms != price.effective_from_ms]
+        versions.append(price)
+        versions.sort(key=lambda v: v.effective_from_ms)
+        self._versions[key] = versions
+        self._starts[key] = [v.effective_from_ms for v in versions]
+        self._names.clear()
+
+    def extend(self, prices: Iterable[ModelPrice]) -> None:
+        for price in prices:
+            self.add(price)
+
+    def all_versions(self) -> list[ModelPrice]:
+        return [v for versions in self._versions.values() for v in versions]
+
+    def versions(self, model: str, provider: str | None = None) -> list[ModelPrice]:
+        name = self.resolve(model, provider)
+        if name is None:
+            return []
+        return sorted((v for (m, _), vs in self._versions.items() if m == name for v in vs),
+                      key=lambda v: (v.workspace, v.effective_from_ms))
+
+    def resolve(self, model: str, provider: str | None = None) -> str | None:
+        """The table's name for ``model``: exact, then with or without a provider prefix,
+        then a dated snapshot's undated base (``gpt-4o-2024-08-06`` -> ``gpt-4o``)."""
+        cache_key = (model, provider or "")
+        if cache_key in self._names:
+            return self._names[cache_key]
+        known = {m for m, _ in self._versions}
+        candidates = [model]
+        if "/" in model:
+            candidates.append(model.split("/", 1)[1])
+        elif provider:
+            candidates.append(f"{provider}/{model}")
+        dated = _DATED.match(model.split("/", 1)[-1])
+        if dated:
+            base = dated.group(1)
+            candidates += [base] + ([f"{provider}/{base}"] if provider else [])
+        found = next((c for c in candidates if c in known), None)
+        self._names[cache_key] = found
+        return found
+
+    def lookup(self, model: str, ts_ms: int, workspace: str = "", provider: str | None = None) -> ModelPrice | None:
+        """The price in force at ``ts_ms``: a workspace override first, else the global one."""
+        name = self.resolve(model, provider)
+        if name is None:
+            return None
+        for scope in ((workspace, "") if workspace else ("",)):
+            key = (name, scope)
+            starts = self._starts.get(key)
+            if starts:
+                i = bisect_right(starts, ts_ms)
+                if i:
+                    return self._versions[key][i - 1]
+        return None
+
+    def price_event(self, event: UsageEvent) -> tuple[int, str]:
+        """(cost_nanos, cost_source) for an event: its own cost if it has one, else computed from
+        the price of its day, else (0, ``unpriced``): never a silent $0."""
+        if event.cost_nanos is not None:
+            return event.cost_nanos, event.cost_source
+        price = self.lookup(event.model, event.ts_ms, event.workspace, event.provider)
+        if price is None:
+            return 0, "unpriced"
+        source = "estimated" if event.cost_source == "estimated" else "computed"
+        return cost_nanos(price, event.usage), source
+
+    def models(self, ts_ms: int | None = None, workspace: str = "") -> list[ModelPrice]:
+        """The price in force for each model (the newest, or the one at ``ts_ms``)."""
+        out = []
+        for model in sorted({m for m, _ in self._versions}):
+            price = self.lookup(model, ts_ms if ts_ms is not None else 2**62, workspace)
+            if price is not None:
+                out.append(price)
+        return out
+
+
+@cache
+def _bundled_data() -> dict[str, Any]:
+    text = resources.files("engine").joinpath("data/prices.json").read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def bundled_metadata() -> dict[str, str]:
+    """Where the bundled table comes from, and when."""
+    data = _bundled_data()
+    return {k: str(data.get(k, "")) for k in ("source", "retrieved", "selection")}
+
+
+def bundled_prices() -> PriceBook:
+    """A fresh book of the bundled prices (effective since forever, for every workspace)."""
+    book = PriceBook()
+    prices, _ = parse_litellm(_bundled_data(), source="bundled: " + bundled_metadata()["source"])
+    book.extend(prices)
+    return book
+
+
+# ----------------------------------------------------------------------------- token estimates
+
+# One pass of re.findall over runs of one script class; each class has its own
+# characters-per-token ratio, fitted to how BPE tokenizers (cl100k, o200k) split text.
+_RUNS = re.compile(
+    r"(?P<latin>[A-Za-z]+)"
+    r"|(?P<digits>[0-9]+)"
+    r"|(?P<space>\s+)"
+    r"|(?P<cjk>[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+)"
+    r"|(?P<accented>[\u00c0-\u024f]+)"
+    r"|(?P<other_letters>[\u0370-\u03ff\u0400-\u052f\u0590-\u06ff\u0900-\u0dff\u0e00-\u0e7f]+)"
+    r"|(?P<emoji>[\U0001F000-\U0001FAFF\u2600-\u27BF]+)"
+    r"|(?P<symbol>[^\sA-Za-z0-9])"
+)
+
+
+def estimate_tokens(text: str) -> int:
+    """A pre-flight estimate of the tokens ``text`` will cost, without a tokenizer.
+
+    Each run of one kind of character is counted at its own rate: Latin words at about
+    4 characters a token (a short word is still one token), digits in groups of three
+    (as cl100k and o200k split numbers), each punctuation mark or symbol as one token,
+    white space as free except long runs (indentation), CJK at about one token a
+    character, Cyrillic, Greek, Arabic, Hebrew and Indic scripts at about 2.5
+    characters a token, and emoji at two tokens each.
+
+    Expected error, from the published tokenizer behaviour it is modelled on (no
+    tokenizer can be run here to calibrate against): within about 15% of cl100k/o200k
+    on English prose, within about 25% on source code, JSON and other scripts. It is a
+    budget estimate, never a bill: settled costs always use the provider's counts.
+    """
+    if not text:
+        return 0
+    tokens = 0
+    for m in _RUNS.finditer(text):
+        kind = m.lastgroup
+        n = m.end() - m.start()
+        if kind == "latin":
+            tokens += (n + 3) // 4 if n > 4 else 1
+        elif kind == "digits":
+            tokens += (n + 2) // 3
+        elif kind == "space":
+            tokens += n // 8  # long indentation runs cost tokens; single spaces ride with words
+        elif kind == "cjk":
+            tokens += n
+        elif kind in ("accented", "other_letters"):
+            tokens += max(1, (n * 2 + 4) // 5)
+        elif kind == "emoji":
+            tokens += 2 * n
+        else:
+            tokens += 1
+    return tokens
+
+
+#: Tokens each chat message adds for its role and framing (OpenAI's documented overhead).
+MESSAGE_OVERHEAD_TOKENS: Final = 4
+#: A flat estimate for an image part (OpenAI's low-detail cost); high detail costs more.
+IMAGE_TOKENS: Final = 85
+
+
+def estimate_message_tokens(messages: list[dict[str, Any]]) -> int:
+    """Estimate the prompt tokens of OpenAI-style chat messages (text parts and images)."""
+    total = 3  # every reply is primed with a few tokens
+    for message in messages:
+        total += MESSAGE_OVERHEAD_TOKENS
+        content = message.get("content")
+        if isinstance(content, str):
+            total += estimate_tokens(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") in ("image_url", "image", "input_image"):
+                    total += IMAGE_TOKENS
+                elif isinstance(part.get("text"), str):
+                    total += estimate_tokens(part["text"])
+        for key in ("name", "tool_call_id"):
+            if isinstance(message.get(key), str):
+                total += estimate_tokens(message[key])
+        if message.get("tool_calls"):
+            total += estimate_tokens(json.dumps(message["tool_calls"]))
+    return total
