@@ -132,7 +132,7 @@ def generate_demo(*, days: int = 30, seed: int = 7, end_ms: int,
     people = _principals(rnd)
     start_ms = end_ms - days * DAY_MS
     first_hour = start_ms - start_ms % HOUR_MS + HOUR_MS
-    hours = (end_ms - first_hour) // HOUR_MS
+    hours = -(-(end_ms - first_hour) // HOUR_MS)  # the last, partial hour runs up to end_ms
     # Incidents: provider outages (error bursts) and one runaway agent per ten days.
     providers = sorted({m.provider for m in DEMO_MODELS})
     outages = [(rnd.randrange(hours), rnd.choice(providers), rnd.uniform(0.3, 1.0)) for _ in range(max(1, days // 8))]
@@ -161,7 +161,8 @@ def generate_demo(*, days: int = 30, seed: int = 7, end_ms: int,
         chosen = rnd.choices(people, cum_weights=cum, k=count)
         if h in runaway_hours:
             chosen += [runaway] * (count * 3 + 200)
-        offsets = sorted(rnd.randrange(HOUR_MS) for _ in chosen)
+        span = min(HOUR_MS, end_ms - hour_ms + 1)
+        offsets = sorted(rnd.randrange(span) for _ in chosen)
         rnd.shuffle(chosen)
         outage = next(((p, sev) for oh, p, sev in outages if oh <= h < oh + 1), None)
         for who, offset in zip(chosen, offsets, strict=True):

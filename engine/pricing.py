@@ -333,8 +333,8 @@ _RUNS = re.compile(
 def estimate_tokens(text: str) -> int:
     """A pre-flight estimate of the tokens ``text`` will cost, without a tokenizer.
 
-    Each run of one kind of character is counted at its own rate: Latin words at about
-    4 characters a token (a short word is still one token), digits in groups of three
+    Each run of one kind of character is counted at its own rate: a Latin word of up to
+    eight letters is one token and longer ones one more per seven letters, digits in groups of three
     (as cl100k and o200k split numbers), each punctuation mark or symbol as one token,
     white space as free except long runs (indentation), CJK at about one token a
     character, Cyrillic, Greek, Arabic, Hebrew and Indic scripts at about 2.5
@@ -352,7 +352,7 @@ def estimate_tokens(text: str) -> int:
         kind = m.lastgroup
         n = m.end() - m.start()
         if kind == "latin":
-            tokens += (n + 3) // 4 if n > 4 else 1
+            tokens += 1 + (n - 2) // 7  # common words up to 8 letters are one token
         elif kind == "digits":
             tokens += (n + 2) // 3
         elif kind == "space":
