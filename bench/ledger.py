@@ -88,8 +88,12 @@ async def bench_reads(path: Path, repeats: int = 25) -> dict[str, tuple[float, f
             "totals (this month)": lambda: engine.totals(*period_range("month", now)),
             "totals (30 days)": lambda: engine.totals(now - 30 * DAY_MS, now),
             "timeline (30 days, hourly)": lambda: engine.timeline(now - 30 * DAY_MS, now, HOUR_MS),
-            "timeline (30 days, 6-hourly by model)": lambda: engine.timeline(
-                now - 30 * DAY_MS, now, 6 * HOUR_MS, group_by="model"),
+            "timeline (30 days, daily by model)": lambda: engine.timeline(
+                now - 30 * DAY_MS, now, DAY_MS, group_by="model"),
+            "timeline (7 days, hourly by model)": lambda: engine.timeline(
+                now - 7 * DAY_MS, now, HOUR_MS, group_by="model"),
+            "timeline (24 hours, 15-minute by team)": lambda: engine.timeline(
+                now - DAY_MS, now, 15 * 60_000, group_by="team"),
             "top-10 principals (30 days)": lambda: engine.breakdown(now - 30 * DAY_MS, now, "principal", limit=10),
             "top-10 models (24 hours)": lambda: engine.breakdown(now - DAY_MS, now, "model", limit=10),
         }

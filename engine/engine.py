@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +20,7 @@ from engine.clock import Clock, SystemClock, period_range
 from engine.models import FieldError, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm
 from engine.store import (
+    TIMELINE_FIELDS,
     BreakdownRow,
     Metric,
     RecordResult,
@@ -81,12 +82,11 @@ class Engine:
     # ------------------------------------------------------------------ writing
 
     def priced(self, event: UsageEvent) -> UsageEvent:
-        """The event with its cost settled: the provider's if given, else from the price table
-        of the event's own day, else marked ``unpriced`` (never a silent $0)."""
-        if event.cost_nanos is not None:
-            return event
-        cost, source = self.prices.price_event(event)
-        return replace(event, cost_nanos=cost, cost_source=source)
+        """Settle the event's cost in place and return it: the provider's if given, else from
+        the price table of the event's own day, else marked ``unpriced`` (never a silent $0)."""
+        if event.cost_nanos is None:
+            event.cost_nanos, event.cost_source = self.prices.price_event(event)
+        return event
 
     async def record(self, event: UsageEvent) -> RecordResult:
         """Append one event (group-committed); returns once it is durable."""
@@ -98,7 +98,7 @@ class Engine:
 
     async def bulk_record(self, events: Iterable[UsageEvent], *, atomic: bool = False) -> tuple[int, int]:
         """Append a large stream; returns (recorded, duplicates). ``atomic``: one transaction."""
-        return await self.store.bulk_record((self.priced(e) for e in events), atomic=atomic)
+        return await self.store.bulk_record(events, atomic=atomic, prepare=self.priced)
 
     # ------------------------------------------------------------------ reading
 
@@ -110,8 +110,9 @@ class Engine:
 
     async def timeline(self, start_ms: int, end_ms: int, bucket_ms: int, *,
                        filters: Mapping[str, str] | None = None,
-                       group_by: str | None = None) -> list[TimelinePoint]:
-        return await self.store.timeline(start_ms, end_ms, bucket_ms, filters, group_by)
+                       group_by: str | None = None,
+                       fields: Sequence[str] = TIMELINE_FIELDS) -> list[TimelinePoint]:
+        return await self.store.timeline(start_ms, end_ms, bucket_ms, filters, group_by, fields)
 
     async def breakdown(self, start_ms: int, end_ms: int, by: str, *, limit: int = 10,
                         order: Metric = "cost",

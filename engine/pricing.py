@@ -77,20 +77,23 @@ class ModelPrice:
 
 def cost_femtos(price: ModelPrice, usage: Usage) -> int:
     """The exact cost in femto-dollars (see ``cost_nanos``)."""
+    return _femtos(price, usage.input_tokens, usage.cached_input_tokens, usage.cache_write_tokens,
+                   usage.output_tokens, usage.reasoning_tokens)
+
+
+def _femtos(price: ModelPrice, inp: int, cached: int, cache_write: int, out: int, reasoning: int) -> int:
     input_rate, output_rate, read_rate = price.input, price.output, price.cache_read
     for tier in price.tiers:  # sorted by threshold: the highest one passed wins
-        if usage.input_tokens > tier.threshold_tokens:
+        if inp > tier.threshold_tokens:
             input_rate = tier.input if tier.input is not None else input_rate
             output_rate = tier.output if tier.output is not None else output_rate
             read_rate = tier.cache_read if tier.cache_read is not None else read_rate
-    uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
-    visible_output = usage.output_tokens - usage.reasoning_tokens
     return (
-        uncached * input_rate
-        + usage.cached_input_tokens * (read_rate if read_rate is not None else input_rate)
-        + usage.cache_write_tokens * (price.cache_write if price.cache_write is not None else input_rate)
-        + visible_output * output_rate
-        + usage.reasoning_tokens * (price.reasoning if price.reasoning is not None else output_rate)
+        (inp - cached - cache_write) * input_rate
+        + cached * (read_rate if read_rate is not None else input_rate)
+        + cache_write * (price.cache_write if price.cache_write is not None else input_rate)
+        + (out - reasoning) * output_rate
+        + reasoning * (price.reasoning if price.reasoning is not None else output_rate)
     )
 
 
@@ -281,7 +284,9 @@ class PriceBook:
         if price is None:
             return 0, "unpriced"
         source = "estimated" if event.cost_source == "estimated" else "computed"
-        return cost_nanos(price, event.usage), source
+        femtos = _femtos(price, event.input_tokens, event.cached_input_tokens, event.cache_write_tokens,
+                         event.output_tokens, event.reasoning_tokens)
+        return cost_from_femtos(femtos), source
 
     def models(self, ts_ms: int | None = None, workspace: str = "") -> list[ModelPrice]:
         """The price in force for each model (the newest, or the one at ``ts_ms``)."""
