@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -140,7 +142,7 @@ def test_range_segments_cover_exactly_the_minutes_asked() -> None:
     segments = range_segments(start, end)
     assert [s[0] for s in segments] == ["minute", "hour", "day", "hour", "minute"]
     assert segments[0][1] == start and segments[-1][2] == end
-    for (_, _, hi), (_, lo, _) in zip(segments, segments[1:], strict=False):
+    for (_, _, hi), (_, lo, _) in itertools.pairwise(segments):
         assert hi == lo
     sizes = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
     for table, lo, hi in segments:
@@ -282,4 +284,29 @@ async def test_iter_events_pages_through_many_events_in_time_order(db_path: Path
     assert len(seen) == sum(1 for e in events if e.ts_ms >= NOW_MS - 30_000)
     assert [e.ts_ms for e in seen] == sorted(e.ts_ms for e in seen)
     assert len({e.request_id for e in seen}) == len(seen)
+    await store.close()
+
+
+async def test_two_processes_writing_one_ledger_lose_nothing(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.close()
+    script = (
+        "import asyncio, sys\n"
+        "from engine.store import SQLiteStore\n"
+        "from engine.models import UsageEvent\n"
+        "async def main(tag):\n"
+        f"    s = await SQLiteStore.open({str(db_path)!r})\n"
+        f"    await asyncio.gather(*(s.record(UsageEvent(ts_ms={NOW_MS} + i, request_id=f'{{tag}}-{{i}}', "
+        "provider='openai', model='m', principal=tag, cost_nanos=7)) for i in range(300)))\n"
+        "    await s.close()\n"
+        "asyncio.run(main(sys.argv[1]))\n"
+    )
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", script, tag) for tag in ("p1", "p2")]
+    assert [await p.wait() for p in procs] == [0, 0]
+    store = await SQLiteStore.open(db_path)
+    assert await store.event_count() == 600
+    totals = await store.totals(NOW_MS, NOW_MS + MINUTE_MS)
+    assert (totals.requests, totals.cost_nanos) == (600, 4200)
+    assert [(r.key, r.totals.requests) for r in await store.breakdown(NOW_MS, NOW_MS + MINUTE_MS, "principal")] \
+        == [("p1", 300), ("p2", 300)]
     await store.close()

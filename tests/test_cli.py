@@ -1,0 +1,175 @@
+"""The command line as scripts use it: exit codes, one-sentence errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NOW_MS
+from tui.cli import main
+
+NOW_ISO = "2026-11-18T12:00:00Z"
+
+
+@pytest.fixture(autouse=True)
+def _frozen_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGETEER_NOW", NOW_ISO)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _events_file(path: Path, n: int = 20, bad: bool = False) -> Path:
+    lines = []
+    for i in range(n):
+        lines.append(json.dumps({"ts_ms": NOW_MS - i * 60_000, "request_id": f"cli-{i}", "provider": "openai",
+                                 "model": "gpt-4o-mini" if i % 2 else "gpt-4o", "team": ("ml", "search")[i % 2],
+                                 "principal": f"user{i % 3}", "input_tokens": 1000, "output_tokens": 100}))
+    if bad:
+        lines.insert(3, json.dumps({"ts_ms": NOW_MS, "request_id": "bad", "provider": "openai", "model": "gpt-4o",
+                                    "input_tokens": "-3"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_import_usage_and_export_work_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "l.db")
+    code, out, _ = run(capsys, "--db", db, "import", str(_events_file(tmp_path / "e.jsonl")))
+    assert code == 0 and "Imported 20 events" in out
+    code, out, _ = run(capsys, "usage", "--db", db, "--period", "24h", "--by", "team", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert report["totals"]["requests"] == 20
+    # 10 x gpt-4o (1,000 x 2.5e9 + 100 x 1e10 fd = 3.5e12) + 10 x gpt-4o-mini (1,000 x 1.5e8 + 100 x 6e8 = 2.1e11)
+    assert report["totals"]["cost_nanos"] == 10 * 3_500_000 + 10 * 210_000
+    assert report["totals"]["cost_usd"] == "0.0371"
+    assert {r["team"] for r in report["rows"]} == {"ml", "search"}
+    code, out, _ = run(capsys, "--db", db, "usage", "--period", "7d")
+    assert code == 0 and "gpt-4o" in out and "$0.04" in out
+    target = tmp_path / "out.csv"
+    code, _, err = run(capsys, "--db", db, "export", "--period", "30d", "--out", str(target))
+    assert code == 0 and "Exported 20 events" in err
+    assert target.read_text().count("\n") == 21
+    code, out, _ = run(capsys, "--db", db, "export", "--format", "jsonl")
+    assert code == 0 and len(out.splitlines()) == 20
+
+
+def test_bad_lines_exit_2_and_are_listed_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "l.db")
+    path = _events_file(tmp_path / "e.jsonl", bad=True)
+    code, out, err = run(capsys, "--db", db, "import", "--strict", str(path))
+    assert code == 2
+    assert "line 4: input_tokens: must not be negative" in err
+    assert "nothing was imported" in err
+    code, out, err = run(capsys, "--db", db, "import", str(path))
+    assert code == 2 and "Imported 20 events" in out and "1 of 21 lines were bad and skipped" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["usage", "--period", "fortnight"], "period: must be a number and a unit"),
+        (["import", "/no/such/file.jsonl"], "does not exist"),
+        (["export", "--period", "7d"], "--format is required"),
+        (["pricing", "show", "acme-llm-9000"], "model: no price for 'acme-llm-9000'"),
+        (["pricing", "import", "/no/such.json"], "does not exist"),
+        (["pricing", "import", "--effective-from", "2026-13-45", "x.json"], "is not a date"),
+        (["demo", "--days", "0"], "--days must be between 1 and 400"),
+    ],
+)
+def test_bad_input_exits_2_with_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            argv: list[str], message: str) -> None:
+    code, _, err = run(capsys, "--db", str(tmp_path / "l.db"), *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["usage", "--by", "colour"], ["frobnicate"], ["export", "--format", "xml"]])
+def test_bad_usage_exits_2_naming_the_argument(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and err.startswith("budgeteer: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_newer_ledger_is_a_failure_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    db = tmp_path / "l.db"
+    assert run(capsys, "--db", str(db), "usage")[0] == 0
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    code, _, err = run(capsys, "--db", str(db), "usage")
+    assert code == 1 and "newer than this Budgeteer understands" in err
+
+
+def test_pricing_import_applies_from_its_date_and_per_workspace(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "l.db")
+    table = tmp_path / "prices.json"
+    table.write_text(json.dumps({"gpt-4o": {"input_cost_per_token": 5e-06, "output_cost_per_token": 2e-05,
+                                            "litellm_provider": "openai", "mode": "chat"}}))
+    code, out, _ = run(capsys, "--db", db, "pricing", "import", str(table), "--effective-from", "2026-11-18")
+    assert code == 0 and "Stored 1 prices" in out
+    code, out, _ = run(capsys, "--db", db, "pricing", "import", str(table), "--effective-from", "2026-11-01",
+                       "--workspace", "vip", "--json")
+    assert json.loads(out)["stored"] == 1
+    events = tmp_path / "e.jsonl"
+    events.write_text("\n".join(json.dumps(
+        {"ts": ts, "request_id": rid, "provider": "openai", "model": "gpt-4o", "workspace": ws,
+         "input_tokens": 1000, "output_tokens": 0}) for rid, ts, ws in [
+        ("old", "2026-11-17T23:59:59Z", "default"), ("new", "2026-11-18T00:00:00Z", "default"),
+        ("vip", "2026-11-05T00:00:00Z", "vip")]) + "\n")
+    assert run(capsys, "--db", db, "import", str(events))[0] == 0
+    code, out, _ = run(capsys, "--db", db, "export", "--format", "jsonl")
+    costs = {json.loads(line)["request_id"]: json.loads(line)["cost_nanos"] for line in out.splitlines()}
+    assert costs == {"old": 2_500_000, "new": 5_000_000, "vip": 5_000_000}
+    code, out, _ = run(capsys, "--db", db, "pricing", "show", "gpt-4o")
+    assert code == 0 and "$5.00" in out and "$20.00" in out
+    assert "3 versions: initial, 2026-11-18, 2026-11-01 (vip)" in out
+    code, out, _ = run(capsys, "--db", db, "pricing", "show", "gpt-4o", "--at", "2026-11-01", "--json")
+    assert json.loads(out)["input"] == 2_500_000_000
+
+
+def test_demo_refuses_to_overwrite_a_ledger_with_events(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "real.db")
+    run(capsys, "--db", db, "import", str(_events_file(tmp_path / "e.jsonl")))
+    code, _, err = run(capsys, "--db", db, "demo", "--days", "1")
+    assert code == 2 and "already holds 20 events" in err
+    code, out, _ = run(capsys, "--db", db, "demo", "--days", "1", "--replace")
+    assert code == 0 and "Wrote a demo ledger of" in out
+
+
+def test_demo_writes_a_deterministic_month_beside_the_default_ledger(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "demo", "--days", "2", "--seed", "5")
+    assert code == 0
+    demo_db = Path(os.environ["BUDGETEER_HOME"]) / "demo.db"
+    assert demo_db.exists() and str(demo_db) in out
+    first = json.loads(run(capsys, "--db", str(demo_db), "usage", "--period", "all", "--json")[1])
+    assert run(capsys, "demo", "--days", "2", "--seed", "5")[0] == 0
+    again = json.loads(run(capsys, "--db", str(demo_db), "usage", "--period", "all", "--json")[1])
+    assert first == again and first["totals"]["requests"] > 10_000
+
+
+def test_the_installed_script_reports_errors_without_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "BUDGETEER_DB": str(tmp_path / "env.db")}
+    done = subprocess.run([sys.executable, "-m", "tui.cli", "import", str(tmp_path / "nope.csv")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"budgeteer: {tmp_path / 'nope.csv'} does not exist"
+    done = subprocess.run([sys.executable, "-m", "tui.cli", "usage", "--json"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["totals"]["requests"] == 0
+    assert (tmp_path / "env.db").exists()  # BUDGETEER_DB chose the ledger
