@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -23,6 +24,14 @@ from engine.engine import Engine
 from engine.money import format_usd
 from engine.store import BreakdownRow, StoreError, Totals
 from tui.widgets.kpi import KpiTile
+
+
+def compact(count: int) -> str:
+    """1234 -> 1,234; 1234567 -> 1.2M: counts that fit a narrow tile."""
+    for size, suffix in ((10**9, "B"), (10**6, "M")):
+        if count >= size:
+            return f"{count / size:,.1f}{suffix}"
+    return f"{count:,}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +52,11 @@ class BudgeteerApp(App[None]):
         Binding("p", "toggle_pause", "Pause", id="app.pause"),
     ]
 
-    def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0) -> None:
+    def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0,
+                 label: str | None = None) -> None:
         super().__init__()
         self.db_path = db_path
+        self.label = label or str(db_path)
         self.clock = clock
         self.refresh_seconds = refresh_seconds
         self.engine: Engine | None = None
@@ -57,20 +68,22 @@ class BudgeteerApp(App[None]):
         yield Header()
         with Vertical(id="main"):
             with Horizontal(id="kpis"):
-                yield KpiTile("Spend today", id="kpi-today")
-                yield KpiTile("Spend this month", id="kpi-month")
-                yield KpiTile("Tokens, 30 days", id="kpi-tokens")
-                yield KpiTile("Requests, 30 days", id="kpi-requests")
-                yield KpiTile("Errors, 24 hours", id="kpi-errors")
+                yield KpiTile("Today", id="kpi-today")
+                yield KpiTile("This month", id="kpi-month")
+                yield KpiTile("Tokens 30d", id="kpi-tokens")
+                yield KpiTile("Calls 30d", id="kpi-requests")
+                yield KpiTile("Errors 24h", id="kpi-errors")
             yield Static("", id="empty")
             yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
             yield Static("Loading the ledger…", id="status")
         yield Footer()
 
     async def on_mount(self) -> None:
-        self.sub_title = str(self.db_path)
+        self.sub_title = self.label
         table = self.query_one("#models", DataTable)
-        table.add_columns("model (30 days)", "requests", "tokens", "cost", "share")
+        table.add_column("model (30 days)")
+        for name in ("requests", "tokens", "cost", "share"):
+            table.add_column(Text(name, justify="right"), key=name)
         try:
             self.engine = await Engine.open(self.db_path, clock=self.clock)
         except StoreError as exc:
@@ -125,12 +138,12 @@ class BudgeteerApp(App[None]):
                                                    f"{snap.today.requests:,} requests")
         self.query_one("#kpi-month", KpiTile).show(format_usd(snap.month.cost_nanos),
                                                    f"{snap.month.requests:,} requests")
-        self.query_one("#kpi-tokens", KpiTile).show(f"{snap.last_30d.tokens:,}",
-                                                    f"{snap.last_30d.output_tokens:,} output")
+        self.query_one("#kpi-tokens", KpiTile).show(compact(snap.last_30d.tokens),
+                                                    f"{compact(snap.last_30d.output_tokens)} output")
         self.query_one("#kpi-requests", KpiTile).show(f"{snap.last_30d.requests:,}",
-                                                      f"{snap.last_30d.unpriced:,} unpriced")
+                                                      f"{snap.last_30d.unpriced:,} unpriced" if snap.last_30d.unpriced else "all priced")
         self.query_one("#kpi-errors", KpiTile).show(f"{100 * snap.last_24h.error_rate:.1f}%",
-                                                    f"{snap.last_24h.errors:,} of {snap.last_24h.requests:,}")
+                                                    f"{snap.last_24h.errors:,} failed")
         empty = self.query_one("#empty", Static)
         empty.display = snap.last_30d.requests == 0
         empty.update("[b]No usage in the last 30 days.[/b]\n\n"
@@ -143,8 +156,8 @@ class BudgeteerApp(App[None]):
         for row in snap.models:
             t = row.totals
             share = f"{100 * t.cost_nanos / total:.1f}%" if total else "-"
-            table.add_row(row.key, f"{t.requests:,}", f"{t.tokens:,}", format_usd(t.cost_nanos), share,
-                          key=row.key)
+            cells = (f"{t.requests:,}", compact(t.tokens), format_usd(t.cost_nanos), share)
+            table.add_row(row.key, *(Text(c, justify="right") for c in cells), key=row.key)
 
     def _tick_status(self) -> None:
         status = self.query_one("#status", Static)

@@ -309,6 +309,39 @@ def _run_dashboard(path: Path | None) -> int:
     return EXIT_OK
 
 
+async def cmd_screenshots(args: argparse.Namespace) -> int:
+    """SVGs of the dashboard on a deterministic demo ledger with a frozen clock."""
+    from engine.demo import generate_demo
+    from tui.app import BudgeteerApp
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = FrozenClock(SCREENSHOT_NOW_MS)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "demo.db"
+        async with await Engine.open(db, clock=clock, durable=False) as engine:
+            for batch in generate_demo(days=30, seed=7, end_ms=SCREENSHOT_NOW_MS):
+                await engine.bulk_record(batch)
+        written = []
+        for width, height in ((160, 48), (80, 24)):
+            app = BudgeteerApp(db_path=db, clock=clock, refresh_seconds=3600, label="demo ledger")
+            async with app.run_test(size=(width, height)) as pilot:
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+                app.updated_at = None  # "updated N s ago" would differ from run to run
+                app.query_one("#status").update("")  # type: ignore[attr-defined]
+                name = f"overview-{width}x{height}.svg"
+                app.save_screenshot(filename=name, path=str(out))
+                written.append(out / name)
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+#: The frozen "now" of screenshots: 2026-11-18 12:00 UTC, a Wednesday.
+SCREENSHOT_NOW_MS = 1_795_003_200_000
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -330,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open the dashboard on it afterwards")
     p.add_argument("--replace", action="store_true", help="start over a --db ledger that already holds events")
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("screenshots", parents=[common], help="regenerate the dashboard's SVG screenshots",
+                       description="Write SVG screenshots of the dashboard on a deterministic demo ledger.")
+    p.add_argument("--out", default="screenshots", help="folder to write to (default screenshots/)")
+    p.set_defaults(handler=cmd_screenshots)
 
     p = sub.add_parser("usage", parents=[common], help="spend and tokens for a period",
                        description="Totals and a breakdown of usage for a period.")
