@@ -140,8 +140,9 @@ class BudgeteerApp(App[None]):
                                                    f"{snap.month.requests:,} requests")
         self.query_one("#kpi-tokens", KpiTile).show(compact(snap.last_30d.tokens),
                                                     f"{compact(snap.last_30d.output_tokens)} output")
+        unpriced = snap.last_30d.unpriced
         self.query_one("#kpi-requests", KpiTile).show(f"{snap.last_30d.requests:,}",
-                                                      f"{snap.last_30d.unpriced:,} unpriced" if snap.last_30d.unpriced else "all priced")
+                                                      f"{unpriced:,} unpriced" if unpriced else "all priced")
         self.query_one("#kpi-errors", KpiTile).show(f"{100 * snap.last_24h.error_rate:.1f}%",
                                                     f"{snap.last_24h.errors:,} failed")
         empty = self.query_one("#empty", Static)
