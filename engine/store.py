@@ -473,8 +473,9 @@ class SQLiteStore:
 
         Each chunk of ``chunk`` events is one transaction, so a long import does not hold
         the write lock against live traffic for its whole length; ``atomic`` makes the
-        whole stream one transaction instead (all or nothing). ``prepare`` (pricing) runs
-        on the caller's thread on the next chunk while the writer's thread writes this one.
+        whole stream one transaction instead (all or nothing). ``prepare`` (pricing) runs on
+        the writer's thread just before each chunk is written: Python work on two threads
+        at once would only fight over the GIL.
         """
         run = self._writer._execute
         source = iter(events)
@@ -487,9 +488,6 @@ class SQLiteStore:
             try:
                 while True:
                     batch = list(islice(source, chunk))
-                    if prepare is not None:
-                        for event in batch:
-                            prepare(event)
                     if pending is not None:
                         done, pending = pending, None
                         r, d = await done
@@ -497,7 +495,7 @@ class SQLiteStore:
                     if not batch:
                         break
                     pending = asyncio.ensure_future(
-                        run(self._bulk_chunk_sync, batch, fresh, atomic))  # type: ignore[no-untyped-call]
+                        run(self._bulk_chunk_sync, batch, fresh, atomic, prepare))  # type: ignore[no-untyped-call]
                 if atomic:
                     await run(self._commit_sync, fresh)  # type: ignore[no-untyped-call]
             except BaseException:
@@ -539,8 +537,11 @@ class SQLiteStore:
         return results
 
     def _bulk_chunk_sync(self, events: list[UsageEvent], fresh: dict[tuple[str, ...], int],
-                         in_transaction: bool) -> tuple[int, int]:
+                         in_transaction: bool, prepare: Callable[[UsageEvent], object] | None) -> tuple[int, int]:
         conn: sqlite3.Connection = self._writer._conn
+        if prepare is not None:
+            for event in events:
+                prepare(event)
         if in_transaction:
             inserted, _ = self._append(conn, events, fresh, want_ids=False)
         else:
