@@ -163,6 +163,17 @@ def test_demo_writes_a_deterministic_month_beside_the_default_ledger(capsys: pyt
     assert first == again and first["totals"]["requests"] > 10_000
 
 
+def test_demo_open_opens_the_dashboard_on_the_new_ledger(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import tui.cli
+
+    opened: list[Path | None] = []
+    monkeypatch.setattr(tui.cli, "_run_dashboard", lambda path: opened.append(path) or 0)
+    code, _, _ = run(capsys, "demo", "--days", "1", "--open")
+    assert code == 0
+    assert opened == [Path(os.environ["BUDGETEER_HOME"]) / "demo.db"]
+
+
 def test_the_installed_script_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "BUDGETEER_DB": str(tmp_path / "env.db")}
     done = subprocess.run([sys.executable, "-m", "tui.cli", "import", str(tmp_path / "nope.csv")],

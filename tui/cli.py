@@ -293,8 +293,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Wrote a demo ledger of {total:,} events over {args.days} days "
           f"({format_usd(month.cost_nanos)} of spend) to {path} in {elapsed:.1f} s.")
     if args.open:
-        return _run_dashboard(path)
-    print(f"Open it with: budgeteer --db {path}")
+        args.open_after = path  # the dashboard runs its own event loop, after this one ends
+    else:
+        print(f"Open it with: budgeteer --db {path}")
     return EXIT_OK
 
 
@@ -436,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Callable[[argparse.Namespace], Awaitable[int]] | None = getattr(args, "handler", None)
         if handler is None:
             return _run_dashboard(Path(args.db) if args.db else None)
-        return asyncio.run(handler(args))
+        code = asyncio.run(handler(args))
+        if code == EXIT_OK and getattr(args, "open_after", None):
+            return _run_dashboard(args.open_after)
+        return code
     except (UsageError, FieldError, MoneyError) as exc:
         if debug:
             raise
