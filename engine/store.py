@@ -748,6 +748,7 @@ async def _connect(path: Path, durable: bool) -> aiosqlite.Connection:
         raise StoreError(f"cannot open the ledger at {path}: {exc}") from None
     try:
         await conn.execute("PRAGMA busy_timeout = 30000")
+        await conn.execute("PRAGMA page_size = 16384")  # takes effect only when the file is created
         async with conn.execute("PRAGMA journal_mode = WAL") as cur:
             mode = await cur.fetchone()
         if not mode or str(mode[0]).lower() != "wal":
