@@ -9,17 +9,19 @@ nano-dollars throughout.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
-from engine.models import FieldError
+from engine.models import FieldError, UsageEvent
 from engine.money import MoneyError, format_usd, parse_usd
+from engine.store import LedgerTx, RecordResult
 
 Metric = Literal["usd", "tokens", "requests"]
 Mode = Literal["enforced", "dry_run", "suggest"]
@@ -300,6 +302,7 @@ class CallCost:
     usd: int
     tokens: int
     requests: int = 1
+    priced: bool = True  # False: the model has no price, so its dollar cost cannot be bounded
 
     def of(self, metric: str) -> int:
         return self.usd if metric == "usd" else self.tokens if metric == "tokens" else self.requests
@@ -361,11 +364,15 @@ def applicable(policies: Iterable[Policy], call: Mapping[str, str]) -> list[Poli
                   key=lambda p: (-p.scope.level, p.id))
 
 
-def outcome(policy: Policy, consumed: int, held: int, cost: int, bounds: tuple[int, int]) -> Outcome:
+def outcome(policy: Policy, consumed: int, held: int, cost: int, bounds: tuple[int, int],
+            *, priced: bool = True) -> Outcome:
     projected = consumed + held + cost
     fmt = policy.format_amount
-    if projected > policy.hard:
+    if not priced and policy.metric == "usd":
         status: Status = "over"
+        message = f"{policy.name}: the model has no price, so this call's cost cannot be held against the limit"
+    elif projected > policy.hard:
+        status = "over"
         message = (f"{policy.name}: {fmt(consumed)} spent and {fmt(held)} held of {fmt(policy.hard)}; "
                    f"this call's worst case of {fmt(cost)} would pass the hard limit")
     elif policy.soft is not None and projected > policy.soft:
@@ -402,3 +409,233 @@ def decide(outcomes: Sequence[Outcome]) -> Evaluation:
         if deciding is None or better:
             decision, deciding = this, o
     return Evaluation(decision, tuple(outcomes), deciding if outcomes else None)
+
+
+# ----------------------------------------------------------------------------- live state and holds
+
+#: Call-context keys, as scopes name them, and the ledger columns they come from.
+CONTEXT_COLUMNS: Final = {"workspace": "workspace", "team": "team", "principal": "principal", "token": "token_id",
+                          "session": "session", "agent": "agent", "provider": "provider", "model": "model"}
+DEFAULT_HOLD_TTL_MS: Final = 10 * MINUTE_MS
+
+
+class HoldError(ValueError):
+    """A hold that cannot be settled or released as asked (unknown, or already closed)."""
+
+
+@dataclass(slots=True)
+class _Counter:
+    """What one policy has consumed and holds, kept current inside write transactions."""
+
+    policy: Policy
+    held: int = 0
+    consumed: int = 0  # calendar windows: the sum within [start, end)
+    start_ms: int = 0
+    end_ms: int = 0
+    minutes: dict[int, int] = field(default_factory=dict)  # rolling windows: amount per minute
+    rolling_total: int = 0
+
+    def amount(self, cost: int, tokens: int, status: str) -> int:
+        metric = self.policy.metric
+        if metric == "usd":
+            return cost
+        if status == "blocked":
+            return 0
+        return tokens if metric == "tokens" else 1
+
+    def consumed_at(self, now_ms: int) -> int:
+        if self.policy.window.calendar:
+            return self.consumed
+        cutoff = now_ms - self.policy.window.rolling_ms
+        cutoff -= cutoff % MINUTE_MS  # the oldest minute counts whole: never under-count
+        for minute in [m for m in self.minutes if m < cutoff]:
+            self.rolling_total -= self.minutes.pop(minute)
+        return self.rolling_total
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """The answer to a call: its evaluation and, if it may go ahead, the hold placed for it."""
+
+    evaluation: Evaluation
+    hold_id: str | None
+    cost: CallCost
+    request_id: str
+    override_request_id: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.evaluation.allowed
+
+
+class BudgetBook:
+    """In-memory counters for every policy, rebuilt from the ledger and kept exact.
+
+    Every method taking a ``tx`` runs on the ledger's writer thread inside a write
+    transaction (see ``SQLiteStore.transact``): ``begin`` first folds in whatever other
+    processes committed since the last batch, so each decision sees the whole ledger
+    and every hold, and two calls can never both spend the last dollar.
+    """
+
+    def __init__(self, now_ms: Callable[[], int], hold_ttl_ms: int = DEFAULT_HOLD_TTL_MS) -> None:
+        self._now = now_ms
+        self.hold_ttl_ms = hold_ttl_ms
+        self._counters: dict[str, _Counter] = {}
+        self._last_event = 0
+        self._last_journal = 0
+        self._policies_version: tuple[int, int] | None = None
+        self._stale = True
+
+    # ---- transaction hooks
+
+    def begin(self, tx: LedgerTx) -> None:
+        now = self._now()
+        version = tx.policies_version()
+        if self._stale or version != self._policies_version:
+            self._rebuild(tx, now, version)
+        else:
+            for row in tx.events_since(self._last_event):
+                self._fold_event(row)
+            for journal_id, policy_id, delta in tx.journal_since(self._last_journal):
+                counter = self._counters.get(policy_id)
+                if counter is not None:
+                    counter.held += delta
+                self._last_journal = journal_id
+        for hold_id in tx.expired_holds(now):
+            self._close(tx, hold_id, "expired", now)
+
+    def abort(self) -> None:
+        self._stale = True
+
+    def _rebuild(self, tx: LedgerTx, now: int, version: tuple[int, int]) -> None:
+        self._counters = {}
+        for spec in tx.policy_specs():
+            policy = Policy.from_json(json.loads(spec))
+            self._counters[policy.id] = self._load(tx, policy, now)
+        held = tx.held_totals()
+        for policy_id, amount in held.items():
+            if policy_id in self._counters:
+                self._counters[policy_id].held = amount
+        self._last_event = tx.max_event_id()
+        self._last_journal = tx.max_journal_id()
+        self._policies_version = version
+        self._stale = False
+
+    def _load(self, tx: LedgerTx, policy: Policy, now: int) -> _Counter:
+        counter = _Counter(policy)
+        where = {CONTEXT_COLUMNS[kind]: value for kind, value in policy.scope.parts}
+        raw = any(column in ("session", "agent") for column in where)
+        metric_index = METRICS.index(policy.metric)
+        if policy.window.calendar:
+            counter.start_ms, counter.end_ms = window_bounds(policy.window, now)
+            sums = (tx.events_between if raw else tx.rollup_between)(counter.start_ms, counter.end_ms, where)
+            counter.consumed = sums[metric_index]
+        else:
+            start = now - policy.window.rolling_ms
+            start -= start % MINUTE_MS
+            for row in tx.minute_sums(start, now + MINUTE_MS, where, raw=raw):
+                amount = row[1 + metric_index]
+                if amount:
+                    counter.minutes[row[0]] = amount
+                    counter.rolling_total += amount
+        return counter
+
+    def _fold_event(self, row: Sequence[Any]) -> None:
+        (event_id, ts, workspace, team, principal, token_id, provider, model, session, agent,
+         input_tokens, output_tokens, cost, status) = row
+        context = {"workspace": workspace, "team": team, "principal": principal, "token": token_id,
+                   "provider": provider, "model": model, "session": session, "agent": agent}
+        for counter in self._counters.values():
+            if not counter.policy.scope.matches(context):
+                continue
+            amount = counter.amount(cost, input_tokens + output_tokens, status)
+            if not amount:
+                continue
+            if counter.policy.window.calendar:
+                if counter.start_ms <= ts < counter.end_ms:
+                    counter.consumed += amount
+            else:
+                minute = ts - ts % MINUTE_MS
+                counter.minutes[minute] = counter.minutes.get(minute, 0) + amount
+                counter.rolling_total += amount
+        self._last_event = max(self._last_event, event_id)
+
+    # ---- decisions
+
+    def counters_for(self, tx: LedgerTx, context: Mapping[str, str], now: int) -> list[_Counter]:
+        matched = []
+        for counter in self._counters.values():
+            policy = counter.policy
+            if policy.enabled and policy.scope.matches(context):
+                if policy.window.calendar and now >= counter.end_ms:
+                    fresh = self._load(tx, policy, now)  # a new window: start again from the ledger
+                    fresh.held = counter.held
+                    self._counters[policy.id] = counter = fresh
+                matched.append(counter)
+        matched.sort(key=lambda c: (-c.policy.scope.level, c.policy.id))
+        return matched
+
+    def evaluate(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, now: int) -> Evaluation:
+        outcomes = []
+        for counter in self.counters_for(tx, context, now):
+            policy = counter.policy
+            bounds = (counter.start_ms, counter.end_ms) if policy.window.calendar else window_bounds(policy.window, now)
+            outcomes.append(outcome(policy, counter.consumed_at(now), counter.held, cost.of(policy.metric), bounds,
+                                    priced=cost.priced))
+        return decide(outcomes)
+
+    def authorize(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, request_id: str) -> Authorization:
+        """Decide, and if the call may go ahead place one hold on every applicable policy at once."""
+        now = self._now()
+        evaluation = self.evaluate(tx, context, cost, now)
+        if not evaluation.allowed:
+            override = None
+            if evaluation.decision == "needs_approval" and evaluation.deciding is not None:
+                deciding = evaluation.deciding
+                override = tx.open_override_request(
+                    "ovr_" + secrets.token_hex(6), deciding.policy.id, context.get("principal", ""), now,
+                    max(0, deciding.projected - deciding.policy.hard), json.dumps(evaluation.as_dict()),
+                    json.dumps(deciding.policy.to_json()))
+            return Authorization(evaluation, None, cost, request_id, override)
+        hold_id = "hold_" + secrets.token_hex(8)
+        lines = [(o.policy.id, o.cost) for o in evaluation.outcomes]
+        self._last_journal = tx.open_hold(hold_id, request_id, now, now + self.hold_ttl_ms,
+                                          json.dumps(dict(context)), lines)
+        for policy_id, amount in lines:
+            self._counters[policy_id].held += amount
+        return Authorization(evaluation, hold_id, cost, request_id)
+
+    def settle(self, tx: LedgerTx, hold_id: str, event: UsageEvent) -> RecordResult:
+        """Post the call's actual usage and release its hold, in one transaction."""
+        state = tx.hold_state(hold_id)
+        if state is None:
+            raise HoldError(f"hold {hold_id} does not exist")
+        if state in ("settled", "released"):
+            raise HoldError(f"hold {hold_id} is already {state}")
+        (result,) = tx.append([event])
+        for row in tx.events_since(self._last_event):
+            self._fold_event(row)
+        if state == "held":
+            self._close(tx, hold_id, "settled", self._now())
+        return result
+
+    def release(self, tx: LedgerTx, hold_id: str) -> None:
+        """Give a hold back (the call failed before costing anything)."""
+        state = tx.hold_state(hold_id)
+        if state is None:
+            raise HoldError(f"hold {hold_id} does not exist")
+        if state != "held":
+            raise HoldError(f"hold {hold_id} is already {state}")
+        self._close(tx, hold_id, "released", self._now())
+
+    def _close(self, tx: LedgerTx, hold_id: str, state: str, now: int) -> None:
+        lines = tx.close_hold(hold_id, state, now)
+        for policy_id, amount in lines or ():
+            counter = self._counters.get(policy_id)
+            if counter is not None:
+                counter.held -= amount
+        self._last_journal = tx.max_journal_id()
+
+    def held(self, policy_id: str) -> int:
+        counter = self._counters.get(policy_id)
+        return counter.held if counter else 0

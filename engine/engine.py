@@ -8,20 +8,30 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import platformdirs
 
+from engine.budgets import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    Authorization,
+    BudgetBook,
+    CallCost,
+    Evaluation,
+    Policy,
+)
 from engine.clock import Clock, SystemClock, period_range
-from engine.models import FieldError, UsageEvent
-from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm
+from engine.models import FieldError, Usage, UsageEvent
+from engine.pricing import ModelPrice, PriceBook, bundled_prices, cost_nanos, parse_litellm
 from engine.store import (
     TIMELINE_FIELDS,
     BreakdownRow,
+    LedgerTx,
     Metric,
     RecordResult,
     SQLiteStore,
@@ -30,6 +40,28 @@ from engine.store import (
 )
 
 LEDGER_FILENAME = "ledger.db"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """A model call about to be made, as the budgets see it."""
+
+    principal: str
+    model: str
+    provider: str = ""
+    team: str = ""
+    workspace: str = "default"
+    token_id: str = ""
+    session: str = ""
+    agent: str = ""
+    input_tokens: int = 0
+    max_tokens: int | None = None
+    request_id: str = field(default_factory=lambda: "req_" + secrets.token_hex(8))
+
+    def context(self) -> dict[str, str]:
+        return {"workspace": self.workspace, "team": self.team, "principal": self.principal,
+                "token": self.token_id, "session": self.session, "agent": self.agent,
+                "provider": self.provider, "model": self.model}
 
 
 def default_db_path() -> Path:
@@ -48,6 +80,8 @@ class Engine:
         self.store = store
         self.prices = prices
         self.clock = clock
+        self.budgets = BudgetBook(clock.now_ms)
+        store.add_transaction_hooks(self.budgets.begin, self.budgets.abort)
 
     @classmethod
     async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
@@ -135,6 +169,99 @@ class Engine:
 
     async def data_version(self) -> int:
         return await self.store.data_version()
+
+    # ------------------------------------------------------------------ budgets
+
+    async def add_policy(self, policy: Policy) -> Policy:
+        """Store a new policy (its id must be new)."""
+        def op(tx: LedgerTx) -> None:
+            if any(json.loads(spec)["id"] == policy.id for spec in tx.policy_specs()):
+                raise FieldError("id", f"a policy {policy.id} already exists")
+            tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
+
+        await self.store.transact(op)
+        return policy
+
+    async def update_policy(self, policy: Policy) -> Policy:
+        def op(tx: LedgerTx) -> None:
+            if not any(json.loads(spec)["id"] == policy.id for spec in tx.policy_specs()):
+                raise FieldError("id", f"no policy {policy.id}")
+            tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
+
+        await self.store.transact(op)
+        return policy
+
+    async def remove_policy(self, policy_id: str) -> Policy:
+        policy = await self.policy(policy_id)
+
+        def op(tx: LedgerTx) -> None:
+            tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms(), deleted=True)
+
+        await self.store.transact(op)
+        return policy
+
+    async def policies(self) -> list[Policy]:
+        specs = await self.store.transact(lambda tx: tx.policy_specs())
+        return [Policy.from_json(json.loads(spec)) for spec in specs]
+
+    async def policy(self, policy_id: str) -> Policy:
+        for policy in await self.policies():
+            if policy.id == policy_id:
+                return policy
+        raise FieldError("id", f"no policy {policy_id!r}; 'budgeteer policy list' shows them")
+
+    def worst_case(self, call: CallRequest) -> CallCost:
+        """The most a call can cost: its input estimate plus ``max_tokens`` of output (a
+        documented default when absent), all at the uncached rates of the model's price."""
+        output = call.max_tokens if call.max_tokens is not None else DEFAULT_MAX_OUTPUT_TOKENS
+        price = self._price_of(call)
+        tokens = call.input_tokens + output
+        if price is None:
+            return CallCost(usd=0, tokens=tokens, priced=False)
+        return CallCost(usd=cost_nanos(price, Usage(input_tokens=call.input_tokens, output_tokens=output)),
+                        tokens=tokens)
+
+    def _price_of(self, call: CallRequest) -> ModelPrice | None:
+        return self.prices.lookup(call.model, self.now_ms(), call.workspace, call.provider or None)
+
+    def _context(self, call: CallRequest) -> dict[str, str]:
+        context = call.context()
+        if not context["provider"]:  # a call that does not name its provider gets the price table's
+            price = self._price_of(call)
+            context["provider"] = price.provider if price else ""
+        return context
+
+    async def authorize(self, call: CallRequest) -> Authorization:
+        """Check every applicable policy and, if the call may go, hold its worst case on all of them."""
+        cost = self.worst_case(call)
+        context = self._context(call)
+        return await self.store.transact(  # type: ignore[no-any-return]
+            lambda tx: self.budgets.authorize(tx, context, cost, call.request_id))
+
+    async def check(self, call: CallRequest) -> Evaluation:
+        """What ``authorize`` would decide now, without holding anything."""
+        cost = self.worst_case(call)
+        context = self._context(call)
+        return await self.store.transact(  # type: ignore[no-any-return]
+            lambda tx: self.budgets.evaluate(tx, context, cost, self.now_ms()))
+
+    async def settle(self, hold_id: str, event: UsageEvent) -> RecordResult:
+        """Post the call's actual usage to the ledger and release its hold, at once."""
+        priced = self.priced(event)
+        return await self.store.transact(  # type: ignore[no-any-return]
+            lambda tx: self.budgets.settle(tx, hold_id, priced))
+
+    async def release(self, hold_id: str) -> None:
+        """Give back the hold of a call that failed."""
+        await self.store.transact(lambda tx: self.budgets.release(tx, hold_id))
+
+    async def expire_holds(self) -> None:
+        """Expire holds past their time to live (every write transaction also does this)."""
+        await self.store.transact(lambda tx: None)
+
+    async def open_holds(self) -> int:
+        return await self.store.transact(  # type: ignore[no-any-return]
+            lambda tx: int(tx.conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()[0]))
 
     # ------------------------------------------------------------------ prices
 

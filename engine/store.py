@@ -120,6 +120,51 @@ CREATE TABLE prices (
     PRIMARY KEY (model, workspace, effective_from_ms)
 );
 """,
+    """
+CREATE TABLE policies (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE holds (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    closed_ms INTEGER,
+    context TEXT NOT NULL
+);
+CREATE INDEX holds_open ON holds (state, expires_ms);
+CREATE TABLE hold_lines (
+    hold_id TEXT NOT NULL REFERENCES holds (id),
+    policy_id TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (typeof(amount) = 'integer' AND amount >= 0),
+    PRIMARY KEY (hold_id, policy_id)
+);
+-- Every change to what is held, in order: how other processes learn of holds.
+CREATE TABLE hold_journal (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    hold_id TEXT NOT NULL,
+    policy_id TEXT NOT NULL,
+    delta INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE override_requests (
+    id TEXT PRIMARY KEY,
+    policy_id TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    amount INTEGER NOT NULL,
+    evaluation TEXT NOT NULL,
+    policy_snapshot TEXT NOT NULL
+);
+CREATE UNIQUE INDEX override_requests_one_pending ON override_requests (policy_id, requester)
+    WHERE status = 'pending';
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -368,6 +413,158 @@ def _segments_sql(start_ms: int, end_ms: int, filters: Mapping[str, str] | None,
     return " UNION ALL ".join(parts), args
 
 
+# --------------------------------------------------------------------------- transactions
+
+
+class LedgerTx:
+    """What a group-committed operation may do inside the writer's transaction.
+
+    Used only on the writer's thread, between BEGIN IMMEDIATE and COMMIT, so every read
+    sees every other process's committed writes and nothing can change underneath.
+    """
+
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, fresh: dict[tuple[str, ...], int]) -> None:
+        self.store = store
+        self.conn = conn
+        self._fresh = fresh
+
+    def max_event_id(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0])
+
+    def max_journal_id(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM hold_journal").fetchone()[0])
+
+    def events_since(self, last_id: int) -> list[tuple[Any, ...]]:
+        """(id, ts_ms, workspace, team, principal, token_id, provider, model, session, agent,
+        input_tokens, output_tokens, cost_nanos, status) of every event after ``last_id``."""
+        return self.conn.execute(
+            "SELECT e.id, e.ts_ms, s.workspace, s.team, s.principal, s.token_id, s.provider, s.model, e.session, "
+            "e.agent, e.input_tokens, e.output_tokens, e.cost_nanos, e.status FROM usage_events e "
+            "JOIN series s ON s.id = e.series_id WHERE e.id > ? ORDER BY e.id", (last_id,)).fetchall()
+
+    def events_between(self, start_ms: int, end_ms: int, where: Mapping[str, str]) -> tuple[int, int, int]:
+        """(cost, tokens, requests) of raw events in [start, end) matching ``where`` (any event column)."""
+        clauses = ["e.ts_ms >= ?", "e.ts_ms < ?", "e.status != 'blocked'"]
+        params: list[Any] = [start_ms, end_ms]
+        for column, value in where.items():
+            table = "e" if column in ("session", "agent") else "s"
+            if column not in (*ROLLUP_DIMENSIONS, "session", "agent"):
+                raise FieldError("scope", f"cannot sum by {column!r}")
+            clauses.append(f"{table}.{column} = ?")
+            params.append(value)
+        row = self.conn.execute(
+            "SELECT coalesce(sum(e.cost_nanos), 0), coalesce(sum(e.input_tokens + e.output_tokens), 0), count(*) "
+            f"FROM usage_events e JOIN series s ON s.id = e.series_id WHERE {' AND '.join(clauses)}",
+            params).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def rollup_between(self, start_ms: int, end_ms: int, where: Mapping[str, str]) -> tuple[int, int, int]:
+        """(cost, tokens, requests) over [start, end) from the rollups (minute precision)."""
+        sql, args = _segments_sql(start_ms, end_ms, where or None, per_series=False)
+        if not sql:
+            return 0, 0, 0
+        # c0 requests, c2 blocked, c3 input, c6 output, c8 cost
+        row = self.conn.execute(
+            f"SELECT coalesce(sum(c8), 0), coalesce(sum(c3) + sum(c6), 0), coalesce(sum(c0) - sum(c2), 0) "
+            f"FROM ({sql})", args).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def minute_sums(self, start_ms: int, end_ms: int, where: Mapping[str, str],
+                    *, raw: bool = False) -> list[tuple[int, int, int, int]]:
+        """(minute, cost, tokens, requests) per minute over [start, end), from the minute
+        rollups, or from raw events when ``where`` names a session or an agent."""
+        if raw:
+            clauses = ["e.ts_ms >= ?", "e.ts_ms < ?"]
+            params: list[Any] = [start_ms, end_ms]
+            for column, value in where.items():
+                clauses.append(f"{'e' if column in ('session', 'agent') else 's'}.{column} = ?")
+                params.append(value)
+            sql = ("SELECT e.ts_ms - e.ts_ms % 60000 AS m, sum(e.cost_nanos), sum(e.input_tokens + e.output_tokens), "
+                   "sum(e.status != 'blocked') FROM usage_events e JOIN series s ON s.id = e.series_id "
+                   f"WHERE {' AND '.join(clauses)} GROUP BY m")
+            rows = self.conn.execute(sql, params).fetchall()
+        else:
+            filt, fparams = _filter_sql(where or None)
+            rows = self.conn.execute(
+                "SELECT bucket_ms, sum(cost_nanos), sum(input_tokens) + sum(output_tokens), sum(requests) - "
+                f"sum(blocked) FROM rollup_minute WHERE bucket_ms >= ? AND bucket_ms < ?{filt} GROUP BY bucket_ms",
+                [start_ms, end_ms, *fparams]).fetchall()
+        return [(int(m), int(c), int(t), int(r)) for m, c, t, r in rows]
+
+    def append(self, events: list[UsageEvent]) -> list[RecordResult]:
+        _, new_ids = self.store._append(self.conn, events, self._fresh)
+        return [RecordResult(e.request_id, new_ids is not None and e.request_id not in new_ids,
+                             e.cost_nanos or 0, e.cost_source) for e in events]
+
+    def journal_since(self, last_id: int) -> list[tuple[int, str, int]]:
+        return self.conn.execute(
+            "SELECT id, policy_id, delta FROM hold_journal WHERE id > ? ORDER BY id", (last_id,)).fetchall()
+
+    def open_hold(self, hold_id: str, request_id: str, now_ms: int, expires_ms: int, context: str,
+                  lines: Sequence[tuple[str, int]]) -> int:
+        """Record a hold and its lines; returns the last journal id written."""
+        self.conn.execute("INSERT INTO holds (id, request_id, created_ms, expires_ms, state, context) "
+                          "VALUES (?, ?, ?, ?, 'held', ?)", (hold_id, request_id, now_ms, expires_ms, context))
+        self.conn.executemany("INSERT INTO hold_lines (hold_id, policy_id, amount) VALUES (?, ?, ?)",
+                              [(hold_id, p, a) for p, a in lines])
+        self.conn.executemany("INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) "
+                              "VALUES (?, ?, ?, ?, 'hold')", [(now_ms, hold_id, p, a) for p, a in lines])
+        return self.max_journal_id()
+
+    def close_hold(self, hold_id: str, state: str, now_ms: int) -> list[tuple[str, int]] | None:
+        """Close an open hold (settled, released or expired); its lines, or None if it was not open."""
+        changed = self.conn.execute("UPDATE holds SET state = ?, closed_ms = ? WHERE id = ? AND state = 'held'",
+                                    (state, now_ms, hold_id)).rowcount
+        if not changed:
+            return None
+        lines = [(str(p), int(a)) for p, a in self.conn.execute(
+            "SELECT policy_id, amount FROM hold_lines WHERE hold_id = ?", (hold_id,))]
+        self.conn.executemany("INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) "
+                              "VALUES (?, ?, ?, ?, ?)", [(now_ms, hold_id, p, -a, state) for p, a in lines])
+        return lines
+
+    def hold_state(self, hold_id: str) -> str | None:
+        row = self.conn.execute("SELECT state FROM holds WHERE id = ?", (hold_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def expired_holds(self, now_ms: int) -> list[str]:
+        return [str(r[0]) for r in self.conn.execute(
+            "SELECT id FROM holds WHERE state = 'held' AND expires_ms <= ?", (now_ms,))]
+
+    def held_totals(self) -> dict[str, int]:
+        return {str(p): int(a) for p, a in self.conn.execute(
+            "SELECT l.policy_id, sum(l.amount) FROM hold_lines l JOIN holds h ON h.id = l.hold_id "
+            "WHERE h.state = 'held' GROUP BY l.policy_id")}
+
+    def policy_specs(self) -> list[str]:
+        return [str(r[0]) for r in self.conn.execute("SELECT spec FROM policies WHERE deleted = 0 ORDER BY id")]
+
+    def policies_version(self) -> tuple[int, int]:
+        row = self.conn.execute("SELECT count(*), coalesce(max(updated_ms), 0) FROM policies").fetchone()
+        return int(row[0]), int(row[1])
+
+    def save_policy(self, policy_id: str, spec: str, now_ms: int, *, deleted: bool = False) -> None:
+        self.conn.execute(
+            "INSERT INTO policies (id, spec, deleted, updated_ms) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+            "SET spec = excluded.spec, deleted = excluded.deleted, updated_ms = excluded.updated_ms",
+            (policy_id, spec, int(deleted), now_ms))
+
+    def open_override_request(self, request_id: str, policy_id: str, requester: str, now_ms: int, amount: int,
+                              evaluation: str, snapshot: str) -> str:
+        """One pending request per policy and requester: a retry finds the one already open."""
+        row = self.conn.execute("SELECT id FROM override_requests WHERE policy_id = ? AND requester = ? "
+                                "AND status = 'pending'", (policy_id, requester)).fetchone()
+        if row:
+            return str(row[0])
+        self.conn.execute("INSERT INTO override_requests (id, policy_id, requester, status, created_ms, amount, "
+                          "evaluation, policy_snapshot) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+                          (request_id, policy_id, requester, now_ms, amount, evaluation, snapshot))
+        return request_id
+
+
+TxOp = Callable[[LedgerTx], Any]
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -384,6 +581,9 @@ class SQLiteStore:
         self._closed = False
         self.commits = 0  # group-commit transactions so far (for benchmarks and tests)
         self._series: dict[tuple[str, ...], int] = {}  # dimension combination -> series id
+        self._ops: list[tuple[TxOp, asyncio.Future[Any]]] = []
+        self._op_flusher: asyncio.Task[None] | None = None
+        self._hooks: list[tuple[Callable[[LedgerTx], None], Callable[[], None]]] = []
 
     # ---- opening
 
@@ -444,10 +644,75 @@ class SQLiteStore:
             self._flusher = asyncio.create_task(self._flush_loop())
         return await future
 
+    def add_transaction_hooks(self, begin: Callable[[LedgerTx], None], abort: Callable[[], None]) -> None:
+        """``begin`` runs first in every operation batch (to catch up with other processes);
+        ``abort`` runs when a batch's transaction is rolled back."""
+        self._hooks.append((begin, abort))
+
+    async def transact(self, op: TxOp) -> Any:
+        """Run ``op`` on the writer's thread inside a write transaction, group-committed with
+        other operations; returns its result once committed. A failing op is rolled back
+        to its savepoint alone and its error raised to its caller."""
+        if self._closed:
+            raise StoreError("the ledger is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ops.append((op, future))
+        if self._op_flusher is None or self._op_flusher.done():
+            self._op_flusher = asyncio.create_task(self._op_loop())
+        return await future
+
+    async def _op_loop(self) -> None:
+        while self._ops:
+            batch, self._ops = self._ops[:MAX_BATCH], self._ops[MAX_BATCH:]
+            try:
+                async with self._write_lock:
+                    results = await self._writer._execute(self._ops_sync, [op for op, _ in batch])  # type: ignore[no-untyped-call]
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), (ok, value) in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def _ops_sync(self, ops: list[TxOp]) -> list[tuple[bool, Any]]:
+        conn: sqlite3.Connection = self._writer._conn
+        fresh: dict[tuple[str, ...], int] = {}
+        tx = LedgerTx(self, conn, fresh)
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for begin, _ in self._hooks:
+                begin(tx)
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(tx)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # this op alone is undone; the others go on
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback_sync()
+            for _, abort in self._hooks:
+                abort()
+            raise
+        self._series.update(fresh)
+        self.commits += 1
+        return results
+
     async def flush(self) -> None:
-        """Wait until every pending ``record()`` is committed."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.shield(self._flusher)
+        """Wait until every pending ``record()`` and operation is committed."""
+        for task in (self._flusher, self._op_flusher):
+            while task is not None and not task.done():
+                await asyncio.shield(task)
 
     async def _flush_loop(self) -> None:
         while self._pending:

@@ -1,0 +1,201 @@
+"""Holds against live budgets: authorize, settle, release, expire, and the guarantee that a
+hard limit is never overspent, by a thousand concurrent calls or by two processes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from pathlib import Path
+
+from engine.budgets import build_policy
+from engine.clock import DAY_MS, MINUTE_MS, FrozenClock
+from engine.engine import CallRequest, Engine
+from engine.models import UsageEvent
+from tests.conftest import NOW_MS
+
+
+def _event(auth_request: str, principal: str = "alice", cost: int = 0, model: str = "gpt-4o-mini",
+           team: str = "ml", ts: int = NOW_MS) -> UsageEvent:
+    return UsageEvent(ts_ms=ts, request_id=auth_request, provider="openai", model=model, team=team,
+                      principal=principal, input_tokens=100, output_tokens=10, cost_nanos=cost,
+                      cost_source="provider")
+
+
+async def test_a_call_under_its_team_budget_but_over_its_principal_budget_is_blocked(engine: Engine) -> None:
+    await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="100"))
+    person = await engine.add_policy(build_policy(scope="principal:alice", metric="usd", window="day", hard="1"))
+    await engine.record(_event("earlier", cost=900_000_000))  # $0.90 spent today
+    call = CallRequest(principal="alice", team="ml", model="gpt-4o", input_tokens=10_000, max_tokens=10_000)
+    auth = await engine.authorize(call)  # worst case 10,000 x $2.5/M + 10,000 x $10/M = $0.125
+    assert auth.evaluation.decision == "block"
+    assert auth.hold_id is None
+    assert auth.evaluation.deciding is not None and auth.evaluation.deciding.policy.id == person.id
+    assert {o.policy.scope.parts[0][0] for o in auth.evaluation.outcomes} == {"team", "principal"}
+    bob = await engine.authorize(CallRequest(principal="bob", team="ml", model="gpt-4o", input_tokens=10_000,
+                                             max_tokens=10_000))
+    assert bob.evaluation.decision == "allow" and bob.hold_id is not None
+
+
+async def test_settle_posts_the_actual_cost_and_frees_the_hold(engine: Engine) -> None:
+    policy = await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
+    call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+    auth = await engine.authorize(call)
+    assert auth.hold_id and auth.cost.usd == 750_000  # 1,000 x 150 + 1,000 x 600 nano-dollars
+    assert engine.budgets.held(policy.id) == 750_000
+    result = await engine.settle(auth.hold_id, _event(call.request_id, cost=123_456))
+    assert not result.duplicate
+    assert engine.budgets.held(policy.id) == 0
+    assert (await engine.totals(0, NOW_MS + DAY_MS)).cost_nanos == 123_456
+    check = await engine.check(call)
+    assert check.outcomes[0].consumed == 123_456 and check.outcomes[0].held == 0
+    assert await engine.open_holds() == 0
+
+
+async def test_release_gives_the_hold_back_and_records_nothing(engine: Engine) -> None:
+    policy = await engine.add_policy(build_policy(scope="global", metric="requests", window="hour", hard="1"))
+    call = CallRequest(principal="alice", model="gpt-4o-mini", max_tokens=10)
+    first = await engine.authorize(call)
+    assert first.hold_id and (await engine.authorize(call)).evaluation.decision == "block"  # 1 request held
+    await engine.release(first.hold_id)
+    assert engine.budgets.held(policy.id) == 0
+    assert (await engine.authorize(call)).evaluation.decision == "allow"
+    assert await engine.event_count() == 0
+
+
+async def test_a_hold_not_settled_within_its_ttl_expires_and_the_expiry_is_recorded(
+        engine: Engine, clock: FrozenClock) -> None:
+    policy = await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
+    auth = await engine.authorize(CallRequest(principal="a", model="gpt-4o", max_tokens=1000, input_tokens=0))
+    assert auth.hold_id and engine.budgets.held(policy.id) == 10_000_000
+    clock.advance(engine.budgets.hold_ttl_ms - 1)
+    await engine.expire_holds()
+    assert engine.budgets.held(policy.id) == 10_000_000
+    clock.advance(1)
+    await engine.expire_holds()
+    assert engine.budgets.held(policy.id) == 0
+    journal = await engine.store.transact(lambda tx: tx.conn.execute(
+        "SELECT reason, delta FROM hold_journal WHERE hold_id = ? ORDER BY id", (auth.hold_id,)).fetchall())
+    assert journal == [("hold", 10_000_000), ("expired", -10_000_000)]
+    # The call finished late: its cost is still posted, once.
+    late = await engine.settle(auth.hold_id, _event(auth.request_id, cost=5_000_000))
+    assert not late.duplicate and (await engine.totals(0, NOW_MS + DAY_MS)).cost_nanos == 5_000_000
+    assert await engine.open_holds() == 0
+
+
+async def test_dry_run_and_suggest_let_the_call_go_and_say_it_would_block(engine: Engine) -> None:
+    await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="0.000001",
+                                         mode="dry_run"))
+    auth = await engine.authorize(CallRequest(principal="a", model="gpt-4o", max_tokens=100))
+    assert auth.evaluation.decision == "would_block" and auth.allowed and auth.hold_id
+
+
+async def test_retries_of_an_approval_required_call_open_one_request(engine: Engine) -> None:
+    await engine.add_policy(build_policy(scope="principal:alice", metric="usd", window="day", hard="0.000001",
+                                         action="approval_required"))
+    call = CallRequest(principal="alice", model="gpt-4o", max_tokens=100)
+    answers = [await engine.authorize(call) for _ in range(3)]
+    assert {a.evaluation.decision for a in answers} == {"needs_approval"}
+    assert len({a.override_request_id for a in answers}) == 1 and answers[0].override_request_id
+    count = await engine.store.transact(
+        lambda tx: tx.conn.execute("SELECT count(*) FROM override_requests").fetchone()[0])
+    assert count == 1
+
+
+async def test_an_unpriced_model_cannot_pass_a_dollar_budget(engine: Engine) -> None:
+    await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1000"))
+    auth = await engine.authorize(CallRequest(principal="a", model="mystery-model", provider="acme"))
+    assert auth.evaluation.decision == "block"
+    assert "has no price" in auth.evaluation.outcomes[0].message
+
+
+async def test_a_new_calendar_window_starts_from_zero(engine: Engine, clock: FrozenClock) -> None:
+    await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
+    await engine.record(_event("today", cost=999_500_000))  # + a $0.00075 worst case passes $1
+    call = CallRequest(principal="a", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+    assert (await engine.authorize(call)).evaluation.decision == "block"
+    clock.advance(DAY_MS)
+    auth = await engine.authorize(call)
+    assert auth.evaluation.decision == "allow" and auth.evaluation.outcomes[0].consumed == 0
+
+
+async def test_a_rolling_window_forgets_what_slid_out_of_it(engine: Engine, clock: FrozenClock) -> None:
+    await engine.add_policy(build_policy(scope="global", metric="tokens", window="rolling:1h", hard="1000"))
+    await engine.record(_event("old", ts=NOW_MS - 50 * MINUTE_MS))  # 110 tokens
+    check = await engine.check(CallRequest(principal="a", model="gpt-4o-mini", max_tokens=10))
+    assert check.outcomes[0].consumed == 110
+    clock.advance(11 * MINUTE_MS)  # now 61 minutes after the event
+    check = await engine.check(CallRequest(principal="a", model="gpt-4o-mini", max_tokens=10))
+    assert check.outcomes[0].consumed == 0
+
+
+async def test_counters_rebuild_from_the_ledger_after_a_restart(db_path: Path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="month", hard="10"))
+        await engine.record(_event("a", cost=2_000_000_000))
+        held = await engine.authorize(CallRequest(principal="x", team="ml", model="gpt-4o", max_tokens=1000))
+    async with await Engine.open(db_path, clock=clock) as engine:
+        check = await engine.check(CallRequest(principal="x", team="ml", model="gpt-4o", max_tokens=0))
+        assert check.outcomes[0].policy.id == policy.id
+        assert (check.outcomes[0].consumed, check.outcomes[0].held) == (2_000_000_000, held.cost.usd)
+
+
+async def test_a_thousand_concurrent_calls_never_overspend_a_hard_budget(engine: Engine) -> None:
+    await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1.00"))
+    rng = random.Random(7)
+
+    async def one(i: int) -> tuple[bool, int]:
+        call = CallRequest(principal=f"p{i % 17}", team="load", model="gpt-4o-mini", input_tokens=1000,
+                           max_tokens=2000)  # worst case 1,000 x 150 + 2,000 x 600 = $0.00135
+        auth = await engine.authorize(call)
+        if not auth.allowed:
+            return False, 0
+        await asyncio.sleep(rng.random() / 100)
+        if rng.random() < 0.1:
+            await engine.release(auth.hold_id or "")
+            return True, 0
+        actual = rng.randint(auth.cost.usd // 2, auth.cost.usd)
+        await engine.settle(auth.hold_id or "", _event(call.request_id, principal=call.principal, cost=actual,
+                                                       team="load"))
+        return True, actual
+
+    results = await asyncio.gather(*(one(i) for i in range(1000)))
+    spent = sum(cost for _, cost in results)
+    assert spent <= 1_000_000_000
+    assert (await engine.totals(0, NOW_MS + DAY_MS)).cost_nanos == spent
+    assert sum(ok for ok, _ in results) >= 700  # the budget was used, not refused wholesale
+    assert any(not ok for ok, _ in results)  # and it did refuse once it was full
+    assert await engine.open_holds() == 0
+
+
+async def test_two_processes_never_overspend_one_budget(db_path: Path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="0.80"))
+    script = f"""
+import asyncio, sys
+from engine.clock import FrozenClock
+from engine.engine import CallRequest, Engine
+from engine.models import UsageEvent
+
+async def main(tag):
+    async with await Engine.open({str(db_path)!r}, clock=FrozenClock({NOW_MS})) as engine:
+        async def one(i):
+            call = CallRequest(principal=tag, model="gpt-4o-mini", input_tokens=1000, max_tokens=2000)
+            auth = await engine.authorize(call)
+            if auth.allowed:
+                await engine.settle(auth.hold_id, UsageEvent(ts_ms={NOW_MS}, request_id=call.request_id,
+                    provider="openai", model="gpt-4o-mini", principal=tag, cost_nanos=auth.cost.usd,
+                    cost_source="provider"))
+        await asyncio.gather(*(one(i) for i in range(400)))
+
+asyncio.run(main(sys.argv[1]))
+"""
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", script, tag) for tag in ("a", "b")]
+    assert [await p.wait() for p in procs] == [0, 0]
+    async with await Engine.open(db_path, clock=clock) as engine:
+        totals = await engine.totals(0, NOW_MS + DAY_MS)
+        assert totals.cost_nanos <= 800_000_000  # each process alone would have spent $0.54
+        assert totals.cost_nanos > 800_000_000 - 1_350_000  # filled up to within one call's worst case
+        per = {r.key: r.totals.requests for r in await engine.breakdown(0, NOW_MS + DAY_MS, "principal")}
+        assert set(per) == {"a", "b"}
+        assert await engine.open_holds() == 0
