@@ -325,7 +325,19 @@ class Outcome:
     window_start_ms: int
     window_end_ms: int
     status: Status
-    message: str
+    priced: bool = True
+
+    @property
+    def message(self) -> str:
+        policy, fmt = self.policy, self.policy.format_amount
+        if not self.priced and policy.metric == "usd":
+            return f"{policy.name}: the model has no price, so this call's cost cannot be held against the limit"
+        if self.status == "over":
+            return (f"{policy.name}: {fmt(self.consumed)} spent and {fmt(self.held)} held of {fmt(policy.hard)}; "
+                    f"this call's worst case of {fmt(self.cost)} would pass the hard limit")
+        if self.status == "soft":
+            return f"{policy.name}: {fmt(self.projected)} would pass the soft limit of {fmt(policy.soft or 0)}"
+        return f"{policy.name}: {fmt(self.projected)} of {fmt(policy.hard)} after this call"
 
     @property
     def projected(self) -> int:
@@ -366,22 +378,16 @@ def applicable(policies: Iterable[Policy], call: Mapping[str, str]) -> list[Poli
 
 def outcome(policy: Policy, consumed: int, held: int, cost: int, bounds: tuple[int, int],
             *, priced: bool = True) -> Outcome:
+    """One policy's verdict on a call of worst case ``cost``; a limit may be met exactly, not passed."""
     projected = consumed + held + cost
-    fmt = policy.format_amount
-    if not priced and policy.metric == "usd":
-        status: Status = "over"
-        message = f"{policy.name}: the model has no price, so this call's cost cannot be held against the limit"
-    elif projected > policy.hard:
+    status: Status
+    if (not priced and policy.metric == "usd") or projected > policy.hard:
         status = "over"
-        message = (f"{policy.name}: {fmt(consumed)} spent and {fmt(held)} held of {fmt(policy.hard)}; "
-                   f"this call's worst case of {fmt(cost)} would pass the hard limit")
     elif policy.soft is not None and projected > policy.soft:
         status = "soft"
-        message = f"{policy.name}: {fmt(projected)} would pass the soft limit of {fmt(policy.soft)}"
     else:
         status = "ok"
-        message = f"{policy.name}: {fmt(projected)} of {fmt(policy.hard)} after this call"
-    return Outcome(policy, consumed, held, cost, bounds[0], bounds[1], status, message)
+    return Outcome(policy, consumed, held, cost, bounds[0], bounds[1], status, priced)
 
 
 def decide(outcomes: Sequence[Outcome]) -> Evaluation:
@@ -562,20 +568,16 @@ class BudgetBook:
 
     # ---- decisions
 
-    def counters_for(self, tx: LedgerTx, context: Mapping[str, str], now: int) -> list[_Counter]:
+    def counters_for(self, tx: LedgerTx | None, context: Mapping[str, str], now: int) -> list[_Counter]:
         matched = []
-        for counter in self._counters.values():
+        for counter in list(self._counters.values()):
             policy = counter.policy
             if policy.enabled and policy.scope.matches(context):
-                if policy.window.calendar and now >= counter.end_ms:
-                    fresh = self._load(tx, policy, now)  # a new window: start again from the ledger
-                    fresh.held = counter.held
-                    self._counters[policy.id] = counter = fresh
-                matched.append(counter)
+                matched.append(self._current(tx, counter, now))
         matched.sort(key=lambda c: (-c.policy.scope.level, c.policy.id))
         return matched
 
-    def evaluate(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, now: int) -> Evaluation:
+    def evaluate(self, tx: LedgerTx | None, context: Mapping[str, str], cost: CallCost, now: int) -> Evaluation:
         outcomes = []
         for counter in self.counters_for(tx, context, now):
             policy = counter.policy
@@ -635,6 +637,29 @@ class BudgetBook:
             if counter is not None:
                 counter.held -= amount
         self._last_journal = tx.max_journal_id()
+
+    def snapshot(self, tx: LedgerTx) -> list[Outcome]:
+        """Every policy as it stands now (a call of no cost): consumed, held, window, status."""
+        now = self._now()
+        out = []
+        for policy_id in sorted(self._counters):
+            counter = self._current(tx, self._counters[policy_id], now)
+            policy = counter.policy
+            bounds = (counter.start_ms, counter.end_ms) if policy.window.calendar else window_bounds(policy.window, now)
+            out.append(outcome(policy, counter.consumed_at(now), counter.held, 0, bounds))
+        return out
+
+    def _current(self, tx: LedgerTx | None, counter: _Counter, now: int) -> _Counter:
+        """The counter for the window containing ``now``; a calendar window that has ended
+        starts again from the ledger."""
+        policy = counter.policy
+        if policy.window.calendar and now >= counter.end_ms:
+            if tx is None:
+                raise RuntimeError("a new budget window needs the ledger")
+            fresh = self._load(tx, policy, now)
+            fresh.held = counter.held
+            self._counters[policy.id] = counter = fresh
+        return counter
 
     def held(self, policy_id: str) -> int:
         counter = self._counters.get(policy_id)

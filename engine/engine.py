@@ -23,6 +23,7 @@ from engine.budgets import (
     BudgetBook,
     CallCost,
     Evaluation,
+    Outcome,
     Policy,
 )
 from engine.clock import Clock, SystemClock, period_range
@@ -209,6 +210,10 @@ class Engine:
             if policy.id == policy_id:
                 return policy
         raise FieldError("id", f"no policy {policy_id!r}; 'budgeteer policy list' shows them")
+
+    async def policy_status(self) -> list[Outcome]:
+        """Every policy as it stands now: consumed and held in its current window."""
+        return await self.store.transact(self.budgets.snapshot)  # type: ignore[no-any-return]
 
     def worst_case(self, call: CallRequest) -> CallCost:
         """The most a call can cost: its input estimate plus ``max_tokens`` of output (a

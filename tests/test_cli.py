@@ -184,3 +184,56 @@ def test_the_installed_script_reports_errors_without_a_traceback(tmp_path: Path)
                           env=env, timeout=60)
     assert done.returncode == 0 and json.loads(done.stdout)["totals"]["requests"] == 0
     assert (tmp_path / "env.db").exists()  # BUDGETEER_DB chose the ledger
+
+
+def test_policies_are_added_listed_edited_checked_and_removed(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "l.db")
+    run(capsys, "--db", db, "import", str(_events_file(tmp_path / "e.jsonl")))
+    code, out, _ = run(capsys, "--db", db, "policy", "add", "--scope", "team:ml", "--metric", "usd", "--window",
+                       "day", "--hard", "$0.05", "--soft", "0.02", "--name", "ML daily", "--json")
+    assert code == 0
+    policy = json.loads(out)
+    assert (policy["hard"], policy["soft"], policy["scope"]) == (50_000_000, 20_000_000, "team:ml")
+    code, out, _ = run(capsys, "--db", db, "policy", "list", "--json")
+    listed = json.loads(out)
+    # ml had the 10 gpt-4o calls today: 10 x $0.0035
+    assert listed[0]["id"] == policy["id"] and listed[0]["consumed"] == 35_000_000
+    code, out, _ = run(capsys, "--db", db, "check", "--principal", "user0", "--team", "ml", "--model", "gpt-4o",
+                       "--input-tokens", "1000", "--max-tokens", "1000", "--json")
+    verdict = json.loads(out)
+    assert verdict["decision"] == "allow_with_warning"  # $0.035 + $0.0125 passes the $0.02 soft limit only
+    assert verdict["outcomes"][0]["projected"] == 35_000_000 + 12_500_000
+    code, out, _ = run(capsys, "--db", db, "check", "--principal", "user0", "--team", "ml", "--model", "gpt-4o",
+                       "--input-tokens", "1000", "--max-tokens", "3000")
+    assert code == 0 and out.startswith("decision: block") and "would pass the hard limit" in out
+    code, out, _ = run(capsys, "--db", db, "policy", "edit", policy["id"], "--hard", "1", "--mode", "dry_run")
+    assert code == 0
+    shown = json.loads(run(capsys, "--db", db, "policy", "show", policy["id"], "--json")[1])
+    assert (shown["hard"], shown["soft"], shown["mode"], shown["name"]) == (1_000_000_000, 20_000_000, "dry_run",
+                                                                             "ML daily")
+    code, _, err = run(capsys, "--db", db, "policy", "edit", policy["id"], "--soft", "5")
+    assert code == 2 and "soft: must not be above the hard limit" in err
+    code, out, _ = run(capsys, "--db", db, "policy", "rm", policy["id"])
+    assert code == 0 and json.loads(run(capsys, "--db", db, "policy", "list", "--json")[1]) == []
+    code, _, err = run(capsys, "--db", db, "policy", "show", policy["id"])
+    assert code == 2 and f"no policy '{policy['id']}'" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scope", "planet:earth", "--metric", "usd", "--window", "day", "--hard", "5"], "scope: has an unknown kind"),
+        (["--scope", "global", "--metric", "usd", "--window", "day", "--hard", "-5"], "hard: must not be negative"),
+        (["--scope", "global", "--metric", "usd", "--window", "day", "--hard", "5", "--tz", "Nowhere/Place"],
+         "tz: is not an IANA time zone"),
+        (["--scope", "global", "--metric", "usd", "--window", "day", "--hard", "5", "--mode", "loose"],
+         "mode: must be one of"),
+        (["--scope", "global", "--metric", "usd", "--window", "day", "--hard", "5", "--soft", "6"],
+         "soft: must not be above the hard limit"),
+    ],
+)
+def test_policy_add_refuses_bad_values_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       argv: list[str], message: str) -> None:
+    code, _, err = run(capsys, "--db", str(tmp_path / "l.db"), "policy", "add", *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -16,10 +16,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from engine.budgets import Outcome
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, iso
 from engine.engine import Engine, default_db_path
 from engine.models import FieldError, parse_timestamp_ms
@@ -339,6 +341,133 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _policy_row(o: Outcome) -> list[str]:
+    p = o.policy
+    fmt = p.format_amount
+    used = o.consumed + o.held
+    pct = f"{100 * used / p.hard:.0f}%" if p.hard else "-"
+    return [p.id, p.name[:40], str(p.scope), str(p.window) + ("" if p.window.tz == "UTC" else f" {p.window.tz}"),
+            p.mode if p.enabled else "disabled", fmt(o.consumed), fmt(o.held), fmt(p.hard), pct]
+
+
+def _policy_json(o: Outcome) -> dict[str, Any]:
+    return {**o.policy.to_json(), "consumed": o.consumed, "held": o.held,
+            "window_start": iso(o.window_start_ms), "window_end": iso(o.window_end_ms), "status": o.status}
+
+
+async def cmd_policy_add(args: argparse.Namespace) -> int:
+    from engine.budgets import build_policy
+
+    async with await _open(args) as engine:
+        policy = build_policy(scope=args.scope, metric=args.metric, window=args.window, hard=args.hard, soft=args.soft,
+                              mode=args.mode, action=args.action, tz=args.tz, name=args.name,
+                              thresholds=args.thresholds, actor=_actor(), now_ms=engine.now_ms())
+        await engine.add_policy(policy)
+    if args.json:
+        print(_json(policy.to_json()))
+    else:
+        print(f"Added policy {policy.id}: {policy.name} (hard {policy.format_amount(policy.hard)}, {policy.mode}).")
+    return EXIT_OK
+
+
+async def cmd_policy_list(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        status = await engine.policy_status()
+    if args.json:
+        print(_json([_policy_json(o) for o in status]))
+    elif not status:
+        print("No policies yet. Add one with: budgeteer policy add --scope team:ml --metric usd --window month "
+              "--hard 500")
+    else:
+        print(_table(["id", "name", "scope", "window", "mode", "consumed", "held", "hard", "used"],
+                     [_policy_row(o) for o in status], right=range(5, 9)))
+    return EXIT_OK
+
+
+async def cmd_policy_show(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        await engine.policy(args.id)
+        status = {o.policy.id: o for o in await engine.policy_status()}[args.id]
+    if args.json:
+        print(_json(_policy_json(status)))
+        return EXIT_OK
+    p = status.policy
+    fmt = p.format_amount
+    rows = [["name", p.name], ["scope", str(p.scope)], ["metric", p.metric],
+            ["window", f"{p.window} ({p.window.tz}), now {iso(status.window_start_ms)} to "
+                       f"{iso(status.window_end_ms)}"],
+            ["soft limit", fmt(p.soft) if p.soft is not None else "-"], ["hard limit", fmt(p.hard)],
+            ["alert thresholds", ", ".join(f"{t}%" for t in p.thresholds)], ["mode", p.mode],
+            ["on the hard limit", p.action], ["enabled", "yes" if p.enabled else "no"],
+            ["consumed", fmt(status.consumed)], ["held", fmt(status.held)],
+            ["created", f"{iso(p.created_ms)} by {p.created_by or '?'}"],
+            ["updated", f"{iso(p.updated_ms)} by {p.updated_by or '?'}"]]
+    print(f"policy {p.id}")
+    print("\n".join(f"  {k:<18} {v}" for k, v in rows))
+    return EXIT_OK
+
+
+async def cmd_policy_edit(args: argparse.Namespace) -> int:
+    from engine.budgets import build_policy
+
+    async with await _open(args) as engine:
+        old = await engine.policy(args.id)
+        fmt_amount = (lambda n: format_usd_plain(n)) if old.metric == "usd" else str
+        metric = args.metric or old.metric
+        keep_amounts = metric == old.metric
+        policy = build_policy(
+            scope=args.scope or str(old.scope), metric=metric, window=args.window or str(old.window),
+            hard=args.hard or (fmt_amount(old.hard) if keep_amounts else ""),
+            soft=args.soft if args.soft is not None else (
+                fmt_amount(old.soft) if old.soft is not None and keep_amounts else None),
+            mode=args.mode or old.mode, action=args.action or old.action, tz=args.tz or old.window.tz,
+            name=args.name or old.name, thresholds=args.thresholds or old.thresholds,
+            enabled=old.enabled if args.enabled is None else args.enabled == "yes",
+            actor=_actor(), now_ms=engine.now_ms(), policy_id=old.id)
+        policy = replace(policy, created_by=old.created_by, created_ms=old.created_ms)
+        await engine.update_policy(policy)
+    print(_json(policy.to_json()) if args.json else f"Updated policy {policy.id}: {policy.name}.")
+    return EXIT_OK
+
+
+async def cmd_policy_rm(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        policy = await engine.remove_policy(args.id)
+    print(f"Removed policy {policy.id}: {policy.name}.")
+    return EXIT_OK
+
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    from engine.engine import CallRequest
+
+    for name in ("input_tokens", "max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative (got {value})")
+    call = CallRequest(principal=args.principal, model=args.model, provider=args.provider or "", team=args.team or "",
+                       workspace=args.workspace or "default", token_id=args.token or "", session=args.session or "",
+                       agent=args.agent or "", input_tokens=args.input_tokens or 0, max_tokens=args.max_tokens)
+    async with await _open(args) as engine:
+        cost = engine.worst_case(call)
+        evaluation = await engine.check(call)
+    if args.json:
+        print(_json({**evaluation.as_dict(), "worst_case": {"usd_nanos": cost.usd, "cost_usd": format_usd_plain(
+            cost.usd), "tokens": cost.tokens, "priced": cost.priced}}))
+        return EXIT_OK
+    print(f"decision: {evaluation.decision}   (worst case {format_usd(cost.usd) if cost.priced else 'unpriced'}, "
+          f"{cost.tokens:,} tokens)")
+    if not evaluation.outcomes:
+        print("No policy applies to this call.")
+    for o in evaluation.outcomes:
+        marker = "*" if evaluation.deciding is o else " "
+        print(f" {marker} [{o.status:>4}] {o.policy.id} {o.message}")
+    return EXIT_OK
+
+
+def _actor() -> str:
+    return os.environ.get("BUDGETEER_ACTOR") or os.environ.get("USER") or "local"
+
+
 #: The frozen "now" of screenshots: 2026-11-18 12:00 UTC, a Wednesday.
 SCREENSHOT_NOW_MS = 1_795_003_200_000
 
@@ -394,6 +523,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", default="all", help="24h, 7d, 30d, 90d, today, month or all (default all)")
     p.add_argument("--out", help="file to write (default: standard output)")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("policy", parents=[common], help="budgets: add, list, show, edit, remove",
+                       description="Budget policies: a scope, a metric, a window and limits.")
+    psub = p.add_subparsers(dest="policy_command", parser_class=_Parser, metavar="ACTION", required=True)
+
+    def policy_fields(q: argparse.ArgumentParser, required: bool) -> None:
+        q.add_argument("--scope", required=required, help="global, team:ml, principal:alice, model:gpt-4o, "
+                       "team:ml+model:gpt-4o ...")
+        q.add_argument("--metric", required=required, help="usd, tokens or requests")
+        q.add_argument("--window", required=required, help="hour, day, week, month, quarter or rolling:30m|6h|7d")
+        q.add_argument("--soft", help="soft limit (alerts): dollars for usd, a count otherwise")
+        q.add_argument("--hard", required=required, help="hard limit: dollars for usd ($12.50), a count otherwise")
+        q.add_argument("--mode", default=None if not required else "enforced",
+                       help="enforced (blocks), dry_run (records would-block) or suggest (reports)")
+        q.add_argument("--action", default=None if not required else "block",
+                       help="on the hard limit: block, approval_required or downgrade")
+        q.add_argument("--tz", default=None if not required else "UTC", help="IANA zone of calendar windows")
+        q.add_argument("--name", help="a name people will recognise")
+        q.add_argument("--thresholds", type=int, nargs="+", help="alert thresholds, %% of hard (default 50 80 100)")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
+    q = psub.add_parser("add", parents=[common], help="add a policy")
+    policy_fields(q, True)
+    q.set_defaults(handler=cmd_policy_add)
+    q = psub.add_parser("list", parents=[common], help="every policy with what it has consumed and holds")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_policy_list)
+    q = psub.add_parser("show", parents=[common], help="one policy in full")
+    q.add_argument("id")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_policy_show)
+    q = psub.add_parser("edit", parents=[common], help="change a policy (fields not given are kept)")
+    q.add_argument("id")
+    policy_fields(q, False)
+    q.add_argument("--enabled", choices=("yes", "no"), help="turn the policy on or off")
+    q.set_defaults(handler=cmd_policy_edit)
+    q = psub.add_parser("rm", parents=[common], help="remove a policy")
+    q.add_argument("id")
+    q.set_defaults(handler=cmd_policy_rm)
+
+    p = sub.add_parser("check", parents=[common], help="what the budgets would decide for a call",
+                       description="Evaluate a call against every applicable policy without holding anything.")
+    p.add_argument("--principal", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--team")
+    p.add_argument("--workspace")
+    p.add_argument("--provider")
+    p.add_argument("--token")
+    p.add_argument("--session")
+    p.add_argument("--agent")
+    p.add_argument("--input-tokens", type=int, help="estimated input tokens (default 0)")
+    p.add_argument("--max-tokens", type=int, help=f"output cap (default {4096})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_check)
 
     p = sub.add_parser("pricing", parents=[common], help="the price table",
                        description="Import and inspect model prices.")
