@@ -223,7 +223,8 @@ def test_policies_are_added_listed_edited_checked_and_removed(tmp_path: Path,
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--scope", "planet:earth", "--metric", "usd", "--window", "day", "--hard", "5"], "scope: has an unknown kind"),
+        (["--scope", "planet:earth", "--metric", "usd", "--window", "day", "--hard", "5"],
+         "scope: has an unknown kind"),
         (["--scope", "global", "--metric", "usd", "--window", "day", "--hard", "-5"], "hard: must not be negative"),
         (["--scope", "global", "--metric", "usd", "--window", "day", "--hard", "5", "--tz", "Nowhere/Place"],
          "tz: is not an IANA time zone"),
