@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -664,3 +665,118 @@ class BudgetBook:
     def held(self, policy_id: str) -> int:
         counter = self._counters.get(policy_id)
         return counter.held if counter else 0
+
+
+# ----------------------------------------------------------------------------- forecasts and backtests
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """Where a policy is heading at its recent rate of spend."""
+
+    policy: Policy
+    consumed: int
+    burn_per_hour: int  # in the policy's unit
+    projected: int  # at the end of a calendar window; the steady state of a rolling one
+    limit_at_ms: int | None  # when the hard limit is reached at this rate, if within the window
+    window_end_ms: int | None
+
+    @property
+    def overrun(self) -> bool:
+        return self.projected > self.policy.hard
+
+
+def forecast(policy: Policy, consumed: int, recent: int, recent_ms: int, now_ms: int) -> Forecast:
+    """Project ``consumed`` forward at the rate of ``recent`` per ``recent_ms`` (integer arithmetic).
+
+    A calendar window is projected to its end; the hard limit's time is when
+    consumed + rate x t reaches it, if that is before the window ends. A rolling
+    window is projected to its steady state: the rate times its span.
+    """
+    burn_per_hour = recent * HOUR_MS // recent_ms if recent_ms > 0 else 0
+    limit_at: int | None
+    if not policy.window.calendar:
+        projected = recent * policy.window.rolling_ms // recent_ms if recent_ms > 0 else consumed
+        limit_at = now_ms if consumed >= policy.hard else None
+        return Forecast(policy, consumed, burn_per_hour, projected, limit_at, None)
+    _, end = window_bounds(policy.window, now_ms)
+    remaining_ms = end - now_ms
+    projected = consumed + (recent * remaining_ms // recent_ms if recent_ms > 0 else 0)
+    if consumed >= policy.hard:
+        limit_at = now_ms
+    elif recent <= 0 or recent_ms <= 0:
+        limit_at = None
+    else:
+        limit_at = now_ms - (-(policy.hard - consumed) * recent_ms // recent)  # ceiling division
+        if limit_at >= end:
+            limit_at = None
+    return Forecast(policy, consumed, burn_per_hour, projected, limit_at, end)
+
+
+@dataclass(slots=True)
+class Backtest:
+    """What a draft policy would have done to a past period of the ledger."""
+
+    policy: Policy
+    start_ms: int
+    end_ms: int
+    calls: int = 0  # calls in scope
+    blocked: int = 0  # calls it would have blocked
+    first_block_ms: int | None = None
+    prevented: int = 0  # in the policy's unit: what the blocked calls consumed
+    allowed_total: int = 0
+    windows_hit: int = 0  # windows in which it blocked at least once
+    soft_crossings: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.to_json(), "start_ms": self.start_ms, "end_ms": self.end_ms,
+                "calls": self.calls, "blocked": self.blocked, "first_block_ms": self.first_block_ms,
+                "prevented": self.prevented, "allowed_total": self.allowed_total, "windows_hit": self.windows_hit,
+                "soft_crossings": self.soft_crossings}
+
+
+def backtest(policy: Policy, rows: Iterable[tuple[int, int, int, str]], start_ms: int, end_ms: int) -> Backtest:
+    """Replay (ts_ms, cost_nanos, tokens, status) rows, oldest first, through ``policy`` as if
+    enforced: a call that would pass the hard limit is blocked and its usage not counted."""
+    result = Backtest(policy, start_ms, end_ms)
+    metric = policy.metric
+    hard, soft = policy.hard, policy.soft
+    calendar = policy.window.calendar
+    span = policy.window.rolling_ms
+    window_end = -1
+    consumed = 0
+    hit_this_window = soft_this_window = False
+    recent: deque[tuple[int, int]] = deque()
+    for ts, cost, tokens, status in rows:
+        if status == "blocked":
+            continue
+        amount = cost if metric == "usd" else tokens if metric == "tokens" else 1
+        result.calls += 1
+        if calendar:
+            if ts >= window_end:
+                _, window_end = window_bounds(policy.window, ts)
+                consumed = 0
+                hit_this_window = soft_this_window = False
+        else:
+            while recent and recent[0][0] <= ts - span:
+                consumed -= recent.popleft()[1]
+            if soft is not None and consumed <= soft:
+                soft_this_window = False  # a rolling window crosses again once it has fallen back
+        if consumed + amount > hard:
+            result.blocked += 1
+            result.prevented += amount
+            if result.first_block_ms is None:
+                result.first_block_ms = ts
+            if not hit_this_window:
+                result.windows_hit += 1
+                hit_this_window = True
+            continue
+        consumed += amount
+        result.allowed_total += amount
+        if not calendar:
+            recent.append((ts, amount))
+            hit_this_window = False  # the next block is a new episode
+        if soft is not None and consumed > soft and not soft_this_window:
+            result.soft_crossings += 1
+            soft_this_window = True
+    return result

@@ -18,15 +18,23 @@ from typing import Any
 import platformdirs
 
 from engine.budgets import (
+    CONTEXT_COLUMNS,
     DEFAULT_MAX_OUTPUT_TOKENS,
+    METRICS,
     Authorization,
+    Backtest,
     BudgetBook,
     CallCost,
     Evaluation,
+    Forecast,
     Outcome,
     Policy,
+    forecast,
 )
-from engine.clock import Clock, SystemClock, period_range
+from engine.budgets import (
+    backtest as replay,
+)
+from engine.clock import HOUR_MS, Clock, SystemClock, period_range
 from engine.models import FieldError, Usage, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices, cost_nanos, parse_litellm
 from engine.store import (
@@ -214,6 +222,29 @@ class Engine:
     async def policy_status(self) -> list[Outcome]:
         """Every policy as it stands now: consumed and held in its current window."""
         return await self.store.transact(self.budgets.snapshot)  # type: ignore[no-any-return]
+
+    async def forecasts(self, lookback_ms: int = HOUR_MS) -> list[Forecast]:
+        """Each policy's burn rate over the last ``lookback_ms`` and where it leads."""
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> list[Forecast]:
+            out = []
+            for status in self.budgets.snapshot(tx):
+                policy = status.policy
+                where = {CONTEXT_COLUMNS[kind]: value for kind, value in policy.scope.parts}
+                raw = any(c in ("session", "agent") for c in where)
+                sums = (tx.events_between if raw else tx.rollup_between)(now - lookback_ms, now + 1, where)
+                recent = sums[METRICS.index(policy.metric)]
+                out.append(forecast(policy, status.consumed, recent, lookback_ms, now))
+            return out
+
+        return await self.store.transact(op)  # type: ignore[no-any-return]
+
+    async def backtest(self, policy: Policy, start_ms: int, end_ms: int) -> Backtest:
+        """Replay [start, end) of the ledger against a draft policy (nothing is stored)."""
+        where = {CONTEXT_COLUMNS[kind]: value for kind, value in policy.scope.parts}
+        return await self.store.fold_usage(  # type: ignore[no-any-return]
+            start_ms, end_ms, where, lambda rows: replay(policy, rows, start_ms, end_ms))
 
     def worst_case(self, call: CallRequest) -> CallCost:
         """The most a call can cost: its input estimate plus ``max_tokens`` of output (a

@@ -962,6 +962,26 @@ class SQLiteStore:
                 yield _row_event(r[1:])
             cursor = (int(rows[-1][1]), int(rows[-1][0]))
 
+    async def fold_usage(self, start_ms: int, end_ms: int, where: Mapping[str, str],
+                         fn: Callable[[Iterable[tuple[int, int, int, str]]], Any]) -> Any:
+        """Run ``fn`` over (ts_ms, cost_nanos, tokens, status) of raw events in [start, end)
+        matching ``where``, oldest first, streamed on the reader's thread (for backtests)."""
+        clauses = ["e.ts_ms >= ?", "e.ts_ms < ?"]
+        params: list[Any] = [start_ms, end_ms]
+        for column, value in where.items():
+            if column not in (*ROLLUP_DIMENSIONS, "session", "agent"):
+                raise FieldError("scope", f"cannot select events by {column!r}")
+            clauses.append(f"{'e' if column in ('session', 'agent') else 's'}.{column} = ?")
+            params.append(value)
+        join = " JOIN series s ON s.id = e.series_id" if any(c in ROLLUP_DIMENSIONS for c in where) else ""
+        sql = (f"SELECT e.ts_ms, e.cost_nanos, e.input_tokens + e.output_tokens, e.status FROM usage_events e{join} "
+               f"WHERE {' AND '.join(clauses)} ORDER BY e.ts_ms, e.id")
+
+        def run() -> Any:
+            return fn(self._reader._conn.execute(sql, params))
+
+        return await self._reader._execute(run)  # type: ignore[no-untyped-call]
+
     # ---- prices
 
     async def save_prices(self, rows: Sequence[tuple[str, str, int, str, str, str, int]]) -> int:
