@@ -52,7 +52,10 @@ class Scope:
         return "+".join(f"{k}:{v}" for k, v in self.parts) if self.parts else "global"
 
     def matches(self, call: Mapping[str, str]) -> bool:
-        return all(call.get(kind) == value for kind, value in self.parts)
+        for kind, value in self.parts:  # a loop, not all(): this runs for every policy on every call
+            if call.get(kind) != value:
+                return False
+        return True
 
     @property
     def level(self) -> int:
@@ -315,9 +318,9 @@ _RANK: Final = {"allow": 0, "allow_with_warning": 1, "would_block": 2, "downgrad
                 "block": 5}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """One policy's view of one call."""
+    """One policy's view of one call (not frozen: twenty are made for every call)."""
 
     policy: Policy
     consumed: int
@@ -455,8 +458,11 @@ class _Counter:
             return self.consumed
         cutoff = now_ms - self.policy.window.rolling_ms
         cutoff -= cutoff % MINUTE_MS  # the oldest minute counts whole: never under-count
-        for minute in [m for m in self.minutes if m < cutoff]:
-            self.rolling_total -= self.minutes.pop(minute)
+        # Minutes arrive in order, so the first key is the oldest; a late event's older
+        # minute is caught by the same sweep whenever the window moves.
+        if self.minutes and next(iter(self.minutes)) < cutoff:
+            for minute in [m for m in self.minutes if m < cutoff]:
+                self.rolling_total -= self.minutes.pop(minute)
         return self.rolling_total
 
 

@@ -464,6 +464,38 @@ async def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_policy_backtest(args: argparse.Namespace) -> int:
+    from engine.budgets import build_policy
+
+    async with await _open(args) as engine:
+        if args.id:
+            policy = await engine.policy(args.id)
+        else:
+            missing = [f"--{n}" for n in ("scope", "metric", "window", "hard") if not getattr(args, n)]
+            if missing:
+                raise UsageError(f"give a policy ID or a draft policy; missing {', '.join(missing)}")
+            policy = build_policy(scope=args.scope, metric=args.metric, window=args.window, hard=args.hard,
+                                  soft=args.soft, tz=args.tz or "UTC", name=args.name or "draft", mode="enforced",
+                                  thresholds=args.thresholds)
+        start, end = engine.period(args.period)
+        started = time.perf_counter()
+        result = await engine.backtest(policy, start, end)
+        elapsed = time.perf_counter() - started
+    if args.json:
+        print(_json({**result.as_dict(), "seconds": round(elapsed, 3)}))
+        return EXIT_OK
+    fmt = policy.format_amount
+    print(f"Backtest of {policy.name} ({policy.scope}, hard {fmt(policy.hard)} per {policy.window}) over the last "
+          f"{args.period}:")
+    print(f"  calls in scope      {result.calls:,}")
+    print(f"  would have blocked  {result.blocked:,}" + (f", first at {iso(result.first_block_ms)}"
+                                                         if result.first_block_ms is not None else ""))
+    print(f"  would have saved    {fmt(result.prevented)}  (of {fmt(result.prevented + result.allowed_total)})")
+    print(f"  windows it blocked  {result.windows_hit:,}; soft-limit crossings {result.soft_crossings:,}")
+    print(f"  ({elapsed:.2f} s)")
+    return EXIT_OK
+
+
 def _actor() -> str:
     return os.environ.get("BUDGETEER_ACTOR") or os.environ.get("USER") or "local"
 
@@ -559,6 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     policy_fields(q, False)
     q.add_argument("--enabled", choices=("yes", "no"), help="turn the policy on or off")
     q.set_defaults(handler=cmd_policy_edit)
+    q = psub.add_parser("backtest", parents=[common], help="replay past usage against a policy or a draft")
+    q.add_argument("id", nargs="?", help="an existing policy (or give a draft with the fields below)")
+    policy_fields(q, False)
+    q.add_argument("--period", default="30d", help="how far back to replay (default 30d)")
+    q.set_defaults(handler=cmd_policy_backtest)
     q = psub.add_parser("rm", parents=[common], help="remove a policy")
     q.add_argument("id")
     q.set_defaults(handler=cmd_policy_rm)
