@@ -52,7 +52,7 @@ class Scope:
         return "+".join(f"{k}:{v}" for k, v in self.parts) if self.parts else "global"
 
     def matches(self, call: Mapping[str, str]) -> bool:
-        for kind, value in self.parts:  # a loop, not all(): this runs for every policy on every call
+        for kind, value in self.parts:  # noqa: SIM110 - a loop, not all(): this runs for every policy on every call
             if call.get(kind) != value:
                 return False
         return True
