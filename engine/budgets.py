@@ -498,10 +498,14 @@ class BudgetBook:
         self._last_journal = 0
         self._policies_version: tuple[int, int] | None = None
         self._stale = True
+        self._dirty: set[str] = set()  # policies whose consumption moved in this batch
+        self._raising: list[int] = []
+        self._batch_mark = 0
 
     # ---- transaction hooks
 
     def begin(self, tx: LedgerTx) -> None:
+        self._batch_mark = len(self._raising)
         now = self._now()
         version = tx.policies_version()
         if self._stale or version != self._policies_version:
@@ -514,11 +518,38 @@ class BudgetBook:
                 if counter is not None:
                     counter.held += delta
                 self._last_journal = journal_id
+        for counter in list(self._counters.values()):
+            self._current(tx, counter, now)  # windows that ended start again from the ledger
         for hold_id in tx.expired_holds(now):
             self._close(tx, hold_id, "expired", now)
+        self.end(tx)  # crossings from what others wrote are visible to this batch's operations
 
     def abort(self) -> None:
         self._stale = True
+        del self._raising[self._batch_mark:]  # alerts of a rolled-back batch were never stored
+
+    def end(self, tx: LedgerTx) -> None:
+        """Store the alerts whose thresholds consumption has now reached (first and last in a batch)."""
+        from engine.alerts import crossings
+
+        now = self._now()
+        for policy_id in sorted(self._dirty):
+            counter = self._counters.get(policy_id)
+            if counter is None:
+                continue
+            consumed = counter.consumed_at(now)
+            window = counter.policy.window
+            key = counter.start_ms if window.calendar else now - now % window.rolling_ms
+            for kind, threshold, message in crossings(counter.policy, consumed):
+                alert_id = tx.raise_alert(policy_id, key, kind, threshold, now, consumed, message)
+                if alert_id is not None:
+                    self._raising.append(alert_id)
+        self._dirty.clear()
+
+    def committed(self) -> list[int]:
+        """Alert ids raised by the last committed batch (taken once)."""
+        out, self._raising = self._raising, []
+        return out
 
     def _rebuild(self, tx: LedgerTx, now: int, version: tuple[int, int]) -> None:
         self._counters = {}
@@ -533,6 +564,7 @@ class BudgetBook:
         self._last_journal = tx.max_journal_id()
         self._policies_version = version
         self._stale = False
+        self._dirty.update(self._counters)  # thresholds already passed are stored (once) now
 
     def _load(self, tx: LedgerTx, policy: Policy, now: int) -> _Counter:
         counter = _Counter(policy)
@@ -564,6 +596,7 @@ class BudgetBook:
             amount = counter.amount(cost, input_tokens + output_tokens, status)
             if not amount:
                 continue
+            self._dirty.add(counter.policy.id)
             if counter.policy.window.calendar:
                 if counter.start_ms <= ts < counter.end_ms:
                     counter.consumed += amount
@@ -666,6 +699,7 @@ class BudgetBook:
             fresh = self._load(tx, policy, now)
             fresh.held = counter.held
             self._counters[policy.id] = counter = fresh
+            self._dirty.add(policy.id)
         return counter
 
     def held(self, policy_id: str) -> int:

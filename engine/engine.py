@@ -6,17 +6,22 @@ none of them touches SQL or builds a store of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import platformdirs
 
+from engine.alerts import RETRY_DELAYS_S, WEBHOOK_KINDS, Alert, deliver, forecast_message, redact_url
 from engine.budgets import (
     CONTEXT_COLUMNS,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -30,10 +35,9 @@ from engine.budgets import (
     Outcome,
     Policy,
     forecast,
+    window_bounds,
 )
-from engine.budgets import (
-    backtest as replay,
-)
+from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, period_range
 from engine.models import FieldError, Usage, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices, cost_nanos, parse_litellm
@@ -82,6 +86,11 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("budgeteer", appauthor=False)) / LEDGER_FILENAME
 
 
+def _log_deliveries(tx: LedgerTx, rows: list[tuple[int, str, int, int, int, str]]) -> None:
+    tx.conn.executemany("INSERT INTO webhook_deliveries (alert_id, webhook_id, attempt, ts_ms, ok, detail) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+
 class Engine:
     """A ledger with its prices. Open with ``async with await Engine.open(path) as engine``."""
 
@@ -90,7 +99,19 @@ class Engine:
         self.prices = prices
         self.clock = clock
         self.budgets = BudgetBook(clock.now_ms)
-        store.add_transaction_hooks(self.budgets.begin, self.budgets.abort)
+        store.add_transaction_hooks(self.budgets.begin, self.budgets.abort, self.budgets.end)
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
+
+    async def _tx(self, op: Callable[[LedgerTx], Any]) -> Any:
+        """A group-committed ledger operation; alerts it raised are delivered after the commit."""
+        result = await self.store.transact(op)
+        raised = self.budgets.committed()
+        if raised:
+            task = asyncio.create_task(self._deliver(raised))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+        return result
 
     @classmethod
     async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
@@ -110,6 +131,8 @@ class Engine:
         return self.store.path
 
     async def close(self) -> None:
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=30)
         await self.store.close()
 
     async def __aenter__(self) -> Engine:
@@ -188,7 +211,7 @@ class Engine:
                 raise FieldError("id", f"a policy {policy.id} already exists")
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
 
-        await self.store.transact(op)
+        await self._tx(op)
         return policy
 
     async def update_policy(self, policy: Policy) -> Policy:
@@ -197,7 +220,7 @@ class Engine:
                 raise FieldError("id", f"no policy {policy.id}")
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
 
-        await self.store.transact(op)
+        await self._tx(op)
         return policy
 
     async def remove_policy(self, policy_id: str) -> Policy:
@@ -206,11 +229,11 @@ class Engine:
         def op(tx: LedgerTx) -> None:
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms(), deleted=True)
 
-        await self.store.transact(op)
+        await self._tx(op)
         return policy
 
     async def policies(self) -> list[Policy]:
-        specs = await self.store.transact(lambda tx: tx.policy_specs())
+        specs = await self._tx(lambda tx: tx.policy_specs())
         return [Policy.from_json(json.loads(spec)) for spec in specs]
 
     async def policy(self, policy_id: str) -> Policy:
@@ -221,7 +244,7 @@ class Engine:
 
     async def policy_status(self) -> list[Outcome]:
         """Every policy as it stands now: consumed and held in its current window."""
-        return await self.store.transact(self.budgets.snapshot)  # type: ignore[no-any-return]
+        return await self._tx(self.budgets.snapshot)  # type: ignore[no-any-return]
 
     async def forecasts(self, lookback_ms: int = HOUR_MS) -> list[Forecast]:
         """Each policy's burn rate over the last ``lookback_ms`` and where it leads."""
@@ -238,7 +261,7 @@ class Engine:
                 out.append(forecast(policy, status.consumed, recent, lookback_ms, now))
             return out
 
-        return await self.store.transact(op)  # type: ignore[no-any-return]
+        return await self._tx(op)  # type: ignore[no-any-return]
 
     async def backtest(self, policy: Policy, start_ms: int, end_ms: int) -> Backtest:
         """Replay [start, end) of the ledger against a draft policy (nothing is stored)."""
@@ -271,33 +294,116 @@ class Engine:
         """Check every applicable policy and, if the call may go, hold its worst case on all of them."""
         cost = self.worst_case(call)
         context = self._context(call)
-        return await self.store.transact(  # type: ignore[no-any-return]
+        return await self._tx(  # type: ignore[no-any-return]
             lambda tx: self.budgets.authorize(tx, context, cost, call.request_id))
 
     async def check(self, call: CallRequest) -> Evaluation:
         """What ``authorize`` would decide now, without holding anything."""
         cost = self.worst_case(call)
         context = self._context(call)
-        return await self.store.transact(  # type: ignore[no-any-return]
+        return await self._tx(  # type: ignore[no-any-return]
             lambda tx: self.budgets.evaluate(tx, context, cost, self.now_ms()))
 
     async def settle(self, hold_id: str, event: UsageEvent) -> RecordResult:
         """Post the call's actual usage to the ledger and release its hold, at once."""
         priced = self.priced(event)
-        return await self.store.transact(  # type: ignore[no-any-return]
+        return await self._tx(  # type: ignore[no-any-return]
             lambda tx: self.budgets.settle(tx, hold_id, priced))
 
     async def release(self, hold_id: str) -> None:
         """Give back the hold of a call that failed."""
-        await self.store.transact(lambda tx: self.budgets.release(tx, hold_id))
+        await self._tx(lambda tx: self.budgets.release(tx, hold_id))
 
     async def expire_holds(self) -> None:
         """Expire holds past their time to live (every write transaction also does this)."""
-        await self.store.transact(lambda tx: None)
+        await self._tx(lambda tx: None)
 
     async def open_holds(self) -> int:
-        return await self.store.transact(  # type: ignore[no-any-return]
+        return await self._tx(  # type: ignore[no-any-return]
             lambda tx: int(tx.conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()[0]))
+
+    # ------------------------------------------------------------------ alerts
+
+    async def alerts(self, *, include_acked: bool = False, limit: int = 200) -> list[Alert]:
+        """Alerts, newest first (the ledger is caught up first, so crossings are current)."""
+        where = "" if include_acked else "WHERE acked_ms IS NULL"
+        rows = await self._tx(lambda tx: tx.conn.execute(
+            "SELECT id, policy_id, window_start_ms, kind, threshold, ts_ms, value, message, acked_by, acked_ms "
+            f"FROM alerts {where} ORDER BY ts_ms DESC, id DESC LIMIT ?", (limit,)).fetchall())
+        return [Alert(*row) for row in rows]
+
+    async def ack_alert(self, alert_id: int, actor: str) -> Alert:
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> None:
+            row = tx.conn.execute("SELECT acked_ms FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+            if row is None:
+                raise FieldError("id", f"no alert {alert_id}")
+            if row[0] is None:
+                tx.conn.execute("UPDATE alerts SET acked_by = ?, acked_ms = ? WHERE id = ?", (actor, now, alert_id))
+
+        await self._tx(op)
+        return next(a for a in await self.alerts(include_acked=True, limit=100_000) if a.id == alert_id)
+
+    async def check_forecasts(self) -> list[int]:
+        """Raise a projected-overrun alert (once per window) for every policy heading past its limit."""
+        forecasts = [f for f in await self.forecasts() if f.overrun]
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> list[int]:
+            ids = []
+            for f in forecasts:
+                window = f.policy.window
+                key = window_bounds(window, now)[0] if window.calendar else now - now % window.rolling_ms
+                alert_id = tx.raise_alert(f.policy.id, key, "forecast", 0, now, f.projected, forecast_message(f))
+                if alert_id is not None:
+                    ids.append(alert_id)
+            return ids
+
+        ids: list[int] = await self._tx(op)
+        if ids:
+            task = asyncio.create_task(self._deliver(ids))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+        return ids
+
+    async def add_webhook(self, url: str, kind: str = "generic") -> str:
+        if kind not in WEBHOOK_KINDS:
+            raise FieldError("kind", f"must be one of {', '.join(WEBHOOK_KINDS)} (got {kind!r})")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FieldError("url", "must be an http:// or https:// address")
+        webhook_id = "wh_" + secrets.token_hex(4)
+        now = self.now_ms()
+        await self._tx(lambda tx: tx.conn.execute(
+            "INSERT INTO webhooks (id, url, kind, enabled, created_ms) VALUES (?, ?, ?, 1, ?)",
+            (webhook_id, url, kind, now)))
+        return webhook_id
+
+    async def webhooks(self) -> list[tuple[str, str, str]]:
+        """(id, redacted url, kind) of every enabled webhook."""
+        rows = await self._tx(lambda tx: tx.conn.execute(
+            "SELECT id, url, kind FROM webhooks WHERE enabled = 1 ORDER BY created_ms").fetchall())
+        return [(i, redact_url(u), k) for i, u, k in rows]
+
+    async def deliveries(self, alert_id: int) -> list[tuple[str, int, bool, str]]:
+        rows = await self._tx(lambda tx: tx.conn.execute(
+            "SELECT webhook_id, attempt, ok, detail FROM webhook_deliveries WHERE alert_id = ? ORDER BY id",
+            (alert_id,)).fetchall())
+        return [(w, a, bool(ok), d) for w, a, ok, d in rows]
+
+    async def _deliver(self, alert_ids: list[int]) -> None:
+        hooks = await self.store.transact(lambda tx: tx.conn.execute(
+            "SELECT id, url, kind FROM webhooks WHERE enabled = 1").fetchall())
+        if not hooks:
+            return
+        alerts = {a.id: a for a in await self.alerts(include_acked=True, limit=10_000) if a.id in alert_ids}
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            for alert in alerts.values():
+                for webhook_id, url, kind in hooks:
+                    attempts = await deliver(client, url, kind, alert, self.webhook_retry_delays)
+                    rows = [(alert.id, webhook_id, n, self.now_ms(), int(ok), detail) for n, ok, detail in attempts]
+                    await self.store.transact(partial(_log_deliveries, rows=rows))
 
     # ------------------------------------------------------------------ prices
 

@@ -165,6 +165,37 @@ CREATE TABLE override_requests (
 CREATE UNIQUE INDEX override_requests_one_pending ON override_requests (policy_id, requester)
     WHERE status = 'pending';
 """,
+    """
+CREATE TABLE alerts (
+    id INTEGER PRIMARY KEY,
+    policy_id TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    threshold INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    value INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    acked_by TEXT,
+    acked_ms INTEGER,
+    UNIQUE (policy_id, window_start_ms, kind, threshold)
+);
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE webhook_deliveries (
+    id INTEGER PRIMARY KEY,
+    alert_id INTEGER NOT NULL REFERENCES alerts (id),
+    webhook_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -562,6 +593,16 @@ class LedgerTx:
         return request_id
 
 
+    def raise_alert(self, policy_id: str, window_start_ms: int, kind: str, threshold: int, now_ms: int,
+                    value: int, message: str) -> int | None:
+        """Store an alert once per policy, window, kind and threshold; its id, or None if already there."""
+        cur = self.conn.execute(
+            "INSERT INTO alerts (policy_id, window_start_ms, kind, threshold, ts_ms, value, message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy_id, window_start_ms, kind, threshold) DO NOTHING",
+            (policy_id, window_start_ms, kind, threshold, now_ms, value, message))
+        return cur.lastrowid if cur.rowcount else None
+
+
 TxOp = Callable[[LedgerTx], Any]
 
 
@@ -584,6 +625,7 @@ class SQLiteStore:
         self._ops: list[tuple[TxOp, asyncio.Future[Any]]] = []
         self._op_flusher: asyncio.Task[None] | None = None
         self._hooks: list[tuple[Callable[[LedgerTx], None], Callable[[], None]]] = []
+        self._end_hooks: list[Callable[[LedgerTx], None]] = []
 
     # ---- opening
 
@@ -644,10 +686,13 @@ class SQLiteStore:
             self._flusher = asyncio.create_task(self._flush_loop())
         return await future
 
-    def add_transaction_hooks(self, begin: Callable[[LedgerTx], None], abort: Callable[[], None]) -> None:
-        """``begin`` runs first in every operation batch (to catch up with other processes);
-        ``abort`` runs when a batch's transaction is rolled back."""
+    def add_transaction_hooks(self, begin: Callable[[LedgerTx], None], abort: Callable[[], None],
+                              end: Callable[[LedgerTx], None] | None = None) -> None:
+        """``begin`` runs first in every operation batch (to catch up with other processes),
+        ``end`` last before the commit, and ``abort`` when a batch is rolled back."""
         self._hooks.append((begin, abort))
+        if end is not None:
+            self._end_hooks.append(end)
 
     async def transact(self, op: TxOp) -> Any:
         """Run ``op`` on the writer's thread inside a write transaction, group-committed with
@@ -698,6 +743,8 @@ class SQLiteStore:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((False, exc))
+            for end in self._end_hooks:
+                end(tx)
             conn.execute("COMMIT")
         except BaseException:
             self._rollback_sync()

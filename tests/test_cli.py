@@ -238,3 +238,19 @@ def test_policy_add_refuses_bad_values_naming_the_field(tmp_path: Path, capsys: 
                                                        argv: list[str], message: str) -> None:
     code, _, err = run(capsys, "--db", str(tmp_path / "l.db"), "policy", "add", *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_alerts_are_listed_and_acknowledged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "l.db")
+    run(capsys, "--db", db, "policy", "add", "--scope", "team:ml", "--metric", "requests", "--window", "day",
+        "--hard", "10")
+    run(capsys, "--db", db, "import", str(_events_file(tmp_path / "e.jsonl")))  # 10 ml requests today
+    code, out, _ = run(capsys, "--db", db, "alerts", "list", "--json")
+    alerts = json.loads(out)
+    assert code == 0 and sorted(a["threshold"] for a in alerts) == [50, 80, 100]
+    code, out, _ = run(capsys, "--db", db, "alerts", "ack", str(alerts[0]["id"]))
+    assert code == 0 and "Acknowledged alert" in out
+    assert len(json.loads(run(capsys, "--db", db, "alerts", "list", "--json")[1])) == 2
+    assert len(json.loads(run(capsys, "--db", db, "alerts", "list", "--all", "--json")[1])) == 3
+    code, _, err = run(capsys, "--db", db, "alerts", "ack", "999")
+    assert code == 2 and "id: no alert 999" in err

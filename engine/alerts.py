@@ -1,0 +1,92 @@
+"""Alerts: threshold crossings and projected overruns, stored once per window, delivered to
+webhooks (generic JSON or Slack-compatible) with retries and a delivery log.
+
+Crossings are found inside the ledger's write transaction (``crossings`` is pure); the
+alert row's uniqueness (policy, window, kind, threshold) makes each one fire once per
+window and again in the next. Delivery happens after the commit, off the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import httpx
+
+from engine.budgets import Forecast, Policy
+
+RETRY_DELAYS_S: Final = (0.5, 2.0, 8.0)
+WEBHOOK_KINDS: Final = ("generic", "slack")
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    id: int
+    policy_id: str
+    window_start_ms: int
+    kind: str  # threshold, soft or forecast
+    threshold: int
+    ts_ms: int
+    value: int
+    message: str
+    acked_by: str | None
+    acked_ms: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "policy_id": self.policy_id, "window_start_ms": self.window_start_ms,
+                "kind": self.kind, "threshold": self.threshold, "ts_ms": self.ts_ms, "value": self.value,
+                "message": self.message, "acked_by": self.acked_by, "acked_ms": self.acked_ms}
+
+
+def crossings(policy: Policy, consumed: int) -> list[tuple[str, int, str]]:
+    """(kind, threshold, message) for every threshold and soft limit ``consumed`` has reached."""
+    out = []
+    fmt = policy.format_amount
+    for pct in policy.thresholds:
+        if consumed * 100 >= policy.hard * pct:
+            out.append(("threshold", pct, f"{policy.name} reached {pct}% of its hard limit: "
+                                          f"{fmt(consumed)} of {fmt(policy.hard)} this {policy.window}"))
+    if policy.soft is not None and consumed > policy.soft:
+        out.append(("soft", 0, f"{policy.name} passed its soft limit: {fmt(consumed)} of {fmt(policy.soft)}"))
+    return out
+
+
+def forecast_message(f: Forecast) -> str:
+    fmt = f.policy.format_amount
+    return (f"{f.policy.name} is on course for {fmt(f.projected)} against a hard limit of {fmt(f.policy.hard)} "
+            f"(burning {fmt(f.burn_per_hour)} an hour)")
+
+
+def redact_url(url: str) -> str:
+    """A webhook URL is a secret (Slack's carry their key in the path): show only the host."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}/…" if parts.scheme else "…"
+
+
+def payload(alert: Alert, kind: str) -> dict[str, Any]:
+    if kind == "slack":
+        return {"text": f":rotating_light: Budgeteer: {alert.message}"}
+    return {"source": "budgeteer", "alert": alert.as_dict()}
+
+
+async def deliver(client: httpx.AsyncClient, url: str, kind: str, alert: Alert,
+                  delays: Sequence[float] = RETRY_DELAYS_S) -> list[tuple[int, bool, str]]:
+    """POST one alert, retrying on failure; (attempt, ok, detail) per attempt. Details never hold the URL."""
+    attempts: list[tuple[int, bool, str]] = []
+    for attempt in range(1, len(delays) + 2):
+        try:
+            response = await client.post(url, content=json.dumps(payload(alert, kind)),
+                                         headers={"content-type": "application/json"})
+            ok = 200 <= response.status_code < 300
+            attempts.append((attempt, ok, f"HTTP {response.status_code}"))
+            if ok or (400 <= response.status_code < 500 and response.status_code != 429):
+                return attempts  # success, or a refusal that retrying will not change
+        except httpx.HTTPError as exc:
+            attempts.append((attempt, False, type(exc).__name__))
+        if attempt <= len(delays):
+            await asyncio.sleep(delays[attempt - 1])
+    return attempts
