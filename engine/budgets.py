@@ -475,10 +475,11 @@ class Authorization:
     cost: CallCost
     request_id: str
     override_request_id: str | None = None
+    model: str | None = None  # set when a downgrade moved the call to a cheaper model
 
     @property
     def allowed(self) -> bool:
-        return self.evaluation.allowed
+        return self.evaluation.allowed or (self.model is not None and self.hold_id is not None)
 
 
 class BudgetBook:
@@ -626,10 +627,23 @@ class BudgetBook:
                                     priced=cost.priced))
         return decide(outcomes)
 
-    def authorize(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, request_id: str) -> Authorization:
-        """Decide, and if the call may go ahead place one hold on every applicable policy at once."""
+    def authorize(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, request_id: str,
+                  alternatives: Sequence[tuple[str, str, CallCost]] = ()) -> Authorization:
+        """Decide, and if the call may go ahead place one hold on every applicable policy at once.
+
+        When the deciding policy's action is ``downgrade``, ``alternatives`` (model,
+        provider, worst case; preferred first) are tried in the same transaction and the
+        first that every policy allows is held instead.
+        """
         now = self._now()
         evaluation = self.evaluate(tx, context, cost, now)
+        if evaluation.decision == "downgrade":
+            for model, provider, alt_cost in alternatives:
+                alt_context = {**context, "model": model, "provider": provider}
+                alt = self.evaluate(tx, alt_context, alt_cost, now)
+                if alt.allowed:
+                    hold_id = self._hold(tx, alt, request_id, alt_context, now)
+                    return Authorization(evaluation, hold_id, alt_cost, request_id, model=model)
         if not evaluation.allowed:
             override = None
             if evaluation.decision == "needs_approval" and evaluation.deciding is not None:
@@ -639,13 +653,17 @@ class BudgetBook:
                     max(0, deciding.projected - deciding.policy.hard), json.dumps(evaluation.as_dict()),
                     json.dumps(deciding.policy.to_json()))
             return Authorization(evaluation, None, cost, request_id, override)
+        return Authorization(evaluation, self._hold(tx, evaluation, request_id, context, now), cost, request_id)
+
+    def _hold(self, tx: LedgerTx, evaluation: Evaluation, request_id: str, context: Mapping[str, str],
+              now: int) -> str:
         hold_id = "hold_" + secrets.token_hex(8)
         lines = [(o.policy.id, o.cost) for o in evaluation.outcomes]
         self._last_journal = tx.open_hold(hold_id, request_id, now, now + self.hold_ttl_ms,
                                           json.dumps(dict(context)), lines)
         for policy_id, amount in lines:
             self._counters[policy_id].held += amount
-        return Authorization(evaluation, hold_id, cost, request_id)
+        return hold_id
 
     def settle(self, tx: LedgerTx, hold_id: str, event: UsageEvent) -> RecordResult:
         """Post the call's actual usage and release its hold, in one transaction."""

@@ -294,8 +294,25 @@ class Engine:
         """Check every applicable policy and, if the call may go, hold its worst case on all of them."""
         cost = self.worst_case(call)
         context = self._context(call)
+        alternatives = self._cheaper_models(call, cost)
         return await self._tx(  # type: ignore[no-any-return]
-            lambda tx: self.budgets.authorize(tx, context, cost, call.request_id))
+            lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives))
+
+    def _cheaper_models(self, call: CallRequest, cost: CallCost) -> list[tuple[str, str, CallCost]]:
+        """Models of the same kind whose worst case is cheaper, the dearest first (the closest to
+        what was asked), the same provider before others. Routing (a later piece) refines this."""
+        requested = self._price_of(call)
+        if requested is None:
+            return []
+        out = []
+        for price in self.prices.models(self.now_ms(), call.workspace):
+            if price.mode != requested.mode or price.model == requested.model or "/" in price.model:
+                continue
+            alt = self.worst_case(replace(call, model=price.model, provider=price.provider))
+            if alt.priced and alt.usd < cost.usd:
+                out.append((price.model, price.provider, alt))
+        out.sort(key=lambda m: (m[1] != requested.provider, -m[2].usd, m[0]))
+        return out
 
     async def check(self, call: CallRequest) -> Evaluation:
         """What ``authorize`` would decide now, without holding anything."""

@@ -199,3 +199,20 @@ asyncio.run(main(sys.argv[1]))
         per = {r.key: r.totals.requests for r in await engine.breakdown(0, NOW_MS + DAY_MS, "principal")}
         assert set(per) == {"a", "b"}
         assert await engine.open_holds() == 0
+
+
+async def test_a_downgrade_policy_moves_the_call_to_a_cheaper_model_that_fits(engine: Engine) -> None:
+    await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="0.01",
+                                         action="downgrade"))
+    call = CallRequest(principal="a", team="ml", model="gpt-4o", input_tokens=1000, max_tokens=1000)
+    auth = await engine.authorize(call)  # gpt-4o's worst case is $0.0125: over the $0.01 budget
+    assert auth.evaluation.decision == "downgrade"
+    assert auth.allowed and auth.hold_id and auth.model is not None
+    assert auth.cost.usd <= 10_000_000
+    price = engine.price_for(auth.model)
+    assert price is not None and price.provider == "openai" and price.mode == "chat"
+    # nothing cheaper fits a budget of a nano-dollar: blocked outright
+    await engine.add_policy(build_policy(scope="principal:b", metric="usd", window="day", hard="0.000000001",
+                                         action="downgrade"))
+    stuck = await engine.authorize(CallRequest(principal="b", team="ml", model="gpt-4o", max_tokens=1000))
+    assert stuck.evaluation.decision == "downgrade" and not stuck.allowed and stuck.hold_id is None
