@@ -653,6 +653,10 @@ class BudgetBook:
                     max(0, deciding.projected - deciding.policy.hard), json.dumps(evaluation.as_dict()),
                     json.dumps(deciding.policy.to_json()))
             return Authorization(evaluation, None, cost, request_id, override)
+        if evaluation.decision == "would_block":
+            for o in evaluation.outcomes:
+                if o.status == "over" and o.policy.mode != "enforced":
+                    tx.record_decision(now, request_id, o.policy.id, "would_block", o.policy.mode)
         return Authorization(evaluation, self._hold(tx, evaluation, request_id, context, now), cost, request_id)
 
     def _hold(self, tx: LedgerTx, evaluation: Evaluation, request_id: str, context: Mapping[str, str],

@@ -86,11 +86,6 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("budgeteer", appauthor=False)) / LEDGER_FILENAME
 
 
-def _log_deliveries(tx: LedgerTx, rows: list[tuple[int, str, int, int, int, str]]) -> None:
-    tx.conn.executemany("INSERT INTO webhook_deliveries (alert_id, webhook_id, attempt, ts_ms, ok, detail) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
-
-
 class Engine:
     """A ledger with its prices. Open with ``async with await Engine.open(path) as engine``."""
 
@@ -336,28 +331,25 @@ class Engine:
         await self._tx(lambda tx: None)
 
     async def open_holds(self) -> int:
-        return await self._tx(  # type: ignore[no-any-return]
-            lambda tx: int(tx.conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()[0]))
+        return await self._tx(lambda tx: tx.open_hold_count())  # type: ignore[no-any-return]
+
+    async def would_blocks(self, limit: int = 100) -> list[tuple[int, str, str, str, str]]:
+        """(ts_ms, request_id, policy_id, decision, mode) of recent dry_run and suggest verdicts."""
+        return await self._tx(lambda tx: tx.decisions(limit))  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ alerts
 
     async def alerts(self, *, include_acked: bool = False, limit: int = 200) -> list[Alert]:
         """Alerts, newest first (the ledger is caught up first, so crossings are current)."""
-        where = "" if include_acked else "WHERE acked_ms IS NULL"
-        rows = await self._tx(lambda tx: tx.conn.execute(
-            "SELECT id, policy_id, window_start_ms, kind, threshold, ts_ms, value, message, acked_by, acked_ms "
-            f"FROM alerts {where} ORDER BY ts_ms DESC, id DESC LIMIT ?", (limit,)).fetchall())
+        rows = await self._tx(lambda tx: tx.alerts(include_acked=include_acked, limit=limit))
         return [Alert(*row) for row in rows]
 
     async def ack_alert(self, alert_id: int, actor: str) -> Alert:
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> None:
-            row = tx.conn.execute("SELECT acked_ms FROM alerts WHERE id = ?", (alert_id,)).fetchone()
-            if row is None:
+            if not tx.ack_alert(alert_id, actor, now):
                 raise FieldError("id", f"no alert {alert_id}")
-            if row[0] is None:
-                tx.conn.execute("UPDATE alerts SET acked_by = ?, acked_ms = ? WHERE id = ?", (actor, now, alert_id))
 
         await self._tx(op)
         return next(a for a in await self.alerts(include_acked=True, limit=100_000) if a.id == alert_id)
@@ -392,26 +384,19 @@ class Engine:
             raise FieldError("url", "must be an http:// or https:// address")
         webhook_id = "wh_" + secrets.token_hex(4)
         now = self.now_ms()
-        await self._tx(lambda tx: tx.conn.execute(
-            "INSERT INTO webhooks (id, url, kind, enabled, created_ms) VALUES (?, ?, ?, 1, ?)",
-            (webhook_id, url, kind, now)))
+        await self._tx(lambda tx: tx.add_webhook(webhook_id, url, kind, now))
         return webhook_id
 
     async def webhooks(self) -> list[tuple[str, str, str]]:
         """(id, redacted url, kind) of every enabled webhook."""
-        rows = await self._tx(lambda tx: tx.conn.execute(
-            "SELECT id, url, kind FROM webhooks WHERE enabled = 1 ORDER BY created_ms").fetchall())
+        rows = await self._tx(lambda tx: tx.webhooks())
         return [(i, redact_url(u), k) for i, u, k in rows]
 
     async def deliveries(self, alert_id: int) -> list[tuple[str, int, bool, str]]:
-        rows = await self._tx(lambda tx: tx.conn.execute(
-            "SELECT webhook_id, attempt, ok, detail FROM webhook_deliveries WHERE alert_id = ? ORDER BY id",
-            (alert_id,)).fetchall())
-        return [(w, a, bool(ok), d) for w, a, ok, d in rows]
+        return await self._tx(lambda tx: tx.deliveries(alert_id))  # type: ignore[no-any-return]
 
     async def _deliver(self, alert_ids: list[int]) -> None:
-        hooks = await self.store.transact(lambda tx: tx.conn.execute(
-            "SELECT id, url, kind FROM webhooks WHERE enabled = 1").fetchall())
+        hooks: list[tuple[str, str, str]] = await self.store.transact(lambda tx: tx.webhooks())
         if not hooks:
             return
         alerts = {a.id: a for a in await self.alerts(include_acked=True, limit=10_000) if a.id in alert_ids}
@@ -420,7 +405,7 @@ class Engine:
                 for webhook_id, url, kind in hooks:
                     attempts = await deliver(client, url, kind, alert, self.webhook_retry_delays)
                     rows = [(alert.id, webhook_id, n, self.now_ms(), int(ok), detail) for n, ok, detail in attempts]
-                    await self.store.transact(partial(_log_deliveries, rows=rows))
+                    await self.store.transact(partial(LedgerTx.log_deliveries, rows=rows))
 
     # ------------------------------------------------------------------ prices
 

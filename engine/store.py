@@ -186,6 +186,14 @@ CREATE TABLE webhooks (
     enabled INTEGER NOT NULL DEFAULT 1,
     created_ms INTEGER NOT NULL
 );
+CREATE TABLE budget_decisions (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    policy_id TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    mode TEXT NOT NULL
+);
 CREATE TABLE webhook_deliveries (
     id INTEGER PRIMARY KEY,
     alert_id INTEGER NOT NULL REFERENCES alerts (id),
@@ -601,6 +609,53 @@ class LedgerTx:
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy_id, window_start_ms, kind, threshold) DO NOTHING",
             (policy_id, window_start_ms, kind, threshold, now_ms, value, message))
         return cur.lastrowid if cur.rowcount else None
+
+
+    def alerts(self, *, include_acked: bool, limit: int) -> list[tuple[Any, ...]]:
+        where = "" if include_acked else "WHERE acked_ms IS NULL"
+        return self.conn.execute(
+            "SELECT id, policy_id, window_start_ms, kind, threshold, ts_ms, value, message, acked_by, acked_ms "
+            f"FROM alerts {where} ORDER BY ts_ms DESC, id DESC LIMIT ?", (limit,)).fetchall()
+
+    def ack_alert(self, alert_id: int, actor: str, now_ms: int) -> bool:
+        """Acknowledge an alert (once); False if there is no such alert."""
+        row = self.conn.execute("SELECT acked_ms FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        if row is None:
+            return False
+        if row[0] is None:
+            self.conn.execute("UPDATE alerts SET acked_by = ?, acked_ms = ? WHERE id = ?", (actor, now_ms, alert_id))
+        return True
+
+    def add_webhook(self, webhook_id: str, url: str, kind: str, now_ms: int) -> None:
+        self.conn.execute("INSERT INTO webhooks (id, url, kind, enabled, created_ms) VALUES (?, ?, ?, 1, ?)",
+                          (webhook_id, url, kind, now_ms))
+
+    def webhooks(self) -> list[tuple[str, str, str]]:
+        """(id, url, kind) of enabled webhooks. The URL is a secret: callers redact it."""
+        return [(str(i), str(u), str(k)) for i, u, k in self.conn.execute(
+            "SELECT id, url, kind FROM webhooks WHERE enabled = 1 ORDER BY created_ms")]
+
+    def log_deliveries(self, rows: Sequence[tuple[int, str, int, int, int, str]]) -> None:
+        self.conn.executemany("INSERT INTO webhook_deliveries (alert_id, webhook_id, attempt, ts_ms, ok, detail) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def deliveries(self, alert_id: int) -> list[tuple[str, int, bool, str]]:
+        return [(str(w), int(a), bool(ok), str(d)) for w, a, ok, d in self.conn.execute(
+            "SELECT webhook_id, attempt, ok, detail FROM webhook_deliveries WHERE alert_id = ? ORDER BY id",
+            (alert_id,))]
+
+    def open_hold_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()[0])
+
+    def record_decision(self, ts_ms: int, request_id: str, policy_id: str, decision: str, mode: str) -> None:
+        """Keep a would-block verdict of a dry_run or suggest policy, for the operator to review."""
+        self.conn.execute("INSERT INTO budget_decisions (ts_ms, request_id, policy_id, decision, mode) "
+                          "VALUES (?, ?, ?, ?, ?)", (ts_ms, request_id, policy_id, decision, mode))
+
+    def decisions(self, limit: int) -> list[tuple[int, str, str, str, str]]:
+        return [(int(t), str(r), str(p), str(d), str(m)) for t, r, p, d, m in self.conn.execute(
+            "SELECT ts_ms, request_id, policy_id, decision, mode FROM budget_decisions ORDER BY id DESC LIMIT ?",
+            (limit,))]
 
 
 TxOp = Callable[[LedgerTx], Any]
