@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from engine.budgets import Policy, build_policy
 from engine.clock import DAY_MS, HOUR_MS
 from engine.models import UsageEvent
 
@@ -211,3 +212,21 @@ def _event(rnd: random.Random, seed: int, n: int, ts_ms: int, who: _Principal, m
         agent=who.agent, input_tokens=inp, cached_input_tokens=cached, cache_write_tokens=cache_write,
         output_tokens=out, reasoning_tokens=reasoning, latency_ms=latency, status=status,
     )
+
+
+def demo_policies(now_ms: int) -> list[Policy]:
+    """A handful of budgets that make the demo's gauges, alerts and forecasts interesting."""
+    specs = [
+        ("demo-ml-month", "ML monthly", "team:ml", "usd", "month", "450", "350", "enforced", "block"),
+        ("demo-support-day", "Support daily", "team:support", "usd", "day", "6", "4", "enforced", "approval_required"),
+        ("demo-opus", "Opus spend", "model:claude-opus-4-5-20251101", "usd", "week", "60", "40", "enforced",
+         "downgrade"),
+        ("demo-research-agent", "Research agent, 6 hours", "agent:research", "usd", "rolling:6h", "5", None,
+         "dry_run", "block"),
+        ("demo-org-month", "Organisation monthly", "global", "usd", "month", "1500", "1200", "enforced", "block"),
+        ("demo-search-tokens", "Search tokens, daily", "team:search", "tokens", "day", "12000000", None,
+         "suggest", "block"),
+    ]
+    return [build_policy(scope=scope, metric=metric, window=window, hard=hard, soft=soft, mode=mode, action=action,
+                         name=name, policy_id=pid, actor="demo", now_ms=now_ms)
+            for pid, name, scope, metric, window, hard, soft, mode, action in specs]

@@ -333,6 +333,9 @@ class Engine:
     async def open_holds(self) -> int:
         return await self._tx(lambda tx: tx.open_hold_count())  # type: ignore[no-any-return]
 
+    async def open_override_requests(self) -> int:
+        return await self._tx(lambda tx: tx.pending_override_count())  # type: ignore[no-any-return]
+
     async def would_blocks(self, limit: int = 100) -> list[tuple[int, str, str, str, str]]:
         """(ts_ms, request_id, policy_id, decision, mode) of recent dry_run and suggest verdicts."""
         return await self._tx(lambda tx: tx.decisions(limit))  # type: ignore[no-any-return]

@@ -644,6 +644,9 @@ class LedgerTx:
             "SELECT webhook_id, attempt, ok, detail FROM webhook_deliveries WHERE alert_id = ? ORDER BY id",
             (alert_id,))]
 
+    def pending_override_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM override_requests WHERE status = 'pending'").fetchone()[0])
+
     def open_hold_count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()[0])
 

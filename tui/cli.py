@@ -267,7 +267,7 @@ def _demo_path(args: argparse.Namespace) -> Path:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import generate_demo
+    from engine.demo import demo_policies, generate_demo
 
     if args.days < 1 or args.days > 400:
         raise UsageError(f"--days must be between 1 and 400 (got {args.days})")
@@ -290,6 +290,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         for batch in generate_demo(days=args.days, seed=args.seed, end_ms=end_ms):
             recorded, _ = await engine.bulk_record(batch)
             total += recorded
+        for policy in demo_policies(end_ms):
+            await engine.add_policy(policy)
         elapsed = time.perf_counter() - started
         month = await engine.totals(end_ms - args.days * DAY_MS, end_ms + MINUTE_MS)
     print(f"Wrote a demo ledger of {total:,} events over {args.days} days "
@@ -314,7 +316,7 @@ def _run_dashboard(path: Path | None) -> int:
 
 async def cmd_screenshots(args: argparse.Namespace) -> int:
     """SVGs of the dashboard on a deterministic demo ledger with a frozen clock."""
-    from engine.demo import generate_demo
+    from engine.demo import demo_policies, generate_demo
     from tui.app import BudgeteerApp
 
     out = Path(args.out)
@@ -325,17 +327,19 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
         async with await Engine.open(db, clock=clock, durable=False) as engine:
             for batch in generate_demo(days=30, seed=7, end_ms=SCREENSHOT_NOW_MS):
                 await engine.bulk_record(batch)
+            for policy in demo_policies(SCREENSHOT_NOW_MS):
+                await engine.add_policy(policy)
         written = []
         for width, height in ((160, 48), (80, 24)):
             app = BudgeteerApp(db_path=db, clock=clock, refresh_seconds=3600, label="demo ledger")
             async with app.run_test(size=(width, height)) as pilot:
-                await app.workers.wait_for_complete()
-                await pilot.pause()
-                app.updated_at = None  # "updated N s ago" would differ from run to run
-                app.query_one("#status").update("")  # type: ignore[attr-defined]
-                name = f"overview-{width}x{height}.svg"
-                app.save_screenshot(filename=name, path=str(out))
-                written.append(out / name)
+                for key, mode in (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts")):
+                    await pilot.press(key)
+                    await app.workers.wait_for_complete()
+                    await pilot.pause(0.2)
+                    name = f"{mode}-{width}x{height}.svg"
+                    app.save_screenshot(filename=name, path=str(out))
+                    written.append(out / name)
     for path in written:
         print(f"wrote {path}")
     return EXIT_OK

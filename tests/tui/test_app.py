@@ -1,5 +1,6 @@
-"""The dashboard, driven by Pilot on a real ledger: totals, the empty state, live refresh,
-and a write from another process appearing after a refresh."""
+"""The dashboard, driven by Pilot on a real ledger: every screen by its number key, the
+bindings, help, filter, pause, the policy form, acknowledging an alert, and a write from
+another process appearing after a refresh."""
 
 from __future__ import annotations
 
@@ -7,53 +8,158 @@ import subprocess
 import sys
 from pathlib import Path
 
-from textual.widgets import DataTable, Static
+from textual.widgets import Input, Static
 
+from engine.budgets import build_policy
 from engine.clock import FrozenClock
 from engine.engine import Engine
 from tests.conftest import NOW_MS, event
 from tui.app import BudgeteerApp
+from tui.screens.alerts import AlertsScreen
+from tui.screens.budgets import BudgetsScreen
+from tui.screens.modals import HelpModal, PolicyForm
+from tui.screens.overview import OverviewScreen
+from tui.screens.usage import UsageScreen
 from tui.widgets.kpi import KpiTile
+from tui.widgets.vim_table import VimTable
 
 
 def _kpi(app: BudgeteerApp, tile: str) -> str:
-    return str(app.query_one(f"#kpi-{tile}", KpiTile).query_one(".kpi-value", Static).content)
+    return str(app.screen.query_one(f"#kpi-{tile}", KpiTile).query_one(".kpi-value", Static).content)
 
 
-async def test_the_dashboard_shows_the_ledger_totals(db_path: Path, clock: FrozenClock) -> None:
+async def _settle(pilot: object, app: BudgeteerApp) -> None:
+    await app.workers.wait_for_complete()
+    await pilot.pause(0.05)  # type: ignore[attr-defined]
+
+
+async def test_every_screen_is_one_key_away(db_path: Path, clock: FrozenClock) -> None:
     async with await Engine.open(db_path, clock=clock) as engine:
         await engine.record_many([event(i, model=("gpt-4o", "o3")[i % 2], cost_nanos=1_250_000_000) for i in range(8)])
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=0.2)
-    async with app.run_test(size=(120, 30)) as pilot:
-        await pilot.pause(0.5)
-        assert _kpi(app, "today") == "$10.00"
-        assert _kpi(app, "requests") == "8"
-        table = app.query_one("#models", DataTable)
-        assert table.row_count == 2
-        assert not app.query_one("#empty", Static).display
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _settle(pilot, app)
+        assert isinstance(app.screen, OverviewScreen)
+        assert _kpi(app, "today") == "$10.00" and _kpi(app, "requests") == "8"
+        for key, kind in (("2", UsageScreen), ("3", BudgetsScreen), ("4", AlertsScreen), ("1", OverviewScreen)):
+            await pilot.press(key)
+            await _settle(pilot, app)
+            assert isinstance(app.screen, kind)
+        await pilot.press("2")
+        await _settle(pilot, app)
+        assert app.screen.query_one("#breakdown", VimTable).row_count == 2  # two models
+        await pilot.press("b")  # group by provider
+        await _settle(pilot, app)
+        assert app.screen.query_one("#breakdown", VimTable).row_count == 1
         await pilot.press("q")
     assert app.fatal_error is None
+
+
+async def test_help_lists_every_binding_with_its_id(db_path: Path, clock: FrozenClock) -> None:
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _settle(pilot, app)
+        await pilot.press("3")
+        await _settle(pilot, app)
+        await pilot.press("question_mark")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, HelpModal)
+        ids = {row[2] for row in app.screen.rows}
+        assert {"app.overview", "app.pause", "app.quit", "budgets.add", "budgets.backtest", "screen.filter",
+                "table.down"} <= ids
+        await pilot.press("escape")
+        assert isinstance(app.screen, BudgetsScreen)
 
 
 async def test_an_empty_ledger_says_how_to_get_data_in(db_path: Path, clock: FrozenClock) -> None:
     app = BudgeteerApp(db_path=db_path, clock=clock)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.pause(0.5)
-        empty = app.query_one("#empty", Static)
+        await _settle(pilot, app)
+        empty = app.screen.query_one("#empty", Static)
         assert empty.display
-        assert "budgeteer import FILE" in str(empty.content)
-        assert "budgeteer demo --open" in str(empty.content)
+        assert "budgeteer import FILE" in str(empty.content) and "budgeteer demo --open" in str(empty.content)
+
+
+async def test_filter_and_vim_keys_in_a_table(db_path: Path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        for name in ("alpha team", "beta team", "gamma"):
+            await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="5", name=name))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(140, 36)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#policies", VimTable)
+        table.focus()
+        assert table.row_count == 3
+        await pilot.press("G")
+        assert table.cursor_row == 2
+        await pilot.press("g", "j")
+        assert table.cursor_row == 1
+        await pilot.press("slash")
+        await pilot.press(*"team")
+        assert table.row_count == 2
+        await pilot.press("escape")
+        assert table.row_count == 3 and not app.screen.query_one("#filter", Input).display
+
+
+async def test_the_policy_form_shows_errors_inline_and_saves_a_valid_policy(db_path: Path,
+                                                                          clock: FrozenClock) -> None:
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        await pilot.press("a")
+        await pilot.pause(0.1)
+        form = app.screen
+        assert isinstance(form, PolicyForm)
+        form.query_one("#f-scope", Input).value = "team:ml"
+        form.query_one("#f-hard", Input).value = "-5"
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, PolicyForm)
+        assert "hard: must not be negative" in str(form.query_one("#e-hard", Static).content)
+        form.query_one("#f-hard", Input).value = "250"
+        form.query_one("#f-soft", Input).value = "300"
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+        assert "soft: must not be above the hard limit" in str(form.query_one("#e-soft", Static).content)
+        form.query_one("#f-soft", Input).value = "200"
+        await pilot.press("ctrl+s")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, BudgetsScreen)
+        assert app.screen.query_one("#policies", VimTable).row_count == 1
+    async with await Engine.open(db_path, clock=clock) as engine:
+        (policy,) = await engine.policies()
+        assert (str(policy.scope), policy.hard, policy.soft) == ("team:ml", 250_000_000_000, 200_000_000_000)
+
+
+async def test_acknowledging_an_alert_by_keys(db_path: Path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
+        await engine.record(event(1, cost_nanos=600_000_000))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("4")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#alerts-table", VimTable)
+        table.focus()
+        assert table.row_count == 1
+        await pilot.press("a")
+        await _settle(pilot, app)
+        assert table.row_count == 1 and "No alerts" in str(table.get_row_at(0)[3])
+    async with await Engine.open(db_path, clock=clock) as engine:
+        assert (await engine.alerts()) == [] and len(await engine.alerts(include_acked=True)) == 1
 
 
 async def test_a_write_from_another_process_appears_after_a_refresh(db_path: Path, clock: FrozenClock) -> None:
     async with await Engine.open(db_path, clock=clock):
         pass
     app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=0.2)
-    async with app.run_test(size=(120, 30)) as pilot:
-        await pilot.pause(0.5)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _settle(pilot, app)
         assert _kpi(app, "requests") == "0"
         script = (
-            "import asyncio, sys\n"
+            "import asyncio\n"
             "from engine.engine import Engine\n"
             "from engine.models import UsageEvent\n"
             "async def main():\n"
@@ -63,7 +169,7 @@ async def test_a_write_from_another_process_appears_after_a_refresh(db_path: Pat
             "asyncio.run(main())\n"
         )
         subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-        for _ in range(20):
+        for _ in range(30):
             await pilot.pause(0.2)
             if _kpi(app, "requests") == "1":
                 break
@@ -74,15 +180,15 @@ async def test_pause_stops_the_live_refresh_until_resumed(db_path: Path, clock: 
     async with await Engine.open(db_path, clock=clock):
         pass
     app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=0.2)
-    async with app.run_test(size=(120, 30)) as pilot:
-        await pilot.pause(0.5)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _settle(pilot, app)
         await pilot.press("p")
         assert app.paused
         async with await Engine.open(db_path, clock=clock) as engine:
             await engine.record(event(1))
         await pilot.pause(0.8)
         assert _kpi(app, "requests") == "0"
-        assert "paused" in str(app.query_one("#status", Static).content)
+        assert "paused" in str(app.screen.query_one("#status", Static).content)
         await pilot.press("p")
         await pilot.pause(0.8)
         assert _kpi(app, "requests") == "1"

@@ -7,6 +7,14 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 
+def compact(count: int) -> str:
+    """1234 -> 1,234; 1234567 -> 1.2M: counts that fit a narrow tile."""
+    for size, suffix in ((10**9, "B"), (10**6, "M")):
+        if count >= size:
+            return f"{count / size:,.1f}{suffix}"
+    return f"{count:,}"
+
+
 class KpiTile(Vertical):
     def __init__(self, label: str, *, id: str | None = None) -> None:
         super().__init__(id=id, classes="kpi")

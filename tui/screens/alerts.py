@@ -1,0 +1,88 @@
+"""Alerts: the list, each one's detail, and acknowledging them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import Static
+
+from engine.alerts import Alert
+from engine.clock import iso
+from tui.screens.base import DataScreen
+from tui.screens.modals import MessageModal
+from tui.widgets.vim_table import VimTable
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+
+class AlertsScreen(DataScreen):
+    TITLE_TEXT = "Alerts"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("a", "ack", "Acknowledge", id="alerts.ack"),
+        Binding("enter", "detail", "Detail", id="alerts.detail"),
+        Binding("h", "toggle_history", "Show acknowledged", id="alerts.history"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.include_acked = False
+        self.alerts: dict[str, Alert] = {}
+
+    def body(self) -> ComposeResult:
+        yield Static("", id="alerts-title", classes="section-title")
+        yield VimTable(id="alerts-table")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        table = self.query_one("#alerts-table", VimTable)
+        for name in ("time (UTC)", "policy", "kind", "message", "acknowledged"):
+            table.add_column(name, key=name)
+
+    async def load(self, engine: Engine) -> Any:
+        return await engine.alerts(include_acked=self.include_acked)
+
+    def show(self, data: list[Alert]) -> None:
+        self.alerts = {str(a.id): a for a in data}
+        which = "all alerts" if self.include_acked else "open alerts"
+        self.query_one("#alerts-title", Static).update(
+            f"{len(data)} {which}   [b]a[/b] acknowledge   [b]enter[/b] detail   [b]h[/b] "
+            f"{'hide' if self.include_acked else 'show'} acknowledged")
+        rows = [(str(a.id), [iso(a.ts_ms)[:16].replace("T", " "), a.policy_id,
+                             f"{a.threshold}%" if a.kind == "threshold" else a.kind, a.message,
+                             a.acked_by or ""]) for a in data]
+        if not rows:
+            rows = [("none", ["", "", "", "No alerts. Budgets raise them at 50/80/100 % of a hard limit.", ""])]
+        self.query_one("#alerts-table", VimTable).set_rows(rows)
+
+    def _selected(self) -> Alert | None:
+        key = self.query_one("#alerts-table", VimTable).current_key
+        return self.alerts.get(key or "")
+
+    def action_toggle_history(self) -> None:
+        self.include_acked = not self.include_acked
+        self.reload()
+
+    def action_detail(self) -> None:
+        alert = self._selected()
+        if alert is not None:
+            acked = f"{alert.acked_by} at {iso(alert.acked_ms)}" if alert.acked_by and alert.acked_ms else "no"
+            self.app.push_screen(MessageModal(f"Alert {alert.id}", "\n".join([
+                alert.message, "", f"policy       {alert.policy_id}", f"kind         {alert.kind}",
+                f"raised       {iso(alert.ts_ms)}", f"window from  {iso(alert.window_start_ms)}",
+                f"acknowledged {acked}",
+            ])))
+
+    async def action_ack(self) -> None:
+        alert = self._selected()
+        engine = self.bapp.engine
+        if alert is None or engine is None:
+            return
+        if self.bapp.read_only:
+            self.notify("Read-only mode: acknowledging is off", severity="warning")
+            return
+        await engine.ack_alert(alert.id, self.bapp.actor)
+        self.notify(f"Acknowledged alert {alert.id}")
+        self.reload()

@@ -1,0 +1,113 @@
+"""What every dashboard screen shares: data read through the Engine in a worker, a status
+line, and a filter for its table."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Static
+
+from tui.widgets.vim_table import VimTable
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+    from tui.app import BudgeteerApp
+
+
+class DataScreen(Screen[None]):
+    """A screen that reads a snapshot from the Engine, off the main thread of input."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("slash", "filter", "Filter", id="screen.filter"),
+        Binding("escape", "clear_filter", "Back", show=False, id="screen.escape"),
+    ]
+    TITLE_TEXT = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading_data = False
+
+    @property
+    def bapp(self) -> BudgeteerApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield from self.body()
+        yield Input(placeholder="filter rows (esc clears)", id="filter")
+        yield Static("", id="status")
+        yield Footer()
+
+    def body(self) -> ComposeResult:
+        raise NotImplementedError
+
+    def on_mount(self) -> None:
+        self.query_one("#filter", Input).display = False
+        self.sub_title = self.TITLE_TEXT
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+        self.bapp.update_status()
+
+    def reload(self) -> None:
+        if not self.loading_data and self.bapp.engine is not None:
+            self.loading_data = True
+            self._load()
+
+    @work(exclusive=True, group="screen-load")
+    async def _load(self) -> None:
+        engine = self.bapp.engine
+        try:
+            if engine is None:
+                return
+            data = await self.load(engine)
+        except Exception as exc:  # a ledger that cannot be read is a state, not a crash
+            self.bapp.ledger_error(exc)
+        else:
+            self.show(data)
+            self.bapp.mark_updated()
+        finally:
+            self.loading_data = False
+
+    async def load(self, engine: Engine) -> Any:
+        raise NotImplementedError
+
+    def show(self, data: Any) -> None:
+        raise NotImplementedError
+
+    # ---- filtering
+
+    def table(self) -> VimTable | None:
+        tables = self.query(VimTable)
+        return tables.first() if tables else None
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.display or box.value:
+            box.value = ""
+            box.display = False
+            table = self.table()
+            if table is not None:
+                table.set_filter("")
+                table.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        table = self.table()
+        if table is not None:
+            table.set_filter(event.value)
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self) -> None:
+        table = self.table()
+        if table is not None:
+            table.focus()

@@ -1,0 +1,145 @@
+"""Budgets: every policy as a gauge with its soft and hard marks, consumed, held and
+forecast; add, edit, remove, and backtest a policy from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import Static
+
+from engine.budgets import Forecast, Outcome, Policy
+from engine.clock import DAY_MS, iso
+from tui.screens.base import DataScreen
+from tui.screens.modals import ConfirmModal, MessageModal, PolicyForm
+from tui.widgets.gauge import gauge
+from tui.widgets.vim_table import VimTable, right
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetsData:
+    status: list[Outcome]
+    forecasts: dict[str, Forecast]
+
+
+class BudgetsScreen(DataScreen):
+    TITLE_TEXT = "Budgets"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("a", "add", "Add", id="budgets.add"),
+        Binding("e", "edit", "Edit", id="budgets.edit"),
+        Binding("d", "delete", "Delete", id="budgets.delete"),
+        Binding("b", "backtest", "Backtest 30d", id="budgets.backtest"),
+        Binding("enter", "edit", "Edit", show=False, id="budgets.enter"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policies: dict[str, Policy] = {}
+
+    def body(self) -> ComposeResult:
+        yield Static("", id="budgets-title", classes="section-title")
+        yield VimTable(id="policies")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        table = self.query_one("#policies", VimTable)
+        table.add_column("policy", key="policy")
+        table.add_column("scope", key="scope")
+        table.add_column("window", key="window")
+        table.add_column("gauge", key="gauge")
+        for name in ("spent", "held", "hard", "forecast", "hits limit"):
+            table.add_column(right(name), key=name)
+        table.add_column("mode", key="mode")
+
+    async def load(self, engine: Engine) -> Any:
+        status = await engine.policy_status()
+        return BudgetsData(status, {f.policy.id: f for f in await engine.forecasts()})
+
+    def show(self, data: BudgetsData) -> None:
+        self.policies = {o.policy.id: o.policy for o in data.status}
+        self.query_one("#budgets-title", Static).update(
+            f"{len(data.status)} policies   [b]a[/b] add   [b]e[/b] edit   [b]d[/b] delete   "
+            "[b]b[/b] backtest the last 30 days")
+        rows = []
+        for o in data.status:
+            p = o.policy
+            f = data.forecasts.get(p.id)
+            fmt = p.format_amount
+            hits = "-"
+            if f is not None and f.limit_at_ms is not None:
+                hits = "now" if f.limit_at_ms <= o.window_start_ms or f.consumed >= p.hard else (
+                    iso(f.limit_at_ms)[5:16].replace("T", " "))
+            rows.append((p.id, [p.name[:26], str(p.scope), str(p.window),
+                                gauge(o.consumed, o.held, p.hard, p.soft, 20), right(fmt(o.consumed)),
+                                right(fmt(o.held)), right(fmt(p.hard)), right(fmt(f.projected) if f else "-"),
+                                right(hits), p.mode if p.enabled else "off"]))
+        if not rows:
+            rows = [("none", ["No budgets yet: press a to add one.", "", "", "", "", "", "", "", "", ""])]
+        self.query_one("#policies", VimTable).set_rows(rows)
+
+    def _selected(self) -> Policy | None:
+        return self.policies.get(self.query_one("#policies", VimTable).current_key or "")
+
+    def _writable(self) -> bool:
+        if self.bapp.read_only:
+            self.notify("Read-only mode: policies cannot be changed here", severity="warning")
+            return False
+        return True
+
+    def action_add(self) -> None:
+        if self._writable() and self.bapp.engine is not None:
+            self.app.push_screen(PolicyForm(actor=self.bapp.actor, now_ms=self.bapp.engine.now_ms()),
+                                 self._saved_new)
+
+    def action_edit(self) -> None:
+        policy = self._selected()
+        if policy is not None and self._writable() and self.bapp.engine is not None:
+            self.app.push_screen(PolicyForm(policy, actor=self.bapp.actor, now_ms=self.bapp.engine.now_ms()),
+                                 self._saved_edit)
+
+    async def _saved_new(self, policy: Policy | None) -> None:
+        if policy is not None and self.bapp.engine is not None:
+            await self.bapp.engine.add_policy(policy)
+            self.notify(f"Added {policy.name}")
+            self.reload()
+
+    async def _saved_edit(self, policy: Policy | None) -> None:
+        if policy is not None and self.bapp.engine is not None:
+            await self.bapp.engine.update_policy(policy)
+            self.notify(f"Saved {policy.name}")
+            self.reload()
+
+    def action_delete(self) -> None:
+        policy = self._selected()
+        if policy is None or not self._writable():
+            return
+
+        async def answer(yes: bool | None) -> None:
+            if yes and self.bapp.engine is not None:
+                await self.bapp.engine.remove_policy(policy.id)
+                self.notify(f"Removed {policy.name}")
+                self.reload()
+
+        self.app.push_screen(ConfirmModal(f"Remove the policy {policy.name!r}?"), answer)
+
+    async def action_backtest(self) -> None:
+        policy = self._selected()
+        engine = self.bapp.engine
+        if policy is None or engine is None:
+            return
+        now = engine.now_ms()
+        result = await engine.backtest(policy, now - 30 * DAY_MS, now + 1)
+        fmt = policy.format_amount
+        first = iso(result.first_block_ms) if result.first_block_ms is not None else "never"
+        self.app.push_screen(MessageModal(f"Backtest of {policy.name}, last 30 days", "\n".join([
+            f"calls in scope        {result.calls:,}",
+            f"would have blocked    {result.blocked:,} (first: {first})",
+            f"would have saved      {fmt(result.prevented)} of {fmt(result.prevented + result.allowed_total)}",
+            f"windows it blocked in {result.windows_hit:,}",
+            f"soft-limit crossings  {result.soft_crossings:,}",
+        ])))

@@ -1,0 +1,154 @@
+"""Small modal screens: a message, a y/n confirmation, the keys of the current screen,
+and the policy form."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static
+
+from engine.budgets import ACTIONS, MODES, Policy, build_policy
+from engine.models import FieldError
+from engine.money import format_usd_plain
+
+
+class MessageModal(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,enter,q", "dismiss", "Close", id="modal.close")]
+
+    def __init__(self, title: str, body: str) -> None:
+        super().__init__()
+        self.title_text, self.body_text = title, body
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="modal"):
+            yield Static(f"[b]{self.title_text}[/b]", classes="modal-title")
+            yield Static(self.body_text, markup=False)
+            yield Static("[dim]esc closes[/dim]")
+
+    async def action_dismiss(self, result: Any = None) -> None:
+        self.dismiss(None)
+
+
+class ConfirmModal(ModalScreen[bool]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y", "answer(True)", "Yes", id="confirm.yes"),
+        Binding("n,escape", "answer(False)", "No", id="confirm.no"),
+    ]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="modal"):
+            yield Static(self.question, markup=False)
+            yield Static("[b]y[/b] yes   [b]n[/b] no")
+
+    def action_answer(self, value: bool) -> None:
+        self.dismiss(value)
+
+
+class HelpModal(ModalScreen[None]):
+    """Every binding of the screen underneath, by id, key and description."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,question_mark,q", "close", "Close", id="help.close")]
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        lines = [f"{key:<12} {desc:<28} {bid}" for key, desc, bid in self.rows]
+        with VerticalScroll(classes="modal"):
+            yield Static("[b]Keys on this screen[/b]  (key, action, id for a keymap)", classes="modal-title")
+            yield Static("\n".join(lines), markup=False, id="help-body")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class PolicyForm(ModalScreen[Policy | None]):
+    """Add or edit a policy; a refusal shows under the field it names."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "cancel", "Cancel", id="form.cancel"),
+        Binding("ctrl+s", "save", "Save", id="form.save"),
+    ]
+    FIELDS: ClassVar[list[tuple[str, str]]] = [
+        ("name", "Name"), ("scope", "Scope (global, team:ml, team:ml+model:gpt-4o)"),
+        ("metric", "Metric (usd, tokens, requests)"), ("window", "Window (day, month, rolling:6h ...)"),
+        ("tz", "Time zone"), ("soft", "Soft limit"), ("hard", "Hard limit"),
+    ]
+
+    def __init__(self, policy: Policy | None = None, *, actor: str = "", now_ms: int = 0) -> None:
+        super().__init__()
+        self.policy = policy
+        self.actor, self.now_ms = actor, now_ms
+
+    def _initial(self, name: str) -> str:
+        p = self.policy
+        if p is None:
+            return {"metric": "usd", "window": "month", "tz": "UTC"}.get(name, "")
+        amount = (lambda n: format_usd_plain(n)) if p.metric == "usd" else str
+        return {"name": p.name, "scope": str(p.scope), "metric": p.metric, "window": str(p.window),
+                "tz": p.window.tz, "soft": amount(p.soft) if p.soft is not None else "",
+                "hard": amount(p.hard)}[name]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="modal form"):
+            yield Static(f"[b]{'Edit ' + self.policy.id if self.policy else 'New policy'}[/b]  "
+                         "(ctrl+s saves, esc cancels)", classes="modal-title")
+            for name, label in self.FIELDS:
+                yield Label(label)
+                yield Input(self._initial(name), id=f"f-{name}")
+                yield Static("", id=f"e-{name}", classes="field-error")
+            yield Label("Mode")
+            yield Select([(m, m) for m in MODES], value=self.policy.mode if self.policy else "enforced",
+                         id="f-mode", allow_blank=False)
+            yield Label("On the hard limit")
+            yield Select([(a, a) for a in ACTIONS], value=self.policy.action if self.policy else "block",
+                         id="f-action", allow_blank=False)
+            yield Static("", id="e-other", classes="field-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Save", id="save", variant="primary")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#f-name", Input).focus()
+
+    def _value(self, name: str) -> str:
+        return self.query_one(f"#f-{name}", Input).value.strip()
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        for name, _ in self.FIELDS:
+            self.query_one(f"#e-{name}", Static).update("")
+        self.query_one("#e-other", Static).update("")
+        try:
+            policy = build_policy(
+                scope=self._value("scope"), metric=self._value("metric"), window=self._value("window"),
+                hard=self._value("hard"), soft=self._value("soft") or None, tz=self._value("tz") or "UTC",
+                name=self._value("name") or None, mode=str(self.query_one("#f-mode", Select).value),
+                action=str(self.query_one("#f-action", Select).value),
+                thresholds=self.policy.thresholds if self.policy else None,
+                enabled=self.policy.enabled if self.policy else True, actor=self.actor, now_ms=self.now_ms,
+                policy_id=self.policy.id if self.policy else None)
+        except FieldError as exc:
+            target = f"#e-{exc.field}" if exc.field in {n for n, _ in self.FIELDS} else "#e-other"
+            self.query_one(target, Static).update(f"{exc.field}: {exc.reason}")
+            return
+        if self.policy is not None:
+            from dataclasses import replace
+
+            policy = replace(policy, created_by=self.policy.created_by, created_ms=self.policy.created_ms)
+        self.dismiss(policy)
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,130 @@
+"""Overview: today's and this month's spend, the budgets nearest their limits, the last
+24 hours of spend, open override requests and active alerts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Static
+
+from engine.budgets import Outcome, Window, window_bounds
+from engine.clock import DAY_MS, HOUR_MS, period_range
+from engine.money import format_usd, format_usd_compact
+from engine.store import TimelinePoint, Totals
+from tui.screens.base import DataScreen
+from tui.widgets.gauge import gauge
+from tui.widgets.kpi import KpiTile, compact
+from tui.widgets.timeline import Timeline
+from tui.widgets.vim_table import VimTable, right
+
+if TYPE_CHECKING:
+    from engine.alerts import Alert
+    from engine.budgets import Forecast
+    from engine.engine import Engine
+
+
+@dataclass(frozen=True, slots=True)
+class OverviewData:
+    today: Totals
+    month: Totals
+    last_30d: Totals
+    last_24h: Totals
+    burn_per_hour: int
+    month_forecast: int
+    budgets: list[Outcome]
+    forecasts: dict[str, Forecast]
+    timeline: list[TimelinePoint]
+    alerts: list[Alert]
+    open_requests: int
+
+
+class OverviewScreen(DataScreen):
+    TITLE_TEXT = "Overview"
+
+    def body(self) -> ComposeResult:
+        with Horizontal(id="kpis"):
+            yield KpiTile("Today", id="kpi-today")
+            yield KpiTile("This month", id="kpi-month")
+            yield KpiTile("Tokens 30d", id="kpi-tokens")
+            yield KpiTile("Calls 30d", id="kpi-requests")
+            yield KpiTile("Errors 24h", id="kpi-errors")
+            yield KpiTile("Burn", id="kpi-burn")
+        yield Static("", id="empty")
+        with Horizontal(id="overview-main"):
+            with Vertical(id="overview-left"):
+                yield Static("Budgets nearest their limits", classes="section-title")
+                yield VimTable(id="budgets")
+            with Vertical(id="overview-right"):
+                yield Static("Spend, last 24 hours", classes="section-title")
+                yield Timeline(id="timeline")
+        yield Static("", id="attention")
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        table = self.query_one("#budgets", VimTable)
+        table.add_column("policy", key="policy")
+        table.add_column("gauge", key="gauge")
+        table.add_column(right("spent"), key="spent")
+        table.add_column(right("limit"), key="limit")
+        table.add_column(right("month-end"), key="forecast")
+
+    async def load(self, engine: Engine) -> Any:
+        now = engine.now_ms()
+        status = await engine.policy_status()
+        forecasts = {f.policy.id: f for f in await engine.forecasts()}
+        month = await engine.totals(*period_range("month", now))
+        last_hour = await engine.totals(now - HOUR_MS, now + 1)
+        _, month_end = window_bounds(Window("month"), now)
+        projected = month.cost_nanos + last_hour.cost_nanos * (month_end - now) // HOUR_MS  # at the last hour's pace
+        return OverviewData(
+            today=await engine.totals(*period_range("today", now)),
+            month=month,
+            last_30d=await engine.totals(now - 30 * DAY_MS, now + 1),
+            last_24h=await engine.totals(now - DAY_MS, now + 1),
+            burn_per_hour=last_hour.cost_nanos,
+            month_forecast=projected,
+            budgets=sorted(status, key=lambda o: -(o.consumed + o.held) / max(o.policy.hard, 1))[:8],
+            forecasts=forecasts,
+            timeline=await engine.timeline(now - DAY_MS, now + 1, HOUR_MS),
+            alerts=await engine.alerts(limit=5),
+            open_requests=await engine.open_override_requests(),
+        )
+
+    def show(self, data: OverviewData) -> None:
+        self.query_one("#kpi-today", KpiTile).show(format_usd(data.today.cost_nanos),
+                                                   f"{data.today.requests:,} calls")
+        self.query_one("#kpi-month", KpiTile).show(format_usd(data.month.cost_nanos),
+                                                   f"{data.month.requests:,} calls")
+        self.query_one("#kpi-tokens", KpiTile).show(compact(data.last_30d.tokens),
+                                                    f"{compact(data.last_30d.output_tokens)} output")
+        unpriced = data.last_30d.unpriced
+        self.query_one("#kpi-requests", KpiTile).show(f"{data.last_30d.requests:,}",
+                                                      f"{unpriced:,} unpriced" if unpriced else "all priced")
+        self.query_one("#kpi-errors", KpiTile).show(f"{100 * data.last_24h.error_rate:.1f}%",
+                                                    f"{data.last_24h.errors:,} failed")
+        self.query_one("#kpi-burn", KpiTile).show(f"{format_usd_compact(data.burn_per_hour)}/h",
+                                                  f"month-end {format_usd_compact(data.month_forecast)}")
+        empty = self.query_one("#empty", Static)
+        empty.display = data.last_30d.requests == 0
+        empty.update("[b]No usage in the last 30 days.[/b]  Get data in with [b]budgeteer import FILE[/b] "
+                     "(JSONL or CSV events), or try [b]budgeteer demo --open[/b] for a month of example traffic.")
+        table = self.query_one("#budgets", VimTable)
+        rows = []
+        for o in data.budgets:
+            p = o.policy
+            f = data.forecasts.get(p.id)
+            rows.append((p.id, [p.name[:28], gauge(o.consumed, o.held, p.hard, p.soft, 20),
+                                right(p.format_amount(o.consumed)), right(p.format_amount(p.hard)),
+                                right(p.format_amount(f.projected) if f else "-")]))
+        if not rows:
+            rows.append(("none", ["no budgets yet: press 3, then a to add one", "", "", "", ""]))
+        table.set_rows(rows)
+        self.query_one("#timeline", Timeline).show_points(
+            [(p.bucket_ms, p.totals.cost_nanos) for p in data.timeline], metric="usd")
+        alerts = "; ".join(a.message for a in data.alerts[:2]) or "none"
+        self.query_one("#attention", Static).update(
+            f"[b]Open override requests:[/b] {data.open_requests}    "
+            f"[b]Active alerts ({len(data.alerts)}):[/b] {alerts}")

@@ -1,0 +1,48 @@
+"""A budget gauge as text: consumed, then held, against the soft and hard marks.
+
+Colours come from the theme's success / warning / error variables; a budget over its
+hard limit is never green. Marks are drawn so the bar reads without colour (NO_COLOR).
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+
+def gauge(consumed: int, held: int, hard: int, soft: int | None, width: int = 24) -> Text:
+    """``█`` consumed, ``▒`` held, ``·`` free; ``│`` the soft mark, ending at the hard limit."""
+    width = max(8, width)
+    scale = max(hard, 1)
+    used_cells = min(width, consumed * width // scale)
+    held_cells = min(width - used_cells, (consumed + held) * width // scale - used_cells)
+    soft_cell = None if soft is None else min(width - 1, soft * width // scale)
+    level = state(consumed + held, hard, soft)
+    style = {"ok": "$success", "warn": "$warning", "over": "$error"}[level]
+    text = Text()
+    for i in range(width):
+        if i < used_cells:
+            char = "█"
+        elif i < used_cells + held_cells:
+            char = "▒"
+        else:
+            char = "│" if i == soft_cell else "·"
+        text.append(char, style=_style(style) if char in "█▒" else "dim")
+    pct = 100 * (consumed + held) // scale if hard else 0
+    text.append(f" {pct:>3}%", style=_style(style))
+    if level == "over":
+        text.append(" OVER", style=_style("$error") + " bold")
+    return text
+
+
+def state(used: int, hard: int, soft: int | None) -> str:
+    if used > hard:
+        return "over"
+    if (soft is not None and used > soft) or used * 100 >= hard * 80:
+        return "warn"
+    return "ok"
+
+
+def _style(variable: str) -> str:
+    # Rich styles cannot read Textual variables; map to the ANSI names that every theme
+    # (and ansi-dark/ansi-light) renders legibly.
+    return {"$success": "green", "$warning": "yellow", "$error": "red"}[variable]

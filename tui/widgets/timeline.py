@@ -1,0 +1,65 @@
+"""A plotext timeline of spend, tokens or requests, with optional soft and hard budget lines.
+
+Floats appear here and only here: plotting needs them, the ledger never sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from textual_plotext import PlotextPlot
+
+from engine.money import NANOS_PER_USD
+
+
+class Timeline(PlotextPlot):
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._series: list[tuple[str, list[tuple[int, int]]]] = []
+        self._metric = "usd"
+        self._lines: list[tuple[str, int]] = []
+
+    def show_points(self, points: Sequence[tuple[int, int]], *, metric: str = "usd",
+                    lines: Sequence[tuple[str, int]] = ()) -> None:
+        self.show_series([("total", list(points))], metric=metric, lines=lines)
+
+    def show_series(self, series: Sequence[tuple[str, list[tuple[int, int]]]], *, metric: str = "usd",
+                    lines: Sequence[tuple[str, int]] = ()) -> None:
+        """Draw one line per (label, [(bucket_ms, value)]); ``lines`` are horizontal marks (soft, hard)."""
+        self._series = [(label, list(points)) for label, points in series]
+        self._metric = metric
+        self._lines = list(lines)
+        self._draw()
+
+    def _value(self, raw: int) -> float:
+        return raw / NANOS_PER_USD if self._metric == "usd" else float(raw)
+
+    def _draw(self) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        buckets = sorted({ts for _, pts in self._series for ts, _ in pts})
+        if not buckets:
+            plt.title("no data in this period")
+            self.refresh()
+            return
+        index = {ts: i for i, ts in enumerate(buckets)}
+        for label, pts in self._series:
+            ys = [0.0] * len(buckets)
+            for ts, value in pts:
+                ys[index[ts]] = self._value(value)
+            plt.plot(list(range(len(buckets))), ys, label=label if len(self._series) > 1 else None,
+                     marker="braille")
+        for label, value in self._lines:
+            plt.hline(self._value(value), "red" if label == "hard" else "yellow")
+        span = buckets[-1] - buckets[0]
+        fmt = "%H:%M" if span <= 2 * 86_400_000 else "%m-%d"
+        step = max(1, len(buckets) // 6)
+        ticks = list(range(0, len(buckets), step))
+        plt.xticks(ticks, [datetime.fromtimestamp(buckets[i] / 1000, UTC).strftime(fmt) for i in ticks])
+        plt.ylabel("$" if self._metric == "usd" else self._metric)
+        self.refresh()
+
+    def on_resize(self) -> None:
+        self._draw()

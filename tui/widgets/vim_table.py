@@ -1,0 +1,59 @@
+"""A DataTable with vim keys (j/k/g/G) and a text filter, used by every screen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from rich.text import Text
+from textual.binding import Binding, BindingType
+from textual.widgets import DataTable
+
+
+class VimTable(DataTable[str | Text]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("j", "cursor_down", "Down", show=False, id="table.down"),
+        Binding("k", "cursor_up", "Up", show=False, id="table.up"),
+        Binding("g", "scroll_top", "Top", show=False, id="table.top"),
+        Binding("G", "scroll_bottom", "Bottom", show=False, id="table.bottom"),
+    ]
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        self._rows: list[tuple[str, Sequence[str | Text]]] = []
+        self.filter_text = ""
+
+    def set_rows(self, rows: list[tuple[str, Sequence[str | Text]]]) -> None:
+        """Replace the rows (key, cells), keeping the cursor on the same key where it can."""
+        self._rows = rows
+        self._render_rows()
+
+    def set_filter(self, text: str) -> None:
+        self.filter_text = text.strip().lower()
+        self._render_rows()
+
+    def _render_rows(self) -> None:
+        current = self.current_key
+        self.clear()
+        needle = self.filter_text
+        for key, cells in self._rows:
+            if needle and not any(needle in str(cell).lower() for cell in cells):
+                continue
+            self.add_row(*cells, key=key)
+        if current is not None:
+            keys = [str(k.value) for k in self.rows]
+            if current in keys:
+                self.move_cursor(row=keys.index(current), animate=False)
+
+    @property
+    def current_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            return str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
+        except Exception:  # no row under the cursor
+            return None
+
+
+def right(text: str) -> Text:
+    return Text(text, justify="right")
