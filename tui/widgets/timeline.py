@@ -39,6 +39,8 @@ class Timeline(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
+        if self.size.width and self.size.height:
+            plt.plotsize(self.size.width, self.size.height)  # ticks are laid out for the real size
         buckets = sorted({ts for _, pts in self._series for ts, _ in pts})
         if not buckets:
             plt.title("no data in this period")
@@ -55,7 +57,9 @@ class Timeline(PlotextPlot):
             plt.hline(self._value(value), "red" if label == "hard" else "yellow")
         span = buckets[-1] - buckets[0]
         fmt = "%H:%M" if span <= 2 * 86_400_000 else "%m-%d"
-        step = max(1, len(buckets) // 6)
+        # Few enough labels that none overlap: plotext's choice among colliding labels varies.
+        room = max(2, (self.size.width - 10) // 9) if self.size.width else 6
+        step = max(1, -(-len(buckets) // room))
         ticks = list(range(0, len(buckets), step))
         plt.xticks(ticks, [datetime.fromtimestamp(buckets[i] / 1000, UTC).strftime(fmt) for i in ticks])
         plt.ylabel("$" if self._metric == "usd" else self._metric)
