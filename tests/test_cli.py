@@ -168,7 +168,7 @@ def test_demo_open_opens_the_dashboard_on_the_new_ledger(monkeypatch: pytest.Mon
     import tui.cli
 
     opened: list[Path | None] = []
-    monkeypatch.setattr(tui.cli, "_run_dashboard", lambda path: opened.append(path) or 0)
+    monkeypatch.setattr(tui.cli, "_run_dashboard", lambda path, *rest: opened.append(path) or 0)
     code, _, _ = run(capsys, "demo", "--days", "1", "--open")
     assert code == 0
     assert opened == [Path(os.environ["BUDGETEER_HOME"]) / "demo.db"]

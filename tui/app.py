@@ -7,6 +7,7 @@ few seconds, never piling polls up, and stops while paused or while a modal is o
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,7 +19,7 @@ from textual.screen import Screen
 from textual.widgets import Static
 
 from engine.clock import Clock
-from engine.engine import Engine
+from engine.engine import Engine, default_db_path
 from engine.store import StoreError
 from tui.screens.alerts import AlertsScreen
 from tui.screens.base import DataScreen
@@ -67,8 +68,23 @@ class BudgeteerApp(App[None]):
         self.updated_ms: int | None = None
         self.error: str | None = None
 
+    def load_keymap(self, path: Path) -> None:
+        """A user keymap: a JSON object of binding id -> keys (``{"app.quit": "ctrl+q"}``)."""
+        try:
+            mapping = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self.notify(f"Keymap {path} ignored: {exc}", severity="warning")
+            return
+        if isinstance(mapping, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+            self.set_keymap(mapping)
+        else:
+            self.notify(f"Keymap {path} ignored: it must map binding ids to keys", severity="warning")
+
     async def on_mount(self) -> None:
         self.sub_title = self.label + ("  (read-only)" if self.read_only else "")
+        self.load_keymap(default_db_path().parent / "keymap.json")
         try:
             self.engine = await Engine.open(self.db_path, clock=self.clock)
         except StoreError as exc:

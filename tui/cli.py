@@ -303,11 +303,13 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_dashboard(path: Path | None) -> int:
+def _run_dashboard(path: Path | None, refresh: float = 2.0, read_only: bool = False) -> int:
     from tui.app import BudgeteerApp
 
     db = path or default_db_path()
-    app = BudgeteerApp(db_path=db, clock=_now_clock())
+    if refresh < 0.2 or refresh > 3600:
+        raise UsageError(f"--refresh must be between 0.2 and 3600 seconds (got {refresh:g})")
+    app = BudgeteerApp(db_path=db, clock=_now_clock(), refresh_seconds=refresh, read_only=read_only)
     app.run()
     if app.fatal_error:
         raise Failure(app.fatal_error)
@@ -552,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="budgeteer", description="Govern what your organisation spends on language models. "
                      "With no command, opens the dashboard.")
     parser.add_argument("--db", default=None, help=db_help)
+    parser.add_argument("--refresh", type=float, default=2.0, help="dashboard refresh in seconds (default 2)")
+    parser.add_argument("--read-only", action="store_true", help="dashboard: look, change nothing")
     parser.add_argument("--version", action="version", version="budgeteer 0.1.0")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
@@ -710,10 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _normalise_dates(args)
         handler: Callable[[argparse.Namespace], Awaitable[int]] | None = getattr(args, "handler", None)
         if handler is None:
-            return _run_dashboard(Path(args.db) if args.db else None)
+            return _run_dashboard(Path(args.db) if args.db else None, args.refresh, args.read_only)
         code = asyncio.run(handler(args))
         if code == EXIT_OK and getattr(args, "open_after", None):
-            return _run_dashboard(args.open_after)
+            return _run_dashboard(args.open_after, args.refresh, args.read_only)
         return code
     except (UsageError, FieldError, MoneyError) as exc:
         if debug:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from textual.widgets import Input, Static
 
 from engine.budgets import build_policy
@@ -201,3 +202,83 @@ async def test_a_ledger_that_cannot_be_opened_ends_with_a_clear_error(tmp_path: 
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause(0.2)
     assert app.fatal_error is not None and "not a Budgeteer ledger" in app.fatal_error
+
+
+async def test_each_screen_binding_does_what_it_says(db_path: Path, clock: FrozenClock, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.record_many([event(i, model=("gpt-4o", "o3")[i % 2], team=("ml", "ops")[i % 2])
+                                  for i in range(6)])
+        await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="1", name="ML"))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(140, 40)) as pilot:
+        # usage: period, group, metric, budget lines, export
+        await pilot.press("2")
+        await _settle(pilot, app)
+        usage = app.screen
+        assert isinstance(usage, UsageScreen)
+        await pilot.press("t")
+        assert usage.period == "7d"
+        await pilot.press("b", "m", "l")
+        await _settle(pilot, app)
+        assert (usage.group, usage.metric, usage.policy_index) == ("provider", "tokens", 0)
+        monkeypatch.chdir(tmp_path)
+        await pilot.press("x")
+        await pilot.pause(0.1)
+        exported = (tmp_path / "budgeteer-usage-7d-by-provider.csv").read_text().splitlines()
+        assert exported[0] == "provider,cost_nanos,tokens,requests,errors" and exported[1].startswith('"openai",')
+        # budgets: backtest, edit (form opens with the policy), delete with confirmation
+        await pilot.press("3")
+        await _settle(pilot, app)
+        app.screen.query_one("#policies", VimTable).focus()
+        await pilot.press("b")
+        await pilot.pause(0.2)
+        assert "Backtest of ML" in str(app.screen.query_one(".modal-title", Static).content)
+        await pilot.press("escape", "e")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, PolicyForm) and app.screen.query_one("#f-name", Input).value == "ML"
+        await pilot.press("ctrl+b")
+        await pilot.pause(0.2)
+        assert "calls in scope" in str(app.screen.query_one("#backtest-result", Static).content)
+        await pilot.press("escape", "d")
+        await pilot.pause(0.1)
+        await pilot.press("y")
+        await _settle(pilot, app)
+        async with await Engine.open(db_path, clock=clock) as engine:
+            assert await engine.policies() == []
+        # alerts: history toggle and detail
+        await pilot.press("4")
+        await _settle(pilot, app)
+        alerts = app.screen
+        assert isinstance(alerts, AlertsScreen)
+        await pilot.press("h")
+        await _settle(pilot, app)
+        assert alerts.include_acked
+        # r refreshes, : opens the command palette, esc closes it
+        await pilot.press("r")
+        await pilot.press("colon")
+        await pilot.pause(0.2)
+        assert type(app.screen).__name__ == "CommandPalette"
+        await pilot.press("escape")
+
+
+async def test_a_user_keymap_rebinds_by_id(db_path: Path, clock: FrozenClock, tmp_path: Path) -> None:
+    keymap = tmp_path / "keymap.json"
+    keymap.write_text('{"app.usage": "u"}')
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _settle(pilot, app)
+        app.load_keymap(keymap)
+        await pilot.press("u")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, UsageScreen)
+
+
+async def test_read_only_mode_refuses_changes(db_path: Path, clock: FrozenClock) -> None:
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60, read_only=True)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        await pilot.press("a")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, BudgetsScreen)  # no form opened

@@ -79,6 +79,7 @@ class PolicyForm(ModalScreen[Policy | None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="form.cancel"),
         Binding("ctrl+s", "save", "Save", id="form.save"),
+        Binding("ctrl+b", "backtest", "Backtest draft", id="form.backtest"),
     ]
     FIELDS: ClassVar[list[tuple[str, str]]] = [
         ("name", "Name"), ("scope", "Scope (global, team:ml, team:ml+model:gpt-4o)"),
@@ -115,8 +116,10 @@ class PolicyForm(ModalScreen[Policy | None]):
             yield Select([(a, a) for a in ACTIONS], value=self.policy.action if self.policy else "block",
                          id="f-action", allow_blank=False)
             yield Static("", id="e-other", classes="field-error")
+            yield Static("", id="backtest-result")
             with Horizontal(classes="buttons"):
                 yield Button("Save", id="save", variant="primary")
+                yield Button("Backtest 30 days", id="backtest")
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
@@ -125,8 +128,8 @@ class PolicyForm(ModalScreen[Policy | None]):
     def _value(self, name: str) -> str:
         return self.query_one(f"#f-{name}", Input).value.strip()
 
-    @on(Button.Pressed, "#save")
-    def action_save(self) -> None:
+    def _draft(self) -> Policy | None:
+        """The policy the form describes, or None with the refusal shown under its field."""
         for name, _ in self.FIELDS:
             self.query_one(f"#e-{name}", Static).update("")
         self.query_one("#e-other", Static).update("")
@@ -142,6 +145,13 @@ class PolicyForm(ModalScreen[Policy | None]):
         except FieldError as exc:
             target = f"#e-{exc.field}" if exc.field in {n for n, _ in self.FIELDS} else "#e-other"
             self.query_one(target, Static).update(f"{exc.field}: {exc.reason}")
+            return None
+        return policy
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        policy = self._draft()
+        if policy is None:
             return
         if self.policy is not None:
             from dataclasses import replace
@@ -152,3 +162,18 @@ class PolicyForm(ModalScreen[Policy | None]):
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+    @on(Button.Pressed, "#backtest")
+    async def action_backtest(self) -> None:
+        """Replay the last 30 days against the policy as drafted, before saving it."""
+        policy = self._draft()
+        engine = getattr(self.app, "engine", None)
+        if policy is None or engine is None:
+            return
+        now = engine.now_ms()
+        result = await engine.backtest(policy, now - 30 * 86_400_000, now + 1)
+        fmt = policy.format_amount
+        self.query_one("#backtest-result", Static).update(
+            f"Last 30 days: {result.calls:,} calls in scope; would have blocked {result.blocked:,} "
+            f"({fmt(result.prevented)} of {fmt(result.prevented + result.allowed_total)}) in "
+            f"{result.windows_hit:,} windows.")
