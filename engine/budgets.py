@@ -225,6 +225,17 @@ class Policy:
     def format_amount(self, amount: int) -> str:
         return format_usd(amount) if self.metric == "usd" else f"{amount:,} {self.metric}"
 
+    def format_short(self, amount: int) -> str:
+        """For table cells: ``$1,077.70``, ``130.6k tok``, ``12.0M tok``, ``950 req``."""
+        if self.metric == "usd":
+            return format_usd(amount)
+        unit = {"tokens": "tok", "requests": "req"}.get(self.metric, self.metric)
+        for size, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+            if amount >= size:
+                tenths = amount * 10 // size
+                return f"{tenths // 10:,}.{tenths % 10}{suffix} {unit}"
+        return f"{amount:,} {unit}"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "scope": str(self.scope), "metric": self.metric,

@@ -235,3 +235,16 @@ def test_held_amounts_count_against_the_limit() -> None:
 def test_scopes_print_back_as_typed_in_a_stable_order() -> None:
     assert str(parse_scope("team:ml+model:gpt-4o")) == "model:gpt-4o+team:ml"
     assert str(parse_scope("global")) == "global"
+
+
+def test_short_amounts_fit_a_table_cell() -> None:
+    from engine.budgets import build_policy
+
+    usd = build_policy(scope="global", metric="usd", window="day", hard="5", now_ms=0)
+    tokens = build_policy(scope="global", metric="tokens", window="day", hard="12000000", now_ms=0)
+    requests = build_policy(scope="global", metric="requests", window="day", hard="950", now_ms=0)
+    assert usd.format_short(1_077_700_000_000) == "$1,077.70"
+    assert tokens.format_short(130_581) == "130.5k tok"
+    assert tokens.format_short(12_000_000) == "12.0M tok"
+    assert tokens.format_short(999) == "999 tok"
+    assert requests.format_short(950) == "950 req"

@@ -254,3 +254,12 @@ def test_alerts_are_listed_and_acknowledged(tmp_path: Path, capsys: pytest.Captu
     assert len(json.loads(run(capsys, "--db", db, "alerts", "list", "--all", "--json")[1])) == 3
     code, _, err = run(capsys, "--db", db, "alerts", "ack", "999")
     assert code == 2 and "id: no alert 999" in err
+
+
+def test_an_unknown_theme_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(capsys, "--db", str(tmp_path / "l.db"), "--theme", "ansi-purple")
+    assert code == 2 and "--theme: unknown theme 'ansi-purple'" in err and "ansi-light" in err
+    monkeypatch.setenv("BUDGETEER_THEME", "nope")
+    code, _, err = run(capsys, "screenshots", "--out", str(tmp_path / "shots"))
+    assert code == 2 and "unknown theme 'nope'" in err and not (tmp_path / "shots").exists()

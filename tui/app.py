@@ -24,7 +24,7 @@ from engine.store import StoreError
 from tui.screens.alerts import AlertsScreen
 from tui.screens.base import DataScreen
 from tui.screens.budgets import BudgetsScreen
-from tui.screens.modals import HelpModal
+from tui.screens.help import HelpModal
 from tui.screens.overview import OverviewScreen
 from tui.screens.usage import UsageScreen
 
@@ -38,6 +38,10 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
 
 class BudgeteerApp(App[None]):
     CSS_PATH = "budgeteer.tcss"
+    # Screens get -narrow below 110 columns (an 80x24 terminal: panes stack in a column),
+    # -medium below 150 (gauges and names shorten), -wide from 150.
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [
+        (0, "-narrow"), (110, "-medium"), (150, "-wide")]
     TITLE = "Budgeteer"
     MODES: ClassVar[dict[str, type[Screen[None]]]] = {  # type: ignore[assignment]
         "overview": OverviewScreen, "usage": UsageScreen, "budgets": BudgetsScreen, "alerts": AlertsScreen}
@@ -54,8 +58,10 @@ class BudgeteerApp(App[None]):
     ]
 
     def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0,
-                 label: str | None = None, read_only: bool = False) -> None:
+                 label: str | None = None, read_only: bool = False, theme: str | None = None) -> None:
         super().__init__()
+        if theme:
+            self.theme = theme  # ansi-dark / ansi-light leave the colours to the terminal
         self.db_path = db_path
         self.clock = clock
         self.refresh_seconds = refresh_seconds

@@ -303,13 +303,25 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_dashboard(path: Path | None, refresh: float = 2.0, read_only: bool = False) -> int:
+def _theme(name: str | None) -> str | None:
+    """--theme, else BUDGETEER_THEME; a name Textual does not know is refused with the list."""
+    from textual.theme import BUILTIN_THEMES
+
+    name = name or os.environ.get("BUDGETEER_THEME") or None
+    if name is not None and name not in BUILTIN_THEMES:
+        raise UsageError(f"--theme: unknown theme {name!r}; choose one of {', '.join(sorted(BUILTIN_THEMES))}")
+    return name
+
+
+def _run_dashboard(path: Path | None, refresh: float = 2.0, read_only: bool = False,
+                   theme: str | None = None) -> int:
     from tui.app import BudgeteerApp
 
     db = path or default_db_path()
     if refresh < 0.2 or refresh > 3600:
         raise UsageError(f"--refresh must be between 0.2 and 3600 seconds (got {refresh:g})")
-    app = BudgeteerApp(db_path=db, clock=_now_clock(), refresh_seconds=refresh, read_only=read_only)
+    app = BudgeteerApp(db_path=db, clock=_now_clock(), refresh_seconds=refresh, read_only=read_only,
+                       theme=_theme(theme))
     app.run()
     if app.fatal_error:
         raise Failure(app.fatal_error)
@@ -321,6 +333,8 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
     from engine.demo import demo_policies, generate_demo
     from tui.app import BudgeteerApp
 
+    theme = _theme(getattr(args, "theme", None))
+    suffix = f"-{theme}" if theme else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = FrozenClock(SCREENSHOT_NOW_MS)
@@ -333,13 +347,13 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
                 await engine.add_policy(policy)
         written = []
         for width, height in ((160, 48), (80, 24)):
-            app = BudgeteerApp(db_path=db, clock=clock, refresh_seconds=3600, label="demo ledger")
+            app = BudgeteerApp(db_path=db, clock=clock, refresh_seconds=3600, label="demo ledger", theme=theme)
             async with app.run_test(size=(width, height)) as pilot:
                 for key, mode in (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts")):
                     await pilot.press(key)
                     await app.workers.wait_for_complete()
                     await pilot.pause(0.2)
-                    name = f"{mode}-{width}x{height}.svg"
+                    name = f"{mode}{suffix}-{width}x{height}.svg"
                     app.save_screenshot(filename=name, path=str(out))
                     written.append(out / name)
     for path in written:
@@ -556,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", default=None, help=db_help)
     parser.add_argument("--refresh", type=float, default=2.0, help="dashboard refresh in seconds (default 2)")
     parser.add_argument("--read-only", action="store_true", help="dashboard: look, change nothing")
+    parser.add_argument("--theme", help="dashboard theme, e.g. ansi-dark or ansi-light to use the terminal's "
+                        "own colours (default textual-dark; env BUDGETEER_THEME)")
     parser.add_argument("--version", action="version", version="budgeteer 0.1.0")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
@@ -571,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("screenshots", parents=[common], help="regenerate the dashboard's SVG screenshots",
                        description="Write SVG screenshots of the dashboard on a deterministic demo ledger.")
     p.add_argument("--out", default="screenshots", help="folder to write to (default screenshots/)")
+    p.add_argument("--theme", default=argparse.SUPPRESS, help="theme to draw in (file names get its name)")
     p.set_defaults(handler=cmd_screenshots)
 
     p = sub.add_parser("usage", parents=[common], help="spend and tokens for a period",
@@ -714,10 +731,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _normalise_dates(args)
         handler: Callable[[argparse.Namespace], Awaitable[int]] | None = getattr(args, "handler", None)
         if handler is None:
-            return _run_dashboard(Path(args.db) if args.db else None, args.refresh, args.read_only)
+            return _run_dashboard(Path(args.db) if args.db else None, args.refresh, args.read_only, args.theme)
         code = asyncio.run(handler(args))
         if code == EXIT_OK and getattr(args, "open_after", None):
-            return _run_dashboard(args.open_after, args.refresh, args.read_only)
+            return _run_dashboard(args.open_after, args.refresh, args.read_only, args.theme)
         return code
     except (UsageError, FieldError, MoneyError) as exc:
         if debug:

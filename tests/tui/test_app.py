@@ -18,8 +18,9 @@ from tests.conftest import NOW_MS, event
 from tui.app import BudgeteerApp
 from tui.screens.alerts import AlertsScreen
 from tui.screens.budgets import BudgetsScreen
-from tui.screens.modals import HelpModal, PolicyForm
+from tui.screens.help import HelpModal
 from tui.screens.overview import OverviewScreen
+from tui.screens.policy_form import PolicyForm
 from tui.screens.usage import UsageScreen
 from tui.widgets.kpi import KpiTile
 from tui.widgets.vim_table import VimTable
@@ -282,3 +283,54 @@ async def test_read_only_mode_refuses_changes(db_path: Path, clock: FrozenClock)
         await pilot.press("a")
         await pilot.pause(0.1)
         assert isinstance(app.screen, BudgetsScreen)  # no form opened
+
+
+async def _over_budget_ledger(db_path: Path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.record_many([event(i, cost_nanos=2_000_000_000) for i in range(3)])
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="5", soft="4",
+                                             name="Daily cap", now_ms=NOW_MS))
+
+
+@pytest.mark.parametrize("theme", ["textual-dark", "ansi-dark", "ansi-light"])
+async def test_gauges_and_plot_follow_the_theme(db_path: Path, clock: FrozenClock, theme: str) -> None:
+    """Over budget is drawn in the theme's error colour, never its success colour; under an
+    ANSI theme gauges use ANSI colours and the plot leaves its canvas to the terminal."""
+    from rich.text import Text
+    from textual.color import Color
+
+    from tui.widgets.timeline import Timeline
+
+    await _over_budget_ledger(db_path, clock)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60, theme=theme)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await _settle(pilot, app)
+        error = Color.parse(app.theme_variables["error"]).rich_color.name
+        success = Color.parse(app.theme_variables["success"]).rich_color.name
+        gauge = app.screen.query_one("#budgets", VimTable).get_row_at(0)[1]
+        assert isinstance(gauge, Text) and "OVER" in gauge.plain
+        styles = {str(span.style) for span in gauge.spans}
+        assert any(error in s for s in styles) and not any(success in s for s in styles)
+        plot = app.screen.query_one("#timeline", Timeline)
+        if theme.startswith("ansi"):
+            assert error.startswith("color(") and plot.theme == "clear"
+        else:
+            assert error.startswith("#") and plot.theme == "auto"
+
+
+async def test_eighty_columns_stack_panes_and_drop_columns(db_path: Path, clock: FrozenClock) -> None:
+    await _over_budget_ledger(db_path, clock)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settle(pilot, app)
+        assert app.screen.has_class("-narrow")
+        await pilot.press("3")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#policies", VimTable)
+        assert [str(c.label) for c in table.columns.values()] == ["policy", "gauge", "spent", "hard", "mode"]
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#policies", VimTable)
+        assert len(table.columns) == 10 and not app.screen.has_class("-narrow")

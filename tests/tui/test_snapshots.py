@@ -50,3 +50,21 @@ def test_screen_snapshot(snap_compare: Callable[..., bool], demo_ledger: Path, t
         await pilot.app.workers.wait_for_complete()
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("theme", ["ansi-dark", "ansi-light"])
+@pytest.mark.parametrize("key", ["1", "2"], ids=["overview", "usage"])
+def test_ansi_theme_snapshot(snap_compare: Callable[..., bool], demo_ledger: Path, tmp_path: Path, key: str,
+                             theme: str) -> None:
+    """The terminal's own colours: gauges, tables and the plot canvas included."""
+    db = tmp_path / "demo.db"
+    shutil.copy(demo_ledger, db)
+    app = BudgeteerApp(db_path=db, clock=FrozenClock(NOW), refresh_seconds=3600, label="demo ledger", theme=theme)
+
+    async def run_before(pilot: Any) -> None:
+        await pilot.press(key)
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        await pilot.app.workers.wait_for_complete()
+
+    assert snap_compare(app, terminal_size=(120, 36), run_before=run_before)

@@ -11,7 +11,7 @@ from textual.widgets import Static
 from engine.alerts import Alert
 from engine.clock import iso
 from tui.screens.base import DataScreen
-from tui.screens.modals import MessageModal
+from tui.screens.message import MessageModal
 from tui.widgets.vim_table import VimTable
 
 if TYPE_CHECKING:
@@ -37,9 +37,8 @@ class AlertsScreen(DataScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        table = self.query_one("#alerts-table", VimTable)
-        for name in ("time (UTC)", "policy", "kind", "message", "acknowledged"):
-            table.add_column(name, key=name)
+        self.query_one("#alerts-table", VimTable).define(
+            [(name, name) for name in ("time (UTC)", "policy", "kind", "message", "acknowledged")])
 
     async def load(self, engine: Engine) -> Any:
         return await engine.alerts(include_acked=self.include_acked)
@@ -55,7 +54,10 @@ class AlertsScreen(DataScreen):
                              a.acked_by or ""]) for a in data]
         if not rows:
             rows = [("none", ["", "", "", "No alerts. Budgets raise them at 50/80/100 % of a hard limit.", ""])]
-        self.query_one("#alerts-table", VimTable).set_rows(rows)
+        table = self.query_one("#alerts-table", VimTable)
+        # 80 columns: the message names the policy; enter shows everything.
+        table.show_only(("time (UTC)", "kind", "message") if self.narrow else None)
+        table.set_rows(rows)
 
     def _selected(self) -> Alert | None:
         key = self.query_one("#alerts-table", VimTable).current_key

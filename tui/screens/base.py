@@ -11,6 +11,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
+from tui.widgets.gauge import theme_colors
 from tui.widgets.vim_table import VimTable
 
 if TYPE_CHECKING:
@@ -48,6 +49,30 @@ class DataScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
         self.sub_title = self.TITLE_TEXT
+        self.app.theme_changed_signal.subscribe(self, lambda _theme: self.reload())
+
+    def on_resize(self) -> None:
+        self.reload()  # narrow and wide layouts draw gauges and notes differently
+
+    @property
+    def narrow(self) -> bool:
+        """An 80-column terminal: shorter notes, narrower gauges (the -narrow breakpoint)."""
+        return self.has_class("-narrow")
+
+    @property
+    def roomy(self) -> bool:
+        """150 columns or more: full-length gauges and names."""
+        return self.has_class("-wide")
+
+    def gauge_width(self) -> int:
+        return 20 if self.roomy else 10
+
+    def name_width(self) -> int:
+        return 28 if self.roomy else 20
+
+    def gauge_colors(self) -> dict[str, str]:
+        """ok / warn / over in the current theme's success / warning / error."""
+        return theme_colors(self.app.theme_variables)
 
     def on_screen_resume(self) -> None:
         self.reload()

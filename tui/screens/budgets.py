@@ -13,7 +13,9 @@ from textual.widgets import Static
 from engine.budgets import Forecast, Outcome, Policy
 from engine.clock import DAY_MS, iso
 from tui.screens.base import DataScreen
-from tui.screens.modals import ConfirmModal, MessageModal, PolicyForm
+from tui.screens.confirm import ConfirmModal
+from tui.screens.message import MessageModal
+from tui.screens.policy_form import PolicyForm
 from tui.widgets.gauge import gauge
 from tui.widgets.vim_table import VimTable, right
 
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 class BudgetsData:
     status: list[Outcome]
     forecasts: dict[str, Forecast]
+
+
+NARROW_COLUMNS = ("policy", "gauge", "spent", "hard", "mode")
 
 
 class BudgetsScreen(DataScreen):
@@ -47,14 +52,10 @@ class BudgetsScreen(DataScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        table = self.query_one("#policies", VimTable)
-        table.add_column("policy", key="policy")
-        table.add_column("scope", key="scope")
-        table.add_column("window", key="window")
-        table.add_column("gauge", key="gauge")
-        for name in ("spent", "held", "hard", "forecast", "hits limit"):
-            table.add_column(right(name), key=name)
-        table.add_column("mode", key="mode")
+        self.query_one("#policies", VimTable).define(
+            [("policy", "policy"), ("scope", "scope"), ("window", "window"), ("gauge", "gauge")]
+            + [(name, right(name)) for name in ("spent", "held", "hard", "forecast", "hits limit")]
+            + [("mode", "mode")])
 
     async def load(self, engine: Engine) -> Any:
         status = await engine.policy_status()
@@ -66,21 +67,24 @@ class BudgetsScreen(DataScreen):
             f"{len(data.status)} policies   [b]a[/b] add   [b]e[/b] edit   [b]d[/b] delete   "
             "[b]b[/b] backtest the last 30 days")
         rows = []
+        colors, width = self.gauge_colors(), self.gauge_width()
         for o in data.status:
             p = o.policy
             f = data.forecasts.get(p.id)
-            fmt = p.format_amount
+            fmt = p.format_short
             hits = "-"
             if f is not None and f.limit_at_ms is not None:
                 hits = "now" if f.limit_at_ms <= o.window_start_ms or f.consumed >= p.hard else (
                     iso(f.limit_at_ms)[5:16].replace("T", " "))
-            rows.append((p.id, [p.name[:26], str(p.scope), str(p.window),
-                                gauge(o.consumed, o.held, p.hard, p.soft, 20), right(fmt(o.consumed)),
+            rows.append((p.id, [p.name[:self.name_width()], str(p.scope), str(p.window),
+                                gauge(o.consumed, o.held, p.hard, p.soft, width, colors), right(fmt(o.consumed)),
                                 right(fmt(o.held)), right(fmt(p.hard)), right(fmt(f.projected) if f else "-"),
                                 right(hits), p.mode if p.enabled else "off"]))
         if not rows:
             rows = [("none", ["No budgets yet: press a to add one.", "", "", "", "", "", "", "", "", ""])]
-        self.query_one("#policies", VimTable).set_rows(rows)
+        table = self.query_one("#policies", VimTable)
+        table.show_only(NARROW_COLUMNS if self.narrow else None)  # enter shows the rest
+        table.set_rows(rows)
 
     def _selected(self) -> Policy | None:
         return self.policies.get(self.query_one("#policies", VimTable).current_key or "")

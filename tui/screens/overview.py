@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
 from engine.budgets import Outcome, Window, window_bounds
-from engine.clock import DAY_MS, HOUR_MS, period_range
+from engine.clock import DAY_MS, HOUR_MS, iso, period_range
 from engine.money import format_usd, format_usd_compact
 from engine.store import TimelinePoint, Totals
 from tui.screens.base import DataScreen
@@ -51,12 +51,14 @@ class OverviewScreen(DataScreen):
             yield KpiTile("Tokens 30d", id="kpi-tokens")
             yield KpiTile("Calls 30d", id="kpi-requests")
             yield KpiTile("Errors 24h", id="kpi-errors")
-            yield KpiTile("Burn", id="kpi-burn")
+            yield KpiTile("Burn rate", id="kpi-burn")
         yield Static("", id="empty")
         with Horizontal(id="overview-main"):
             with Vertical(id="overview-left"):
                 yield Static("Budgets nearest their limits", classes="section-title")
                 yield VimTable(id="budgets")
+                yield Static("Active alerts  (4 lists them all)", classes="section-title", id="overview-alerts-title")
+                yield VimTable(id="overview-alerts")
             with Vertical(id="overview-right"):
                 yield Static("Spend, last 24 hours", classes="section-title")
                 yield Timeline(id="timeline")
@@ -64,12 +66,10 @@ class OverviewScreen(DataScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        table = self.query_one("#budgets", VimTable)
-        table.add_column("policy", key="policy")
-        table.add_column("gauge", key="gauge")
-        table.add_column(right("spent"), key="spent")
-        table.add_column(right("limit"), key="limit")
-        table.add_column(right("month-end"), key="forecast")
+        self.query_one("#budgets", VimTable).define(
+            [("policy", "policy"), ("gauge", "gauge"), ("spent", right("spent")), ("limit", right("limit")),
+             ("forecast", right("forecast"))])
+        self.query_one("#overview-alerts", VimTable).define([("time", "time (UTC)"), ("message", "message")])
 
     async def load(self, engine: Engine) -> Any:
         now = engine.now_ms()
@@ -89,7 +89,7 @@ class OverviewScreen(DataScreen):
             budgets=sorted(status, key=lambda o: -(o.consumed + o.held) / max(o.policy.hard, 1))[:8],
             forecasts=forecasts,
             timeline=await engine.timeline(now - DAY_MS, now + 1, HOUR_MS),
-            alerts=await engine.alerts(limit=5),
+            alerts=await engine.alerts(limit=50),
             open_requests=await engine.open_override_requests(),
         )
 
@@ -97,34 +97,45 @@ class OverviewScreen(DataScreen):
         self.query_one("#kpi-today", KpiTile).show(format_usd(data.today.cost_nanos),
                                                    f"{data.today.requests:,} calls")
         self.query_one("#kpi-month", KpiTile).show(format_usd(data.month.cost_nanos),
-                                                   f"{data.month.requests:,} calls")
+                                                   f"{compact(data.month.requests)} calls")
+        output = compact(data.last_30d.output_tokens)
         self.query_one("#kpi-tokens", KpiTile).show(compact(data.last_30d.tokens),
-                                                    f"{compact(data.last_30d.output_tokens)} output")
+                                                    f"{output} out" if self.narrow else f"{output} output")
         unpriced = data.last_30d.unpriced
         self.query_one("#kpi-requests", KpiTile).show(f"{data.last_30d.requests:,}",
                                                       f"{unpriced:,} unpriced" if unpriced else "all priced")
         self.query_one("#kpi-errors", KpiTile).show(f"{100 * data.last_24h.error_rate:.1f}%",
                                                     f"{data.last_24h.errors:,} failed")
-        self.query_one("#kpi-burn", KpiTile).show(f"{format_usd_compact(data.burn_per_hour)}/h",
-                                                  f"month-end {format_usd_compact(data.month_forecast)}")
+        burn = self.query_one("#kpi-burn", KpiTile)
+        burn.query_one(".kpi-label", Static).update("Burn rate" if self.narrow else "Burn, month-end")
+        burn.show(f"{format_usd_compact(data.burn_per_hour)}/h", f"→ {format_usd_compact(data.month_forecast)}")
+        burn.tooltip = "Spend per hour over the last hour, and the month's total if that pace holds"
         empty = self.query_one("#empty", Static)
         empty.display = data.last_30d.requests == 0
         empty.update("[b]No usage in the last 30 days.[/b]  Get data in with [b]budgeteer import FILE[/b] "
                      "(JSONL or CSV events), or try [b]budgeteer demo --open[/b] for a month of example traffic.")
         table = self.query_one("#budgets", VimTable)
         rows = []
+        colors, width = self.gauge_colors(), self.gauge_width()
         for o in data.budgets:
             p = o.policy
             f = data.forecasts.get(p.id)
-            rows.append((p.id, [p.name[:28], gauge(o.consumed, o.held, p.hard, p.soft, 20),
-                                right(p.format_amount(o.consumed)), right(p.format_amount(p.hard)),
-                                right(p.format_amount(f.projected) if f else "-")]))
+            rows.append((p.id, [p.name[:self.name_width()],
+                                gauge(o.consumed, o.held, p.hard, p.soft, width, colors),
+                                right(p.format_short(o.consumed)), right(p.format_short(p.hard)),
+                                right(p.format_short(f.projected) if f else "-")]))
         if not rows:
             rows.append(("none", ["no budgets yet: press 3, then a to add one", "", "", "", ""]))
+        # Same columns both ways; switching rebuilds them so a narrow table does not keep wide widths.
+        table.show_only(("policy", "gauge", "spent", "limit", "forecast") if not self.roomy else None)
         table.set_rows(rows)
         self.query_one("#timeline", Timeline).show_points(
             [(p.bucket_ms, p.totals.cost_nanos) for p in data.timeline], metric="usd")
-        alerts = "; ".join(a.message for a in data.alerts[:2]) or "none"
+        self.query_one("#overview-alerts", VimTable).set_rows(
+            [(str(a.id), [iso(a.ts_ms)[5:16].replace("T", " "), a.message]) for a in data.alerts]
+            or [("none", ["", "No active alerts."])])
+        # 80 columns have no room for the alerts table: the line under the panes carries them.
+        alerts = "; ".join(a.message for a in data.alerts[:2]) if self.narrow else ""
         self.query_one("#attention", Static).update(
             f"[b]Open override requests:[/b] {data.open_requests}    "
-            f"[b]Active alerts ({len(data.alerts)}):[/b] {alerts}")
+            f"[b]Active alerts:[/b] {len(data.alerts)}{': ' + alerts if alerts else ''}")

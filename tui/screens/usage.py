@@ -71,18 +71,24 @@ class UsageScreen(DataScreen):
 
     def on_mount(self) -> None:
         super().on_mount()
-        table = self.query_one("#breakdown", VimTable)
-        table.add_column("name", key="name")
-        for name in ("spend", "tokens", "calls", "share"):
-            table.add_column(right(name), key=name)
+        self.query_one("#breakdown", VimTable).define(
+            [("name", "name")] + [(name, right(name)) for name in ("spend", "tokens", "calls", "share")])
         self._controls()
 
     def _controls(self) -> None:
         policy = self.policies[self.policy_index].name if 0 <= self.policy_index < len(self.policies) else "none"
-        self.query_one("#usage-controls", Static).update(
-            f"[b]t[/b] period [reverse] {self.period} [/]   [b]b[/b] by [reverse] {self.group} [/]   "
-            f"[b]m[/b] metric [reverse] {self.metric} [/]   [b]l[/b] budget lines [reverse] {policy} [/]   "
-            "[b]x[/b] export")
+        if self.size.width and self.size.width < 110:  # 80 columns: the footer names the keys
+            text = (f"[b]t[/b] [reverse] {self.period} [/]  [b]b[/b] [reverse] {self.group} [/]  "
+                    f"[b]m[/b] [reverse] {self.metric} [/]  [b]l[/b] [reverse] {policy[:24]} [/]  [b]x[/b] export")
+        else:
+            text = (f"[b]t[/b] period [reverse] {self.period} [/]   [b]b[/b] by [reverse] {self.group} [/]   "
+                    f"[b]m[/b] metric [reverse] {self.metric} [/]   [b]l[/b] budget lines [reverse] {policy} [/]   "
+                    "[b]x[/b] export")
+        self.query_one("#usage-controls", Static).update(text)
+
+    def on_resize(self) -> None:
+        super().on_resize()
+        self._controls()
 
     def _cycle(self, values: tuple[str, ...], current: str) -> str:
         return values[(values.index(current) + 1) % len(values)]

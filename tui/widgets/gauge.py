@@ -6,10 +6,31 @@ hard limit is never green. Marks are drawn so the bar reads without colour (NO_C
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from rich.text import Text
 
+# What a gauge is drawn in when no theme is at hand; every theme, ansi-dark and ansi-light
+# included, renders these names legibly.
+DEFAULT_COLORS: Mapping[str, str] = {"ok": "green", "warn": "yellow", "over": "red"}
 
-def gauge(consumed: int, held: int, hard: int, soft: int | None, width: int = 24) -> Text:
+
+def theme_colors(variables: Mapping[str, str]) -> dict[str, str]:
+    """Rich colours for ok / warn / over from a Textual theme's success / warning / error
+    (``App.theme_variables``); an ANSI theme yields ANSI colours, so the terminal's palette rules."""
+    from textual.color import Color, ColorParseError
+
+    colors = dict(DEFAULT_COLORS)
+    for level, variable in (("ok", "success"), ("warn", "warning"), ("over", "error")):
+        try:
+            colors[level] = Color.parse(variables[variable]).rich_color.name
+        except (KeyError, ColorParseError):
+            pass
+    return colors
+
+
+def gauge(consumed: int, held: int, hard: int, soft: int | None, width: int = 24,
+          colors: Mapping[str, str] = DEFAULT_COLORS) -> Text:
     """``█`` consumed, ``▒`` held, ``·`` free; ``│`` the soft mark, ending at the hard limit."""
     width = max(8, width)
     scale = max(hard, 1)
@@ -17,7 +38,7 @@ def gauge(consumed: int, held: int, hard: int, soft: int | None, width: int = 24
     held_cells = min(width - used_cells, (consumed + held) * width // scale - used_cells)
     soft_cell = None if soft is None else min(width - 1, soft * width // scale)
     level = state(consumed + held, hard, soft)
-    style = {"ok": "$success", "warn": "$warning", "over": "$error"}[level]
+    style = colors[level]
     text = Text()
     for i in range(width):
         if i < used_cells:
@@ -26,11 +47,11 @@ def gauge(consumed: int, held: int, hard: int, soft: int | None, width: int = 24
             char = "▒"
         else:
             char = "│" if i == soft_cell else "·"
-        text.append(char, style=_style(style) if char in "█▒" else "dim")
+        text.append(char, style=style if char in "█▒" else "dim")
     pct = 100 * (consumed + held) // scale if hard else 0
-    text.append(f" {pct:>3}%", style=_style(style))
+    text.append(f" {pct:>3}%", style=style)
     if level == "over":
-        text.append(" OVER", style=_style("$error") + " bold")
+        text.append(" OVER", style=colors["over"] + " bold")
     return text
 
 
@@ -41,8 +62,3 @@ def state(used: int, hard: int, soft: int | None) -> str:
         return "warn"
     return "ok"
 
-
-def _style(variable: str) -> str:
-    # Rich styles cannot read Textual variables; map to the ANSI names that every theme
-    # (and ansi-dark/ansi-light) renders legibly.
-    return {"$success": "green", "$warning": "yellow", "$error": "red"}[variable]

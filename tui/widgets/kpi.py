@@ -8,10 +8,10 @@ from textual.widgets import Static
 
 
 def compact(count: int) -> str:
-    """1234 -> 1,234; 1234567 -> 1.2M: counts that fit a narrow tile."""
-    for size, suffix in ((10**9, "B"), (10**6, "M")):
-        if count >= size:
-            return f"{count / size:,.1f}{suffix}"
+    """1234 -> 1,234; 407779 -> 407k; 1234567 -> 1.2M: counts that fit a narrow tile."""
+    for floor, size, suffix in ((10**9, 10**9, "B"), (10**6, 10**6, "M"), (10**5, 10**3, "k")):
+        if count >= floor:
+            return f"{count / size:,.1f}{suffix}" if suffix != "k" else f"{count // size:,}k"
     return f"{count:,}"
 
 

@@ -5,12 +5,19 @@ Floats appear here and only here: plotting needs them, the ledger never sees the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from textual_plotext import PlotextPlot
 
 from engine.money import NANOS_PER_USD
+
+# Without colour, series are told apart by their marker (the legend shows it).
+MONO_MARKERS = ("braille", "•", "x", "+", "o", "*", "#", "@")
+# Series colours under an ANSI theme: names that read on a dark and on a light terminal
+# (no white, no yellow, no black), the terminal's own foreground last.
+ANSI_SERIES = ("blue", "green", "red", "magenta", "cyan", "default")
 
 
 class Timeline(PlotextPlot):
@@ -19,6 +26,33 @@ class Timeline(PlotextPlot):
         self._series: list[tuple[str, list[tuple[int, int]]]] = []
         self._metric = "usd"
         self._lines: list[tuple[str, int]] = []
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.app.theme_changed_signal.subscribe(self, lambda _theme: self._follow_theme())
+        self._follow_theme()
+
+    def _ansi(self) -> bool:
+        """An ANSI theme names colours the terminal decides (``ansi_default`` has no RGB value)."""
+        return str(self.app.theme_variables.get("background", "")).startswith("ansi_")
+
+    def _follow_theme(self) -> None:
+        # textual-plotext's "auto" theme takes RGB values from the app's theme, and reads an
+        # ANSI theme's ``ansi_default`` as black: black ticks on a black canvas. Plotext's
+        # "clear" theme leaves canvas and text to the terminal, which is what ANSI themes want.
+        self.theme = "clear" if self._ansi() else "auto"
+        self._draw()
+
+    def _mark_color(self, label: str) -> str | tuple[int, int, int]:
+        from textual.color import Color, ColorParseError
+
+        variable = "error" if label == "hard" else "warning"
+        if self._ansi():
+            return "red" if label == "hard" else "yellow"
+        try:
+            return Color.parse(self.app.theme_variables[variable]).rgb
+        except (KeyError, ColorParseError):
+            return "red" if label == "hard" else "yellow"
 
     def show_points(self, points: Sequence[tuple[int, int]], *, metric: str = "usd",
                     lines: Sequence[tuple[str, int]] = ()) -> None:
@@ -47,14 +81,17 @@ class Timeline(PlotextPlot):
             self.refresh()
             return
         index = {ts: i for i, ts in enumerate(buckets)}
-        for label, pts in self._series:
+        mono = bool(os.environ.get("NO_COLOR")) and len(self._series) > 1
+        ansi = self._ansi()
+        for n, (label, pts) in enumerate(self._series):
             ys = [0.0] * len(buckets)
             for ts, value in pts:
                 ys[index[ts]] = self._value(value)
             plt.plot(list(range(len(buckets))), ys, label=label if len(self._series) > 1 else None,
-                     marker="braille")
+                     marker=MONO_MARKERS[n % len(MONO_MARKERS)] if mono else "braille",
+                     color=ANSI_SERIES[n % len(ANSI_SERIES)] if ansi else None)
         for label, value in self._lines:
-            plt.hline(self._value(value), "red" if label == "hard" else "yellow")
+            plt.hline(self._value(value), self._mark_color(label))
         span = buckets[-1] - buckets[0]
         fmt = "%H:%M" if span <= 2 * 86_400_000 else "%m-%d"
         # Few enough labels that none overlap: plotext's choice among colliding labels varies.

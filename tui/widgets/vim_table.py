@@ -21,7 +21,30 @@ class VimTable(DataTable[str | Text]):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
         self._rows: list[tuple[str, Sequence[str | Text]]] = []
+        self._columns: list[tuple[str, str | Text]] = []  # every column a row has a cell for
+        self._visible: list[int] | None = None  # indices shown; None: all
         self.filter_text = ""
+
+    def define(self, columns: Sequence[tuple[str, str | Text]]) -> None:
+        """The table's columns as (key, label); rows give a cell for each, in this order."""
+        self._columns = list(columns)
+        self._visible = None
+        self._rebuild_columns()
+
+    def show_only(self, keys: Sequence[str] | None) -> None:
+        """Show these columns (None: all), as on a narrow terminal; rows keep every cell."""
+        order = [k for k, _ in self._columns]
+        visible = None if keys is None else [order.index(k) for k in keys]
+        if visible != self._visible:
+            self._visible = visible
+            self._rebuild_columns()
+            self._render_rows()
+
+    def _rebuild_columns(self) -> None:
+        self.clear(columns=True)  # column widths start over too: a narrow layout must not keep wide ones
+        for i, (key, label) in enumerate(self._columns):
+            if self._visible is None or i in self._visible:
+                self.add_column(label, key=key)
 
     def set_rows(self, rows: list[tuple[str, Sequence[str | Text]]]) -> None:
         """Replace the rows (key, cells), keeping the cursor on the same key where it can."""
@@ -39,6 +62,8 @@ class VimTable(DataTable[str | Text]):
         for key, cells in self._rows:
             if needle and not any(needle in str(cell).lower() for cell in cells):
                 continue
+            if self._visible is not None:
+                cells = [cells[i] for i in self._visible]
             self.add_row(*cells, key=key)
         if current is not None:
             keys = [str(k.value) for k in self.rows]

@@ -1,76 +1,20 @@
-"""Small modal screens: a message, a y/n confirmation, the keys of the current screen,
-and the policy form."""
+"""Add or edit a budget policy; validation messages show under the field they name."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import ClassVar
 
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
 from engine.budgets import ACTIONS, MODES, Policy, build_policy
 from engine.models import FieldError
 from engine.money import format_usd_plain
-
-
-class MessageModal(ModalScreen[None]):
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape,enter,q", "dismiss", "Close", id="modal.close")]
-
-    def __init__(self, title: str, body: str) -> None:
-        super().__init__()
-        self.title_text, self.body_text = title, body
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll(classes="modal"):
-            yield Static(f"[b]{self.title_text}[/b]", classes="modal-title")
-            yield Static(self.body_text, markup=False)
-            yield Static("[dim]esc closes[/dim]")
-
-    async def action_dismiss(self, result: Any = None) -> None:
-        self.dismiss(None)
-
-
-class ConfirmModal(ModalScreen[bool]):
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "answer(True)", "Yes", id="confirm.yes"),
-        Binding("n,escape", "answer(False)", "No", id="confirm.no"),
-    ]
-
-    def __init__(self, question: str) -> None:
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(classes="modal"):
-            yield Static(self.question, markup=False)
-            yield Static("[b]y[/b] yes   [b]n[/b] no")
-
-    def action_answer(self, value: bool) -> None:
-        self.dismiss(value)
-
-
-class HelpModal(ModalScreen[None]):
-    """Every binding of the screen underneath, by id, key and description."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,question_mark,q", "close", "Close", id="help.close")]
-
-    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
-        super().__init__()
-        self.rows = rows
-
-    def compose(self) -> ComposeResult:
-        lines = [f"{key:<12} {desc:<28} {bid}" for key, desc, bid in self.rows]
-        with VerticalScroll(classes="modal"):
-            yield Static("[b]Keys on this screen[/b]  (key, action, id for a keymap)", classes="modal-title")
-            yield Static("\n".join(lines), markup=False, id="help-body")
-
-    def action_close(self) -> None:
-        self.dismiss(None)
 
 
 class PolicyForm(ModalScreen[Policy | None]):
@@ -154,8 +98,6 @@ class PolicyForm(ModalScreen[Policy | None]):
         if policy is None:
             return
         if self.policy is not None:
-            from dataclasses import replace
-
             policy = replace(policy, created_by=self.policy.created_by, created_ms=self.policy.created_ms)
         self.dismiss(policy)
 
