@@ -146,6 +146,9 @@ async def test_acknowledging_an_alert_by_keys(db_path: Path, clock: FrozenClock)
         table = app.screen.query_one("#alerts-table", VimTable)
         table.focus()
         assert table.row_count == 1
+        await pilot.press("enter")  # the detail first, from the focused table
+        assert "reached 50%" in str(app.screen.query_one(".message-body", Static).content)
+        await pilot.press("escape")
         await pilot.press("a")
         await _settle(pilot, app)
         assert table.row_count == 1 and "No alerts" in str(table.get_row_at(0)[3])
@@ -328,6 +331,11 @@ async def test_eighty_columns_stack_panes_and_drop_columns(db_path: Path, clock:
         await _settle(pilot, app)
         table = app.screen.query_one("#policies", VimTable)
         assert [str(c.label) for c in table.columns.values()] == ["policy", "gauge", "spent", "hard", "mode"]
+        await pilot.press("enter")  # what the narrow table leaves out is one key away
+        body = str(app.screen.query_one(".message-body", Static).content)
+        assert "scope           global" in body and "held" in body and "forecast" in body
+        await pilot.press("escape")
+        assert isinstance(app.screen, BudgetsScreen)
     app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.press("3")

@@ -9,7 +9,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from tui.widgets.gauge import theme_colors
 from tui.widgets.vim_table import VimTable
@@ -124,6 +124,14 @@ class DataScreen(Screen[None]):
             if table is not None:
                 table.set_filter("")
                 table.focus()
+
+    @on(DataTable.RowSelected)
+    def _row_chosen(self, event: DataTable.RowSelected) -> None:
+        """enter on a focused table row (the table takes enter before the screen's binding)."""
+        detail = getattr(self, "action_detail", None)
+        if callable(detail):
+            event.stop()
+            detail()
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:

@@ -39,12 +39,13 @@ class BudgetsScreen(DataScreen):
         Binding("e", "edit", "Edit", id="budgets.edit"),
         Binding("d", "delete", "Delete", id="budgets.delete"),
         Binding("b", "backtest", "Backtest 30d", id="budgets.backtest"),
-        Binding("enter", "edit", "Edit", show=False, id="budgets.enter"),
+        Binding("enter", "detail", "Details", show=False, id="budgets.detail"),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self.policies: dict[str, Policy] = {}
+        self.data: BudgetsData | None = None
 
     def body(self) -> ComposeResult:
         yield Static("", id="budgets-title", classes="section-title")
@@ -63,6 +64,7 @@ class BudgetsScreen(DataScreen):
 
     def show(self, data: BudgetsData) -> None:
         self.policies = {o.policy.id: o.policy for o in data.status}
+        self.data = data
         self.query_one("#budgets-title", Static).update(
             f"{len(data.status)} policies   [b]a[/b] add   [b]e[/b] edit   [b]d[/b] delete   "
             "[b]b[/b] backtest the last 30 days")
@@ -88,6 +90,33 @@ class BudgetsScreen(DataScreen):
 
     def _selected(self) -> Policy | None:
         return self.policies.get(self.query_one("#policies", VimTable).current_key or "")
+
+    def action_detail(self) -> None:
+        """Everything about the selected policy, the columns an 80-column table leaves out included."""
+        policy = self._selected()
+        if policy is None or self.data is None:
+            return
+        o = next(o for o in self.data.status if o.policy.id == policy.id)
+        f = self.data.forecasts.get(policy.id)
+        fmt = policy.format_amount
+        lines = [
+            f"id              {policy.id}",
+            f"scope           {policy.scope}",
+            f"metric, window  {policy.metric}, {policy.window} ({policy.window.tz})",
+            f"window          {iso(o.window_start_ms)} to {iso(o.window_end_ms)}",
+            f"consumed        {fmt(o.consumed)}",
+            f"held            {fmt(o.held)} (calls in flight)",
+            f"soft limit      {fmt(policy.soft) if policy.soft is not None else '-'}",
+            f"hard limit      {fmt(policy.hard)}  on reaching it: {policy.action}",
+            f"mode            {policy.mode}{'' if policy.enabled else ' (disabled)'}",
+            f"alerts at       {', '.join(f'{t}%' for t in policy.thresholds)} of the hard limit",
+        ]
+        if f is not None:
+            lines.append(f"forecast        {fmt(f.projected)} by the window's end")
+            if f.limit_at_ms is not None:
+                lines.append(f"limit reached   {iso(f.limit_at_ms)} at the current pace")
+        lines.append(f"created         {iso(policy.created_ms)} by {policy.created_by or '-'}")
+        self.app.push_screen(MessageModal(policy.name, "\n".join(lines)))
 
     def _writable(self) -> bool:
         if self.bapp.read_only:

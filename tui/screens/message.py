@@ -22,7 +22,7 @@ class MessageModal(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="modal"):
             yield Static(f"[b]{self.title_text}[/b]", classes="modal-title")
-            yield Static(self.body_text, markup=False)
+            yield Static(self.body_text, markup=False, classes="message-body")
             yield Static("[dim]esc closes[/dim]")
 
     async def action_dismiss(self, result: Any = None) -> None:
