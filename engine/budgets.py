@@ -853,3 +853,36 @@ def backtest(policy: Policy, rows: Iterable[tuple[int, int, int, str]], start_ms
             result.soft_crossings += 1
             soft_this_window = True
     return result
+
+
+def consumption_series(policy: Policy, amounts: Mapping[int, int], start_ms: int, end_ms: int,
+                       bucket_ms: int) -> list[tuple[int, int]]:
+    """What the policy's window held at the end of each bucket of [start, end): the running
+    total since the calendar window began (back to zero when a new one starts), or the sum
+    over the trailing rolling span. ``amounts`` is the policy's amount per bucket (keyed by
+    bucket start), from before ``start_ms`` far enough back to cover the first window.
+    Resolution is the bucket: a window that starts inside a bucket is counted from it."""
+    first = start_ms - start_ms % bucket_ms
+    out: list[tuple[int, int]] = []
+    if policy.window.calendar:
+        window_start, window_end = window_bounds(policy.window, first)
+        consumed = sum(v for b, v in amounts.items() if window_start <= b < first)
+        for b in range(first, end_ms, bucket_ms):
+            if b >= window_end:
+                window_start, window_end = window_bounds(policy.window, b)
+                consumed = 0
+            consumed += amounts.get(b, 0)
+            out.append((b, consumed))
+        return out
+    span = policy.window.rolling_ms
+    keys = sorted(amounts)
+    total, lo, hi = 0, 0, 0  # the sum over keys[lo:hi], the buckets inside the trailing span
+    for b in range(first, end_ms, bucket_ms):
+        while hi < len(keys) and keys[hi] <= b:
+            total += amounts[keys[hi]]
+            hi += 1
+        while lo < hi and keys[lo] < b + bucket_ms - span:
+            total -= amounts[keys[lo]]
+            lo += 1
+        out.append((b, total))
+    return out

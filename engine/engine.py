@@ -34,12 +34,13 @@ from engine.budgets import (
     Forecast,
     Outcome,
     Policy,
+    consumption_series,
     forecast,
     window_bounds,
 )
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, period_range
-from engine.models import FieldError, Usage, UsageEvent
+from engine.models import ROLLUP_DIMENSIONS, FieldError, Usage, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices, cost_nanos, parse_litellm
 from engine.store import (
     TIMELINE_FIELDS,
@@ -263,6 +264,35 @@ class Engine:
         where = {CONTEXT_COLUMNS[kind]: value for kind, value in policy.scope.parts}
         return await self.store.fold_usage(  # type: ignore[no-any-return]
             start_ms, end_ms, where, lambda rows: replay(policy, rows, start_ms, end_ms))
+
+    async def policy_timeline(self, policy: Policy, start_ms: int, end_ms: int,
+                              bucket_ms: int) -> list[tuple[int, int]]:
+        """The policy's consumption at each bucket of [start, end), as its window saw it, to
+        draw against its soft and hard limits. Dollar policies over rollup dimensions read
+        the rollups; the rest count raw events the way the evaluator does (blocked calls
+        use no tokens and make no request)."""
+        first = start_ms - start_ms % bucket_ms
+        lead = (first - window_bounds(policy.window, first)[0] if policy.window.calendar
+                else policy.window.rolling_ms)
+        fetch_start = first - lead - (first - lead) % bucket_ms
+        where = {CONTEXT_COLUMNS[kind]: value for kind, value in policy.scope.parts}
+        amounts: dict[int, int] = {}
+        if policy.metric == "usd" and all(column in ROLLUP_DIMENSIONS for column in where):
+            for point in await self.timeline(fetch_start, end_ms, bucket_ms, filters=where, fields=("cost_nanos",)):
+                amounts[point.bucket_ms] = point.totals.cost_nanos
+        else:
+            metric = policy.metric
+
+            def fold(rows: Iterable[tuple[int, int, int, str]]) -> dict[int, int]:
+                for ts, cost, tokens, status in rows:
+                    amount = cost if metric == "usd" else 0 if status == "blocked" else (
+                        tokens if metric == "tokens" else 1)
+                    b = ts - ts % bucket_ms
+                    amounts[b] = amounts.get(b, 0) + amount
+                return amounts
+
+            await self.store.fold_usage(fetch_start, end_ms, where, fold)
+        return consumption_series(policy, amounts, start_ms, end_ms, bucket_ms)
 
     def worst_case(self, call: CallRequest) -> CallCost:
         """The most a call can cost: its input estimate plus ``max_tokens`` of output (a

@@ -93,3 +93,33 @@ async def test_engine_forecast_uses_the_last_hour_of_the_ledger(engine: Engine) 
     assert (f.consumed, f.burn_per_hour) == (10 * DOLLAR, 10 * DOLLAR)
     assert f.projected == 10 * DOLLAR + 12 * 10 * DOLLAR and f.overrun
     assert f.limit_at_ms == NOW_MS + 9 * HOUR_MS
+
+
+async def test_a_policy_timeline_restarts_with_each_calendar_window(engine: Engine) -> None:
+    """Drawn against its limits, a daily policy climbs through the day and starts again at
+    midnight; its last point is what the evaluator holds it at now."""
+    events = [UsageEvent(ts_ms=NOW_MS - DAY_MS + i * 10 * MINUTE_MS, request_id=f"r{i}", provider="openai",
+                         model="gpt-4o", team=("ml", "search")[i % 2], principal="p", cost_nanos=DOLLAR,
+                         cost_source="provider") for i in range(100)]
+    await engine.record_many(events)
+    midnight = NOW_MS - NOW_MS % DAY_MS
+    for metric, hard, unit in (("usd", "100", DOLLAR), ("requests", "100", 1)):  # rollups, then raw events
+        policy = build_policy(scope="team:ml", metric=metric, window="day", hard=hard)
+        points = await engine.policy_timeline(policy, NOW_MS - DAY_MS, NOW_MS + 1, HOUR_MS)
+        values = dict(points)
+        before = [v for b, v in points if b < midnight]
+        assert before == sorted(before) and before[-1] == unit * sum(
+            1 for e in events[::2] if e.ts_ms < midnight)
+        assert values[midnight] == unit * sum(1 for e in events[::2] if midnight <= e.ts_ms < midnight + HOUR_MS)
+        await engine.add_policy(policy)
+        status = {o.policy.id: o for o in await engine.policy_status()}
+        assert points[-1][1] == status[policy.id].consumed
+
+
+def test_a_rolling_policy_timeline_sums_its_trailing_span() -> None:
+    from engine.budgets import consumption_series
+
+    policy = build_policy(scope="global", metric="usd", window="rolling:3h", hard="10")
+    amounts = {h * HOUR_MS: DOLLAR for h in range(10)}  # a dollar an hour from hour 0
+    series = dict(consumption_series(policy, amounts, 0, 10 * HOUR_MS, HOUR_MS))
+    assert [series[h * HOUR_MS] // DOLLAR for h in range(10)] == [1, 2, 3, 3, 3, 3, 3, 3, 3, 3]

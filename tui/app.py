@@ -153,8 +153,10 @@ class BudgeteerApp(App[None]):
         for key, active in self.screen.active_bindings.items():
             binding = active.binding
             label = key.replace("question_mark", "?").replace("colon", ":").replace("slash", "/")
-            rows.append((label, binding.description or binding.action, binding.id or ""))
-        rows.sort(key=lambda r: (r[2].split(".")[0] != "app", r[2]))
+            rows.append((label, binding.description or binding.action, binding.id or "(Textual's own)"))
+        # Budgeteer's bindings first, the app's before the screen's; Textual's own (arrows,
+        # page keys, tab) last.
+        rows.sort(key=lambda r: (r[2].startswith("("), r[2].split(".")[0] != "app", r[2]))
         self.push_screen(HelpModal(rows))
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:

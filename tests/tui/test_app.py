@@ -226,6 +226,14 @@ async def test_each_screen_binding_does_what_it_says(db_path: Path, clock: Froze
         await pilot.press("b", "m", "l")
         await _settle(pilot, app)
         assert (usage.group, usage.metric, usage.policy_index) == ("provider", "tokens", 0)
+        # with budget lines on, the plot is the policy's own window (team:ml's three calls) against its limits
+        assert usage.last is not None and usage.last.policy is not None
+        assert usage.last.consumption[-1][1] == 3 * 270_000
+        from tui.widgets.timeline import Timeline
+
+        plot = usage.query_one("#usage-timeline", Timeline)
+        assert [label for label, _ in plot._series] == ["ML, day window; hard $1.00"]
+        assert plot._lines == [("hard", 1_000_000_000)]
         monkeypatch.chdir(tmp_path)
         await pilot.press("x")
         await pilot.pause(0.1)

@@ -42,6 +42,7 @@ class UsageData:
     rows: list[BreakdownRow]
     total: Totals
     policy: Policy | None
+    consumption: list[tuple[int, int]]  # the selected policy's window, bucket by bucket
 
 
 class UsageScreen(DataScreen):
@@ -77,6 +78,8 @@ class UsageScreen(DataScreen):
 
     def _controls(self) -> None:
         policy = self.policies[self.policy_index].name if 0 <= self.policy_index < len(self.policies) else "none"
+        if 0 <= self.policy_index < len(self.policies):
+            policy = f"{policy}: its window against its limits"
         if self.size.width and self.size.width < 110:  # 80 columns: the footer names the keys
             text = (f"[b]t[/b] [reverse] {self.period} [/]  [b]b[/b] [reverse] {self.group} [/]  "
                     f"[b]m[/b] [reverse] {self.metric} [/]  [b]l[/b] [reverse] {policy[:24]} [/]  [b]x[/b] export")
@@ -125,6 +128,7 @@ class UsageScreen(DataScreen):
             rows=await engine.breakdown(start, end, self.group, limit=25, order=order),  # type: ignore[arg-type]
             total=await engine.totals(start, end),
             policy=policy,
+            consumption=await engine.policy_timeline(policy, start, end, bucket) if policy else [],
         )
 
     def show(self, data: UsageData) -> None:
@@ -135,10 +139,15 @@ class UsageScreen(DataScreen):
         for key in top:
             series.append((key or "(none)", [(p.bucket_ms, metric_of(p.totals, self.metric))
                                              for p in data.points if p.group == key]))
-        lines: list[tuple[str, int]] = []
-        if data.policy is not None and data.policy.metric == self.metric:
-            lines = [("hard", data.policy.hard)] + ([("soft", data.policy.soft)] if data.policy.soft else [])
-        self.query_one("#usage-timeline", Timeline).show_series(series, metric=self.metric, lines=lines)
+        timeline = self.query_one("#usage-timeline", Timeline)
+        p = data.policy
+        if p is None:
+            timeline.show_series(series, metric=self.metric)
+        else:  # what the policy's window held over time, against its limits
+            lines = [("hard", p.hard)] + ([("soft", p.soft)] if p.soft is not None else [])
+            marks = f"soft {p.format_short(p.soft)} (lower line), hard" if p.soft is not None else "hard"
+            timeline.show_series([(f"{p.name}, {p.window} window; {marks} {p.format_short(p.hard)}",
+                                   data.consumption)], metric=p.metric, lines=lines, force_legend=True)
         table = self.query_one("#breakdown", VimTable)
         total = metric_of(data.total, self.metric)
         table.set_rows([(r.key, [r.key or "(none)", right(format_usd(r.totals.cost_nanos)),

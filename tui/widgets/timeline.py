@@ -26,6 +26,7 @@ class Timeline(PlotextPlot):
         self._series: list[tuple[str, list[tuple[int, int]]]] = []
         self._metric = "usd"
         self._lines: list[tuple[str, int]] = []
+        self._legend = False
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -59,9 +60,10 @@ class Timeline(PlotextPlot):
         self.show_series([("total", list(points))], metric=metric, lines=lines)
 
     def show_series(self, series: Sequence[tuple[str, list[tuple[int, int]]]], *, metric: str = "usd",
-                    lines: Sequence[tuple[str, int]] = ()) -> None:
+                    lines: Sequence[tuple[str, int]] = (), force_legend: bool = False) -> None:
         """Draw one line per (label, [(bucket_ms, value)]); ``lines`` are horizontal marks (soft, hard)."""
         self._series = [(label, list(points)) for label, points in series]
+        self._legend = force_legend or len(self._series) > 1
         self._metric = metric
         self._lines = list(lines)
         self._draw()
@@ -87,10 +89,10 @@ class Timeline(PlotextPlot):
             ys = [0.0] * len(buckets)
             for ts, value in pts:
                 ys[index[ts]] = self._value(value)
-            plt.plot(list(range(len(buckets))), ys, label=label if len(self._series) > 1 else None,
+            plt.plot(list(range(len(buckets))), ys, label=label if self._legend else None,
                      marker=MONO_MARKERS[n % len(MONO_MARKERS)] if mono else "braille",
                      color=ANSI_SERIES[n % len(ANSI_SERIES)] if ansi else None)
-        for label, value in self._lines:
+        for label, value in self._lines:  # plotext's hline takes no label: the series' label names them
             plt.hline(self._value(value), self._mark_color(label))
         span = buckets[-1] - buckets[0]
         fmt = "%H:%M" if span <= 2 * 86_400_000 else "%m-%d"
