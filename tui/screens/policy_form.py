@@ -25,10 +25,14 @@ class PolicyForm(ModalScreen[Policy | None]):
         Binding("ctrl+s", "save", "Save", id="form.save"),
         Binding("ctrl+b", "backtest", "Backtest draft", id="form.backtest"),
     ]
-    FIELDS: ClassVar[list[tuple[str, str]]] = [
-        ("name", "Name"), ("scope", "Scope (global, team:ml, team:ml+model:gpt-4o)"),
-        ("metric", "Metric (usd, tokens, requests)"), ("window", "Window (day, month, rolling:6h ...)"),
-        ("tz", "Time zone"), ("soft", "Soft limit"), ("hard", "Hard limit"),
+    FIELDS: ClassVar[list[tuple[str, str, str]]] = [  # (field, label, hint shown in the empty box)
+        ("name", "Name", "a name people will recognise"),
+        ("scope", "Scope", "global, team:ml, team:ml+model:gpt-4o"),
+        ("metric", "Metric", "usd, tokens or requests"),
+        ("window", "Window", "hour, day, week, month, quarter, rolling:6h"),
+        ("tz", "Time zone", "UTC, Europe/Paris ..."),
+        ("soft", "Soft limit", "alerts only: $400, or a count"),
+        ("hard", "Hard limit", "$500, or a count of tokens or requests"),
     ]
 
     def __init__(self, policy: Policy | None = None, *, actor: str = "", now_ms: int = 0) -> None:
@@ -46,19 +50,24 @@ class PolicyForm(ModalScreen[Policy | None]):
                 "hard": amount(p.hard)}[name]
 
     def compose(self) -> ComposeResult:
+        # One line per field, so the whole form fits an 80x24 terminal; a refusal appears
+        # right under the field it names.
         with VerticalScroll(classes="modal form"):
             yield Static(f"[b]{'Edit ' + self.policy.id if self.policy else 'New policy'}[/b]  "
-                         "(ctrl+s saves, esc cancels)", classes="modal-title")
-            for name, label in self.FIELDS:
-                yield Label(label)
-                yield Input(self._initial(name), id=f"f-{name}")
+                         "tab moves, ctrl+s saves, ctrl+b backtests, esc cancels", classes="modal-title")
+            for name, label, hint in self.FIELDS:
+                with Horizontal(classes="field-row"):
+                    yield Label(label, classes="field-label")
+                    yield Input(self._initial(name), placeholder=hint, id=f"f-{name}")
                 yield Static("", id=f"e-{name}", classes="field-error")
-            yield Label("Mode")
-            yield Select([(m, m) for m in MODES], value=self.policy.mode if self.policy else "enforced",
-                         id="f-mode", allow_blank=False)
-            yield Label("On the hard limit")
-            yield Select([(a, a) for a in ACTIONS], value=self.policy.action if self.policy else "block",
-                         id="f-action", allow_blank=False)
+            with Horizontal(classes="field-row select-row"):
+                yield Label("Mode", classes="field-label")
+                yield Select([(m, m) for m in MODES], value=self.policy.mode if self.policy else "enforced",
+                             id="f-mode", allow_blank=False)
+            with Horizontal(classes="field-row select-row"):
+                yield Label("At the hard limit", classes="field-label")
+                yield Select([(a, a) for a in ACTIONS], value=self.policy.action if self.policy else "block",
+                             id="f-action", allow_blank=False)
             yield Static("", id="e-other", classes="field-error")
             yield Static("", id="backtest-result")
             with Horizontal(classes="buttons"):
@@ -67,6 +76,8 @@ class PolicyForm(ModalScreen[Policy | None]):
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
+        for error in self.query(".field-error"):
+            error.display = False
         self.query_one("#f-name", Input).focus()
 
     def _value(self, name: str) -> str:
@@ -74,9 +85,8 @@ class PolicyForm(ModalScreen[Policy | None]):
 
     def _draft(self) -> Policy | None:
         """The policy the form describes, or None with the refusal shown under its field."""
-        for name, _ in self.FIELDS:
-            self.query_one(f"#e-{name}", Static).update("")
-        self.query_one("#e-other", Static).update("")
+        for error in self.query(".field-error"):
+            error.display = False
         try:
             policy = build_policy(
                 scope=self._value("scope"), metric=self._value("metric"), window=self._value("window"),
@@ -87,8 +97,15 @@ class PolicyForm(ModalScreen[Policy | None]):
                 enabled=self.policy.enabled if self.policy else True, actor=self.actor, now_ms=self.now_ms,
                 policy_id=self.policy.id if self.policy else None)
         except FieldError as exc:
-            target = f"#e-{exc.field}" if exc.field in {n for n, _ in self.FIELDS} else "#e-other"
-            self.query_one(target, Static).update(f"{exc.field}: {exc.reason}")
+            known = exc.field in {n for n, _, _ in self.FIELDS}
+            message = self.query_one(f"#e-{exc.field}" if known else "#e-other", Static)
+            message.update(f"{exc.field}: {exc.reason}")
+            message.display = True
+            if known:  # take the operator to the field at fault
+                box = self.query_one(f"#f-{exc.field}", Input)
+                box.focus()
+                box.scroll_visible()
+            message.scroll_visible()
             return None
         return policy
 
