@@ -14,11 +14,12 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from engine import approvals
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.models import FieldError, UsageEvent
 from engine.money import MoneyError, format_usd, parse_usd
@@ -487,10 +488,12 @@ class Authorization:
     request_id: str
     override_request_id: str | None = None
     model: str | None = None  # set when a downgrade moved the call to a cheaper model
+    grant_id: str | None = None  # the approved override request whose headroom let the call through
 
     @property
     def allowed(self) -> bool:
-        return self.evaluation.allowed or (self.model is not None and self.hold_id is not None)
+        return self.evaluation.allowed or (self.hold_id is not None and (self.model is not None
+                                                                         or self.grant_id is not None))
 
 
 class BudgetBook:
@@ -502,9 +505,11 @@ class BudgetBook:
     and every hold, and two calls can never both spend the last dollar.
     """
 
-    def __init__(self, now_ms: Callable[[], int], hold_ttl_ms: int = DEFAULT_HOLD_TTL_MS) -> None:
+    def __init__(self, now_ms: Callable[[], int], hold_ttl_ms: int = DEFAULT_HOLD_TTL_MS,
+                 pending_ttl_ms: int = approvals.DEFAULT_PENDING_TTL_MS) -> None:
         self._now = now_ms
         self.hold_ttl_ms = hold_ttl_ms
+        self.pending_ttl_ms = pending_ttl_ms  # how long an override request waits for a decision
         self._counters: dict[str, _Counter] = {}
         self._last_event = 0
         self._last_journal = 0
@@ -658,17 +663,40 @@ class BudgetBook:
         if not evaluation.allowed:
             override = None
             if evaluation.decision == "needs_approval" and evaluation.deciding is not None:
+                requester = context.get("principal", "")
+                granted = self._granted(tx, evaluation, requester, now)
+                if granted is not None:
+                    allowed, grant_id, amount = granted
+                    hold_id = self._hold(tx, allowed, request_id, context, now)
+                    approvals.attach_grant(tx.conn, hold_id, grant_id, amount)
+                    return Authorization(allowed, hold_id, cost, request_id, grant_id=grant_id)
                 deciding = evaluation.deciding
-                override = tx.open_override_request(
-                    "ovr_" + secrets.token_hex(6), deciding.policy.id, context.get("principal", ""), now,
-                    max(0, deciding.projected - deciding.policy.hard), json.dumps(evaluation.as_dict()),
-                    json.dumps(deciding.policy.to_json()))
+                request, _ = approvals.open_request(
+                    tx.conn, policy_id=deciding.policy.id, policy_snapshot=deciding.policy.to_json(),
+                    requester=requester, amount=max(deciding.cost, 1), duration_ms=approvals.DEFAULT_GRANT_MS,
+                    reason=f"blocked call: {deciding.message}", evaluation=evaluation.as_dict(), now_ms=now,
+                    pending_ttl_ms=self.pending_ttl_ms)
+                override = request.id
             return Authorization(evaluation, None, cost, request_id, override)
         if evaluation.decision == "would_block":
             for o in evaluation.outcomes:
                 if o.status == "over" and o.policy.mode != "enforced":
                     tx.record_decision(now, request_id, o.policy.id, "would_block", o.policy.mode)
         return Authorization(evaluation, self._hold(tx, evaluation, request_id, context, now), cost, request_id)
+
+    def _granted(self, tx: LedgerTx, evaluation: Evaluation, requester: str,
+                 now: int) -> tuple[Evaluation, str, int] | None:
+        """The call allowed by the requester's approved override on the one approval policy
+        it is over, when the grant has the call's worst case left: (evaluation, grant, amount)."""
+        over = [o for o in evaluation.outcomes if o.status == "over" and o.policy.mode == "enforced"]
+        if len(over) != 1 or over[0].policy.action != "approval_required" or not over[0].priced:
+            return None
+        target = over[0]
+        grant = approvals.active_grant(tx.conn, target.policy.id, requester, now, target.cost)
+        if grant is None:
+            return None
+        allowed = decide([replace(o, status="ok") if o is target else o for o in evaluation.outcomes])
+        return (allowed, grant.id, target.cost) if allowed.allowed else None
 
     def _hold(self, tx: LedgerTx, evaluation: Evaluation, request_id: str, context: Mapping[str, str],
               now: int) -> str:
@@ -691,6 +719,9 @@ class BudgetBook:
         for row in tx.events_since(self._last_event):
             self._fold_event(row)
         if state == "held":
+            approvals.settle_grant(tx.conn, hold_id, {
+                "usd": event.cost_nanos or 0, "tokens": event.input_tokens + event.output_tokens,
+                "requests": 0 if event.status == "blocked" else 1})
             self._close(tx, hold_id, "settled", self._now())
         return result
 
@@ -704,6 +735,8 @@ class BudgetBook:
         self._close(tx, hold_id, "released", self._now())
 
     def _close(self, tx: LedgerTx, hold_id: str, state: str, now: int) -> None:
+        if state != "settled":
+            approvals.settle_grant(tx.conn, hold_id, None)  # a call that did not run used none of its grant
         lines = tx.close_hold(hold_id, state, now)
         for policy_id, amount in lines or ():
             counter = self._counters.get(policy_id)

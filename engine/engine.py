@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 import httpx
 import platformdirs
 
+from engine import access, approvals, audit, tokens
 from engine.alerts import RETRY_DELAYS_S, WEBHOOK_KINDS, Alert, deliver, forecast_message, redact_url
+from engine.approvals import OverrideRequest
 from engine.budgets import (
     CONTEXT_COLUMNS,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -39,7 +41,7 @@ from engine.budgets import (
     window_bounds,
 )
 from engine.budgets import backtest as replay
-from engine.clock import HOUR_MS, Clock, SystemClock, period_range
+from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
 from engine.models import ROLLUP_DIMENSIONS, FieldError, Usage, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices, cost_nanos, parse_litellm
 from engine.store import (
@@ -52,6 +54,7 @@ from engine.store import (
     TimelinePoint,
     Totals,
 )
+from engine.tokens import Token
 
 LEDGER_FILENAME = "ledger.db"
 
@@ -87,14 +90,27 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("budgeteer", appauthor=False)) / LEDGER_FILENAME
 
 
-class Engine:
-    """A ledger with its prices. Open with ``async with await Engine.open(path) as engine``."""
+def local_identity() -> str:
+    """Who this process acts as: ``BUDGETEER_USER``, else the login name."""
+    return os.environ.get("BUDGETEER_USER") or os.environ.get("USER") or os.environ.get("USERNAME") or "local"
 
-    def __init__(self, store: SQLiteStore, prices: PriceBook, clock: Clock) -> None:
+
+class Engine:
+    """A ledger with its prices. Open with ``async with await Engine.open(path) as engine``.
+
+    Changes are made as ``actor`` (the local identity unless given), checked against the
+    permission matrix of ``engine.access`` and written to the audit journal in the same
+    transaction as the change itself.
+    """
+
+    def __init__(self, store: SQLiteStore, prices: PriceBook, clock: Clock, actor: str | None = None) -> None:
         self.store = store
         self.prices = prices
         self.clock = clock
-        self.budgets = BudgetBook(clock.now_ms)
+        self.actor = actor or local_identity()
+        pending = os.environ.get("BUDGETEER_APPROVAL_TTL")
+        self.budgets = BudgetBook(clock.now_ms, pending_ttl_ms=parse_duration_ms(pending, "BUDGETEER_APPROVAL_TTL")
+                                  if pending else approvals.DEFAULT_PENDING_TTL_MS)
         store.add_transaction_hooks(self.budgets.begin, self.budgets.abort, self.budgets.end)
         self._deliveries: set[asyncio.Task[None]] = set()
         self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
@@ -111,7 +127,7 @@ class Engine:
 
     @classmethod
     async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
-                   durable: bool = True) -> Engine:
+                   durable: bool = True, actor: str | None = None) -> Engine:
         store = await SQLiteStore.open(Path(db) if db else default_db_path(), durable=durable)
         try:
             prices = PriceBook()
@@ -120,7 +136,7 @@ class Engine:
         except BaseException:
             await store.close()
             raise
-        return cls(store, prices, clock or SystemClock())
+        return cls(store, prices, clock or SystemClock(), actor)
 
     @property
     def path(self) -> Path:
@@ -203,18 +219,23 @@ class Engine:
     async def add_policy(self, policy: Policy) -> Policy:
         """Store a new policy (its id must be new)."""
         def op(tx: LedgerTx) -> None:
+            access.require(tx.conn, self.actor, "edit_policies")
             if any(json.loads(spec)["id"] == policy.id for spec in tx.policy_specs()):
                 raise FieldError("id", f"a policy {policy.id} already exists")
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
+            self._audit(tx, "policy.add", f"policy:{policy.id}", None, policy.to_json())
 
         await self._tx(op)
         return policy
 
     async def update_policy(self, policy: Policy) -> Policy:
         def op(tx: LedgerTx) -> None:
-            if not any(json.loads(spec)["id"] == policy.id for spec in tx.policy_specs()):
+            access.require(tx.conn, self.actor, "edit_policies")
+            before = next((json.loads(spec) for spec in tx.policy_specs() if json.loads(spec)["id"] == policy.id), None)
+            if before is None:
                 raise FieldError("id", f"no policy {policy.id}")
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
+            self._audit(tx, "policy.edit", f"policy:{policy.id}", before, policy.to_json())
 
         await self._tx(op)
         return policy
@@ -223,7 +244,9 @@ class Engine:
         policy = await self.policy(policy_id)
 
         def op(tx: LedgerTx) -> None:
+            access.require(tx.conn, self.actor, "edit_policies")
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms(), deleted=True)
+            self._audit(tx, "policy.remove", f"policy:{policy.id}", policy.to_json(), None)
 
         await self._tx(op)
         return policy
@@ -364,7 +387,174 @@ class Engine:
         return await self._tx(lambda tx: tx.open_hold_count())  # type: ignore[no-any-return]
 
     async def open_override_requests(self) -> int:
-        return await self._tx(lambda tx: tx.pending_override_count())  # type: ignore[no-any-return]
+        now = self.now_ms()
+        return await self._tx(lambda tx: approvals.pending_count(tx.conn, now))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ override requests
+
+    def _audit(self, tx: LedgerTx, action: str, subject: str, before: Mapping[str, Any] | None,
+               after: Mapping[str, Any] | None) -> None:
+        audit.append(tx.conn, self.now_ms(), self.actor, action, subject, before, after)
+
+    async def request_override(self, policy_id: str, amount: int, duration_ms: int, reason: str,
+                               requester: str | None = None) -> tuple[OverrideRequest, bool]:
+        """Ask by hand for headroom on a policy (the requester is the actor unless given);
+        returns (request, created): a pending one of the same requester is returned instead."""
+        policy = await self.policy(policy_id)
+        if not reason.strip():
+            raise FieldError("reason", "is empty; say what the headroom is for")
+        who = requester or self.actor
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> tuple[OverrideRequest, bool]:
+            request, created = approvals.open_request(
+                tx.conn, policy_id=policy.id, policy_snapshot=policy.to_json(), requester=who, amount=amount,
+                duration_ms=duration_ms, reason=reason.strip(), evaluation={"decision": "requested by hand"},
+                now_ms=now, pending_ttl_ms=self.budgets.pending_ttl_ms)
+            if created:
+                self._audit(tx, "override.request", request.subject, None, request.audit_view())
+            return request, created
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def override_requests(self, pending: bool | None = True, limit: int = 200) -> list[OverrideRequest]:
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> list[OverrideRequest]:
+            approvals.expire(tx.conn, now)
+            return approvals.listing(tx.conn, pending=pending, limit=limit)
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def override_request(self, request_id: str) -> OverrideRequest:
+        return await self._tx(lambda tx: approvals.get(tx.conn, request_id))  # type: ignore[no-any-return]
+
+    async def _decide(self, action: str, decide: Callable[[LedgerTx, int], tuple[OverrideRequest, OverrideRequest]],
+                      permission: access.Permission = "approve_overrides") -> OverrideRequest:
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> OverrideRequest:
+            access.require(tx.conn, self.actor, permission)
+            before, after = decide(tx, now)
+            self._audit(tx, action, after.subject + f" ({after.id})", before.audit_view(), after.audit_view())
+            return after
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def approve(self, request_id: str, amount: int | None = None, duration_ms: int | None = None,
+                      reason: str = "") -> OverrideRequest:
+        return await self._decide("override.approve", lambda tx, now: approvals.approve(
+            tx.conn, request_id, self.actor, now, amount=amount, duration_ms=duration_ms, reason=reason))
+
+    async def deny(self, request_id: str, reason: str) -> OverrideRequest:
+        return await self._decide("override.deny", lambda tx, now: approvals.deny(
+            tx.conn, request_id, self.actor, now, reason))
+
+    async def undo_decision(self, request_id: str) -> OverrideRequest:
+        return await self._decide("override.undo", lambda tx, now: approvals.undo(
+            tx.conn, request_id, self.actor, now))
+
+    async def cancel_request(self, request_id: str) -> OverrideRequest:
+        return await self._decide("override.cancel", lambda tx, now: approvals.cancel(
+            tx.conn, request_id, self.actor, now), permission="read_usage")
+
+    # ------------------------------------------------------------------ API tokens
+
+    async def create_token(self, *, name: str, principal: str, team: str = "", scopes: Sequence[str] | None = None,
+                           rpm: int | None = None, tpm: int | None = None,
+                           expires_ms: int | None = None) -> tuple[Token, str]:
+        """A new token and its secret, which exists nowhere else afterwards: show it once."""
+        parsed = tokens.parse_scopes(list(scopes) if scopes else None)
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> tuple[Token, str]:
+            access.require(tx.conn, self.actor, "manage_tokens")
+            token, secret = tokens.create(tx.conn, name=name, principal=principal, team=team, scopes=parsed,
+                                          rpm=rpm, tpm=tpm, expires_ms=expires_ms, now_ms=now, actor=self.actor)
+            self._audit(tx, "token.create", f"token:{token.id}", None, token.as_dict())
+            return token, secret
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def tokens(self) -> list[Token]:
+        """Every token with its spend this month (never a secret or a digest)."""
+        found: list[Token] = await self._tx(lambda tx: tokens.all_tokens(tx.conn))
+        start, end = period_range("month", self.now_ms())
+        spend = {r.key: r.totals.cost_nanos for r in await self.breakdown(start, end, "token_id", limit=10_000)}
+        return [replace(t, used_this_month=spend.get(t.id, 0)) for t in found]
+
+    async def revoke_token(self, token_id: str) -> Token:
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> Token:
+            access.require(tx.conn, self.actor, "manage_tokens")
+            before, after = tokens.revoke(tx.conn, token_id, now, self.actor)
+            self._audit(tx, "token.revoke", f"token:{after.id}", before.as_dict(), after.as_dict())
+            return after
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def rotate_token(self, token_id: str) -> tuple[Token, Token, str]:
+        """Revoke a token and issue its successor; (old, new, new secret)."""
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> tuple[Token, Token, str]:
+            access.require(tx.conn, self.actor, "manage_tokens")
+            before = tokens.get(tx.conn, token_id)
+            old, new, secret = tokens.rotate(tx.conn, token_id, now, self.actor)
+            self._audit(tx, "token.rotate", f"token:{old.id}", before.as_dict(), old.as_dict())
+            self._audit(tx, "token.create", f"token:{new.id}", None, new.as_dict())
+            return old, new, secret
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def authenticate(self, secret: str, scope: str | None = None) -> Token:
+        """The token a secret belongs to, if active and scoped for ``scope``; else TokenRefused."""
+        now = self.now_ms()
+        return await self._tx(lambda tx: tokens.authenticate(tx.conn, secret, now, scope))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ members and roles
+
+    async def members(self) -> list[access.Member]:
+        return await self._tx(lambda tx: access.members(tx.conn))  # type: ignore[no-any-return]
+
+    async def role(self, user: str | None = None) -> access.Role | None:
+        """The user's role; None when not a member. On a ledger without members everyone is an owner."""
+        def op(tx: LedgerTx) -> access.Role | None:
+            return "owner" if access.single_user(tx.conn) else access.role_of(tx.conn, user or self.actor)
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def may(self, permission: access.Permission) -> bool:
+        return access.allowed(await self.role(), permission)
+
+    async def set_member(self, user: str, role: str) -> access.Member:
+        parsed = access.parse_role(role)
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> access.Member:
+            before, after = access.set_member(tx.conn, self.actor, user, parsed, now)
+            self._audit(tx, "member.set", f"member:{after.user}", before.as_dict() if before else None,
+                        after.as_dict())
+            return after
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def remove_member(self, user: str) -> access.Member:
+        def op(tx: LedgerTx) -> access.Member:
+            before = access.remove_member(tx.conn, self.actor, user)
+            self._audit(tx, "member.remove", f"member:{user}", before.as_dict(), None)
+            return before
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ audit journal
+
+    async def audit_entries(self, limit: int = 200, text: str = "") -> list[audit.AuditEntry]:
+        return await self._tx(lambda tx: audit.entries(tx.conn, limit=limit, text=text))  # type: ignore[no-any-return]
+
+    async def verify_audit(self) -> audit.Verification:
+        return await self._tx(lambda tx: audit.verify(tx.conn))  # type: ignore[no-any-return]
 
     async def would_blocks(self, limit: int = 100) -> list[tuple[int, str, str, str, str]]:
         """(ts_ms, request_id, policy_id, decision, mode) of recent dry_run and suggest verdicts."""

@@ -204,6 +204,60 @@ CREATE TABLE webhook_deliveries (
     detail TEXT NOT NULL
 );
 """,
+    """
+ALTER TABLE override_requests ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+ALTER TABLE override_requests ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+ALTER TABLE override_requests ADD COLUMN duration_ms INTEGER NOT NULL DEFAULT 3600000;
+ALTER TABLE override_requests ADD COLUMN expires_ms INTEGER;
+ALTER TABLE override_requests ADD COLUMN decided_by TEXT;
+ALTER TABLE override_requests ADD COLUMN decided_ms INTEGER;
+ALTER TABLE override_requests ADD COLUMN decision_reason TEXT;
+ALTER TABLE override_requests ADD COLUMN granted INTEGER;
+ALTER TABLE override_requests ADD COLUMN grant_expires_ms INTEGER;
+ALTER TABLE override_requests ADD COLUMN grant_used INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX override_requests_grants ON override_requests (policy_id, requester, status);
+ALTER TABLE holds ADD COLUMN grant_id TEXT;
+ALTER TABLE holds ADD COLUMN grant_amount INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE members (
+    workspace TEXT NOT NULL,
+    user TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('owner', 'admin', 'operator', 'viewer')),
+    added_ms INTEGER NOT NULL,
+    added_by TEXT NOT NULL,
+    PRIMARY KEY (workspace, user)
+);
+CREATE TABLE api_tokens (
+    id TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL UNIQUE,
+    hash BLOB NOT NULL,
+    name TEXT NOT NULL,
+    workspace TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    team TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    rpm INTEGER,
+    tpm INTEGER,
+    created_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    expires_ms INTEGER,
+    last_used_ms INTEGER,
+    revoked_ms INTEGER,
+    revoked_by TEXT,
+    rotated_from TEXT,
+    replaced_by TEXT
+);
+CREATE TABLE audit_journal (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    before TEXT NOT NULL,
+    after TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -588,19 +642,6 @@ class LedgerTx:
             "SET spec = excluded.spec, deleted = excluded.deleted, updated_ms = excluded.updated_ms",
             (policy_id, spec, int(deleted), now_ms))
 
-    def open_override_request(self, request_id: str, policy_id: str, requester: str, now_ms: int, amount: int,
-                              evaluation: str, snapshot: str) -> str:
-        """One pending request per policy and requester: a retry finds the one already open."""
-        row = self.conn.execute("SELECT id FROM override_requests WHERE policy_id = ? AND requester = ? "
-                                "AND status = 'pending'", (policy_id, requester)).fetchone()
-        if row:
-            return str(row[0])
-        self.conn.execute("INSERT INTO override_requests (id, policy_id, requester, status, created_ms, amount, "
-                          "evaluation, policy_snapshot) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
-                          (request_id, policy_id, requester, now_ms, amount, evaluation, snapshot))
-        return request_id
-
-
     def raise_alert(self, policy_id: str, window_start_ms: int, kind: str, threshold: int, now_ms: int,
                     value: int, message: str) -> int | None:
         """Store an alert once per policy, window, kind and threshold; its id, or None if already there."""
@@ -643,9 +684,6 @@ class LedgerTx:
         return [(str(w), int(a), bool(ok), str(d)) for w, a, ok, d in self.conn.execute(
             "SELECT webhook_id, attempt, ok, detail FROM webhook_deliveries WHERE alert_id = ? ORDER BY id",
             (alert_id,))]
-
-    def pending_override_count(self) -> int:
-        return int(self.conn.execute("SELECT count(*) FROM override_requests WHERE status = 'pending'").fetchone()[0])
 
     def open_hold_count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()[0])

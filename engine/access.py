@@ -1,0 +1,138 @@
+"""Who may do what: roles, the one permission matrix, and workspace members.
+
+A ledger with no members is a single-user ledger: whoever runs Budgeteer on it may do
+everything (that is how a fresh install and the demo work). The first member added must
+be an owner; from then on every action of the dashboard and the command line is checked
+against the matrix for the local identity (``BUDGETEER_USER``, else the login name).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from engine.models import FieldError
+
+Role = Literal["owner", "admin", "operator", "viewer"]
+ROLES: Final[tuple[Role, ...]] = ("owner", "admin", "operator", "viewer")
+
+Permission = Literal["approve_overrides", "manage_tokens", "edit_policies", "manage_vault", "manage_members",
+                     "read_usage"]
+PERMISSIONS: Final[tuple[Permission, ...]] = ("approve_overrides", "manage_tokens", "edit_policies", "manage_vault",
+                                              "manage_members", "read_usage")
+
+#: The permission matrix, the only place it is written down.
+MATRIX: Final[dict[Role, frozenset[Permission]]] = {
+    "owner": frozenset(PERMISSIONS),
+    "admin": frozenset(PERMISSIONS),
+    "operator": frozenset({"approve_overrides", "read_usage"}),
+    "viewer": frozenset({"read_usage"}),
+}
+DEFAULT_WORKSPACE: Final = "default"
+
+
+class AccessDenied(Exception):
+    """An action the identity's role does not allow; the message names what is missing."""
+
+    def __init__(self, user: str, role: str | None, permission: str, detail: str = "") -> None:
+        who = f"{user} ({role})" if role else f"{user} (not a member)"
+        super().__init__(detail or f"{who} lacks the {permission} permission")
+        self.user, self.role, self.permission = user, role, permission
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    workspace: str
+    user: str
+    role: Role
+    added_ms: int
+    added_by: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"workspace": self.workspace, "user": self.user, "role": self.role, "added_ms": self.added_ms,
+                "added_by": self.added_by}
+
+
+def allowed(role: Role | None, permission: Permission) -> bool:
+    return role is not None and permission in MATRIX[role]
+
+
+def parse_role(text: str) -> Role:
+    role = (text or "").strip().lower()
+    if role not in ROLES:
+        raise FieldError("role", f"must be one of {', '.join(ROLES)} (got {text!r})")
+    return role
+
+
+def members(conn: sqlite3.Connection, workspace: str = DEFAULT_WORKSPACE) -> list[Member]:
+    return [Member(str(w), str(u), r, int(a), str(b)) for w, u, r, a, b in conn.execute(
+        "SELECT workspace, user, role, added_ms, added_by FROM members WHERE workspace = ? ORDER BY user",
+        (workspace,))]
+
+
+def role_of(conn: sqlite3.Connection, user: str, workspace: str = DEFAULT_WORKSPACE) -> Role | None:
+    row = conn.execute("SELECT role FROM members WHERE workspace = ? AND user = ?", (workspace, user)).fetchone()
+    return row[0] if row else None
+
+
+def single_user(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM members LIMIT 1").fetchone() is None
+
+
+def require(conn: sqlite3.Connection, user: str, permission: Permission, workspace: str = DEFAULT_WORKSPACE) -> None:
+    """Raise AccessDenied unless ``user`` may do ``permission`` (always allowed on a ledger with no members)."""
+    if single_user(conn):
+        return
+    role = role_of(conn, user, workspace)
+    if not allowed(role, permission):
+        raise AccessDenied(user, role, permission)
+
+
+def set_member(conn: sqlite3.Connection, actor: str, user: str, role: Role, now_ms: int,
+               workspace: str = DEFAULT_WORKSPACE) -> tuple[Member | None, Member]:
+    """Add a member or change a role; returns (before, after). Only owners make owners, the
+    first member is an owner, and the last owner is never demoted."""
+    user = user.strip()
+    if not user:
+        raise FieldError("user", "is empty")
+    first = single_user(conn)
+    if first and role != "owner":
+        raise FieldError("role", "the first member must be an owner (otherwise nobody could manage members)")
+    if not first:
+        require(conn, actor, "manage_members", workspace)
+        if role == "owner" and role_of(conn, actor, workspace) != "owner":
+            raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
+                               f"only an owner can make {user} an owner")
+    before = next((m for m in members(conn, workspace) if m.user == user), None)
+    if before is not None and before.role == "owner" and role != "owner":
+        if role_of(conn, actor, workspace) != "owner":
+            raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
+                               f"only an owner can change the role of the owner {user}")
+        _keep_an_owner(conn, workspace, user)
+    conn.execute("INSERT INTO members (workspace, user, role, added_ms, added_by) VALUES (?, ?, ?, ?, ?) "
+                 "ON CONFLICT (workspace, user) DO UPDATE SET role = excluded.role",
+                 (workspace, user, role, now_ms, actor))
+    after = next(m for m in members(conn, workspace) if m.user == user)
+    return before, after
+
+
+def remove_member(conn: sqlite3.Connection, actor: str, user: str, workspace: str = DEFAULT_WORKSPACE) -> Member:
+    require(conn, actor, "manage_members", workspace)
+    before = next((m for m in members(conn, workspace) if m.user == user), None)
+    if before is None:
+        raise FieldError("user", f"{user} is not a member of {workspace}")
+    if before.role == "owner":
+        if role_of(conn, actor, workspace) != "owner":
+            raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
+                               f"only an owner can remove the owner {user}")
+        _keep_an_owner(conn, workspace, user)
+    conn.execute("DELETE FROM members WHERE workspace = ? AND user = ?", (workspace, user))
+    return before
+
+
+def _keep_an_owner(conn: sqlite3.Connection, workspace: str, leaving: str) -> None:
+    others = conn.execute("SELECT count(*) FROM members WHERE workspace = ? AND role = 'owner' AND user != ?",
+                          (workspace, leaving)).fetchone()[0]
+    if not others:
+        raise FieldError("user", f"{leaving} is the last owner of {workspace}; make someone else an owner first")

@@ -1,0 +1,248 @@
+"""Override requests: asking for, granting and refusing headroom past a hard limit.
+
+A call that meets an enforced ``approval_required`` limit opens a request (one per policy
+and requester while one is pending: a retry finds the open one). An operator approves
+it, possibly with a different amount or duration, or denies it with a reason.
+
+An approval is a *grant*: ``granted`` of headroom on that one policy, for that one
+requester, until ``grant_expires_ms`` or until it is used up. A call by the requester
+that the policy would refuse goes through when its worst case fits what is left of the
+grant; the worst case is taken from the grant when the call is authorized and the part
+it did not use is given back when it settles (all of it if the call fails). So the
+calls let through by a grant never cost more, together, than the granted amount.
+Denied, cancelled and expired requests grant nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from engine.models import FieldError
+
+Status = Literal["pending", "approved", "denied", "expired", "cancelled"]
+STATUSES: Final = ("pending", "approved", "denied", "expired", "cancelled")
+DEFAULT_PENDING_TTL_MS: Final = 4 * 3_600_000
+DEFAULT_GRANT_MS: Final = 3_600_000
+UNDO_WINDOW_MS: Final = 10_000
+
+
+class ApprovalError(Exception):
+    """A decision that cannot be made (already decided, own request, ...); says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideRequest:
+    id: str
+    subject: str
+    policy_id: str
+    policy: dict[str, Any]
+    requester: str
+    amount: int
+    duration_ms: int
+    reason: str
+    evaluation: dict[str, Any]
+    status: Status
+    created_ms: int
+    expires_ms: int | None
+    decided_by: str | None
+    decided_ms: int | None
+    decision_reason: str | None
+    granted: int | None
+    grant_expires_ms: int | None
+    grant_used: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, (self.granted or 0) - self.grant_used) if self.status == "approved" else 0
+
+    def grant_active(self, now_ms: int) -> bool:
+        return self.status == "approved" and self.grant_expires_ms is not None and now_ms < self.grant_expires_ms \
+            and self.remaining > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "subject": self.subject, "policy_id": self.policy_id, "policy": self.policy,
+                "requester": self.requester, "amount": self.amount, "duration_ms": self.duration_ms,
+                "reason": self.reason, "evaluation": self.evaluation, "status": self.status,
+                "created_ms": self.created_ms, "expires_ms": self.expires_ms, "decided_by": self.decided_by,
+                "decided_ms": self.decided_ms, "decision_reason": self.decision_reason, "granted": self.granted,
+                "grant_expires_ms": self.grant_expires_ms, "grant_used": self.grant_used}
+
+    def audit_view(self) -> dict[str, Any]:
+        """What the journal keeps of a request: its decision, not the whole evaluation."""
+        return {k: v for k, v in self.as_dict().items() if k not in ("policy", "evaluation")}
+
+
+_COLUMNS: Final = ("id, subject, policy_id, policy_snapshot, requester, amount, duration_ms, reason, evaluation, "
+                   "status, created_ms, expires_ms, decided_by, decided_ms, decision_reason, granted, "
+                   "grant_expires_ms, grant_used")
+
+
+def _request(row: tuple[Any, ...]) -> OverrideRequest:
+    (rid, subject, policy_id, snapshot, requester, amount, duration, reason, evaluation, status, created, expires,
+     decided_by, decided_ms, decision_reason, granted, grant_expires, used) = row
+    return OverrideRequest(rid, subject or f"usage-budget:{policy_id}", policy_id, json.loads(snapshot), requester,
+                           amount, duration, reason, json.loads(evaluation), status, created, expires, decided_by,
+                           decided_ms, decision_reason, granted, grant_expires, used)
+
+
+def open_request(conn: sqlite3.Connection, *, policy_id: str, policy_snapshot: dict[str, Any], requester: str,
+                 amount: int, duration_ms: int, reason: str, evaluation: dict[str, Any], now_ms: int,
+                 pending_ttl_ms: int) -> tuple[OverrideRequest, bool]:
+    """The pending request of this requester on this policy, opening one if there is none;
+    returns (request, created)."""
+    expire(conn, now_ms)
+    row = conn.execute(f"SELECT {_COLUMNS} FROM override_requests WHERE policy_id = ? AND requester = ? "
+                       "AND status = 'pending'", (policy_id, requester)).fetchone()
+    if row is not None:
+        return _request(row), False
+    if amount <= 0:
+        raise FieldError("amount", "must be more than zero")
+    if duration_ms <= 0:
+        raise FieldError("ttl", "must be a positive duration")
+    request_id = "ovr_" + secrets.token_hex(6)
+    conn.execute("INSERT INTO override_requests (id, subject, policy_id, policy_snapshot, requester, amount, "
+                 "duration_ms, reason, evaluation, status, created_ms, expires_ms) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                 (request_id, f"usage-budget:{policy_id}", policy_id, json.dumps(policy_snapshot), requester, amount,
+                  duration_ms, reason, json.dumps(evaluation), now_ms, now_ms + pending_ttl_ms))
+    return get(conn, request_id), True
+
+
+def get(conn: sqlite3.Connection, request_id: str) -> OverrideRequest:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM override_requests WHERE id = ?", (request_id,)).fetchone()
+    if row is None:
+        raise FieldError("id", f"no override request {request_id}")
+    return _request(row)
+
+
+def listing(conn: sqlite3.Connection, *, pending: bool | None = None, limit: int = 200) -> list[OverrideRequest]:
+    """Pending requests oldest first; decided ones (``pending=False``) newest first; None: all, newest first."""
+    if pending:
+        sql = f"SELECT {_COLUMNS} FROM override_requests WHERE status = 'pending' ORDER BY created_ms, id LIMIT ?"
+    elif pending is False:
+        sql = (f"SELECT {_COLUMNS} FROM override_requests WHERE status != 'pending' "
+               "ORDER BY coalesce(decided_ms, created_ms) DESC, id LIMIT ?")
+    else:
+        sql = f"SELECT {_COLUMNS} FROM override_requests ORDER BY created_ms DESC, id LIMIT ?"
+    return [_request(r) for r in conn.execute(sql, (limit,))]
+
+
+def expire(conn: sqlite3.Connection, now_ms: int) -> list[str]:
+    """Pending requests past their time become expired; their ids."""
+    ids = [str(r[0]) for r in conn.execute(
+        "SELECT id FROM override_requests WHERE status = 'pending' AND expires_ms IS NOT NULL AND expires_ms <= ?",
+        (now_ms,))]
+    if ids:
+        conn.executemany("UPDATE override_requests SET status = 'expired', decided_ms = expires_ms WHERE id = ?",
+                         [(i,) for i in ids])
+    return ids
+
+
+def _pending(conn: sqlite3.Connection, request_id: str, now_ms: int) -> OverrideRequest:
+    expire(conn, now_ms)
+    request = get(conn, request_id)
+    if request.status != "pending":
+        by = f" by {request.decided_by}" if request.decided_by else ""
+        raise ApprovalError(f"{request.id} is already {request.status}{by}")
+    return request
+
+
+def approve(conn: sqlite3.Connection, request_id: str, actor: str, now_ms: int, *, amount: int | None = None,
+            duration_ms: int | None = None, reason: str = "") -> tuple[OverrideRequest, OverrideRequest]:
+    """Grant the request (or a different amount or duration); returns (before, after). Of two
+    operators deciding at once, the first wins and the second is told who decided."""
+    before = _pending(conn, request_id, now_ms)
+    if actor == before.requester:
+        raise ApprovalError(f"{actor} cannot approve their own request {before.id}")
+    granted = before.amount if amount is None else amount
+    if granted <= 0:
+        raise FieldError("amount", "must be more than zero")
+    duration = before.duration_ms if duration_ms is None else duration_ms
+    if duration <= 0:
+        raise FieldError("ttl", "must be a positive duration")
+    changed = conn.execute("UPDATE override_requests SET status = 'approved', decided_by = ?, decided_ms = ?, "
+                           "decision_reason = ?, granted = ?, grant_expires_ms = ? WHERE id = ? AND status = 'pending'",
+                           (actor, now_ms, reason, granted, now_ms + duration, request_id)).rowcount
+    if not changed:  # cannot happen inside one write transaction; kept as the guard it is
+        raise ApprovalError(f"{request_id} was decided by someone else first")
+    return before, get(conn, request_id)
+
+
+def deny(conn: sqlite3.Connection, request_id: str, actor: str, now_ms: int,
+         reason: str) -> tuple[OverrideRequest, OverrideRequest]:
+    if not reason.strip():
+        raise FieldError("reason", "is empty; say why the request is denied")
+    before = _pending(conn, request_id, now_ms)
+    if actor == before.requester:
+        raise ApprovalError(f"{actor} cannot decide their own request {before.id}; cancel it instead")
+    conn.execute("UPDATE override_requests SET status = 'denied', decided_by = ?, decided_ms = ?, "
+                 "decision_reason = ? WHERE id = ? AND status = 'pending'", (actor, now_ms, reason.strip(), request_id))
+    return before, get(conn, request_id)
+
+
+def cancel(conn: sqlite3.Connection, request_id: str, actor: str,
+           now_ms: int) -> tuple[OverrideRequest, OverrideRequest]:
+    before = _pending(conn, request_id, now_ms)
+    if actor != before.requester:
+        raise ApprovalError(f"only {before.requester} can cancel {before.id}; deny it instead")
+    conn.execute("UPDATE override_requests SET status = 'cancelled', decided_by = ?, decided_ms = ? WHERE id = ?",
+                 (actor, now_ms, request_id))
+    return before, get(conn, request_id)
+
+
+def undo(conn: sqlite3.Connection, request_id: str, actor: str, now_ms: int,
+         window_ms: int = UNDO_WINDOW_MS) -> tuple[OverrideRequest, OverrideRequest]:
+    """Put a just-made decision back to pending, if it is recent and its grant is untouched."""
+    before = get(conn, request_id)
+    if before.status not in ("approved", "denied") or before.decided_ms is None:
+        raise ApprovalError(f"{request_id} has no decision to undo (it is {before.status})")
+    if now_ms - before.decided_ms > window_ms:
+        raise ApprovalError(f"the decision on {request_id} is older than {window_ms // 1000} s and stands")
+    if before.grant_used:
+        raise ApprovalError(f"the grant of {request_id} is already in use; it cannot be undone")
+    conn.execute("UPDATE override_requests SET status = 'pending', decided_by = NULL, decided_ms = NULL, "
+                 "decision_reason = NULL, granted = NULL, grant_expires_ms = NULL WHERE id = ?", (request_id,))
+    return before, get(conn, request_id)
+
+
+def active_grant(conn: sqlite3.Connection, policy_id: str, requester: str, now_ms: int,
+                 need: int) -> OverrideRequest | None:
+    """An approved, unexpired grant of this requester on this policy with at least ``need`` left."""
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM override_requests WHERE policy_id = ? AND requester = ? "
+                        "AND status = 'approved' AND grant_expires_ms > ? AND granted - grant_used >= ? "
+                        "ORDER BY grant_expires_ms LIMIT 1", (policy_id, requester, now_ms, need)).fetchall()
+    return _request(rows[0]) if rows else None
+
+
+def use_grant(conn: sqlite3.Connection, request_id: str, amount: int) -> None:
+    conn.execute("UPDATE override_requests SET grant_used = grant_used + ? WHERE id = ?", (amount, request_id))
+
+
+def pending_count(conn: sqlite3.Connection, now_ms: int) -> int:
+    return int(conn.execute("SELECT count(*) FROM override_requests WHERE status = 'pending' AND "
+                            "(expires_ms IS NULL OR expires_ms > ?)", (now_ms,)).fetchone()[0])
+
+
+def attach_grant(conn: sqlite3.Connection, hold_id: str, request_id: str, amount: int) -> None:
+    """Take a call's worst case from the grant, remembering it on the call's hold."""
+    conn.execute("UPDATE holds SET grant_id = ?, grant_amount = ? WHERE id = ?", (request_id, amount, hold_id))
+    use_grant(conn, request_id, amount)
+
+
+def settle_grant(conn: sqlite3.Connection, hold_id: str, actual: dict[str, int] | None) -> None:
+    """Give back to the grant what the call did not use: the worst case less its actual
+    amount in the policy's metric, or all of it when the call did not run (``actual`` None)."""
+    row = conn.execute("SELECT h.grant_id, h.grant_amount, r.policy_snapshot FROM holds h "
+                       "JOIN override_requests r ON r.id = h.grant_id WHERE h.id = ? AND h.state = 'held'",
+                       (hold_id,)).fetchone()
+    if row is None:
+        return
+    request_id, taken, snapshot = row
+    used = 0 if actual is None else min(taken, actual.get(json.loads(snapshot)["metric"], taken))
+    if taken - used:
+        use_grant(conn, request_id, used - taken)
+    conn.execute("UPDATE holds SET grant_amount = ? WHERE id = ?", (used, hold_id))

@@ -1,0 +1,180 @@
+"""API tokens: ``bgt_`` plus 32 random bytes (URL-safe base64), shown once.
+
+The ledger keeps the SHA-256 of the secret and a short public prefix (the 8 characters
+after ``bgt_``) to find the row: a lookup is one indexed read by prefix, never a scan of
+every token, and the digest comparison takes the same time however much of a wrong
+secret matches. An unknown prefix is hashed and compared against a dummy digest too, so
+it answers in the same time as a known one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from engine.models import FieldError
+
+PREFIX: Final = "bgt_"
+LOOKUP_CHARS: Final = 8
+SECRET_BYTES: Final = 32
+SCOPES: Final = ("chat", "embeddings", "responses", "models", "traces", "usage:read")
+_DUMMY: Final = hashlib.sha256(b"budgeteer-no-such-token").digest()
+
+TokenState = Literal["active", "expired", "revoked"]
+Refusal = Literal["malformed", "unknown", "wrong", "expired", "revoked", "scope"]
+
+
+class TokenRefused(Exception):
+    def __init__(self, reason: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: str
+    prefix: str
+    name: str
+    workspace: str
+    principal: str
+    team: str
+    scopes: tuple[str, ...]
+    rpm: int | None
+    tpm: int | None
+    created_ms: int
+    created_by: str
+    expires_ms: int | None
+    last_used_ms: int | None
+    revoked_ms: int | None
+    rotated_from: str | None = None
+    replaced_by: str | None = None
+    used_this_month: int = field(default=0, compare=False)  # nano-dollars, filled in by the engine
+
+    def state(self, now_ms: int) -> TokenState:
+        if self.revoked_ms is not None:
+            return "revoked"
+        if self.expires_ms is not None and now_ms >= self.expires_ms:
+            return "expired"
+        return "active"
+
+    def as_dict(self, now_ms: int | None = None) -> dict[str, Any]:
+        """Everything public about the token: never its secret, never its digest."""
+        out = {"id": self.id, "prefix": PREFIX + self.prefix, "name": self.name, "workspace": self.workspace,
+               "principal": self.principal, "team": self.team, "scopes": list(self.scopes), "rpm": self.rpm,
+               "tpm": self.tpm, "created_ms": self.created_ms, "created_by": self.created_by,
+               "expires_ms": self.expires_ms, "last_used_ms": self.last_used_ms, "revoked_ms": self.revoked_ms,
+               "rotated_from": self.rotated_from, "replaced_by": self.replaced_by}
+        if now_ms is not None:
+            out["state"] = self.state(now_ms)
+        return out
+
+
+_COLUMNS: Final = ("id, prefix, name, workspace, principal, team, scopes, rpm, tpm, created_ms, created_by, "
+                   "expires_ms, last_used_ms, revoked_ms, rotated_from, replaced_by")
+
+
+def _token(row: tuple[Any, ...]) -> Token:
+    (tid, prefix, name, workspace, principal, team, scopes, rpm, tpm, created, by, expires, used, revoked,
+     rotated_from, replaced_by) = row
+    return Token(tid, prefix, name, workspace, principal, team, tuple(json.loads(scopes)), rpm, tpm, created, by,
+                 expires, used, revoked, rotated_from, replaced_by)
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_scopes(values: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    scopes = tuple(dict.fromkeys(s.strip() for v in (values or ["chat", "embeddings", "responses", "models"])
+                                 for s in v.split(",") if s.strip()))
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise FieldError("scopes", f"unknown scope {unknown[0]!r}; use {', '.join(SCOPES)}" if unknown else "is empty")
+    return scopes
+
+
+def create(conn: sqlite3.Connection, *, name: str, principal: str, team: str = "", workspace: str = "default",
+           scopes: tuple[str, ...], rpm: int | None, tpm: int | None, expires_ms: int | None, now_ms: int,
+           actor: str, rotated_from: str | None = None) -> tuple[Token, str]:
+    """A new token and its secret (the only time the secret exists outside the caller)."""
+    if not name.strip():
+        raise FieldError("name", "is empty")
+    if not principal.strip():
+        raise FieldError("principal", "is empty; a token acts for someone")
+    for label, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value <= 0:
+            raise FieldError(label, f"must be a positive whole number (got {value})")
+    if expires_ms is not None and expires_ms <= now_ms:
+        raise FieldError("expires", "is in the past")
+    while True:
+        secret = PREFIX + secrets.token_urlsafe(SECRET_BYTES)
+        prefix = secret[len(PREFIX):len(PREFIX) + LOOKUP_CHARS]
+        if conn.execute("SELECT 1 FROM api_tokens WHERE prefix = ?", (prefix,)).fetchone() is None:
+            break
+    token_id = "tok_" + secrets.token_hex(6)
+    conn.execute(f"INSERT INTO api_tokens ({_COLUMNS}, hash) VALUES ({', '.join('?' * 17)})",
+                 (token_id, prefix, name.strip(), workspace, principal.strip(), team.strip(), json.dumps(list(scopes)),
+                  rpm, tpm, now_ms, actor, expires_ms, None, None, rotated_from, None, digest(secret)))
+    return get(conn, token_id), secret
+
+
+def get(conn: sqlite3.Connection, token_id: str) -> Token:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ? OR prefix = ?",
+                       (token_id, token_id.removeprefix(PREFIX)[:LOOKUP_CHARS])).fetchone()
+    if row is None:
+        raise FieldError("token", f"no token {token_id}")
+    return _token(row)
+
+
+def all_tokens(conn: sqlite3.Connection) -> list[Token]:
+    return [_token(r) for r in conn.execute(f"SELECT {_COLUMNS} FROM api_tokens ORDER BY created_ms, id")]
+
+
+def revoke(conn: sqlite3.Connection, token_id: str, now_ms: int, actor: str) -> tuple[Token, Token]:
+    before = get(conn, token_id)
+    if before.revoked_ms is not None:
+        raise FieldError("token", f"{before.id} is already revoked")
+    conn.execute("UPDATE api_tokens SET revoked_ms = ?, revoked_by = ? WHERE id = ?", (now_ms, actor, before.id))
+    return before, get(conn, before.id)
+
+
+def rotate(conn: sqlite3.Connection, token_id: str, now_ms: int, actor: str) -> tuple[Token, Token, str]:
+    """Revoke the token and issue a new one with the same grants, linked both ways."""
+    old = get(conn, token_id)
+    if old.revoked_ms is not None:
+        raise FieldError("token", f"{old.id} is revoked; create a new token instead")
+    expires = old.expires_ms if old.expires_ms is None or old.expires_ms > now_ms else None
+    new, secret = create(conn, name=old.name, principal=old.principal, team=old.team, workspace=old.workspace,
+                         scopes=old.scopes, rpm=old.rpm, tpm=old.tpm, expires_ms=expires, now_ms=now_ms, actor=actor,
+                         rotated_from=old.id)
+    conn.execute("UPDATE api_tokens SET revoked_ms = ?, revoked_by = ?, replaced_by = ? WHERE id = ?",
+                 (now_ms, actor, new.id, old.id))
+    return get(conn, old.id), new, secret
+
+
+def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str | None = None) -> Token:
+    """The token a presented secret belongs to, or TokenRefused saying why (never echoing the secret)."""
+    if not secret.startswith(PREFIX) or len(secret) < len(PREFIX) + LOOKUP_CHARS + 8:
+        raise TokenRefused("malformed", "not a Budgeteer token (they start with bgt_)")
+    presented = digest(secret)
+    row = conn.execute(f"SELECT {_COLUMNS}, hash FROM api_tokens WHERE prefix = ?",
+                       (secret[len(PREFIX):len(PREFIX) + LOOKUP_CHARS],)).fetchone()
+    stored = bytes(row[-1]) if row is not None else _DUMMY
+    match = hmac.compare_digest(presented, stored)  # same work for an unknown prefix as for a known one
+    if row is None or not match:
+        raise TokenRefused("wrong", "invalid token")
+    token = _token(row[:-1])
+    state = token.state(now_ms)
+    if state == "revoked":
+        raise TokenRefused("revoked", f"token {PREFIX}{token.prefix}… was revoked")
+    if state == "expired":
+        raise TokenRefused("expired", f"token {PREFIX}{token.prefix}… has expired")
+    if scope is not None and scope not in token.scopes:
+        raise TokenRefused("scope", f"token {PREFIX}{token.prefix}… lacks the {scope} scope")
+    conn.execute("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?", (now_ms, token.id))
+    return token
