@@ -92,7 +92,8 @@ def default_db_path() -> Path:
 
 def local_identity() -> str:
     """Who this process acts as: ``BUDGETEER_USER``, else the login name."""
-    return os.environ.get("BUDGETEER_USER") or os.environ.get("USER") or os.environ.get("USERNAME") or "local"
+    return (os.environ.get("BUDGETEER_USER") or os.environ.get("BUDGETEER_ACTOR") or os.environ.get("USER")
+            or os.environ.get("USERNAME") or "local")
 
 
 class Engine:

@@ -21,12 +21,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from engine.budgets import Outcome
-from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, iso
-from engine.engine import Engine, default_db_path
+from engine.access import AccessDenied
+from engine.approvals import ApprovalError, OverrideRequest
+from engine.budgets import Outcome, parse_amount
+from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, iso, parse_duration_ms
+from engine.engine import Engine, default_db_path, local_identity
 from engine.models import FieldError, parse_timestamp_ms
 from engine.money import MoneyError, format_usd, format_usd_plain
 from engine.store import StoreError
+from engine.tokens import TokenRefused
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 BY_CHOICES = ("model", "provider", "team", "principal", "workspace", "token_id")
@@ -551,7 +554,192 @@ async def cmd_alerts_webhook(args: argparse.Namespace) -> int:
 
 
 def _actor() -> str:
-    return os.environ.get("BUDGETEER_ACTOR") or os.environ.get("USER") or "local"
+    return local_identity()
+
+
+# ---------------------------------------------------------------- approvals, tokens, members, audit
+
+def _request_row(r: OverrideRequest, now: int) -> list[str]:
+    fmt = _formatter(r.policy.get("metric", "usd"))
+    age = max(0, now - r.created_ms) // 60_000
+    granted = fmt(r.granted) if r.granted is not None else ""
+    return [r.id, r.status, r.requester, r.policy_id, fmt(r.amount), granted, f"{age} min", r.reason[:60]]
+
+
+def _formatter(metric: str) -> Callable[[int], str]:
+    return format_usd if metric == "usd" else (lambda n: f"{n:,} {metric}")
+
+
+async def cmd_approvals_list(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        pending = None if args.all else not args.history
+        requests = await engine.override_requests(pending=pending)
+        now = engine.now_ms()
+    if args.json:
+        print(_json([r.as_dict() for r in requests]))
+    elif not requests:
+        print("No pending override requests." if pending else "No override requests.")
+    else:
+        print(_table(["id", "status", "requester", "policy", "asked", "granted", "age", "reason"],
+                     [_request_row(r, now) for r in requests]))
+    return EXIT_OK
+
+
+async def cmd_approvals_show(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        r = await engine.override_request(args.id)
+    if args.json:
+        print(_json(r.as_dict()))
+        return EXIT_OK
+    fmt = _formatter(r.policy.get("metric", "usd"))
+    lines = [f"{r.id}  {r.subject}  {r.status}",
+             f"  requester      {r.requester}", f"  policy         {r.policy.get('name', r.policy_id)} "
+             f"({r.policy.get('scope')}, hard {fmt(int(r.policy.get('hard', 0)))} per {r.policy.get('window')})",
+             f"  asked          {fmt(r.amount)} for {r.duration_ms // 60_000} min", f"  reason         {r.reason}",
+             f"  created        {iso(r.created_ms)}" + (f", expires {iso(r.expires_ms)}"
+                                                       if r.status == "pending" and r.expires_ms else "")]
+    if r.decided_by:
+        lines.append(f"  decided        {r.status} by {r.decided_by} at {iso(r.decided_ms or 0)}"
+                     + (f": {r.decision_reason}" if r.decision_reason else ""))
+    if r.granted is not None:
+        lines.append(f"  granted        {fmt(r.granted)} until {iso(r.grant_expires_ms or 0)}; "
+                     f"used {fmt(r.grant_used)}, left {fmt(r.remaining)}")
+    lines.append("  evaluation     " + json.dumps(r.evaluation, indent=2).replace("\n", "\n  "))
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+async def _policy_amount(engine: Engine, policy_id: str, text: str | None, field_name: str = "amount") -> int | None:
+    if text is None:
+        return None
+    return parse_amount(text, (await engine.policy(policy_id)).metric, field_name)
+
+
+async def cmd_approvals_request(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        amount = await _policy_amount(engine, args.policy, args.amount)
+        assert amount is not None
+        request, created = await engine.request_override(args.policy, amount, parse_duration_ms(args.ttl, "ttl"),
+                                                         args.reason)
+    print(("Opened" if created else "Already pending:") + f" {request.id} on {request.subject} "
+          f"for {_formatter(request.policy.get('metric', 'usd'))(request.amount)}.")
+    return EXIT_OK
+
+
+async def cmd_approvals_approve(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        current = await engine.override_request(args.id)
+        amount = await _policy_amount(engine, current.policy_id, args.amount)
+        ttl = parse_duration_ms(args.ttl, "ttl") if args.ttl else None
+        r = await engine.approve(args.id, amount, ttl, reason=args.reason or "")
+    fmt = _formatter(r.policy.get("metric", "usd"))
+    print(f"Approved {r.id}: {r.requester} may spend {fmt(r.granted or 0)} past {r.policy_id} "
+          f"until {iso(r.grant_expires_ms or 0)}.")
+    return EXIT_OK
+
+
+async def cmd_approvals_deny(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        r = await engine.deny(args.id, args.reason)
+    print(f"Denied {r.id} ({r.requester} on {r.policy_id}): {r.decision_reason}.")
+    return EXIT_OK
+
+
+async def cmd_token_create(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        expires = engine.now_ms() + parse_duration_ms(args.expires, "expires") if args.expires else None
+        token, secret = await engine.create_token(name=args.name, principal=args.principal, team=args.team or "",
+                                                  scopes=args.scopes, rpm=args.rpm, tpm=args.tpm, expires_ms=expires)
+    if args.json:
+        print(_json({**token.as_dict(engine.now_ms()), "secret": secret}))
+        return EXIT_OK
+    print(f"Created {token.id} ({token.name}) for {token.principal}, scopes {', '.join(token.scopes)}.")
+    print("The secret, shown this once (store it now; Budgeteer keeps only its SHA-256):")
+    print(f"  {secret}")
+    return EXIT_OK
+
+
+async def cmd_token_list(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        found = await engine.tokens()
+        now = engine.now_ms()
+    if args.json:
+        print(_json([{**t.as_dict(now), "used_this_month_nanos": t.used_this_month} for t in found]))
+    elif not found:
+        print("No API tokens. Create one with: budgeteer token create --name NAME --principal WHO")
+    else:
+        print(_table(["id", "prefix", "name", "principal", "state", "scopes", "rpm", "tpm", "last used", "month"],
+                     [[t.id, f"bgt_{t.prefix}…", t.name, t.principal, t.state(now), ",".join(t.scopes),
+                       str(t.rpm or "-"), str(t.tpm or "-"), iso(t.last_used_ms)[:16] if t.last_used_ms else "never",
+                       format_usd(t.used_this_month)] for t in found], right=[6, 7, 9]))
+    return EXIT_OK
+
+
+async def cmd_token_revoke(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        token = await engine.revoke_token(args.id)
+    print(f"Revoked {token.id} ({token.name}); calls with it are refused from now on.")
+    return EXIT_OK
+
+
+async def cmd_token_rotate(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        old, new, secret = await engine.rotate_token(args.id)
+    print(f"Revoked {old.id}; its successor is {new.id} ({new.name}). The new secret, shown this once:")
+    print(f"  {secret}")
+    return EXIT_OK
+
+
+async def cmd_member_list(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        found = await engine.members()
+        me, role = engine.actor, await engine.role()
+    if args.json:
+        print(_json([m.as_dict() for m in found]))
+        return EXIT_OK
+    if not found:
+        print(f"No members: this is a single-user ledger and {me} may do everything. "
+              f"Add the first owner with: budgeteer member set {me} owner")
+        return EXIT_OK
+    print(_table(["user", "role", "added", "by"], [[m.user, m.role, iso(m.added_ms)[:10], m.added_by] for m in found]))
+    print(f"You are {me} ({role or 'not a member'}).")
+    return EXIT_OK
+
+
+async def cmd_member_set(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        member = await engine.set_member(args.user, args.role)
+    print(f"{member.user} is now {member.role}.")
+    return EXIT_OK
+
+
+async def cmd_member_rm(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        member = await engine.remove_member(args.user)
+    print(f"Removed {member.user} ({member.role}).")
+    return EXIT_OK
+
+
+async def cmd_audit_list(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        found = await engine.audit_entries(limit=args.limit, text=args.filter or "")
+    if args.json:
+        print(_json([e.as_dict() for e in found]))
+    elif not found:
+        print("The audit journal is empty.")
+    else:
+        print(_table(["#", "time", "actor", "action", "subject"],
+                     [[str(e.id), iso(e.ts_ms)[:19], e.actor, e.action, e.subject] for e in found], right=[0]))
+    return EXIT_OK
+
+
+async def cmd_audit_verify(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        result = await engine.verify_audit()
+    if result.ok:
+        print(f"The audit journal is intact: {result.entries:,} entries, each linked to the one before.")
+        return EXIT_OK
+    raise Failure(f"audit journal: {result.problem}")
 
 
 #: The frozen "now" of screenshots: 2026-11-18 12:00 UTC, a Wednesday.
@@ -675,6 +863,84 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kind", default="generic", help="generic (JSON) or slack")
     q.set_defaults(handler=cmd_alerts_webhook)
 
+    p = sub.add_parser("approvals", parents=[common], help="override requests: list, show, approve, deny",
+                       description="Requests for headroom past a hard limit whose action is approval_required.")
+    asub = p.add_subparsers(dest="approvals_command", parser_class=_Parser, metavar="ACTION", required=True)
+    q = asub.add_parser("list", parents=[common], help="pending requests, oldest first")
+    q.add_argument("--history", action="store_true", help="decided requests instead, newest first")
+    q.add_argument("--all", action="store_true", help="every request")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_approvals_list)
+    q = asub.add_parser("show", parents=[common], help="one request with the evaluation that triggered it")
+    q.add_argument("id")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_approvals_show)
+    q = asub.add_parser("request", parents=[common], help="ask for headroom on a policy by hand")
+    q.add_argument("--policy", required=True, help="policy id")
+    q.add_argument("--amount", required=True, help="dollars for a usd policy, a count otherwise")
+    q.add_argument("--ttl", default="1h", help="how long the headroom should last once granted (default 1h)")
+    q.add_argument("--reason", required=True, help="what it is for")
+    q.set_defaults(handler=cmd_approvals_request)
+    q = asub.add_parser("approve", parents=[common], help="grant a request (its amount, or --amount)")
+    q.add_argument("id")
+    q.add_argument("--amount", help="grant this instead of what was asked")
+    q.add_argument("--ttl", help="how long the grant lasts (default: what was asked)")
+    q.add_argument("--reason", help="a note kept with the decision")
+    q.set_defaults(handler=cmd_approvals_approve)
+    q = asub.add_parser("deny", parents=[common], help="refuse a request")
+    q.add_argument("id")
+    q.add_argument("--reason", required=True, help="why (the requester sees it)")
+    q.set_defaults(handler=cmd_approvals_deny)
+
+    p = sub.add_parser("token", parents=[common], help="API tokens: create, list, revoke, rotate",
+                       description="Bearer tokens for the gateway; the secret is shown once.")
+    tsub = p.add_subparsers(dest="token_command", parser_class=_Parser, metavar="ACTION", required=True)
+    q = tsub.add_parser("create", parents=[common], help="a new token (prints its secret once)")
+    q.add_argument("--name", required=True, help="what the token is for")
+    q.add_argument("--principal", required=True, help="who calls with it")
+    q.add_argument("--team", help="the caller's team")
+    q.add_argument("--scopes", nargs="+", help="chat embeddings responses models traces usage:read "
+                   "(default: chat embeddings responses models)")
+    q.add_argument("--rpm", type=int, help="requests per minute at most")
+    q.add_argument("--tpm", type=int, help="tokens per minute at most")
+    q.add_argument("--expires", help="lifetime, e.g. 30d or 12h (default: never)")
+    q.add_argument("--json", action="store_true", help="print JSON (the secret included, once)")
+    q.set_defaults(handler=cmd_token_create)
+    q = tsub.add_parser("list", parents=[common], help="every token, its state, last use and spend this month")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_token_list)
+    q = tsub.add_parser("revoke", parents=[common], help="refuse a token from now on")
+    q.add_argument("id", help="token id (tok_...) or its bgt_ prefix")
+    q.set_defaults(handler=cmd_token_revoke)
+    q = tsub.add_parser("rotate", parents=[common], help="revoke a token and issue its successor")
+    q.add_argument("id", help="token id (tok_...) or its bgt_ prefix")
+    q.set_defaults(handler=cmd_token_rotate)
+
+    p = sub.add_parser("member", parents=[common], help="workspace members and roles",
+                       description="Roles: owner, admin, operator, viewer. You act as BUDGETEER_USER (or your login).")
+    msub = p.add_subparsers(dest="member_command", parser_class=_Parser, metavar="ACTION", required=True)
+    q = msub.add_parser("list", parents=[common], help="members and their roles")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(handler=cmd_member_list)
+    q = msub.add_parser("set", parents=[common], help="add a member or change a role")
+    q.add_argument("user")
+    q.add_argument("role", help="owner, admin, operator or viewer")
+    q.set_defaults(handler=cmd_member_set)
+    q = msub.add_parser("rm", parents=[common], help="remove a member")
+    q.add_argument("user")
+    q.set_defaults(handler=cmd_member_rm)
+
+    p = sub.add_parser("audit", parents=[common], help="the audit journal: list, verify",
+                       description="Every change and decision, each entry chained to the one before by its hash.")
+    usub = p.add_subparsers(dest="audit_command", parser_class=_Parser, metavar="ACTION", required=True)
+    q = usub.add_parser("list", parents=[common], help="newest entries first")
+    q.add_argument("--filter", help="keep entries whose actor, action or subject contain this")
+    q.add_argument("--limit", type=int, default=50, help="entries at most (default 50)")
+    q.add_argument("--json", action="store_true", help="print JSON (before and after included)")
+    q.set_defaults(handler=cmd_audit_list)
+    q = usub.add_parser("verify", parents=[common], help="check the hash chain; exit 1 naming the entry at fault")
+    q.set_defaults(handler=cmd_audit_verify)
+
     p = sub.add_parser("check", parents=[common], help="what the budgets would decide for a call",
                        description="Evaluate a call against every applicable policy without holding anything.")
     p.add_argument("--principal", required=True)
@@ -741,7 +1007,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"budgeteer: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (Failure, StoreError) as exc:
+    except (Failure, StoreError, AccessDenied, ApprovalError, TokenRefused) as exc:
         if debug:
             raise
         print(f"budgeteer: {exc}", file=sys.stderr)
