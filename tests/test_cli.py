@@ -263,3 +263,42 @@ def test_an_unknown_theme_is_refused_with_the_choices(capsys: pytest.CaptureFixt
     monkeypatch.setenv("BUDGETEER_THEME", "nope")
     code, _, err = run(capsys, "screenshots", "--out", str(tmp_path / "shots"))
     assert code == 2 and "unknown theme 'nope'" in err and not (tmp_path / "shots").exists()
+
+
+def test_approvals_tokens_and_the_audit_journal_from_the_command_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = str(tmp_path / "l.db")
+    code, out, _ = run(capsys, "--db", db, "policy", "add", "--scope", "team:ml", "--metric", "usd", "--window",
+                       "day", "--hard", "1", "--action", "approval_required", "--json")
+    policy_id = json.loads(out)["id"]
+    monkeypatch.setenv("BUDGETEER_USER", "alice")
+    code, out, _ = run(capsys, "--db", db, "approvals", "request", "--policy", policy_id, "--amount", "5",
+                       "--ttl", "2h", "--reason", "eval run")
+    assert code == 0 and "Opened ovr_" in out
+    request_id = out.split()[1]
+    code, _, err = run(capsys, "--db", db, "approvals", "approve", request_id)
+    assert code == 1 and "alice cannot approve their own request" in err
+    monkeypatch.setenv("BUDGETEER_USER", "bob")
+    code, out, _ = run(capsys, "--db", db, "approvals", "approve", request_id, "--amount", "3")
+    assert code == 0 and "alice may spend $3.00" in out
+    code, _, err = run(capsys, "--db", db, "approvals", "deny", request_id, "--reason", "late")
+    assert code == 1 and "already approved by bob" in err
+    code, out, _ = run(capsys, "--db", db, "token", "create", "--name", "ci", "--principal", "alice")
+    secret = out.split()[-1]
+    assert code == 0 and secret.startswith("bgt_")
+    code, out, _ = run(capsys, "--db", db, "token", "list")
+    assert code == 0 and secret not in out and secret[:12] + "…" in out
+    code, out, _ = run(capsys, "--db", db, "audit", "list", "--json")
+    assert code == 0 and secret not in out
+    assert [e["action"] for e in json.loads(out)] == ["token.create", "override.approve", "override.request",
+                                                       "policy.add"]
+    code, out, _ = run(capsys, "--db", db, "audit", "verify")
+    assert code == 0 and "intact: 4 entries" in out
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE audit_journal SET actor = 'mallory' WHERE id = 2")
+    conn.commit()
+    conn.close()
+    code, _, err = run(capsys, "--db", db, "audit", "verify")
+    assert code == 1 and "entry 2 was edited" in err
