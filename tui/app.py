@@ -8,7 +8,6 @@ few seconds, never piling polls up, and stops while paused or while a modal is o
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
@@ -19,7 +18,7 @@ from textual.screen import Screen
 from textual.widgets import Static
 
 from engine.clock import Clock
-from engine.engine import Engine, default_db_path
+from engine.engine import Engine, default_db_path, local_identity
 from engine.store import StoreError
 from tui.screens.alerts import AlertsScreen
 from tui.screens.base import DataScreen
@@ -67,7 +66,7 @@ class BudgeteerApp(App[None]):
         self.refresh_seconds = refresh_seconds
         self.label = label or str(db_path)
         self.read_only = read_only
-        self.actor = os.environ.get("BUDGETEER_ACTOR") or os.environ.get("USER") or "local"
+        self.actor = local_identity()
         self.engine: Engine | None = None
         self.fatal_error: str | None = None
         self.paused = False
@@ -92,7 +91,7 @@ class BudgeteerApp(App[None]):
         self.sub_title = self.label + ("  (read-only)" if self.read_only else "")
         self.load_keymap(default_db_path().parent / "keymap.json")
         try:
-            self.engine = await Engine.open(self.db_path, clock=self.clock)
+            self.engine = await Engine.open(self.db_path, clock=self.clock, actor=self.actor)
         except StoreError as exc:
             self.fatal_error = str(exc)
             self.exit()

@@ -350,3 +350,24 @@ async def test_eighty_columns_stack_panes_and_drop_columns(db_path: Path, clock:
         await _settle(pilot, app)
         table = app.screen.query_one("#policies", VimTable)
         assert len(table.columns) == 10 and not app.screen.has_class("-narrow")
+
+
+async def test_a_refused_change_is_a_notice_naming_the_permission(db_path: Path, clock: FrozenClock,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    async with await Engine.open(db_path, clock=clock, actor="olivia") as engine:
+        await engine.set_member("olivia", "owner")
+        await engine.set_member("vera", "viewer")
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="5", name="Daily"))
+    monkeypatch.setenv("BUDGETEER_USER", "vera")
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        app.screen.query_one("#policies", VimTable).focus()
+        await pilot.press("d", "y")
+        await _settle(pilot, app)
+        assert any("vera (viewer) lacks the edit_policies permission" in str(n.message)
+                   for n in app._notifications)
+        assert isinstance(app.screen, BudgetsScreen)
+    async with await Engine.open(db_path, clock=clock) as engine:
+        assert [p.name for p in await engine.policies()] == ["Daily"]

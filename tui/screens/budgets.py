@@ -3,6 +3,7 @@ forecast; add, edit, remove, and backtest a policy from here."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -10,8 +11,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
+from engine.access import AccessDenied
 from engine.budgets import Forecast, Outcome, Policy
 from engine.clock import DAY_MS, iso
+from engine.models import FieldError
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.message import MessageModal
@@ -135,17 +138,23 @@ class BudgetsScreen(DataScreen):
             self.app.push_screen(PolicyForm(policy, actor=self.bapp.actor, now_ms=self.bapp.engine.now_ms()),
                                  self._saved_edit)
 
+    async def _change(self, change: Awaitable[object], done: str) -> None:
+        """Run an engine change; a refusal (a missing permission, a clash) is a notice, not a crash."""
+        try:
+            await change
+        except (AccessDenied, FieldError) as exc:
+            self.notify(str(exc), title="Not changed", severity="error")
+            return
+        self.notify(done)
+        self.reload()
+
     async def _saved_new(self, policy: Policy | None) -> None:
         if policy is not None and self.bapp.engine is not None:
-            await self.bapp.engine.add_policy(policy)
-            self.notify(f"Added {policy.name}")
-            self.reload()
+            await self._change(self.bapp.engine.add_policy(policy), f"Added {policy.name}")
 
     async def _saved_edit(self, policy: Policy | None) -> None:
         if policy is not None and self.bapp.engine is not None:
-            await self.bapp.engine.update_policy(policy)
-            self.notify(f"Saved {policy.name}")
-            self.reload()
+            await self._change(self.bapp.engine.update_policy(policy), f"Saved {policy.name}")
 
     def action_delete(self) -> None:
         policy = self._selected()
@@ -154,9 +163,7 @@ class BudgetsScreen(DataScreen):
 
         async def answer(yes: bool | None) -> None:
             if yes and self.bapp.engine is not None:
-                await self.bapp.engine.remove_policy(policy.id)
-                self.notify(f"Removed {policy.name}")
-                self.reload()
+                await self._change(self.bapp.engine.remove_policy(policy.id), f"Removed {policy.name}")
 
         self.app.push_screen(ConfirmModal(f"Remove the policy {policy.name!r}?"), answer)
 
