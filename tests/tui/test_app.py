@@ -371,3 +371,16 @@ async def test_a_refused_change_is_a_notice_naming_the_permission(db_path: Path,
         assert isinstance(app.screen, BudgetsScreen)
     async with await Engine.open(db_path, clock=clock) as engine:
         assert [p.name for p in await engine.policies()] == ["Daily"]
+
+
+async def test_columns_shrink_when_the_terminal_does(db_path: Path, clock: FrozenClock) -> None:
+    await _over_budget_ledger(db_path, clock)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await _settle(pilot, app)
+        table = app.screen.query_one("#budgets", VimTable)
+        wide = table.virtual_size.width
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.2)
+        await _settle(pilot, app)
+        assert table.virtual_size.width < wide and table.virtual_size.width <= 80

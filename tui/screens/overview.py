@@ -126,8 +126,6 @@ class OverviewScreen(DataScreen):
                                 right(p.format_short(f.projected) if f else "-")]))
         if not rows:
             rows.append(("none", ["no budgets yet: press 3, then a to add one", "", "", "", ""]))
-        # Same columns both ways; switching rebuilds them so a narrow table does not keep wide widths.
-        table.show_only(("policy", "gauge", "spent", "limit", "forecast") if not self.roomy else None)
         table.set_rows(rows)
         self.query_one("#timeline", Timeline).show_points(
             [(p.bucket_ms, p.totals.cost_nanos) for p in data.timeline], metric="usd")

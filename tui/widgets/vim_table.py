@@ -41,7 +41,7 @@ class VimTable(DataTable[str | Text]):
             self._render_rows()
 
     def _rebuild_columns(self) -> None:
-        self.clear(columns=True)  # column widths start over too: a narrow layout must not keep wide ones
+        self.clear(columns=True)
         for i, (key, label) in enumerate(self._columns):
             if self._visible is None or i in self._visible:
                 self.add_column(label, key=key)
@@ -58,6 +58,11 @@ class VimTable(DataTable[str | Text]):
     def _render_rows(self) -> None:
         current = self.current_key
         self.clear()
+        # DataTable only ever widens an auto-width column; start each from its label so a
+        # column fits what it shows now (a wide layout's widths must not outlive it).
+        for column in self.columns.values():
+            if column.auto_width:
+                column.content_width = column.label.cell_len
         needle = self.filter_text
         for key, cells in self._rows:
             if needle and not any(needle in str(cell).lower() for cell in cells):
