@@ -124,8 +124,12 @@ def create(conn: sqlite3.Connection, *, name: str, principal: str, team: str = "
 
 
 def get(conn: sqlite3.Connection, token_id: str) -> Token:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ? OR prefix = ?",
-                       (token_id, token_id.removeprefix(PREFIX)[:LOOKUP_CHARS])).fetchone()
+    """By id (``tok_…``) or by the public ``bgt_`` prefix, never one mistaken for the other."""
+    if token_id.startswith(PREFIX):
+        row = conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE prefix = ?",
+                           (token_id[len(PREFIX):len(PREFIX) + LOOKUP_CHARS],)).fetchone()
+    else:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
     if row is None:
         raise FieldError("token", f"no token {token_id}")
     return _token(row)

@@ -186,3 +186,12 @@ async def test_a_deleted_or_moved_entry_is_named(engine: Engine, db_path: Path, 
     conn.close()
     result = await engine.verify_audit()
     assert not result.ok and result.entry_id == named and words in result.problem
+
+
+async def test_a_token_is_named_by_its_id_or_its_public_prefix(engine: Engine) -> None:
+    token, secret = await engine.create_token(name="ci", principal="alice")
+    assert (await engine.revoke_token(secret[:12])).id == token.id  # bgt_ + the 8-character prefix
+    other, _ = await engine.create_token(name="b", principal="bob")
+    assert (await engine.revoke_token(other.id)).id == other.id
+    with pytest.raises(FieldError, match="no token"):
+        await engine.revoke_token("bgt_nosuchpx")
