@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from engine.access import AccessDenied
 from engine.approvals import ApprovalError, OverrideRequest
-from engine.budgets import Outcome, parse_amount
+from engine.budgets import Outcome, Policy, parse_amount
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, iso, parse_duration_ms
 from engine.engine import Engine, default_db_path, local_identity
 from engine.models import FieldError, parse_timestamp_ms
@@ -384,7 +384,7 @@ async def cmd_policy_add(args: argparse.Namespace) -> int:
     async with await _open(args) as engine:
         policy = build_policy(scope=args.scope, metric=args.metric, window=args.window, hard=args.hard, soft=args.soft,
                               mode=args.mode, action=args.action, tz=args.tz, name=args.name,
-                              thresholds=args.thresholds, actor=_actor(), now_ms=engine.now_ms())
+                              thresholds=args.thresholds, actor=local_identity(), now_ms=engine.now_ms())
         await engine.add_policy(policy)
     if args.json:
         print(_json(policy.to_json()))
@@ -446,7 +446,7 @@ async def cmd_policy_edit(args: argparse.Namespace) -> int:
             mode=args.mode or old.mode, action=args.action or old.action, tz=args.tz or old.window.tz,
             name=args.name or old.name, thresholds=args.thresholds or old.thresholds,
             enabled=old.enabled if args.enabled is None else args.enabled == "yes",
-            actor=_actor(), now_ms=engine.now_ms(), policy_id=old.id)
+            actor=local_identity(), now_ms=engine.now_ms(), policy_id=old.id)
         policy = replace(policy, created_by=old.created_by, created_ms=old.created_ms)
         await engine.update_policy(policy)
     print(_json(policy.to_json()) if args.json else f"Updated policy {policy.id}: {policy.name}.")
@@ -538,7 +538,7 @@ async def cmd_alerts_list(args: argparse.Namespace) -> int:
 
 async def cmd_alerts_ack(args: argparse.Namespace) -> int:
     async with await _open(args) as engine:
-        alert = await engine.ack_alert(args.id, _actor())
+        alert = await engine.ack_alert(args.id, local_identity())
     print(f"Acknowledged alert {alert.id} ({alert.message}).")
     return EXIT_OK
 
@@ -553,21 +553,18 @@ async def cmd_alerts_webhook(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _actor() -> str:
-    return local_identity()
-
-
 # ---------------------------------------------------------------- approvals, tokens, members, audit
 
 def _request_row(r: OverrideRequest, now: int) -> list[str]:
-    fmt = _formatter(r.policy.get("metric", "usd"))
+    fmt = _formatter(r)
     age = max(0, now - r.created_ms) // 60_000
     granted = fmt(r.granted) if r.granted is not None else ""
     return [r.id, r.status, r.requester, r.policy_id, fmt(r.amount), granted, f"{age} min", r.reason[:60]]
 
 
-def _formatter(metric: str) -> Callable[[int], str]:
-    return format_usd if metric == "usd" else (lambda n: f"{n:,} {metric}")
+def _formatter(request: OverrideRequest) -> Callable[[int], str]:
+    """Amounts of a request in its policy's unit, as the policy itself writes them."""
+    return Policy.from_json(request.policy).format_amount
 
 
 async def cmd_approvals_list(args: argparse.Namespace) -> int:
@@ -591,7 +588,7 @@ async def cmd_approvals_show(args: argparse.Namespace) -> int:
     if args.json:
         print(_json(r.as_dict()))
         return EXIT_OK
-    fmt = _formatter(r.policy.get("metric", "usd"))
+    fmt = _formatter(r)
     lines = [f"{r.id}  {r.subject}  {r.status}",
              f"  requester      {r.requester}", f"  policy         {r.policy.get('name', r.policy_id)} "
              f"({r.policy.get('scope')}, hard {fmt(int(r.policy.get('hard', 0)))} per {r.policy.get('window')})",
@@ -622,7 +619,7 @@ async def cmd_approvals_request(args: argparse.Namespace) -> int:
         request, created = await engine.request_override(args.policy, amount, parse_duration_ms(args.ttl, "ttl"),
                                                          args.reason)
     print(("Opened" if created else "Already pending:") + f" {request.id} on {request.subject} "
-          f"for {_formatter(request.policy.get('metric', 'usd'))(request.amount)}.")
+          f"for {_formatter(request)(request.amount)}.")
     return EXIT_OK
 
 
@@ -632,7 +629,7 @@ async def cmd_approvals_approve(args: argparse.Namespace) -> int:
         amount = await _policy_amount(engine, current.policy_id, args.amount)
         ttl = parse_duration_ms(args.ttl, "ttl") if args.ttl else None
         r = await engine.approve(args.id, amount, ttl, reason=args.reason or "")
-    fmt = _formatter(r.policy.get("metric", "usd"))
+    fmt = _formatter(r)
     print(f"Approved {r.id}: {r.requester} may spend {fmt(r.granted or 0)} past {r.policy_id} "
           f"until {iso(r.grant_expires_ms or 0)}.")
     return EXIT_OK
