@@ -21,7 +21,9 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from engine.clock import format_span, iso
 from engine.models import FieldError
+from engine.money import format_usd
 
 Status = Literal["pending", "approved", "denied", "expired", "cancelled"]
 STATUSES: Final = ("pending", "approved", "denied", "expired", "cancelled")
@@ -70,6 +72,54 @@ class OverrideRequest:
                 "created_ms": self.created_ms, "expires_ms": self.expires_ms, "decided_by": self.decided_by,
                 "decided_ms": self.decided_ms, "decision_reason": self.decision_reason, "granted": self.granted,
                 "grant_expires_ms": self.grant_expires_ms, "grant_used": self.grant_used}
+
+    def format_amount(self, amount: int) -> str:
+        """An amount in the request's policy unit, as the policy itself writes it."""
+        from engine.budgets import Policy  # budgets imports this module
+
+        return Policy.from_json(self.policy).format_amount(amount)
+
+    def describe(self, now_ms: int) -> list[str]:
+        """The request in full, for people: who asked for what, the decision, the grant, and
+        the evaluation that opened it."""
+        fmt, p = self.format_amount, self.policy
+        lines = [f"{self.id}  {self.subject}  {self.status}",
+                 f"requester      {self.requester}",
+                 f"policy         {p.get('name', self.policy_id)} ({p.get('scope')}, hard "
+                 f"{fmt(int(p.get('hard', 0)))} per {p.get('window')}, {p.get('mode')})",
+                 f"asked          {fmt(self.amount)} for {format_span(self.duration_ms)}",
+                 f"reason         {self.reason}",
+                 f"created        {iso(self.created_ms)} ({format_span(now_ms - self.created_ms)} ago)"]
+        if self.status == "pending" and self.expires_ms:
+            lines.append(f"expires        {iso(self.expires_ms)} (in {format_span(self.expires_ms - now_ms)})")
+        if self.decided_by or self.decided_ms:
+            lines.append(f"decided        {self.status} by {self.decided_by or 'time'} at {iso(self.decided_ms or 0)}"
+                         + (f": {self.decision_reason}" if self.decision_reason else ""))
+        if self.granted is not None:
+            lines.append(f"granted        {fmt(self.granted)} until {iso(self.grant_expires_ms or 0)}; "
+                         f"used {fmt(self.grant_used)}, left {fmt(self.remaining)}")
+        lines += self._evaluation_lines()
+        return lines
+
+    def _evaluation_lines(self) -> list[str]:
+        """The evaluation that opened the request: its decision and each policy's verdict on the call."""
+        ev = self.evaluation
+        outcomes = ev.get("outcomes")
+        if not isinstance(outcomes, list) or not outcomes:
+            return ["evaluation     " + json.dumps(ev)]
+        lines = [f"evaluation     {ev.get('decision')}, decided by {ev.get('deciding_policy') or '-'}"]
+        for o in outcomes:
+            usd = o.get("metric") == "usd"
+
+            def fmt(n: Any, usd: bool = usd) -> str:
+                return format_usd(int(n)) if usd else f"{int(n):,}"
+
+            lines.append(f"  {o.get('policy')}: {o.get('status')}  consumed {fmt(o.get('consumed', 0))} + held "
+                         f"{fmt(o.get('held', 0))} + this call {fmt(o.get('cost', 0))} = "
+                         f"{fmt(o.get('projected', 0))} against {fmt(o.get('limit', 0))}")
+            if o.get("message"):
+                lines.append(f"    {o['message']}")
+        return lines
 
     def audit_view(self) -> dict[str, Any]:
         """What the journal keeps of a request: its decision, not the whole evaluation."""

@@ -17,6 +17,7 @@ import json
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 GENESIS: Final = "0" * 64
@@ -36,6 +37,24 @@ class AuditEntry:
     prev_hash: str
     hash: str
 
+    def changes(self) -> list[tuple[str, Any, Any]]:
+        """(field, before, after) for each field the change touched; a creation or a removal
+        lists every field, with None on the side that does not exist."""
+        before, after = self.before or {}, self.after or {}
+        return [(key, before.get(key), after.get(key)) for key in dict.fromkeys([*before, *after])
+                if before.get(key) != after.get(key) or self.before is None or self.after is None]
+
+    def summary(self, width: int = 80) -> str:
+        """The change in one line: ``status pending→approved, granted None→5000000000``."""
+        if self.before is None:
+            text = "created"
+        elif self.after is None:
+            text = "removed"
+        else:
+            changes = sorted(self.changes(), key=lambda c: c[0] != "status")  # the status first
+            text = ", ".join(f"{k} {_short(k, b)}→{_short(k, a)}" for k, b, a in changes) or "no field changed"
+        return text if len(text) <= width else text[:width - 1] + "…"
+
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "ts_ms": self.ts_ms, "actor": self.actor, "action": self.action,
                 "subject": self.subject, "before": self.before, "after": self.after, "hash": self.hash}
@@ -47,6 +66,13 @@ class Verification:
     entries: int
     problem: str = ""
     entry_id: int | None = None
+
+
+def _short(key: str, value: Any) -> str:
+    if key.endswith("_ms") and isinstance(value, int) and value > 10**11:  # a time: when, to the second
+        return datetime.fromtimestamp(value / 1000, UTC).strftime("%m-%d %H:%M:%S")
+    text = "-" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 24 else text[:23] + "…"
 
 
 def _canonical(record: Mapping[str, Any] | None) -> str:

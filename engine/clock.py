@@ -54,6 +54,30 @@ def parse_duration_ms(text: str, field: str = "duration") -> int:
     return value * _UNITS[m.group(2).lower()]
 
 
+def format_duration(ms: int) -> str:
+    """The inverse of ``parse_duration_ms``, in the largest unit that divides exactly: ``90m``, ``2h``, ``7d``."""
+    for unit in ("w", "d", "h", "m"):
+        if ms % _UNITS[unit] == 0:
+            return f"{ms // _UNITS[unit]}{unit}"
+    return f"{max(1, -(-ms // 1000))}s"
+
+
+def format_span(ms: int) -> str:
+    """A duration as people say it: ``45 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``."""
+    ms = max(0, ms)
+    seconds = ms // 1000
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
 def period_range(period: str | None, now_ms: int, field: str = "period") -> tuple[int, int]:
     """[start, end) for a period: ``24h``, ``7d``, ``30d``, ``90d`` (any duration), ``today``,
     ``month`` (calendar, UTC) or ``all``."""

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Final
 
 from engine.budgets import Policy, build_policy
 from engine.clock import DAY_MS, HOUR_MS
 from engine.models import UsageEvent
+from engine.money import parse_usd
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+    from engine.store import LedgerTx
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +130,14 @@ def _hour_shape(hour_utc: int, offset_h: int) -> float:
     return 0.08 + math.exp(-((local - 11) ** 2) / 8) + 0.8 * math.exp(-((local - 15.5) ** 2) / 6)
 
 
-def generate_demo(*, days: int = 30, seed: int = 7, end_ms: int,
-                  events_per_day: int | None = None) -> Iterator[list[UsageEvent]]:
-    """Yield the history in time order, in batches of about 10,000 events."""
+def generate_demo(*, days: int = 30, seed: int = 7, end_ms: int, events_per_day: int | None = None,
+                  token_ids: Mapping[str, str] | None = None) -> Iterator[list[UsageEvent]]:
+    """Yield the history in time order, in batches of about 10,000 events. ``token_ids``
+    (principal -> token id) makes those principals call with real tokens of the ledger."""
     rnd = random.Random(seed)
     per_day = events_per_day or 7_500
-    people = _principals(rnd)
+    people = [replace(p, token_id=token_ids.get(p.name, p.token_id)) for p in _principals(rnd)] \
+        if token_ids else _principals(rnd)
     start_ms = end_ms - days * DAY_MS
     first_hour = start_ms - start_ms % HOUR_MS + HOUR_MS
     hours = -(-(end_ms - first_hour) // HOUR_MS)  # the last, partial hour runs up to end_ms
@@ -230,3 +237,85 @@ def demo_policies(now_ms: int) -> list[Policy]:
     return [build_policy(scope=scope, metric=metric, window=window, hard=hard, soft=soft, mode=mode, action=action,
                          name=name, policy_id=pid, actor="demo", now_ms=now_ms)
             for pid, name, scope, metric, window, hard, soft, mode, action in specs]
+
+
+# (name, principal, team, scopes, rpm, tpm, expires in days, fate)
+_DEMO_TOKENS: Final = (
+    ("search-ranker prod", "svc-search-ranker", "search", ("chat", "models"), 1200, 400_000, None, ""),
+    ("search-embedder prod", "svc-search-embedder", "search", ("embeddings",), 3000, 2_000_000, None, ""),
+    ("support-bot prod", "svc-support-bot", "support", ("chat", "responses"), 600, 300_000, None, "rotated"),
+    ("research agent", "agent-research", "ml", ("chat", "responses", "models"), 120, 200_000, 30, ""),
+    ("alice's notebook", "alice@acme.dev", "search", ("chat", "embeddings"), 60, 100_000, 90, ""),
+    ("growth copy test", "svc-growth-copy", "growth", ("chat",), None, None, None, "revoked"),
+)
+
+# (requester, policy, amount in dollars, minutes ago, reason, decision, decided by, decision note)
+_DEMO_REQUESTS: Final = (
+    ("svc-support-bot", "demo-support-day", "2", 200, "launch-day traffic spike on the help centre",
+     "approved", "maria@acme.dev", "Launch day traffic"),
+    ("agent-research", "demo-support-day", "5", 150, "eval sweep on support transcripts", "denied",
+     "maria@acme.dev", "Run it on the sample set first"),
+    ("svc-support-triage", "demo-support-day", "1.50", 90, "backlog from the weekend", "expired", "", ""),
+    ("dara@acme.dev", "demo-support-day", "3", 14, "customer escalation #4821 needs the long-context model", "",
+     "", ""),
+    ("svc-support-bot", "demo-support-day", "1.25", 3, "re-run of the failed nightly ticket summaries", "", "", ""),
+)
+
+
+async def populate(engine: Engine, *, days: int = 30, seed: int = 7, end_ms: int) -> int:
+    """Write the whole demo into an empty ledger through the engine: its history, policies,
+    API tokens (one rotated, one revoked), override requests in every state and the audit
+    trail all of that leaves. The engine's clock must read ``end_ms``. Returns the events written."""
+    me = engine.actor
+    engine.actor = "maria@acme.dev"  # the demo's owner makes the changes; the operator has none
+    ids: dict[str, str] = {}
+    try:
+        for name, principal, team, scopes, rpm, tpm, expires_days, fate in _DEMO_TOKENS:
+            token, _secret = await engine.create_token(
+                name=name, principal=principal, team=team, scopes=scopes, rpm=rpm, tpm=tpm,
+                expires_ms=end_ms + expires_days * DAY_MS if expires_days else None)
+            if fate == "revoked":  # retired before the history began: its principal calls without it
+                await engine.revoke_token(token.id)
+                continue
+            if fate == "rotated":
+                token = (await engine.rotate_token(token.id))[1]
+            ids[principal] = token.id
+        total = 0
+        last_use: dict[str, int] = {}
+        for batch in generate_demo(days=days, seed=seed, end_ms=end_ms, token_ids=ids):
+            total += (await engine.bulk_record(batch))[0]
+            last_use.update((e.token_id, e.ts_ms) for e in batch if e.token_id in ids.values())
+        await _set_last_use(engine, last_use)
+        for policy in demo_policies(end_ms):
+            await engine.add_policy(policy)
+        for requester, policy_id, amount, minutes, reason, decision, by, note in _DEMO_REQUESTS:
+            engine.actor = requester
+            request, _ = await engine.request_override(policy_id, parse_usd(amount), HOUR_MS, reason)
+            # Opened minutes ago, as if the demo had been running; the expired one outlived its hour.
+            await _set_times(engine, request.id, minutes * 60_000, expired=decision == "expired")
+            engine.actor = by or engine.actor
+            if decision == "approved":
+                await engine.approve(request.id, reason=note)
+            elif decision == "denied":
+                await engine.deny(request.id, note)
+    finally:
+        engine.actor = me
+    return total
+
+
+async def _set_times(engine: Engine, request_id: str, ago_ms: int, *, expired: bool) -> None:
+    def op(tx: LedgerTx) -> None:
+        tx.conn.execute("UPDATE override_requests SET created_ms = created_ms - ?, expires_ms = "
+                        "CASE WHEN ? THEN created_ms - ? + 3600000 ELSE expires_ms - ? END WHERE id = ?",
+                        (ago_ms, expired, ago_ms, ago_ms, request_id))
+
+    await engine.store.transact(op)
+
+
+async def _set_last_use(engine: Engine, last_use: Mapping[str, int]) -> None:
+    """What a gateway would have written as each token's last use: its last call in the history."""
+    def op(tx: LedgerTx) -> None:
+        tx.conn.executemany("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?",
+                            [(ts, token_id) for token_id, ts in last_use.items()])
+
+    await engine.store.transact(op)

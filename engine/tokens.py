@@ -98,6 +98,16 @@ def parse_scopes(values: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     return scopes
 
 
+def parse_limit(text: str, field_name: str) -> int | None:
+    """A rate limit typed by a person: empty for none, else a positive whole number."""
+    text = text.strip().replace(",", "").replace("_", "")
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise FieldError(field_name, f"must be a positive whole number or empty for no limit, not {text!r}")
+    return int(text)
+
+
 def create(conn: sqlite3.Connection, *, name: str, principal: str, team: str = "", workspace: str = "default",
            scopes: tuple[str, ...], rpm: int | None, tpm: int | None, expires_ms: int | None, now_ms: int,
            actor: str, rotated_from: str | None = None) -> tuple[Token, str]:

@@ -1,8 +1,9 @@
 """The Budgeteer dashboard: a Textual app over one ledger.
 
 Screens (number keys, or the command palette): 1 overview, 2 usage, 3 budgets,
-4 alerts. Data is read through ``Engine`` in workers; the current screen refreshes every
-few seconds, never piling polls up, and stops while paused or while a modal is open.
+4 alerts, 5 approvals, 6 tokens, 7 audit journal. Data is read through ``Engine`` in
+workers; the current screen refreshes every few seconds, never piling polls up, and stops
+while paused or while a modal is open. New override requests are announced on any screen.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
+from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
@@ -21,10 +23,13 @@ from engine.clock import Clock
 from engine.engine import Engine, default_db_path, local_identity
 from engine.store import StoreError
 from tui.screens.alerts import AlertsScreen
+from tui.screens.approvals import ApprovalsScreen
+from tui.screens.audit import AuditScreen
 from tui.screens.base import DataScreen
 from tui.screens.budgets import BudgetsScreen
 from tui.screens.help import HelpModal
 from tui.screens.overview import OverviewScreen
+from tui.screens.tokens import TokensScreen
 from tui.screens.usage import UsageScreen
 
 SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
@@ -32,6 +37,9 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
     "usage": ("2", "Usage: timeline and breakdown by model, provider, team, principal"),
     "budgets": ("3", "Budgets: policies as gauges; add, edit, backtest"),
     "alerts": ("4", "Alerts: list, detail, acknowledge"),
+    "approvals": ("5", "Approvals: override requests to approve, deny or undo; their history"),
+    "tokens": ("6", "API tokens: state, last use, spend; create, revoke, rotate"),
+    "audit": ("7", "Audit journal: every change and decision; filter, verify the chain"),
 }
 
 
@@ -43,12 +51,16 @@ class BudgeteerApp(App[None]):
         (0, "-narrow"), (110, "-medium"), (150, "-wide")]
     TITLE = "Budgeteer"
     MODES: ClassVar[dict[str, type[Screen[None]]]] = {  # type: ignore[assignment]
-        "overview": OverviewScreen, "usage": UsageScreen, "budgets": BudgetsScreen, "alerts": AlertsScreen}
+        "overview": OverviewScreen, "usage": UsageScreen, "budgets": BudgetsScreen, "alerts": AlertsScreen,
+        "approvals": ApprovalsScreen, "tokens": TokensScreen, "audit": AuditScreen}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("1", "switch_mode('overview')", "Overview", id="app.overview"),
         Binding("2", "switch_mode('usage')", "Usage", id="app.usage"),
         Binding("3", "switch_mode('budgets')", "Budgets", id="app.budgets"),
         Binding("4", "switch_mode('alerts')", "Alerts", id="app.alerts"),
+        Binding("5", "switch_mode('approvals')", "Approvals", id="app.approvals"),
+        Binding("6", "switch_mode('tokens')", "Tokens", id="app.tokens"),
+        Binding("7", "switch_mode('audit')", "Audit", id="app.audit"),
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("colon", "command_palette", "Commands", show=False, id="app.commands"),
         Binding("p", "toggle_pause", "Pause", id="app.pause"),
@@ -72,6 +84,7 @@ class BudgeteerApp(App[None]):
         self.paused = False
         self.updated_ms: int | None = None
         self.error: str | None = None
+        self.known_requests: set[str] | None = None  # pending override requests already announced
 
     def load_keymap(self, path: Path) -> None:
         """A user keymap: a JSON object of binding id -> keys (``{"app.quit": "ctrl+q"}``)."""
@@ -97,6 +110,7 @@ class BudgeteerApp(App[None]):
             self.exit()
             return
         await self.switch_mode("overview")
+        self._watch_requests()
         self.set_interval(self.refresh_seconds, self._poll)
         self.set_interval(1.0, self.update_status)
 
@@ -107,10 +121,36 @@ class BudgeteerApp(App[None]):
     # ---- live refresh
 
     def _poll(self) -> None:
-        screen = self.screen
-        if self.paused or not isinstance(screen, DataScreen):  # a modal is open, or paused
+        if self.paused:
             return
-        screen.reload()
+        self._watch_requests()
+        screen = self.screen
+        if isinstance(screen, DataScreen):  # not while a modal is open
+            screen.reload()
+
+    @work(exclusive=True, group="watch-requests")
+    async def _watch_requests(self) -> None:
+        """Announce override requests opened since the last look, by this process or another,
+        whatever screen is showing (a modal included)."""
+        if self.engine is None:
+            return
+        try:
+            pending = await self.engine.override_requests(pending=True)
+        except Exception:  # the screen's own load reports an unreadable ledger
+            return
+        ids = {r.id for r in pending}
+        if self.known_requests is None:
+            if pending:
+                self.notify(f"{len(pending)} override request{'s' if len(pending) > 1 else ''} wait for a "
+                            "decision: 5 shows them", title="Approvals")
+        else:
+            for r in pending:
+                if r.id not in self.known_requests:
+                    self.notify(f"{r.requester} asks {r.format_amount(r.amount)} past "
+                                f"{r.policy.get('name', r.policy_id)}: {r.reason[:80]}  (5 shows it)",
+                                title="Override request", severity="warning", timeout=10)
+        # Kept as a union: a request undone back to pending was announced already.
+        self.known_requests = (self.known_requests or set()) | ids
 
     def mark_updated(self) -> None:
         self.error = None

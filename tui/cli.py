@@ -23,8 +23,8 @@ from typing import Any, NoReturn
 
 from engine.access import AccessDenied
 from engine.approvals import ApprovalError, OverrideRequest
-from engine.budgets import Outcome, Policy, parse_amount
-from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, iso, parse_duration_ms
+from engine.budgets import Outcome, parse_amount
+from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, format_span, iso, parse_duration_ms
 from engine.engine import Engine, default_db_path, local_identity
 from engine.models import FieldError, parse_timestamp_ms
 from engine.money import MoneyError, format_usd, format_usd_plain
@@ -270,7 +270,7 @@ def _demo_path(args: argparse.Namespace) -> Path:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import demo_policies, generate_demo
+    from engine.demo import populate
 
     if args.days < 1 or args.days > 400:
         raise UsageError(f"--days must be between 1 and 400 (got {args.days})")
@@ -288,13 +288,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     clock = _now_clock()
     started = time.perf_counter()
     async with await Engine.open(path, clock=clock, durable=False) as engine:
-        end_ms = engine.now_ms() - engine.now_ms() % MINUTE_MS
-        total = 0
-        for batch in generate_demo(days=args.days, seed=args.seed, end_ms=end_ms):
-            recorded, _ = await engine.bulk_record(batch)
-            total += recorded
-        for policy in demo_policies(end_ms):
-            await engine.add_policy(policy)
+        end_ms = engine.now_ms()
+        total = await populate(engine, days=args.days, seed=args.seed, end_ms=end_ms)
         elapsed = time.perf_counter() - started
         month = await engine.totals(end_ms - args.days * DAY_MS, end_ms + MINUTE_MS)
     print(f"Wrote a demo ledger of {total:,} events over {args.days} days "
@@ -333,7 +328,7 @@ def _run_dashboard(path: Path | None, refresh: float = 2.0, read_only: bool = Fa
 
 async def cmd_screenshots(args: argparse.Namespace) -> int:
     """SVGs of the dashboard on a deterministic demo ledger with a frozen clock."""
-    from engine.demo import demo_policies, generate_demo
+    from engine.demo import populate
     from tui.app import BudgeteerApp
 
     theme = _theme(getattr(args, "theme", None))
@@ -344,15 +339,13 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "demo.db"
         async with await Engine.open(db, clock=clock, durable=False) as engine:
-            for batch in generate_demo(days=30, seed=7, end_ms=SCREENSHOT_NOW_MS):
-                await engine.bulk_record(batch)
-            for policy in demo_policies(SCREENSHOT_NOW_MS):
-                await engine.add_policy(policy)
+            await populate(engine, end_ms=SCREENSHOT_NOW_MS)
         written = []
         for width, height in ((160, 48), (80, 24)):
             app = BudgeteerApp(db_path=db, clock=clock, refresh_seconds=3600, label="demo ledger", theme=theme)
             async with app.run_test(size=(width, height)) as pilot:
-                for key, mode in (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts")):
+                for key, mode in (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts"),
+                                  ("5", "approvals"), ("6", "tokens"), ("7", "audit")):
                     await pilot.press(key)
                     await app.workers.wait_for_complete()
                     await pilot.pause(0.2)
@@ -556,15 +549,10 @@ async def cmd_alerts_webhook(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- approvals, tokens, members, audit
 
 def _request_row(r: OverrideRequest, now: int) -> list[str]:
-    fmt = _formatter(r)
-    age = max(0, now - r.created_ms) // 60_000
+    fmt = r.format_amount
     granted = fmt(r.granted) if r.granted is not None else ""
-    return [r.id, r.status, r.requester, r.policy_id, fmt(r.amount), granted, f"{age} min", r.reason[:60]]
-
-
-def _formatter(request: OverrideRequest) -> Callable[[int], str]:
-    """Amounts of a request in its policy's unit, as the policy itself writes them."""
-    return Policy.from_json(request.policy).format_amount
+    return [r.id, r.status, r.requester, r.policy_id, fmt(r.amount), granted, format_span(now - r.created_ms),
+            r.reason[:60]]
 
 
 async def cmd_approvals_list(args: argparse.Namespace) -> int:
@@ -588,20 +576,8 @@ async def cmd_approvals_show(args: argparse.Namespace) -> int:
     if args.json:
         print(_json(r.as_dict()))
         return EXIT_OK
-    fmt = _formatter(r)
-    lines = [f"{r.id}  {r.subject}  {r.status}",
-             f"  requester      {r.requester}", f"  policy         {r.policy.get('name', r.policy_id)} "
-             f"({r.policy.get('scope')}, hard {fmt(int(r.policy.get('hard', 0)))} per {r.policy.get('window')})",
-             f"  asked          {fmt(r.amount)} for {r.duration_ms // 60_000} min", f"  reason         {r.reason}",
-             f"  created        {iso(r.created_ms)}" + (f", expires {iso(r.expires_ms)}"
-                                                       if r.status == "pending" and r.expires_ms else "")]
-    if r.decided_by:
-        lines.append(f"  decided        {r.status} by {r.decided_by} at {iso(r.decided_ms or 0)}"
-                     + (f": {r.decision_reason}" if r.decision_reason else ""))
-    if r.granted is not None:
-        lines.append(f"  granted        {fmt(r.granted)} until {iso(r.grant_expires_ms or 0)}; "
-                     f"used {fmt(r.grant_used)}, left {fmt(r.remaining)}")
-    lines.append("  evaluation     " + json.dumps(r.evaluation, indent=2).replace("\n", "\n  "))
+    lines = r.describe(engine.now_ms())
+    lines[1:] = ["  " + line for line in lines[1:]]
     print("\n".join(lines))
     return EXIT_OK
 
@@ -619,7 +595,7 @@ async def cmd_approvals_request(args: argparse.Namespace) -> int:
         request, created = await engine.request_override(args.policy, amount, parse_duration_ms(args.ttl, "ttl"),
                                                          args.reason)
     print(("Opened" if created else "Already pending:") + f" {request.id} on {request.subject} "
-          f"for {_formatter(request)(request.amount)}.")
+          f"for {request.format_amount(request.amount)}.")
     return EXIT_OK
 
 
@@ -629,7 +605,7 @@ async def cmd_approvals_approve(args: argparse.Namespace) -> int:
         amount = await _policy_amount(engine, current.policy_id, args.amount)
         ttl = parse_duration_ms(args.ttl, "ttl") if args.ttl else None
         r = await engine.approve(args.id, amount, ttl, reason=args.reason or "")
-    fmt = _formatter(r)
+    fmt = r.format_amount
     print(f"Approved {r.id}: {r.requester} may spend {fmt(r.granted or 0)} past {r.policy_id} "
           f"until {iso(r.grant_expires_ms or 0)}.")
     return EXIT_OK

@@ -24,6 +24,7 @@ class VimTable(DataTable[str | Text]):
         self._columns: list[tuple[str, str | Text]] = []  # every column a row has a cell for
         self._visible: list[int] | None = None  # indices shown; None: all
         self.filter_text = ""
+        self._wanted: str | None = None  # a row to select as soon as it is shown
 
     def define(self, columns: Sequence[tuple[str, str | Text]]) -> None:
         """The table's columns as (key, label); rows give a cell for each, in this order."""
@@ -55,8 +56,13 @@ class VimTable(DataTable[str | Text]):
         self.filter_text = text.strip().lower()
         self._render_rows()
 
+    def select(self, key: str) -> None:
+        """Put the cursor on this row now, or when a later ``set_rows`` brings it."""
+        self._wanted = key
+        self._render_rows()
+
     def _render_rows(self) -> None:
-        current = self.current_key
+        current = self._wanted or self.current_key
         self.clear()
         # DataTable only ever widens an auto-width column; start each from its label so a
         # column fits what it shows now (a wide layout's widths must not outlive it).
@@ -74,6 +80,8 @@ class VimTable(DataTable[str | Text]):
             keys = [str(k.value) for k in self.rows]
             if current in keys:
                 self.move_cursor(row=keys.index(current), animate=False)
+                if current == self._wanted:
+                    self._wanted = None
 
     @property
     def current_key(self) -> str | None:
