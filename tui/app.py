@@ -181,6 +181,7 @@ class BudgeteerApp(App[None]):
         self.update_status()
 
     def action_refresh_now(self) -> None:
+        self._watch_requests()
         if isinstance(self.screen, DataScreen):
             self.screen.reload()
 
