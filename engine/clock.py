@@ -75,7 +75,7 @@ def format_span(ms: int) -> str:
     if hours < 24:
         return f"{hours} h {minutes:02d} min" if minutes else f"{hours} h"
     days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
+    return f"{days} d {hours} h" if hours else f"{days} d"
 
 
 def period_range(period: str | None, now_ms: int, field: str = "period") -> tuple[int, int]:

@@ -112,7 +112,7 @@ class ApprovalsScreen(DataScreen):
         expires = format_span(r.expires_ms - now) if r.expires_ms else "never"
         name = str(r.policy.get("name", r.policy_id))[:self.name_width()]
         return [format_span(now - r.created_ms), r.requester, name, meter, right(consumed), right(limit),
-                right(fmt(r.amount)), format_span(r.duration_ms), expires, r.reason[:60]]
+                right(fmt(r.amount)), format_span(r.duration_ms), expires, _cut(r.reason, self.size.width - 120)]
 
     def _history_row(self, r: OverrideRequest) -> list[Any]:
         fmt = r.format_amount
@@ -121,7 +121,7 @@ class ApprovalsScreen(DataScreen):
         used = right(fmt(r.grant_used)) if r.granted is not None else right("-")
         return [decided, r.status, r.requester, str(r.policy.get("name", r.policy_id))[:self.name_width()],
                 right(fmt(r.amount)), granted, used, r.decided_by or ("time" if r.status == "expired" else "-"),
-                (r.decision_reason or "")[:60]]
+                _cut(r.decision_reason or "", self.size.width - 110)]
 
     def _selected(self) -> OverrideRequest | None:
         return self.requests.get(self.query_one("#requests", VimTable).current_key or "")
@@ -238,3 +238,9 @@ class ApprovalsScreen(DataScreen):
         self.last_decided = None
         self.notify(f"{request.id} is pending again", title="Undone")
         self.reload()
+
+
+def _cut(text: str, width: int) -> str:
+    """What fits the room the other columns leave (enter shows the whole text)."""
+    width = max(20, width)
+    return text if len(text) <= width else text[:width - 1] + "…"

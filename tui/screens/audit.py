@@ -63,7 +63,7 @@ class AuditScreen(DataScreen):
             found += f" matching {self.text!r}"
         self.query_one("#audit-title", Static).update(
             f"{found}, newest first   [b]/[/b] filter   [b]v[/b] verify the chain   [b]enter[/b] before and after")
-        width = 40 if self.narrow else 80
+        width = max(24, self.size.width - 122)  # what the other columns leave; enter shows all of it
         rows = [(str(e.id), [str(e.id), iso(e.ts_ms)[:19].replace("T", " "), e.actor, e.action, e.subject,
                              e.summary(width)]) for e in data]
         if not rows:
