@@ -165,7 +165,7 @@ async def test_self_approval_and_a_missing_permission_are_refused_on_screen(db_p
         assert [r.status for r in await engine.override_requests(pending=None)] == ["pending", "pending"]
 
 
-async def test_create_a_token_copy_its_secret_once_and_revoke_it(db_path: Path, clock: FrozenClock) -> None:
+async def test_create_a_token_copy_its_secret_once_rotate_and_revoke_it(db_path: Path, clock: FrozenClock) -> None:
     async with await Engine.open(db_path, clock=clock):
         pass
     app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
@@ -195,12 +195,24 @@ async def test_create_a_token_copy_its_secret_once_and_revoke_it(db_path: Path, 
         assert secret not in repr(journal) and secret[4:20] not in repr(journal)
 
         app.screen.query_one("#tokens-table", VimTable).focus()
+        await pilot.press("R", "y")  # rotate: a new secret, shown once; the old one stops
+        await _settle(pilot, app)
+        assert isinstance(app.screen, SecretModal)
+        rotated = str(app.screen.query_one("#secret", Static).content)
+        await pilot.press("escape")
+        await _settle(pilot, app)
+        assert _cells(app, "#tokens-table", "state") == ["active", "revoked"]  # the new one selected, first
+        async with await Engine.open(db_path, clock=clock) as engine:
+            assert (await engine.authenticate(rotated, "chat")).rotated_from == token.id
+            with pytest.raises(TokenRefused):
+                await engine.authenticate(secret, "chat")
+
         await pilot.press("x", "y")
         await _settle(pilot, app)
-        assert _cells(app, "#tokens-table", "state") == ["revoked"]
+        assert _cells(app, "#tokens-table", "state") == ["revoked", "revoked"]
         async with await Engine.open(db_path, clock=clock) as engine:
             with pytest.raises(TokenRefused) as refused:
-                await engine.authenticate(secret, "chat")
+                await engine.authenticate(rotated, "chat")
         assert refused.value.reason == "revoked"
 
 

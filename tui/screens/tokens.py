@@ -3,7 +3,8 @@ is shown once, with a copy to the clipboard that works over SSH), revoke and rot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -26,6 +27,7 @@ from tui.widgets.vim_table import VimTable, right
 if TYPE_CHECKING:
     from engine.engine import Engine
 
+T = TypeVar("T")
 COLUMNS = ("name", "prefix", "principal", "team", "scopes", "state", "rpm", "tpm", "expires", "last used", "month")
 NARROW_COLUMNS = ("name", "principal", "state", "last used", "month")
 MEDIUM_COLUMNS = tuple(c for c in COLUMNS if c not in ("team", "scopes", "tpm"))
@@ -187,51 +189,54 @@ class TokensScreen(DataScreen):
             self.query_one("#tokens-table", VimTable).select(token.id)
             self.reload()
 
-    async def action_revoke(self) -> None:
+    async def _live(self, refusal: str) -> tuple[Engine, Token] | None:
+        """The selected token, if not revoked (else ``refusal`` as a notice), and the engine
+        when this identity may manage tokens."""
         token = self._selected()
-        if token is None or token.revoked_ms is not None:
-            if token is not None:
-                self.notify(f"{token.name} is already revoked", severity="warning")
-            return
+        if token is None:
+            return None
+        if token.revoked_ms is not None:
+            self.notify(f"{token.name} {refusal}", severity="warning")
+            return None
         engine = await self._allowed()
-        if engine is None:
-            return
+        return None if engine is None else (engine, token)
 
+    def _confirmed(self, question: str, change: Callable[[], Awaitable[T]], refused: str,
+                   done: Callable[[T], None]) -> None:
+        """Ask, then make the change; a refusal is a notice titled ``refused``."""
         async def answer(yes: bool | None) -> None:
             if not yes:
                 return
             try:
-                await engine.revoke_token(token.id)
+                result = await change()
             except (AccessDenied, FieldError) as exc:
-                self.notify(str(exc), title="Not revoked", severity="error")
+                self.notify(str(exc), title=refused, severity="error")
                 return
-            self.notify(f"Revoked {token.name} ({PREFIX}{token.prefix}…): calls with it now get 401")
+            done(result)
             self.reload()
 
-        self.app.push_screen(ConfirmModal(f"Revoke the token {token.name!r} ({PREFIX}{token.prefix}…) of "
-                                          f"{token.principal}? Calls with it stop at once."), answer)
+        self.app.push_screen(ConfirmModal(question), answer)
+
+    async def action_revoke(self) -> None:
+        found = await self._live("is already revoked")
+        if found is None:
+            return
+        engine, token = found
+        self._confirmed(
+            f"Revoke the token {token.name!r} ({PREFIX}{token.prefix}…) of {token.principal}? Calls with it stop "
+            "at once.", lambda: engine.revoke_token(token.id), "Not revoked",
+            lambda _t: self.notify(f"Revoked {token.name} ({PREFIX}{token.prefix}…): calls with it now get 401"))
 
     async def action_rotate(self) -> None:
-        token = self._selected()
-        if token is None or token.revoked_ms is not None:
-            if token is not None:
-                self.notify(f"{token.name} is revoked; create a new token instead", severity="warning")
+        found = await self._live("is revoked; create a new token instead")
+        if found is None:
             return
-        engine = await self._allowed()
-        if engine is None:
-            return
+        engine, token = found
 
-        async def answer(yes: bool | None) -> None:
-            if not yes:
-                return
-            try:
-                _old, new, secret = await engine.rotate_token(token.id)
-            except (AccessDenied, FieldError) as exc:
-                self.notify(str(exc), title="Not rotated", severity="error")
-                return
+        def show(result: tuple[Token, Token, str]) -> None:
+            _old, new, secret = result
             self.app.push_screen(SecretModal(new, secret, "Rotated token"))
             self.query_one("#tokens-table", VimTable).select(new.id)
-            self.reload()
 
-        self.app.push_screen(ConfirmModal(f"Rotate {token.name!r}? The current secret stops working now and a "
-                                          "new one is shown once."), answer)
+        self._confirmed(f"Rotate {token.name!r}? The current secret stops working now and a new one is shown "
+                        "once.", lambda: engine.rotate_token(token.id), "Not rotated", show)
