@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 import httpx
 import platformdirs
 
-from engine import access, approvals, audit, tokens
+from engine import access, approvals, audit, routing, tokens
+from engine import providers as prov
+from engine import vault as vault_mod
 from engine.alerts import RETRY_DELAYS_S, WEBHOOK_KINDS, Alert, deliver, forecast_message, redact_url
 from engine.approvals import OverrideRequest
 from engine.budgets import (
@@ -55,6 +57,7 @@ from engine.store import (
     Totals,
 )
 from engine.tokens import Token
+from engine.vault import Vault
 
 LEDGER_FILENAME = "ledger.db"
 
@@ -115,6 +118,9 @@ class Engine:
         store.add_transaction_hooks(self.budgets.begin, self.budgets.abort, self.budgets.end)
         self._deliveries: set[asyncio.Task[None]] = set()
         self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
+        self._vault: Vault | None = None
+        # Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset.
+        self.vault_passphrase: Callable[[], str] | None = None
 
     async def _tx(self, op: Callable[[LedgerTx], Any]) -> Any:
         """A group-committed ledger operation; alerts it raised are delivered after the commit."""
@@ -655,3 +661,152 @@ class Engine:
             for p in prices])
         self.prices.extend(prices)
         return len(prices), skipped
+
+    # ------------------------------------------------------------------ vault
+
+    def vault(self) -> Vault:
+        """The credential vault beside this ledger (``BUDGETEER_VAULT_FILE`` moves its file)."""
+        if self._vault is None:
+            path = Path(os.environ.get("BUDGETEER_VAULT_FILE") or self.path.with_name("vault.json")).expanduser()
+            self._vault = Vault(path, self.vault_passphrase)
+        return self._vault
+
+    async def vault_status(self) -> vault_mod.Status:
+        return self.vault().status()
+
+    async def vault_entries(self) -> list[vault_mod.Entry]:
+        return await asyncio.to_thread(self.vault().entries)
+
+    async def _vault_change(self, action: str, ref: str, change: Callable[[], vault_mod.Entry],
+                            created: bool) -> vault_mod.Entry:
+        await self._tx(lambda tx: access.require(tx.conn, self.actor, "manage_vault"))
+        before = {e.ref: e for e in await self.vault_entries()}.get(vault_mod.parse_ref(ref))
+        entry = await asyncio.to_thread(change)
+        after = entry.as_dict() if created else None
+        await self._tx(lambda tx: self._audit(tx, action, f"vault:{entry.ref}",
+                                              before.as_dict() if before else None, after))
+        return entry
+
+    async def vault_set(self, ref: str, secret: str) -> vault_mod.Entry:
+        """Store a credential (only its reference and fingerprint reach the journal)."""
+        now = self.now_ms()
+        return await self._vault_change("vault.set", ref, lambda: self.vault().set(ref, secret, now), True)
+
+    async def vault_remove(self, ref: str) -> vault_mod.Entry:
+        return await self._vault_change("vault.remove", ref, lambda: self.vault().remove(ref), False)
+
+    async def credential(self, ref: str) -> str:
+        """The secret behind ``vault:REF``, decrypted now, for the one call that needs it."""
+        return await asyncio.to_thread(self.vault().get, ref)
+
+    # ------------------------------------------------------------------ providers and models
+
+    async def add_provider(self, **spec: Any) -> prov.Provider:
+        provider = prov.build_provider(**spec, now_ms=self.now_ms(), actor=self.actor)
+
+        def op(tx: LedgerTx) -> prov.Provider:
+            access.require(tx.conn, self.actor, "manage_vault")
+            prov.add(tx.conn, provider)
+            self._audit(tx, "provider.add", f"provider:{provider.name}", None, provider.as_dict())
+            return provider
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def remove_provider(self, name: str) -> prov.Provider:
+        def op(tx: LedgerTx) -> prov.Provider:
+            access.require(tx.conn, self.actor, "manage_vault")
+            provider = prov.remove(tx.conn, name)
+            self._audit(tx, "provider.remove", f"provider:{provider.name}", provider.as_dict(), None)
+            return provider
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def providers(self) -> list[prov.Provider]:
+        return await self._tx(lambda tx: prov.listing(tx.conn))  # type: ignore[no-any-return]
+
+    async def provider(self, name: str) -> prov.Provider:
+        return await self._tx(lambda tx: prov.get(tx.conn, name))  # type: ignore[no-any-return]
+
+    async def catalog(self) -> list[prov.CatalogModel]:
+        return prov.catalog(self.prices.models(self.now_ms()), await self.providers())
+
+    async def provider_health(self, window_ms: int = prov.HEALTH_WINDOW_MS
+                              ) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
+        """Health per provider and model over the window, and every breaker as it stands now."""
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
+            return prov.health(tx.conn, now, window_ms), prov.update_breakers(tx.conn, now, window_ms)
+
+        return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def test_connection(self, name: str, timeout_s: float = 5.0) -> prov.ConnectionResult:
+        """Check the provider's credential against its models endpoint. The outcome is also the
+        probe of its breaker: success closes an open or half-open breaker, failure reopens it."""
+        provider = await self.provider(name)
+        secret = await self.credential(provider.credential) if provider.credential else None
+        result = await prov.test_connection(provider, secret, timeout_s=timeout_s)
+        del secret
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> None:
+            known = prov.breakers(tx.conn).get(provider.name)
+            if known is not None and known.state != "closed":
+                prov.record_probe(tx.conn, provider.name, result.state == "ok", now, f"{result.state}, {result.detail}")
+
+        await self._tx(op)
+        return result
+
+    # ------------------------------------------------------------------ routing
+
+    async def route(self, request: Mapping[str, Any], *, principal: str, model: str, mode: str = "suggest",
+                    team: str = "", workspace: str = "default", token_id: str = "", session: str = "",
+                    agent: str = "", max_tokens: int | None = None, request_id: str | None = None,
+                    record: bool = True) -> routing.Decision:
+        """Score the request, filter the catalog (capabilities, context, health, budgets) and
+        choose; the decision is recorded unless ``record`` is False (an explain)."""
+        parsed_mode = routing.parse_mode(mode)
+        score = routing.score(request)
+        catalog = await self.catalog()
+        _health, breakers = await self.provider_health()
+        unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"}
+        output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
+        blocked: dict[str, str] = {}
+        for m in catalog:
+            if score.needs <= m.capabilities and m.provider not in unhealthy and m.model not in blocked:
+                evaluation = await self.check(CallRequest(
+                    principal=principal, model=m.model, provider=m.provider, team=team, workspace=workspace,
+                    token_id=token_id, session=session, agent=agent, input_tokens=score.input_tokens,
+                    max_tokens=output))
+                if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
+                    blocked[m.model] = evaluation.deciding.policy.name
+        decision = routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
+                                  unhealthy=unhealthy, blocked=blocked)
+        if record:
+            now = self.now_ms()
+            rid = request_id or "route_" + secrets.token_hex(8)
+            await self._tx(lambda tx: tx.conn.execute(
+                "INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
+                "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, rid, principal, decision.mode, decision.requested, decision.chosen, decision.applied,
+                 round(decision.score.value, 4), decision.requested_cost or 0, decision.chosen_cost or 0,
+                 decision.reason)))
+        return decision
+
+    async def routing_decisions(self, limit: int = 100) -> list[routing.Recorded]:
+        rows = await self._tx(lambda tx: tx.conn.execute(
+            "SELECT ts_ms, request_id, principal, mode, requested, chosen, applied, score, requested_cost, "
+            "chosen_cost, reason FROM routing_decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall())
+        return [routing.Recorded(*r) for r in rows]
+
+    async def routing_summary(self, since_ms: int) -> routing.Summary:
+        """How often routing changed the model since ``since_ms``, and what that saved (applied,
+        under enforced) or would have saved (suggest and dry_run)."""
+        row = await self._tx(lambda tx: tx.conn.execute(
+            "SELECT count(*), coalesce(sum(chosen != requested), 0), "
+            "coalesce(sum(CASE WHEN mode = 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
+            "THEN requested_cost - chosen_cost ELSE 0 END), 0), "
+            "coalesce(sum(CASE WHEN mode != 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
+            "THEN requested_cost - chosen_cost ELSE 0 END), 0) FROM routing_decisions WHERE ts_ms >= ?",
+            (since_ms,)).fetchone())
+        return routing.Summary(*(int(v) for v in row))

@@ -258,6 +258,40 @@ CREATE TABLE audit_journal (
     hash TEXT NOT NULL
 );
 """,
+    """
+CREATE TABLE providers (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('openai-compatible', 'anthropic')),
+    base_url TEXT NOT NULL,
+    credential TEXT NOT NULL DEFAULT '',
+    vendor TEXT NOT NULL DEFAULT '',
+    models TEXT NOT NULL DEFAULT '[]',
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE provider_breakers (
+    provider TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('closed', 'open', 'half_open')),
+    since_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE routing_decisions (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    requested TEXT NOT NULL,
+    chosen TEXT NOT NULL,
+    applied TEXT NOT NULL,
+    score REAL NOT NULL,
+    requested_cost INTEGER NOT NULL,
+    chosen_cost INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX routing_decisions_ts ON routing_decisions (ts_ms);
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

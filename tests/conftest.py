@@ -24,9 +24,12 @@ NOW_MS = 1_795_003_200_000
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in ("BUDGETEER_DB", "BUDGETEER_NOW", "BUDGETEER_DEBUG"):
+    for name in ("BUDGETEER_DB", "BUDGETEER_NOW", "BUDGETEER_DEBUG", "BUDGETEER_VAULT_PASSPHRASE",
+                 "BUDGETEER_VAULT_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("BUDGETEER_HOME", str(tmp_path / "home"))
+    # Never the developer's real keychain: the file vault, unless a test installs a test keyring.
+    monkeypatch.setenv("BUDGETEER_VAULT_BACKEND", "file")
     yield
 
 

@@ -30,6 +30,7 @@ from engine.models import FieldError, parse_timestamp_ms
 from engine.money import MoneyError, format_usd, format_usd_plain
 from engine.store import StoreError
 from engine.tokens import TokenRefused
+from engine.vault import VaultError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 BY_CHOICES = ("model", "provider", "team", "principal", "workspace", "token_id")
@@ -914,6 +915,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = usub.add_parser("verify", parents=[common], help="check the hash chain; exit 1 naming the entry at fault")
     q.set_defaults(handler=cmd_audit_verify)
 
+    from tui import cli_providers
+
+    cli_providers.register(sub, common)
+
     p = sub.add_parser("check", parents=[common], help="what the budgets would decide for a call",
                        description="Evaluate a call against every applicable policy without holding anything.")
     p.add_argument("--principal", required=True)
@@ -980,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"budgeteer: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (Failure, StoreError, AccessDenied, ApprovalError, TokenRefused) as exc:
+    except (Failure, StoreError, AccessDenied, ApprovalError, TokenRefused, VaultError) as exc:
         if debug:
             raise
         print(f"budgeteer: {exc}", file=sys.stderr)

@@ -1,0 +1,357 @@
+"""Providers: the registry of where calls go, the model catalog they serve, connection
+tests, and health read from the ledger with a circuit breaker.
+
+A provider is a name, a kind (``openai-compatible`` or ``anthropic``), a base URL and a
+credential *reference* (``vault:openai-prod``); the key stays in the vault. Its models are
+the price table's models of its vendor (``openai``, ``anthropic``, ``gemini``, ``mistral``)
+or an explicit list. Each model carries its price, capabilities and two tiers derived from
+the price table:
+
+- cost tier 1-4 from the blended price of a typical call (3 input tokens to 1 output):
+  under $0.50 per million tokens is 1, under $2 is 2, under $6 is 3, else 4;
+- latency tier: ``fast`` for tiers 1-2 without reasoning, ``slow`` for reasoning models of
+  tier 3-4, else ``medium``.
+
+Health comes from the ledger's own calls: error rate, mean latency and p95 per provider and
+model over the last N minutes. The breaker opens when, over that span, at least
+``BREAKER_MIN_CALLS`` calls were made and ``BREAKER_ERROR_RATE`` or more failed; after
+``BREAKER_COOL_DOWN_MS`` it is half-open, and one successful probe closes it again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import httpx
+
+from engine.models import FieldError
+from engine.pricing import ModelPrice
+
+KINDS: Final = ("openai-compatible", "anthropic")
+VENDORS: Final = ("openai", "anthropic", "gemini", "mistral")
+CAPABILITIES: Final = ("tools", "json", "vision", "reasoning")
+_CAPABILITY_FLAGS: Final = {"tools": "function_calling", "json": "response_schema", "vision": "vision",
+                            "reasoning": "reasoning"}
+TIER_LIMITS_NANOS_PER_M: Final = (500_000_000, 2_000_000_000, 6_000_000_000)  # $0.50, $2, $6 per 1M tokens
+HEALTH_WINDOW_MS: Final = 15 * 60_000
+BREAKER_MIN_CALLS: Final = 5
+BREAKER_ERROR_RATE: Final = 0.5
+BREAKER_COOL_DOWN_MS: Final = 60_000
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_DATED = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+
+ConnectionState = Literal["ok", "auth_failed", "rate_limited", "unreachable", "timeout", "unexpected_response"]
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    kind: str
+    base_url: str
+    credential: str  # a vault reference, "" for none (a local server)
+    vendor: str
+    models: tuple[str, ...]
+    enabled: bool
+    created_ms: int
+    created_by: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "base_url": self.base_url, "credential": self.credential,
+                "vendor": self.vendor, "models": list(self.models), "enabled": self.enabled,
+                "created_ms": self.created_ms, "created_by": self.created_by}
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogModel:
+    model: str
+    provider: str  # the registered provider serving it, or the price table's vendor
+    price: ModelPrice
+    capabilities: frozenset[str]
+    context: int
+    cost_tier: int
+    latency_tier: str
+
+    @property
+    def blended_nanos_per_m(self) -> int:
+        return blended(self.price)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "provider": self.provider, "capabilities": sorted(self.capabilities),
+                "context": self.context, "cost_tier": self.cost_tier, "latency_tier": self.latency_tier,
+                "input_per_m_nanos": self.price.input, "output_per_m_nanos": self.price.output}
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    provider: str
+    model: str  # "" for the provider as a whole
+    calls: int
+    errors: int
+    mean_latency_ms: int
+    p95_latency_ms: int
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    provider: str
+    state: BreakerState
+    since_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionResult:
+    provider: str
+    state: ConnectionState
+    latency_ms: int
+    detail: str
+    models: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"provider": self.provider, "state": self.state, "latency_ms": self.latency_ms,
+                "detail": self.detail, "models": self.models}
+
+
+# ----------------------------------------------------------------------------- registry
+
+def build_provider(*, name: str, kind: str, base_url: str, credential: str = "", vendor: str = "",
+                   models: list[str] | tuple[str, ...] = (), enabled: bool = True, now_ms: int,
+                   actor: str) -> Provider:
+    """A provider from what a person typed; a FieldError names what is wrong."""
+    name = name.strip().lower()
+    if not NAME.match(name):
+        raise FieldError("name", f"must be 1-64 lower-case letters, digits, '.', '_' or '-' (got {name!r})")
+    kind = {"openai": "openai-compatible"}.get(kind.strip().lower(), kind.strip().lower())
+    if kind not in KINDS:
+        raise FieldError("kind", f"must be openai-compatible (or openai) or anthropic, not {kind!r}")
+    url = base_url.strip().rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except Exception as exc:
+        raise FieldError("base-url", f"is not a URL ({exc})") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise FieldError("base-url", f"must be an http:// or https:// URL with a host, not {base_url!r}")
+    if parsed.userinfo:
+        raise FieldError("base-url", "must not carry a user or password; keep the key in the vault (--credential)")
+    ref = credential.strip()
+    if ref:
+        if not ref.startswith("vault:"):
+            raise FieldError("credential", f"must be a vault reference like vault:{name}, never a key itself")
+        from engine.vault import parse_ref
+
+        ref = "vault:" + parse_ref(ref)
+    vendor = vendor.strip().lower() or ("anthropic" if kind == "anthropic" else name if name in VENDORS else "")
+    if vendor and vendor not in VENDORS:
+        raise FieldError("vendor", f"must be one of {', '.join(VENDORS)} (or empty with --models), not {vendor!r}")
+    chosen = tuple(dict.fromkeys(m.strip() for m in models if m.strip()))
+    return Provider(name, kind, url, ref, vendor, chosen, enabled, now_ms, actor)
+
+
+_COLUMNS: Final = "name, kind, base_url, credential, vendor, models, enabled, created_ms, created_by"
+
+
+def _provider(row: tuple[Any, ...]) -> Provider:
+    name, kind, url, credential, vendor, models, enabled, created, by = row
+    return Provider(name, kind, url, credential, vendor, tuple(json.loads(models)), bool(enabled), created, by)
+
+
+def add(conn: sqlite3.Connection, provider: Provider) -> None:
+    if conn.execute("SELECT 1 FROM providers WHERE name = ?", (provider.name,)).fetchone():
+        raise FieldError("name", f"a provider named {provider.name} exists; remove it first")
+    conn.execute(f"INSERT INTO providers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (provider.name, provider.kind, provider.base_url, provider.credential, provider.vendor,
+                  json.dumps(list(provider.models)), int(provider.enabled), provider.created_ms, provider.created_by))
+
+
+def get(conn: sqlite3.Connection, name: str) -> Provider:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM providers WHERE name = ?", (name.strip().lower(),)).fetchone()
+    if row is None:
+        raise FieldError("provider", f"no provider named {name!r}")
+    return _provider(row)
+
+
+def remove(conn: sqlite3.Connection, name: str) -> Provider:
+    provider = get(conn, name)
+    conn.execute("DELETE FROM providers WHERE name = ?", (provider.name,))
+    conn.execute("DELETE FROM provider_breakers WHERE provider = ?", (provider.name,))
+    return provider
+
+
+def listing(conn: sqlite3.Connection) -> list[Provider]:
+    return [_provider(r) for r in conn.execute(f"SELECT {_COLUMNS} FROM providers ORDER BY name")]
+
+
+# ----------------------------------------------------------------------------- catalog
+
+def blended(price: ModelPrice) -> int:
+    """Nano-dollars per million tokens of a typical call: three input tokens to one output."""
+    return (3 * price.input + price.output) // 4
+
+
+def cost_tier(price: ModelPrice) -> int:
+    value = blended(price)
+    return 1 + sum(value >= limit for limit in TIER_LIMITS_NANOS_PER_M)
+
+
+def capabilities(price: ModelPrice) -> frozenset[str]:
+    return frozenset(c for c, flag in _CAPABILITY_FLAGS.items() if flag in price.capabilities)
+
+
+def latency_tier(price: ModelPrice) -> str:
+    tier, caps = cost_tier(price), capabilities(price)
+    if tier <= 2 and "reasoning" not in caps:
+        return "fast"
+    if tier >= 3 and "reasoning" in caps:
+        return "slow"
+    return "medium"
+
+
+def catalog(prices: list[ModelPrice], registered: list[Provider]) -> list[CatalogModel]:
+    """The chat models calls can go to: those of the enabled registered providers, or, with
+    none registered, every chat model of the price table. Dated snapshots are left out
+    where their undated name is listed."""
+    chat = [p for p in prices if p.mode == "chat"]
+    names = {p.model for p in chat}
+    chat = [p for p in chat if not (_DATED.search(p.model) and _DATED.sub("", p.model) in names)]
+    by_name = {p.model: p for p in chat}
+    out: list[CatalogModel] = []
+
+    def entry(price: ModelPrice, provider: str) -> CatalogModel:
+        return CatalogModel(price.model, provider, price, capabilities(price), price.max_input_tokens or 0,
+                            cost_tier(price), latency_tier(price))
+
+    if not registered:
+        return sorted((entry(p, p.provider) for p in chat), key=lambda m: (blended(m.price), m.model))
+    for provider in registered:
+        if not provider.enabled:
+            continue
+        served = [by_name[m] for m in provider.models if m in by_name] if provider.models else \
+            [p for p in chat if p.provider == provider.vendor]
+        out.extend(entry(p, provider.name) for p in served)
+    return sorted(out, key=lambda m: (blended(m.price), m.model, m.provider))
+
+
+# ----------------------------------------------------------------------------- connection tests
+
+def _redact(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+async def test_connection(provider: Provider, secret: str | None, *, timeout_s: float = 5.0) -> ConnectionResult:
+    """GET the provider's models endpoint with its credential; the state, the latency, and a
+    detail that never holds the key (it is redacted even from an error's text)."""
+    headers = {"accept": "application/json"}
+    if provider.kind == "anthropic":
+        headers["anthropic-version"] = "2023-06-01"
+        if secret:
+            headers["x-api-key"] = secret
+    elif secret:
+        headers["authorization"] = f"Bearer {secret}"
+    url = provider.base_url + "/models"
+    started = time.perf_counter()
+
+    def done(state: ConnectionState, detail: str, models: int = 0) -> ConnectionResult:
+        elapsed = round((time.perf_counter() - started) * 1000)
+        return ConnectionResult(provider.name, state, elapsed, _redact(detail, secret), models)
+
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
+            response = await client.get(url, headers=headers)
+    except httpx.TimeoutException:
+        return done("timeout", f"no answer from {url} within {timeout_s:g} s")
+    except httpx.TransportError as exc:
+        return done("unreachable", f"{url} cannot be reached ({exc.__class__.__name__})")
+    code = response.status_code
+    if code in (401, 403):
+        return done("auth_failed", f"{code}: the credential was refused")
+    if code == 429:
+        retry = response.headers.get("retry-after")
+        return done("rate_limited", "429: rate limited" + (f", retry after {retry} s" if retry else ""))
+    if code != 200:
+        return done("unexpected_response", f"HTTP {code} from {url}")
+    try:
+        body = response.json()
+        models = body["data"]
+        if not isinstance(models, list):
+            raise TypeError("data is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        return done("unexpected_response", f"200 but not a model list ({exc.__class__.__name__})")
+    return done("ok", f"{len(models)} models", len(models))
+
+
+# ----------------------------------------------------------------------------- health and breakers
+
+def health(conn: sqlite3.Connection, now_ms: int, window_ms: int = HEALTH_WINDOW_MS) -> list[Health]:
+    """Per provider ("" model: all its models) and per provider and model, over the window."""
+    rows = conn.execute("SELECT s.provider, s.model, e.status, e.latency_ms FROM usage_events e "
+                        "JOIN series s ON s.id = e.series_id WHERE e.ts_ms >= ? AND e.ts_ms < ? "
+                        "AND e.status != 'blocked'", (now_ms - window_ms, now_ms + 1)).fetchall()
+    groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for provider, model, status, latency in rows:
+        groups.setdefault((provider, ""), []).append((status, latency))
+        groups.setdefault((provider, model), []).append((status, latency))
+    out = []
+    for (provider, model), calls in sorted(groups.items()):
+        latencies = sorted(latency for _, latency in calls)
+        p95 = latencies[min(len(latencies) - 1, (95 * len(latencies) + 99) // 100 - 1)]
+        out.append(Health(provider, model, len(calls), sum(1 for status, _ in calls if status == "error"),
+                          sum(latencies) // len(latencies), p95))
+    return out
+
+
+def breakers(conn: sqlite3.Connection) -> dict[str, Breaker]:
+    return {r[0]: Breaker(r[0], r[1], r[2], r[3])
+            for r in conn.execute("SELECT provider, state, since_ms, reason FROM provider_breakers")}
+
+
+def _set_breaker(conn: sqlite3.Connection, provider: str, state: BreakerState, now_ms: int, reason: str) -> Breaker:
+    conn.execute("INSERT INTO provider_breakers (provider, state, since_ms, reason) VALUES (?, ?, ?, ?) "
+                 "ON CONFLICT (provider) DO UPDATE SET state = excluded.state, since_ms = excluded.since_ms, "
+                 "reason = excluded.reason", (provider, state, now_ms, reason))
+    return Breaker(provider, state, now_ms, reason)
+
+
+def update_breakers(conn: sqlite3.Connection, now_ms: int, window_ms: int = HEALTH_WINDOW_MS,
+                    cool_down_ms: int = BREAKER_COOL_DOWN_MS) -> dict[str, Breaker]:
+    """Open the breaker of a failing provider; an open one turns half-open after its cool-down
+    (the next probe decides). Returns every breaker's state now."""
+    current = breakers(conn)
+    for h in health(conn, now_ms, window_ms):
+        known = current.get(h.provider)
+        if h.model:
+            continue
+        if known is not None and known.state == "closed" and now_ms - known.since_ms < window_ms:
+            # Closed by a probe within the window: only the calls since then count.
+            since = [x for x in health(conn, now_ms, now_ms - known.since_ms) if x.provider == h.provider
+                     and not x.model]
+            if not since:
+                continue
+            h = since[0]
+        if h.calls < BREAKER_MIN_CALLS or h.error_rate < BREAKER_ERROR_RATE:
+            continue
+        if known is None or known.state == "closed":
+            current[h.provider] = _set_breaker(conn, h.provider, "open", now_ms,
+                                               f"{h.errors} of {h.calls} calls failed in {window_ms // 60_000} min")
+    for name, b in list(current.items()):
+        if b.state == "open" and now_ms - b.since_ms >= cool_down_ms:
+            current[name] = _set_breaker(conn, name, "half_open", now_ms, "cool-down over; waiting for a probe")
+    return current
+
+
+def record_probe(conn: sqlite3.Connection, provider: str, ok: bool, now_ms: int, detail: str) -> Breaker:
+    """A probe's outcome: success closes the breaker, failure (re)opens it for another cool-down."""
+    if ok:
+        return _set_breaker(conn, provider, "closed", now_ms, f"probe succeeded: {detail}")
+    return _set_breaker(conn, provider, "open", now_ms, f"probe failed: {detail}")

@@ -1,0 +1,283 @@
+"""Routing: how hard a prompt is, which models could take it, and the cheapest one that is
+capable enough, with every step explained.
+
+**Complexity score.** Eight features of the request, each measured in [0, 1], times its
+weight; the weights add up to 1, so the score is in [0, 1]:
+
+=====================  ======  ====================================================
+feature                weight  measure (1.0 at or past)
+=====================  ======  ====================================================
+length                 0.10    4,000 characters of text
+estimated tokens       0.15    8,000 estimated prompt tokens
+code                   0.15    a fenced block, or 6+ lines that look like code
+structured output      0.10    a JSON schema / json_object response format, or "JSON" asked for
+tools                  0.10    tools offered (1 tool 0.5, 3 or more 1.0)
+images                 0.10    an image part (1 image 0.6, 2 or more 1.0)
+reasoning cues         0.20    3 words such as prove, derive, step by step, trade-off
+conversation depth     0.10    10 earlier messages
+=====================  ======  ====================================================
+
+**Tier needed.** Under 0.2 any tier (1) does; under 0.4 tier 2; under 0.6 tier 3; else 4.
+Cost tiers come from the price table (``engine.providers.cost_tier``).
+
+**Candidates.** Every model of the catalog, dropped when it lacks a capability the call
+needs (tools, json, vision), when the prompt and its output do not fit its context, when
+its provider's breaker is open, or when a budget would block the call on it.
+
+**Choice.** The cheapest candidate (by estimated cost of this call) whose tier meets the
+need; when no candidate meets it, the requested model stays.
+
+**Modes.** ``suggest`` recommends only; ``dry_run`` records what would have changed;
+``enforced`` rewrites the model. Every decision is recorded for the dashboard.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from engine.models import FieldError, Usage
+from engine.pricing import cost_nanos, estimate_message_tokens
+from engine.providers import CatalogModel
+
+Mode = Literal["suggest", "dry_run", "enforced"]
+MODES: Final = ("suggest", "dry_run", "enforced")
+
+WEIGHTS: Final[Mapping[str, float]] = {
+    "length": 0.10, "tokens": 0.15, "code": 0.15, "structured": 0.10, "tools": 0.10, "images": 0.10,
+    "reasoning": 0.20, "depth": 0.10,
+}
+TIER_THRESHOLDS: Final = (0.20, 0.40, 0.60)
+DEFAULT_OUTPUT_TOKENS: Final = 1024
+_REASONING_CUES = re.compile(
+    r"\b(prove|proof|derive|derivation|step[- ]by[- ]step|reason(?:ing)?|analy[sz]e|analysis|trade-?offs?|"
+    r"compare|contrast|why|optimi[sz]e|theorem|algorithm|complexity|evaluate|critique|plan|design|"
+    r"debug|root cause|architecture|strategy)\b", re.IGNORECASE)
+_CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import|function |const |let |var |public |"
+                        r"#include|SELECT |for \(|if \(|return |\}|\{|</?\w+>)|;\s*$|=>")
+_JSON_ASK = re.compile(r"\b(json|yaml|schema)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    name: str
+    value: float  # the measure, in [0, 1]
+    weight: float
+    note: str
+
+    @property
+    def contribution(self) -> float:
+        return self.value * self.weight
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    features: tuple[Feature, ...]
+    input_tokens: int
+    needs: frozenset[str]  # capabilities the call needs: tools, json, vision
+
+    @property
+    def value(self) -> float:
+        return min(1.0, max(0.0, sum(f.contribution for f in self.features)))
+
+    @property
+    def tier_needed(self) -> int:
+        return 1 + sum(self.value >= t for t in TIER_THRESHOLDS)
+
+
+def _text_of(messages: list[dict[str, Any]]) -> tuple[str, int]:
+    """All the text of the messages, and how many images they carry."""
+    parts, images = [], 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") in ("image_url", "image", "input_image"):
+                    images += 1
+                elif isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+    return "\n".join(parts), images
+
+
+def score(request: Mapping[str, Any]) -> Score:
+    """The complexity of an OpenAI-style chat request (``messages``, ``tools``,
+    ``response_format``); each feature's measure, weight and a note saying what was seen."""
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise FieldError("messages", "must be a non-empty list of chat messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise FieldError("messages", "each message must be an object with a role and content")
+    text, images = _text_of(messages)
+    tokens = estimate_message_tokens(messages)
+    lines = text.splitlines()
+    fenced = text.count("```") >= 2
+    code_lines = sum(1 for line in lines if _CODE_LINE.search(line))
+    tools = request.get("tools") or request.get("functions") or []
+    tool_count = len(tools) if isinstance(tools, list) else 0
+    fmt = request.get("response_format")
+    fmt_type = fmt.get("type") if isinstance(fmt, dict) else None
+    structured = 1.0 if fmt_type in ("json_schema", "json_object") else 0.5 if _JSON_ASK.search(text) else 0.0
+    cues = sorted({m.group(0).lower() for m in _REASONING_CUES.finditer(text)})
+    depth = max(0, len(messages) - 1)
+
+    def feature(name: str, value: float, note: str) -> Feature:
+        return Feature(name, round(min(1.0, max(0.0, value)), 3), WEIGHTS[name], note)
+
+    features = (
+        feature("length", len(text) / 4000, f"{len(text):,} characters"),
+        feature("tokens", tokens / 8000, f"about {tokens:,} prompt tokens"),
+        feature("code", 1.0 if fenced else code_lines / 6,
+                "a fenced code block" if fenced else f"{code_lines} lines that look like code"),
+        feature("structured", structured, f"response_format {fmt_type}" if fmt_type else
+                ("asks for JSON/YAML/a schema" if structured else "free text")),
+        feature("tools", 0.0 if not tool_count else 0.5 if tool_count < 3 else 1.0, f"{tool_count} tools"),
+        feature("images", 0.0 if not images else 0.6 if images == 1 else 1.0, f"{images} images"),
+        feature("reasoning", len(cues) / 3, ", ".join(cues) if cues else "no reasoning cues"),
+        feature("depth", depth / 10, f"{depth} earlier messages"),
+    )
+    needs = set()
+    if tool_count:
+        needs.add("tools")
+    if fmt_type in ("json_schema", "json_object"):
+        needs.add("json")
+    if images:
+        needs.add("vision")
+    return Score(features, tokens, frozenset(needs))
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    model: CatalogModel
+    estimated_cost: int  # nano-dollars for this call (prompt estimate plus max output)
+    kept: bool
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    score: Score
+    requested: str
+    requested_cost: int | None
+    chosen: str
+    chosen_provider: str
+    chosen_cost: int | None
+    mode: Mode
+    applied: str  # the model the call goes to: chosen under enforced, else requested
+    reason: str
+    candidates: tuple[Candidate, ...] = field(default_factory=tuple)
+
+    @property
+    def changed(self) -> bool:
+        return self.chosen != self.requested
+
+    @property
+    def saving(self) -> int:
+        """Estimated nano-dollars the choice saves on this call (0 when unknown or dearer)."""
+        if self.requested_cost is None or self.chosen_cost is None:
+            return 0
+        return max(0, self.requested_cost - self.chosen_cost)
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.score
+        return {
+            "score": round(s.value, 3), "tier_needed": s.tier_needed, "input_tokens": s.input_tokens,
+            "needs": sorted(s.needs),
+            "features": [{"name": f.name, "value": f.value, "weight": f.weight,
+                          "contribution": round(f.contribution, 4), "note": f.note} for f in s.features],
+            "candidates": [{"model": c.model.model, "provider": c.model.provider, "cost_tier": c.model.cost_tier,
+                            "estimated_cost_nanos": c.estimated_cost, "kept": c.kept, "why": c.why}
+                           for c in self.candidates],
+            "requested": self.requested, "requested_cost_nanos": self.requested_cost, "chosen": self.chosen,
+            "chosen_provider": self.chosen_provider, "chosen_cost_nanos": self.chosen_cost, "mode": self.mode,
+            "applied": self.applied, "changed": self.changed, "saving_nanos": self.saving, "reason": self.reason,
+        }
+
+
+def estimate(model: CatalogModel, input_tokens: int, output_tokens: int) -> int:
+    return cost_nanos(model.price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+
+
+def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode, max_tokens: int | None,
+           unhealthy: Mapping[str, str], blocked: Mapping[str, str]) -> Decision:
+    """Filter the catalog for this call and pick the cheapest capable-enough candidate.
+    ``unhealthy`` maps a provider to why it is out; ``blocked`` maps a model to the budget
+    that would refuse the call on it."""
+    output = max_tokens or DEFAULT_OUTPUT_TOKENS
+    candidates: list[Candidate] = []
+    for m in catalog:
+        cost = estimate(m, s.input_tokens, output)
+        missing = sorted(s.needs - m.capabilities)
+        if missing:
+            why, ok = f"lacks {', '.join(missing)}", False
+        elif m.context and s.input_tokens + output > m.context:
+            why, ok = f"context {m.context:,} < {s.input_tokens + output:,} tokens needed", False
+        elif m.provider in unhealthy:
+            why, ok = f"provider {m.provider} is degraded: {unhealthy[m.provider]}", False
+        elif m.model in blocked:
+            why, ok = f"budget {blocked[m.model]} would block it", False
+        elif m.cost_tier < s.tier_needed:
+            why, ok = f"tier {m.cost_tier} is below the tier {s.tier_needed} this prompt needs", False
+        else:
+            why, ok = f"tier {m.cost_tier} meets tier {s.tier_needed}", True
+        candidates.append(Candidate(m, cost, ok, why))
+    kept = sorted((c for c in candidates if c.kept), key=lambda c: (c.estimated_cost, c.model.model))
+    requested_entry = next((c for c in candidates if c.model.model == requested), None)
+    requested_cost = requested_entry.estimated_cost if requested_entry else None
+    chosen_cost: int | None
+    if requested_entry is not None and requested_entry.kept and requested_entry.estimated_cost <= \
+            kept[0].estimated_cost:  # capable, and nothing capable is cheaper: it stays
+        chosen, provider, chosen_cost = requested, requested_entry.model.provider, requested_entry.estimated_cost
+        reason = f"{requested} is already the cheapest model of tier {s.tier_needed} or above"
+    elif kept:
+        best = kept[0]
+        chosen, provider, chosen_cost = best.model.model, best.model.provider, best.estimated_cost
+        reason = f"{chosen} is the cheapest model of tier {s.tier_needed} or above"
+    else:
+        chosen, provider, chosen_cost = requested, requested_entry.model.provider if requested_entry else "", \
+            requested_cost
+        reason = "no candidate meets the need; the requested model stays"
+    applied = chosen if mode == "enforced" else requested
+    ordered = tuple(sorted(candidates, key=lambda c: (not c.kept, c.estimated_cost, c.model.model)))
+    return Decision(s, requested, requested_cost, chosen, provider, chosen_cost, mode, applied, reason, ordered)
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A routing decision as the ledger keeps it."""
+
+    ts_ms: int
+    request_id: str
+    principal: str
+    mode: str
+    requested: str
+    chosen: str
+    applied: str
+    score: float
+    requested_cost: int
+    chosen_cost: int
+    reason: str
+
+    @property
+    def saving(self) -> int:
+        return max(0, self.requested_cost - self.chosen_cost) if self.chosen != self.requested else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    decisions: int
+    changed: int
+    saved: int  # nano-dollars, by enforced rewrites
+    would_save: int  # nano-dollars, had suggest and dry_run decisions been applied
+
+
+def parse_mode(text: str) -> Mode:
+    value = text.strip().lower().replace("-", "_")
+    if value not in MODES:
+        raise FieldError("mode", f"must be suggest, dry_run or enforced, not {text!r}")
+    return value  # type: ignore[return-value]

@@ -1,0 +1,237 @@
+"""The provider registry, connection tests against fake servers on 127.0.0.1, health and the
+circuit breaker from the ledger, and the routing scorer: features, candidates, modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.budgets import build_policy
+from engine.clock import FrozenClock
+from engine.engine import Engine
+from engine.models import FieldError
+from engine.providers import BREAKER_COOL_DOWN_MS, build_provider, cost_tier, latency_tier
+from engine.routing import WEIGHTS, score
+from tests.conftest import NOW_MS, event
+from tests.fake_servers import closed_port_url, http_server, silent_server
+
+KEY = "sk-test-CONNECTION-KEY-0123456789abcdef"
+MODELS_BODY = json.dumps({"object": "list", "data": [{"id": "gpt-4o-mini"}, {"id": "gpt-4o"}]}).encode()
+CHEAP, MID, DEAR = "gpt-4o-mini", "gpt-4.1", "claude-opus-4-5"
+
+
+@pytest.fixture(autouse=True)
+def _passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGETEER_VAULT_PASSPHRASE", "pw")
+
+
+def _ask(text: str, **extra: object) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_a_provider_is_validated_field_by_field() -> None:
+    good = build_provider(name="OpenAI", kind="openai", base_url="https://api.openai.com/v1/",
+                          credential="vault:openai-prod", now_ms=1, actor="me")
+    assert (good.name, good.kind, good.base_url, good.vendor) == (
+        "openai", "openai-compatible", "https://api.openai.com/v1", "openai")
+    for spec, field in (({"kind": "grpc"}, "kind"), ({"base_url": "ftp://x"}, "base-url"),
+                        ({"base_url": "https://user:pw@host/v1"}, "base-url"), ({"credential": KEY}, "credential"),
+                        ({"name": "Bad Name"}, "name"), ({"vendor": "acme"}, "vendor")):
+        values = {"name": "p", "kind": "openai", "base_url": "https://h/v1", **spec}
+        with pytest.raises(FieldError) as refused:
+            build_provider(**values, now_ms=1, actor="me")  # type: ignore[arg-type]
+        assert refused.value.field == field and KEY not in str(refused.value)
+
+
+async def test_tiers_and_capabilities_come_from_the_price_table(engine: Engine) -> None:
+    catalog = {m.model: m for m in await engine.catalog()}
+    assert catalog[CHEAP].cost_tier == 1 and catalog[CHEAP].latency_tier == "fast"
+    assert catalog["gpt-4o"].cost_tier == 3 and catalog[DEAR].cost_tier == 4
+    assert catalog[DEAR].latency_tier == latency_tier(catalog[DEAR].price) == "slow"
+    assert {"tools", "json", "vision"} <= catalog[CHEAP].capabilities
+    assert "vision" not in catalog["mistral/codestral-latest"].capabilities
+    assert catalog["gpt-4o"].context == 128_000
+    assert "gpt-4o-2024-08-06" not in catalog  # a dated snapshot of a listed model
+    assert all(cost_tier(m.price) == m.cost_tier for m in catalog.values())
+
+
+async def test_registered_providers_narrow_the_catalog_and_are_journaled(engine: Engine) -> None:
+    await engine.add_provider(name="local", kind="openai", base_url="http://127.0.0.1:1/v1", models=[CHEAP, MID])
+    await engine.add_provider(name="anthropic", kind="anthropic", base_url="https://api.anthropic.com/v1")
+    catalog = await engine.catalog()
+    assert {m.model for m in catalog if m.provider == "local"} == {CHEAP, MID}
+    assert all(m.price.provider == "anthropic" for m in catalog if m.provider == "anthropic")
+    with pytest.raises(FieldError, match="exists"):
+        await engine.add_provider(name="local", kind="openai", base_url="http://127.0.0.1:1/v1")
+    await engine.remove_provider("local")
+    assert [p.name for p in await engine.providers()] == ["anthropic"]
+    assert [e.action for e in await engine.audit_entries()][:3] == ["provider.remove", "provider.add",
+                                                                      "provider.add"]
+
+
+# ----------------------------------------------------------------------------- test-connection
+
+
+async def test_test_connection_names_each_state_and_never_the_key(engine: Engine) -> None:
+    await engine.vault_set("key", KEY)
+    routes = {
+        "/ok/v1/models": (200, {"content-type": "application/json"}, MODELS_BODY),
+        "/denied/v1/models": (401, {}, json.dumps({"error": {"message": f"bad key {KEY}"}}).encode()),
+        "/busy/v1/models": (429, {"retry-after": "7"}, b"{}"),
+        "/garbage/v1/models": (200, {"content-type": "application/json"}, b"<html>not json"),
+    }
+    with http_server(routes) as (base, seen), silent_server() as hanging:
+        for name, url in (("ok", f"{base}/ok/v1"), ("denied", f"{base}/denied/v1"), ("busy", f"{base}/busy/v1"),
+                          ("garbage", f"{base}/garbage/v1"), ("hangs", f"{hanging}/v1"),
+                          ("gone", f"{closed_port_url()}/v1")):
+            await engine.add_provider(name=name, kind="openai", base_url=url, credential="vault:key")
+        await engine.add_provider(name="claude", kind="anthropic", base_url=f"{base}/ok/v1", credential="vault:key")
+        results = {n: await engine.test_connection(n, timeout_s=0.5)
+                   for n in ("ok", "denied", "busy", "garbage", "hangs", "gone", "claude")}
+    assert {n: r.state for n, r in results.items()} == {
+        "ok": "ok", "denied": "auth_failed", "busy": "rate_limited", "garbage": "unexpected_response",
+        "hangs": "timeout", "gone": "unreachable", "claude": "ok"}
+    assert results["ok"].models == 2 and results["busy"].detail == "429: rate limited, retry after 7 s"
+    assert all(r.latency_ms >= 0 for r in results.values())
+    assert all(KEY not in json.dumps(r.as_dict()) for r in results.values())
+    openai_style = next(h for h in seen if h["path"] == "/ok/v1/models" and "authorization" in h)
+    assert openai_style["authorization"] == f"Bearer {KEY}"
+    anthropic_style = next(h for h in seen if "x-api-key" in h)
+    assert anthropic_style["x-api-key"] == KEY and anthropic_style["anthropic-version"]
+
+
+# ----------------------------------------------------------------------------- health and breaker
+
+
+async def test_the_breaker_opens_on_errors_and_recovers_after_cool_down_and_a_probe(
+        db_path: Path, clock: FrozenClock) -> None:
+    with http_server({"/v1/models": (200, {}, MODELS_BODY)}) as (base, _):
+        async with await Engine.open(db_path, clock=clock) as engine:
+            await engine.add_provider(name="flaky", kind="openai", base_url=f"{base}/v1", models=[CHEAP])
+            await engine.add_provider(name="steady", kind="openai", base_url=f"{base}/v1", models=[MID])
+            await engine.record_many([event(i, provider="flaky", model=CHEAP, ts_ms=NOW_MS - 60_000 + i,
+                                            status="error" if i % 4 else "ok", latency_ms=100 * (i + 1))
+                                      for i in range(8)])
+            health, breakers = await engine.provider_health()
+            flaky = next(h for h in health if h.provider == "flaky" and not h.model)
+            assert (flaky.calls, flaky.errors, flaky.p95_latency_ms, flaky.mean_latency_ms) == (8, 6, 800, 450)
+            assert breakers["flaky"].state == "open" and "6 of 8 calls failed" in breakers["flaky"].reason
+            decision = await engine.route(_ask("hi"), principal="alice", model=CHEAP, record=False)
+            dropped = next(c for c in decision.candidates if c.model.provider == "flaky")
+            assert not dropped.kept and "provider flaky is degraded" in dropped.why
+            assert decision.chosen == MID
+
+            clock.advance(BREAKER_COOL_DOWN_MS)
+            _, breakers = await engine.provider_health()
+            assert breakers["flaky"].state == "half_open"
+            assert (await engine.test_connection("flaky")).state == "ok"  # the probe
+            _, breakers = await engine.provider_health()
+            assert breakers["flaky"].state == "closed"  # the old errors do not reopen it
+            assert (await engine.route(_ask("hi"), principal="alice", model=CHEAP, record=False)).chosen == CHEAP
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+def test_feature_contributions_on_fixed_prompts() -> None:
+    assert sum(WEIGHTS.values()) == pytest.approx(1.0)
+    plain = score(_ask("What is the capital of France?"))  # 30 characters, about 14 tokens
+    assert {f.name: f.value for f in plain.features} == {
+        "length": 0.007, "tokens": 0.002, "code": 0.0, "structured": 0.0, "tools": 0.0, "images": 0.0,
+        "reasoning": 0.0, "depth": 0.0}
+    assert plain.tier_needed == 1 and plain.needs == frozenset()
+
+    hard = score({
+        "messages": [{"role": "system", "content": "You are careful."},
+                     {"role": "user", "content": "Here is my code:\n```python\ndef f(x):\n    return x\n```"},
+                     {"role": "assistant", "content": "OK."},
+                     {"role": "user", "content": [
+                         {"type": "text", "text": "Prove step by step why this algorithm is correct."},
+                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+        "tools": [{"type": "function", "function": {"name": n}} for n in ("a", "b", "c")],
+        "response_format": {"type": "json_object"}})
+    contributions = {f.name: round(f.contribution, 3) for f in hard.features}
+    assert contributions["code"] == 0.15 and contributions["tools"] == 0.10 and contributions["structured"] == 0.10
+    assert contributions["images"] == 0.06 and contributions["depth"] == 0.03
+    assert contributions["reasoning"] == 0.2  # prove, step by step, why, algorithm: three or more cues
+    assert hard.needs == {"tools", "json", "vision"}
+    assert hard.value == pytest.approx(sum(f.contribution for f in hard.features))
+    assert hard.tier_needed == 4
+
+
+def test_a_malformed_request_names_the_field() -> None:
+    with pytest.raises(FieldError, match="messages: must be a non-empty list"):
+        score({"messages": []})
+    with pytest.raises(FieldError, match="messages: each message must be an object"):
+        score({"messages": ["hi"]})
+
+
+# ----------------------------------------------------------------------------- candidates and choice
+
+
+async def _three_models(engine: Engine) -> None:
+    await engine.add_provider(name="openai", kind="openai", base_url="http://127.0.0.1:1/v1", models=[CHEAP, MID])
+    await engine.add_provider(name="anthropic", kind="anthropic", base_url="http://127.0.0.1:1/v1", models=[DEAR])
+
+
+async def test_candidates_are_filtered_by_capability(engine: Engine) -> None:
+    await engine.add_provider(name="mistral", kind="openai", base_url="http://127.0.0.1:1/v1",
+                              models=["mistral/codestral-latest", CHEAP])
+    image = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}
+    decision = await engine.route(image, principal="a", model="mistral/codestral-latest", record=False)
+    codestral = next(c for c in decision.candidates if c.model.model == "mistral/codestral-latest")
+    assert not codestral.kept and codestral.why == "lacks vision"
+    assert decision.chosen == CHEAP
+
+
+async def test_candidates_are_filtered_by_context_length(engine: Engine) -> None:
+    await engine.add_provider(name="openai", kind="openai", base_url="http://127.0.0.1:1/v1",
+                              models=["gpt-4o", "gpt-4.1-mini"])
+    long = _ask("word " * 150_000)
+    decision = await engine.route(long, principal="a", model="gpt-4o", record=False)
+    gpt4o = next(c for c in decision.candidates if c.model.model == "gpt-4o")
+    assert not gpt4o.kept and gpt4o.why.startswith("context 128,000 <")
+    assert decision.chosen == "gpt-4.1-mini"  # a million tokens of context
+
+
+async def test_candidates_are_filtered_by_budget(engine: Engine) -> None:
+    await _three_models(engine)
+    await engine.add_policy(build_policy(scope=f"model:{CHEAP}", metric="usd", window="day", hard="0.000001",
+                                         name="No mini today"))
+    decision = await engine.route(_ask("hi"), principal="alice", model=DEAR, record=False)
+    mini = next(c for c in decision.candidates if c.model.model == CHEAP)
+    assert not mini.kept and mini.why == "budget No mini today would block it"
+    assert decision.chosen == MID
+
+
+async def test_the_cheapest_capable_enough_model_is_chosen(engine: Engine) -> None:
+    await _three_models(engine)
+    easy = await engine.route(_ask("hi"), principal="a", model=DEAR, record=False)
+    assert easy.chosen == CHEAP and easy.saving == easy.requested_cost - easy.chosen_cost > 0  # type: ignore[operator]
+    hard = await engine.route(_ask("Prove step by step why the algorithm's complexity is optimal; compare the "
+                                   "trade-offs.\n```\ncode\n```", response_format={"type": "json_object"}),
+                              principal="a", model=CHEAP, record=False)
+    assert hard.score.tier_needed == 3 and hard.chosen == MID  # an upgrade: the cheap model is not enough
+    assert "tier 1 is below the tier 3" in next(c.why for c in hard.candidates if c.model.model == CHEAP)
+
+
+async def test_the_three_modes(engine: Engine) -> None:
+    await _three_models(engine)
+    results = {mode: await engine.route(_ask("hi"), principal="a", model=DEAR, mode=mode)
+               for mode in ("suggest", "dry_run", "enforced")}
+    assert all(d.chosen == CHEAP for d in results.values())
+    assert results["suggest"].applied == DEAR and results["dry_run"].applied == DEAR
+    assert results["enforced"].applied == CHEAP
+    recorded = await engine.routing_decisions()
+    assert [(r.mode, r.applied) for r in recorded] == [("enforced", CHEAP), ("dry_run", DEAR), ("suggest", DEAR)]
+    summary = await engine.routing_summary(0)
+    saving = results["enforced"].saving
+    assert (summary.decisions, summary.changed, summary.saved, summary.would_save) == (3, 3, saving, 2 * saving)
+    with pytest.raises(FieldError, match="mode: must be suggest, dry_run or enforced"):
+        await engine.route(_ask("hi"), principal="a", model=DEAR, mode="yolo")
