@@ -262,6 +262,23 @@ _DEMO_REQUESTS: Final = (
 )
 
 
+_DEMO_PROVIDERS: Final = (
+    ("openai", "openai", "https://api.openai.com/v1"), ("anthropic", "anthropic", "https://api.anthropic.com/v1"),
+    ("gemini", "openai", "https://generativelanguage.googleapis.com/v1beta/openai"),
+    ("mistral", "openai", "https://api.mistral.ai/v1"),
+)
+
+# (principal, requested model, prompt): what a dry run of routing would have changed
+_DEMO_ROUTES: Final = (
+    ("svc-support-bot", "claude-sonnet-4-5", "Summarise this ticket in one sentence: printer offline again."),
+    ("svc-search-ranker", "gpt-4o", "Rewrite the query 'cheap flights paris' as three search keywords."),
+    ("agent-research", "gpt-4o-mini", "Prove step by step that the merge step is O(n), compare the trade-offs "
+     "with a heap-based design and analyse the worst case."),
+    ("alice@acme.dev", "gpt-4.1", "Translate 'good morning' into French."),
+    ("svc-code-review", "claude-opus-4-5", "Review this diff:\n```python\ndef add(a, b):\n    return a - b\n```"),
+)
+
+
 async def populate(engine: Engine, *, days: int = 30, seed: int = 7, end_ms: int) -> int:
     """Write the whole demo into an empty ledger through the engine: its history, policies,
     API tokens (one rotated, one revoked), override requests in every state and the audit
@@ -298,6 +315,12 @@ async def populate(engine: Engine, *, days: int = 30, seed: int = 7, end_ms: int
                 await engine.approve(request.id, reason=note)
             elif decision == "denied":
                 await engine.deny(request.id, note)
+        engine.actor = "maria@acme.dev"
+        for name, kind, url in _DEMO_PROVIDERS:  # references only: the demo stores no key
+            await engine.add_provider(name=name, kind=kind, base_url=url, credential=f"vault:{name}-prod")
+        for principal, model, prompt in _DEMO_ROUTES:
+            await engine.route({"messages": [{"role": "user", "content": prompt}]}, principal=principal,
+                               model=model, mode="dry_run")
     finally:
         engine.actor = me
     return total

@@ -671,6 +671,13 @@ class Engine:
             self._vault = Vault(path, self.vault_passphrase)
         return self._vault
 
+    async def vault_unlock(self, passphrase: str) -> None:
+        """Use this passphrase for the file vault from now on, checked first (VaultError if wrong)."""
+        vault = Vault(self.vault().path, lambda: passphrase)
+        await asyncio.to_thread(vault.unlock)
+        self.vault_passphrase = lambda: passphrase
+        self._vault = vault
+
     async def vault_status(self) -> vault_mod.Status:
         return self.vault().status()
 

@@ -9,7 +9,7 @@ feature                weight  measure (1.0 at or past)
 =====================  ======  ====================================================
 length                 0.10    4,000 characters of text
 estimated tokens       0.15    8,000 estimated prompt tokens
-code                   0.15    a fenced block, or 6+ lines that look like code
+code                   0.15    a fenced block, or 6+ lines that look like code (0.5: code named)
 structured output      0.10    a JSON schema / json_object response format, or "JSON" asked for
 tools                  0.10    tools offered (1 tool 0.5, 3 or more 1.0)
 images                 0.10    an image part (1 image 0.6, 2 or more 1.0)
@@ -57,6 +57,8 @@ _REASONING_CUES = re.compile(
     r"debug|root cause|architecture|strategy)\b", re.IGNORECASE)
 _CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import|function |const |let |var |public |"
                         r"#include|SELECT |for \(|if \(|return |\}|\{|</?\w+>)|;\s*$|=>")
+_CODE_WORDS = re.compile(r"\b(python|javascript|typescript|java|golang|rust|sql|regex|bash|function|method|"
+                         r"class|api|compile|stack trace|unit tests?|refactor)\b", re.IGNORECASE)
 _JSON_ASK = re.compile(r"\b(json|yaml|schema)\b", re.IGNORECASE)
 
 
@@ -118,6 +120,7 @@ def score(request: Mapping[str, Any]) -> Score:
     lines = text.splitlines()
     fenced = text.count("```") >= 2
     code_lines = sum(1 for line in lines if _CODE_LINE.search(line))
+    code_words = sorted({m.group(0).lower() for m in _CODE_WORDS.finditer(text)})
     tools = request.get("tools") or request.get("functions") or []
     tool_count = len(tools) if isinstance(tools, list) else 0
     fmt = request.get("response_format")
@@ -132,8 +135,9 @@ def score(request: Mapping[str, Any]) -> Score:
     features = (
         feature("length", len(text) / 4000, f"{len(text):,} characters"),
         feature("tokens", tokens / 8000, f"about {tokens:,} prompt tokens"),
-        feature("code", 1.0 if fenced else code_lines / 6,
-                "a fenced code block" if fenced else f"{code_lines} lines that look like code"),
+        feature("code", 1.0 if fenced else max(code_lines / 6, 0.5 if code_words else 0.0),
+                "a fenced code block" if fenced else f"{code_lines} lines that look like code"
+                + (f"; mentions {', '.join(code_words)}" if code_words else "")),
         feature("structured", structured, f"response_format {fmt_type}" if fmt_type else
                 ("asks for JSON/YAML/a schema" if structured else "free text")),
         feature("tools", 0.0 if not tool_count else 0.5 if tool_count < 3 else 1.0, f"{tool_count} tools"),

@@ -52,7 +52,8 @@ def parse_ref(text: str) -> str:
     """``openai-prod`` or ``vault:openai-prod`` to ``openai-prod``."""
     ref = text.strip().removeprefix("vault:")
     if not REF.match(ref):
-        raise FieldError("ref", f"must be 1-64 lower-case letters, digits, '.', '_' or '-' (got {text!r})")
+        # The text is not echoed: a secret pasted into the wrong box must not be shown back.
+        raise FieldError("ref", "must be 1-64 lower-case letters, digits, '.', '_' or '-', like openai-prod")
     return ref
 
 
@@ -331,6 +332,19 @@ class Vault:
 
     def entries(self) -> list[Entry]:
         return self.backend.entries()
+
+    def unlock(self) -> None:
+        """Check the passphrase now (the file backend; the keyring needs none): VaultError if wrong."""
+        if isinstance(self.backend, FileBackend):
+            data = self.backend._read()
+            if data:
+                self.backend._unlock(data)
+
+    @property
+    def needs_passphrase(self) -> bool:
+        """A file vault whose key is not known yet and no BUDGETEER_VAULT_PASSPHRASE to derive it."""
+        return isinstance(self.backend, FileBackend) and self.backend._key is None and \
+            not os.environ.get("BUDGETEER_VAULT_PASSPHRASE") and self.backend._passphrase is _env_passphrase
 
 
 def _env_passphrase() -> str:

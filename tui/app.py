@@ -1,7 +1,7 @@
 """The Budgeteer dashboard: a Textual app over one ledger.
 
 Screens (number keys, or the command palette): 1 overview, 2 usage, 3 budgets,
-4 alerts, 5 approvals, 6 tokens, 7 audit journal. Data is read through ``Engine`` in
+4 alerts, 5 approvals, 6 tokens, 7 audit journal, 8 models, 9 vault. Data is read through ``Engine`` in
 workers; the current screen refreshes every few seconds, never piling polls up, and stops
 while paused or while a modal is open. New override requests are announced on any screen.
 """
@@ -28,9 +28,11 @@ from tui.screens.audit import AuditScreen
 from tui.screens.base import DataScreen
 from tui.screens.budgets import BudgetsScreen
 from tui.screens.help import HelpModal
+from tui.screens.models import ModelsScreen
 from tui.screens.overview import OverviewScreen
 from tui.screens.tokens import TokensScreen
 from tui.screens.usage import UsageScreen
+from tui.screens.vault import VaultScreen
 
 SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
     "overview": ("1", "Overview: spend, budgets near their limits, last 24 hours"),
@@ -40,6 +42,8 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
     "approvals": ("5", "Approvals: override requests to approve, deny or undo; their history"),
     "tokens": ("6", "API tokens: state, last use, spend; create, revoke, rotate"),
     "audit": ("7", "Audit journal: every change and decision; filter, verify the chain"),
+    "models": ("8", "Models: catalog, tiers, provider health, routing decisions; explain a prompt"),
+    "vault": ("9", "Vault: credentials by reference and fingerprint; add, remove, test"),
 }
 
 
@@ -52,7 +56,8 @@ class BudgeteerApp(App[None]):
     TITLE = "Budgeteer"
     MODES: ClassVar[dict[str, type[Screen[None]]]] = {  # type: ignore[assignment]
         "overview": OverviewScreen, "usage": UsageScreen, "budgets": BudgetsScreen, "alerts": AlertsScreen,
-        "approvals": ApprovalsScreen, "tokens": TokensScreen, "audit": AuditScreen}
+        "approvals": ApprovalsScreen, "tokens": TokensScreen, "audit": AuditScreen, "models": ModelsScreen,
+        "vault": VaultScreen}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("1", "switch_mode('overview')", "Overview", id="app.overview"),
         Binding("2", "switch_mode('usage')", "Usage", id="app.usage"),
@@ -61,6 +66,8 @@ class BudgeteerApp(App[None]):
         Binding("5", "switch_mode('approvals')", "Approvals", id="app.approvals"),
         Binding("6", "switch_mode('tokens')", "Tokens", id="app.tokens"),
         Binding("7", "switch_mode('audit')", "Audit", id="app.audit"),
+        Binding("8", "switch_mode('models')", "Models", id="app.models"),
+        Binding("9", "switch_mode('vault')", "Vault", id="app.vault"),
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("colon", "command_palette", "Commands", show=False, id="app.commands"),
         Binding("p", "toggle_pause", "Pause", id="app.pause"),

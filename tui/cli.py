@@ -346,7 +346,8 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
             app = BudgeteerApp(db_path=db, clock=clock, refresh_seconds=3600, label="demo ledger", theme=theme)
             async with app.run_test(size=(width, height)) as pilot:
                 for key, mode in (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts"),
-                                  ("5", "approvals"), ("6", "tokens"), ("7", "audit")):
+                                  ("5", "approvals"), ("6", "tokens"), ("7", "audit"), ("8", "models"),
+                                  ("9", "vault")):
                     await pilot.press(key)
                     await app.workers.wait_for_complete()
                     await pilot.pause(0.2)

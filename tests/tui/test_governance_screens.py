@@ -256,3 +256,87 @@ async def test_the_audit_screen_filters_and_finds_tampering(db_path: Path, clock
         await pilot.press("v")
         await _settle(pilot, app)
         assert any("entry 3 was edited" in n for n in _notes(app))
+
+
+async def test_the_vault_screen_asks_the_passphrase_stores_hidden_tests_and_removes(
+        db_path: Path, clock: FrozenClock, tmp_path: Path) -> None:
+    from tests.fake_servers import http_server
+    from tui.screens.vault import VaultScreen
+
+    secret = "sk-live-VAULTSCREEN-0123456789"
+    body = b'{"object": "list", "data": [{"id": "gpt-4o-mini"}]}'
+    with http_server({"/v1/models": (200, {"content-type": "application/json"}, body)}) as (base, seen):
+        async with await Engine.open(db_path, clock=clock) as engine:
+            await engine.add_provider(name="local", kind="openai", base_url=f"{base}/v1", credential="vault:local")
+        app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.press("9")
+            await _settle(pilot, app)
+            assert isinstance(app.screen, VaultScreen)
+            status = str(app.screen.query_one("#vault-status", Static).content)
+            assert "[b]file[/b] backend: forced by BUDGETEER_VAULT_BACKEND=file" in status
+            await pilot.press("n")
+            await _settle(pilot, app)
+            assert isinstance(app.screen, FormModal) and app.screen.title_text == "Vault passphrase"
+            await pilot.press(*"open sesame", "enter")
+            await _settle(pilot, app)
+            assert isinstance(app.screen, FormModal) and app.screen.title_text == "Add a credential"
+            assert app.screen.query_one("#f-secret", Input).password  # typed hidden
+            await pilot.press(*"local", "tab", *secret, "enter")
+            await _settle(pilot, app)
+            assert isinstance(app.screen, VaultScreen)
+            assert _cells(app, "#vault-table", "used by") == ["local"]
+            fingerprint = _cells(app, "#vault-table", "fingerprint")[0]
+            assert fingerprint.startswith("sha256:") and secret not in fingerprint
+            screen_text = app.export_screenshot()
+            assert secret not in screen_text
+
+            app.screen.query_one("#vault-table", VimTable).focus()
+            await pilot.press("t")
+            await _settle(pilot, app)
+            await pilot.pause(0.3)
+            await _settle(pilot, app)
+            assert any(n.startswith("ok in") for n in _notes(app)), _notes(app)
+            assert seen[-1]["authorization"] == f"Bearer {secret}"  # decrypted for the call only
+
+            await pilot.press("x", "y")
+            await _settle(pilot, app)
+            assert _cells(app, "#vault-table", "reference") == ["No credentials: press n to add one."]
+    vault_file = tmp_path / "vault.json"
+    assert vault_file.exists() and secret.encode() not in vault_file.read_bytes()
+    async with await Engine.open(db_path, clock=clock) as engine:
+        journal = [e.as_dict() for e in await engine.audit_entries()]
+    assert [e["action"] for e in journal[:2]] == ["vault.remove", "vault.set"] and secret not in repr(journal)
+    assert secret.encode() not in db_path.read_bytes()
+
+
+async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Path, clock: FrozenClock) -> None:
+    from tui.screens.models import ModelsScreen
+
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_provider(name="openai", kind="openai", base_url="http://127.0.0.1:1/v1",
+                                  models=["gpt-4o-mini", "gpt-4.1", "gpt-4o"])
+        await engine.route({"messages": [{"role": "user", "content": "hi"}]}, principal="alice", model="gpt-4o",
+                           mode="enforced")
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("8")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, ModelsScreen)
+        assert _cells(app, "#catalog", "model") == ["gpt-4o-mini", "gpt-4.1", "gpt-4o"]
+        assert _cells(app, "#catalog", "tier") == ["1", "3", "3"]
+        assert _cells(app, "#decisions", "route") == ["gpt-4o → gpt-4o-mini"]
+        summary = str(app.screen.query_one("#routing-summary", Static).content)
+        assert "1 decisions, model changed in 1 (100%)" in summary
+        await pilot.press("e", *"translate hello into French", "enter")
+        await _settle(pilot, app)
+        result = str(app.screen.query_one("#explain-result", Static).content)
+        assert "tier 1+" in result and "gpt-4o-mini" in result and "against gpt-4o" in result
+        app.screen.query_one("#explain", Input).value = ""
+        await pilot.press(*"@gpt-4.1 Prove step by step why this algorithm is optimal and compare trade-offs",
+                          "enter")
+        await _settle(pilot, app)
+        result = str(app.screen.query_one("#explain-result", Static).content)
+        assert "tier 2+" in result and "against gpt-4.1" in result and "reasoning +0.20" in result
+    async with await Engine.open(db_path, clock=clock) as engine:
+        assert len(await engine.routing_decisions()) == 1  # explaining records nothing

@@ -22,8 +22,9 @@ from textual.widgets import Button, Input, Label, Static
 from engine.access import AccessDenied
 from engine.approvals import ApprovalError
 from engine.models import FieldError
+from engine.vault import VaultError
 
-REFUSALS = (FieldError, AccessDenied, ApprovalError)
+REFUSALS = (FieldError, AccessDenied, ApprovalError, VaultError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class Field:
     label: str
     value: str = ""
     hint: str = ""
+    password: bool = False  # typed characters are not shown (a secret, a passphrase)
 
 
 class FormModal(ModalScreen[Any]):
@@ -55,7 +57,7 @@ class FormModal(ModalScreen[Any]):
             for f in self.fields:
                 with Horizontal(classes="field-row"):
                     yield Label(f.label, classes="field-label")
-                    yield Input(f.value, placeholder=f.hint, id=f"f-{f.name}")
+                    yield Input(f.value, placeholder=f.hint, id=f"f-{f.name}", password=f.password)
                 yield Static("", id=f"e-{f.name}", classes="field-error")
             yield Static("", id="e-other", classes="field-error")
             with Horizontal(classes="buttons"):
