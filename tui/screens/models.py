@@ -19,6 +19,7 @@ from engine.money import format_usd
 from engine.providers import Breaker, CatalogModel, Health
 from engine.routing import Decision, Recorded, Summary
 from tui.screens.base import DataScreen
+from tui.screens.message import MessageModal
 from tui.widgets.vim_table import VimTable, right
 
 if TYPE_CHECKING:
@@ -41,14 +42,18 @@ class ModelsScreen(DataScreen):
     TITLE_TEXT = "Models and routing"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("e", "explain", "Explain a prompt", id="models.explain"),
+        Binding("enter", "detail", "Details", show=False, id="models.detail"),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: ModelsData | None = None
 
     def body(self) -> ComposeResult:
         yield Static("", id="routing-summary", classes="section-title")
         with Horizontal(id="models-main"):
             with Vertical(id="models-left"):
-                yield Static("Catalog, cheapest first  (TJVR: tools, JSON, vision, reasoning)",
-                         classes="section-title")
+                yield Static("Catalog, cheapest first  (enter: a model's details)", classes="section-title")
                 yield VimTable(id="catalog")
             with Vertical(id="models-right"):
                 yield Static("Provider health, last 15 min", classes="section-title")
@@ -78,7 +83,31 @@ class ModelsScreen(DataScreen):
         return ModelsData(await engine.catalog(), health, breakers, await engine.routing_decisions(50),
                           await engine.routing_summary(engine.now_ms() - 30 * DAY_MS))
 
+    def action_detail(self) -> None:
+        """Everything about the model under the catalog's cursor (the table shows less on a narrow terminal)."""
+        if self.data is None:
+            return
+        key = self.query_one("#catalog", VimTable).current_key
+        m = next((m for m in self.data.catalog if f"{m.provider}/{m.model}" == key), None)
+        if m is None:
+            return
+        p = m.price
+        h = next((h for h in self.data.health if (h.provider, h.model) == (m.provider, m.model)), None)
+        lines = [f"provider        {m.provider} (prices of {p.provider})",
+                 f"cost tier       {m.cost_tier}  ({format_usd(m.blended_nanos_per_m)} per 1M tokens, 3 in : 1 out)",
+                 f"latency tier    {m.latency_tier}",
+                 f"input           {format_usd(p.input)} per 1M tokens"
+                 + (f", cached {format_usd(p.cache_read)}" if p.cache_read is not None else ""),
+                 f"output          {format_usd(p.output)} per 1M tokens",
+                 f"context         {m.context:,} tokens" + (f", output up to {p.max_output_tokens:,}"
+                                                            if p.max_output_tokens else ""),
+                 f"capabilities    {', '.join(sorted(m.capabilities)) or 'none known'}",
+                 "last 15 min     " + (f"{h.calls} calls, {100 * h.error_rate:.1f}% errors, mean "
+                                        f"{h.mean_latency_ms:,} ms, p95 {h.p95_latency_ms:,} ms" if h else "no calls")]
+        self.app.push_screen(MessageModal(m.model, "\n".join(lines)))
+
     def show(self, data: ModelsData) -> None:
+        self.data = data
         s = data.summary
         share = f" ({100 * s.changed / s.decisions:.0f}%)" if s.decisions else ""
         self.query_one("#routing-summary", Static).update(
@@ -99,8 +128,8 @@ class ModelsScreen(DataScreen):
                 right(f"{h.p95_latency_ms:,}" if h else "-")]))
         catalog = self.query_one("#catalog", VimTable)
         catalog.show_only(("model", "tier", "in", "out", "calls") if self.narrow else
-                          None if self.roomy else ("model", "provider", "tier", "in", "out", "context", "calls",
-                                                   "err"))
+                          ("model", "provider", "tier", "in", "out", "context", "calls", "err") if self.roomy
+                          else ("model", "provider", "tier", "in", "out", "context", "calls"))
         catalog.set_rows(rows)
         health_rows = []
         for h in (h for h in data.health if not h.model):
@@ -115,13 +144,19 @@ class ModelsScreen(DataScreen):
         if not health_rows:
             health_rows = [("none", ["no calls in the last 15 min", "", "", "", "", ""])]
         self.query_one("#health", VimTable).set_rows(health_rows)
-        decision_rows = [(f"{r.request_id}-{i}", [iso(r.ts_ms)[5:16].replace("T", " "), r.principal, r.mode,
-                                                  f"{r.requested} → {r.chosen}" if r.chosen != r.requested
-                                                  else f"{r.requested} (kept)", right(format_usd(r.saving))])
+        def short(model: str) -> str:
+            return model.rsplit("/", 1)[-1]  # mistral/mistral-small-latest: the vendor is in the catalog
+
+        decision_rows = [(f"{r.request_id}-{i}", [iso(r.ts_ms)[5:16].replace("T", " "), r.principal[:18], r.mode,
+                                                  f"{short(r.requested)} → {short(r.chosen)}"
+                                                  if r.chosen != r.requested else f"{short(r.requested)} (kept)",
+                                                  right(format_usd(r.saving))])
                          for i, r in enumerate(data.decisions)]
         if not decision_rows:
             decision_rows = [("none", ["", "", "", "no routing decisions yet", ""])]
-        self.query_one("#decisions", VimTable).set_rows(decision_rows)
+        decisions = self.query_one("#decisions", VimTable)
+        decisions.show_only(None if self.size.width >= 190 else ("time", "mode", "route", "saving"))
+        decisions.set_rows(decision_rows)
 
     # ---- explain
 
