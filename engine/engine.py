@@ -817,3 +817,39 @@ class Engine:
             "THEN requested_cost - chosen_cost ELSE 0 END), 0) FROM routing_decisions WHERE ts_ms >= ?",
             (since_ms,)).fetchone())
         return routing.Summary(*(int(v) for v in row))
+
+    # ------------------------------------------------------------------ gateways
+
+    async def gateway_heartbeat(self, status: GatewayStatus) -> None:
+        """A gateway says it is alive (every few seconds) with its counters; ``stopped_ms`` when it ends."""
+        await self._tx(lambda tx: tx.conn.execute(
+            "INSERT INTO gateways (id, address, pid, started_ms, seen_ms, stopped_ms, requests, errors, "
+            "requests_last_min, errors_last_min) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "seen_ms = excluded.seen_ms, stopped_ms = excluded.stopped_ms, requests = excluded.requests, "
+            "errors = excluded.errors, requests_last_min = excluded.requests_last_min, "
+            "errors_last_min = excluded.errors_last_min",
+            (status.id, status.address, status.pid, status.started_ms, status.seen_ms, status.stopped_ms,
+             status.requests, status.errors, status.requests_last_min, status.errors_last_min)))
+
+    async def gateways(self, seen_within_ms: int = 15_000) -> list[GatewayStatus]:
+        """The gateways running on this ledger: heard from recently and not stopped."""
+        since = self.now_ms() - seen_within_ms
+        rows = await self._tx(lambda tx: tx.conn.execute(
+            "SELECT id, address, pid, started_ms, seen_ms, stopped_ms, requests, errors, requests_last_min, "
+            "errors_last_min FROM gateways WHERE seen_ms >= ? AND stopped_ms IS NULL ORDER BY started_ms",
+            (since,)).fetchall())
+        return [GatewayStatus(*r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStatus:
+    id: str
+    address: str
+    pid: int
+    started_ms: int
+    seen_ms: int
+    stopped_ms: int | None
+    requests: int
+    errors: int
+    requests_last_min: int
+    errors_last_min: int

@@ -292,6 +292,20 @@ CREATE TABLE routing_decisions (
 );
 CREATE INDEX routing_decisions_ts ON routing_decisions (ts_ms);
 """,
+    """
+CREATE TABLE gateways (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    seen_ms INTEGER NOT NULL,
+    stopped_ms INTEGER,
+    requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    requests_last_min INTEGER NOT NULL DEFAULT 0,
+    errors_last_min INTEGER NOT NULL DEFAULT 0
+);
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

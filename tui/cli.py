@@ -977,7 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Callable[[argparse.Namespace], Awaitable[int]] | None = getattr(args, "handler", None)
         if handler is None:
             return _run_dashboard(Path(args.db) if args.db else None, args.refresh, args.read_only, args.theme)
-        code = asyncio.run(handler(args))
+        code = handler(args) if getattr(args, "sync", False) else asyncio.run(handler(args))  # type: ignore[arg-type]
         if code == EXIT_OK and getattr(args, "open_after", None):
             return _run_dashboard(args.open_after, args.refresh, args.read_only, args.theme)
         return code

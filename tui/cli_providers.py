@@ -8,6 +8,7 @@ import argparse
 import getpass
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from engine.clock import iso
@@ -214,7 +215,38 @@ async def cmd_models_test(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Serve the gateway until interrupted; a graceful stop releases the holds of calls under way."""
+    import uvicorn
+
+    from engine.engine import default_db_path
+    from engine.integrations.gateway import create_app
+    from engine.routing import parse_mode
+    from tui.cli import _now_clock
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535 (got {args.port})")
+    if args.max_body < 1024:
+        raise UsageError(f"--max-body must be at least 1024 bytes (got {args.max_body})")
+    mode = args.routing if args.routing == "off" else parse_mode(args.routing)
+    db = Path(args.db) if args.db else default_db_path()
+    app = create_app(db, clock=_now_clock(), routing_mode=mode, max_body=args.max_body,
+                     address=f"{args.host}:{args.port}")
+    print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
+                access_log=False)
+    return EXIT_OK
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("gateway", parents=[common], help="serve the OpenAI-compatible gateway",
+                       description="The OpenAI HTTP API in front of the registered providers, every call governed.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8787, help="port (default 8787)")
+    p.add_argument("--routing", default="suggest", help="routing mode: suggest, dry_run, enforced or off")
+    p.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="largest request body in bytes (4 MiB)")
+    p.set_defaults(handler=cmd_gateway, sync=True)
+
     p = sub.add_parser("vault", parents=[common], help="provider credentials: status, set, list, rm",
                        description="Credentials live in the OS keyring, or an encrypted file where none works "
                                    "(BUDGETEER_VAULT_PASSPHRASE or a prompt). Secrets are never arguments.")

@@ -1,0 +1,317 @@
+"""The gateway: the OpenAI HTTP API in front of the registered providers, every call governed.
+
+``POST /v1/chat/completions`` (streaming included), ``POST /v1/embeddings``,
+``POST /v1/responses``, ``GET /v1/models``, ``GET /healthz``. Per request: the Budgeteer API
+token (Bearer) and its scope, rate limits, routing, authorize (holds), forward with the
+provider's key from the vault, settle from the usage the provider reports. Streams ask the
+provider for usage in the last chunk; a stream cut off by either side is settled from what
+was received, marked estimated. Errors take OpenAI's shape. Responses carry the remaining
+budget of the tightest policy. Bodies are limited in size; a graceful shutdown releases the
+hold of every call still under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.clock import Clock
+from engine.engine import Engine, GatewayStatus
+from engine.integrations.governor import Caller, Governor, Refused, Ticket, bad_request, usage_of
+from engine.models import Usage
+from engine.pricing import estimate_tokens
+from engine.providers import Provider
+from engine.tokens import TokenRefused
+from engine.vault import VaultError
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+HEARTBEAT_S = 2.0
+SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses"}
+PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses"}
+
+
+def error(refusal: Refused) -> JSONResponse:
+    return JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)
+
+
+class Gateway:
+    def __init__(self, db: Path, *, clock: Clock | None = None, routing_mode: str = "suggest",
+                 max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "") -> None:
+        self.db, self.clock, self.routing_mode = db, clock, routing_mode
+        self.max_body, self.upstream_timeout, self.address = max_body, upstream_timeout, address
+        self.engine: Engine | None = None
+        self.governor: Governor | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.id = "gw_" + secrets.token_hex(6)
+        self.started_ms = 0
+        self.recent: deque[tuple[float, bool]] = deque()  # (when, failed) of the last minute's requests
+        self.streams: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self.engine = await Engine.open(self.db, clock=self.clock, actor="gateway")
+        self.governor = Governor(self.engine, routing_mode=self.routing_mode)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.upstream_timeout, connect=10.0), trust_env=False)
+        self.started_ms = self.engine.now_ms()
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            yield
+        finally:
+            beat.cancel()
+            if self.streams:  # streams still relaying settle from what they received
+                await asyncio.wait(self.streams, timeout=10)
+            released = await self.governor.release_all()
+            await self._beat(stopped=True)
+            await self.client.aclose()
+            await self.engine.close()
+            if released:
+                print(f"budgeteer gateway: released the holds of {released} calls still under way")
+
+    async def _beat(self, stopped: bool = False) -> None:
+        assert self.engine is not None and self.governor is not None
+        now = time.monotonic()
+        while self.recent and self.recent[0][0] < now - 60:
+            self.recent.popleft()
+        seen = self.engine.now_ms()
+        await self.engine.gateway_heartbeat(GatewayStatus(
+            self.id, self.address, os.getpid(), self.started_ms, seen, seen if stopped else None,
+            self.governor.requests, self.governor.errors, len(self.recent), sum(1 for _, f in self.recent if f)))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self._beat()
+            except Exception:  # a busy ledger skips a beat; the next one says it again
+                pass
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _count(self, failed: bool) -> None:
+        self.recent.append((time.monotonic(), failed))
+
+    # ---- request helpers
+
+    async def _caller(self, request: Request, scope: str) -> Caller:
+        assert self.engine is not None
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise Refused(401, "Missing API token: send Authorization: Bearer bgt_...", "invalid_request_error",
+                          "invalid_api_key")
+        try:
+            token = await self.engine.authenticate(header[7:].strip(), scope)
+        except TokenRefused as exc:
+            status = 403 if exc.reason == "scope" else 401
+            raise Refused(status, str(exc), "permission_error" if status == 403 else "invalid_request_error",
+                          "missing_scope" if status == 403 else "invalid_api_key") from None
+        return Caller(principal=token.principal, team=token.team, workspace=token.workspace, token_id=token.id,
+                      session=request.headers.get("x-budgeteer-session", "")[:200],
+                      agent=request.headers.get("x-budgeteer-agent", "")[:200], rpm=token.rpm, tpm=token.tpm)
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise Refused(413, f"body: larger than the gateway's limit of {self.max_body:,} bytes",
+                          "invalid_request_error", "body_too_large", "body")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise Refused(413, f"body: larger than the gateway's limit of {self.max_body:,} bytes",
+                              "invalid_request_error", "body_too_large", "body")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("body", "is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad_request("body", "must be a JSON object")
+        return body
+
+    async def _upstream_headers(self, provider: Provider) -> dict[str, str]:
+        assert self.engine is not None
+        headers = {"content-type": "application/json"}
+        if provider.credential:
+            try:
+                key = await self.engine.credential(provider.credential)
+            except VaultError as exc:
+                raise Refused(502, f"provider {provider.name}: its credential cannot be read ({exc})",
+                              "api_error", "credential_unavailable") from None
+            if provider.kind == "anthropic":
+                headers.update({"x-api-key": key, "anthropic-version": "2023-06-01"})
+            else:
+                headers["authorization"] = f"Bearer {key}"
+        return headers
+
+    # ---- endpoints
+
+    async def healthz(self, _request: Request) -> Response:
+        assert self.engine is not None
+        return JSONResponse({"status": "ok", "gateway": self.id, "open_calls": len(self.governor.open)
+                             if self.governor else 0, "ledger": str(self.engine.path)})
+
+    async def models(self, request: Request) -> Response:
+        assert self.engine is not None
+        try:
+            await self._caller(request, "models")
+        except Refused as refusal:
+            return error(refusal)
+        catalog = await self.engine.catalog()
+        return JSONResponse({"object": "list", "data": [
+            {"id": m.model, "object": "model", "created": 0, "owned_by": m.provider} for m in catalog]})
+
+    def endpoint(self, kind: str) -> Callable[[Request], Any]:
+        async def handle(request: Request) -> Response:
+            return await self.call(request, kind)
+
+        return handle
+
+    async def call(self, request: Request, kind: str) -> Response:
+        assert self.governor is not None and self.client is not None
+        try:
+            caller = await self._caller(request, SCOPES[kind])
+            body = await self._body(request)
+            ticket, provider = await self.governor.begin(caller, kind, body)
+        except Refused as refusal:
+            self._count(refusal.status >= 500)
+            return error(refusal)
+        assert provider is not None
+        try:
+            headers = await self._upstream_headers(provider)
+        except Refused as refusal:
+            await self.governor.fail(ticket)
+            self._count(True)
+            return error(refusal)
+        upstream = {**body, "model": ticket.model}
+        stream = bool(body.get("stream"))
+        if stream and kind == "chat":
+            upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        reply = {**ticket.headers, "x-budgeteer-request-id": ticket.request_id}
+        if ticket.model != ticket.requested_model:
+            reply["x-budgeteer-model"] = ticket.model
+        url = provider.base_url + PATHS[kind]
+        try:
+            sent = await self.client.send(self.client.build_request("POST", url, json=upstream, headers=headers),
+                                          stream=True)
+        except httpx.TimeoutException:
+            return await self._provider_failed(ticket, 504, f"provider {provider.name} did not answer in time")
+        except httpx.TransportError as exc:
+            return await self._provider_failed(ticket, 502, f"provider {provider.name} cannot be reached "
+                                                            f"({exc.__class__.__name__})")
+        if sent.status_code >= 400:
+            content = await sent.aread()
+            await sent.aclose()
+            if sent.status_code >= 500:
+                return await self._provider_failed(ticket, 502, f"provider {provider.name} failed with HTTP "
+                                                                f"{sent.status_code}")
+            await self.governor.fail(ticket)  # refused by the provider (a bad model, its own limits)
+            self._count(True)
+            return Response(content, status_code=sent.status_code, headers=reply,
+                            media_type=sent.headers.get("content-type", "application/json"))
+        if stream:
+            return StreamingResponse(self._relay(sent, ticket), headers=reply,
+                                     media_type="text/event-stream")
+        try:
+            content = await sent.aread()
+        except httpx.HTTPError:
+            await sent.aclose()
+            return await self._provider_failed(ticket, 502, f"provider {provider.name} broke off its answer")
+        await sent.aclose()
+        try:
+            data = json.loads(content)
+        except ValueError:
+            return await self._provider_failed(ticket, 502, f"provider {provider.name} answered something not JSON")
+        usage = usage_of(data) if isinstance(data, dict) else None
+        await self.governor.finish(ticket, usage or self._estimate(ticket, ""), estimated=usage is None)
+        self._count(False)
+        return JSONResponse(data, headers=reply)
+
+    async def _provider_failed(self, ticket: Ticket, status: int, message: str) -> Response:
+        assert self.governor is not None
+        await self.governor.fail(ticket)
+        self._count(True)
+        return error(Refused(status, message, "api_error", "upstream_timeout" if status == 504 else "upstream_error"))
+
+    @staticmethod
+    def _estimate(ticket: Ticket, received: str) -> Usage:
+        """What a call used when the provider did not say: the prompt estimate and the text received."""
+        return Usage(input_tokens=ticket.input_estimate, output_tokens=estimate_tokens(received) if received else 0)
+
+    async def _relay(self, sent: httpx.Response, ticket: Ticket) -> AsyncIterator[bytes]:
+        """Pass the provider's SSE through line by line, reading usage and text on the way;
+        settle in any case: from the usage, or from what was received (estimated)."""
+        assert self.governor is not None
+        usage: Usage | None = None
+        text: list[str] = []
+        complete = False
+        try:
+            async for line in sent.aiter_lines():
+                yield (line + "\n").encode()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    complete = True
+                    continue
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    continue
+                if not isinstance(chunk, dict):
+                    continue
+                found = usage_of(chunk) or (usage_of(chunk["response"]) if isinstance(chunk.get("response"), dict)
+                                            else None)
+                if found is not None:
+                    usage = found
+                    if chunk.get("type") == "response.completed":
+                        complete = True
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                        text.append(delta["content"])
+                if isinstance(chunk.get("delta"), str):
+                    text.append(chunk["delta"])
+        except httpx.HTTPError:  # the provider broke off: say so in the stream, settle from what arrived
+            failure = Refused(502, "the provider broke off the stream; what arrived was billed as an estimate",
+                              "api_error", "upstream_stream_cut")
+            yield f"data: {json.dumps(failure.body())}\n\n".encode()
+        finally:
+            cut = not complete or usage is None
+            settled = usage if usage is not None else self._estimate(ticket, "".join(text))
+            finish = asyncio.ensure_future(self._settle_stream(sent, ticket, settled, cut))
+            self.streams.add(finish)
+            finish.add_done_callback(self.streams.discard)
+            await asyncio.shield(finish)  # if the client left, the settlement goes on regardless
+
+    async def _settle_stream(self, sent: httpx.Response, ticket: Ticket, usage: Usage, estimated: bool) -> None:
+        assert self.governor is not None
+        await sent.aclose()
+        await self.governor.finish(ticket, usage, estimated=estimated)
+        self._count(False)
+
+
+def create_app(db: Path, **options: Any) -> Starlette:
+    gateway = Gateway(db, **options)
+    app = Starlette(routes=[
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/v1/chat/completions", gateway.endpoint("chat"), methods=["POST"]),
+        Route("/v1/embeddings", gateway.endpoint("embeddings"), methods=["POST"]),
+        Route("/v1/responses", gateway.endpoint("responses"), methods=["POST"]),
+    ], lifespan=gateway.lifespan)
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,304 @@
+"""One governed model call, the same for the gateway and the in-process transport:
+
+1. rate limits (the token's rpm and tpm, sliding window);
+2. routing (the chat request is scored; ``enforced`` rewrites the model);
+3. authorize: a hold of the call's worst case on every policy, all or none;
+4. (the caller forwards the call to the provider);
+5. settle from the usage the provider reported, or an estimate marked as such when a
+   stream was cut off; a call that failed releases its hold (recorded as an error for
+   the provider's health).
+
+Refusals are ``Refused`` with the HTTP status and OpenAI-shaped error body the gateway
+sends, and the transport turns into a response the SDKs raise as theirs.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import providers as prov
+from engine.budgets import Authorization
+from engine.engine import CallRequest, Engine
+from engine.models import FieldError, Usage, UsageEvent
+from engine.money import format_usd_plain
+from engine.pricing import estimate_message_tokens, estimate_tokens
+from engine.ratelimits import Limit, RateLimiter
+
+KINDS = ("chat", "embeddings", "responses")
+
+
+class Refused(Exception):
+    """A call Budgeteer will not make: the status, and OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(field_name: str, reason: str) -> Refused:
+    return Refused(400, f"{field_name}: {reason}", "invalid_request_error", "invalid_value", field_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, as the budgets and rate limits see it."""
+
+    principal: str
+    team: str = ""
+    workspace: str = "default"
+    token_id: str = ""
+    session: str = ""
+    agent: str = ""
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass
+class Ticket:
+    """A call under way: what was authorized, where it goes, what it was estimated at."""
+
+    request_id: str
+    caller: Caller
+    kind: str
+    requested_model: str
+    model: str
+    provider: str
+    hold_id: str | None
+    input_estimate: int
+    max_output: int
+    started: float = field(default_factory=time.perf_counter)
+    headers: dict[str, str] = field(default_factory=dict)  # x-budget-* for the response
+    settled: bool = False
+
+
+def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]:
+    """(estimated input tokens, the output cap the request sets); a FieldError names a bad field."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise FieldError("messages", "must be a non-empty list of message objects")
+        tokens = estimate_message_tokens(messages)
+    elif kind == "embeddings":
+        value = body.get("input")
+        if isinstance(value, str):
+            tokens = estimate_tokens(value)
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            tokens = sum(estimate_tokens(v) for v in value)
+        elif isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            tokens = len(value)
+        else:
+            raise FieldError("input", "must be a string or a non-empty list of strings")
+        return tokens, 0
+    else:
+        value = body.get("input")
+        if isinstance(value, str):
+            tokens = estimate_tokens(value)
+        elif isinstance(value, list):
+            tokens = estimate_message_tokens([v for v in value if isinstance(v, dict)]) or 1
+        else:
+            raise FieldError("input", "must be a string or a list of input items")
+    cap = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
+        raise FieldError("max_tokens", "must be a positive integer")
+    return tokens, cap
+
+
+def usage_of(payload: Mapping[str, Any]) -> Usage | None:
+    """The usage a provider reported, in the ledger's shape: OpenAI chat (prompt/completion
+    tokens and their details), the Responses API and embeddings (input/output tokens), and
+    Anthropic (input, output, cache read and cache creation input tokens, added up)."""
+    raw = payload.get("usage")
+    if not isinstance(raw, Mapping):
+        return None
+
+    def num(mapping: Any, key: str) -> int:
+        value = mapping.get(key) if isinstance(mapping, Mapping) else None
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+    if "prompt_tokens" in raw or "completion_tokens" in raw:
+        details = raw.get("prompt_tokens_details")
+        out_details = raw.get("completion_tokens_details")
+        return Usage(input_tokens=num(raw, "prompt_tokens"), cached_input_tokens=num(details, "cached_tokens"),
+                     output_tokens=num(raw, "completion_tokens"),
+                     reasoning_tokens=num(out_details, "reasoning_tokens"))
+    if "cache_read_input_tokens" in raw or "cache_creation_input_tokens" in raw:  # Anthropic
+        read, write = num(raw, "cache_read_input_tokens"), num(raw, "cache_creation_input_tokens")
+        return Usage(input_tokens=num(raw, "input_tokens") + read + write, cached_input_tokens=read,
+                     cache_write_tokens=write, output_tokens=num(raw, "output_tokens"))
+    details = raw.get("input_tokens_details")
+    out_details = raw.get("output_tokens_details")
+    return Usage(input_tokens=num(raw, "input_tokens"), cached_input_tokens=num(details, "cached_tokens"),
+                 output_tokens=num(raw, "output_tokens"), reasoning_tokens=num(out_details, "reasoning_tokens"))
+
+
+class Governor:
+    """Begin, then finish or fail, each call; tracks the calls under way so a shutdown can
+    release what it cannot settle."""
+
+    def __init__(self, engine: Engine, *, routing_mode: str = "suggest", limiter: RateLimiter | None = None,
+                 resolve_providers: bool = True) -> None:
+        self.engine = engine
+        self.routing_mode = routing_mode
+        self.limiter = limiter or RateLimiter()
+        self.resolve_providers = resolve_providers
+        self.open: dict[str, Ticket] = {}
+        self.requests = 0
+        self.errors = 0
+
+    async def provider_for(self, model: str) -> prov.Provider | None:
+        """The first enabled registered provider serving the model (None if none does)."""
+        catalog = await self.engine.catalog()
+        serving = [m.provider for m in catalog if m.model == model]
+        registered = {p.name: p for p in await self.engine.providers() if p.enabled}
+        for name in serving:
+            if name in registered:
+                return registered[name]
+        for p in registered.values():  # a provider listing the model explicitly, priced or not
+            if model in p.models:
+                return p
+        return None
+
+    def _rate_limits(self, caller: Caller, tokens: int) -> list[Limit]:
+        key = caller.token_id or caller.principal
+        limits = []
+        if caller.rpm:
+            limits.append(Limit(f"token:{key}", "requests", caller.rpm, 1))
+        if caller.tpm:
+            limits.append(Limit(f"token:{key}", "tokens", caller.tpm, tokens))
+        return limits
+
+    async def begin(self, caller: Caller, kind: str, body: Mapping[str, Any], *,
+                    provider: str = "") -> tuple[Ticket, prov.Provider | None]:
+        """Rate limits, routing, authorization; the ticket and the provider to forward to
+        (None when ``resolve_providers`` is off: the caller knows where the call goes)."""
+        self.requests += 1
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise bad_request("model", "is required and must be a string")
+        try:
+            tokens, cap = request_tokens(kind, body)
+        except FieldError as exc:
+            raise bad_request(exc.field, exc.reason) from None
+        output = cap if cap is not None else (0 if kind == "embeddings" else 4096)
+        now = self.engine.now_ms()
+        limits = self._rate_limits(caller, tokens + output)
+        rate_headers: dict[str, str] = {}
+        if limits:
+            verdict = self.limiter.take(limits, now)
+            rate_headers = verdict.headers
+            if not verdict.allowed:
+                what = verdict.limit.kind if verdict.limit else "requests"
+                raise Refused(429, f"rate limit reached: {what} per minute for this token", "rate_limit_error",
+                              "rate_limit_exceeded", None, rate_headers)
+        request_id = "bgt-" + secrets.token_hex(10)
+        applied = model
+        if kind == "chat" and self.routing_mode in ("suggest", "dry_run", "enforced"):
+            try:
+                decision = await self.engine.route(body, principal=caller.principal, model=model,
+                                                   mode=self.routing_mode, team=caller.team,
+                                                   workspace=caller.workspace, token_id=caller.token_id,
+                                                   session=caller.session, agent=caller.agent, max_tokens=cap,
+                                                   request_id=request_id)
+                applied = decision.applied
+            except FieldError as exc:
+                raise bad_request(exc.field, exc.reason) from None
+        target = await self.provider_for(applied) if self.resolve_providers else None
+        if self.resolve_providers and target is None:
+            if applied != model and (target := await self.provider_for(model)) is not None:
+                applied = model  # routing chose a model no provider serves: the requested one goes
+            else:
+                raise Refused(404, f"The model `{model}` is not served by any registered provider",
+                              "invalid_request_error", "model_not_found", "model")
+        auth = await self.engine.authorize(CallRequest(
+            principal=caller.principal, model=applied, provider=target.name if target else provider,
+            team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
+            agent=caller.agent, input_tokens=tokens, max_tokens=output, request_id=request_id))
+        if not auth.allowed:
+            raise self._budget_refusal(auth)
+        if auth.model and auth.model != applied:  # a downgrade policy moved the call
+            applied = auth.model
+            if self.resolve_providers:
+                target = await self.provider_for(applied) or target
+        ticket = Ticket(request_id, caller, kind, model, applied, target.name if target else provider, auth.hold_id,
+                        tokens, output, headers={**rate_headers, **budget_headers(auth)})
+        self.open[request_id] = ticket
+        return ticket, target
+
+    def _budget_refusal(self, auth: Authorization) -> Refused:
+        deciding = auth.evaluation.deciding
+        name = f"{deciding.policy.name} ({deciding.policy.id})" if deciding else "a budget"
+        if auth.override_request_id:
+            return Refused(402, f"Budget exceeded: {name}. Approval required: override request "
+                                f"{auth.override_request_id} is pending.", "budget_exceeded", "approval_required",
+                           None, {"x-budget-policy": deciding.policy.id if deciding else "",
+                                  "x-budget-override-request": auth.override_request_id})
+        return Refused(402, f"Budget exceeded: {name}. {deciding.message if deciding else ''}".strip(),
+                       "budget_exceeded", "budget_exceeded", None,
+                       {"x-budget-policy": deciding.policy.id if deciding else ""})
+
+    async def finish(self, ticket: Ticket, usage: Usage | None, *, estimated: bool = False,
+                     status: str = "ok", cost_nanos: int | None = None) -> None:
+        """Settle the call: the provider's usage, else (``estimated``) what was received."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        self.open.pop(ticket.request_id, None)
+        if status != "ok":
+            self.errors += 1
+        used = usage or Usage(input_tokens=ticket.input_estimate)
+        event = UsageEvent(
+            ts_ms=self.engine.now_ms(), request_id=ticket.request_id, provider=ticket.provider, model=ticket.model,
+            workspace=ticket.caller.workspace, team=ticket.caller.team, principal=ticket.caller.principal,
+            token_id=ticket.caller.token_id, session=ticket.caller.session, agent=ticket.caller.agent,
+            input_tokens=used.input_tokens, cached_input_tokens=used.cached_input_tokens,
+            cache_write_tokens=used.cache_write_tokens, output_tokens=used.output_tokens,
+            reasoning_tokens=used.reasoning_tokens, latency_ms=round((time.perf_counter() - ticket.started) * 1000),
+            status=status, cost_source="estimated" if estimated else "computed",
+            cost_nanos=cost_nanos,
+            tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
+        if ticket.hold_id:
+            await self.engine.settle(ticket.hold_id, event)
+        else:
+            await self.engine.record(self.engine.priced(event))
+        limits = self._rate_limits(ticket.caller, 0)
+        if any(limit.kind == "tokens" for limit in limits):
+            actual = used.input_tokens + used.output_tokens
+            self.limiter.adjust(f"token:{ticket.caller.token_id or ticket.caller.principal}", "tokens",
+                                actual - ticket.input_estimate - ticket.max_output, self.engine.now_ms())
+
+    async def fail(self, ticket: Ticket) -> None:
+        """The provider failed: nothing was used; the hold goes back, the failure counts for health."""
+        await self.finish(ticket, Usage(), status="error")
+
+    async def release_all(self) -> int:
+        """At shutdown: release the holds of calls still under way; how many there were."""
+        tickets = list(self.open.values())
+        for ticket in tickets:
+            ticket.settled = True
+            self.open.pop(ticket.request_id, None)
+            if ticket.hold_id:
+                await self.engine.release(ticket.hold_id)
+        return len(tickets)
+
+
+def budget_headers(auth: Authorization) -> dict[str, str]:
+    """The remaining budget of the tightest policy the call was held against."""
+    tightest = None
+    for o in auth.evaluation.outcomes:
+        remaining = o.policy.hard - o.consumed - o.held - o.cost
+        if tightest is None or remaining < tightest[0]:
+            tightest = (remaining, o)
+    if tightest is None:
+        return {}
+    remaining, o = tightest
+    value = format_usd_plain(max(0, remaining)) if o.policy.metric == "usd" else str(max(0, remaining))
+    return {"x-budget-policy": o.policy.id, "x-budget-remaining": value, "x-budget-metric": o.policy.metric}

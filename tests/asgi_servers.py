@@ -1,0 +1,132 @@
+"""Real HTTP servers on 127.0.0.1 for ASGI apps (the gateway, fake providers): uvicorn in a
+thread with its own event loop, started before the test goes on and stopped gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(app: Any, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app; yields its base URL; stops it (lifespan shutdown included) afterwards."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_graceful_shutdown=5, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible provider: chat (streaming too), embeddings, responses, models.
+
+    The last user message steers it: ``#fail`` answers 500, ``#slow`` never answers in time,
+    ``#cut`` breaks a stream off after two chunks, ``#nousage`` leaves usage out.
+    """
+
+    REPLY = "Hello from the fake provider."
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/v1/responses", self.responses, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+        ])
+
+    async def _record(self, request: Request) -> dict[str, Any]:
+        body: dict[str, Any] = await request.json()
+        self.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
+        return body
+
+    @staticmethod
+    def _last_text(body: dict[str, Any]) -> str:
+        content = body.get("messages", [{}])[-1].get("content", "")
+        return content if isinstance(content, str) else json.dumps(content)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+
+    async def chat(self, request: Request) -> Response:
+        body = await self._record(request)
+        text = self._last_text(body)
+        prompt_tokens = 10 + len(text) // 4
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7,
+                 "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+        if "#fail" in text:
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if "#slow" in text:
+            await asyncio.sleep(30)
+        base = {"id": "chatcmpl-fake", "created": 1, "model": body["model"]}
+        if not body.get("stream"):
+            return JSONResponse({**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": self.REPLY}, "finish_reason": "stop"}],
+                **({} if "#nousage" in text else {"usage": usage})})
+
+        async def events() -> AsyncIterator[bytes]:
+            words = ["Hello", " from", " the", " fake", " provider."]
+            for i, word in enumerate(words):
+                chunk = {**base, "object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                if "#cut" in text and i == 1:
+                    raise RuntimeError("connection dropped mid-stream")
+                await asyncio.sleep(0)
+            done = {**base, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(done)}\n\n".encode()
+            if (body.get("stream_options") or {}).get("include_usage") and "#nousage" not in text:
+                last = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                yield f"data: {json.dumps(last)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self._record(request)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        tokens = sum(2 + len(str(i)) // 4 for i in inputs)
+        return JSONResponse({"object": "list", "model": body["model"], "data": [
+            {"object": "embedding", "index": n, "embedding": [0.1, 0.2, 0.3]} for n in range(len(inputs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def responses(self, request: Request) -> Response:
+        body = await self._record(request)
+        return JSONResponse({"id": "resp_fake", "object": "response", "created_at": 1, "model": body["model"],
+                             "status": "completed", "output": [
+                                 {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                  "content": [{"type": "output_text", "text": self.REPLY, "annotations": []}]}],
+                             "usage": {"input_tokens": 12, "output_tokens": 6, "total_tokens": 18,
+                                       "input_tokens_details": {"cached_tokens": 0},
+                                       "output_tokens_details": {"reasoning_tokens": 0}}})

@@ -1,0 +1,234 @@
+"""The gateway on 127.0.0.1 in front of a fake OpenAI-compatible provider, driven by the
+official ``openai`` SDK: every endpoint, streaming, each error, the budget headers, and what
+the ledger holds afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engine.budgets import build_policy
+from engine.engine import Engine
+from engine.integrations.gateway import create_app
+from tests.asgi_servers import FakeOpenAI, serve
+
+KEY = "sk-fake-PROVIDER-KEY-abcdef0123456789"
+
+
+async def _setup(db: Path, **token: object) -> str:
+    async with await Engine.open(db) as engine:
+        await engine.vault_set("fake", KEY)
+        _tok, secret = await engine.create_token(name="t", principal="alice", team="ml", **token)  # type: ignore[arg-type]
+        return secret
+
+
+@pytest.fixture
+def provider() -> Iterator[tuple[FakeOpenAI, str]]:
+    fake = FakeOpenAI()
+    with serve(fake.app()) as url:
+        yield fake, url
+
+
+@pytest.fixture(autouse=True)
+def _vault(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGETEER_VAULT_PASSPHRASE", "pw")
+
+
+@pytest.fixture
+def gateway(db_path: Path, provider: tuple[FakeOpenAI, str]) -> Iterator[tuple[str, str]]:
+    _fake, url = provider
+
+    async def prepare() -> str:
+        secret = await _setup(db_path)
+        async with await Engine.open(db_path) as engine:
+            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", credential="vault:fake",
+                                      models=["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"])
+        return secret
+
+    secret = asyncio.run(prepare())
+    with serve(create_app(db_path, routing_mode="suggest", max_body=64 * 1024, upstream_timeout=2.0)) as base:
+        yield f"{base}/v1", secret
+
+
+def _ledger(db: Path) -> list[tuple[str, str, int, int, int, str, str]]:
+    async def read() -> list[tuple[str, str, int, int, int, str, str]]:
+        async with await Engine.open(db) as engine:
+            start, end = 0, engine.now_ms() + 60_000
+            return [(e.model, e.principal, e.input_tokens, e.output_tokens, e.cost_nanos or 0, e.cost_source,
+                     e.status) async for e in engine.iter_events(start, end)]
+
+    return asyncio.run(read())
+
+
+def _open_holds(db: Path) -> int:
+    async def count() -> int:
+        async with await Engine.open(db) as engine:
+            return await engine.open_holds()
+
+    return asyncio.run(count())
+
+
+def test_chat_through_the_sdk_is_forwarded_with_the_vault_key_and_settled(
+        gateway: tuple[str, str], provider: tuple[FakeOpenAI, str], db_path: Path) -> None:
+    base, secret = gateway
+    fake, _ = provider
+    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == FakeOpenAI.REPLY
+    assert completion.usage is not None and completion.usage.completion_tokens == 7
+    assert fake.requests[-1]["headers"]["authorization"] == f"Bearer {KEY}"
+    assert secret not in str(fake.requests[-1]["headers"])  # the Budgeteer token never reaches the provider
+    assert raw.headers["x-budgeteer-request-id"].startswith("bgt-")
+    assert raw.headers.get("x-budget-remaining") is None  # no policy, no budget header
+    [(model, principal, inp, out, cost, source, status)] = _ledger(db_path)
+    assert (model, principal, inp, out, source, status) == ("gpt-4o-mini", "alice", 10, 7, "computed", "ok")
+    assert cost == (10 * 150 + 7 * 600)  # nano-dollars: $0.15 and $0.60 per million tokens
+    assert _open_holds(db_path) == 0
+
+
+def test_streaming_settles_from_the_usage_in_the_last_chunk(gateway: tuple[str, str], provider: tuple[FakeOpenAI, str],
+                                                             db_path: Path) -> None:
+    base, secret = gateway
+    fake, _ = provider
+    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == FakeOpenAI.REPLY
+    assert fake.requests[-1]["body"]["stream_options"] == {"include_usage": True}  # asked for by the gateway
+    [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+    assert (inp, out, source) == (10, 7, "computed") and cost > 0
+    assert _open_holds(db_path) == 0
+
+
+def test_a_stream_cut_off_is_settled_from_what_arrived_as_estimated(
+        gateway: tuple[str, str], db_path: Path) -> None:
+    base, secret = gateway
+    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    received = []
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for chunk in client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "please #cut"}], stream=True):
+            received.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(received) == "Hello from"
+    [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+    assert source == "estimated" and cost > 0 and inp > 0 and out > 0  # never $0
+    assert _open_holds(db_path) == 0
+
+
+def test_a_client_that_leaves_mid_stream_is_settled_too(gateway: tuple[str, str], db_path: Path) -> None:
+    base, secret = gateway
+    with httpx.Client(timeout=10) as client, client.stream(
+            "POST", f"{base}/chat/completions", headers={"authorization": f"Bearer {secret}"},
+            json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # read one line, then hang up
+    for _ in range(100):
+        if _ledger(db_path):
+            break
+        import time
+        time.sleep(0.05)
+    [(_m, _p, _i, _o, cost, _source, _s)] = _ledger(db_path)
+    assert cost > 0 and _open_holds(db_path) == 0
+
+
+def test_embeddings_responses_and_models(gateway: tuple[str, str], db_path: Path) -> None:
+    base, secret = gateway
+    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    emb = client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+    assert len(emb.data) == 2
+    resp = client.responses.create(model="gpt-4o-mini", input="hello")
+    assert resp.output_text == FakeOpenAI.REPLY
+    ids = {m.id for m in client.models.list()}
+    assert {"gpt-4o-mini", "gpt-4o"} <= ids
+    rows = sorted(_ledger(db_path))
+    assert [(r[0], r[2], r[3]) for r in rows] == [("gpt-4o-mini", 12, 6), ("text-embedding-3-small", 4, 0)]
+    assert _open_holds(db_path) == 0
+
+
+def test_errors_take_openai_shape(gateway: tuple[str, str], db_path: Path) -> None:
+    base, secret = gateway
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        openai.OpenAI(base_url=base, api_key="bgt_" + "x" * 43, max_retries=0).models.list()
+    assert wrong.value.status_code == 401 and wrong.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+    with httpx.Client(timeout=10) as http:
+        auth = {"authorization": f"Bearer {secret}"}
+        bad = http.post(f"{base}/chat/completions", headers=auth, content=b"{not json")
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "body"
+        missing = http.post(f"{base}/chat/completions", headers=auth, json={"model": "gpt-4o-mini"})
+        assert missing.status_code == 400 and missing.json()["error"] == {
+            "message": "messages: must be a non-empty list of message objects", "type": "invalid_request_error",
+            "param": "messages", "code": "invalid_value"}
+        huge = http.post(f"{base}/chat/completions", headers=auth, content=b"x" * (70 * 1024))
+        assert huge.status_code == 413 and huge.json()["error"]["param"] == "body"
+        unknown = http.post(f"{base}/chat/completions", headers=auth,
+                            json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+        failed = http.post(f"{base}/chat/completions", headers=auth,
+                           json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "#fail"}]})
+        assert failed.status_code == 502 and failed.json()["error"]["type"] == "api_error"
+        slow = http.post(f"{base}/chat/completions", headers=auth,
+                         json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "#slow"}]})
+        assert slow.status_code == 504
+        for response in (bad, missing, huge, unknown, failed, slow):
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert _open_holds(db_path) == 0  # the failed and timed-out calls released their holds
+    assert sorted(r[6] for r in _ledger(db_path)) == ["error", "error"]  # counted for the provider's health
+
+
+def test_scope_rate_limit_and_budget_refusals(db_path: Path, provider: tuple[FakeOpenAI, str]) -> None:
+    _fake, url = provider
+
+    async def prepare() -> tuple[str, str, str]:
+        async with await Engine.open(db_path) as engine:
+            await engine.vault_set("fake", KEY)
+            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", credential="vault:fake",
+                                      models=["gpt-4o-mini"])
+            _t, embed_only = await engine.create_token(name="e", principal="bob", scopes=["embeddings"])
+            _t, limited = await engine.create_token(name="r", principal="carol", rpm=2)
+            _t, capped = await engine.create_token(name="c", principal="dave", team="ml")
+            await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="0.01",
+                                                 name="ML tiny", policy_id="ml-tiny"))
+            await engine.add_policy(build_policy(scope="principal:erin", metric="usd", window="day", hard="0.000001",
+                                                 name="Erin", policy_id="erin", action="approval_required"))
+            return embed_only, limited, capped
+
+    embed_only, limited, capped = asyncio.run(prepare())
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
+    with serve(create_app(db_path, routing_mode="off")) as base, httpx.Client(timeout=10) as http:
+        scope = http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {embed_only}"}, json=ask)
+        assert scope.status_code == 403 and "lacks the chat scope" in scope.json()["error"]["message"]
+        codes = [http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {limited}"},
+                           json=ask).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        limited_reply = http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {limited}"},
+                                  json=ask)
+        assert int(limited_reply.headers["retry-after"]) >= 1 and limited_reply.headers["x-ratelimit-limit-requests"]
+        ok = http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {capped}"}, json=ask)
+        assert ok.status_code == 200
+        assert ok.headers["x-budget-policy"] == "ml-tiny" and 0 < float(ok.headers["x-budget-remaining"]) < 0.01
+        big = {**ask, "max_tokens": 100_000}
+        over = http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {capped}"}, json=big)
+        assert over.status_code == 402 and over.json()["error"]["code"] == "budget_exceeded"
+        assert "ML tiny (ml-tiny)" in over.json()["error"]["message"]
+
+    async def erin() -> str:
+        async with await Engine.open(db_path) as engine:
+            _t, secret = await engine.create_token(name="x", principal="erin")
+            return secret
+
+    erin_secret = asyncio.run(erin())
+    with serve(create_app(db_path, routing_mode="off")) as base, httpx.Client(timeout=10) as http:
+        first = http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {erin_secret}"}, json=ask)
+        again = http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {erin_secret}"}, json=ask)
+    assert first.status_code == again.status_code == 402
+    assert first.json()["error"]["code"] == "approval_required"
+    request_id = first.headers["x-budget-override-request"]
+    assert request_id in first.json()["error"]["message"] and again.headers["x-budget-override-request"] == request_id
