@@ -841,6 +841,33 @@ class Engine:
         return [GatewayStatus(*r) for r in rows]
 
 
+    # ------------------------------------------------------------------ governed clients
+
+    def httpx_client(self, *, principal: str, team: str = "", workspace: str = "default", session: str = "",
+                     agent: str = "", provider: str | None = None, routing_mode: str = "off", module: Any = httpx,
+                     **client_options: Any) -> Any:
+        """An httpx client whose transport governs every model call (for ``openai.OpenAI(http_client=...)``
+        or ``anthropic.Anthropic(http_client=...)``); it keeps its own engine on this ledger. SDKs built
+        on httpx2 (anthropic 2 and later) want ``module=httpx2``."""
+        from engine.integrations.transport import transports
+
+        sync, _ = transports(module)
+        transport = sync(self.path, self.clock, _caller(principal, team, workspace, session, agent),
+                         provider=provider, routing_mode=routing_mode)
+        return module.Client(transport=transport, **client_options)
+
+    def httpx_async_client(self, *, principal: str, team: str = "", workspace: str = "default", session: str = "",
+                           agent: str = "", provider: str | None = None, routing_mode: str = "off",
+                           module: Any = httpx, **client_options: Any) -> Any:
+        """The async counterpart, governed by this engine on its event loop."""
+        from engine.integrations.transport import transports
+
+        _, governed = transports(module)
+        transport = governed(self, _caller(principal, team, workspace, session, agent), provider=provider,
+                             routing_mode=routing_mode)
+        return module.AsyncClient(transport=transport, **client_options)
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayStatus:
     id: str
@@ -853,3 +880,11 @@ class GatewayStatus:
     errors: int
     requests_last_min: int
     errors_last_min: int
+
+
+def _caller(principal: str, team: str, workspace: str, session: str, agent: str) -> Any:
+    from engine.integrations.governor import Caller
+
+    if not principal.strip():
+        raise FieldError("principal", "is empty; a governed client acts for someone")
+    return Caller(principal=principal, team=team, workspace=workspace, session=session, agent=agent)

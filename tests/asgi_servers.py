@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -130,3 +130,42 @@ class FakeOpenAI:
                              "usage": {"input_tokens": 12, "output_tokens": 6, "total_tokens": 18,
                                        "input_tokens_details": {"cached_tokens": 0},
                                        "output_tokens_details": {"reasoning_tokens": 0}}})
+
+
+class FakeAnthropic:
+    """Anthropic's Messages API: usage with cache reads and writes, streaming as Anthropic's SSE events."""
+
+    REPLY = "Hi from the fake Claude."
+    USAGE: ClassVar[dict[str, int]] = {"input_tokens": 20, "output_tokens": 5, "cache_read_input_tokens": 100,
+                                       "cache_creation_input_tokens": 30}
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/messages", self.messages, methods=["POST"])])
+
+    async def messages(self, request: Request) -> Response:
+        body: dict[str, Any] = await request.json()
+        self.requests.append({"headers": dict(request.headers), "body": body})
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": body["model"],
+                   "content": [{"type": "text", "text": self.REPLY}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": self.USAGE}
+        if not body.get("stream"):
+            return JSONResponse(message)
+
+        def event(name: str, data: dict[str, Any]) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
+            start = {**message, "content": [], "stop_reason": None, "usage": {**self.USAGE, "output_tokens": 1}}
+            yield event("message_start", {"message": start})
+            yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+            for word in ("Hi from", " the fake Claude."):
+                yield event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
+            yield event("content_block_stop", {"index": 0})
+            yield event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                          "usage": {"output_tokens": 5}})
+            yield event("message_stop", {})
+
+        return StreamingResponse(events(), media_type="text/event-stream")

@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from engine.clock import Clock
 from engine.engine import Engine, GatewayStatus
-from engine.integrations.governor import Caller, Governor, Refused, Ticket, bad_request, usage_of
+from engine.integrations.governor import Caller, Governor, Refused, StreamMeter, Ticket, bad_request, usage_of
 from engine.models import Usage
 from engine.pricing import estimate_tokens
 from engine.providers import Provider
@@ -255,44 +255,18 @@ class Gateway:
         """Pass the provider's SSE through line by line, reading usage and text on the way;
         settle in any case: from the usage, or from what was received (estimated)."""
         assert self.governor is not None
-        usage: Usage | None = None
-        text: list[str] = []
-        complete = False
+        meter = StreamMeter()
         try:
             async for line in sent.aiter_lines():
                 yield (line + "\n").encode()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    complete = True
-                    continue
-                try:
-                    chunk = json.loads(payload)
-                except ValueError:
-                    continue
-                if not isinstance(chunk, dict):
-                    continue
-                found = usage_of(chunk) or (usage_of(chunk["response"]) if isinstance(chunk.get("response"), dict)
-                                            else None)
-                if found is not None:
-                    usage = found
-                    if chunk.get("type") == "response.completed":
-                        complete = True
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") if isinstance(choice, dict) else None
-                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                        text.append(delta["content"])
-                if isinstance(chunk.get("delta"), str):
-                    text.append(chunk["delta"])
+                meter.feed(line)
         except httpx.HTTPError:  # the provider broke off: say so in the stream, settle from what arrived
             failure = Refused(502, "the provider broke off the stream; what arrived was billed as an estimate",
                               "api_error", "upstream_stream_cut")
             yield f"data: {json.dumps(failure.body())}\n\n".encode()
         finally:
-            cut = not complete or usage is None
-            settled = usage if usage is not None else self._estimate(ticket, "".join(text))
-            finish = asyncio.ensure_future(self._settle_stream(sent, ticket, settled, cut))
+            settled, estimated = meter.settlement(ticket)
+            finish = asyncio.ensure_future(self._settle_stream(sent, ticket, settled, estimated))
             self.streams.add(finish)
             finish.add_done_callback(self.streams.discard)
             await asyncio.shield(finish)  # if the client left, the settlement goes on regardless

@@ -14,6 +14,7 @@ sends, and the transport turns into a response the SDKs raise as theirs.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Mapping
@@ -302,3 +303,70 @@ def budget_headers(auth: Authorization) -> dict[str, str]:
     remaining, o = tightest
     value = format_usd_plain(max(0, remaining)) if o.policy.metric == "usd" else str(max(0, remaining))
     return {"x-budget-policy": o.policy.id, "x-budget-remaining": value, "x-budget-metric": o.policy.metric}
+
+
+class StreamMeter:
+    """Reads a provider's server-sent events as they pass: the usage it reports (OpenAI's last
+    chunk, the Responses API's ``response.completed``, Anthropic's ``message_start`` and
+    ``message_delta``), the text received, and whether the stream ended properly."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.text: list[str] = []
+        self.complete = False
+        self._pending = ""
+
+    def feed_bytes(self, data: bytes) -> None:
+        self._pending += data.decode("utf-8", errors="replace")
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self.feed(line.rstrip("\r"))
+
+    def feed(self, line: str) -> None:
+        if not line.startswith("data:"):
+            return
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            self.complete = True
+            return
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(chunk, dict):
+            return
+        kind = chunk.get("type")
+        if kind == "message_start" and isinstance(chunk.get("message"), dict):  # Anthropic
+            self.usage = usage_of(chunk["message"])
+        elif kind == "message_delta" and isinstance(chunk.get("usage"), dict):
+            out = chunk["usage"].get("output_tokens")
+            base = self.usage or Usage()
+            if isinstance(out, int):
+                self.usage = Usage(base.input_tokens, base.cached_input_tokens, base.cache_write_tokens, out,
+                                   base.reasoning_tokens)
+        elif kind == "message_stop":
+            self.complete = True
+        elif kind == "response.completed" and isinstance(chunk.get("response"), dict):
+            self.usage = usage_of(chunk["response"]) or self.usage
+            self.complete = True
+        elif kind is None and (found := usage_of(chunk)) is not None:
+            self.usage = found
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                self.text.append(delta["content"])
+        delta = chunk.get("delta")
+        if isinstance(delta, str):
+            self.text.append(delta)
+        elif isinstance(delta, dict) and isinstance(delta.get("text"), str):
+            self.text.append(delta["text"])
+
+    def settlement(self, ticket: Ticket) -> tuple[Usage, bool]:
+        """(usage, estimated): the reported usage of a complete stream, else an estimate from
+        the prompt and the text received (never nothing)."""
+        if self.complete and self.usage is not None:
+            return self.usage, False
+        received = estimate_tokens("".join(self.text)) if self.text else 0
+        base = self.usage or Usage(input_tokens=ticket.input_estimate)
+        return Usage(base.input_tokens or ticket.input_estimate, base.cached_input_tokens, base.cache_write_tokens,
+                     max(base.output_tokens, received), base.reasoning_tokens), True
