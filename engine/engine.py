@@ -185,6 +185,16 @@ class Engine:
         """Append a large stream; returns (recorded, duplicates). ``atomic``: one transaction."""
         return await self.store.bulk_record(events, atomic=atomic, prepare=self.priced)
 
+    async def ingest_otlp(self, payload: Any) -> Any:
+        """Record the GenAI spans of an OTLP/HTTP JSON payload (deduplicated by trace and span
+        id); an ``OtlpReport``. OtlpError, and nothing written, if the payload is not OTLP JSON."""
+        from engine.integrations import otlp
+
+        events, report = otlp.read(payload)
+        if events:
+            report.accepted, report.duplicates = await self.bulk_record(events, atomic=True)
+        return report
+
     # ------------------------------------------------------------------ reading
 
     def period(self, period: str | None) -> tuple[int, int]:

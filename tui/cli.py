@@ -128,6 +128,9 @@ async def cmd_import(args: argparse.Namespace) -> int:
     from engine.integrations.files import ImportFileError, import_events
 
     path = Path(args.file)
+    otlp = _otlp_payload(path)
+    if otlp is not None:
+        return await _import_otlp(args, path, otlp)
     async with await _open(args) as engine:
         try:
             report = await import_events(engine, path, strict=args.strict)
@@ -151,6 +154,41 @@ async def cmd_import(args: argparse.Namespace) -> int:
             print(f"budgeteer: {report.bad:,} of {report.lines:,} lines were bad and skipped", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _otlp_payload(path: Path) -> Any | None:
+    """The parsed file when it is one JSON document of OTLP traces (``resourceSpans``), else None."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return None  # the events importer reports a missing file its own way
+    if b'"resourceSpans"' not in head:
+        return None
+    try:
+        payload = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) and "resourceSpans" in payload else None
+
+
+async def _import_otlp(args: argparse.Namespace, path: Path, payload: Any) -> int:
+    from engine.integrations.otlp import OtlpError
+
+    async with await _open(args) as engine:
+        try:
+            report = await engine.ingest_otlp(payload)
+        except OtlpError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+    if args.json:
+        print(_json(report.as_dict()))
+    else:
+        print(f"Imported {report.accepted:,} model calls from {report.spans:,} spans in {path} (OTLP JSON); "
+              f"{report.duplicates:,} duplicates, {report.skipped:,} spans that are not model calls, "
+              f"{report.rejected:,} rejected.")
+        for reason in report.reasons:
+            print(f"  {reason}", file=sys.stderr)
+    return EXIT_USAGE if report.rejected else EXIT_OK
 
 
 async def cmd_export(args: argparse.Namespace) -> int:

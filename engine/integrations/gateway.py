@@ -1,7 +1,8 @@
 """The gateway: the OpenAI HTTP API in front of the registered providers, every call governed.
 
 ``POST /v1/chat/completions`` (streaming included), ``POST /v1/embeddings``,
-``POST /v1/responses``, ``GET /v1/models``, ``GET /healthz``. Per request: the Budgeteer API
+``POST /v1/responses``, ``GET /v1/models``, ``GET /healthz``, and ``POST /v1/traces`` (OTLP/HTTP
+JSON GenAI spans into the ledger). Per request: the Budgeteer API
 token (Bearer) and its scope, rate limits, routing, authorize (holds), forward with the
 provider's key from the vault, settle from the usage the provider reports. Streams ask the
 provider for usage in the last chunk; a stream cut off by either side is settled from what
@@ -174,6 +175,24 @@ class Gateway:
         return JSONResponse({"object": "list", "data": [
             {"id": m.model, "object": "model", "created": 0, "owned_by": m.provider} for m in catalog]})
 
+    async def traces(self, request: Request) -> Response:
+        """OTLP/HTTP JSON traces: GenAI spans become usage events (deduplicated by trace and span id)."""
+        from engine.integrations.otlp import OtlpError
+
+        assert self.engine is not None
+        try:
+            await self._caller(request, "traces")
+            if "protobuf" in request.headers.get("content-type", ""):
+                raise Refused(415, "body: only OTLP/HTTP JSON is accepted (Content-Type: application/json)",
+                              "invalid_request_error", "unsupported_media_type", "body")
+            body = await self._body(request)
+            report = await self.engine.ingest_otlp(body)
+        except Refused as refusal:
+            return error(refusal)
+        except OtlpError as exc:
+            return error(bad_request("body", str(exc)))
+        return JSONResponse(report.as_dict())
+
     def endpoint(self, kind: str) -> Callable[[Request], Any]:
         async def handle(request: Request) -> Response:
             return await self.call(request, kind)
@@ -286,6 +305,7 @@ def create_app(db: Path, **options: Any) -> Starlette:
         Route("/v1/chat/completions", gateway.endpoint("chat"), methods=["POST"]),
         Route("/v1/embeddings", gateway.endpoint("embeddings"), methods=["POST"]),
         Route("/v1/responses", gateway.endpoint("responses"), methods=["POST"]),
+        Route("/v1/traces", gateway.traces, methods=["POST"]),
     ], lifespan=gateway.lifespan)
     app.state.gateway = gateway
     return app
