@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -119,6 +120,8 @@ class Engine:
         self._deliveries: set[asyncio.Task[None]] = set()
         self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
         self._vault: Vault | None = None
+        self._catalog_cache: tuple[float, list[prov.CatalogModel]] | None = None
+        self._breaker_cache: tuple[float, dict[str, prov.Breaker]] | None = None
         # Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset.
         self.vault_passphrase: Callable[[], str] | None = None
 
@@ -525,10 +528,19 @@ class Engine:
 
         return await self._tx(op)  # type: ignore[no-any-return]
 
-    async def authenticate(self, secret: str, scope: str | None = None) -> Token:
-        """The token a secret belongs to, if active and scoped for ``scope``; else TokenRefused."""
+    async def authenticate(self, secret: str, scope: str | None = None, *, touch: bool = True) -> Token:
+        """The token a secret belongs to, if active and scoped for ``scope``; else TokenRefused.
+        ``touch=False`` reads only (no write transaction): the caller records the use later
+        with ``touch_tokens``, as the gateway does in batches."""
         now = self.now_ms()
+        if not touch:
+            return await self.store.read_with(  # type: ignore[no-any-return]
+                lambda conn: tokens.authenticate(conn, secret, now, scope, touch=False))
         return await self._tx(lambda tx: tokens.authenticate(tx.conn, secret, now, scope))  # type: ignore[no-any-return]
+
+    async def touch_tokens(self, last_used: dict[str, int]) -> None:
+        if last_used:
+            await self._tx(lambda tx: tokens.touch(tx.conn, last_used))
 
     # ------------------------------------------------------------------ members and roles
 
@@ -724,6 +736,7 @@ class Engine:
         def op(tx: LedgerTx) -> prov.Provider:
             access.require(tx.conn, self.actor, "manage_vault")
             prov.add(tx.conn, provider)
+            self._catalog_cache = None
             self._audit(tx, "provider.add", f"provider:{provider.name}", None, provider.as_dict())
             return provider
 
@@ -733,19 +746,32 @@ class Engine:
         def op(tx: LedgerTx) -> prov.Provider:
             access.require(tx.conn, self.actor, "manage_vault")
             provider = prov.remove(tx.conn, name)
+            self._catalog_cache = None
             self._audit(tx, "provider.remove", f"provider:{provider.name}", provider.as_dict(), None)
             return provider
 
         return await self._tx(op)  # type: ignore[no-any-return]
 
     async def providers(self) -> list[prov.Provider]:
-        return await self._tx(lambda tx: prov.listing(tx.conn))  # type: ignore[no-any-return]
+        return await self.store.read_with(prov.listing)  # type: ignore[no-any-return]
 
     async def provider(self, name: str) -> prov.Provider:
         return await self._tx(lambda tx: prov.get(tx.conn, name))  # type: ignore[no-any-return]
 
-    async def catalog(self) -> list[prov.CatalogModel]:
-        return prov.catalog(self.prices.models(self.now_ms()), await self.providers())
+    async def catalog(self, max_age_s: float = 5.0) -> list[prov.CatalogModel]:
+        """The models calls can go to (kept for a few seconds: a gateway asks on every call)."""
+        cached = self._catalog_cache
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
+        found = prov.catalog(self.prices.models(self.now_ms()), await self.providers())
+        self._catalog_cache = (time.monotonic(), found)
+        return found
+
+    async def _routing_breakers(self, max_age_s: float = 5.0) -> dict[str, prov.Breaker]:
+        cached = self._breaker_cache
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
+        return (await self.provider_health())[1]
 
     async def provider_health(self, window_ms: int = prov.HEALTH_WINDOW_MS
                               ) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
@@ -755,7 +781,9 @@ class Engine:
         def op(tx: LedgerTx) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
             return prov.health(tx.conn, now, window_ms), prov.update_breakers(tx.conn, now, window_ms)
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        health, breakers = await self._tx(op)
+        self._breaker_cache = (time.monotonic(), breakers)
+        return health, breakers
 
     async def test_connection(self, name: str, timeout_s: float = 5.0) -> prov.ConnectionResult:
         """Check the provider's credential against its models endpoint. The outcome is also the
@@ -785,18 +813,32 @@ class Engine:
         parsed_mode = routing.parse_mode(mode)
         score = routing.score(request)
         catalog = await self.catalog()
-        _health, breakers = await self.provider_health()
+        breakers = await self._routing_breakers()
         unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"}
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
         blocked: dict[str, str] = {}
-        for m in catalog:
-            if score.needs <= m.capabilities and m.provider not in unhealthy and m.model not in blocked:
-                evaluation = await self.check(CallRequest(
-                    principal=principal, model=m.model, provider=m.provider, team=team, workspace=workspace,
-                    token_id=token_id, session=session, agent=agent, input_tokens=score.input_tokens,
-                    max_tokens=output))
-                if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
-                    blocked[m.model] = evaluation.deciding.policy.name
+
+        async def refused(m: prov.CatalogModel) -> bool:
+            evaluation = await self.check(CallRequest(
+                principal=principal, model=m.model, provider=m.provider, team=team, workspace=workspace,
+                token_id=token_id, session=session, agent=agent, input_tokens=score.input_tokens, max_tokens=output))
+            if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
+                blocked[m.model] = evaluation.deciding.policy.name
+                return True
+            return False
+
+        # Budgets are asked only as far as needed: the capable candidates cheapest first until
+        # one fits (a gateway routes every call), and the requested model.
+        usable = sorted((m for m in catalog if score.needs <= m.capabilities and m.provider not in unhealthy
+                         and m.cost_tier >= score.tier_needed
+                         and not (m.context and score.input_tokens + output > m.context)),
+                        key=lambda m: (routing.estimate(m, score.input_tokens, output), m.model))
+        for m in usable:
+            if not await refused(m):
+                break
+        requested = next((m for m in catalog if m.model == model), None)
+        if requested is not None and requested.model not in blocked:
+            await refused(requested)
         decision = routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
                                   unhealthy=unhealthy, blocked=blocked)
         if record:

@@ -1173,6 +1173,13 @@ class SQLiteStore:
 
         return await self._reader._execute(run)  # type: ignore[no-untyped-call]
 
+    async def read_with(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn`` on the read connection (never waits for the writer)."""
+        def run() -> Any:
+            return fn(self._reader._conn)
+
+        return await self._reader._execute(run)  # type: ignore[no-untyped-call]
+
     # ---- prices
 
     async def save_prices(self, rows: Sequence[tuple[str, str, int, str, str, str, int]]) -> int:

@@ -171,7 +171,8 @@ def rotate(conn: sqlite3.Connection, token_id: str, now_ms: int, actor: str) -> 
     return get(conn, old.id), new, secret
 
 
-def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str | None = None) -> Token:
+def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str | None = None, *,
+                 touch: bool = True) -> Token:
     """The token a presented secret belongs to, or TokenRefused saying why (never echoing the secret)."""
     if not secret.startswith(PREFIX) or len(secret) < len(PREFIX) + LOOKUP_CHARS + 8:
         raise TokenRefused("malformed", "not a Budgeteer token (they start with bgt_)")
@@ -190,5 +191,12 @@ def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str 
         raise TokenRefused("expired", f"token {PREFIX}{token.prefix}… has expired")
     if scope is not None and scope not in token.scopes:
         raise TokenRefused("scope", f"token {PREFIX}{token.prefix}… lacks the {scope} scope")
-    conn.execute("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?", (now_ms, token.id))
+    if touch:
+        conn.execute("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?", (now_ms, token.id))
     return token
+
+
+def touch(conn: sqlite3.Connection, last_used: dict[str, int]) -> None:
+    """Record tokens' last use in one statement (a gateway batches them)."""
+    conn.executemany("UPDATE api_tokens SET last_used_ms = max(coalesce(last_used_ms, 0), ?) WHERE id = ?",
+                     [(ts, token_id) for token_id, ts in last_used.items()])

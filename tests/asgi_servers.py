@@ -30,7 +30,8 @@ def serve(app: Any, port: int | None = None) -> Iterator[str]:
     """Serve an ASGI app; yields its base URL; stops it (lifespan shutdown included) afterwards."""
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           timeout_graceful_shutdown=5, lifespan="on"))
+                                           timeout_graceful_shutdown=5, lifespan="on",
+                                           timeout_keep_alive=60))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -49,7 +50,8 @@ class FakeOpenAI:
     """An OpenAI-compatible provider: chat (streaming too), embeddings, responses, models.
 
     The last user message steers it: ``#fail`` answers 500, ``#slow`` never answers in time,
-    ``#cut`` breaks a stream off after two chunks, ``#nousage`` leaves usage out.
+    ``#cut`` breaks a stream off after two chunks, ``#drip`` streams slowly (0.3 s a chunk),
+    ``#nousage`` leaves usage out.
     """
 
     REPLY = "Hello from the fake provider."
@@ -102,7 +104,7 @@ class FakeOpenAI:
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
                 if "#cut" in text and i == 1:
                     raise RuntimeError("connection dropped mid-stream")
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.3 if "#drip" in text else 0)
             done = {**base, "object": "chat.completion.chunk", "choices": [
                 {"index": 0, "delta": {}, "finish_reason": "stop"}]}
             yield f"data: {json.dumps(done)}\n\n".encode()

@@ -5,9 +5,11 @@ the ledger holds afterwards."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -15,7 +17,8 @@ import pytest
 from engine.budgets import build_policy
 from engine.engine import Engine
 from engine.integrations.gateway import create_app
-from tests.asgi_servers import FakeOpenAI, serve
+from tests.asgi_servers import FakeAnthropic, FakeOpenAI, serve
+from tests.fake_servers import closed_port_url
 
 KEY = "sk-fake-PROVIDER-KEY-abcdef0123456789"
 
@@ -127,16 +130,15 @@ def test_a_client_that_leaves_mid_stream_is_settled_too(gateway: tuple[str, str]
     base, secret = gateway
     with httpx.Client(timeout=10) as client, client.stream(
             "POST", f"{base}/chat/completions", headers={"authorization": f"Bearer {secret}"},
-            json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+            json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "#drip"}]}) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # read one line, then hang up
     for _ in range(100):
         if _ledger(db_path):
             break
-        import time
         time.sleep(0.05)
-    [(_m, _p, _i, _o, cost, _source, _s)] = _ledger(db_path)
-    assert cost > 0 and _open_holds(db_path) == 0
+    [(_m, _p, _i, out, cost, source, _s)] = _ledger(db_path)
+    assert source == "estimated" and out > 0 and cost > 0 and _open_holds(db_path) == 0
 
 
 def test_embeddings_responses_and_models(gateway: tuple[str, str], db_path: Path) -> None:
@@ -232,3 +234,98 @@ def test_scope_rate_limit_and_budget_refusals(db_path: Path, provider: tuple[Fak
     assert first.json()["error"]["code"] == "approval_required"
     request_id = first.headers["x-budget-override-request"]
     assert request_id in first.json()["error"]["message"] and again.headers["x-budget-override-request"] == request_id
+
+
+def test_the_anthropic_sdk_through_the_gateway(db_path: Path) -> None:
+    fake = FakeAnthropic()
+    with serve(fake.app()) as upstream:
+        async def prepare() -> str:
+            secret = await _setup(db_path)
+            async with await Engine.open(db_path) as engine:
+                await engine.add_provider(name="claude", kind="anthropic", base_url=f"{upstream}/v1",
+                                          credential="vault:fake")
+            return secret
+
+        secret = asyncio.run(prepare())
+        with serve(create_app(db_path)) as base:
+            client = anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0)
+            ask = {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+            message = client.messages.create(**ask)  # type: ignore[call-overload]
+            assert message.content[0].text == FakeAnthropic.REPLY
+            with client.messages.stream(**ask) as stream:  # type: ignore[arg-type]
+                assert "".join(stream.text_stream) == FakeAnthropic.REPLY
+    assert fake.requests[-1]["headers"]["x-api-key"] == KEY  # the vault's key, not the Budgeteer token
+    rows = _ledger(db_path)
+    assert [(r[0], r[2], r[3], r[5]) for r in rows] == [("claude-haiku-4-5", 150, 5, "computed")] * 2
+    assert _open_holds(db_path) == 0
+
+
+def test_the_provider_down_is_a_502_and_the_hold_goes_back(db_path: Path) -> None:
+    async def prepare() -> str:
+        secret = await _setup(db_path)
+        async with await Engine.open(db_path) as engine:
+            await engine.add_provider(name="down", kind="openai", base_url=f"{closed_port_url()}/v1",
+                                      credential="vault:fake", models=["gpt-4o-mini"])
+        return secret
+
+    secret = asyncio.run(prepare())
+    with serve(create_app(db_path)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as down:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert down.value.status_code == 502 and "cannot be reached" in down.value.message
+    assert _open_holds(db_path) == 0 and [r[6] for r in _ledger(db_path)] == ["error"]
+
+
+def test_a_budget_blocks_in_the_middle_of_a_run(gateway: tuple[str, str], db_path: Path) -> None:
+    base, secret = gateway
+
+    async def policy() -> None:
+        async with await Engine.open(db_path) as engine:
+            # Each call holds its worst case (about $0.00006: the prompt and 100 output tokens) and
+            # costs $0.0000057 once settled: about forty calls fit under $0.0003.
+            await engine.add_policy(build_policy(scope="principal:alice", metric="usd", window="day",
+                                                 hard="0.0003", name="Alice's drip", policy_id="drip"))
+
+    asyncio.run(policy())
+    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    outcomes = []
+    for _ in range(60):
+        try:
+            client.chat.completions.create(model="gpt-4o-mini", max_tokens=100,
+                                           messages=[{"role": "user", "content": "hi"}])
+            outcomes.append("ok")
+        except openai.APIStatusError as exc:
+            outcomes.append(str(exc.status_code))
+    first_block = outcomes.index("402")
+    assert 10 < first_block < 60 and set(outcomes[first_block:]) == {"402"}
+    spent = sum(r[4] for r in _ledger(db_path))
+    assert spent <= 300_000 and len(_ledger(db_path)) == first_block and _open_holds(db_path) == 0
+
+
+def test_a_thousand_concurrent_calls_never_overspend(gateway: tuple[str, str], db_path: Path) -> None:
+    base, secret = gateway
+
+    async def policy() -> None:
+        async with await Engine.open(db_path) as engine:
+            await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="0.002",
+                                                 name="Small", policy_id="small"))
+
+    asyncio.run(policy())
+    ask = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def run() -> list[int]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            async def one() -> int:
+                r = await http.post(f"{base}/chat/completions", json=ask,
+                                    headers={"authorization": f"Bearer {secret}"})
+                return r.status_code
+            return list(await asyncio.gather(*(one() for _ in range(1000))))
+
+    codes = asyncio.run(run())
+    assert set(codes) <= {200, 402} and codes.count(200) > 0 and codes.count(402) > 0
+    rows = _ledger(db_path)
+    assert len(rows) == codes.count(200)
+    assert sum(r[4] for r in rows) <= 2_000_000  # $0.002 in nano-dollars: never over
+    assert _open_holds(db_path) == 0

@@ -2,7 +2,8 @@
 
 ``POST /v1/chat/completions`` (streaming included), ``POST /v1/embeddings``,
 ``POST /v1/responses``, ``GET /v1/models``, ``GET /healthz``, and ``POST /v1/traces`` (OTLP/HTTP
-JSON GenAI spans into the ledger). Per request: the Budgeteer API
+JSON GenAI spans into the ledger); ``POST /v1/messages`` speaks Anthropic's Messages API to
+an anthropic provider, so the anthropic SDK works through the gateway too. Per request: the Budgeteer API
 token (Bearer) and its scope, rate limits, routing, authorize (holds), forward with the
 provider's key from the vault, settle from the usage the provider reports. Streams ask the
 provider for usage in the last chunk; a stream cut off by either side is settled from what
@@ -26,7 +27,7 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -41,8 +42,9 @@ from engine.vault import VaultError
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 HEARTBEAT_S = 2.0
-SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses"}
-PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses"}
+KEY_CACHE_S = 60.0  # a provider key is decrypted again after this long (a rotated key is picked up)
+SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", "messages": "chat"}
+PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
 
 
 def error(refusal: Refused) -> JSONResponse:
@@ -61,6 +63,8 @@ class Gateway:
         self.started_ms = 0
         self.recent: deque[tuple[float, bool]] = deque()  # (when, failed) of the last minute's requests
         self.streams: set[asyncio.Task[None]] = set()
+        self.last_used: dict[str, int] = {}  # token id -> last use, flushed with each heartbeat
+        self.keys: dict[str, tuple[float, str]] = {}  # credential reference -> (read at, key), for a minute
 
     # ---- lifecycle
 
@@ -90,6 +94,8 @@ class Gateway:
         while self.recent and self.recent[0][0] < now - 60:
             self.recent.popleft()
         seen = self.engine.now_ms()
+        used, self.last_used = self.last_used, {}
+        await self.engine.touch_tokens(used)
         await self.engine.gateway_heartbeat(GatewayStatus(
             self.id, self.address, os.getpid(), self.started_ms, seen, seen if stopped else None,
             self.governor.requests, self.governor.errors, len(self.recent), sum(1 for _, f in self.recent if f)))
@@ -110,15 +116,20 @@ class Gateway:
     async def _caller(self, request: Request, scope: str) -> Caller:
         assert self.engine is not None
         header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
+        if header.lower().startswith("bearer "):
+            presented = header[7:].strip()
+        elif request.headers.get("x-api-key"):  # Anthropic's SDK sends the key so
+            presented = request.headers["x-api-key"].strip()
+        else:
             raise Refused(401, "Missing API token: send Authorization: Bearer bgt_...", "invalid_request_error",
                           "invalid_api_key")
         try:
-            token = await self.engine.authenticate(header[7:].strip(), scope)
+            token = await self.engine.authenticate(presented, scope, touch=False)
         except TokenRefused as exc:
             status = 403 if exc.reason == "scope" else 401
             raise Refused(status, str(exc), "permission_error" if status == 403 else "invalid_request_error",
                           "missing_scope" if status == 403 else "invalid_api_key") from None
+        self.last_used[token.id] = self.engine.now_ms()  # written with the next heartbeat
         return Caller(principal=token.principal, team=token.team, workspace=token.workspace, token_id=token.id,
                       session=request.headers.get("x-budgeteer-session", "")[:200],
                       agent=request.headers.get("x-budgeteer-agent", "")[:200], rpm=token.rpm, tpm=token.tpm)
@@ -148,7 +159,11 @@ class Gateway:
         headers = {"content-type": "application/json"}
         if provider.credential:
             try:
-                key = await self.engine.credential(provider.credential)
+                cached = self.keys.get(provider.credential)
+                if cached is None or time.monotonic() - cached[0] > KEY_CACHE_S:
+                    cached = (time.monotonic(), await self.engine.credential(provider.credential))
+                    self.keys[provider.credential] = cached
+                key = cached[1]
             except VaultError as exc:
                 raise Refused(502, f"provider {provider.name}: its credential cannot be read ({exc})",
                               "api_error", "credential_unavailable") from None
@@ -204,10 +219,16 @@ class Gateway:
         try:
             caller = await self._caller(request, SCOPES[kind])
             body = await self._body(request)
-            ticket, provider = await self.governor.begin(caller, kind, body)
+            if kind == "messages":  # Anthropic's Messages API, to an anthropic provider, never rerouted
+                ticket, provider = await self.governor.begin(caller, "chat", body, route=False,
+                                                             provider_kind="anthropic")
+            else:
+                ticket, provider = await self.governor.begin(caller, kind, body)
         except Refused as refusal:
             self._count(refusal.status >= 500)
             return error(refusal)
+        except ClientDisconnect:  # the caller left before its request arrived whole
+            return Response(status_code=499)
         assert provider is not None
         try:
             headers = await self._upstream_headers(provider)
@@ -305,6 +326,7 @@ def create_app(db: Path, **options: Any) -> Starlette:
         Route("/v1/chat/completions", gateway.endpoint("chat"), methods=["POST"]),
         Route("/v1/embeddings", gateway.endpoint("embeddings"), methods=["POST"]),
         Route("/v1/responses", gateway.endpoint("responses"), methods=["POST"]),
+        Route("/v1/messages", gateway.endpoint("messages"), methods=["POST"]),
         Route("/v1/traces", gateway.traces, methods=["POST"]),
     ], lifespan=gateway.lifespan)
     app.state.gateway = gateway

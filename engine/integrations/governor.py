@@ -152,14 +152,21 @@ class Governor:
         self.limiter = limiter or RateLimiter()
         self.resolve_providers = resolve_providers
         self.open: dict[str, Ticket] = {}
+        self._providers: tuple[float, list[prov.Provider]] | None = None
         self.requests = 0
         self.errors = 0
 
-    async def provider_for(self, model: str) -> prov.Provider | None:
-        """The first enabled registered provider serving the model (None if none does)."""
+    async def registered(self, max_age_s: float = 5.0) -> list[prov.Provider]:
+        """The registered providers, read again every few seconds (another process may add one)."""
+        if self._providers is None or time.monotonic() - self._providers[0] > max_age_s:
+            self._providers = (time.monotonic(), await self.engine.providers())
+        return self._providers[1]
+
+    async def provider_for(self, model: str, kind: str | None = None) -> prov.Provider | None:
+        """The first enabled registered provider (of ``kind``, if given) serving the model."""
         catalog = await self.engine.catalog()
         serving = [m.provider for m in catalog if m.model == model]
-        registered = {p.name: p for p in await self.engine.providers() if p.enabled}
+        registered = {p.name: p for p in await self.registered() if p.enabled and kind in (None, p.kind)}
         for name in serving:
             if name in registered:
                 return registered[name]
@@ -177,8 +184,8 @@ class Governor:
             limits.append(Limit(f"token:{key}", "tokens", caller.tpm, tokens))
         return limits
 
-    async def begin(self, caller: Caller, kind: str, body: Mapping[str, Any], *,
-                    provider: str = "") -> tuple[Ticket, prov.Provider | None]:
+    async def begin(self, caller: Caller, kind: str, body: Mapping[str, Any], *, provider: str = "",
+                    route: bool = True, provider_kind: str | None = None) -> tuple[Ticket, prov.Provider | None]:
         """Rate limits, routing, authorization; the ticket and the provider to forward to
         (None when ``resolve_providers`` is off: the caller knows where the call goes)."""
         self.requests += 1
@@ -202,7 +209,7 @@ class Governor:
                               "rate_limit_exceeded", None, rate_headers)
         request_id = "bgt-" + secrets.token_hex(10)
         applied = model
-        if kind == "chat" and self.routing_mode in ("suggest", "dry_run", "enforced"):
+        if route and kind == "chat" and self.routing_mode in ("suggest", "dry_run", "enforced"):
             try:
                 decision = await self.engine.route(body, principal=caller.principal, model=model,
                                                    mode=self.routing_mode, team=caller.team,
@@ -212,9 +219,9 @@ class Governor:
                 applied = decision.applied
             except FieldError as exc:
                 raise bad_request(exc.field, exc.reason) from None
-        target = await self.provider_for(applied) if self.resolve_providers else None
+        target = await self.provider_for(applied, provider_kind) if self.resolve_providers else None
         if self.resolve_providers and target is None:
-            if applied != model and (target := await self.provider_for(model)) is not None:
+            if applied != model and (target := await self.provider_for(model, provider_kind)) is not None:
                 applied = model  # routing chose a model no provider serves: the requested one goes
             else:
                 raise Refused(404, f"The model `{model}` is not served by any registered provider",

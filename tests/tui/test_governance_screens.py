@@ -340,3 +340,20 @@ async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Pat
         assert "tier 2+" in result and "against gpt-4.1" in result and "reasoning +0.20" in result
     async with await Engine.open(db_path, clock=clock) as engine:
         assert len(await engine.routing_decisions()) == 1  # explaining records nothing
+
+
+async def test_the_overview_shows_a_running_gateway_and_its_rates(db_path: Path, clock: FrozenClock) -> None:
+    from engine.engine import GatewayStatus
+
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await _settle(pilot, app)
+        assert "[b]Gateway:[/b] none running on this ledger" in str(app.screen.query_one("#attention", Static).content)
+        async with await Engine.open(db_path, clock=clock) as engine:  # a gateway's heartbeat, as another process
+            now = clock.now_ms()
+            await engine.gateway_heartbeat(GatewayStatus("gw_1", "127.0.0.1:8787", 4242, now - 60_000, now, None,
+                                                         500, 7, 40, 2))
+        await pilot.press("r")
+        await _settle(pilot, app)
+        line = str(app.screen.query_one("#attention", Static).content)
+        assert "[b]Gateway:[/b] 127.0.0.1:8787 · 40 req/min · 5.0% errors" in line

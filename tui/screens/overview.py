@@ -23,7 +23,7 @@ from tui.widgets.vim_table import VimTable, right
 if TYPE_CHECKING:
     from engine.alerts import Alert
     from engine.budgets import Forecast
-    from engine.engine import Engine
+    from engine.engine import Engine, GatewayStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,7 @@ class OverviewData:
     timeline: list[TimelinePoint]
     alerts: list[Alert]
     open_requests: int
+    gateways: list[GatewayStatus]
 
 
 class OverviewScreen(DataScreen):
@@ -91,6 +92,7 @@ class OverviewScreen(DataScreen):
             timeline=await engine.timeline(now - DAY_MS, now + 1, HOUR_MS),
             alerts=await engine.alerts(limit=50),
             open_requests=await engine.open_override_requests(),
+            gateways=await engine.gateways(),
         )
 
     def show(self, data: OverviewData) -> None:
@@ -135,5 +137,16 @@ class OverviewScreen(DataScreen):
         # 80 columns have no room for the alerts table: the line under the panes carries them.
         alerts = "; ".join(a.message for a in data.alerts[:2]) if self.narrow else ""
         self.query_one("#attention", Static).update(
-            f"[b]Open override requests:[/b] {data.open_requests}    "
+            f"{gateway_line(data.gateways)}    [b]Open override requests:[/b] {data.open_requests}    "
             f"[b]Active alerts:[/b] {len(data.alerts)}{': ' + alerts if alerts else ''}")
+
+
+def gateway_line(gateways: list[GatewayStatus]) -> str:
+    """Whether a gateway serves this ledger, its request rate and error rate over the last minute."""
+    if not gateways:
+        return "[b]Gateway:[/b] none running on this ledger"
+    requests = sum(g.requests_last_min for g in gateways)
+    errors = sum(g.errors_last_min for g in gateways)
+    where = ", ".join(g.address or f"pid {g.pid}" for g in gateways)
+    rate = f"{100 * errors / requests:.1f}% errors" if requests else "no errors"
+    return f"[b]Gateway:[/b] {where} · {requests:,} req/min · {rate}"
