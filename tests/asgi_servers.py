@@ -26,11 +26,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: Any, port: int | None = None) -> Iterator[str]:
+def serve(app: Any, port: int | None = None, grace_s: float = 5) -> Iterator[str]:
     """Serve an ASGI app; yields its base URL; stops it (lifespan shutdown included) afterwards."""
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           timeout_graceful_shutdown=5, lifespan="on",
+                                           timeout_graceful_shutdown=grace_s, lifespan="on",
                                            timeout_keep_alive=60))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

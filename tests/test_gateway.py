@@ -329,3 +329,40 @@ def test_a_thousand_concurrent_calls_never_overspend(gateway: tuple[str, str], d
     assert len(rows) == codes.count(200)
     assert sum(r[4] for r in rows) <= 2_000_000  # $0.002 in nano-dollars: never over
     assert _open_holds(db_path) == 0
+
+
+def test_a_graceful_shutdown_releases_the_holds_of_calls_under_way(
+        db_path: Path, provider: tuple[FakeOpenAI, str]) -> None:
+    import threading
+
+    _fake, url = provider
+
+    async def prepare() -> str:
+        secret = await _setup(db_path)
+        async with await Engine.open(db_path) as engine:
+            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", credential="vault:fake",
+                                      models=["gpt-4o-mini"])
+        return secret
+
+    secret = asyncio.run(prepare())
+    outcome: list[object] = []
+    with serve(create_app(db_path, upstream_timeout=60), grace_s=1) as base:
+        def call() -> None:
+            try:
+                outcome.append(httpx.post(f"{base}/v1/chat/completions", timeout=30,
+                                          headers={"authorization": f"Bearer {secret}"},
+                                          json={"model": "gpt-4o-mini",
+                                                "messages": [{"role": "user", "content": "#slow"}]}).status_code)
+            except httpx.HTTPError as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        for _ in range(100):  # until the call holds its budget
+            if _open_holds(db_path):
+                break
+            time.sleep(0.05)
+        assert _open_holds(db_path) == 1
+    caller.join(timeout=30)
+    assert outcome and outcome[0] != 200  # the caller got an error or a dropped connection, not a reply
+    assert _open_holds(db_path) == 0  # released at shutdown, not left to block anyone
