@@ -234,7 +234,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                      address=f"{args.host}:{args.port}")
     print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
-                access_log=False)
+                timeout_keep_alive=75, access_log=False)
     return EXIT_OK
 
 
