@@ -644,12 +644,13 @@ class BudgetBook:
         return decide(outcomes)
 
     def authorize(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, request_id: str,
-                  alternatives: Sequence[tuple[str, str, CallCost]] = ()) -> Authorization:
+                  alternatives: Iterable[tuple[str, str, CallCost]] = ()) -> Authorization:
         """Decide, and if the call may go ahead place one hold on every applicable policy at once.
 
         When the deciding policy's action is ``downgrade``, ``alternatives`` (model,
         provider, worst case; preferred first) are tried in the same transaction and the
-        first that every policy allows is held instead.
+        first that every policy allows is held instead; they are only iterated then, so the
+        caller may pass a lazy iterable.
         """
         now = self._now()
         evaluation = self.evaluate(tx, context, cost, now)

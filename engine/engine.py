@@ -362,7 +362,7 @@ class Engine:
         """Check every applicable policy and, if the call may go, hold its worst case on all of them."""
         cost = self.worst_case(call)
         context = self._context(call)
-        alternatives = self._cheaper_models(call, cost)
+        alternatives = _Lazy(lambda: self._cheaper_models(call, cost))  # worked out only for a downgrade
         return await self._tx(  # type: ignore[no-any-return]
             lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives))
 
@@ -940,3 +940,13 @@ def _caller(principal: str, team: str, workspace: str, session: str, agent: str)
     if not principal.strip():
         raise FieldError("principal", "is empty; a governed client acts for someone")
     return Caller(principal=principal, team=team, workspace=workspace, session=session, agent=agent)
+
+
+class _Lazy:
+    """An iterable computed on first iteration."""
+
+    def __init__(self, make: Callable[[], Iterable[Any]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Any:
+        return iter(self.make())
