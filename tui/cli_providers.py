@@ -8,6 +8,7 @@ import argparse
 import getpass
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,20 @@ async def cmd_models_test(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _gateway_passphrase(db: Path) -> Callable[[], str] | None:
+    """A locked file vault's passphrase, asked once at the terminal before serving and checked
+    (a wrong one stops here, not at the first call); None when the environment gives it."""
+    from engine.vault import Vault
+
+    path = Path(os.environ.get("BUDGETEER_VAULT_FILE") or db.with_name("vault.json")).expanduser()
+    vault = Vault(path)
+    if not vault.needs_passphrase or not path.exists() or not sys.stdin.isatty():
+        return None
+    passphrase = getpass.getpass("Vault passphrase (for the providers' keys): ")
+    Vault(path, lambda: passphrase).unlock()
+    return lambda: passphrase
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     """Serve the gateway until interrupted; a graceful stop releases the holds of calls under way."""
     import uvicorn
@@ -231,7 +246,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     mode = args.routing if args.routing == "off" else parse_mode(args.routing)
     db = Path(args.db) if args.db else default_db_path()
     app = create_app(db, clock=_now_clock(), routing_mode=mode, max_body=args.max_body,
-                     address=f"{args.host}:{args.port}")
+                     address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(db))
     print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
                 timeout_keep_alive=75, access_log=False)

@@ -53,9 +53,11 @@ def error(refusal: Refused) -> JSONResponse:
 
 class Gateway:
     def __init__(self, db: Path, *, clock: Clock | None = None, routing_mode: str = "suggest",
-                 max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "") -> None:
+                 max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "",
+                 vault_passphrase: Callable[[], str] | None = None) -> None:
         self.db, self.clock, self.routing_mode = db, clock, routing_mode
         self.max_body, self.upstream_timeout, self.address = max_body, upstream_timeout, address
+        self.vault_passphrase = vault_passphrase
         self.engine: Engine | None = None
         self.governor: Governor | None = None
         self.client: httpx.AsyncClient | None = None
@@ -71,6 +73,7 @@ class Gateway:
     @asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         self.engine = await Engine.open(self.db, clock=self.clock, actor="gateway")
+        self.engine.vault_passphrase = self.vault_passphrase
         self.governor = Governor(self.engine, routing_mode=self.routing_mode)
         # A pool as wide as the load a gateway takes (httpx's default of 100 makes callers queue
         # in the pool), with few idle connections kept: the pool checks every idle one on each
@@ -251,6 +254,10 @@ class Gateway:
         try:
             sent = await self.client.send(self.client.build_request("POST", url, json=upstream, headers=headers),
                                           stream=True)
+        except asyncio.CancelledError:  # the gateway is stopping and its grace period is over
+            await asyncio.shield(self.governor.fail(ticket))
+            return error(Refused(503, "the gateway is shutting down; the call was not made", "api_error",
+                                 "shutting_down"))
         except httpx.TimeoutException:
             return await self._provider_failed(ticket, 504, f"provider {provider.name} did not answer in time")
         except httpx.TransportError as exc:
