@@ -175,7 +175,10 @@ def validate_event(raw: dict[str, Any]) -> UsageEvent:
         raise FieldError("event", f"must be an object, not {type(raw).__name__}")
     unknown = set(raw) - set(EVENT_FIELDS) - {"cost_usd", "ts"}
     if unknown:
-        raise FieldError(sorted(unknown)[0], "is not a known event field")
+        name = sorted(unknown)[0]
+        if not name.strip():
+            raise FieldError("event", "has a field with an empty name")
+        raise FieldError(name, "is not a known event field")
     values: dict[str, Any] = {}
     ts_value = raw.get("ts_ms", raw.get("ts"))
     values["ts_ms"] = parse_timestamp_ms(ts_value, "ts_ms" if "ts_ms" in raw else "ts")
