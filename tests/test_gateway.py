@@ -370,3 +370,39 @@ def test_a_graceful_shutdown_releases_the_holds_of_calls_under_way(
     caller.join(timeout=30)
     assert outcome and outcome[0] != 200  # the caller got an error or a dropped connection, not a reply
     assert _open_holds(db_path) == 0  # released at shutdown, not left to block anyone
+
+
+async def test_a_stream_cut_before_its_first_chunk_is_still_settled(db_path: Path,
+                                                                   provider: tuple[FakeOpenAI, str]) -> None:
+    from starlette.requests import ClientDisconnect
+
+    from engine.integrations.gateway import Gateway, RelayResponse
+    from engine.integrations.governor import Caller, Governor
+
+    _fake, url = provider
+    async with await Engine.open(db_path) as engine:
+        await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", models=["gpt-4o-mini"])
+        gateway = Gateway(db_path)
+        gateway.engine, gateway.governor = engine, Governor(engine, routing_mode="off")
+        ticket, _ = await gateway.governor.begin(Caller("alice"), "chat", {**ASK_STREAM})
+        assert await engine.open_holds() == 1
+        async with httpx.AsyncClient() as client:
+            sent = await client.send(client.build_request("POST", f"{url}/v1/chat/completions", json=ASK_STREAM),
+                                     stream=True)
+            response = RelayResponse(gateway._relay(sent, ticket), ticket, lambda: gateway._abandoned(sent, ticket),
+                                     media_type="text/event-stream")
+
+            async def receive() -> dict[str, str]:
+                return {"type": "http.disconnect"}
+
+            async def send(_message: object) -> None:
+                raise OSError("the caller is gone")  # before even the status line went out
+
+            with pytest.raises(ClientDisconnect):  # what Starlette makes of the failed send
+                await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        assert await engine.open_holds() == 0
+        [event] = [e async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
+        assert event.cost_source == "estimated" and (event.cost_nanos or 0) > 0 and sent.is_closed
+
+
+ASK_STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}

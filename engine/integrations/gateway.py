@@ -274,8 +274,8 @@ class Gateway:
             return Response(content, status_code=sent.status_code, headers=reply,
                             media_type=sent.headers.get("content-type", "application/json"))
         if stream:
-            return StreamingResponse(self._relay(sent, ticket), headers=reply,
-                                     media_type="text/event-stream")
+            return RelayResponse(self._relay(sent, ticket), ticket, lambda: self._abandoned(sent, ticket),
+                                 headers=reply, media_type="text/event-stream")
         try:
             content = await sent.aread()
         except httpx.HTTPError:
@@ -306,6 +306,7 @@ class Gateway:
         """Pass the provider's SSE through line by line, reading usage and text on the way;
         settle in any case: from the usage, or from what was received (estimated)."""
         assert self.governor is not None
+        ticket.relaying = True  # from here the relay's own finally settles
         meter = StreamMeter()
         try:
             async for line in sent.aiter_lines():
@@ -322,11 +323,35 @@ class Gateway:
             finish.add_done_callback(self.streams.discard)
             await asyncio.shield(finish)  # if the client left, the settlement goes on regardless
 
+    async def _abandoned(self, sent: httpx.Response, ticket: Ticket) -> None:
+        """A stream whose relay never began (the caller left at once): close the provider's
+        answer and settle on the prompt alone, estimated, rather than leave the hold to its TTL."""
+        assert self.governor is not None
+        await sent.aclose()
+        await self.governor.finish(ticket, self._estimate(ticket, ""), estimated=True)
+
     async def _settle_stream(self, sent: httpx.Response, ticket: Ticket, usage: Usage, estimated: bool) -> None:
         assert self.governor is not None
         await sent.aclose()
         await self.governor.finish(ticket, usage, estimated=estimated)
         self._count(False)
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream that is settled even if its relay never starts: Starlette does not run
+    a generator's ``finally`` when the response is cut before the first chunk."""
+
+    def __init__(self, content: AsyncIterator[bytes], ticket: Ticket, abandoned: Callable[[], Any],
+                 **options: Any) -> None:
+        super().__init__(content, **options)
+        self.ticket, self.abandoned = ticket, abandoned
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.ticket.settled and not self.ticket.relaying:
+                await asyncio.shield(self.abandoned())
 
 
 def create_app(db: Path, **options: Any) -> Starlette:

@@ -79,6 +79,7 @@ class Ticket:
     started: float = field(default_factory=time.perf_counter)
     headers: dict[str, str] = field(default_factory=dict)  # x-budget-* for the response
     settled: bool = False
+    relaying: bool = False  # a stream's relay has begun (and will settle it)
 
 
 def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]:
