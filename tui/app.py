@@ -92,6 +92,7 @@ class BudgeteerApp(App[None]):
         self.updated_ms: int | None = None
         self.error: str | None = None
         self.known_requests: set[str] | None = None  # pending override requests already announced
+        self.watching = False
 
     def load_keymap(self, path: Path) -> None:
         """A user keymap: a JSON object of binding id -> keys (``{"app.quit": "ctrl+q"}``)."""
@@ -135,16 +136,23 @@ class BudgeteerApp(App[None]):
         if isinstance(screen, DataScreen):  # not while a modal is open
             screen.reload()
 
-    @work(exclusive=True, group="watch-requests")
-    async def _watch_requests(self) -> None:
+    def _watch_requests(self) -> None:
         """Announce override requests opened since the last look, by this process or another,
-        whatever screen is showing (a modal included)."""
-        if self.engine is None:
-            return
+        whatever screen is showing (a modal included). One look at a time: a look still
+        running is left to finish, never cancelled by the next poll."""
+        if self.engine is not None and not self.watching:
+            self.watching = True
+            self._look_for_requests()
+
+    @work(group="watch-requests")
+    async def _look_for_requests(self) -> None:
         try:
+            assert self.engine is not None
             pending = await self.engine.override_requests(pending=True)
         except Exception:  # the screen's own load reports an unreadable ledger
             return
+        finally:
+            self.watching = False
         ids = {r.id for r in pending}
         if self.known_requests is None:
             if pending:
