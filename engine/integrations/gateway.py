@@ -35,7 +35,6 @@ from engine.clock import Clock
 from engine.engine import Engine, GatewayStatus
 from engine.integrations.governor import Caller, Governor, Refused, StreamMeter, Ticket, bad_request, usage_of
 from engine.models import Usage
-from engine.pricing import estimate_tokens
 from engine.providers import Provider
 from engine.tokens import TokenRefused
 from engine.vault import VaultError
@@ -287,7 +286,7 @@ class Gateway:
         except ValueError:
             return await self._provider_failed(ticket, 502, f"provider {provider.name} answered something not JSON")
         usage = usage_of(data) if isinstance(data, dict) else None
-        await self.governor.finish(ticket, usage or self._estimate(ticket, ""), estimated=usage is None)
+        await self.governor.finish(ticket, usage, estimated=usage is None)
         self._count(False)
         return JSONResponse(data, headers=reply)
 
@@ -296,11 +295,6 @@ class Gateway:
         await self.governor.fail(ticket)
         self._count(True)
         return error(Refused(status, message, "api_error", "upstream_timeout" if status == 504 else "upstream_error"))
-
-    @staticmethod
-    def _estimate(ticket: Ticket, received: str) -> Usage:
-        """What a call used when the provider did not say: the prompt estimate and the text received."""
-        return Usage(input_tokens=ticket.input_estimate, output_tokens=estimate_tokens(received) if received else 0)
 
     async def _relay(self, sent: httpx.Response, ticket: Ticket) -> AsyncIterator[bytes]:
         """Pass the provider's SSE through line by line, reading usage and text on the way;
@@ -328,7 +322,7 @@ class Gateway:
         answer and settle on the prompt alone, estimated, rather than leave the hold to its TTL."""
         assert self.governor is not None
         await sent.aclose()
-        await self.governor.finish(ticket, self._estimate(ticket, ""), estimated=True)
+        await self.governor.finish(ticket, None, estimated=True)
 
     async def _settle_stream(self, sent: httpx.Response, ticket: Ticket, usage: Usage, estimated: bool) -> None:
         assert self.governor is not None

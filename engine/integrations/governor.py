@@ -255,8 +255,9 @@ class Governor:
                        {"x-budget-policy": deciding.policy.id if deciding else ""})
 
     async def finish(self, ticket: Ticket, usage: Usage | None, *, estimated: bool = False,
-                     status: str = "ok", cost_nanos: int | None = None) -> None:
-        """Settle the call: the provider's usage, else (``estimated``) what was received."""
+                     status: str = "ok") -> None:
+        """Settle the call: the provider's usage; None (pass ``estimated``) settles on the
+        prompt's estimate."""
         if ticket.settled:
             return
         ticket.settled = True
@@ -272,7 +273,6 @@ class Governor:
             cache_write_tokens=used.cache_write_tokens, output_tokens=used.output_tokens,
             reasoning_tokens=used.reasoning_tokens, latency_ms=round((time.perf_counter() - ticket.started) * 1000),
             status=status, cost_source="estimated" if estimated else "computed",
-            cost_nanos=cost_nanos,
             tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
         if ticket.hold_id:
             await self.engine.settle(ticket.hold_id, event)

@@ -120,7 +120,7 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             content = await response.aread()
             await response.aclose()
             usage = _usage(content)
-            await self.governor.finish(ticket, usage or Usage(input_tokens=ticket.input_estimate),
+            await self.governor.finish(ticket, usage,
                                        estimated=usage is None)
             return h.Response(response.status_code, headers=response.headers, content=content,
                                   extensions=response.extensions, request=request)
@@ -210,7 +210,7 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             content = response.read()
             response.close()
             usage = _usage(content)
-            self.loop.run(self.governor.finish(ticket, usage or Usage(input_tokens=ticket.input_estimate),
+            self.loop.run(self.governor.finish(ticket, usage,
                                                estimated=usage is None))
             return h.Response(response.status_code, headers=response.headers, content=content,
                                   extensions=response.extensions, request=request)

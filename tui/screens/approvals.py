@@ -139,8 +139,7 @@ class ApprovalsScreen(DataScreen):
             self.history = history
             self._define()
             self.query_one("#requests", VimTable).focus()
-            self.loading_data = False  # a load of the other tab still running must not block this one
-            self.reload()
+            self.reload(restart=True)
 
     # ---- decisions
 
@@ -152,19 +151,14 @@ class ApprovalsScreen(DataScreen):
 
     async def _decidable(self) -> tuple[Engine, OverrideRequest] | None:
         """The selected pending request and the engine, when this identity may decide it."""
-        engine, request = self.bapp.engine, self._selected()
-        if engine is None or request is None or request.status != "pending":
+        request = self._selected()
+        if request is None or request.status != "pending":
             if request is not None:
                 self.notify(f"{request.id} is {request.status}; only pending requests are decided",
                             severity="warning")
             return None
-        if self.bapp.read_only:
-            self.notify("Read-only mode: decisions are off", severity="warning")
-            return None
-        if not await engine.may("approve_overrides"):
-            role = await engine.role()
-            self.notify(f"{engine.actor} ({role or 'not a member'}) lacks the approve_overrides permission",
-                        title="Not allowed", severity="error")
+        engine = await self.permitted("approve_overrides", "decisions")
+        if engine is None:
             return None
         if request.requester == engine.actor:
             self.notify(f"{engine.actor} cannot decide their own request", title="Not allowed", severity="error")

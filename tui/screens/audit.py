@@ -50,8 +50,7 @@ class AuditScreen(DataScreen):
     def _search(self, event: Input.Changed) -> None:
         """Search the whole journal, not only the newest rows loaded."""
         self.text = event.value.strip()
-        self.loading_data = False
-        self.reload()
+        self.reload(restart=True)
 
     async def load(self, engine: Engine) -> Any:
         return await engine.audit_entries(limit=LIMIT, text=self.text)

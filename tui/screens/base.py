@@ -11,10 +11,12 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
+from engine.access import AccessDenied
 from tui.widgets.gauge import theme_colors
 from tui.widgets.vim_table import VimTable
 
 if TYPE_CHECKING:
+    from engine.access import Permission
     from engine.engine import Engine
     from tui.app import BudgeteerApp
 
@@ -74,12 +76,30 @@ class DataScreen(Screen[None]):
         """ok / warn / over in the current theme's success / warning / error."""
         return theme_colors(self.app.theme_variables)
 
+    async def permitted(self, permission: Permission, what: str) -> Engine | None:
+        """The engine, when this identity may change ``what`` from here: not in read-only mode
+        and holding ``permission``; otherwise a notice saying why (the matrix's own words)."""
+        engine = self.bapp.engine
+        if engine is None:
+            return None
+        if self.bapp.read_only:
+            self.notify(f"Read-only mode: {what} cannot be changed here", severity="warning")
+            return None
+        if not await engine.may(permission):
+            self.notify(str(AccessDenied(engine.actor, await engine.role(), permission)), title="Not allowed",
+                        severity="error")
+            return None
+        return engine
+
     def on_screen_resume(self) -> None:
         self.reload()
         self.bapp.update_status()
 
-    def reload(self) -> None:
-        if not self.loading_data and self.bapp.engine is not None:
+    def reload(self, restart: bool = False) -> None:
+        """Read the screen's data again, unless a read is under way; ``restart`` when what the
+        screen shows has changed (a tab, a search): the new read replaces the one under way
+        (the worker is exclusive, so starting it cancels the other)."""
+        if (restart or not self.loading_data) and self.bapp.engine is not None:
             self.loading_data = True
             self._load()
 

@@ -146,21 +146,8 @@ class TokensScreen(DataScreen):
             lines.append(f"replaced by   {t.replaced_by}")
         self.app.push_screen(MessageModal(f"Token {t.name}", "\n".join(lines)))
 
-    async def _allowed(self) -> Engine | None:
-        engine = self.bapp.engine
-        if engine is None:
-            return None
-        if self.bapp.read_only:
-            self.notify("Read-only mode: tokens cannot be changed here", severity="warning")
-            return None
-        if not await engine.may("manage_tokens"):
-            self.notify(f"{engine.actor} ({await engine.role() or 'not a member'}) lacks the manage_tokens "
-                        "permission", title="Not allowed", severity="error")
-            return None
-        return engine
-
     async def action_create(self) -> None:
-        engine = await self._allowed()
+        engine = await self.permitted("manage_tokens", "tokens")
         if engine is None:
             return
 
@@ -198,7 +185,7 @@ class TokensScreen(DataScreen):
         if token.revoked_ms is not None:
             self.notify(f"{token.name} {refusal}", severity="warning")
             return None
-        engine = await self._allowed()
+        engine = await self.permitted("manage_tokens", "tokens")
         return None if engine is None else (engine, token)
 
     def _confirmed(self, question: str, change: Callable[[], Awaitable[T]], refused: str,

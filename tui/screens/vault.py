@@ -121,22 +121,9 @@ class VaultScreen(DataScreen):
 
     # ---- changes
 
-    def _writable(self) -> bool:
-        if self.bapp.read_only:
-            self.notify("Read-only mode: the vault cannot be changed here", severity="warning")
-            return False
-        return True
-
-    async def _allowed(self, engine: Engine) -> bool:
-        if await engine.may("manage_vault"):
-            return True
-        self.notify(f"{engine.actor} ({await engine.role() or 'not a member'}) lacks the manage_vault permission",
-                    title="Not allowed", severity="error")
-        return False
-
     async def action_add(self) -> None:
-        engine = self.bapp.engine
-        if engine is None or not self._writable() or not await self._allowed(engine):
+        engine = await self.permitted("manage_vault", "the vault")
+        if engine is None:
             return
 
         async def form() -> None:
@@ -157,8 +144,9 @@ class VaultScreen(DataScreen):
             self.reload()
 
     async def action_remove(self) -> None:
-        engine, entry = self.bapp.engine, self._selected()
-        if engine is None or entry is None or not self._writable() or not await self._allowed(engine):
+        entry = self._selected()
+        engine = await self.permitted("manage_vault", "the vault") if entry is not None else None
+        if engine is None or entry is None:
             return
 
         async def remove() -> None:
