@@ -1,0 +1,182 @@
+"""Plain HTTP/1.1 over asyncio for the benchmarks: a load generator and an OpenAI-compatible
+provider, both far cheaper per request than an httpx client or an ASGI app.
+
+On two cores the load generator, the provider and the gateway share the CPU: with an httpx
+client and a Starlette provider, those two alone used most of it and the gateway's own rate
+could not be seen. Both here speak keep-alive HTTP/1.1 with Content-Length bodies only (what
+the gateway and the provider answer with for non-streaming calls).
+
+    python -m bench.wire provider --port 9000 [--delay-ms 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+CHAT_REPLY = {
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "Hello from the benchmark provider."}}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17},
+}
+MODELS = {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "bench"}]}
+
+
+def _response(status: int, payload: Any) -> bytes:
+    body = json.dumps(payload).encode()
+    return (f"HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: keep-alive\r\n\r\n").encode() + body
+
+
+class _ProviderProtocol(asyncio.Protocol):
+    """Answers every POST with a chat completion (usage included), GET with the model list."""
+
+    CHAT = _response(200, CHAT_REPLY)
+    LIST = _response(200, MODELS)
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end].decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if len(self.buffer) < end + 4 + length:
+                return
+            self.buffer = self.buffer[end + 4 + length:]
+            answer = self.LIST if head.startswith("GET") else self.CHAT
+            if self.delay_s:
+                asyncio.get_running_loop().call_later(self.delay_s, self._send, answer)
+            else:
+                self._send(answer)
+
+    def _send(self, answer: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(answer)
+
+
+async def serve_provider(port: int, delay_ms: float = 0.0) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _ProviderProtocol(delay_ms / 1000), "127.0.0.1", port, backlog=2048)
+    async with server:
+        await server.serve_forever()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.waiter: asyncio.Future[int] | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection closed"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None or self.waiter.done():
+            return
+        head = self.buffer[:end].decode("latin-1")
+        length = None
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        if length is None:
+            self.waiter.set_exception(ValueError("the benchmark client reads Content-Length answers only"))
+            return
+        if len(self.buffer) < end + 4 + length:
+            return
+        self.buffer = self.buffer[end + 4 + length:]
+        self.waiter.set_result(int(head[9:12]))
+
+    async def request(self, raw: bytes) -> int:
+        assert self.transport is not None
+        if self.lost:
+            raise ConnectionError("connection closed")
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+def post(path: str, payload: Any, headers: dict[str, str], host: str) -> bytes:
+    """One keep-alive POST with a JSON body, as bytes to send again and again."""
+    body = json.dumps(payload).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+async def load(host: str, port: int, raw: bytes, connections: int, total: int) -> tuple[list[float], float, int]:
+    """Send ``raw`` ``total`` times over ``connections`` keep-alive connections, each waiting for
+    its answer before the next (closed loop). (latencies in ms, wall seconds, failures: non-2xx
+    answers and broken connections)."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    failures = 0
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal failures, remaining
+        conn: _Connection | None = None
+        while remaining > 0:
+            remaining -= 1
+            if conn is None or conn.lost:
+                _, conn = await loop.create_connection(_Connection, host, port)
+            started = time.perf_counter()
+            try:
+                status = await conn.request(raw)
+            except (ConnectionError, ValueError):
+                failures += 1
+                conn = None
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+            failures += not 200 <= status < 300
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return latencies, time.perf_counter() - started, failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="bench HTTP helpers")
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("provider", help="serve the benchmark provider on 127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--delay-ms", type=float, default=0.0, help="how long each answer takes")
+    args = parser.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve_provider(args.port, args.delay_ms))
+
+
+if __name__ == "__main__":
+    main()
