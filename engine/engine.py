@@ -125,9 +125,10 @@ class Engine:
         # Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset.
         self.vault_passphrase: Callable[[], str] | None = None
 
-    async def _tx(self, op: Callable[[LedgerTx], Any]) -> Any:
-        """A group-committed ledger operation; alerts it raised are delivered after the commit."""
-        result = await self.store.transact(op)
+    async def _tx(self, op: Callable[[LedgerTx], Any], *, sync: bool = True) -> Any:
+        """A group-committed ledger operation; alerts it raised are delivered after the commit.
+        ``sync=False`` for changes that need not survive a power cut (``SQLiteStore.transact``)."""
+        result = await self.store.transact(op, sync=sync)
         raised = self.budgets.committed()
         if raised:
             task = asyncio.create_task(self._deliver(raised))
@@ -364,7 +365,7 @@ class Engine:
         context = self._context(call)
         alternatives = _Lazy(lambda: self._cheaper_models(call, cost))  # worked out only for a downgrade
         return await self._tx(  # type: ignore[no-any-return]
-            lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives))
+            lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives), sync=False)
 
     def _cheaper_models(self, call: CallRequest, cost: CallCost) -> list[tuple[str, str, CallCost]]:
         """Models of the same kind whose worst case is cheaper, the dearest first (the closest to
@@ -397,7 +398,7 @@ class Engine:
 
     async def release(self, hold_id: str) -> None:
         """Give back the hold of a call that failed."""
-        await self._tx(lambda tx: self.budgets.release(tx, hold_id))
+        await self._tx(lambda tx: self.budgets.release(tx, hold_id), sync=False)
 
     async def expire_holds(self) -> None:
         """Expire holds past their time to live (every write transaction also does this)."""
@@ -540,7 +541,7 @@ class Engine:
 
     async def touch_tokens(self, last_used: dict[str, int]) -> None:
         if last_used:
-            await self._tx(lambda tx: tokens.touch(tx.conn, last_used))
+            await self._tx(lambda tx: tokens.touch(tx.conn, last_used), sync=False)
 
     # ------------------------------------------------------------------ members and roles
 
@@ -881,7 +882,7 @@ class Engine:
             "errors = excluded.errors, requests_last_min = excluded.requests_last_min, "
             "errors_last_min = excluded.errors_last_min",
             (status.id, status.address, status.pid, status.started_ms, status.seen_ms, status.stopped_ms,
-             status.requests, status.errors, status.requests_last_min, status.errors_last_min)))
+             status.requests, status.errors, status.requests_last_min, status.errors_last_min)), sync=False)
 
     async def gateways(self, seen_within_ms: int = 15_000) -> list[GatewayStatus]:
         """The gateways running on this ledger: heard from recently and not stopped."""

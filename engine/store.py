@@ -766,7 +766,9 @@ class SQLiteStore:
         self._closed = False
         self.commits = 0  # group-commit transactions so far (for benchmarks and tests)
         self._series: dict[tuple[str, ...], int] = {}  # dimension combination -> series id
-        self._ops: list[tuple[TxOp, asyncio.Future[Any]]] = []
+        self._ops: list[tuple[TxOp, asyncio.Future[Any], bool]] = []
+        self.durable = True  # as opened; a batch of operations that need no fsync commits without one
+        self._synced = True  # the writer's synchronous setting is FULL (when durable)
         self._op_flusher: asyncio.Task[None] | None = None
         self._hooks: list[tuple[Callable[[LedgerTx], None], Callable[[], None]]] = []
         self._end_hooks: list[Callable[[LedgerTx], None]] = []
@@ -797,7 +799,9 @@ class SQLiteStore:
         except BaseException:
             await writer.close()
             raise
-        return cls(path, writer, reader)
+        store = cls(path, writer, reader)
+        store.durable = store._synced = durable
+        return store
 
     async def close(self) -> None:
         if self._closed:
@@ -838,14 +842,19 @@ class SQLiteStore:
         if end is not None:
             self._end_hooks.append(end)
 
-    async def transact(self, op: TxOp) -> Any:
+    async def transact(self, op: TxOp, *, sync: bool = True) -> Any:
         """Run ``op`` on the writer's thread inside a write transaction, group-committed with
         other operations; returns its result once committed. A failing op is rolled back
-        to its savepoint alone and its error raised to its caller."""
+        to its savepoint alone and its error raised to its caller.
+
+        ``sync=False``: the change need not survive a power cut (a hold for a call under way:
+        the call would not survive it either). It is committed, visible to every process and
+        safe from a process crash, but a batch of such operations alone skips the fsync; the
+        next durable commit makes it durable too, as the log is written in order."""
         if self._closed:
             raise StoreError("the ledger is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._ops.append((op, future))
+        self._ops.append((op, future, sync))
         if self._op_flusher is None or self._op_flusher.done():
             self._op_flusher = asyncio.create_task(self._op_loop())
         return await future
@@ -855,13 +864,14 @@ class SQLiteStore:
             batch, self._ops = self._ops[:MAX_BATCH], self._ops[MAX_BATCH:]
             try:
                 async with self._write_lock:
-                    results = await self._writer._execute(self._ops_sync, [op for op, _ in batch])  # type: ignore[no-untyped-call]
+                    results = await self._writer._execute(  # type: ignore[no-untyped-call]
+                        self._ops_sync, [op for op, _, _ in batch], any(sync for _, _, sync in batch))
             except Exception as exc:
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for (_, fut), (ok, value) in zip(batch, results, strict=True):
+            for (_, fut, _), (ok, value) in zip(batch, results, strict=True):
                 if fut.done():
                     continue
                 if ok:
@@ -869,11 +879,14 @@ class SQLiteStore:
                 else:
                     fut.set_exception(value)
 
-    def _ops_sync(self, ops: list[TxOp]) -> list[tuple[bool, Any]]:
+    def _ops_sync(self, ops: list[TxOp], sync: bool = True) -> list[tuple[bool, Any]]:
         conn: sqlite3.Connection = self._writer._conn
         fresh: dict[tuple[str, ...], int] = {}
         tx = LedgerTx(self, conn, fresh)
         results: list[tuple[bool, Any]] = []
+        if self.durable and sync != self._synced:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if sync else 'NORMAL'}")
+            self._synced = sync
         conn.execute("BEGIN IMMEDIATE")
         try:
             for begin, _ in self._hooks:

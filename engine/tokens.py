@@ -183,7 +183,15 @@ def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str 
     match = hmac.compare_digest(presented, stored)  # same work for an unknown prefix as for a known one
     if row is None or not match:
         raise TokenRefused("wrong", "invalid token")
-    token = _token(row[:-1])
+    token = admit(_token(row[:-1]), now_ms, scope)
+    if touch:
+        conn.execute("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?", (now_ms, token.id))
+    return token
+
+
+def admit(token: Token, now_ms: int, scope: str | None = None) -> Token:
+    """The token if it may be used now for ``scope``, else TokenRefused saying why (a gateway
+    checks a token it read a moment ago with this alone)."""
     state = token.state(now_ms)
     if state == "revoked":
         raise TokenRefused("revoked", f"token {PREFIX}{token.prefix}… was revoked")
@@ -191,8 +199,6 @@ def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str 
         raise TokenRefused("expired", f"token {PREFIX}{token.prefix}… has expired")
     if scope is not None and scope not in token.scopes:
         raise TokenRefused("scope", f"token {PREFIX}{token.prefix}… lacks the {scope} scope")
-    if touch:
-        conn.execute("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?", (now_ms, token.id))
     return token
 
 
