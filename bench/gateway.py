@@ -3,8 +3,22 @@ and p99 at 1, 50 and 200 concurrent connections), governed requests per second, 
 governed transport's added time per call. Targets (issue 7): p50 added <= 1 ms at 50
 connections; at least 1,500 governed requests/s on a 2-core machine.
 
-The fake provider and the gateway each run in a process of their own on 127.0.0.1 (the
-gateway as ``budgeteer gateway``); the load comes from this process.
+The provider (``bench.wire``), the gateway (``budgeteer gateway``) and the load (this process,
+``bench.wire.load``) each run in a process of their own on 127.0.0.1, all on the same two
+cores. The bench token's principal, team and workspace each have a hard daily USD budget
+(too large to block), so every call is held and settled against three policies, as in a
+governed deployment.
+
+- **Latency.** The provider answers each call after its own delay, drawn from 20 to 80 ms by
+  a seeded generator (far quicker than a real model), the same delays for the direct and
+  the gateway run; the added latency of a call is its time through the gateway minus the
+  time of the same call made directly. With a provider that answers at once instead, 50
+  connections in a closed loop measure only saturation: each call waits behind the other
+  49, and the "added" latency is 50 divided by the rate (Little's law), whatever the gateway
+  does per call.
+- **Throughput.** The provider answers at once; governed calls per second at 50 and 200
+  connections.
+- **Ledger check.** Afterwards, the ledger holds one event per answered call and no hold.
 
     python -m bench.gateway [--requests 3000] [--routing off]
 """
@@ -13,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -24,9 +40,12 @@ from pathlib import Path
 
 import httpx
 
+from bench import wire
+from engine.budgets import build_policy
 from engine.engine import Engine
 
 ASK = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+PATH = "/v1/chat/completions"
 
 
 def _port() -> int:
@@ -46,27 +65,15 @@ def _wait(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def _load(url: str, headers: dict[str, str], connections: int, total: int) -> tuple[list[float], float, int]:
-    """(latencies in ms, wall seconds, non-2xx count) of ``total`` requests over ``connections``."""
-    latencies: list[float] = []
-    failures = 0
-    queue = iter(range(total))
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        async def worker() -> None:
-            nonlocal failures
-            for _ in queue:
-                started = time.perf_counter()
-                try:
-                    r = await client.post(url, json=ASK, headers=headers)
-                except httpx.HTTPError:  # a dropped connection counts as a failure, not a crash
-                    failures += 1
-                    continue
-                latencies.append((time.perf_counter() - started) * 1000)
-                failures += r.status_code >= 300
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(connections)))
-        return latencies, time.perf_counter() - started, failures
+def _asks(total: int, seed: int, delays: bool) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    return [{**ASK, "metadata": {"delay_ms": f"{rng.uniform(20, 80):.1f}"}} if delays else ASK for _ in range(total)]
+
+
+def _run(port: int, asks: list[dict[str, object]], headers: dict[str, str],
+         connections: int) -> tuple[list[float], float, int]:
+    raw = [wire.post(PATH, ask, headers, f"127.0.0.1:{port}") for ask in asks]
+    return asyncio.run(wire.load("127.0.0.1", port, raw, connections))
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -74,8 +81,15 @@ def _pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
+async def _ledger(db: Path) -> tuple[int, int]:
+    async with await Engine.open(db) as engine:
+        return await engine.event_count(), await engine.open_holds()
+
+
 async def _prepare(db: Path, provider_url: str) -> str:
     async with await Engine.open(db) as engine:
+        for scope in ("workspace:default", "team:perf", "principal:bench"):
+            await engine.add_policy(build_policy(scope=scope, metric="usd", window="day", hard="1000000"))
         await engine.vault_set("bench", "sk-bench-not-a-real-key")
         await engine.add_provider(name="fake", kind="openai", base_url=f"{provider_url}/v1", credential="vault:bench",
                                   models=["gpt-4o-mini"])
@@ -107,19 +121,21 @@ def _transport_added(db: Path, provider_url: str, calls: int) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3000, help="requests per measurement")
+    parser.add_argument("--requests", type=int, default=3000, help="calls per measurement")
     parser.add_argument("--routing", default="off", help="the gateway's routing mode (off, suggest, ...)")
     args = parser.parse_args()
     env = {**os.environ, "BUDGETEER_VAULT_PASSPHRASE": "bench", "BUDGETEER_VAULT_BACKEND": "file"}
     os.environ.update({k: env[k] for k in ("BUDGETEER_VAULT_PASSPHRASE", "BUDGETEER_VAULT_BACKEND")})
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "ledger.db"
         pport, gport = _port(), _port()
         provider_url, gateway_url = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{gport}"
-        fake = subprocess.Popen([sys.executable, "-c", (
-            "import uvicorn; from tests.asgi_servers import FakeOpenAI; "
-            f"uvicorn.run(FakeOpenAI().app(), host='127.0.0.1', port={pport}, log_level='error')")], env=env)
-        procs = [fake]
+        procs = [subprocess.Popen([sys.executable, "-m", "bench.wire", "provider", "--port", str(pport)], env=env)]
         try:
             _wait(f"{provider_url}/v1/models")
             secret = asyncio.run(_prepare(db, provider_url))
@@ -127,17 +143,29 @@ def main() -> None:
                                            str(gport), "--routing", args.routing], env=env,
                                           stdout=subprocess.DEVNULL))
             _wait(f"{gateway_url}/healthz")
-            print(f"{args.requests:,} requests per row; gateway routing {args.routing}; {os.cpu_count()} cores")
-            print(f"{'connections':>11}  {'direct p50':>10}  {'gateway p50':>11}  {'added p50':>9}  "
-                  f"{'added p99':>9}  {'gateway req/s':>13}  failures")
-            for connections in (1, 50, 200):
-                total = min(args.requests, 500) if connections == 1 else args.requests
-                direct, _, _ = asyncio.run(_load(f"{provider_url}/v1/chat/completions", {}, connections, total))
-                through, wall, failed = asyncio.run(_load(f"{gateway_url}/v1/chat/completions",
-                                                          {"authorization": f"Bearer {secret}"}, connections, total))
+            auth = {"authorization": f"Bearer {secret}"}
+            answered = 0
+            print(f"{os.cpu_count()} cores; gateway routing {args.routing}; 3 hard budgets on every call")
+            print(f"latency: the provider answers each call in 20-80 ms (seeded); {args.requests:,} calls a row")
+            print(f"{'connections':>11}  {'direct p50':>10}  {'gateway p50':>11}  {'added p50':>9}  {'added p99':>9}"
+                  f"  {'calls/s':>7}  failures")
+            for seed, connections in enumerate((1, 50, 200)):
+                total = min(args.requests, 400) if connections == 1 else args.requests
+                asks = _asks(total, seed, delays=True)
+                direct, _, _ = _run(pport, asks, {}, connections)
+                through, wall, failed = _run(gport, asks, auth, connections)
+                answered += total - failed
+                added = [t - d for t, d in zip(through, direct, strict=True) if not (math.isnan(t) or math.isnan(d))]
                 print(f"{connections:>11}  {statistics.median(direct):>8.2f}ms  {statistics.median(through):>9.2f}ms"
-                      f"  {statistics.median(through) - statistics.median(direct):>7.2f}ms"
-                      f"  {_pct(through, 99) - _pct(direct, 99):>7.2f}ms  {total / wall:>13,.0f}  {failed}")
+                      f"  {statistics.median(added):>7.2f}ms  {_pct(added, 99):>7.2f}ms  {total / wall:>7,.0f}"
+                      f"  {failed}")
+            print(f"throughput: the provider answers at once; {args.requests * 2:,} calls a row")
+            for connections in (50, 200):
+                asks = _asks(args.requests * 2, 0, delays=False)
+                through, wall, failed = _run(gport, asks, auth, connections)
+                answered += len(asks) - failed
+                print(f"{connections:>11} connections: {len(asks) / wall:>6,.0f} governed calls/s, "
+                      f"p50 {statistics.median(through):.1f} ms, {failed} failures")
             plain_ms, governed_ms = _transport_added(db, provider_url, 300)
             print(f"transport: {plain_ms:.2f} ms a call plain, {governed_ms:.2f} ms governed "
                   f"(+{governed_ms - plain_ms:.2f} ms)")
@@ -145,6 +173,10 @@ def main() -> None:
             for p in reversed(procs):
                 p.terminate()
                 p.wait(timeout=30)
+        events, holds = asyncio.run(_ledger(db))
+        transport_calls = 301
+        print(f"ledger check: {events:,} events for {answered + transport_calls:,} answered governed calls; "
+              f"{holds} holds open")
 
 
 if __name__ == "__main__":

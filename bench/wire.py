@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ CHAT_REPLY = {
                  "message": {"role": "assistant", "content": "Hello from the benchmark provider."}}],
     "usage": {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17},
 }
+DELAY = re.compile(rb'"delay_ms": ?"([0-9.]+)"')  # a request's own answer time, in its metadata
 MODELS = {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "bench"}]}
 
 
@@ -33,7 +35,8 @@ def _response(status: int, payload: Any) -> bytes:
 
 
 class _ProviderProtocol(asyncio.Protocol):
-    """Answers every POST with a chat completion (usage included), GET with the model list."""
+    """Answers every POST with a chat completion (usage included), GET with the model list;
+    after the delay a request names in ``metadata.delay_ms`` (else the server's own)."""
 
     CHAT = _response(200, CHAT_REPLY)
     LIST = _response(200, MODELS)
@@ -60,10 +63,14 @@ class _ProviderProtocol(asyncio.Protocol):
                     length = int(value)
             if len(self.buffer) < end + 4 + length:
                 return
+            body = self.buffer[end + 4:end + 4 + length]
             self.buffer = self.buffer[end + 4 + length:]
             answer = self.LIST if head.startswith("GET") else self.CHAT
-            if self.delay_s:
-                asyncio.get_running_loop().call_later(self.delay_s, self._send, answer)
+            delay = self.delay_s
+            if (found := DELAY.search(body)) is not None:
+                delay = float(found.group(1)) / 1000
+            if delay:
+                asyncio.get_running_loop().call_later(delay, self._send, answer)
             else:
                 self._send(answer)
 
@@ -130,31 +137,33 @@ def post(path: str, payload: Any, headers: dict[str, str], host: str) -> bytes:
             f"content-length: {len(body)}\r\n{extra}\r\n").encode() + body
 
 
-async def load(host: str, port: int, raw: bytes, connections: int, total: int) -> tuple[list[float], float, int]:
-    """Send ``raw`` ``total`` times over ``connections`` keep-alive connections, each waiting for
-    its answer before the next (closed loop). (latencies in ms, wall seconds, failures: non-2xx
-    answers and broken connections)."""
+async def load(host: str, port: int, requests: list[bytes], connections: int) -> tuple[list[float], float, int]:
+    """Send each request once over ``connections`` keep-alive connections, each waiting for
+    its answer before taking the next (closed loop). (latency of each request in ms, in the
+    order given (NaN for a failure), wall seconds, failures: non-2xx answers and broken
+    connections)."""
     loop = asyncio.get_running_loop()
-    latencies: list[float] = []
+    latencies = [float("nan")] * len(requests)
     failures = 0
-    remaining = total
+    queue = iter(range(len(requests)))
 
     async def worker() -> None:
-        nonlocal failures, remaining
+        nonlocal failures
         conn: _Connection | None = None
-        while remaining > 0:
-            remaining -= 1
+        for i in queue:
             if conn is None or conn.lost:
                 _, conn = await loop.create_connection(_Connection, host, port)
             started = time.perf_counter()
             try:
-                status = await conn.request(raw)
+                status = await conn.request(requests[i])
             except (ConnectionError, ValueError):
                 failures += 1
                 conn = None
                 continue
-            latencies.append((time.perf_counter() - started) * 1000)
-            failures += not 200 <= status < 300
+            if 200 <= status < 300:
+                latencies[i] = (time.perf_counter() - started) * 1000
+            else:
+                failures += 1
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
