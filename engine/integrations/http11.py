@@ -7,7 +7,7 @@ socket on each request. This one is an asyncio ``Protocol`` per connection with 
 callbacks:
 
 - keep-alive connections per origin, the most recently used first; one closed by the
-  server is known at once (``connection_lost``) and never handed out, and an idle one is
+  server is known at once (end of stream) and never handed out, and an idle one is
   dropped after ``keepalive_expiry`` seconds (before a server's usual 5 s keep-alive ends);
 - at most ``max_connections`` per origin; a caller waits for one up to the pool timeout;
 - TLS with httpx's default context (certifi); bodies of known length or chunked, both ways;
@@ -34,7 +34,6 @@ import httptools
 import httpx
 
 PAUSE_AT = 256 * 1024  # bytes of an answer buffered unread before the socket is paused
-WRITE_HIGH = 64 * 1024
 
 
 class _Connection(asyncio.Protocol):
@@ -75,6 +74,7 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
+        self.closed = True  # at once: connection_lost comes a loop turn later, and the pool must not hand it out
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,6 +149,10 @@ class _Connection(asyncio.Protocol):
     async def send(self, head: bytes, body: bytes | AsyncIterator[bytes], chunked: bool,
                    timeouts: dict[str, float | None]) -> None:
         assert self.transport is not None
+        if self.closed:  # the server closed it before the request (just after the connect): that error is gone
+            raise httpx.RemoteProtocolError("the server closed the connection before the request was sent")
+        if self.paused:  # the last answer was closed unread while the socket was paused: this one must be read
+            self.transport.resume_reading()
         self._reset()
         try:
             if isinstance(body, bytes):
@@ -268,12 +272,20 @@ class Http11Transport(httpx.AsyncBaseTransport):
             self._waiting.setdefault(origin, deque()).append(waiter)
             try:
                 await asyncio.wait_for(waiter, timeouts.get("pool"))
-            except TimeoutError:
-                raise httpx.PoolTimeout("no connection to the server came free in time") from None
+            except BaseException as exc:
+                # Woken, but leaving all the same (cancelled or timed out just then): the turn goes to
+                # the next caller rather than being lost, which would leave it waiting by a free connection.
+                if waiter.done() and not waiter.cancelled():
+                    self._signal(origin)
+                if isinstance(exc, TimeoutError):
+                    raise httpx.PoolTimeout("no connection to the server came free in time") from None
+                raise
             finally:
                 queue = self._waiting.get(origin)
                 if queue and waiter in queue:
                     queue.remove(waiter)
+            if self._closed:
+                raise httpx.ConnectError("the connection pool is closed")
             idle = self._idle.get(origin)
             while idle:
                 conn = idle.pop()
@@ -362,6 +374,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
         try:
             await conn.send(head, body, chunked, timeouts)
             await conn.head(timeouts.get("read"))
+            if request.method == "HEAD":  # no body follows whatever the headers say (httptools cannot be told)
+                conn.complete = True
         except BaseException:
             conn.close()
             self._discard(conn)
@@ -372,9 +386,12 @@ class Http11Transport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         self._closed = True
         for conn in list(self._all):
-            conn.close()
-        self._all.clear()
+            self._discard(conn)  # closed and uncounted: stats() shows none open
         self._idle.clear()
+        for queue in self._waiting.values():  # callers waiting for a connection: there will be none
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def stats(self) -> dict[str, Any]:
         """Connections open and idle per origin (for tests and the curious)."""
