@@ -406,3 +406,38 @@ async def test_a_stream_cut_before_its_first_chunk_is_still_settled(db_path: Pat
 
 
 ASK_STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_token_revoked_while_the_gateway_runs_is_refused_within_a_second(
+        gateway: tuple[str, str], db_path: Path) -> None:
+    from engine.integrations.gateway import TOKEN_CACHE_S
+
+    base, secret = gateway
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"authorization": f"Bearer {secret}"}
+    with httpx.Client(timeout=10) as http:
+        assert http.post(f"{base}/chat/completions", headers=auth, json=ask).status_code == 200
+
+        async def revoke() -> None:
+            async with await Engine.open(db_path) as engine:
+                token = await engine.authenticate(secret, touch=False)
+                await engine.revoke_token(token.id)
+
+        asyncio.run(revoke())
+        time.sleep(TOKEN_CACHE_S + 0.2)
+        refused = http.post(f"{base}/chat/completions", headers=auth, json=ask)
+    assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]
+
+
+def test_the_callers_body_goes_upstream_as_sent_and_the_answer_comes_back_as_sent(
+        gateway: tuple[str, str], provider: tuple[FakeOpenAI, str]) -> None:
+    base, secret = gateway
+    fake, _ = provider
+    raw = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"temperature":0.25,"x_extra":[1,2]}'
+    with httpx.Client(timeout=10) as http:
+        r = http.post(f"{base}/chat/completions", content=raw,
+                      headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == FakeOpenAI.REPLY
+    assert fake.requests[-1]["body"] == {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                                         "temperature": 0.25, "x_extra": [1, 2]}
+    assert fake.requests[-1]["headers"]["content-length"] == str(len(raw))  # the very bytes, not re-encoded
