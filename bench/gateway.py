@@ -46,6 +46,7 @@ from engine.engine import Engine
 
 ASK = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/v1/chat/completions"
+TRANSPORT_CALLS = 300
 
 
 def _port() -> int:
@@ -166,7 +167,7 @@ def main() -> None:
                 answered += len(asks) - failed
                 print(f"{connections:>11} connections: {len(asks) / wall:>6,.0f} governed calls/s, "
                       f"p50 {statistics.median(through):.1f} ms, {failed} failures")
-            plain_ms, governed_ms = _transport_added(db, provider_url, 300)
+            plain_ms, governed_ms = _transport_added(db, provider_url, TRANSPORT_CALLS)
             print(f"transport: {plain_ms:.2f} ms a call plain, {governed_ms:.2f} ms governed "
                   f"(+{governed_ms - plain_ms:.2f} ms)")
         finally:
@@ -174,8 +175,8 @@ def main() -> None:
                 p.terminate()
                 p.wait(timeout=30)
         events, holds = asyncio.run(_ledger(db))
-        transport_calls = 301
-        print(f"ledger check: {events:,} events for {answered + transport_calls:,} answered governed calls; "
+        governed = answered + TRANSPORT_CALLS + 1  # the transport's calls and its warm-up call
+        print(f"ledger check: {events:,} events for {governed:,} answered governed calls; "
               f"{holds} holds open")
 
 

@@ -34,6 +34,15 @@ def _response(status: int, payload: Any) -> bytes:
             f"connection: keep-alive\r\n\r\n").encode() + body
 
 
+def _content_length(head: str) -> int | None:
+    """The Content-Length of a message head (request or status line and headers), if it has one."""
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            return int(value)
+    return None
+
+
 class _ProviderProtocol(asyncio.Protocol):
     """Answers every POST with a chat completion (usage included), GET with the model list;
     after the delay a request names in ``metadata.delay_ms`` (else the server's own)."""
@@ -56,11 +65,7 @@ class _ProviderProtocol(asyncio.Protocol):
             if end < 0:
                 return
             head = self.buffer[:end].decode("latin-1")
-            length = 0
-            for line in head.split("\r\n")[1:]:
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value)
+            length = _content_length(head) or 0
             if len(self.buffer) < end + 4 + length:
                 return
             body = self.buffer[end + 4:end + 4 + length]
@@ -107,11 +112,7 @@ class _Connection(asyncio.Protocol):
         if end < 0 or self.waiter is None or self.waiter.done():
             return
         head = self.buffer[:end].decode("latin-1")
-        length = None
-        for line in head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
+        length = _content_length(head)
         if length is None:
             self.waiter.set_exception(ValueError("the benchmark client reads Content-Length answers only"))
             return

@@ -756,7 +756,8 @@ TxOp = Callable[[LedgerTx], Any]
 class SQLiteStore:
     """The SQLite ledger. Open with ``await SQLiteStore.open(path)``."""
 
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
+                 durable: bool = True) -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
@@ -767,8 +768,8 @@ class SQLiteStore:
         self.commits = 0  # group-commit transactions so far (for benchmarks and tests)
         self._series: dict[tuple[str, ...], int] = {}  # dimension combination -> series id
         self._ops: list[tuple[TxOp, asyncio.Future[Any], bool]] = []
-        self.durable = True  # as opened; a batch of operations that need no fsync commits without one
-        self._synced = True  # the writer's synchronous setting is FULL (when durable)
+        self.durable = durable  # a batch of operations that need no fsync commits without one
+        self._synced = durable  # the writer's synchronous setting is FULL
         self._op_flusher: asyncio.Task[None] | None = None
         self._hooks: list[tuple[Callable[[LedgerTx], None], Callable[[], None]]] = []
         self._end_hooks: list[Callable[[LedgerTx], None]] = []
@@ -799,9 +800,7 @@ class SQLiteStore:
         except BaseException:
             await writer.close()
             raise
-        store = cls(path, writer, reader)
-        store.durable = store._synced = durable
-        return store
+        return cls(path, writer, reader, durable)
 
     async def close(self) -> None:
         if self._closed:

@@ -46,6 +46,19 @@ def serve(app: Any, port: int | None = None, grace_s: float = 5) -> Iterator[str
         thread.join(timeout=30)
 
 
+async def post_all(url: str, body: dict[str, Any], headers: dict[str, str], count: int, *, connections: int,
+                   timeout: float = 120) -> list[int]:
+    """POST the same JSON ``count`` times at once over up to ``connections`` connections; the
+    status codes."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=connections)) as client:
+        async def one() -> int:
+            return (await client.post(url, json=body, headers=headers)).status_code
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
 class FakeOpenAI:
     """An OpenAI-compatible provider: chat (streaming too), embeddings, responses, models.
 

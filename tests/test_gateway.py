@@ -17,7 +17,7 @@ import pytest
 from engine.budgets import build_policy
 from engine.engine import Engine
 from engine.integrations.gateway import create_app
-from tests.asgi_servers import FakeAnthropic, FakeOpenAI, serve
+from tests.asgi_servers import FakeAnthropic, FakeOpenAI, post_all, serve
 from tests.fake_servers import closed_port_url
 
 KEY = "sk-fake-PROVIDER-KEY-abcdef0123456789"
@@ -318,16 +318,8 @@ def test_a_thousand_concurrent_calls_never_overspend(gateway: tuple[str, str], d
     asyncio.run(policy())
     ask = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
 
-    async def run() -> list[int]:
-        limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-            async def one() -> int:
-                r = await http.post(f"{base}/chat/completions", json=ask,
-                                    headers={"authorization": f"Bearer {secret}"})
-                return r.status_code
-            return list(await asyncio.gather(*(one() for _ in range(1000))))
-
-    codes = asyncio.run(run())
+    codes = asyncio.run(post_all(f"{base}/chat/completions", ask, {"authorization": f"Bearer {secret}"}, 1000,
+                                 connections=200))
     assert set(codes) <= {200, 402} and codes.count(200) > 0 and codes.count(402) > 0
     rows = _ledger(db_path)
     assert len(rows) == codes.count(200)

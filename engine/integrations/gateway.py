@@ -64,7 +64,6 @@ class Gateway:
         self.vault_passphrase = vault_passphrase
         self.engine: Engine | None = None
         self.governor: Governor | None = None
-        self.client: httpx.AsyncClient | None = None
         self.id = "gw_" + secrets.token_hex(6)
         self.started_ms = 0
         self.recent: deque[tuple[float, bool]] = deque()  # (when, failed) of the last minute's requests
@@ -76,6 +75,8 @@ class Gateway:
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
                          "pool": upstream_timeout}
         self.urls: dict[str, httpx.URL] = {}
+        # The model endpoints are listed too, although __call__ takes their POSTs: Starlette
+        # then answers any other method on them with 405.
         self.app = Starlette(routes=[
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),

@@ -28,7 +28,7 @@ import pytest
 from engine.budgets import DEFAULT_HOLD_TTL_MS, build_policy
 from engine.clock import FrozenClock
 from engine.engine import Engine
-from tests.asgi_servers import FakeOpenAI, serve
+from tests.asgi_servers import FakeOpenAI, post_all, serve
 
 ASK = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -165,15 +165,8 @@ def test_a_gateway_and_a_transport_in_another_process_share_one_budget(tmp_path:
         transport = subprocess.Popen([sys.executable, "-c", TRANSPORT_SCRIPT, str(db), f"{provider}/v1", "400"],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-        async def through_gateway() -> list[int]:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=50)) as client:
-                async def one() -> int:
-                    r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=ASK,
-                                          headers={"authorization": f"Bearer {secret}"})
-                    return r.status_code
-                return list(await asyncio.gather(*(one() for _ in range(400))))
-
-        codes = asyncio.run(through_gateway())
+        codes = asyncio.run(post_all(f"http://127.0.0.1:{port}/v1/chat/completions", ASK,
+                                     {"authorization": f"Bearer {secret}"}, 400, connections=50, timeout=60))
         out, err = transport.communicate(timeout=300)
         assert transport.returncode == 0, err
     finally:
