@@ -138,8 +138,11 @@ class Engine:
 
     @classmethod
     async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
-                   durable: bool = True, actor: str | None = None) -> Engine:
-        store = await SQLiteStore.open(Path(db) if db else default_db_path(), durable=durable)
+                   durable: bool = True, sync_interval_s: float = 0.0, actor: str | None = None) -> Engine:
+        """Open the ledger at ``db`` (the user data directory's by default); ``durable`` and
+        ``sync_interval_s`` as in ``SQLiteStore.open``."""
+        store = await SQLiteStore.open(Path(db) if db else default_db_path(), durable=durable,
+                                       sync_interval_s=sync_interval_s)
         try:
             prices = PriceBook()
             prices.extend(bundled_prices().all_versions())

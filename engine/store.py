@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -757,7 +758,7 @@ class SQLiteStore:
     """The SQLite ledger. Open with ``await SQLiteStore.open(path)``."""
 
     def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
-                 durable: bool = True) -> None:
+                 durable: bool = True, sync_interval_s: float = 0.0) -> None:
         self.path = path
         self._writer = writer
         self._reader = reader
@@ -771,18 +772,31 @@ class SQLiteStore:
         self.durable = durable  # a batch of operations that need no fsync commits without one
         self._synced = durable  # the writer's synchronous setting is FULL
         self._op_flusher: asyncio.Task[None] | None = None
+        # With sync_interval_s, operations that need an fsync are committed without one (safe
+        # from a process crash at once) and the log is fsynced within that many seconds.
+        self.sync_interval_s = sync_interval_s if durable else 0.0
+        self._deferred = 0  # commits made without an fsync (counted on the writer's thread only)
+        self._synced_upto = 0  # how many of those an fsync has covered (set on the event loop only)
+        self._syncer: asyncio.TimerHandle | None = None
+        self._syncing: asyncio.Task[None] | None = None
+        self.syncs = 0  # fsyncs of the log made for deferred commits (for tests and benchmarks)
         self._hooks: list[tuple[Callable[[LedgerTx], None], Callable[[], None]]] = []
         self._end_hooks: list[Callable[[LedgerTx], None]] = []
 
     # ---- opening
 
     @classmethod
-    async def open(cls, path: str | Path, *, durable: bool = True) -> SQLiteStore:
+    async def open(cls, path: str | Path, *, durable: bool = True, sync_interval_s: float = 0.0) -> SQLiteStore:
         """Open (creating and migrating if needed) the ledger at ``path``.
 
         ``durable`` makes every commit reach the disk (synchronous=FULL); group commit
         keeps that affordable. Without it a commit survives a process crash but not
         a power cut.
+
+        ``sync_interval_s`` > 0 (the gateway's choice) bounds instead of removes the fsync's
+        cost for ``transact``: a commit is acknowledged once it is in the log (it survives
+        the process being killed), and the log reaches the disk within that many seconds, so
+        a power cut loses at most that long of acknowledged operations, never a half of one.
         """
         path = Path(path)
         try:
@@ -800,13 +814,16 @@ class SQLiteStore:
         except BaseException:
             await writer.close()
             raise
-        return cls(path, writer, reader, durable)
+        return cls(path, writer, reader, durable, sync_interval_s)
 
     async def close(self) -> None:
         if self._closed:
             return
         await self.flush()
         self._closed = True
+        if self._syncer is not None:
+            self._syncer.cancel()
+        await self._sync_log()
         await self._writer.close()
         await self._reader.close()
 
@@ -870,6 +887,8 @@ class SQLiteStore:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            if self._deferred != self._synced_upto and self._syncer is None:
+                self._syncer = asyncio.get_running_loop().call_later(self.sync_interval_s, self._start_sync)
             for (_, fut, _), (ok, value) in zip(batch, results, strict=True):
                 if fut.done():
                     continue
@@ -878,14 +897,30 @@ class SQLiteStore:
                 else:
                     fut.set_exception(value)
 
+    def _start_sync(self) -> None:
+        self._syncer = None
+        if self._syncing is None or self._syncing.done():
+            self._syncing = asyncio.ensure_future(self._sync_log())
+
+    async def _sync_log(self) -> None:
+        """fsync the write-ahead log: every commit made before this call is then on the disk.
+        On another thread, so neither the event loop nor the writer waits for the disk."""
+        upto = self._deferred
+        if upto == self._synced_upto:
+            return
+        await asyncio.to_thread(_fsync, Path(f"{self.path}-wal"))
+        self._synced_upto = upto  # commits made meanwhile wait for the next sync
+        self.syncs += 1
+        if self._deferred != upto and self._syncer is None and not self._closed:
+            self._syncer = asyncio.get_running_loop().call_later(self.sync_interval_s, self._start_sync)
+
     def _ops_sync(self, ops: list[TxOp], sync: bool = True) -> list[tuple[bool, Any]]:
         conn: sqlite3.Connection = self._writer._conn
         fresh: dict[tuple[str, ...], int] = {}
         tx = LedgerTx(self, conn, fresh)
         results: list[tuple[bool, Any]] = []
-        if self.durable and sync != self._synced:
-            conn.execute(f"PRAGMA synchronous = {'FULL' if sync else 'NORMAL'}")
-            self._synced = sync
+        deferred = sync and self.sync_interval_s > 0
+        self._synchronous(sync and not deferred)
         conn.execute("BEGIN IMMEDIATE")
         try:
             for begin, _ in self._hooks:
@@ -909,7 +944,16 @@ class SQLiteStore:
             raise
         self._series.update(fresh)
         self.commits += 1
+        if deferred:
+            self._deferred += 1
         return results
+
+    def _synchronous(self, sync: bool) -> None:
+        """On the writer's thread: whether the next commit waits for the disk (a durable
+        store's commits do unless the operation said it need not)."""
+        if self.durable and sync != self._synced:
+            self._writer._conn.execute(f"PRAGMA synchronous = {'FULL' if sync else 'NORMAL'}")
+            self._synced = sync
 
     async def flush(self) -> None:
         """Wait until every pending ``record()`` and operation is committed."""
@@ -951,6 +995,7 @@ class SQLiteStore:
         recorded = duplicates = 0
         async with self._write_lock:
             if atomic:
+                await run(self._synchronous, True)  # type: ignore[no-untyped-call]
                 await run(self._writer._conn.execute, "BEGIN IMMEDIATE")  # type: ignore[no-untyped-call]
             pending: asyncio.Future[tuple[int, int]] | None = None
             try:
@@ -986,6 +1031,7 @@ class SQLiteStore:
         """Runs on the writer's thread: one transaction holding SQLite's write lock."""
         conn: sqlite3.Connection = self._writer._conn
         fresh: dict[tuple[str, ...], int] = {}
+        self._synchronous(True)
         conn.execute("BEGIN IMMEDIATE")
         try:
             _, new_ids = self._append(conn, events, fresh)
@@ -1013,6 +1059,7 @@ class SQLiteStore:
         if in_transaction:
             inserted, _ = self._append(conn, events, fresh, want_ids=False)
         else:
+            self._synchronous(True)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 inserted, _ = self._append(conn, events, fresh, want_ids=False)
@@ -1234,6 +1281,19 @@ def _row_event(r: Sequence[Any]) -> UsageEvent:
     values = dict(zip(_ROW_FIELDS, r, strict=True))
     values["tags"] = json.loads(values["tags"]) if values["tags"] != "{}" else {}
     return UsageEvent(**values)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's written pages to the disk (any descriptor of the file will do on Linux,
+    and on the other systems SQLite supports, for data written through another)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # no log: nothing was written since the last checkpoint
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _connect(path: Path, durable: bool) -> aiosqlite.Connection:

@@ -243,10 +243,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be between 1 and 65535 (got {args.port})")
     if args.max_body < 1024:
         raise UsageError(f"--max-body must be at least 1024 bytes (got {args.max_body})")
+    if not 0 <= args.sync_interval <= 10:
+        raise UsageError(f"--sync-interval must be between 0 and 10 seconds (got {args.sync_interval})")
     mode = args.routing if args.routing == "off" else parse_mode(args.routing)
     db = Path(args.db) if args.db else default_db_path()
     app = create_app(db, clock=_now_clock(), routing_mode=mode, max_body=args.max_body,
-                     address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(db))
+                     address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(db),
+                     sync_interval_s=args.sync_interval)
     print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
                 timeout_keep_alive=75, access_log=False)
@@ -260,6 +263,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8787, help="port (default 8787)")
     p.add_argument("--routing", default="suggest", help="routing mode: suggest, dry_run, enforced or off")
     p.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="largest request body in bytes (4 MiB)")
+    p.add_argument("--sync-interval", type=float, default=0.1, metavar="SECONDS",
+                   help="settlements are committed before each answer and reach the disk within this long "
+                        "(a power cut loses at most this much); 0 waits for the disk before each answer (default 0.1)")
     p.set_defaults(handler=cmd_gateway, sync=True)
 
     p = sub.add_parser("vault", parents=[common], help="provider credentials: status, set, list, rm",

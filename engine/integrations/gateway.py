@@ -44,11 +44,20 @@ from engine.vault import VaultError
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 HEARTBEAT_S = 2.0
 KEY_CACHE_S = 60.0  # a provider key is decrypted again after this long (a rotated key is picked up)
+SYNC_INTERVAL_S = 0.1  # settlements reach the disk within this long (they survive a crash at once)
 TOKEN_CACHE_S = 1.0  # a token is read again after this long: a revocation reaches a running gateway within it
 SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", "messages": "chat"}
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """A header's value from a raw header list (``name`` in lower case)."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 def error(refusal: Refused) -> JSONResponse:
@@ -58,8 +67,9 @@ def error(refusal: Refused) -> JSONResponse:
 class Gateway:
     def __init__(self, db: Path, *, clock: Clock | None = None, routing_mode: str = "suggest",
                  max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "",
-                 vault_passphrase: Callable[[], str] | None = None) -> None:
+                 vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S) -> None:
         self.db, self.clock, self.routing_mode = db, clock, routing_mode
+        self.sync_interval_s = sync_interval_s
         self.max_body, self.upstream_timeout, self.address = max_body, upstream_timeout, address
         self.vault_passphrase = vault_passphrase
         self.engine: Engine | None = None
@@ -104,7 +114,11 @@ class Gateway:
 
     @asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        self.engine = await Engine.open(self.db, clock=self.clock, actor="gateway")
+        # A settlement is committed before the caller gets its answer, so a killed gateway never
+        # loses a call it answered; the fsync that makes it survive a power cut too comes
+        # within sync_interval_s, shared by every call of that interval (0: before each answer).
+        self.engine = await Engine.open(self.db, clock=self.clock, actor="gateway",
+                                        sync_interval_s=self.sync_interval_s)
         self.engine.vault_passphrase = self.vault_passphrase
         self.governor = Governor(self.engine, routing_mode=self.routing_mode)
         # A pool as wide as the load a gateway takes (httpx's default of 100 makes callers queue),
@@ -297,36 +311,38 @@ class Gateway:
         if (target := self.urls.get(url)) is None:
             target = self.urls[url] = httpx.URL(url)
         try:
-            sent = await self.transport.handle_async_request(
-                httpx.Request("POST", target, content=raw, headers=headers, extensions={"timeout": self.timeouts}))
+            if stream:
+                sent = await self.transport.handle_async_request(httpx.Request(
+                    "POST", target, content=raw, headers=headers, extensions={"timeout": self.timeouts}))
+                status, content = sent.status_code, b""
+                if status >= 400:
+                    content = await sent.aread()
+                    await sent.aclose()
+            else:
+                status, answer_headers, content = await self.transport.exchange(
+                    "POST", target, [(k.encode(), v.encode()) for k, v in headers.items()], raw, self.timeouts)
         except asyncio.CancelledError:  # the gateway is stopping and its grace period is over
             await asyncio.shield(self.governor.fail(ticket))
             return error(Refused(503, "the gateway is shutting down; the call was not made", "api_error",
                                  "shutting_down"))
         except httpx.TimeoutException:
             return await self._provider_failed(ticket, 504, f"provider {provider.name} did not answer in time")
+        except httpx.RemoteProtocolError:
+            return await self._provider_failed(ticket, 502, f"provider {provider.name} broke off its answer")
         except httpx.TransportError as exc:
             return await self._provider_failed(ticket, 502, f"provider {provider.name} cannot be reached "
                                                             f"({exc.__class__.__name__})")
-        if sent.status_code >= 400:
-            content = await sent.aread()
-            await sent.aclose()
-            if sent.status_code >= 500:
+        if status >= 400:
+            if status >= 500:
                 return await self._provider_failed(ticket, 502, f"provider {provider.name} failed with HTTP "
-                                                                f"{sent.status_code}")
+                                                                f"{status}")
             await self.governor.fail(ticket)  # refused by the provider (a bad model, its own limits)
             self._count(True)
-            return Response(content, status_code=sent.status_code, headers=reply,
-                            media_type=sent.headers.get("content-type", "application/json"))
+            kind_of = (sent.headers.get("content-type") if stream else _header(answer_headers, b"content-type"))
+            return Response(content, status_code=status, headers=reply, media_type=kind_of or "application/json")
         if stream:
             return RelayResponse(self._relay(sent, ticket), ticket, lambda: self._abandoned(sent, ticket),
                                  headers=reply, media_type="text/event-stream")
-        try:
-            content = await sent.aread()
-        except httpx.HTTPError:
-            await sent.aclose()
-            return await self._provider_failed(ticket, 502, f"provider {provider.name} broke off its answer")
-        await sent.aclose()
         try:
             data = json.loads(content)
         except ValueError:

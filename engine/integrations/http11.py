@@ -344,29 +344,54 @@ class Http11Transport(httpx.AsyncBaseTransport):
     # ---- httpx
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise httpx.ConnectError("the connection pool is closed")
-        url = request.url
-        scheme = url.raw_scheme
-        if scheme not in (b"http", b"https"):
-            raise httpx.UnsupportedProtocol(f"the URL scheme {scheme.decode()!r} is not http or https")
-        port = url.port or (443 if scheme == b"https" else 80)
-        origin = (scheme, url.raw_host, port)
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        headers = request.headers
         body: bytes | AsyncIterator[bytes]
         chunked = False
         if isinstance(request.stream, httpx.ByteStream):
             body = request.content
         else:
             body = request.stream  # type: ignore[assignment]
-            chunked = "content-length" not in headers
-        lines = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-        if "host" not in headers:
+            chunked = "content-length" not in request.headers
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        conn = await self._start(request.method, request.url, request.headers.raw, body, chunked, timeouts)
+        return httpx.Response(conn.status, headers=conn.headers, stream=_Body(self, conn, timeouts.get("read")),
+                              extensions={"http_version": b"HTTP/1.1"})
+
+    async def exchange(self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes,
+                       timeouts: dict[str, float | None]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """One whole exchange without httpx's Request and Response objects (a fifth of the
+        gateway's time per call): (status, headers, body). Same errors as a request through httpx."""
+        if not any(name.lower() == b"content-length" for name, _ in headers):
+            headers = [*headers, (b"content-length", str(len(body)).encode())]
+        conn = await self._start(method, url, headers, body, False, timeouts)
+        chunks = []
+        try:
+            while (data := await conn.chunk(timeouts.get("read"))) is not None:
+                chunks.append(data)
+        except BaseException:
+            conn.close()
+            self._discard(conn)
+            raise
+        self._give_back(conn)
+        return conn.status, conn.headers, b"".join(chunks)
+
+    async def _start(self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]],
+                     body: bytes | AsyncIterator[bytes], chunked: bool,
+                     timeouts: dict[str, float | None]) -> _Connection:
+        """Send the request on a pooled connection and read the answer's head."""
+        if self._closed:
+            raise httpx.ConnectError("the connection pool is closed")
+        scheme = url.raw_scheme
+        if scheme not in (b"http", b"https"):
+            raise httpx.UnsupportedProtocol(f"the URL scheme {scheme.decode()!r} is not http or https")
+        port = url.port or (443 if scheme == b"https" else 80)
+        origin = (scheme, url.raw_host, port)
+        names = {name.lower() for name, _ in headers}
+        lines = [method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+        if b"host" not in names:
             lines += [b"host: ", url.netloc, b"\r\n"]
-        for name, value in headers.raw:
+        for name, value in headers:
             lines += [name, b": ", value, b"\r\n"]
-        if chunked and "transfer-encoding" not in headers:
+        if chunked and b"transfer-encoding" not in names:
             lines.append(b"transfer-encoding: chunked\r\n")
         lines.append(b"\r\n")
         head = b"".join(lines)
@@ -374,14 +399,13 @@ class Http11Transport(httpx.AsyncBaseTransport):
         try:
             await conn.send(head, body, chunked, timeouts)
             await conn.head(timeouts.get("read"))
-            if request.method == "HEAD":  # no body follows whatever the headers say (httptools cannot be told)
+            if method == "HEAD":  # no body follows whatever the headers say (httptools cannot be told)
                 conn.complete = True
         except BaseException:
             conn.close()
             self._discard(conn)
             raise
-        return httpx.Response(conn.status, headers=conn.headers, stream=_Body(self, conn, timeouts.get("read")),
-                              extensions={"http_version": b"HTTP/1.1"})
+        return conn
 
     async def aclose(self) -> None:
         self._closed = True
