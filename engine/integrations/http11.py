@@ -27,7 +27,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httptools
@@ -147,7 +147,7 @@ class _Connection(asyncio.Protocol):
             raise httpx.ReadTimeout(f"no {what} from the server within {timeout} s") from None
 
     async def send(self, head: bytes, body: bytes | AsyncIterator[bytes], chunked: bool,
-                   timeouts: dict[str, float | None]) -> None:
+                   timeouts: Mapping[str, float | None]) -> None:
         assert self.transport is not None
         if self.closed:  # the server closed it before the request (just after the connect): that error is gone
             raise httpx.RemoteProtocolError("the server closed the connection before the request was sent")
@@ -259,7 +259,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     # ---- the pool
 
-    async def _acquire(self, origin: tuple[bytes, bytes, int], timeouts: dict[str, float | None]) -> _Connection:
+    async def _acquire(self, origin: tuple[bytes, bytes, int], timeouts: Mapping[str, float | None]) -> _Connection:
         now = time.monotonic()
         idle = self._idle.get(origin)
         while idle:
@@ -357,7 +357,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                               extensions={"http_version": b"HTTP/1.1"})
 
     async def exchange(self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes,
-                       timeouts: dict[str, float | None]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                       timeouts: Mapping[str, float | None]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """One whole exchange without httpx's Request and Response objects (a fifth of the
         gateway's time per call): (status, headers, body). Same errors as a request through httpx."""
         if not any(name.lower() == b"content-length" for name, _ in headers):
@@ -376,7 +376,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     async def _start(self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]],
                      body: bytes | AsyncIterator[bytes], chunked: bool,
-                     timeouts: dict[str, float | None]) -> _Connection:
+                     timeouts: Mapping[str, float | None]) -> _Connection:
         """Send the request on a pooled connection and read the answer's head."""
         if self._closed:
             raise httpx.ConnectError("the connection pool is closed")
