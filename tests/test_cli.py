@@ -302,3 +302,11 @@ def test_approvals_tokens_and_the_audit_journal_from_the_command_line(
     conn.close()
     code, _, err = run(capsys, "--db", db, "audit", "verify")
     assert code == 1 and "entry 2 was edited" in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--sync-interval", "-1"), ("--sync-interval", "nan"),
+                                             ("--port", "0"), ("--max-body", "10")])
+def test_gateway_refuses_a_bad_setting_by_name_before_serving(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              flag: str, value: str) -> None:
+    code, out, err = run(capsys, "--db", str(tmp_path / "l.db"), "gateway", flag, value)
+    assert code == 2 and flag in err and "Traceback" not in err and not out

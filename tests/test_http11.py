@@ -774,3 +774,38 @@ async def test_aclose_ends_the_wait_of_a_caller_waiting_for_a_connection(pools: 
                     await asyncio.wait_for(caller, 2)
         assert pool.transport.stats() == {server.origin: {"open": 0, "idle": 0}}
         assert server.accepts == 1
+
+
+# ---- exchange: one whole call without httpx's Request and Response (the gateway's fast path)
+
+async def test_exchange_sends_the_body_with_its_length_and_returns_status_headers_and_body(
+        web: str, pools: Callable[..., Pool]) -> None:
+    pool = pools()
+    payload = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+    url = httpx.URL(f"{web}/echo?x=1")
+    for _ in range(2):  # the second exchange goes on the first one's connection
+        status, headers, body = await pool.transport.exchange(
+            "POST", url, [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")], payload,
+            {"read": 5.0, "pool": 5.0, "connect": 5.0, "write": 5.0})
+        assert status == 201 and (b"x-reply", b"yes") in headers
+        seen = json.loads(body)
+        assert (seen["method"], seen["target"], seen["body"].encode("latin-1")) == ("POST", "/echo?x=1", payload)
+        assert ["content-length", str(len(payload))] in seen["headers"]
+        assert ["authorization", "Bearer k"] in seen["headers"]
+        assert [name for name, _ in seen["headers"]].count("host") == 1
+    assert opened(pool, web) == {"open": 1, "idle": 1}
+
+
+async def test_exchange_with_an_answer_cut_mid_body_raises_and_keeps_no_connection(
+        pools: Callable[..., Pool]) -> None:
+    pool = pools()
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+        await writer.drain()
+
+    async with raw_server(cut) as server:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await pool.transport.exchange("POST", httpx.URL(f"{server.url}/"), [], b"{}", {"read": 2.0})
+        assert opened(pool, server.origin) == {"open": 0, "idle": 0}

@@ -136,6 +136,53 @@ async def test_record_returns_only_after_commit_visible_to_another_connection(db
     await store.close()
 
 
+async def _synchronous(store: SQLiteStore) -> int:
+    """The writer connection's synchronous setting: 2 FULL (fsync at commit), 1 NORMAL."""
+    async with store._writer.execute("PRAGMA synchronous") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else -1
+
+
+async def test_with_a_sync_interval_an_operation_is_committed_at_once_and_fsynced_at_close(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path, sync_interval_s=60)
+    results = await asyncio.gather(*(store.transact(lambda tx, i=i: tx.append([event(i)])) for i in range(20)))
+    assert len(results) == 20 and await _synchronous(store) == 1  # committed without waiting for the disk
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 20  # visible: committed
+    conn.close()
+    assert store.syncs == 0  # the minute has not passed
+    await store.close()
+    assert store.syncs == 1  # closing does not wait for the interval
+
+
+async def test_with_a_sync_interval_the_log_is_fsynced_within_it(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path, sync_interval_s=0.05)
+    await store.transact(lambda tx: tx.append([event(1)]))
+    deadline = asyncio.get_running_loop().time() + 5
+    while store.syncs == 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert store.syncs == 1
+    await store.transact(lambda tx: tx.append([event(2)]))  # a later commit gets a sync of its own
+    while store.syncs == 1 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert store.syncs == 2
+    await store.close()
+    assert store.syncs == 2  # nothing left to sync
+
+
+async def test_a_record_after_an_operation_that_needed_no_fsync_is_fsynced(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    await store.transact(lambda tx: None, sync=False)
+    assert await _synchronous(store) == 1
+    await store.record(event(1))
+    assert await _synchronous(store) == 2  # the event's commit waited for the disk
+    await store.transact(lambda tx: None, sync=False)
+    await store.bulk_record([event(2), event(3)])
+    assert await _synchronous(store) == 2
+    assert store.syncs == 0  # no interval: every durable commit fsyncs itself
+    await store.close()
+
+
 def test_range_segments_cover_exactly_the_minutes_asked() -> None:
     start = NOW_MS - 3 * DAY_MS - 5 * HOUR_MS - 17 * MINUTE_MS
     end = NOW_MS + 2 * HOUR_MS + 3 * MINUTE_MS
