@@ -527,7 +527,7 @@ class BudgetBook:
         version = tx.policies_version()
         if self._stale or version != self._policies_version:
             self._rebuild(tx, now, version)
-        else:
+        elif not tx.quiet:  # else no event or hold was written since the last batch but by it
             for row in tx.events_since(self._last_event):
                 self._fold_event(row)
             for journal_id, policy_id, delta in tx.journal_since(self._last_journal):

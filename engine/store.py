@@ -565,10 +565,14 @@ class LedgerTx:
     sees every other process's committed writes and nothing can change underneath.
     """
 
-    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, fresh: dict[tuple[str, ...], int]) -> None:
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, fresh: dict[tuple[str, ...], int],
+                 quiet: bool = False) -> None:
         self.store = store
         self.conn = conn
         self._fresh = fresh
+        # Nothing was written to the ledger since this store's last operation batch, by another
+        # connection or by this one outside a batch: what that batch left in memory is current.
+        self.quiet = quiet
 
     def max_event_id(self) -> int:
         return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0])
@@ -775,6 +779,7 @@ class SQLiteStore:
         # With sync_interval_s, operations that need an fsync are committed without one (safe
         # from a process crash at once) and the log is fsynced within that many seconds.
         self.sync_interval_s = sync_interval_s if durable else 0.0
+        self._seen: tuple[int, int] | None = None  # (data_version, commits) after the last batch
         self._deferred = 0  # commits made without an fsync (counted on the writer's thread only)
         self._synced_upto = 0  # how many of those an fsync has covered (set on the event loop only)
         self._syncer: asyncio.TimerHandle | None = None
@@ -922,7 +927,12 @@ class SQLiteStore:
         deferred = sync and self.sync_interval_s > 0
         self._synchronous(sync and not deferred)
         conn.execute("BEGIN IMMEDIATE")
+        seen, self._seen = self._seen, None
         try:
+            # data_version moves when another connection commits; self.commits when this store
+            # writes outside a batch (record, bulk_record).
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            tx.quiet = seen == (version, self.commits)
             for begin, _ in self._hooks:
                 begin(tx)
             for op in ops:
@@ -944,6 +954,7 @@ class SQLiteStore:
             raise
         self._series.update(fresh)
         self.commits += 1
+        self._seen = (version, self.commits)
         if deferred:
             self._deferred += 1
         return results
@@ -1303,7 +1314,10 @@ async def _connect(path: Path, durable: bool) -> aiosqlite.Connection:
         raise StoreError(f"cannot open the ledger at {path}: {exc}") from None
     try:
         await conn.execute("PRAGMA busy_timeout = 30000")
-        await conn.execute("PRAGMA page_size = 16384")  # takes effect only when the file is created
+        # Takes effect only when the file is created. Small pages: a call's hold and settlement
+        # touch a dozen B-trees, and each commit writes every page it changed to the log (16 KiB
+        # pages made the gateway's commits four times the bytes; bulk imports were 6 % faster).
+        await conn.execute("PRAGMA page_size = 4096")
         async with conn.execute("PRAGMA journal_mode = WAL") as cur:
             mode = await cur.fetchone()
         if not mode or str(mode[0]).lower() != "wal":

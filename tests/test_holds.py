@@ -218,3 +218,22 @@ async def test_a_downgrade_policy_moves_the_call_to_a_cheaper_model_that_fits(en
                                          action="downgrade"))
     stuck = await engine.authorize(CallRequest(principal="b", team="ml", model="gpt-4o", max_tokens=1000))
     assert stuck.evaluation.decision == "downgrade" and not stuck.allowed and stuck.hold_id is None
+
+
+async def test_spend_written_between_decisions_counts_at_the_next_one(engine: Engine, tmp_path: Path) -> None:
+    """A decision batch skips re-reading the ledger only when nothing was written since the last
+    one: spend recorded by this engine outside a batch, or by another connection, must count."""
+    for who in ("alice", "carol"):
+        await engine.add_policy(build_policy(scope=f"principal:{who}", metric="usd", window="day", hard="1"))
+    alice = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+    carol = CallRequest(principal="carol", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+    first = await engine.authorize(alice)  # worst case $0.00075
+    assert first.allowed and first.hold_id
+    await engine.release(first.hold_id)
+    await engine.record(_event("outside-a-batch", cost=999_500_000))  # $0.9995: record(), not a batch
+    assert not (await engine.authorize(alice)).allowed
+    assert (await engine.authorize(carol)).allowed
+    other = await Engine.open(engine.path, clock=engine.clock)  # another connection spends carol's dollar
+    await other.record(_event("from-elsewhere", principal="carol", cost=999_500_000))
+    await other.close()
+    assert not (await engine.authorize(carol)).allowed
