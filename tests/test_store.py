@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import sqlite3
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -181,6 +182,44 @@ async def test_a_record_after_an_operation_that_needed_no_fsync_is_fsynced(db_pa
     assert await _synchronous(store) == 2
     assert store.syncs == 0  # no interval: every durable commit fsyncs itself
     await store.close()
+
+
+async def test_an_operation_waits_for_another_process_without_stalling_the_event_loop(db_path: Path) -> None:
+    """Small batches run on the event loop when the ledger is free; when another connection
+    holds its write lock they wait on the writer's thread, and the loop goes on meanwhile."""
+    store = await SQLiteStore.open(db_path)
+    locked, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(30)
+        conn.execute("COMMIT")
+        conn.close()
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    assert await asyncio.to_thread(locked.wait, 10)
+    task = asyncio.ensure_future(store.transact(lambda tx: tx.append([event(1)])))
+    await asyncio.sleep(0.05)  # returns only if the waiting operation leaves the loop free
+    assert not task.done()
+    release.set()
+    (result,) = await task
+    assert not result.duplicate and await store.event_count() == 1
+    await asyncio.to_thread(holder.join)
+    await store.close()
+
+
+async def test_the_log_is_checkpointed_by_the_reader_as_writes_accumulate(db_path: Path) -> None:
+    store = await SQLiteStore.open(db_path)
+    for n in range(5):
+        await store.record_many([event(n * 1000 + i) for i in range(1000)])
+    await store.close()
+    assert store.checkpoints >= 1
+    reopened = await SQLiteStore.open(db_path)
+    assert await reopened.event_count() == 5000
+    await reopened.close()
 
 
 def test_range_segments_cover_exactly_the_minutes_asked() -> None:
