@@ -485,6 +485,34 @@ def _rollup_statements() -> tuple[tuple[str, bool], ...]:
 
 
 _ROLLUP_STATEMENTS: Final = _rollup_statements()
+SMALL_BATCH: Final = 16  # up to this many new events fold into the rollups from Python: three statements, not seven
+_UPSERT_ROLLUP: Final = {
+    name: f"INSERT INTO rollup_{name} (bucket_ms, series_id, {', '.join(_SUM_COLUMNS)}) VALUES "
+          f"({', '.join('?' * (2 + len(_SUM_COLUMNS)))}) ON CONFLICT (bucket_ms, series_id) DO UPDATE SET "
+          + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUM_COLUMNS)
+    for name in _ROLLUP_TABLES
+}
+
+
+def _sums(e: UsageEvent) -> list[int]:
+    """One event's contribution to each rollup column (_SUM_COLUMNS), as the rollup SQL sums it."""
+    return [1, int(e.status == "error"), int(e.status == "blocked"), e.input_tokens, e.cached_input_tokens,
+            e.cache_write_tokens, e.output_tokens, e.reasoning_tokens, e.cost_nanos or 0,
+            int(e.cost_source == "unpriced"), int(e.cost_source == "estimated"), e.latency_ms]
+
+
+def _fold_small(conn: sqlite3.Connection, events: list[UsageEvent], series_ids: list[int]) -> None:
+    """Fold a few new events into every rollup (a settlement's one event, mostly)."""
+    for table, size in _ROLLUP_TABLES.items():
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for e, series_id in zip(events, series_ids, strict=True):
+            key = (e.ts_ms - e.ts_ms % size, series_id)
+            add = _sums(e)
+            if (sums := buckets.get(key)) is None:
+                buckets[key] = add
+            else:
+                buckets[key] = [a + b for a, b in zip(sums, add, strict=True)]
+        conn.executemany(_UPSERT_ROLLUP[table], [(*key, *sums) for key, sums in buckets.items()])
 _TEMP_TABLES: Final = tuple(
     f"CREATE TEMP TABLE IF NOT EXISTS batch_{name} (bucket_ms INTEGER, series_id INTEGER, "
     f"{', '.join(f'{c} INTEGER' for c in _SUM_COLUMNS)})" for name in ("minute", "hour"))
@@ -1159,12 +1187,18 @@ class SQLiteStore:
             conn.executemany(_INSERT_SERIES, sorted(missing))
             for k in missing:
                 fresh[k] = int(conn.execute(_FIND_SERIES, k).fetchone()[0])
-        rows = map(_event_row, events, [series.get(k) or fresh[k] for k in keys])
-        lo = conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0]
+        series_ids = [series.get(k) or fresh[k] for k in keys]
         before = conn.total_changes
-        conn.executemany(_INSERT_EVENT, rows)
+        conn.executemany(_INSERT_EVENT, map(_event_row, events, series_ids))
         inserted = conn.total_changes - before
-        hi = conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0]
+        if not inserted:
+            return 0, set() if want_ids else None
+        if inserted == len(events) <= SMALL_BATCH and all(e.ts_ms >= 0 for e in events):  # SQL's % truncates
+            _fold_small(conn, events, series_ids)
+            return inserted, None
+        # The new rows' ids are consecutive (an append-only table, one writer): they end at the last.
+        hi = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        lo = hi - inserted
         for sql, ranged in _ROLLUP_STATEMENTS:
             conn.execute(sql, (lo, hi) if ranged else ())
         if inserted == len(events) or not want_ids:

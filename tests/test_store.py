@@ -310,6 +310,33 @@ def test_rollups_always_equal_the_raw_sums(tmp_path_factory: pytest.TempPathFact
     asyncio.run(check())
 
 
+async def test_small_batches_and_large_ones_fold_into_identical_rollups(tmp_path: Path) -> None:
+    """A few events fold into the rollups from Python, many through SQL: every column of every
+    rollup level must come out the same either way (duplicates included, never counted)."""
+    events = [UsageEvent(ts_ms=NOW_MS - n * 7_919_000, request_id=f"r{n % 150}", provider="openai",
+                         model=("gpt-4o", "gpt-4o-mini")[n % 2], team=("a", "b", "c")[n % 3], principal=f"p{n % 5}",
+                         input_tokens=n * 13, cached_input_tokens=n * 3, cache_write_tokens=n % 4,
+                         output_tokens=n * 7, reasoning_tokens=n % 11, cost_nanos=n * 1_001,
+                         cost_source=("provider", "estimated", "unpriced")[n % 3],
+                         status=("ok", "error", "blocked", "ok")[n % 4], latency_ms=n % 900) for n in range(200)]
+    small, large = await SQLiteStore.open(tmp_path / "small.db"), await SQLiteStore.open(tmp_path / "large.db")
+    for n in range(0, len(events), 3):
+        await small.record_many(events[n:n + 3])  # repeats of request ids r0..r49 are duplicates
+    await large.bulk_record(events)
+    await small.close()
+    await large.close()
+    for table in ("minute", "hour", "day"):
+        rows = []
+        for path in (tmp_path / "small.db", tmp_path / "large.db"):
+            conn = sqlite3.connect(path)
+            rows.append(sorted(conn.execute(
+                f"SELECT r.*, s.team, s.principal, s.model FROM rollup_{table} r JOIN series s ON s.id = r.series_id"
+            ).fetchall(), key=lambda r: (r[0], *r[-3:])))
+            conn.close()
+        assert [r[:1] + r[2:] for r in rows[0]] == [r[:1] + r[2:] for r in rows[1]], table
+        assert sum(r[2] for r in rows[0]) == 150  # requests: each request id counted once
+
+
 async def test_timeline_buckets_sum_to_the_totals(db_path: Path) -> None:
     store = await SQLiteStore.open(db_path)
     events = [event(i, ts_ms=NOW_MS - DAY_MS + i * 7 * MINUTE_MS, model=("a", "b")[i % 2]) for i in range(200)]
