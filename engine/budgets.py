@@ -439,6 +439,7 @@ def decide(outcomes: Sequence[Outcome]) -> Evaluation:
 CONTEXT_COLUMNS: Final = {"workspace": "workspace", "team": "team", "principal": "principal", "token": "token_id",
                           "session": "session", "agent": "agent", "provider": "provider", "model": "model"}
 DEFAULT_HOLD_TTL_MS: Final = 10 * MINUTE_MS
+EXPIRY_CHECK_MS: Final = 1_000  # how often decision batches look for holds past their time to live
 
 
 class HoldError(ValueError):
@@ -518,28 +519,37 @@ class BudgetBook:
         self._dirty: set[str] = set()  # policies whose consumption moved in this batch
         self._raising: list[int] = []
         self._batch_mark = 0
+        self._expiry_due = 0  # when the next batch looks for holds past their time to live
 
     # ---- transaction hooks
 
     def begin(self, tx: LedgerTx) -> None:
         self._batch_mark = len(self._raising)
         now = self._now()
-        version = tx.policies_version()
-        if self._stale or version != self._policies_version:
-            self._rebuild(tx, now, version)
-        elif not tx.quiet:  # else no event or hold was written since the last batch but by it
-            for row in tx.events_since(self._last_event):
-                self._fold_event(row)
-            for journal_id, policy_id, delta in tx.journal_since(self._last_journal):
-                counter = self._counters.get(policy_id)
-                if counter is not None:
-                    counter.held += delta
-                self._last_journal = journal_id
+        if self._stale or not tx.quiet:  # else nothing was written since the last batch but by it
+            version = tx.policies_version()
+            if self._stale or version != self._policies_version:
+                self._rebuild(tx, now, version)
+            else:
+                for row in tx.events_since(self._last_event):
+                    self._fold_event(row)
+                for journal_id, policy_id, delta in tx.journal_since(self._last_journal):
+                    counter = self._counters.get(policy_id)
+                    if counter is not None:
+                        counter.held += delta
+                    self._last_journal = journal_id
         for counter in list(self._counters.values()):
             self._current(tx, counter, now)  # windows that ended start again from the ledger
+        if now >= self._expiry_due:  # a hold is released at most EXPIRY_CHECK_MS after its time to live
+            self.expire(tx)
+        self.end(tx)  # crossings from what others wrote are visible to this batch's operations
+
+    def expire(self, tx: LedgerTx) -> None:
+        """Close every hold past its time to live now."""
+        now = self._now()
+        self._expiry_due = now + EXPIRY_CHECK_MS
         for hold_id in tx.expired_holds(now):
             self._close(tx, hold_id, "expired", now)
-        self.end(tx)  # crossings from what others wrote are visible to this batch's operations
 
     def abort(self) -> None:
         self._stale = True
@@ -580,6 +590,7 @@ class BudgetBook:
         self._last_event = tx.max_event_id()
         self._last_journal = tx.max_journal_id()
         self._policies_version = version
+        self._expiry_due = 0
         self._stale = False
         self._dirty.update(self._counters)  # thresholds already passed are stored (once) now
 
@@ -743,7 +754,8 @@ class BudgetBook:
             counter = self._counters.get(policy_id)
             if counter is not None:
                 counter.held -= amount
-        self._last_journal = tx.max_journal_id()
+        if lines:
+            self._last_journal = tx.last_journal_id
 
     def snapshot(self, tx: LedgerTx) -> list[Outcome]:
         """Every policy as it stands now (a call of no cost): consumed, held, window, status."""

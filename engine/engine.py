@@ -404,8 +404,8 @@ class Engine:
         await self._tx(lambda tx: self.budgets.release(tx, hold_id), sync=False)
 
     async def expire_holds(self) -> None:
-        """Expire holds past their time to live (every write transaction also does this)."""
-        await self._tx(lambda tx: None)
+        """Expire holds past their time to live now (write transactions also do, once a second)."""
+        await self._tx(self.budgets.expire)
 
     async def open_holds(self) -> int:
         return await self._tx(lambda tx: tx.open_hold_count())  # type: ignore[no-any-return]

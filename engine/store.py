@@ -443,6 +443,7 @@ _INSERT_EVENT: Final = (
     f"INSERT INTO usage_events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))}) "
     "ON CONFLICT (request_id) DO NOTHING"
 )
+_JOURNAL_ROW: Final = "INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) VALUES (?, ?, ?, ?, ?)"
 _INSERT_SERIES: Final = (
     f"INSERT INTO series ({_DIMS_SQL}) VALUES ({', '.join('?' * len(ROLLUP_DIMENSIONS))}) "
     f"ON CONFLICT ({_DIMS_SQL}) DO NOTHING"
@@ -604,6 +605,19 @@ class LedgerTx:
         # Nothing was written to the ledger since this store's last operation batch, by another
         # connection or by this one outside a batch: what that batch left in memory is current.
         self.quiet = quiet
+        self.last_journal_id = 0  # the id of the last hold journal row this transaction wrote
+
+    def _journal(self, rows: Sequence[tuple[int, str, str, int, str]]) -> None:
+        """Append hold journal rows (ts, hold, policy, delta, reason) in one statement."""
+        if not rows:
+            return
+        if len(rows) > 500:  # past SQLite's limit on the parameters of one statement
+            self.conn.executemany(_JOURNAL_ROW, rows)
+            self.last_journal_id = self.max_journal_id()
+            return
+        cursor = self.conn.execute(_JOURNAL_ROW + ", (?, ?, ?, ?, ?)" * (len(rows) - 1),
+                                   [value for row in rows for value in row])
+        self.last_journal_id = int(cursor.lastrowid or self.max_journal_id())
 
     def max_event_id(self) -> int:
         return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0])
@@ -684,9 +698,8 @@ class LedgerTx:
                           "VALUES (?, ?, ?, ?, 'held', ?)", (hold_id, request_id, now_ms, expires_ms, context))
         self.conn.executemany("INSERT INTO hold_lines (hold_id, policy_id, amount) VALUES (?, ?, ?)",
                               [(hold_id, p, a) for p, a in lines])
-        self.conn.executemany("INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) "
-                              "VALUES (?, ?, ?, ?, 'hold')", [(now_ms, hold_id, p, a) for p, a in lines])
-        return self.max_journal_id()
+        self._journal([(now_ms, hold_id, p, a, "hold") for p, a in lines])
+        return self.last_journal_id if lines else self.max_journal_id()
 
     def close_hold(self, hold_id: str, state: str, now_ms: int) -> list[tuple[str, int]] | None:
         """Close an open hold (settled, released or expired); its lines, or None if it was not open."""
@@ -696,8 +709,7 @@ class LedgerTx:
             return None
         lines = [(str(p), int(a)) for p, a in self.conn.execute(
             "SELECT policy_id, amount FROM hold_lines WHERE hold_id = ?", (hold_id,))]
-        self.conn.executemany("INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) "
-                              "VALUES (?, ?, ?, ?, ?)", [(now_ms, hold_id, p, -a, state) for p, a in lines])
+        self._journal([(now_ms, hold_id, p, -a, state) for p, a in lines])
         return lines
 
     def hold_state(self, hold_id: str) -> str | None:
@@ -721,6 +733,7 @@ class LedgerTx:
         return int(row[0]), int(row[1])
 
     def save_policy(self, policy_id: str, spec: str, now_ms: int, *, deleted: bool = False) -> None:
+        self.store._policies_saved = True  # the next batch is not quiet: it reads the policies again
         self.conn.execute(
             "INSERT INTO policies (id, spec, deleted, updated_ms) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
             "SET spec = excluded.spec, deleted = excluded.deleted, updated_ms = excluded.updated_ms",
@@ -811,6 +824,8 @@ class SQLiteStore:
         # from a process crash at once) and the log is fsynced within that many seconds.
         self.sync_interval_s = sync_interval_s if durable else 0.0
         self._seen: tuple[int, int] | None = None  # (data_version, commits) after the last batch
+        self._policies_saved = False  # a batch changed a policy (see LedgerTx.quiet)
+        self._waits = True  # the writer's busy timeout is set: BEGIN waits for another process
         self._written = 0  # operations and events written since the last checkpoint was started
         self._checkpointing: asyncio.Future[Any] | None = None
         self.checkpoints = 0  # checkpoints of the log made (for tests)
@@ -990,20 +1005,14 @@ class SQLiteStore:
         tx = LedgerTx(self, conn, fresh)
         results: list[tuple[bool, Any]] = []
         deferred = sync and self.sync_interval_s > 0
-        self._synchronous(sync and not deferred)
-        if wait:
+        self._synchronous(sync and not deferred, wait)
+        try:
             conn.execute("BEGIN IMMEDIATE")
-        else:
-            conn.execute("PRAGMA busy_timeout = 0")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
-                    raise _Busy from None
-                raise
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        seen, self._seen = self._seen, None
+        except sqlite3.OperationalError as exc:
+            if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                raise _Busy from None
+            raise
+        seen, self._seen, self._policies_saved = self._seen, None, False
         try:
             # data_version moves when another connection commits; self.commits when this store
             # writes outside a batch (record, bulk_record).
@@ -1030,17 +1039,21 @@ class SQLiteStore:
             raise
         self._series.update(fresh)
         self.commits += 1
-        self._seen = (version, self.commits)
+        self._seen = None if self._policies_saved else (version, self.commits)
         if deferred:
             self._deferred += 1
         return results
 
-    def _synchronous(self, sync: bool) -> None:
-        """On the writer's thread: whether the next commit waits for the disk (a durable
-        store's commits do unless the operation said it need not)."""
+    def _synchronous(self, sync: bool, wait: bool = True) -> None:
+        """Wherever the writer runs: whether the next commit waits for the disk (a durable
+        store's commits do unless the operation said it need not), and whether the next BEGIN
+        waits for another process's write lock (else it fails at once). Set only on change."""
         if self.durable and sync != self._synced:
             self._writer._conn.execute(f"PRAGMA synchronous = {'FULL' if sync else 'NORMAL'}")
             self._synced = sync
+        if wait != self._waits:
+            self._writer._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait else 0}")
+            self._waits = wait
 
     async def flush(self) -> None:
         """Wait until every pending ``record()`` and operation is committed."""
@@ -1341,6 +1354,7 @@ class SQLiteStore:
     async def save_prices(self, rows: Sequence[tuple[str, str, int, str, str, str, int]]) -> int:
         """Store price versions (model, workspace, effective_from_ms, provider, spec, source, imported_at)."""
         async with self._write_lock:
+            await self._writer._execute(self._synchronous, True)  # type: ignore[no-untyped-call]
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
                 await self._writer.executemany(

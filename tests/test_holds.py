@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from engine.budgets import build_policy
@@ -237,3 +238,14 @@ async def test_spend_written_between_decisions_counts_at_the_next_one(engine: En
     await other.record(_event("from-elsewhere", principal="carol", cost=999_500_000))
     await other.close()
     assert not (await engine.authorize(carol)).allowed
+
+
+async def test_a_policy_edited_between_decisions_applies_to_the_next_one(engine: Engine, clock: FrozenClock) -> None:
+    policy = await engine.add_policy(build_policy(scope="principal:alice", metric="usd", window="day", hard="1"))
+    call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+    first = await engine.authorize(call)
+    assert first.allowed and first.hold_id
+    await engine.release(first.hold_id)
+    clock.advance(1)
+    await engine.update_policy(replace(policy, hard=1_000, updated_ms=engine.now_ms()))  # $0.000001
+    assert not (await engine.authorize(call)).allowed
