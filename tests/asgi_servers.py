@@ -31,7 +31,7 @@ def serve(app: Any, port: int | None = None, grace_s: float = 5) -> Iterator[str
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                            timeout_graceful_shutdown=grace_s, lifespan="on",
-                                           timeout_keep_alive=60))
+                                           timeout_keep_alive=60, http=getattr(app, "http_protocol", "auto")))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

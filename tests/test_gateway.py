@@ -16,7 +16,7 @@ import pytest
 
 from engine.budgets import build_policy
 from engine.engine import Engine
-from engine.integrations.gateway import create_app
+from engine.integrations.gateway import CoalescedWrites, create_app
 from tests.asgi_servers import FakeAnthropic, FakeOpenAI, post_all, serve
 from tests.fake_servers import closed_port_url
 
@@ -433,3 +433,34 @@ def test_the_callers_body_goes_upstream_as_sent_and_the_answer_comes_back_as_sen
     assert fake.requests[-1]["body"] == {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
                                          "temperature": 0.25, "x_extra": [1, 2]}
     assert fake.requests[-1]["headers"]["content-length"] == str(len(raw))  # the very bytes, not re-encoded
+
+
+async def test_writes_made_in_one_loop_turn_leave_in_one_send_and_close_sends_what_is_pending() -> None:
+    """The gateway's server writes an answer's head and body in one send (uvicorn makes two)."""
+    received: list[bytes] = []
+    ended = asyncio.Event()
+
+    class Sink(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+
+        def eof_received(self) -> None:
+            ended.set()
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    coalesced = CoalescedWrites(transport)
+    coalesced.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
+    coalesced.write(b"body")
+    assert coalesced.get_write_buffer_size() == 42 and not received  # nothing sent in this turn
+    while not received:
+        await asyncio.sleep(0.01)
+    assert received == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"]
+    coalesced.write(b"last")
+    coalesced.close()  # sends what is pending, then closes
+    await asyncio.wait_for(ended.wait(), 5)
+    assert b"".join(received[1:]) == b"last"
+    server.close()
+    await server.wait_closed()

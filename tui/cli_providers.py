@@ -252,7 +252,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                      sync_interval_s=args.sync_interval)
     print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
-                timeout_keep_alive=75, access_log=False)
+                timeout_keep_alive=75, access_log=False, http=app.http_protocol)
     return EXIT_OK
 
 

@@ -31,6 +31,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
 from engine.engine import Engine, GatewayStatus
@@ -94,6 +95,7 @@ class Gateway:
         ] + [Route(path, self.endpoint(kind), methods=["POST"]) for path, kind in CALLS.items()],
             lifespan=self.lifespan)
         self.app.state.gateway = self
+        self.http_protocol = GatewayHttpProtocol  # what to serve it with (uvicorn's ``http``)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI application. Model calls go straight to ``call``: Starlette's routing and
@@ -408,6 +410,60 @@ class RelayResponse(StreamingResponse):
         finally:
             if not self.ticket.settled and not self.ticket.relaying:
                 await asyncio.shield(self.abandoned())
+
+
+class CoalescedWrites:
+    """A transport whose writes made in one turn of the event loop leave in one send.
+
+    uvicorn writes a response's head and its body separately: two sends, two packets, and
+    often a second wake-up of the client for every answer. Everything else is the wrapped
+    transport's own; closing sends what is pending first."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, its writes coalesced per loop turn (``CoalescedWrites``)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
 
 
 def create_app(db: Path, **options: Any) -> Gateway:
