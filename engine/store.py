@@ -916,10 +916,9 @@ class SQLiteStore:
             self._end_hooks.append(end)
 
     async def transact(self, op: TxOp, *, sync: bool = True) -> Any:
-        """Run ``op`` inside a write transaction, group-committed with other operations;
-        returns its result once committed. A failing op is rolled back to its savepoint alone
-        and its error raised to its caller. It runs at once on the event loop when nothing
-        else is being written, else in the next batch (see ``_op_loop``).
+        """Run ``op`` on the writer's thread inside a write transaction, group-committed with
+        other operations; returns its result once committed. A failing op is rolled back
+        to its savepoint alone and its error raised to its caller.
 
         ``sync=False``: the change need not survive a power cut (a hold for a call under way:
         the call would not survive it either). It is committed, visible to every process and
@@ -927,19 +926,6 @@ class SQLiteStore:
         next durable commit makes it durable too, as the log is written in order."""
         if self._closed:
             raise StoreError("the ledger is closed")
-        if not self._ops and not self._write_lock.locked() and (self._op_flusher is None or self._op_flusher.done()):
-            # Nothing else is being written by this store: run at once, in the caller's own turn
-            # of the loop (no task to schedule, no turn to wait for), unless another process
-            # holds the ledger.
-            try:
-                ((ok, value),) = self._ops_sync([op], sync, wait=False)
-            except _Busy:
-                pass
-            else:
-                self._committed(1)
-                if ok:
-                    return value
-                raise value
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._ops.append((op, future, sync))
         if self._op_flusher is None or self._op_flusher.done():
@@ -961,12 +947,14 @@ class SQLiteStore:
                         results = self._ops_sync(ops, sync, wait=False)
                     except _Busy:
                         results = await self._writer._execute(self._ops_sync, ops, sync)  # type: ignore[no-untyped-call]
+                self._wrote(len(ops))
             except Exception as exc:
                 for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            self._committed(len(ops))
+            if self._deferred != self._synced_upto and self._syncer is None:
+                self._syncer = asyncio.get_running_loop().call_later(self.sync_interval_s, self._start_sync)
             for (_, fut, _), (ok, value) in zip(batch, results, strict=True):
                 if fut.done():
                     continue
@@ -974,12 +962,6 @@ class SQLiteStore:
                     fut.set_result(value)
                 else:
                     fut.set_exception(value)
-
-    def _committed(self, count: int) -> None:
-        """After an operation batch: the deferred fsync and the next checkpoint are due."""
-        if self._deferred != self._synced_upto and self._syncer is None:
-            self._syncer = asyncio.get_running_loop().call_later(self.sync_interval_s, self._start_sync)
-        self._wrote(count)
 
     def _start_sync(self) -> None:
         self._syncer = None
