@@ -583,15 +583,17 @@ async def test_a_server_that_never_answers_is_a_read_timeout_and_the_pool_goes_o
         assert server.accepts == 2
 
 
+async def cut_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    """Answer with a head that promises 1,000 bytes, send ten, and hang up."""
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+    await writer.drain()
+
+
 async def test_a_server_closing_mid_body_is_a_remote_protocol_error(pools: Callable[..., Pool]) -> None:
     pool = pools()
 
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
-        await writer.drain()
-
-    async with raw_server(cut) as server:
+    async with raw_server(cut_mid_body) as server:
         with pytest.raises(httpx.RemoteProtocolError) as err:
             await pool.client.get(f"{server.url}/")
         assert isinstance(err.value, httpx.TransportError)
@@ -800,12 +802,7 @@ async def test_exchange_with_an_answer_cut_mid_body_raises_and_keeps_no_connecti
         pools: Callable[..., Pool]) -> None:
     pool = pools()
 
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
-        await writer.drain()
-
-    async with raw_server(cut) as server:
+    async with raw_server(cut_mid_body) as server:
         with pytest.raises(httpx.RemoteProtocolError):
             await pool.transport.exchange("POST", httpx.URL(f"{server.url}/"), [], b"{}", {"read": 2.0})
         assert opened(pool, server.origin) == {"open": 0, "idle": 0}
