@@ -464,3 +464,27 @@ async def test_writes_made_in_one_loop_turn_leave_in_one_send_and_close_sends_wh
     assert b"".join(received[1:]) == b"last"
     server.close()
     await server.wait_closed()
+
+
+def test_provider_keys_are_decrypted_before_serving_and_first_calls_at_once_all_answer(
+        db_path: Path, provider: tuple[FakeOpenAI, str]) -> None:
+    """A file vault's first decryption derives its key (scrypt, a fifth of a second): the
+    gateway does it once before serving, not once per caller of the first burst."""
+    fake, url = provider
+
+    async def prepare() -> str:
+        secret = await _setup(db_path)
+        async with await Engine.open(db_path) as engine:
+            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", credential="vault:fake",
+                                      models=["gpt-4o-mini"])
+        return secret
+
+    secret = asyncio.run(prepare())
+    app = create_app(db_path, routing_mode="off")
+    with serve(app) as base:
+        assert list(app.keys) == ["vault:fake"] and not app.fetching  # read before the first call
+        ask = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+        codes = asyncio.run(post_all(f"{base}/v1/chat/completions", ask, {"authorization": f"Bearer {secret}"}, 30,
+                                     connections=30))
+    assert codes == [200] * 30
+    assert {r["headers"].get("authorization") for r in fake.requests[-30:]} == {f"Bearer {KEY}"}

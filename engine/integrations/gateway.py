@@ -81,6 +81,7 @@ class Gateway:
         self.streams: set[asyncio.Task[None]] = set()
         self.last_used: dict[str, int] = {}  # token id -> last use, flushed with each heartbeat
         self.keys: dict[str, tuple[float, str]] = {}  # credential reference -> (read at, key), for a minute
+        self.fetching: dict[str, asyncio.Future[str]] = {}  # credential reference -> its decryption under way
         self.tokens: dict[bytes, tuple[float, Token]] = {}  # secret digest -> (read at, token), for a second
         self.transport: Http11Transport | None = None
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
@@ -129,6 +130,7 @@ class Gateway:
         # auth and redirect handling the gateway never uses) a fifth of the rest.
         self.transport = Http11Transport(max_connections=1000)
         self.started_ms = self.engine.now_ms()
+        await self._warm()
         beat = asyncio.create_task(self._heartbeat())
         try:
             yield
@@ -222,11 +224,7 @@ class Gateway:
         headers = {"content-type": "application/json"}
         if provider.credential:
             try:
-                cached = self.keys.get(provider.credential)
-                if cached is None or time.monotonic() - cached[0] > KEY_CACHE_S:
-                    cached = (time.monotonic(), await self.engine.credential(provider.credential))
-                    self.keys[provider.credential] = cached
-                key = cached[1]
+                key = await self._key(provider.credential)
             except VaultError as exc:
                 raise Refused(502, f"provider {provider.name}: its credential cannot be read ({exc})",
                               "api_error", "credential_unavailable") from None
@@ -235,6 +233,34 @@ class Gateway:
             else:
                 headers["authorization"] = f"Bearer {key}"
         return headers
+
+    async def _key(self, ref: str) -> str:
+        """A provider's key, decrypted at most once a minute; callers that find it missing at
+        the same moment share one decryption (a file vault's first one derives its key by
+        scrypt, a fifth of a second of CPU: fifty first calls must not each do it)."""
+        cached = self.keys.get(ref)
+        if cached is not None and time.monotonic() - cached[0] <= KEY_CACHE_S:
+            return cached[1]
+        fetch = self.fetching.get(ref)
+        if fetch is None:
+            assert self.engine is not None
+            fetch = self.fetching[ref] = asyncio.ensure_future(self.engine.credential(ref))
+            fetch.add_done_callback(lambda _: self.fetching.pop(ref, None))
+        key = await asyncio.shield(fetch)
+        self.keys[ref] = (time.monotonic(), key)
+        return key
+
+    async def _warm(self) -> None:
+        """Before serving: decrypt the registered providers' keys (and so derive a file vault's
+        key) once, so the first callers do not wait for it. A key that cannot be read now is
+        reported by the calls that need it, as before."""
+        assert self.governor is not None
+        for provider in await self.governor.registered():
+            if provider.enabled and provider.credential:
+                try:
+                    await self._key(provider.credential)
+                except VaultError:
+                    pass
 
     # ---- endpoints
 
