@@ -881,6 +881,8 @@ class SQLiteStore:
         await self._sync_log()
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
+        if self._written:  # what this store wrote since its last checkpoint (another may keep the log open)
+            await self._checkpoint()
         await self._writer.close()
         await self._reader.close()
 

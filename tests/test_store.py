@@ -211,6 +211,19 @@ async def test_an_operation_waits_for_another_process_without_stalling_the_event
     await store.close()
 
 
+async def test_a_store_checkpoints_what_it_wrote_when_it_closes_while_others_keep_the_ledger_open(
+        db_path: Path) -> None:
+    """Short-lived writers (a CLI command) must not leave the log to grow while a dashboard
+    keeps the ledger open: closing checkpoints what the store wrote."""
+    keeper = await SQLiteStore.open(db_path)
+    writer = await SQLiteStore.open(db_path)
+    await writer.record_many([event(i) for i in range(10)])
+    await writer.close()
+    assert writer.checkpoints == 1
+    assert await keeper.event_count() == 10
+    await keeper.close()
+
+
 async def test_the_log_is_checkpointed_by_the_reader_as_writes_accumulate(db_path: Path) -> None:
     store = await SQLiteStore.open(db_path)
     for n in range(5):
