@@ -30,6 +30,18 @@ async def _setup(db: Path, **token: object) -> str:
         return secret
 
 
+def _with_provider(db: Path, base_url: str, models: list[str], name: str = "fake") -> str:
+    """A token's secret, on a ledger with the vault key and one openai-kind provider at base_url."""
+    async def prepare() -> str:
+        secret = await _setup(db)
+        async with await Engine.open(db) as engine:
+            await engine.add_provider(name=name, kind="openai", base_url=base_url, credential="vault:fake",
+                                      models=models)
+        return secret
+
+    return asyncio.run(prepare())
+
+
 @pytest.fixture
 def provider() -> Iterator[tuple[FakeOpenAI, str]]:
     fake = FakeOpenAI()
@@ -45,15 +57,7 @@ def _vault(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def gateway(db_path: Path, provider: tuple[FakeOpenAI, str]) -> Iterator[tuple[str, str]]:
     _fake, url = provider
-
-    async def prepare() -> str:
-        secret = await _setup(db_path)
-        async with await Engine.open(db_path) as engine:
-            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", credential="vault:fake",
-                                      models=["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"])
-        return secret
-
-    secret = asyncio.run(prepare())
+    secret = _with_provider(db_path, f"{url}/v1", ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"])
     with serve(create_app(db_path, routing_mode="suggest", max_body=64 * 1024, upstream_timeout=2.0)) as base:
         yield f"{base}/v1", secret
 
@@ -261,14 +265,7 @@ def test_the_anthropic_sdk_through_the_gateway(db_path: Path) -> None:
 
 
 def test_the_provider_down_is_a_502_and_the_hold_goes_back(db_path: Path) -> None:
-    async def prepare() -> str:
-        secret = await _setup(db_path)
-        async with await Engine.open(db_path) as engine:
-            await engine.add_provider(name="down", kind="openai", base_url=f"{closed_port_url()}/v1",
-                                      credential="vault:fake", models=["gpt-4o-mini"])
-        return secret
-
-    secret = asyncio.run(prepare())
+    secret = _with_provider(db_path, f"{closed_port_url()}/v1", ["gpt-4o-mini"], name="down")
     with serve(create_app(db_path)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
         with pytest.raises(openai.APIStatusError) as down:
@@ -333,14 +330,7 @@ def test_a_graceful_shutdown_releases_the_holds_of_calls_under_way(
 
     _fake, url = provider
 
-    async def prepare() -> str:
-        secret = await _setup(db_path)
-        async with await Engine.open(db_path) as engine:
-            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", credential="vault:fake",
-                                      models=["gpt-4o-mini"])
-        return secret
-
-    secret = asyncio.run(prepare())
+    secret = _with_provider(db_path, f"{url}/v1", ["gpt-4o-mini"])
     outcome: list[object] = []
     with serve(create_app(db_path, upstream_timeout=60), grace_s=1) as base:
         def call() -> None:
@@ -472,14 +462,7 @@ def test_provider_keys_are_decrypted_before_serving_and_first_calls_at_once_all_
     gateway does it once before serving, not once per caller of the first burst."""
     fake, url = provider
 
-    async def prepare() -> str:
-        secret = await _setup(db_path)
-        async with await Engine.open(db_path) as engine:
-            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", credential="vault:fake",
-                                      models=["gpt-4o-mini"])
-        return secret
-
-    secret = asyncio.run(prepare())
+    secret = _with_provider(db_path, f"{url}/v1", ["gpt-4o-mini"])
     app = create_app(db_path, routing_mode="off")
     with serve(app) as base:
         assert list(app.keys) == ["vault:fake"] and not app.fetching  # read before the first call
