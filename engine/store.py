@@ -943,11 +943,13 @@ class SQLiteStore:
                     # A small batch runs here, on the event loop: two thread hand-offs cost more
                     # than its work. If another process holds the ledger, or the batch is large,
                     # it runs on the writer's thread, which may wait without stalling the loop.
-                    try:
-                        if len(ops) > INLINE_BATCH:
-                            raise _Busy
-                        results = self._ops_sync(ops, sync, wait=False)
-                    except _Busy:
+                    results = None
+                    if len(ops) <= INLINE_BATCH:
+                        try:
+                            results = self._ops_sync(ops, sync, wait=False)
+                        except _Busy:
+                            pass
+                    if results is None:
                         results = await self._writer._execute(self._ops_sync, ops, sync)  # type: ignore[no-untyped-call]
                 self._wrote(len(ops))
             except Exception as exc:
@@ -1410,7 +1412,7 @@ def _fsync(path: Path) -> None:
 
 
 class _Busy(Exception):
-    """Another connection holds the ledger's write lock (or the batch is too big to run inline)."""
+    """Another connection holds the ledger's write lock."""
 
 
 async def _connect(path: Path, durable: bool, any_thread: bool = False) -> aiosqlite.Connection:

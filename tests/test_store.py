@@ -228,8 +228,11 @@ async def test_the_log_is_checkpointed_by_the_reader_as_writes_accumulate(db_pat
     store = await SQLiteStore.open(db_path)
     for n in range(5):
         await store.record_many([event(n * 1000 + i) for i in range(1000)])
+    deadline = asyncio.get_running_loop().time() + 10
+    while store.checkpoints == 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert store.checkpoints >= 1  # while the store is open, not only at close
     await store.close()
-    assert store.checkpoints >= 1
     reopened = await SQLiteStore.open(db_path)
     assert await reopened.event_count() == 5000
     await reopened.close()

@@ -219,8 +219,8 @@ class Gateway:
             raise bad_request("body", "must be a JSON object")
         return body, raw
 
-    async def _upstream_headers(self, provider: Provider) -> dict[str, str]:
-        assert self.engine is not None
+    async def _upstream_headers(self, provider: Provider) -> list[tuple[bytes, bytes]]:
+        """The headers of a call to the provider, as bytes (both upstream paths take them so)."""
         headers = {"content-type": "application/json"}
         if provider.credential:
             try:
@@ -232,7 +232,7 @@ class Gateway:
                 headers.update({"x-api-key": key, "anthropic-version": "2023-06-01"})
             else:
                 headers["authorization"] = f"Bearer {key}"
-        return headers
+        return [(name.encode(), value.encode()) for name, value in headers.items()]
 
     async def _key(self, ref: str) -> str:
         """A provider's key, decrypted at most once a minute; callers that find it missing at
@@ -348,7 +348,7 @@ class Gateway:
                     await sent.aclose()
             else:
                 status, answer_headers, content = await self.transport.exchange(
-                    "POST", target, [(k.encode(), v.encode()) for k, v in headers.items()], raw, self.timeouts)
+                    "POST", target, headers, raw, self.timeouts)
         except asyncio.CancelledError:  # the gateway is stopping and its grace period is over
             await asyncio.shield(self.governor.fail(ticket))
             return error(Refused(503, "the gateway is shutting down; the call was not made", "api_error",
