@@ -283,16 +283,15 @@ def attach_grant(conn: sqlite3.Connection, hold_id: str, request_id: str, amount
     use_grant(conn, request_id, amount)
 
 
-def settle_grant(conn: sqlite3.Connection, hold_id: str, actual: dict[str, int] | None) -> None:
-    """Give back to the grant what the call did not use: the worst case less its actual
-    amount in the policy's metric, or all of it when the call did not run (``actual`` None)."""
-    row = conn.execute("SELECT h.grant_id, h.grant_amount, r.policy_snapshot FROM holds h "
-                       "JOIN override_requests r ON r.id = h.grant_id WHERE h.id = ? AND h.state = 'held'",
-                       (hold_id,)).fetchone()
+def settle_grant(conn: sqlite3.Connection, hold_id: str, request_id: str, taken: int,
+                 actual: dict[str, int] | None) -> None:
+    """Give back to the grant ``request_id`` what the call of ``hold_id``, which took ``taken``
+    from it, did not use: the worst case less its actual amount in the policy's metric, or
+    all of it when the call did not run (``actual`` None)."""
+    row = conn.execute("SELECT policy_snapshot FROM override_requests WHERE id = ?", (request_id,)).fetchone()
     if row is None:
         return
-    request_id, taken, snapshot = row
-    used = 0 if actual is None else min(taken, actual.get(json.loads(snapshot)["metric"], taken))
+    used = 0 if actual is None else min(taken, actual.get(json.loads(row[0])["metric"], taken))
     if taken - used:
         use_grant(conn, request_id, used - taken)
     conn.execute("UPDATE holds SET grant_amount = ? WHERE id = ?", (used, hold_id))

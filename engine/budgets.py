@@ -23,7 +23,7 @@ from engine import approvals
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.models import FieldError, UsageEvent
 from engine.money import MoneyError, format_usd, parse_usd
-from engine.store import LedgerTx, RecordResult
+from engine.store import ClosedHold, LedgerTx, RecordResult
 
 Metric = Literal["usd", "tokens", "requests"]
 Mode = Literal["enforced", "dry_run", "suggest"]
@@ -712,7 +712,8 @@ class BudgetBook:
 
     def _hold(self, tx: LedgerTx, evaluation: Evaluation, request_id: str, context: Mapping[str, str],
               now: int) -> str:
-        hold_id = "hold_" + secrets.token_hex(8)
+        # The time first: a new hold goes at the end of the ledger's holds, not somewhere within.
+        hold_id = f"hold_{max(now, 0):011x}{secrets.token_hex(5)}"
         lines = [(o.policy.id, o.cost) for o in evaluation.outcomes]
         self._last_journal = tx.open_hold(hold_id, request_id, now, now + self.hold_ttl_ms,
                                           json.dumps(dict(context)), lines)
@@ -721,41 +722,49 @@ class BudgetBook:
         return hold_id
 
     def settle(self, tx: LedgerTx, hold_id: str, event: UsageEvent) -> RecordResult:
-        """Post the call's actual usage and release its hold, in one transaction."""
-        state = tx.hold_state(hold_id)
-        if state is None:
-            raise HoldError(f"hold {hold_id} does not exist")
-        if state in ("settled", "released"):
-            raise HoldError(f"hold {hold_id} is already {state}")
+        """Post the call's actual usage and release its hold, in one transaction. A hold that
+        expired meanwhile has nothing left to release: the usage is posted all the same."""
+        closed = self._close(tx, hold_id, "settled", self._now(), {
+            "usd": event.cost_nanos or 0, "tokens": event.input_tokens + event.output_tokens,
+            "requests": 0 if event.status == "blocked" else 1})
+        if closed is None:
+            state = tx.hold_state(hold_id)
+            if state is None:
+                raise HoldError(f"hold {hold_id} does not exist")
+            if state in ("settled", "released"):
+                raise HoldError(f"hold {hold_id} is already {state}")
         (result,) = tx.append([event])
-        for row in tx.events_since(self._last_event):
-            self._fold_event(row)
-        if state == "held":
-            approvals.settle_grant(tx.conn, hold_id, {
-                "usd": event.cost_nanos or 0, "tokens": event.input_tokens + event.output_tokens,
-                "requests": 0 if event.status == "blocked" else 1})
-            self._close(tx, hold_id, "settled", self._now())
+        if tx.appended_id == self._last_event + 1:  # nothing came between: fold the event from here
+            self._fold_event((tx.appended_id, event.ts_ms, event.workspace, event.team, event.principal,
+                              event.token_id, event.provider, event.model, event.session, event.agent,
+                              event.input_tokens, event.output_tokens, event.cost_nanos or 0, event.status))
+        else:
+            for row in tx.events_since(self._last_event):
+                self._fold_event(row)
         return result
 
     def release(self, tx: LedgerTx, hold_id: str) -> None:
         """Give a hold back (the call failed before costing anything)."""
-        state = tx.hold_state(hold_id)
-        if state is None:
-            raise HoldError(f"hold {hold_id} does not exist")
-        if state != "held":
-            raise HoldError(f"hold {hold_id} is already {state}")
-        self._close(tx, hold_id, "released", self._now())
+        if self._close(tx, hold_id, "released", self._now()) is None:
+            state = tx.hold_state(hold_id)
+            raise HoldError(f"hold {hold_id} does not exist" if state is None else f"hold {hold_id} is already {state}")
 
-    def _close(self, tx: LedgerTx, hold_id: str, state: str, now: int) -> None:
-        if state != "settled":
-            approvals.settle_grant(tx.conn, hold_id, None)  # a call that did not run used none of its grant
-        lines = tx.close_hold(hold_id, state, now)
-        for policy_id, amount in lines or ():
+    def _close(self, tx: LedgerTx, hold_id: str, state: str, now: int,
+               actual: dict[str, int] | None = None) -> ClosedHold | None:
+        """Close the hold if it is open; give its grant back what the call did not use
+        (``actual`` None: all of it, the call did not run)."""
+        closed = tx.close_hold(hold_id, state, now)
+        if closed is None:
+            return None
+        if closed.grant_id is not None:
+            approvals.settle_grant(tx.conn, hold_id, closed.grant_id, closed.grant_amount, actual)
+        for policy_id, amount in closed.lines:
             counter = self._counters.get(policy_id)
             if counter is not None:
                 counter.held -= amount
-        if lines:
+        if closed.lines:
             self._last_journal = tx.last_journal_id
+        return closed
 
     def snapshot(self, tx: LedgerTx) -> list[Outcome]:
         """Every policy as it stands now (a call of no cost): consumed, held, window, status."""

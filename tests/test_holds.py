@@ -4,12 +4,15 @@ hard limit is never overspent, by a thousand concurrent calls or by two processe
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from engine.budgets import build_policy
+import pytest
+
+from engine.budgets import HoldError, build_policy
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock
 from engine.engine import CallRequest, Engine
 from engine.models import UsageEvent
@@ -249,3 +252,78 @@ async def test_a_policy_edited_between_decisions_applies_to_the_next_one(engine:
     clock.advance(1)
     await engine.update_policy(replace(policy, hard=1_000, updated_ms=engine.now_ms()))  # $0.000001
     assert not (await engine.authorize(call)).allowed
+
+
+async def test_settling_twice_or_an_unknown_hold_is_refused_and_changes_nothing(engine: Engine) -> None:
+    policy = await engine.add_policy(build_policy(scope="principal:alice", metric="usd", window="day", hard="1"))
+    call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+    auth = await engine.authorize(call)
+    assert auth.hold_id
+    await engine.settle(auth.hold_id, _event(call.request_id, cost=100_000))
+    with pytest.raises(HoldError, match=f"hold {auth.hold_id} is already settled"):
+        await engine.settle(auth.hold_id, _event("a-second-try", cost=100_000))
+    with pytest.raises(HoldError, match=f"hold {auth.hold_id} is already settled"):
+        await engine.release(auth.hold_id)
+    with pytest.raises(HoldError, match="hold hold_nope does not exist"):
+        await engine.settle("hold_nope", _event("nowhere", cost=100_000))
+    assert await engine.event_count() == 1  # neither refused settlement posted its event
+    # A failed operation undoes its whole batch; the next decision still sees the ledger as it is.
+    check = await engine.check(call)
+    assert check.outcomes[0].policy.id == policy.id
+    assert (check.outcomes[0].consumed, check.outcomes[0].held) == (100_000, 0)
+    second = await engine.authorize(call)
+    assert second.allowed and engine.budgets.held(policy.id) == second.cost.usd
+
+
+async def test_a_settlement_counts_spend_another_connection_wrote_while_the_call_ran(engine: Engine) -> None:
+    policy = await engine.add_policy(build_policy(scope="principal:alice", metric="usd", window="day", hard="1"))
+    call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+    auth = await engine.authorize(call)
+    assert auth.hold_id
+    other = await Engine.open(engine.path, clock=engine.clock)
+    await other.record(_event("elsewhere", cost=600_000_000))
+    await other.close()
+    await engine.settle(auth.hold_id, _event(call.request_id, cost=300_000_000))
+    check = await engine.check(call)
+    assert (check.outcomes[0].policy.id, check.outcomes[0].consumed, check.outcomes[0].held) == (
+        policy.id, 900_000_000, 0)
+    assert not (await engine.authorize(replace(call, max_tokens=200_000))).allowed  # $0.12 more: over $1
+
+
+async def test_holds_of_a_ledger_from_before_hold_lines_moved_into_the_hold_survive_the_upgrade(
+        db_path: Path, clock: FrozenClock) -> None:
+    """Schema 6 kept a hold's lines in a table of their own; opening such a ledger moves them."""
+    import sqlite3
+
+    from engine.store import MIGRATIONS, _statements
+
+    policy = build_policy(scope="principal:alice", metric="usd", window="day", hard="1")
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for script in MIGRATIONS[:6]:
+        for statement in _statements(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 6")
+    conn.execute("INSERT INTO policies (id, spec, deleted, updated_ms) VALUES (?, ?, 0, ?)",
+                 (policy.id, json.dumps(policy.to_json()), NOW_MS))
+    for hold_id, state, amount in (("hold_open", "held", 400_000_000), ("hold_done", "settled", 250_000_000)):
+        conn.execute("INSERT INTO holds (id, request_id, created_ms, expires_ms, state, context) "
+                     "VALUES (?, ?, ?, ?, ?, '{}')", (hold_id, f"req-{hold_id}", NOW_MS, NOW_MS + MINUTE_MS, state))
+        conn.execute("INSERT INTO hold_lines (hold_id, policy_id, amount) VALUES (?, ?, ?)",
+                     (hold_id, policy.id, amount))
+    conn.close()
+    async with await Engine.open(db_path, clock=clock) as engine:
+        assert engine.budgets is not None
+        call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", max_tokens=0)
+        check = await engine.check(call)
+        assert (check.outcomes[0].consumed, check.outcomes[0].held) == (0, 400_000_000)
+        assert await engine.open_holds() == 1
+        with pytest.raises(HoldError, match="already settled"):
+            await engine.release("hold_done")
+        await engine.settle("hold_open", _event("req-hold_open", cost=350_000_000))
+        check = await engine.check(call)
+        assert (check.outcomes[0].consumed, check.outcomes[0].held) == (350_000_000, 0)
+    conn = sqlite3.connect(db_path)
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    conn.close()
+    assert "hold_lines" not in tables and "holds" in tables
