@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine import approvals
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
-from engine.models import FieldError, UsageEvent
+from engine.models import FieldError, UsageEvent, unique_hex
 from engine.money import MoneyError, format_usd, parse_usd
 from engine.store import ClosedHold, LedgerTx, RecordResult
 
@@ -38,6 +38,8 @@ DEFAULT_THRESHOLDS: Final = (50, 80, 100)
 DEFAULT_MAX_OUTPUT_TOKENS: Final = 4096
 _ROLLING = re.compile(r"^rolling:(\d{1,6})([mhd])$")
 _SCOPE_ID = re.compile(r"^[^\s+:]{1,200}$")
+_SCOPE_LEVELS: Final = {"workspace": 1, "team": 2, "principal": 3, "session": 4, "agent": 4, "token": 5,
+                        "provider": 1, "model": 2}
 
 
 # ----------------------------------------------------------------------------- scope
@@ -61,9 +63,7 @@ class Scope:
     @property
     def level(self) -> int:
         """How specific the scope is, for ordering a hierarchy (global 0 ... token 5)."""
-        order = {"workspace": 1, "team": 2, "principal": 3, "session": 4, "agent": 4, "token": 5,
-                 "provider": 1, "model": 2}
-        return max((order[k] for k, _ in self.parts), default=0)
+        return max((_SCOPE_LEVELS[k] for k, _ in self.parts), default=0)
 
 
 def parse_scope(text: str, field_name: str = "scope") -> Scope:
@@ -713,7 +713,7 @@ class BudgetBook:
     def _hold(self, tx: LedgerTx, evaluation: Evaluation, request_id: str, context: Mapping[str, str],
               now: int) -> str:
         # The time first: a new hold goes at the end of the ledger's holds, not somewhere within.
-        hold_id = f"hold_{max(now, 0):011x}{secrets.token_hex(5)}"
+        hold_id = f"hold_{max(now, 0):011x}{unique_hex()}"
         lines = [(o.policy.id, o.cost) for o in evaluation.outcomes]
         self._last_journal = tx.open_hold(hold_id, request_id, now, now + self.hold_ttl_ms,
                                           json.dumps(dict(context)), lines)

@@ -33,7 +33,8 @@ MAX_BATCH: Final = 4096
 #: Bulk writes commit in chunks of this many events (each chunk all-or-nothing).
 BULK_CHUNK: Final = 50_000
 INLINE_BATCH: Final = 64  # an operation batch this small runs on the event loop when the ledger is free
-CHECKPOINT_EVERY: Final = 2_000  # operations and events written between two checkpoints of the log
+CHECKPOINT_EVERY: Final = 1_000  # operations and events written between two checkpoints of the log
+WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024  # bytes of log file kept when the log starts again
 BUSY_TIMEOUT_MS: Final = 30_000
 
 
@@ -908,6 +909,9 @@ class SQLiteStore:
             # The writer never checkpoints the log itself: its commits may run on the event loop,
             # which must not stall copying megabytes. The reader does it, on its own thread.
             await writer.execute("PRAGMA wal_autocheckpoint = 0")
+            # A log that grew long (an import, a reader that kept an old snapshot) is cut back
+            # to this when it next starts again, rather than keep its size on the disk for ever.
+            await writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             for sql in _TEMP_TABLES:
                 await writer.execute(sql)
             reader = await _connect(path, durable)
@@ -1039,9 +1043,19 @@ class SQLiteStore:
         self._checkpointing = asyncio.ensure_future(self._checkpoint())
 
     async def _checkpoint(self) -> None:
+        """Copy the log into the database, so that the next write starts the log again from its
+        beginning. A passive checkpoint copies what was committed when it began; this store's
+        writers go on meanwhile, so a second one copies the rest while they wait (briefly: the
+        rest is what they wrote during the first). Without it a log under steady load is never
+        wholly copied and never restarted: it grew by 55 MB every thousand gateway calls, and
+        each commit cost more as it did."""
         try:
+            commits = self.commits
             async with self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
-                await cur.fetchone()
+                row = await cur.fetchone()
+            if self.commits != commits or (row is not None and row[1] != row[2]):  # more to copy
+                async with self._write_lock, self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+                    await cur.fetchone()
         except sqlite3.Error:  # a busy or failed checkpoint: the next one copies what this did not
             return
         self.checkpoints += 1

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine import store as store_module
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.models import ROLLUP_DIMENSIONS, UsageEvent
 from engine.store import SCHEMA_VERSION, SchemaTooNewError, SQLiteStore, StoreError, Totals, range_segments
@@ -236,6 +237,28 @@ async def test_the_log_is_checkpointed_by_the_reader_as_writes_accumulate(db_pat
     reopened = await SQLiteStore.open(db_path)
     assert await reopened.event_count() == 5000
     await reopened.close()
+
+
+async def test_the_log_starts_again_from_its_beginning_under_steady_writes(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint copies what was committed when it began, and operations go on meanwhile;
+    the log must still be wholly copied now and then, so that it starts again from its
+    beginning instead of growing for as long as writes never pause."""
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 100)
+    store = await SQLiteStore.open(db_path)
+    for i in range(3000):  # some 18,000 frames of log: an operation changes half a dozen pages
+        await store.transact(lambda tx, i=i: tx.append([event(i)]))
+    other = sqlite3.connect(db_path)
+    for _ in range(500):  # until the store's own checkpoint, if one is under way, is done
+        busy, frames, _ = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if not busy:
+            break
+        await asyncio.sleep(0.01)
+    other.close()
+    assert store.checkpoints >= 10 and busy == 0
+    assert 0 < frames < 3000  # what the last two hundred operations or so wrote, not all of it
+    assert await store.event_count() == 3000
+    await store.close()
 
 
 def test_range_segments_cover_exactly_the_minutes_asked() -> None:

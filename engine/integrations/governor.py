@@ -15,7 +15,6 @@ sends, and the transport turns into a response the SDKs raise as theirs.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 from engine import providers as prov
 from engine.budgets import Authorization
 from engine.engine import CallRequest, Engine
-from engine.models import FieldError, Usage, UsageEvent
+from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens
 from engine.ratelimits import Limit, RateLimiter
@@ -208,7 +207,7 @@ class Governor:
                 what = verdict.limit.kind if verdict.limit else "requests"
                 raise Refused(429, f"rate limit reached: {what} per minute for this token", "rate_limit_error",
                               "rate_limit_exceeded", None, rate_headers)
-        request_id = "bgt-" + secrets.token_hex(10)
+        request_id = "bgt-" + unique_hex()
         applied = model
         if route and kind == "chat" and self.routing_mode in ("suggest", "dry_run", "enforced"):
             try:

@@ -36,6 +36,11 @@ import httpx
 PAUSE_AT = 256 * 1024  # bytes of an answer buffered unread before the socket is paused
 
 
+def _time_out(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; one exchange at a time."""
 
@@ -57,7 +62,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = True
         self.error: Exception | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[bool] | None = None
         self.paused = False
         self.until_close = False  # an answer with neither length nor chunks ends when the server closes
 
@@ -131,7 +136,7 @@ class _Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+            self.waiter.set_result(True)
 
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
@@ -139,12 +144,21 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     async def _wait(self, timeout: float | None, what: str) -> None:
-        self.waiter = asyncio.get_running_loop().create_future()
+        """Until the server sends something (True) or ``timeout`` passes (False: ReadTimeout).
+        A timer of its own, not asyncio.wait_for: that is two more futures and their callbacks
+        for every answer."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self.waiter = waiter
+        timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
         try:
-            await asyncio.wait_for(self.waiter, timeout)
-        except TimeoutError:
+            woken = await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not woken:
             self.close()
-            raise httpx.ReadTimeout(f"no {what} from the server within {timeout} s") from None
+            raise httpx.ReadTimeout(f"no {what} from the server within {timeout} s")
 
     async def send(self, head: bytes, body: bytes | AsyncIterator[bytes], chunked: bool,
                    timeouts: Mapping[str, float | None]) -> None:
