@@ -1,7 +1,7 @@
 """Alerts: threshold crossings and projected overruns, stored once per window, delivered to
 webhooks (generic JSON or Slack-compatible) with retries and a delivery log.
 
-Crossings are found inside the ledger's write transaction (``crossings`` is pure); the
+Crossings are found inside the ledger's write transaction (``crossed`` is pure); the
 alert row's uniqueness (policy, window, kind, threshold) makes each one fire once per
 window and again in the next. Delivery happens after the commit, off the hot path.
 """
@@ -42,17 +42,20 @@ class Alert:
                 "message": self.message, "acked_by": self.acked_by, "acked_ms": self.acked_ms}
 
 
-def crossings(policy: Policy, consumed: int) -> list[tuple[str, int, str]]:
-    """(kind, threshold, message) for every threshold and soft limit ``consumed`` has reached."""
-    out = []
-    fmt = policy.format_amount
-    for pct in policy.thresholds:
-        if consumed * 100 >= policy.hard * pct:
-            out.append(("threshold", pct, f"{policy.name} reached {pct}% of its hard limit: "
-                                          f"{fmt(consumed)} of {fmt(policy.hard)} this {policy.window}"))
+def crossed(policy: Policy, consumed: int) -> list[tuple[str, int]]:
+    """(kind, threshold) of every threshold and soft limit ``consumed`` has reached."""
+    out = [("threshold", pct) for pct in policy.thresholds if consumed * 100 >= policy.hard * pct]
     if policy.soft is not None and consumed > policy.soft:
-        out.append(("soft", 0, f"{policy.name} passed its soft limit: {fmt(consumed)} of {fmt(policy.soft)}"))
+        out.append(("soft", 0))
     return out
+
+
+def crossing_message(policy: Policy, kind: str, threshold: int, consumed: int) -> str:
+    fmt = policy.format_amount
+    if kind == "soft":
+        return f"{policy.name} passed its soft limit: {fmt(consumed)} of {fmt(policy.soft or 0)}"
+    return (f"{policy.name} reached {threshold}% of its hard limit: {fmt(consumed)} of {fmt(policy.hard)} "
+            f"this {policy.window}")
 
 
 def forecast_message(f: Forecast) -> str:

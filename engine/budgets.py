@@ -518,6 +518,7 @@ class BudgetBook:
         self._stale = True
         self._dirty: set[str] = set()  # policies whose consumption moved in this batch
         self._raising: list[int] = []
+        self._alerted: set[tuple[str, int, str, int]] = set()  # (policy, window, kind, threshold) stored
         self._batch_mark = 0
         self._expiry_due = 0  # when the next batch looks for holds past their time to live
 
@@ -557,7 +558,7 @@ class BudgetBook:
 
     def end(self, tx: LedgerTx) -> None:
         """Store the alerts whose thresholds consumption has now reached (first and last in a batch)."""
-        from engine.alerts import crossings
+        from engine.alerts import crossed, crossing_message
 
         now = self._now()
         for policy_id in sorted(self._dirty):
@@ -567,8 +568,14 @@ class BudgetBook:
             consumed = counter.consumed_at(now)
             window = counter.policy.window
             key = counter.start_ms if window.calendar else now - now % window.rolling_ms
-            for kind, threshold, message in crossings(counter.policy, consumed):
+            for kind, threshold in crossed(counter.policy, consumed):
+                # Once stored (or found stored), an alert is not asked for again in its window:
+                # a policy past 80 % would otherwise cost two INSERTs on every call.
+                if (mark := (policy_id, key, kind, threshold)) in self._alerted:
+                    continue
+                message = crossing_message(counter.policy, kind, threshold, consumed)
                 alert_id = tx.raise_alert(policy_id, key, kind, threshold, now, consumed, message)
+                self._alerted.add(mark)
                 if alert_id is not None:
                     self._raising.append(alert_id)
         self._dirty.clear()
@@ -580,6 +587,7 @@ class BudgetBook:
 
     def _rebuild(self, tx: LedgerTx, now: int, version: tuple[int, int]) -> None:
         self._counters = {}
+        self._alerted.clear()  # the ledger's own uniqueness says again what was stored
         for spec in tx.policy_specs():
             policy = Policy.from_json(json.loads(spec))
             self._counters[policy.id] = self._load(tx, policy, now)

@@ -44,6 +44,22 @@ async def test_each_threshold_fires_once_per_window_and_again_in_the_next(engine
     assert [(a.kind, a.threshold) for a in fresh] == [("threshold", 50)]
 
 
+async def test_a_policy_past_its_thresholds_does_not_write_its_alerts_again_on_every_call(engine: Engine) -> None:
+    await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    await engine.record(_spend(1, 8.5))  # past 50 % and 80 %
+    writes: list[str] = []
+    engine.store._writer._conn.set_trace_callback(  # every statement the ledger's writer runs
+        lambda sql: writes.append(sql) if sql.startswith("INSERT INTO alerts") else None)
+    for n in range(5):
+        call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=100, max_tokens=100)
+        auth = await engine.authorize(call)
+        assert auth.hold_id
+        await engine.settle(auth.hold_id, _spend(10 + n, 0.01))
+    engine.store._writer._conn.set_trace_callback(None)
+    assert [(a.kind, a.threshold) for a in await engine.alerts()] == [("threshold", 80), ("threshold", 50)]
+    assert len(writes) <= 2  # the two already stored are looked for once, not on each of ten batches
+
+
 async def test_an_alert_is_acknowledged_once(engine: Engine) -> None:
     await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
     await engine.record(_spend(1, 1))
