@@ -456,6 +456,46 @@ async def test_writes_made_in_one_loop_turn_leave_in_one_send_and_close_sends_wh
     await server.wait_closed()
 
 
+async def test_a_complete_answer_is_on_the_wire_before_the_turn_that_wrote_it_ends() -> None:
+    """The coalesced writes of an answer leave when it is complete, not a loop turn later: the
+    app below, right after its last send, reads the answer from the client's socket while
+    blocking the loop; the read times out if the sending waited for the loop."""
+    import socket
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from engine.integrations.gateway import GatewayHttpProtocol
+
+    client = socket.socket()
+    seen: list[bytes] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,  # type: ignore[operator]
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+        client.settimeout(2)
+        seen.append(client.recv(65536))
+
+    config = Config(app, http=GatewayHttpProtocol, lifespan="off", log_level="warning")
+    config.load()
+    state = ServerState()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: GatewayHttpProtocol(config=config, server_state=state, app_state={}),
+                                      "127.0.0.1", 0)
+    client.connect(server.sockets[0].getsockname())
+    client.sendall(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+    for _ in range(500):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    client.close()
+    server.close()
+    assert seen and seen[0].startswith(b"HTTP/1.1 200 OK\r\n") and seen[0].endswith(b"\r\n\r\nok")
+
+
 def test_provider_keys_are_decrypted_before_serving_and_first_calls_at_once_all_answer(
         db_path: Path, provider: tuple[FakeOpenAI, str]) -> None:
     """A file vault's first decryption derives its key (scrypt, a fifth of a second): the

@@ -486,10 +486,17 @@ class CoalescedWrites:
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol, its writes coalesced per loop turn (``CoalescedWrites``)."""
+    """uvicorn's HTTP/1.1 protocol, its writes coalesced per loop turn (``CoalescedWrites``)
+    and sent as soon as an answer is complete."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
+
+    def on_response_complete(self) -> None:
+        # The whole answer is written: it leaves now, not after whatever else this turn of the
+        # loop has to run (0.1 ms of added latency at 50 connections).
+        self.transport._flush()  # type: ignore[attr-defined]
+        super().on_response_complete()
 
 
 def create_app(db: Path, **options: Any) -> Gateway:
