@@ -558,6 +558,8 @@ class BudgetBook:
 
     def end(self, tx: LedgerTx) -> None:
         """Store the alerts whose thresholds consumption has now reached (first and last in a batch)."""
+        if not self._dirty:
+            return
         from engine.alerts import crossed, crossing_message
 
         now = self._now()
