@@ -327,3 +327,34 @@ async def test_holds_of_a_ledger_from_before_hold_lines_moved_into_the_hold_surv
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     conn.close()
     assert "hold_lines" not in tables and "holds" in tables
+
+
+def _child_id(queue: object) -> None:
+    from engine.models import unique_hex
+
+    queue.put(unique_hex())  # type: ignore[attr-defined]
+
+
+async def test_hold_ids_ascend_with_time_and_call_ids_differ_across_processes(engine: Engine,
+                                                                              clock: FrozenClock) -> None:
+    import multiprocessing
+
+    from engine.models import unique_hex
+
+    await engine.add_policy(build_policy(scope="global", metric="requests", window="day", hard="1000"))
+    holds = []
+    for _ in range(3):
+        auth = await engine.authorize(CallRequest(principal="alice", model="gpt-4o-mini", max_tokens=10))
+        assert auth.hold_id
+        holds.append(auth.hold_id)
+        clock.advance(1)
+    assert holds == sorted(holds) and len(set(holds)) == 3  # new holds go at the end of the table
+    mine = [unique_hex() for _ in range(1000)]
+    assert len(set(mine)) == 1000 and all(len(i) == 20 for i in mine)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_id, args=(queue,))
+    child.start()
+    theirs = queue.get(timeout=10)
+    child.join(10)
+    assert theirs[:12] != mine[0][:12]  # a forked child draws a prefix of its own
