@@ -733,7 +733,12 @@ class BudgetBook:
 
     def settle(self, tx: LedgerTx, hold_id: str, event: UsageEvent) -> RecordResult:
         """Post the call's actual usage and release its hold, in one transaction. A hold that
-        expired meanwhile has nothing left to release: the usage is posted all the same."""
+        expired meanwhile has nothing left to release: the usage is posted all the same.
+
+        Everything that can fail (the append, the close) comes before the counters in memory
+        change: a failed operation is rolled back to its savepoint alone, and memory must not
+        keep what the ledger does not."""
+        (result,) = tx.append([event])
         closed = self._close(tx, hold_id, "settled", self._now(), {
             "usd": event.cost_nanos or 0, "tokens": event.input_tokens + event.output_tokens,
             "requests": 0 if event.status == "blocked" else 1})
@@ -743,7 +748,6 @@ class BudgetBook:
                 raise HoldError(f"hold {hold_id} does not exist")
             if state in ("settled", "released"):
                 raise HoldError(f"hold {hold_id} is already {state}")
-        (result,) = tx.append([event])
         if tx.appended_id == self._last_event + 1:  # nothing came between: fold the event from here
             self._fold_event((tx.appended_id, event.ts_ms, event.workspace, event.team, event.principal,
                               event.token_id, event.provider, event.model, event.session, event.agent,

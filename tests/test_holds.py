@@ -358,3 +358,23 @@ async def test_hold_ids_ascend_with_time_and_call_ids_differ_across_processes(en
     theirs = queue.get(timeout=10)
     child.join(10)
     assert theirs[:12] != mine[0][:12]  # a forked child draws a prefix of its own
+
+
+async def test_a_settlement_that_fails_beside_others_leaves_its_hold_held_in_memory_too(engine: Engine) -> None:
+    """Two settlements in one batch, one of them refused (a negative cost): the refused one is
+    rolled back to its savepoint alone, and the budgets in memory must still count its hold."""
+    policy = await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
+    calls = [CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
+             for _ in range(3)]
+    holds = [(await engine.authorize(c)).hold_id for c in calls]
+    worst = 750_000  # each call's worst case
+    assert all(holds) and engine.budgets.held(policy.id) == 3 * worst
+    good, bad = await asyncio.gather(engine.settle(holds[0], _event(calls[0].request_id, cost=100)),
+                                     engine.settle(holds[1], _event(calls[1].request_id, cost=-5)),
+                                     return_exceptions=True)
+    assert isinstance(bad, ValueError) and not isinstance(good, BaseException)
+    assert engine.budgets.held(policy.id) == 2 * worst  # the refused settlement's hold is still held
+    await engine.settle(holds[1], _event(calls[1].request_id, cost=100))  # the caller tries again
+    assert engine.budgets.held(policy.id) == worst
+    check = await engine.check(calls[2])
+    assert (check.outcomes[0].consumed, check.outcomes[0].held) == (200, worst)
