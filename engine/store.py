@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from itertools import islice
@@ -34,6 +35,7 @@ MAX_BATCH: Final = 4096
 BULK_CHUNK: Final = 50_000
 INLINE_BATCH: Final = 64  # an operation batch this small runs on the event loop when the ledger is free
 CHECKPOINT_EVERY: Final = 1_000  # operations and events written between two checkpoints of the log
+LIVE_GATEWAY_MS: Final = 10_000  # a gateway whose heartbeat (every 2 s) is this recent is running
 WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024  # bytes of log file kept when the log starts again
 BUSY_TIMEOUT_MS: Final = 30_000
 
@@ -1542,6 +1544,19 @@ async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
                 other = await cur.fetchone()
             if other and other[0]:
                 raise StoreError(f"the file at {path} is an SQLite database but not a Budgeteer ledger")
+        if 6 <= version < 7:
+            # Schema 7 moves a hold's lines into its row: a gateway of the older Budgeteer still
+            # serving on this ledger would fail on its next hold and settlement, and lose the
+            # usage of the calls it has under way. Refuse while one has been seen lately.
+            async with conn.execute(
+                    "SELECT pid, address FROM gateways WHERE stopped_ms IS NULL AND seen_ms > ?",
+                    (int(time.time() * 1000) - LIVE_GATEWAY_MS,)) as cur:
+                live = await cur.fetchall()
+            if live:
+                raise StoreError(
+                    f"the ledger at {path} is in use by a running gateway of an older Budgeteer (pid "
+                    f"{', '.join(str(pid) for pid, _ in live)}); stop it, and every other Budgeteer process on "
+                    "this ledger, before this version upgrades the ledger's schema")
         for number in range(version, SCHEMA_VERSION):
             for statement in _statements(MIGRATIONS[number]):
                 await conn.execute(statement)

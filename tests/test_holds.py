@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.budgets import HoldError, build_policy
+from engine.budgets import HoldError, Policy, build_policy
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock
 from engine.engine import CallRequest, Engine
 from engine.models import UsageEvent
@@ -290,9 +290,9 @@ async def test_a_settlement_counts_spend_another_connection_wrote_while_the_call
     assert not (await engine.authorize(replace(call, max_tokens=200_000))).allowed  # $0.12 more: over $1
 
 
-async def test_holds_of_a_ledger_from_before_hold_lines_moved_into_the_hold_survive_the_upgrade(
-        db_path: Path, clock: FrozenClock) -> None:
-    """Schema 6 kept a hold's lines in a table of their own; opening such a ledger moves them."""
+def _schema_6_ledger(db_path: Path) -> Policy:
+    """A ledger as schema 6 left it: a policy, an open hold and a settled one, each hold's
+    line in the hold_lines table."""
     import sqlite3
 
     from engine.store import MIGRATIONS, _statements
@@ -312,6 +312,15 @@ async def test_holds_of_a_ledger_from_before_hold_lines_moved_into_the_hold_surv
         conn.execute("INSERT INTO hold_lines (hold_id, policy_id, amount) VALUES (?, ?, ?)",
                      (hold_id, policy.id, amount))
     conn.close()
+    return policy
+
+
+async def test_holds_of_a_ledger_from_before_hold_lines_moved_into_the_hold_survive_the_upgrade(
+        db_path: Path, clock: FrozenClock) -> None:
+    """Schema 6 kept a hold's lines in a table of their own; opening such a ledger moves them."""
+    import sqlite3
+
+    _schema_6_ledger(db_path)
     async with await Engine.open(db_path, clock=clock) as engine:
         assert engine.budgets is not None
         call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", max_tokens=0)
@@ -378,3 +387,24 @@ async def test_a_settlement_that_fails_beside_others_leaves_its_hold_held_in_mem
     assert engine.budgets.held(policy.id) == worst
     check = await engine.check(calls[2])
     assert (check.outcomes[0].consumed, check.outcomes[0].held) == (200, worst)
+
+
+async def test_the_upgrade_to_schema_7_waits_until_no_older_gateway_serves_the_ledger(
+        db_path: Path, clock: FrozenClock) -> None:
+    import sqlite3
+    import time
+
+    from engine.store import StoreError
+
+    _schema_6_ledger(db_path)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("INSERT INTO gateways (id, address, pid, started_ms, seen_ms) VALUES ('gw_old', '127.0.0.1:8787', "
+                 "4242, ?, ?)", (int(time.time() * 1000) - 60_000, int(time.time() * 1000)))
+    with pytest.raises(StoreError, match=r"running gateway of an older Budgeteer \(pid 4242\); stop it"):
+        await Engine.open(db_path, clock=clock)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 6  # nothing was changed
+    assert conn.execute("SELECT count(*) FROM hold_lines").fetchone()[0] == 2
+    conn.execute("UPDATE gateways SET stopped_ms = seen_ms")  # the old gateway is stopped
+    conn.close()
+    async with await Engine.open(db_path, clock=clock) as engine:
+        assert await engine.store.schema_version() == 7 and await engine.open_holds() == 1
