@@ -36,6 +36,7 @@ CALENDAR_UNITS: Final = ("hour", "day", "week", "month", "quarter")
 DEFAULT_THRESHOLDS: Final = (50, 80, 100)
 #: The worst case of a call that does not say its max_tokens: this many output tokens.
 DEFAULT_MAX_OUTPUT_TOKENS: Final = 4096
+ALERTED_KEPT: Final = 10_000  # alerts a budget book remembers as stored (a rolling policy makes one a window)
 _ROLLING = re.compile(r"^rolling:(\d{1,6})([mhd])$")
 _SCOPE_ID = re.compile(r"^[^\s+:]{1,200}$")
 _SCOPE_LEVELS: Final = {"workspace": 1, "team": 2, "principal": 3, "session": 4, "agent": 4, "token": 5,
@@ -577,6 +578,8 @@ class BudgetBook:
                     continue
                 message = crossing_message(counter.policy, kind, threshold, consumed)
                 alert_id = tx.raise_alert(policy_id, key, kind, threshold, now, consumed, message)
+                if len(self._alerted) >= ALERTED_KEPT:  # past windows' marks: the ledger remembers them
+                    self._alerted.clear()
                 self._alerted.add(mark)
                 if alert_id is not None:
                     self._raising.append(alert_id)
