@@ -1549,13 +1549,13 @@ async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
             # serving on this ledger would fail on its next hold and settlement, and lose the
             # usage of the calls it has under way. Refuse while one has been seen lately.
             async with conn.execute(
-                    "SELECT pid, address FROM gateways WHERE stopped_ms IS NULL AND seen_ms > ?",
+                    "SELECT pid FROM gateways WHERE stopped_ms IS NULL AND seen_ms > ?",
                     (int(time.time() * 1000) - LIVE_GATEWAY_MS,)) as cur:
                 live = await cur.fetchall()
             if live:
                 raise StoreError(
                     f"the ledger at {path} is in use by a running gateway of an older Budgeteer (pid "
-                    f"{', '.join(str(pid) for pid, _ in live)}); stop it, and every other Budgeteer process on "
+                    f"{', '.join(str(pid) for (pid,) in live)}); stop it, and every other Budgeteer process on "
                     "this ledger, before this version upgrades the ledger's schema")
         for number in range(version, SCHEMA_VERSION):
             for statement in _statements(MIGRATIONS[number]):
