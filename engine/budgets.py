@@ -667,6 +667,17 @@ class BudgetBook:
                                     priced=cost.priced))
         return decide(outcomes)
 
+    def evaluate_in_memory(self, context: Mapping[str, str], cost: CallCost, now: int) -> Evaluation | None:
+        """What ``evaluate`` says from the counters as the last batch left them, without the
+        ledger; None when they are not loaded yet or a window that ended needs the ledger. For
+        advice (routing); a hold is only ever decided under the write lock."""
+        if self._stale:
+            return None
+        try:
+            return self.evaluate(None, context, cost, now)
+        except RuntimeError:  # a calendar window ended: its new counter needs the ledger
+            return None
+
     def authorize(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, request_id: str,
                   alternatives: Iterable[tuple[str, str, CallCost]] = ()) -> Authorization:
         """Decide, and if the call may go ahead place one hold on every applicable policy at once.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import time
@@ -61,6 +62,10 @@ from engine.tokens import Token
 from engine.vault import Vault
 
 LEDGER_FILENAME = "ledger.db"
+_INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
+                    "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
+log = logging.getLogger("budgeteer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +126,15 @@ class Engine:
         self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
         self._vault: Vault | None = None
         self._catalog_cache: tuple[float, list[prov.CatalogModel]] | None = None
-        self._breaker_cache: tuple[float, dict[str, prov.Breaker]] | None = None
+        # Provider health in memory: loaded once, then the new events added by one refresh at a
+        # time, in the background when a call finds it older than HEALTH_REFRESH_S.
+        self._health = prov.HealthBook()
+        self._health_last_id: int | None = None
+        self._health_at = 0.0  # time.monotonic() of the last refresh's start
+        self._health_refresh: asyncio.Task[dict[str, prov.Breaker]] | None = None
+        self._breakers: dict[str, prov.Breaker] | None = None
+        self._decision_rows: list[tuple[Any, ...]] = []  # routing decisions not yet written
+        self._decision_flush: asyncio.Task[None] | None = None
         # Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset.
         self.vault_passphrase: Callable[[], str] | None = None
 
@@ -157,6 +170,9 @@ class Engine:
         return self.store.path
 
     async def close(self) -> None:
+        for task in (self._health_refresh, self._decision_flush):
+            if task is not None:
+                await asyncio.wait([task])  # a failure is logged by the task itself
         if self._deliveries:
             await asyncio.wait(self._deliveries, timeout=30)
         await self.store.close()
@@ -771,23 +787,62 @@ class Engine:
         self._catalog_cache = (time.monotonic(), found)
         return found
 
-    async def _routing_breakers(self, max_age_s: float = 5.0) -> dict[str, prov.Breaker]:
-        cached = self._breaker_cache
-        if cached is not None and time.monotonic() - cached[0] < max_age_s:
-            return cached[1]
-        return (await self.provider_health())[1]
+    async def _routing_breakers(self) -> dict[str, prov.Breaker]:
+        """The breakers as last judged. A call never waits for a refresh but the first of a
+        process; one that finds them older than HEALTH_REFRESH_S starts one in the background,
+        unless one is already under way."""
+        if self._breakers is None:
+            return await self._refresh_health()
+        if time.monotonic() - self._health_at >= HEALTH_REFRESH_S and self._health_refresh is None:
+            self._start_health_refresh()
+        return self._breakers
+
+    def _start_health_refresh(self) -> asyncio.Task[dict[str, prov.Breaker]]:
+        self._health_at = time.monotonic()
+        task = self._health_refresh = asyncio.create_task(self._read_health())
+
+        def done(t: asyncio.Task[dict[str, prov.Breaker]]) -> None:
+            self._health_refresh = None
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                log.warning("provider health not refreshed (kept as it was): %s", exc)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _refresh_health(self) -> dict[str, prov.Breaker]:
+        """Bring health and breakers up to date now (joining a refresh under way)."""
+        task = self._health_refresh or self._start_health_refresh()
+        return await asyncio.shield(task)
+
+    async def _read_health(self) -> dict[str, prov.Breaker]:
+        now = self.now_ms()
+        since = now - self._health.window_ms
+
+        after = self._health_last_id
+        read: tuple[list[prov.HealthRow], int, dict[str, prov.Breaker]] = await self.store.read_with(
+            lambda conn: (*prov.health_rows(conn, after, since), prov.breakers(conn)))
+        rows, last, current = read
+        self._health.add(rows)
+        self._health.evict(now)
+        self._health_last_id = last
+        changes = prov.judge_breakers(current, self._health, now)
+        if changes:
+            await self._tx(lambda tx: prov.save_breakers(tx.conn, changes))
+            current.update((b.provider, b) for b in changes)
+        self._breakers = current
+        return current
 
     async def provider_health(self, window_ms: int = prov.HEALTH_WINDOW_MS
                               ) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
         """Health per provider and model over the window, and every breaker as it stands now."""
+        breakers = await self._refresh_health()
         now = self.now_ms()
-
-        def op(tx: LedgerTx) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
-            return prov.health(tx.conn, now, window_ms), prov.update_breakers(tx.conn, now, window_ms)
-
-        health, breakers = await self._tx(op)
-        self._breaker_cache = (time.monotonic(), breakers)
-        return health, breakers
+        if window_ms <= self._health.window_ms:
+            return self._health.health(now, window_ms), breakers
+        book = prov.HealthBook(window_ms)  # a longer span than the one kept: read once
+        rows, _ = await self.store.read_with(lambda conn: prov.health_rows(conn, None, now - window_ms))
+        book.add(rows)
+        return book.health(now), breakers
 
     async def test_connection(self, name: str, timeout_s: float = 5.0) -> prov.ConnectionResult:
         """Check the provider's credential against its models endpoint. The outcome is also the
@@ -798,12 +853,16 @@ class Engine:
         del secret
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> None:
+        def op(tx: LedgerTx) -> prov.Breaker | None:
             known = prov.breakers(tx.conn).get(provider.name)
             if known is not None and known.state != "closed":
-                prov.record_probe(tx.conn, provider.name, result.state == "ok", now, f"{result.state}, {result.detail}")
+                return prov.record_probe(tx.conn, provider.name, result.state == "ok", now,
+                                         f"{result.state}, {result.detail}")
+            return None
 
-        await self._tx(op)
+        probed: prov.Breaker | None = await self._tx(op)
+        if probed is not None and self._breakers is not None:  # routing sees it at once, not at the next refresh
+            self._breakers = {**self._breakers, probed.provider: probed}
         return result
 
     # ------------------------------------------------------------------ routing
@@ -820,43 +879,87 @@ class Engine:
         breakers = await self._routing_breakers()
         unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"}
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
-        blocked: dict[str, str] = {}
-
-        async def refused(m: prov.CatalogModel) -> bool:
-            evaluation = await self.check(CallRequest(
-                principal=principal, model=m.model, provider=m.provider, team=team, workspace=workspace,
-                token_id=token_id, session=session, agent=agent, input_tokens=score.input_tokens, max_tokens=output))
-            if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
-                blocked[m.model] = evaluation.deciding.policy.name
-                return True
-            return False
-
         # Budgets are asked only as far as needed: the capable candidates cheapest first until
         # one fits (a gateway routes every call), and the requested model.
-        usable = sorted((m for m in catalog if score.needs <= m.capabilities and m.provider not in unhealthy
-                         and m.cost_tier >= score.tier_needed
-                         and not (m.context and score.input_tokens + output > m.context)),
-                        key=lambda m: (routing.estimate(m, score.input_tokens, output), m.model))
-        for m in usable:
-            if not await refused(m):
-                break
+        costs = [routing.estimate(m, score.input_tokens, output) for m in catalog]
+        needed, tier = score.input_tokens + output, score.tier_needed
+        usable = [catalog[i] for _, _, i in sorted(
+            (cost, m.model, i) for i, (m, cost) in enumerate(zip(catalog, costs, strict=True))
+            if score.needs <= m.capabilities and m.provider not in unhealthy and m.cost_tier >= tier
+            and not (m.context and needed > m.context))]
         requested = next((m for m in catalog if m.model == model), None)
-        if requested is not None and requested.model not in blocked:
-            await refused(requested)
-        decision = routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
-                                  unhealthy=unhealthy, blocked=blocked)
+        now = self.now_ms()
+
+        def decide(tx: LedgerTx | None) -> routing.Decision | None:
+            """The choice, with the budgets asked from memory (``tx`` None: None if they cannot
+            answer there) or under the write lock."""
+            blocked: dict[str, str] = {}
+            asked: set[tuple[str, str]] = set()
+
+            def refused(m: prov.CatalogModel) -> bool | None:
+                asked.add((m.model, m.provider))
+                call = CallRequest(principal=principal, model=m.model, provider=m.provider, team=team,
+                                   workspace=workspace, token_id=token_id, session=session, agent=agent,
+                                   input_tokens=score.input_tokens, max_tokens=output)
+                context, cost = self._context(call), self.worst_case(call)
+                evaluation = self.budgets.evaluate(tx, context, cost, now) if tx is not None else \
+                    self.budgets.evaluate_in_memory(context, cost, now)
+                if evaluation is None:
+                    return None
+                if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
+                    blocked[m.model] = evaluation.deciding.policy.name
+                    return True
+                return False
+
+            for m in usable:
+                if (no := refused(m)) is None:
+                    return None
+                if not no:
+                    break
+            if requested is not None and (requested.model, requested.provider) not in asked \
+                    and refused(requested) is None:
+                return None
+            return routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
+                                  unhealthy=unhealthy, blocked=blocked, costs=costs, explain=not record)
+
+        # Routing a call is advice, and the hold that follows decides under the write lock: the
+        # budgets' counters as the last batch left them answer it, with no transaction of its own,
+        # unless they are not loaded yet (a process's first call), a window has just ended or this
+        # process changed a policy since. An explain (``record`` False) always asks the ledger.
+        decision = (decide(None) if record and not self.store.policies_saved else None) \
+            or await self._tx(decide, sync=False)
         if record:
-            now = self.now_ms()
-            rid = request_id or "route_" + secrets.token_hex(8)
-            await self._tx(lambda tx: tx.conn.execute(
-                "INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
-                "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (now, rid, principal, decision.mode, decision.requested, decision.chosen, decision.applied,
-                 round(decision.score.value, 4), decision.requested_cost or 0, decision.chosen_cost or 0,
-                 decision.reason)))
+            self._note_decision((now, request_id or "route_" + secrets.token_hex(8), principal, decision.mode,
+                                 decision.requested, decision.chosen, decision.applied,
+                                 round(decision.score.value, 4), decision.requested_cost or 0,
+                                 decision.chosen_cost or 0, decision.reason))
         return decision
 
+    def _note_decision(self, row: tuple[Any, ...]) -> None:
+        """Keep a routing decision for the ledger: every decision noted meanwhile goes in one
+        write, queued at once (so before the settlement of the call it routed), never awaited by
+        the call."""
+        self._decision_rows.append(row)
+        if self._decision_flush is None:
+            self._decision_flush = asyncio.create_task(self._flush_decisions())
+
+    async def _flush_decisions(self) -> None:
+        try:
+            while rows := self._decision_rows:
+                self._decision_rows = []
+                try:
+                    await self._tx(lambda tx: tx.conn.executemany(_INSERT_DECISION, rows), sync=False)
+                except Exception as exc:  # the calls went on; only their routing record is lost
+                    log.warning("%d routing decisions not recorded: %s", len(rows), exc)
+        finally:
+            self._decision_flush = None
+
+    async def _decisions_written(self) -> None:
+        if (flush := self._decision_flush) is not None:
+            await asyncio.wait([flush])
+
     async def routing_decisions(self, limit: int = 100) -> list[routing.Recorded]:
+        await self._decisions_written()
         rows = await self._tx(lambda tx: tx.conn.execute(
             "SELECT ts_ms, request_id, principal, mode, requested, chosen, applied, score, requested_cost, "
             "chosen_cost, reason FROM routing_decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall())
@@ -865,6 +968,7 @@ class Engine:
     async def routing_summary(self, since_ms: int) -> routing.Summary:
         """How often routing changed the model since ``since_ms``, and what that saved (applied,
         under enforced) or would have saved (suggest and dry_run)."""
+        await self._decisions_written()
         row = await self._tx(lambda tx: tx.conn.execute(
             "SELECT count(*), coalesce(sum(chosen != requested), 0), "
             "coalesce(sum(CASE WHEN mode = 'enforced' AND chosen != requested AND requested_cost > chosen_cost "

@@ -34,7 +34,7 @@ need; when no candidate meets it, the requested model stays.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -79,14 +79,13 @@ class Score:
     features: tuple[Feature, ...]
     input_tokens: int
     needs: frozenset[str]  # capabilities the call needs: tools, json, vision
+    value: float = field(init=False)  # the weighted sum of the features, in [0, 1]
+    tier_needed: int = field(init=False)  # the lowest cost tier fit for it
 
-    @property
-    def value(self) -> float:
-        return min(1.0, max(0.0, sum(f.contribution for f in self.features)))
-
-    @property
-    def tier_needed(self) -> int:
-        return 1 + sum(self.value >= t for t in TIER_THRESHOLDS)
+    def __post_init__(self) -> None:  # worked out once: a gateway asks for them per catalog model
+        value = min(1.0, max(0.0, sum(f.contribution for f in self.features)))
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "tier_needed", 1 + sum(value >= t for t in TIER_THRESHOLDS))
 
 
 def _text_of(messages: list[dict[str, Any]]) -> tuple[str, int]:
@@ -208,27 +207,37 @@ def estimate(model: CatalogModel, input_tokens: int, output_tokens: int) -> int:
 
 
 def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode, max_tokens: int | None,
-           unhealthy: Mapping[str, str], blocked: Mapping[str, str]) -> Decision:
+           unhealthy: Mapping[str, str], blocked: Mapping[str, str], costs: Sequence[int] | None = None,
+           explain: bool = True) -> Decision:
     """Filter the catalog for this call and pick the cheapest capable-enough candidate.
     ``unhealthy`` maps a provider to why it is out; ``blocked`` maps a model to the budget
-    that would refuse the call on it."""
+    that would refuse the call on it; ``costs``, each catalog model's estimate for this call if
+    already worked out. ``explain`` False: the decision without its candidates (a gateway's
+    call, where only the choice is kept)."""
     output = max_tokens or DEFAULT_OUTPUT_TOKENS
+    if costs is None:
+        costs = [estimate(m, s.input_tokens, output) for m in catalog]
+    needed, tier = s.input_tokens + output, s.tier_needed
     candidates: list[Candidate] = []
-    for m in catalog:
-        cost = estimate(m, s.input_tokens, output)
+    for m, cost in zip(catalog, costs, strict=True):
+        if not explain:
+            ok = not (s.needs - m.capabilities) and not (m.context and needed > m.context) \
+                and m.provider not in unhealthy and m.model not in blocked and m.cost_tier >= tier
+            candidates.append(Candidate(m, cost, ok, ""))
+            continue
         missing = sorted(s.needs - m.capabilities)
         if missing:
             why, ok = f"lacks {', '.join(missing)}", False
-        elif m.context and s.input_tokens + output > m.context:
-            why, ok = f"context {m.context:,} < {s.input_tokens + output:,} tokens needed", False
+        elif m.context and needed > m.context:
+            why, ok = f"context {m.context:,} < {needed:,} tokens needed", False
         elif m.provider in unhealthy:
             why, ok = f"provider {m.provider} is degraded: {unhealthy[m.provider]}", False
         elif m.model in blocked:
             why, ok = f"budget {blocked[m.model]} would block it", False
-        elif m.cost_tier < s.tier_needed:
-            why, ok = f"tier {m.cost_tier} is below the tier {s.tier_needed} this prompt needs", False
+        elif m.cost_tier < tier:
+            why, ok = f"tier {m.cost_tier} is below the tier {tier} this prompt needs", False
         else:
-            why, ok = f"tier {m.cost_tier} meets tier {s.tier_needed}", True
+            why, ok = f"tier {m.cost_tier} meets tier {tier}", True
         candidates.append(Candidate(m, cost, ok, why))
     kept = sorted((c for c in candidates if c.kept), key=lambda c: (c.estimated_cost, c.model.model))
     requested_entry = next((c for c in candidates if c.model.model == requested), None)
@@ -247,7 +256,8 @@ def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode,
             requested_cost
         reason = "no candidate meets the need; the requested model stays"
     applied = chosen if mode == "enforced" else requested
-    ordered = tuple(sorted(candidates, key=lambda c: (not c.kept, c.estimated_cost, c.model.model)))
+    ordered = tuple(sorted(candidates, key=lambda c: (not c.kept, c.estimated_cost, c.model.model))) \
+        if explain else ()
     return Decision(s, requested, requested_cost, chosen, provider, chosen_cost, mode, applied, reason, ordered)
 
 
