@@ -883,11 +883,14 @@ class Engine:
         # one fits (a gateway routes every call), and the requested model.
         costs = [routing.estimate(m, score.input_tokens, output) for m in catalog]
         needed, tier = score.input_tokens + output, score.tier_needed
-        usable = [catalog[i] for _, _, i in sorted(
-            (cost, m.model, i) for i, (m, cost) in enumerate(zip(catalog, costs, strict=True))
-            if score.needs <= m.capabilities and m.provider not in unhealthy and m.cost_tier >= tier
-            and not (m.context and needed > m.context))]
-        requested = next((m for m in catalog if m.model == model), None)
+        usable = sorted((i for i, m in enumerate(catalog)
+                         if score.needs <= m.capabilities and m.provider not in unhealthy and m.cost_tier >= tier
+                         and not (m.context and needed > m.context)), key=lambda i: (costs[i], catalog[i].model))
+        requested_at = next((i for i, m in enumerate(catalog) if m.model == model), None)
+        requested = catalog[requested_at] if requested_at is not None else None
+        requested_usable = requested_at in usable
+        requested_cost = costs[requested_at] if requested_at is not None else 0
+        explain = not record
         now = self.now_ms()
 
         def decide(tx: LedgerTx | None) -> routing.Decision | None:
@@ -911,16 +914,22 @@ class Engine:
                     return True
                 return False
 
-            for m in usable:
-                if (no := refused(m)) is None:
-                    return None
-                if not no:
-                    break
-            if requested is not None and (requested.model, requested.provider) not in asked \
+            found: int | None = None  # the cost of the cheapest usable model the budgets allow
+            if explain or any(catalog[i].model != model for i in usable):  # else budgets cannot change the choice
+                for i in usable:
+                    if (no := refused(catalog[i])) is None:
+                        return None
+                    if not no:
+                        found = costs[i]
+                        break
+            # The requested model's own verdict decides only if it could stay: usable, and no
+            # dearer than the cheapest allowed (an explain shows it whatever it is).
+            if requested is not None and (requested.model, requested.provider) not in asked and (explain or (
+                    requested_usable and found is not None and requested_cost <= found)) \
                     and refused(requested) is None:
                 return None
             return routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
-                                  unhealthy=unhealthy, blocked=blocked, costs=costs, explain=not record)
+                                  unhealthy=unhealthy, blocked=blocked, costs=costs, explain=explain)
 
         # Routing a call is advice, and the hold that follows decides under the write lock: the
         # budgets' counters as the last batch left them answer it, with no transaction of its own,
