@@ -318,6 +318,21 @@ def test_a_gzip_bomb_is_refused_by_its_inflated_size(db_path: Path) -> None:
     assert fits.status_code == 200 and fits.json()["accepted"] == 1
 
 
+async def test_a_bomb_is_refused_at_its_first_chunk_not_after_reading_it_whole() -> None:
+    from engine.integrations.otlp import OtlpTooLarge, read_body
+
+    bomb, read = _bomb(256 << 20), []
+
+    async def chunks() -> Any:
+        for at in range(0, len(bomb), 64 << 10):
+            read.append(at)
+            yield bomb[at:at + (64 << 10)]
+
+    with pytest.raises(OtlpTooLarge):
+        await read_body(chunks(), "gzip", 1 << 20)
+    assert len(read) == 1 < len(bomb) // (64 << 10)  # its first 64 KiB already inflate past the limit
+
+
 # ---------------------------------------------------------------- provider names, deprecated names, no usage
 
 @pytest.mark.parametrize(("name", "model", "vendor", "key"), [
@@ -365,6 +380,7 @@ async def test_a_span_without_token_counts_is_unpriced_never_a_computed_zero(eng
     assert report.accepted == 2
     events = {e.request_id[-1]: e async for e in engine.store.iter_events(0, 2**62)}
     assert (events["1"].cost_nanos, events["1"].cost_source) == (0, "unpriced")
+    assert events["1"].tags == {"source": "otlp", "unpriced": "the span has no token counts"}
     assert (events["2"].cost_nanos, events["2"].cost_source) == (0, "computed")
     totals = await engine.totals(0, 2**62)
     assert (totals.requests, totals.unpriced) == (2, 1)

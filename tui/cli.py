@@ -170,7 +170,7 @@ def _otlp_payload(path: Path) -> Any | None:
     except OSError:
         return None  # the events importer reports a missing file its own way
     except OtlpError as exc:
-        raise UsageError(f"{path}: {exc}") from None
+        raise UsageError(f"{path}: {str(exc).removeprefix('body: ')}") from None
 
 
 async def _import_otlp(args: argparse.Namespace, path: Path, payload: Any) -> int:

@@ -227,7 +227,7 @@ def to_event(span: Mapping[str, Any], resource: Mapping[str, Any],
         reasoning_tokens=reasoning, latency_ms=(end - start) // 1_000_000, status="error" if failed else "ok",
         # no token count at all: nothing to price, and a computed $0 would pass for a free call
         **({} if usage is not None else {"cost_nanos": 0, "cost_source": "unpriced"}),
-        tags={"source": "otlp"}))
+        tags={"source": "otlp", **({} if usage is not None else {"unpriced": "the span has no token counts"})}))
 
 
 def read(payload: Any, known: Callable[[str, str], bool] | None = None) -> tuple[list[UsageEvent], OtlpReport]:
