@@ -280,22 +280,26 @@ class Gateway:
             {"id": m.model, "object": "model", "created": 0, "owned_by": m.provider} for m in catalog]})
 
     async def traces(self, request: Request) -> Response:
-        """OTLP/HTTP JSON traces: GenAI spans become usage events (deduplicated by trace and span id)."""
-        from engine.integrations.otlp import OtlpError
+        """OTLP/HTTP traces, protobuf or JSON, either gzip- or deflate-compressed: GenAI spans
+        become usage events (deduplicated by trace and span id). The answer is an
+        ExportTraceServiceResponse in the request's media type."""
+        from engine.integrations import otlp
 
         assert self.engine is not None
         try:
             await self._caller(request, "traces")
-            if "protobuf" in request.headers.get("content-type", ""):
-                raise Refused(415, "body: only OTLP/HTTP JSON is accepted (Content-Type: application/json)",
-                              "invalid_request_error", "unsupported_media_type", "body")
-            body, _ = await self._body(request)
-            report = await self.engine.ingest_otlp(body)
+            media = otlp.media_type(request.headers.get("content-type"))
+            body = await otlp.read_body(request.stream(), request.headers.get("content-encoding"), self.max_body,
+                                        request.headers.get("content-length"))
+            report = await self.engine.ingest_otlp(otlp.decode(body, media))
         except Refused as refusal:
             return error(refusal)
-        except OtlpError as exc:
-            return error(bad_request("body", str(exc)))
-        return JSONResponse(report.as_dict())
+        except otlp.OtlpError as exc:
+            code = {413: "body_too_large", 415: "unsupported_media_type"}.get(exc.status, "invalid_value")
+            return error(Refused(exc.status, str(exc), "invalid_request_error", code, "body"))
+        except ClientDisconnect:
+            return Response(status_code=499)
+        return Response(otlp.export_response(report, media), media_type=media)
 
     def endpoint(self, kind: str) -> Callable[[Request], Any]:
         async def handle(request: Request) -> Response:
