@@ -131,7 +131,8 @@ def to_event(span: Mapping[str, Any], resource: Mapping[str, Any]) -> UsageEvent
         raise FieldError("endTimeUnixNano", "is before startTimeUnixNano")
     reasoning, output = _int(attrs, "gen_ai.usage.reasoning.output_tokens"), _int(attrs, "gen_ai.usage.output_tokens")
     cached = _int(attrs, "gen_ai.usage.cache_read.input_tokens")
-    written = _int(attrs, "gen_ai.usage.cache_creation.input_tokens")
+    written_1h = _int(attrs, "budgeteer.usage.cache_creation_1h.input_tokens")  # no GenAI name for it yet
+    written = max(_int(attrs, "gen_ai.usage.cache_creation.input_tokens"), written_1h)
     status = span.get("status")
     failed = isinstance(status, Mapping) and status.get("code") in (2, "2", "STATUS_CODE_ERROR")
     provider = attrs.get("gen_ai.provider.name") or attrs.get("gen_ai.system") or ""
@@ -144,7 +145,8 @@ def to_event(span: Mapping[str, Any], resource: Mapping[str, Any]) -> UsageEvent
         session=str(attrs.get("session.id") or attrs.get("gen_ai.conversation.id") or ""),
         agent=str(attrs.get("gen_ai.agent.name") or ""),
         input_tokens=max(_int(attrs, "gen_ai.usage.input_tokens"), cached + written),
-        cached_input_tokens=cached, cache_write_tokens=written, output_tokens=max(output, reasoning),
+        cached_input_tokens=cached, cache_write_tokens=written, cache_write_1h_tokens=written_1h,
+        output_tokens=max(output, reasoning),
         reasoning_tokens=reasoning, latency_ms=(end - start) // 1_000_000, status="error" if failed else "ok",
         tags={"source": "otlp"}))
 
