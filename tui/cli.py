@@ -280,12 +280,18 @@ async def cmd_pricing_show(args: argparse.Namespace) -> int:
         ["input", _per_million(price.input)],
         ["cached input (read)", _per_million(price.cache_read if price.cache_read is not None else price.input)],
         ["cache write", _per_million(price.cache_write if price.cache_write is not None else price.input)],
+        ["cache write, 1 hour", _per_million(price.cache_write_1h if price.cache_write_1h is not None else
+                                             price.cache_write if price.cache_write is not None else price.input)],
         ["output", _per_million(price.output)],
         ["reasoning output", _per_million(price.reasoning if price.reasoning is not None else price.output)],
     ]
     for tier in price.tiers:
         rows.append([f"input above {tier.threshold_tokens:,} tokens", _per_million(tier.input)])
         rows.append([f"output above {tier.threshold_tokens:,} tokens", _per_million(tier.output)])
+        for name, rate in (("cached input", tier.cache_read), ("cache write", tier.cache_write),
+                           ("cache write, 1 hour", tier.cache_write_1h)):
+            if rate is not None:
+                rows.append([f"{name} above {tier.threshold_tokens:,} tokens", _per_million(rate)])
     print(f"{price.model} ({price.provider}, {price.mode})")
     print(_table(["rate", "per 1M tokens"], rows, right=[1]))
     ctx = f"{price.max_input_tokens:,}" if price.max_input_tokens else "unknown"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine import providers as prov
@@ -116,14 +116,16 @@ def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]
 def usage_of(payload: Mapping[str, Any]) -> Usage | None:
     """The usage a provider reported, in the ledger's shape: OpenAI chat (prompt/completion
     tokens and their details), the Responses API and embeddings (input/output tokens), and
-    Anthropic (input, output, cache read and cache creation input tokens, added up)."""
+    Anthropic (input, cache read and cache creation input tokens added up, the one-hour part
+    of the cache writes from ``cache_creation.ephemeral_1h_input_tokens``, and the thinking
+    part of the output from ``output_tokens_details.thinking_tokens`` as reasoning)."""
     raw = payload.get("usage")
     if not isinstance(raw, Mapping):
         return None
 
     def num(mapping: Any, key: str) -> int:
         value = mapping.get(key) if isinstance(mapping, Mapping) else None
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0
 
     if "prompt_tokens" in raw or "completion_tokens" in raw:
         details = raw.get("prompt_tokens_details")
@@ -131,14 +133,19 @@ def usage_of(payload: Mapping[str, Any]) -> Usage | None:
         return Usage(input_tokens=num(raw, "prompt_tokens"), cached_input_tokens=num(details, "cached_tokens"),
                      output_tokens=num(raw, "completion_tokens"),
                      reasoning_tokens=num(out_details, "reasoning_tokens"))
-    if "cache_read_input_tokens" in raw or "cache_creation_input_tokens" in raw:  # Anthropic
-        read, write = num(raw, "cache_read_input_tokens"), num(raw, "cache_creation_input_tokens")
-        return Usage(input_tokens=num(raw, "input_tokens") + read + write, cached_input_tokens=read,
-                     cache_write_tokens=write, output_tokens=num(raw, "output_tokens"))
-    details = raw.get("input_tokens_details")
     out_details = raw.get("output_tokens_details")
+    output = num(raw, "output_tokens")
+    if "cache_read_input_tokens" in raw or "cache_creation_input_tokens" in raw or "cache_creation" in raw:
+        ttl = raw.get("cache_creation")  # Anthropic: the writes by cache lifetime
+        read, one_hour = num(raw, "cache_read_input_tokens"), num(ttl, "ephemeral_1h_input_tokens")
+        write = max(num(raw, "cache_creation_input_tokens"), num(ttl, "ephemeral_5m_input_tokens") + one_hour)
+        return Usage(input_tokens=num(raw, "input_tokens") + read + write, cached_input_tokens=read,
+                     cache_write_tokens=write, cache_write_1h_tokens=one_hour, output_tokens=output,
+                     reasoning_tokens=min(output, num(out_details, "thinking_tokens")))
+    details = raw.get("input_tokens_details")
+    reasoning = num(out_details, "reasoning_tokens") or num(out_details, "thinking_tokens")
     return Usage(input_tokens=num(raw, "input_tokens"), cached_input_tokens=num(details, "cached_tokens"),
-                 output_tokens=num(raw, "output_tokens"), reasoning_tokens=num(out_details, "reasoning_tokens"))
+                 output_tokens=output, reasoning_tokens=min(output, reasoning))
 
 
 class Governor:
@@ -269,7 +276,8 @@ class Governor:
             workspace=ticket.caller.workspace, team=ticket.caller.team, principal=ticket.caller.principal,
             token_id=ticket.caller.token_id, session=ticket.caller.session, agent=ticket.caller.agent,
             input_tokens=used.input_tokens, cached_input_tokens=used.cached_input_tokens,
-            cache_write_tokens=used.cache_write_tokens, output_tokens=used.output_tokens,
+            cache_write_tokens=used.cache_write_tokens, cache_write_1h_tokens=used.cache_write_1h_tokens,
+            output_tokens=used.output_tokens,
             reasoning_tokens=used.reasoning_tokens, latency_ms=round((time.perf_counter() - ticket.started) * 1000),
             status=status, cost_source="estimated" if estimated else "computed",
             tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
@@ -345,12 +353,19 @@ class StreamMeter:
         kind = chunk.get("type")
         if kind == "message_start" and isinstance(chunk.get("message"), dict):  # Anthropic
             self.usage = usage_of(chunk["message"])
-        elif kind == "message_delta" and isinstance(chunk.get("usage"), dict):
-            out = chunk["usage"].get("output_tokens")
+        elif (kind == "message_delta" and isinstance(chunk.get("usage"), dict)
+              and isinstance(chunk["usage"].get("output_tokens"), int)):
+            # Cumulative counts: the output and its thinking part, the input ones when sent again;
+            # the one-hour part of the cache writes comes only in message_start.
             base = self.usage or Usage()
-            if isinstance(out, int):
-                self.usage = Usage(base.input_tokens, base.cached_input_tokens, base.cache_write_tokens, out,
-                                   base.reasoning_tokens)
+            raw = {"input_tokens": base.input_tokens - base.cached_input_tokens - base.cache_write_tokens,
+                   "cache_read_input_tokens": base.cached_input_tokens,
+                   "cache_creation_input_tokens": base.cache_write_tokens,
+                   **{k: v for k, v in chunk["usage"].items() if v is not None}}
+            if (now := usage_of({"usage": raw})) is not None:
+                self.usage = replace(
+                    now, cache_write_1h_tokens=min(base.cache_write_1h_tokens, now.cache_write_tokens),
+                    reasoning_tokens=now.reasoning_tokens or min(base.reasoning_tokens, now.output_tokens))
         elif kind == "message_stop":
             self.complete = True
         elif kind == "response.completed" and isinstance(chunk.get("response"), dict):
@@ -367,6 +382,8 @@ class StreamMeter:
             self.text.append(delta)
         elif isinstance(delta, dict) and isinstance(delta.get("text"), str):
             self.text.append(delta["text"])
+        elif isinstance(delta, dict) and isinstance(delta.get("thinking"), str):  # output all the same
+            self.text.append(delta["thinking"])
 
     def settlement(self, ticket: Ticket) -> tuple[Usage, bool]:
         """(usage, estimated): the reported usage of a complete stream, else an estimate from
@@ -375,5 +392,5 @@ class StreamMeter:
             return self.usage, False
         received = estimate_tokens("".join(self.text)) if self.text else 0
         base = self.usage or Usage(input_tokens=ticket.input_estimate)
-        return Usage(base.input_tokens or ticket.input_estimate, base.cached_input_tokens, base.cache_write_tokens,
-                     max(base.output_tokens, received), base.reasoning_tokens), True
+        return replace(base, input_tokens=base.input_tokens or ticket.input_estimate,
+                       output_tokens=max(base.output_tokens, received)), True

@@ -61,6 +61,8 @@ USAGE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "cached_input_tokens": ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens"),
     "cache_write_tokens": ("gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_creation_input_tokens"),
     "reasoning_tokens": ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens"),
+    # the part of the cache writes that went to Anthropic's one-hour cache: no GenAI name for it yet
+    "cache_write_1h_tokens": ("budgeteer.usage.cache_creation_1h.input_tokens",),
 }
 
 JSON, PROTOBUF = "application/json", "application/x-protobuf"
@@ -210,7 +212,8 @@ def to_event(span: Mapping[str, Any], resource: Mapping[str, Any],
     tokens = usage or dict.fromkeys(USAGE_ATTRIBUTES, 0)
     reasoning, output = tokens["reasoning_tokens"], tokens["output_tokens"]
     cached = tokens["cached_input_tokens"]
-    written = tokens["cache_write_tokens"]
+    written_1h = tokens["cache_write_1h_tokens"]
+    written = max(tokens["cache_write_tokens"], written_1h)
     status = span.get("status")
     failed = isinstance(status, Mapping) and status.get("code") in (2, "2", "STATUS_CODE_ERROR")
     provider = vendor(str(attrs.get("gen_ai.provider.name") or attrs.get("gen_ai.system") or ""), model, known)
@@ -223,7 +226,8 @@ def to_event(span: Mapping[str, Any], resource: Mapping[str, Any],
         session=str(attrs.get("session.id") or attrs.get("gen_ai.conversation.id") or ""),
         agent=str(attrs.get("gen_ai.agent.name") or ""),
         input_tokens=max(tokens["input_tokens"], cached + written),
-        cached_input_tokens=cached, cache_write_tokens=written, output_tokens=max(output, reasoning),
+        cached_input_tokens=cached, cache_write_tokens=written, cache_write_1h_tokens=written_1h,
+        output_tokens=max(output, reasoning),
         reasoning_tokens=reasoning, latency_ms=(end - start) // 1_000_000, status="error" if failed else "ok",
         # no token count at all: nothing to price, and a computed $0 would pass for a free call
         **({} if usage is not None else {"cost_nanos": 0, "cost_source": "unpriced"}),
