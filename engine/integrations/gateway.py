@@ -5,9 +5,11 @@
 JSON GenAI spans into the ledger); ``POST /v1/messages`` speaks Anthropic's Messages API to
 an anthropic provider, so the anthropic SDK works through the gateway too. Per request: the Budgeteer API
 token (Bearer) and its scope, rate limits, routing, authorize (holds), forward with the
-provider's key from the vault, settle from the usage the provider reports. Streams ask the
-provider for usage in the last chunk; a stream cut off by either side is settled from what
-was received, marked estimated. Errors take OpenAI's shape. Responses carry the remaining
+provider's key from the vault (and the few provider-specific headers of ``FORWARDED``),
+settle from the usage the provider reports. Streams ask the provider for usage in the last
+chunk, which reaches the client only if it asked too; a stream cut off by either side is
+settled from what was received, marked estimated, and one the provider cut ends with an
+error event the client's SDK raises. Errors take OpenAI's shape. Responses carry the remaining
 budget of the tightest policy. Bodies are limited in size; a graceful shutdown releases the
 hold of every call still under way.
 """
