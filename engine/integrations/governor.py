@@ -79,6 +79,7 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)  # x-budget-* for the response
     settled: bool = False
     relaying: bool = False  # a stream's relay has begun (and will settle it)
+    hide_usage: bool = False  # a chat stream whose client did not ask for usage: it is taken out on the way back
 
 
 def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]:
@@ -148,6 +149,17 @@ def usage_of(payload: Mapping[str, Any]) -> Usage | None:
                  output_tokens=output, reasoning_tokens=min(output, reasoning))
 
 
+def ask_usage(ticket: Ticket, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``stream_options`` of an OpenAI chat stream as sent upstream: usage always asked for
+    (the ledger settles from it); the ticket remembers whether the client asked for it too,
+    else the meter takes it out of the stream on the way back (``StreamMeter(hide_usage)``)."""
+    options = body.get("stream_options")
+    options = dict(options) if isinstance(options, Mapping) else {}
+    ticket.hide_usage = options.get("include_usage") is not True
+    options["include_usage"] = True
+    return options
+
+
 class Governor:
     """Begin, then finish or fail, each call; tracks the calls under way so a shutdown can
     release what it cannot settle."""
@@ -160,6 +172,7 @@ class Governor:
         self.resolve_providers = resolve_providers
         self.open: dict[str, Ticket] = {}
         self._providers: tuple[float, list[prov.Provider]] | None = None
+        self._served: tuple[list[prov.Provider], dict[str, list[prov.Provider]]] | None = None
         self.requests = 0
         self.errors = 0
 
@@ -169,17 +182,19 @@ class Governor:
             self._providers = (time.monotonic(), await self.engine.providers())
         return self._providers[1]
 
+    async def served(self) -> dict[str, list[prov.Provider]]:
+        """Each model served -> its enabled registered providers (``providers.served``), built
+        again when the registered providers are read again."""
+        registered = await self.registered()
+        if self._served is None or self._served[0] is not registered:
+            self._served = (registered, prov.served(self.engine.prices.models(self.engine.now_ms()), registered))
+        return self._served[1]
+
     async def provider_for(self, model: str, kind: str | None = None) -> prov.Provider | None:
         """The first enabled registered provider (of ``kind``, if given) serving the model."""
-        catalog = await self.engine.catalog()
-        serving = [m.provider for m in catalog if m.model == model]
-        registered = {p.name: p for p in await self.registered() if p.enabled and kind in (None, p.kind)}
-        for name in serving:
-            if name in registered:
-                return registered[name]
-        for p in registered.values():  # a provider listing the model explicitly, priced or not
-            if model in p.models:
-                return p
+        for provider in (await self.served()).get(model, ()):
+            if kind in (None, provider.kind):
+                return provider
         return None
 
     def _rate_limits(self, caller: Caller, tokens: int) -> list[Limit]:
@@ -323,33 +338,65 @@ def budget_headers(auth: Authorization) -> dict[str, str]:
 class StreamMeter:
     """Reads a provider's server-sent events as they pass: the usage it reports (OpenAI's last
     chunk, the Responses API's ``response.completed``, Anthropic's ``message_start`` and
-    ``message_delta``), the text received, and whether the stream ended properly."""
+    ``message_delta``), the text received, and whether the stream ended properly.
 
-    def __init__(self) -> None:
+    With ``hide_usage`` (a chat stream whose client did not ask for usage) it also says what
+    to pass on: an OpenAI chunk carrying usage and no choices is dropped, one carrying usage
+    beside its choices goes on without the usage; everything else goes on as it came."""
+
+    def __init__(self, hide_usage: bool = False) -> None:
         self.usage: Usage | None = None
         self.text: list[str] = []
         self.complete = False
-        self._pending = ""
+        self.hide_usage = hide_usage
+        self._pending = b""
 
     def feed_bytes(self, data: bytes) -> None:
-        self._pending += data.decode("utf-8", errors="replace")
-        *lines, self._pending = self._pending.split("\n")
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
         for line in lines:
-            self.feed(line.rstrip("\r"))
+            self.feed(line.decode("utf-8", errors="replace").rstrip("\r"))
 
-    def feed(self, line: str) -> None:
+    def pass_bytes(self, data: bytes) -> bytes:
+        """Feed ``data``; the bytes to pass on: ``data`` itself, or with ``hide_usage`` its
+        complete lines with the usage taken out (a line is held until its end arrives)."""
+        if not self.hide_usage:
+            self.feed_bytes(data)
+            return data
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
+        return b"".join(self._pass(line) for line in lines)
+
+    def end(self) -> bytes:
+        """At the stream's end: read a last line that had no line break; what to pass on of it."""
+        rest, self._pending = self._pending, b""
+        if not rest:
+            return b""
+        passed = self._pass(rest)
+        return passed[:-1] if self.hide_usage else b""  # without the hidden case, it went on already
+
+    def _pass(self, raw: bytes) -> bytes:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        kept = self.feed(line)
+        if kept is None:
+            return b""
+        return raw + b"\n" if kept == line else kept.encode() + b"\n"
+
+    def feed(self, line: str) -> str | None:
+        """Read one line of the stream (without its line break); the line to pass on: as it
+        came, rewritten without its usage, or None to drop it (only with ``hide_usage``)."""
         if not line.startswith("data:"):
-            return
+            return line
         payload = line[5:].strip()
         if payload == "[DONE]":
             self.complete = True
-            return
+            return line
         try:
             chunk = json.loads(payload)
         except ValueError:
-            return
+            return line
         if not isinstance(chunk, dict):
-            return
+            return line
         kind = chunk.get("type")
         if kind == "message_start" and isinstance(chunk.get("message"), dict):  # Anthropic
             self.usage = usage_of(chunk["message"])
@@ -384,6 +431,11 @@ class StreamMeter:
             self.text.append(delta["text"])
         elif isinstance(delta, dict) and isinstance(delta.get("thinking"), str):  # output all the same
             self.text.append(delta["thinking"])
+        if self.hide_usage and "choices" in chunk and chunk.get("usage") is not None:
+            if not chunk["choices"]:
+                return None
+            return "data: " + json.dumps({k: v for k, v in chunk.items() if k != "usage"})
+        return line
 
     def settlement(self, ticket: Ticket) -> tuple[Usage, bool]:
         """(usage, estimated): the reported usage of a complete stream, else an estimate from
