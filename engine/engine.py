@@ -209,11 +209,12 @@ class Engine:
         return await self.store.bulk_record(events, atomic=atomic, prepare=self.priced)
 
     async def ingest_otlp(self, payload: Any) -> Any:
-        """Record the GenAI spans of an OTLP/HTTP JSON payload (deduplicated by trace and span
-        id); an ``OtlpReport``. OtlpError, and nothing written, if the payload is not OTLP JSON."""
+        """Record the GenAI spans of an OTLP traces payload (OTLP JSON, or ``otlp.decode``'s of
+        protobuf), deduplicated by trace and span id; an ``OtlpReport``. OtlpError, and nothing
+        written, if the payload is not OTLP traces."""
         from engine.integrations import otlp
 
-        events, report = otlp.read(payload)
+        events, report = otlp.read(payload, known=lambda model, vendor: self.prices.resolve(model, vendor) is not None)
         if events:
             report.accepted, report.duplicates = await self.bulk_record(events, atomic=True)
         return report

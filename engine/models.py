@@ -49,6 +49,7 @@ TOKEN_FIELDS: Final = (
     "input_tokens",
     "cached_input_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "output_tokens",
     "reasoning_tokens",
 )
@@ -72,8 +73,9 @@ class Usage:
     """Token counts of one call.
 
     ``input_tokens`` is the whole prompt, cached reads and cache writes included (the
-    OpenAI convention); ``output_tokens`` includes ``reasoning_tokens``. Anthropic's
-    fields are added up into this shape where they are read.
+    OpenAI convention); ``cache_write_tokens`` includes ``cache_write_1h_tokens`` (writes
+    to Anthropic's one-hour cache, charged at their own rate); ``output_tokens`` includes
+    ``reasoning_tokens``. Anthropic's fields are added up into this shape where they are read.
     """
 
     input_tokens: int = 0
@@ -81,6 +83,7 @@ class Usage:
     cache_write_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -104,6 +107,7 @@ class UsageEvent:
     input_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0  # of which written to a one-hour cache
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cost_nanos: int | None = None
@@ -120,6 +124,7 @@ class UsageEvent:
             self.cache_write_tokens,
             self.output_tokens,
             self.reasoning_tokens,
+            self.cache_write_1h_tokens,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -230,6 +235,9 @@ def validate_event(raw: dict[str, Any]) -> UsageEvent:
     if values["cached_input_tokens"] + values["cache_write_tokens"] > values["input_tokens"]:
         raise FieldError("cached_input_tokens",
                          "cached reads plus cache writes cannot exceed input_tokens (which includes them)")
+    if values["cache_write_1h_tokens"] > values["cache_write_tokens"]:
+        raise FieldError("cache_write_1h_tokens",
+                         "cannot exceed cache_write_tokens (which includes the one-hour writes)")
     if values["reasoning_tokens"] > values["output_tokens"]:
         raise FieldError("reasoning_tokens", "cannot exceed output_tokens (which includes them)")
     values["latency_ms"] = _as_int(raw.get("latency_ms"), "latency_ms", maximum=10**9)

@@ -27,12 +27,17 @@ class PricingError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PriceTier:
-    """Rates that apply once a request's input passes ``threshold_tokens`` (long context)."""
+    """Rates that apply once a request's input passes ``threshold_tokens`` (long context).
+
+    A tier applies only when it has an input rate (LiteLLM keys its thresholds on
+    ``input_cost_per_token_above_*``); a rate it lacks is the model's base rate."""
 
     threshold_tokens: int
     input: int | None = None
     output: int | None = None
     cache_read: int | None = None
+    cache_write: int | None = None
+    cache_write_1h: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,7 @@ class ModelPrice:
     output: int = 0
     cache_read: int | None = None  # None: cached reads are charged at the input rate
     cache_write: int | None = None  # None: cache writes are charged at the input rate
+    cache_write_1h: int | None = None  # None: one-hour cache writes are charged as other cache writes
     reasoning: int | None = None  # None: reasoning tokens are charged at the output rate
     tiers: tuple[PriceTier, ...] = ()
     max_input_tokens: int | None = None
@@ -57,8 +63,9 @@ class ModelPrice:
         return {
             "model": self.model, "provider": self.provider, "mode": self.mode, "input": self.input,
             "output": self.output, "cache_read": self.cache_read, "cache_write": self.cache_write,
-            "reasoning": self.reasoning,
-            "tiers": [[t.threshold_tokens, t.input, t.output, t.cache_read] for t in self.tiers],
+            "cache_write_1h": self.cache_write_1h, "reasoning": self.reasoning,
+            "tiers": [[t.threshold_tokens, t.input, t.output, t.cache_read, t.cache_write, t.cache_write_1h]
+                      for t in self.tiers],
             "max_input_tokens": self.max_input_tokens, "max_output_tokens": self.max_output_tokens,
             "capabilities": sorted(self.capabilities), "effective_from_ms": self.effective_from_ms,
             "workspace": self.workspace, "source": self.source,
@@ -78,20 +85,28 @@ class ModelPrice:
 def cost_femtos(price: ModelPrice, usage: Usage) -> int:
     """The exact cost in femto-dollars (see ``cost_nanos``)."""
     return _femtos(price, usage.input_tokens, usage.cached_input_tokens, usage.cache_write_tokens,
-                   usage.output_tokens, usage.reasoning_tokens)
+                   usage.cache_write_1h_tokens, usage.output_tokens, usage.reasoning_tokens)
 
 
-def _femtos(price: ModelPrice, inp: int, cached: int, cache_write: int, out: int, reasoning: int) -> int:
+def _femtos(price: ModelPrice, inp: int, cached: int, cache_write: int, cache_write_1h: int, out: int,
+            reasoning: int) -> int:
     input_rate, output_rate, read_rate = price.input, price.output, price.cache_read
-    for tier in price.tiers:  # sorted by threshold: the highest one passed wins
-        if inp > tier.threshold_tokens:
-            input_rate = tier.input if tier.input is not None else input_rate
+    write_rate, write_1h_rate = price.cache_write, price.cache_write_1h
+    for tier in reversed(price.tiers):  # sorted by threshold: the highest one passed, alone, applies
+        if tier.input is not None and inp > tier.threshold_tokens:
+            input_rate = tier.input
             output_rate = tier.output if tier.output is not None else output_rate
             read_rate = tier.cache_read if tier.cache_read is not None else read_rate
+            write_rate = tier.cache_write if tier.cache_write is not None else write_rate
+            write_1h_rate = tier.cache_write_1h if tier.cache_write_1h is not None else write_1h_rate
+            break
+    if write_rate is None:
+        write_rate = input_rate
     return (
         (inp - cached - cache_write) * input_rate
         + cached * (read_rate if read_rate is not None else input_rate)
-        + cache_write * (price.cache_write if price.cache_write is not None else input_rate)
+        + (cache_write - cache_write_1h) * write_rate
+        + cache_write_1h * (write_1h_rate if write_1h_rate is not None else write_rate)
         + (out - reasoning) * output_rate
         + reasoning * (price.reasoning if price.reasoning is not None else output_rate)
     )
@@ -100,24 +115,34 @@ def _femtos(price: ModelPrice, inp: int, cached: int, cache_write: int, out: int
 def cost_nanos(price: ModelPrice, usage: Usage) -> int:
     """The exact cost of a call in nano-dollars.
 
-    ``usage.input_tokens`` includes cached reads and cache writes and
-    ``usage.output_tokens`` includes reasoning tokens (the OpenAI convention), so each
-    part is charged once, at its own rate where the table gives one. Past a
-    long-context threshold the tier's rates replace the base rates for the whole call,
-    as the providers bill it.
+    ``usage.input_tokens`` includes cached reads and cache writes (``cache_write_tokens``,
+    which include the one-hour writes) and ``usage.output_tokens`` includes reasoning
+    tokens (the OpenAI convention), so each part is charged once, at its own rate where
+    the table gives one. Past a long-context threshold (the whole prompt, cache included,
+    above it: ``>``, as LiteLLM and the providers bill) the highest such tier's rates
+    replace the base rates for the whole call; a rate the tier lacks stays the base one.
     """
     return cost_from_femtos(cost_femtos(price, usage))
 
 
 # ----------------------------------------------------------------------------- LiteLLM format
 
-_TIER_KEY = re.compile(r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost)"
+_TIER_KEY = re.compile(r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost"
+                       r"|cache_creation_input_token_cost_above_1hr|cache_creation_input_token_cost)"
                        r"_above_(\d+)(k?)_tokens$")
+_TIER_FIELDS: Final = {
+    "input_cost_per_token": "input",
+    "output_cost_per_token": "output",
+    "cache_read_input_token_cost": "cache_read",
+    "cache_creation_input_token_cost": "cache_write",
+    "cache_creation_input_token_cost_above_1hr": "cache_write_1h",
+}
 _RATE_FIELDS: Final = {
     "input": "input_cost_per_token",
     "output": "output_cost_per_token",
     "cache_read": "cache_read_input_token_cost",
     "cache_write": "cache_creation_input_token_cost",
+    "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
     "reasoning": "output_cost_per_reasoning_token",
 }
 
@@ -144,9 +169,7 @@ def _entry(key: str, spec: dict[str, Any], effective_from_ms: int, source: str) 
             m = _TIER_KEY.match(spec_key)
             if m and value is not None:
                 threshold = int(m.group(2)) * (1000 if m.group(3) else 1)
-                kind = {"input_cost_per_token": "input", "output_cost_per_token": "output",
-                        "cache_read_input_token_cost": "cache_read"}[m.group(1)]
-                tiers.setdefault(threshold, {})[kind] = rate_to_femtos(value, spec_key)
+                tiers.setdefault(threshold, {})[_TIER_FIELDS[m.group(1)]] = rate_to_femtos(value, spec_key)
         max_in = _optional_int(spec.get("max_input_tokens"), key, "max_input_tokens")
         max_out = _optional_int(spec.get("max_output_tokens"), key, "max_output_tokens")
     except MoneyError as exc:
@@ -163,9 +186,9 @@ def _entry(key: str, spec: dict[str, Any], effective_from_ms: int, source: str) 
         output=rates["output"] or 0,
         cache_read=rates["cache_read"],
         cache_write=rates["cache_write"],
+        cache_write_1h=rates["cache_write_1h"],
         reasoning=rates["reasoning"],
-        tiers=tuple(PriceTier(t, v.get("input"), v.get("output"), v.get("cache_read"))
-                    for t, v in sorted(tiers.items())),
+        tiers=tuple(PriceTier(t, **v) for t, v in sorted(tiers.items())),
         max_input_tokens=max_in,
         max_output_tokens=max_out,
         capabilities=frozenset(k.removeprefix("supports_") for k, v in spec.items()
@@ -285,7 +308,7 @@ class PriceBook:
             return 0, "unpriced"
         source = "estimated" if event.cost_source == "estimated" else "computed"
         femtos = _femtos(price, event.input_tokens, event.cached_input_tokens, event.cache_write_tokens,
-                         event.output_tokens, event.reasoning_tokens)
+                         event.cache_write_1h_tokens, event.output_tokens, event.reasoning_tokens)
         return cost_from_femtos(femtos), source
 
     def models(self, ts_ms: int | None = None, workspace: str = "") -> list[ModelPrice]:

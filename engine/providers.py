@@ -242,6 +242,24 @@ def catalog(prices: list[ModelPrice], registered: list[Provider]) -> list[Catalo
     return sorted(out, key=lambda m: (blended(m.price), m.model, m.provider))
 
 
+def served(prices: list[ModelPrice], registered: list[Provider]) -> dict[str, list[Provider]]:
+    """What the gateway serves: each model name -> the enabled registered providers serving it,
+    in name order. A provider serves its explicit list (``--models``, priced or not), else every
+    model of its vendor in the price table under the table's name: chat and embeddings alike,
+    dated snapshots included (``gpt-4o-2024-08-06``). Unlike ``catalog`` (what routing chooses
+    among), nothing is left out."""
+    by_vendor: dict[str, list[str]] = {}
+    for price in prices:
+        by_vendor.setdefault(price.provider, []).append(price.model)
+    out: dict[str, list[Provider]] = {}
+    for provider in sorted(registered, key=lambda p: p.name):
+        if not provider.enabled:
+            continue
+        for model in provider.models or by_vendor.get(provider.vendor, []):
+            out.setdefault(model, []).append(provider)
+    return out
+
+
 # ----------------------------------------------------------------------------- connection tests
 
 def _redact(text: str, secret: str | None) -> str:

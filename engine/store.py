@@ -52,21 +52,24 @@ class SchemaTooNewError(StoreError):
 
 _EVENT_COLUMNS: Final = (
     "ts_ms", "request_id", "series_id", "session", "agent", "input_tokens", "cached_input_tokens",
-    "cache_write_tokens", "output_tokens", "reasoning_tokens", "cost_nanos", "cost_source",
-    "latency_ms", "status", "tags",
+    "cache_write_tokens", "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "cost_nanos",
+    "cost_source", "latency_ms", "status", "tags",
 )
 _DIMS_SQL: Final = ", ".join(ROLLUP_DIMENSIONS)
-_SUM_COLUMNS: Final = (
+#: The rollup columns of schema 1 (its migration must create exactly these, forever).
+_V1_SUM_COLUMNS: Final = (
     "requests", "errors", "blocked", "input_tokens", "cached_input_tokens", "cache_write_tokens",
     "output_tokens", "reasoning_tokens", "cost_nanos", "unpriced", "estimated", "latency_ms",
 )
+#: Every rollup column, in the order of ``Totals``; later schemas append (schema 8: one-hour cache writes).
+_SUM_COLUMNS: Final = (*_V1_SUM_COLUMNS, "cache_write_1h_tokens")
 #: What a chart needs: summed by default in timelines.
 TIMELINE_FIELDS: Final = ("requests", "errors", "input_tokens", "output_tokens", "cost_nanos")
 _ROLLUP_TABLES: Final = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
 
 
 def _rollup_table_sql(name: str) -> str:
-    sums = ",\n    ".join(f"{col} INTEGER NOT NULL" for col in _SUM_COLUMNS)
+    sums = ",\n    ".join(f"{col} INTEGER NOT NULL" for col in _V1_SUM_COLUMNS)
     return f"""
 CREATE TABLE rollup_{name} (
     bucket_ms INTEGER NOT NULL,
@@ -340,6 +343,13 @@ DROP TABLE holds;
 ALTER TABLE holds_v7 RENAME TO holds;
 CREATE INDEX holds_open ON holds (expires_ms) WHERE state = 'held';
 """,
+    # Anthropic's one-hour cache writes, a part of cache_write_tokens charged at their own rate.
+    # Only columns added (with a default): a process of the previous version keeps working on it.
+    """
+ALTER TABLE usage_events ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
+"""
+    + "".join(f"ALTER TABLE rollup_{name} ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;\n"
+              for name in _ROLLUP_TABLES),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -395,6 +405,7 @@ class Totals:
     unpriced: int = 0
     estimated: int = 0
     latency_ms: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def tokens(self) -> int:
@@ -472,7 +483,8 @@ def _check_costs(events: list[UsageEvent]) -> None:
 def _event_row(e: UsageEvent, series_id: int) -> tuple[Any, ...]:
     return (
         e.ts_ms, e.request_id, series_id, e.session, e.agent, e.input_tokens, e.cached_input_tokens,
-        e.cache_write_tokens, e.output_tokens, e.reasoning_tokens, e.cost_nanos, e.cost_source,
+        e.cache_write_tokens, e.cache_write_1h_tokens, e.output_tokens, e.reasoning_tokens, e.cost_nanos,
+        e.cost_source,
         e.latency_ms, e.status,
         json.dumps(e.tags, separators=(",", ":"), sort_keys=True) if e.tags else "{}",
     )
@@ -501,6 +513,7 @@ def _rollup_statements() -> tuple[tuple[str, bool], ...]:
         "count(*)", "sum(status = 'error')", "sum(status = 'blocked')", "sum(input_tokens)",
         "sum(cached_input_tokens)", "sum(cache_write_tokens)", "sum(output_tokens)", "sum(reasoning_tokens)",
         "sum(cost_nanos)", "sum(cost_source = 'unpriced')", "sum(cost_source = 'estimated')", "sum(latency_ms)",
+        "sum(cache_write_1h_tokens)",
     )
     columns = ", ".join(_SUM_COLUMNS)
     resum = ", ".join(f"sum({c})" for c in _SUM_COLUMNS)
@@ -538,7 +551,8 @@ def _sums(e: UsageEvent) -> list[int]:
     """One event's contribution to each rollup column (_SUM_COLUMNS), as the rollup SQL sums it."""
     return [1, int(e.status == "error"), int(e.status == "blocked"), e.input_tokens, e.cached_input_tokens,
             e.cache_write_tokens, e.output_tokens, e.reasoning_tokens, e.cost_nanos or 0,
-            int(e.cost_source == "unpriced"), int(e.cost_source == "estimated"), e.latency_ms]
+            int(e.cost_source == "unpriced"), int(e.cost_source == "estimated"), e.latency_ms,
+            e.cache_write_1h_tokens]
 
 
 def _fold_small(conn: sqlite3.Connection, events: list[UsageEvent], series_ids: list[int]) -> None:

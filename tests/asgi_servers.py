@@ -64,7 +64,8 @@ class FakeOpenAI:
 
     The last user message steers it: ``#fail`` answers 500, ``#slow`` never answers in time,
     ``#cut`` breaks a stream off after two chunks, ``#drip`` streams slowly (0.3 s a chunk),
-    ``#nousage`` leaves usage out.
+    ``#nousage`` leaves usage out, ``#inline`` puts a stream's usage on its finishing chunk (as
+    some OpenAI-compatible servers do) rather than on a chunk of its own.
     """
 
     REPLY = "Hello from the fake provider."
@@ -120,8 +121,11 @@ class FakeOpenAI:
                 await asyncio.sleep(0.3 if "#drip" in text else 0)
             done = {**base, "object": "chat.completion.chunk", "choices": [
                 {"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            asked = (body.get("stream_options") or {}).get("include_usage") and "#nousage" not in text
+            if asked and "#inline" in text:
+                done["usage"] = usage
             yield f"data: {json.dumps(done)}\n\n".encode()
-            if (body.get("stream_options") or {}).get("include_usage") and "#nousage" not in text:
+            if asked and "#inline" not in text:
                 last = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                 yield f"data: {json.dumps(last)}\n\n".encode()
             yield b"data: [DONE]\n\n"
@@ -148,7 +152,8 @@ class FakeOpenAI:
 
 
 class FakeAnthropic:
-    """Anthropic's Messages API: usage with cache reads and writes, streaming as Anthropic's SSE events."""
+    """Anthropic's Messages API: usage with cache reads and writes, streaming as Anthropic's SSE events;
+    ``#cut`` in the last user message breaks a stream off after its first text."""
 
     REPLY = "Hi from the fake Claude."
     USAGE: ClassVar[dict[str, int]] = {"input_tokens": 20, "output_tokens": 5, "cache_read_input_tokens": 100,
@@ -178,6 +183,8 @@ class FakeAnthropic:
             yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
             for word in ("Hi from", " the fake Claude."):
                 yield event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
+                if "#cut" in json.dumps(body["messages"][-1]):
+                    raise RuntimeError("connection dropped mid-stream")
             yield event("content_block_stop", {"index": 0})
             yield event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                           "usage": {"output_tokens": 5}})

@@ -407,4 +407,4 @@ async def test_the_upgrade_to_schema_7_waits_until_no_older_gateway_serves_the_l
     conn.execute("UPDATE gateways SET stopped_ms = seen_ms")  # the old gateway is stopped
     conn.close()
     async with await Engine.open(db_path, clock=clock) as engine:
-        assert await engine.store.schema_version() == 7 and await engine.open_holds() == 1
+        assert await engine.store.schema_version() >= 7 and await engine.open_holds() == 1

@@ -157,19 +157,20 @@ async def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _otlp_payload(path: Path) -> Any | None:
-    """The parsed file when it is one JSON document of OTLP traces (``resourceSpans``), else None."""
+    """The OTLP traces of a file (JSON, JSON lines, protobuf, any of them gzip-compressed),
+    else None: it is then an events file."""
+    from engine.integrations.otlp import OtlpError, is_otlp_file, load_file
+
     try:
         with path.open("rb") as f:
             head = f.read(65536)
+        if not is_otlp_file(path.name, head):
+            return None
+        return load_file(path.read_bytes(), path.name)
     except OSError:
         return None  # the events importer reports a missing file its own way
-    if b'"resourceSpans"' not in head:
-        return None
-    try:
-        payload = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return payload if isinstance(payload, dict) and "resourceSpans" in payload else None
+    except OtlpError as exc:
+        raise UsageError(f"{path}: {str(exc).removeprefix('body: ')}") from None
 
 
 async def _import_otlp(args: argparse.Namespace, path: Path, payload: Any) -> int:
@@ -183,7 +184,7 @@ async def _import_otlp(args: argparse.Namespace, path: Path, payload: Any) -> in
     if args.json:
         print(_json(report.as_dict()))
     else:
-        print(f"Imported {report.accepted:,} model calls from {report.spans:,} spans in {path} (OTLP JSON); "
+        print(f"Imported {report.accepted:,} model calls from {report.spans:,} spans in {path} (OTLP); "
               f"{report.duplicates:,} duplicates, {report.skipped:,} spans that are not model calls, "
               f"{report.rejected:,} rejected.")
         for reason in report.reasons:
@@ -279,12 +280,18 @@ async def cmd_pricing_show(args: argparse.Namespace) -> int:
         ["input", _per_million(price.input)],
         ["cached input (read)", _per_million(price.cache_read if price.cache_read is not None else price.input)],
         ["cache write", _per_million(price.cache_write if price.cache_write is not None else price.input)],
+        ["cache write, 1 hour", _per_million(price.cache_write_1h if price.cache_write_1h is not None else
+                                             price.cache_write if price.cache_write is not None else price.input)],
         ["output", _per_million(price.output)],
         ["reasoning output", _per_million(price.reasoning if price.reasoning is not None else price.output)],
     ]
     for tier in price.tiers:
         rows.append([f"input above {tier.threshold_tokens:,} tokens", _per_million(tier.input)])
         rows.append([f"output above {tier.threshold_tokens:,} tokens", _per_million(tier.output)])
+        for name, rate in (("cached input", tier.cache_read), ("cache write", tier.cache_write),
+                           ("cache write, 1 hour", tier.cache_write_1h)):
+            if rate is not None:
+                rows.append([f"{name} above {tier.threshold_tokens:,} tokens", _per_million(rate)])
     print(f"{price.model} ({price.provider}, {price.mode})")
     print(_table(["rate", "per 1M tokens"], rows, right=[1]))
     ctx = f"{price.max_input_tokens:,}" if price.max_input_tokens else "unknown"
@@ -799,11 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_usage)
 
-    p = sub.add_parser("import", parents=[common], help="import JSONL or CSV events",
+    p = sub.add_parser("import", parents=[common], help="import JSONL or CSV events, or OTLP traces",
                        description="Import usage events from a JSONL or CSV file. Bad lines are listed with "
                                    "their line number, field and reason and skipped (exit 2); --strict writes "
-                                   "nothing unless every line is good.")
-    p.add_argument("file", help="a .jsonl or .csv file")
+                                   "nothing unless every line is good. An OTLP traces file (JSON, JSON lines, "
+                                   "or protobuf named .pb/.binpb, any of them gzip-compressed) is read as "
+                                   "/v1/traces reads it.")
+    p.add_argument("file", help="a .jsonl or .csv file, or OTLP traces")
     p.add_argument("--strict", action="store_true", help="write nothing if any line is bad")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_import)

@@ -15,6 +15,7 @@ from typing import Any
 from engine.clock import iso
 from engine.engine import Engine
 from engine.money import format_usd
+from engine.providers import served as served_models
 from engine.routing import MODES
 from engine.vault import VaultError
 from tui.cli import EXIT_OK, Failure, UsageError, _json, _open, _Parser, _table
@@ -94,7 +95,7 @@ async def cmd_provider_add(args: argparse.Namespace) -> int:
         provider = await engine.add_provider(
             name=args.name, kind=args.kind, base_url=args.base_url, credential=args.credential or "",
             vendor=args.vendor or "", models=(args.models or "").split(","))
-        served = [m for m in await engine.catalog() if m.provider == provider.name]
+        served = served_models(engine.prices.models(engine.now_ms()), [provider])
     print(f"Added {provider.name} ({provider.kind}, {provider.base_url}), serving {len(served)} models"
           + (f", credential {provider.credential}" if provider.credential else ", no credential") + ".")
     return EXIT_OK

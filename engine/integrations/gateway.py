@@ -5,9 +5,11 @@
 JSON GenAI spans into the ledger); ``POST /v1/messages`` speaks Anthropic's Messages API to
 an anthropic provider, so the anthropic SDK works through the gateway too. Per request: the Budgeteer API
 token (Bearer) and its scope, rate limits, routing, authorize (holds), forward with the
-provider's key from the vault, settle from the usage the provider reports. Streams ask the
-provider for usage in the last chunk; a stream cut off by either side is settled from what
-was received, marked estimated. Errors take OpenAI's shape. Responses carry the remaining
+provider's key from the vault (and the few provider-specific headers of ``FORWARDED``),
+settle from the usage the provider reports. Streams ask the provider for usage in the last
+chunk, which reaches the client only if it asked too; a stream cut off by either side is
+settled from what was received, marked estimated, and one the provider cut ends with an
+error event the client's SDK raises. Errors take OpenAI's shape. Responses carry the remaining
 budget of the tightest policy. Bodies are limited in size; a graceful shutdown releases the
 hold of every call still under way.
 """
@@ -35,7 +37,16 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
 from engine.engine import Engine, GatewayStatus
-from engine.integrations.governor import Caller, Governor, Refused, StreamMeter, Ticket, bad_request, usage_of
+from engine.integrations.governor import (
+    Caller,
+    Governor,
+    Refused,
+    StreamMeter,
+    Ticket,
+    ask_usage,
+    bad_request,
+    usage_of,
+)
 from engine.integrations.http11 import Http11Transport
 from engine.models import Usage
 from engine.providers import Provider
@@ -51,6 +62,13 @@ SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", 
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
+# The provider-specific request headers of a client's that go on with its call, to a provider
+# of the kind they are for (README: "Headers"). Nothing else of the client's does: not its
+# credentials (Authorization, x-api-key, api-key, cookies), nor the SDKs' x-stainless-*
+# telemetry, nor anthropic-version: the gateway pins the version whose answers it reads usage from.
+FORWARDED: dict[bytes, str] = {
+    b"openai-organization": "openai-compatible", b"openai-project": "openai-compatible",
+    b"openai-beta": "openai-compatible", b"anthropic-beta": "anthropic"}
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -275,27 +293,33 @@ class Gateway:
             await self._caller(request, "models")
         except Refused as refusal:
             return error(refusal)
-        catalog = await self.engine.catalog()
+        assert self.governor is not None
+        served = await self.governor.served()
         return JSONResponse({"object": "list", "data": [
-            {"id": m.model, "object": "model", "created": 0, "owned_by": m.provider} for m in catalog]})
+            {"id": model, "object": "model", "created": providers[0].created_ms // 1000, "owned_by": providers[0].name}
+            for model, providers in sorted(served.items())]})
 
     async def traces(self, request: Request) -> Response:
-        """OTLP/HTTP JSON traces: GenAI spans become usage events (deduplicated by trace and span id)."""
-        from engine.integrations.otlp import OtlpError
+        """OTLP/HTTP traces, protobuf or JSON, either gzip- or deflate-compressed: GenAI spans
+        become usage events (deduplicated by trace and span id). The answer is an
+        ExportTraceServiceResponse in the request's media type."""
+        from engine.integrations import otlp
 
         assert self.engine is not None
         try:
             await self._caller(request, "traces")
-            if "protobuf" in request.headers.get("content-type", ""):
-                raise Refused(415, "body: only OTLP/HTTP JSON is accepted (Content-Type: application/json)",
-                              "invalid_request_error", "unsupported_media_type", "body")
-            body, _ = await self._body(request)
-            report = await self.engine.ingest_otlp(body)
+            media = otlp.media_type(request.headers.get("content-type"))
+            body = await otlp.read_body(request.stream(), request.headers.get("content-encoding"), self.max_body,
+                                        request.headers.get("content-length"))
+            report = await self.engine.ingest_otlp(otlp.decode(body, media))
         except Refused as refusal:
             return error(refusal)
-        except OtlpError as exc:
-            return error(bad_request("body", str(exc)))
-        return JSONResponse(report.as_dict())
+        except otlp.OtlpError as exc:
+            code = {413: "body_too_large", 415: "unsupported_media_type"}.get(exc.status, "invalid_value")
+            return error(Refused(exc.status, str(exc), "invalid_request_error", code, "body"))
+        except ClientDisconnect:
+            return Response(status_code=499)
+        return Response(otlp.export_response(report, media), media_type=media)
 
     def endpoint(self, kind: str) -> Callable[[Request], Any]:
         async def handle(request: Request) -> Response:
@@ -325,11 +349,14 @@ class Gateway:
             await self.governor.fail(ticket)
             self._count(True)
             return error(refusal)
+        if forwarded := [(name, value) for name, value in request.scope["headers"]
+                         if FORWARDED.get(name) == provider.kind]:  # the rare call that sets one
+            headers = headers + forwarded
         stream = bool(body.get("stream"))
         if ticket.model != body["model"] or (stream and kind == "chat"):
             upstream = {**body, "model": ticket.model}
             if stream and kind == "chat":
-                upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                upstream["stream_options"] = ask_usage(ticket, body)
             raw = json.dumps(upstream).encode()
         # else the caller's own bytes go on as they came
         reply = {**ticket.headers, "x-budgeteer-request-id": ticket.request_id}
@@ -369,7 +396,7 @@ class Gateway:
             kind_of = (sent.headers.get("content-type") if stream else _header(answer_headers, b"content-type"))
             return Response(content, status_code=status, headers=reply, media_type=kind_of or "application/json")
         if stream:
-            return RelayResponse(self._relay(sent, ticket), ticket, lambda: self._abandoned(sent, ticket),
+            return RelayResponse(self._relay(sent, ticket, kind), ticket, lambda: self._abandoned(sent, ticket),
                                  headers=reply, media_type="text/event-stream")
         try:
             data = json.loads(content)
@@ -386,20 +413,25 @@ class Gateway:
         self._count(True)
         return error(Refused(status, message, "api_error", "upstream_timeout" if status == 504 else "upstream_error"))
 
-    async def _relay(self, sent: httpx.Response, ticket: Ticket) -> AsyncIterator[bytes]:
-        """Pass the provider's SSE through line by line, reading usage and text on the way;
-        settle in any case: from the usage, or from what was received (estimated)."""
+    async def _relay(self, sent: httpx.Response, ticket: Ticket, kind: str = "chat") -> AsyncIterator[bytes]:
+        """Pass the provider's SSE through line by line, reading usage and text on the way (and
+        taking the usage out where the client did not ask for it); settle in any case: from the
+        usage, or from what was received (estimated). A stream the provider broke off (or, for
+        chat and messages, ended without its final event) ends with an error the SDKs raise."""
         assert self.governor is not None
         ticket.relaying = True  # from here the relay's own finally settles
-        meter = StreamMeter()
+        meter = StreamMeter(hide_usage=ticket.hide_usage)
         try:
-            async for line in sent.aiter_lines():
-                yield (line + "\n").encode()
-                meter.feed(line)
-        except httpx.HTTPError:  # the provider broke off: say so in the stream, settle from what arrived
-            failure = Refused(502, "the provider broke off the stream; what arrived was billed as an estimate",
-                              "api_error", "upstream_stream_cut")
-            yield f"data: {json.dumps(failure.body())}\n\n".encode()
+            cut = False
+            try:
+                async for line in sent.aiter_lines():
+                    if (passed := meter.feed(line)) is not None:
+                        yield (passed + "\n").encode()
+            except httpx.HTTPError:
+                cut = True
+            if cut or (not meter.complete and kind in ("chat", "messages")):
+                yield stream_error(kind, f"provider {ticket.provider} broke off the stream; what arrived was "
+                                         "billed as an estimate")
         finally:
             settled, estimated = meter.settlement(ticket)
             finish = asyncio.ensure_future(self._settle_stream(sent, ticket, settled, estimated))
@@ -419,6 +451,17 @@ class Gateway:
         await sent.aclose()
         await self.governor.finish(ticket, usage, estimated=estimated)
         self._count(False)
+
+
+def stream_error(kind: str, message: str) -> bytes:
+    """An error event that ends a relayed stream, in the shape the client's SDK raises: Anthropic's
+    ``event: error`` for the Messages API, OpenAI's ``error`` object otherwise. It begins with a
+    blank line, which ends an event the provider left half sent."""
+    if kind == "messages":
+        body: dict[str, Any] = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return f"\nevent: error\ndata: {json.dumps(body)}\n\n".encode()
+    failure = Refused(502, message, "api_error", "upstream_stream_cut")
+    return f"\ndata: {json.dumps(failure.body())}\n\n".encode()
 
 
 class RelayResponse(StreamingResponse):

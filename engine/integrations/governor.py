@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine import providers as prov
@@ -79,6 +79,7 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)  # x-budget-* for the response
     settled: bool = False
     relaying: bool = False  # a stream's relay has begun (and will settle it)
+    hide_usage: bool = False  # a chat stream whose client did not ask for usage: it is taken out on the way back
 
 
 def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]:
@@ -116,14 +117,16 @@ def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]
 def usage_of(payload: Mapping[str, Any]) -> Usage | None:
     """The usage a provider reported, in the ledger's shape: OpenAI chat (prompt/completion
     tokens and their details), the Responses API and embeddings (input/output tokens), and
-    Anthropic (input, output, cache read and cache creation input tokens, added up)."""
+    Anthropic (input, cache read and cache creation input tokens added up, the one-hour part
+    of the cache writes from ``cache_creation.ephemeral_1h_input_tokens``, and the thinking
+    part of the output from ``output_tokens_details.thinking_tokens`` as reasoning)."""
     raw = payload.get("usage")
     if not isinstance(raw, Mapping):
         return None
 
     def num(mapping: Any, key: str) -> int:
         value = mapping.get(key) if isinstance(mapping, Mapping) else None
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0
 
     if "prompt_tokens" in raw or "completion_tokens" in raw:
         details = raw.get("prompt_tokens_details")
@@ -131,14 +134,30 @@ def usage_of(payload: Mapping[str, Any]) -> Usage | None:
         return Usage(input_tokens=num(raw, "prompt_tokens"), cached_input_tokens=num(details, "cached_tokens"),
                      output_tokens=num(raw, "completion_tokens"),
                      reasoning_tokens=num(out_details, "reasoning_tokens"))
-    if "cache_read_input_tokens" in raw or "cache_creation_input_tokens" in raw:  # Anthropic
-        read, write = num(raw, "cache_read_input_tokens"), num(raw, "cache_creation_input_tokens")
-        return Usage(input_tokens=num(raw, "input_tokens") + read + write, cached_input_tokens=read,
-                     cache_write_tokens=write, output_tokens=num(raw, "output_tokens"))
-    details = raw.get("input_tokens_details")
     out_details = raw.get("output_tokens_details")
+    output = num(raw, "output_tokens")
+    if "cache_read_input_tokens" in raw or "cache_creation_input_tokens" in raw or "cache_creation" in raw:
+        ttl = raw.get("cache_creation")  # Anthropic: the writes by cache lifetime
+        read, one_hour = num(raw, "cache_read_input_tokens"), num(ttl, "ephemeral_1h_input_tokens")
+        write = max(num(raw, "cache_creation_input_tokens"), num(ttl, "ephemeral_5m_input_tokens") + one_hour)
+        return Usage(input_tokens=num(raw, "input_tokens") + read + write, cached_input_tokens=read,
+                     cache_write_tokens=write, cache_write_1h_tokens=one_hour, output_tokens=output,
+                     reasoning_tokens=min(output, num(out_details, "thinking_tokens")))
+    details = raw.get("input_tokens_details")
+    reasoning = num(out_details, "reasoning_tokens") or num(out_details, "thinking_tokens")
     return Usage(input_tokens=num(raw, "input_tokens"), cached_input_tokens=num(details, "cached_tokens"),
-                 output_tokens=num(raw, "output_tokens"), reasoning_tokens=num(out_details, "reasoning_tokens"))
+                 output_tokens=output, reasoning_tokens=min(output, reasoning))
+
+
+def ask_usage(ticket: Ticket, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``stream_options`` of an OpenAI chat stream as sent upstream: usage always asked for
+    (the ledger settles from it); the ticket remembers whether the client asked for it too,
+    else the meter takes it out of the stream on the way back (``StreamMeter(hide_usage)``)."""
+    options = body.get("stream_options")
+    options = dict(options) if isinstance(options, Mapping) else {}
+    ticket.hide_usage = options.get("include_usage") is not True
+    options["include_usage"] = True
+    return options
 
 
 class Governor:
@@ -153,6 +172,7 @@ class Governor:
         self.resolve_providers = resolve_providers
         self.open: dict[str, Ticket] = {}
         self._providers: tuple[float, list[prov.Provider]] | None = None
+        self._served: tuple[list[prov.Provider], dict[str, list[prov.Provider]]] | None = None
         self.requests = 0
         self.errors = 0
 
@@ -162,17 +182,19 @@ class Governor:
             self._providers = (time.monotonic(), await self.engine.providers())
         return self._providers[1]
 
+    async def served(self) -> dict[str, list[prov.Provider]]:
+        """Each model served -> its enabled registered providers (``providers.served``), built
+        again when the registered providers are read again."""
+        registered = await self.registered()
+        if self._served is None or self._served[0] is not registered:
+            self._served = (registered, prov.served(self.engine.prices.models(self.engine.now_ms()), registered))
+        return self._served[1]
+
     async def provider_for(self, model: str, kind: str | None = None) -> prov.Provider | None:
         """The first enabled registered provider (of ``kind``, if given) serving the model."""
-        catalog = await self.engine.catalog()
-        serving = [m.provider for m in catalog if m.model == model]
-        registered = {p.name: p for p in await self.registered() if p.enabled and kind in (None, p.kind)}
-        for name in serving:
-            if name in registered:
-                return registered[name]
-        for p in registered.values():  # a provider listing the model explicitly, priced or not
-            if model in p.models:
-                return p
+        for provider in (await self.served()).get(model, ()):
+            if kind in (None, provider.kind):
+                return provider
         return None
 
     def _rate_limits(self, caller: Caller, tokens: int) -> list[Limit]:
@@ -269,7 +291,8 @@ class Governor:
             workspace=ticket.caller.workspace, team=ticket.caller.team, principal=ticket.caller.principal,
             token_id=ticket.caller.token_id, session=ticket.caller.session, agent=ticket.caller.agent,
             input_tokens=used.input_tokens, cached_input_tokens=used.cached_input_tokens,
-            cache_write_tokens=used.cache_write_tokens, output_tokens=used.output_tokens,
+            cache_write_tokens=used.cache_write_tokens, cache_write_1h_tokens=used.cache_write_1h_tokens,
+            output_tokens=used.output_tokens,
             reasoning_tokens=used.reasoning_tokens, latency_ms=round((time.perf_counter() - ticket.started) * 1000),
             status=status, cost_source="estimated" if estimated else "computed",
             tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
@@ -315,42 +338,81 @@ def budget_headers(auth: Authorization) -> dict[str, str]:
 class StreamMeter:
     """Reads a provider's server-sent events as they pass: the usage it reports (OpenAI's last
     chunk, the Responses API's ``response.completed``, Anthropic's ``message_start`` and
-    ``message_delta``), the text received, and whether the stream ended properly."""
+    ``message_delta``), the text received, and whether the stream ended properly.
 
-    def __init__(self) -> None:
+    With ``hide_usage`` (a chat stream whose client did not ask for usage) it also says what
+    to pass on: an OpenAI chunk carrying usage and no choices is dropped, one carrying usage
+    beside its choices goes on without the usage; everything else goes on as it came."""
+
+    def __init__(self, hide_usage: bool = False) -> None:
         self.usage: Usage | None = None
         self.text: list[str] = []
         self.complete = False
-        self._pending = ""
+        self.hide_usage = hide_usage
+        self._pending = b""
 
     def feed_bytes(self, data: bytes) -> None:
-        self._pending += data.decode("utf-8", errors="replace")
-        *lines, self._pending = self._pending.split("\n")
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
         for line in lines:
-            self.feed(line.rstrip("\r"))
+            self.feed(line.decode("utf-8", errors="replace").rstrip("\r"))
 
-    def feed(self, line: str) -> None:
+    def pass_bytes(self, data: bytes) -> bytes:
+        """Feed ``data``; the bytes to pass on: ``data`` itself, or with ``hide_usage`` its
+        complete lines with the usage taken out (a line is held until its end arrives)."""
+        if not self.hide_usage:
+            self.feed_bytes(data)
+            return data
+        self._pending += data
+        *lines, self._pending = self._pending.split(b"\n")
+        return b"".join(self._pass(line) for line in lines)
+
+    def end(self) -> bytes:
+        """At the stream's end: read a last line that had no line break; what to pass on of it."""
+        rest, self._pending = self._pending, b""
+        if not rest:
+            return b""
+        passed = self._pass(rest)
+        return passed[:-1] if self.hide_usage else b""  # without the hidden case, it went on already
+
+    def _pass(self, raw: bytes) -> bytes:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        kept = self.feed(line)
+        if kept is None:
+            return b""
+        return raw + b"\n" if kept == line else kept.encode() + b"\n"
+
+    def feed(self, line: str) -> str | None:
+        """Read one line of the stream (without its line break); the line to pass on: as it
+        came, rewritten without its usage, or None to drop it (only with ``hide_usage``)."""
         if not line.startswith("data:"):
-            return
+            return line
         payload = line[5:].strip()
         if payload == "[DONE]":
             self.complete = True
-            return
+            return line
         try:
             chunk = json.loads(payload)
         except ValueError:
-            return
+            return line
         if not isinstance(chunk, dict):
-            return
+            return line
         kind = chunk.get("type")
         if kind == "message_start" and isinstance(chunk.get("message"), dict):  # Anthropic
             self.usage = usage_of(chunk["message"])
-        elif kind == "message_delta" and isinstance(chunk.get("usage"), dict):
-            out = chunk["usage"].get("output_tokens")
+        elif (kind == "message_delta" and isinstance(chunk.get("usage"), dict)
+              and isinstance(chunk["usage"].get("output_tokens"), int)):
+            # Cumulative counts: the output and its thinking part, the input ones when sent again;
+            # the one-hour part of the cache writes comes only in message_start.
             base = self.usage or Usage()
-            if isinstance(out, int):
-                self.usage = Usage(base.input_tokens, base.cached_input_tokens, base.cache_write_tokens, out,
-                                   base.reasoning_tokens)
+            raw = {"input_tokens": base.input_tokens - base.cached_input_tokens - base.cache_write_tokens,
+                   "cache_read_input_tokens": base.cached_input_tokens,
+                   "cache_creation_input_tokens": base.cache_write_tokens,
+                   **{k: v for k, v in chunk["usage"].items() if v is not None}}
+            if (now := usage_of({"usage": raw})) is not None:
+                self.usage = replace(
+                    now, cache_write_1h_tokens=min(base.cache_write_1h_tokens, now.cache_write_tokens),
+                    reasoning_tokens=now.reasoning_tokens or min(base.reasoning_tokens, now.output_tokens))
         elif kind == "message_stop":
             self.complete = True
         elif kind == "response.completed" and isinstance(chunk.get("response"), dict):
@@ -367,6 +429,13 @@ class StreamMeter:
             self.text.append(delta)
         elif isinstance(delta, dict) and isinstance(delta.get("text"), str):
             self.text.append(delta["text"])
+        elif isinstance(delta, dict) and isinstance(delta.get("thinking"), str):  # output all the same
+            self.text.append(delta["thinking"])
+        if self.hide_usage and "choices" in chunk and chunk.get("usage") is not None:
+            if not chunk["choices"]:
+                return None
+            return "data: " + json.dumps({k: v for k, v in chunk.items() if k != "usage"})
+        return line
 
     def settlement(self, ticket: Ticket) -> tuple[Usage, bool]:
         """(usage, estimated): the reported usage of a complete stream, else an estimate from
@@ -375,5 +444,5 @@ class StreamMeter:
             return self.usage, False
         received = estimate_tokens("".join(self.text)) if self.text else 0
         base = self.usage or Usage(input_tokens=ticket.input_estimate)
-        return Usage(base.input_tokens or ticket.input_estimate, base.cached_input_tokens, base.cache_write_tokens,
-                     max(base.output_tokens, received), base.reasoning_tokens), True
+        return replace(base, input_tokens=base.input_tokens or ticket.input_estimate,
+                       output_tokens=max(base.output_tokens, received)), True

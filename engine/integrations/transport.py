@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from engine.integrations.governor import Caller, Governor, Refused, StreamMeter, Ticket, usage_of
+from engine.integrations.governor import Caller, Governor, Refused, StreamMeter, Ticket, ask_usage, usage_of
 from engine.models import Usage
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             changed = dict(body)
             changed["model"] = ticket.model
             if body.get("stream") and kind == "chat" and not request.url.path.rstrip("/").endswith("/messages"):
-                changed["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                changed["stream_options"] = ask_usage(ticket, body)
             # Uncompressed answers, so the usage can be read as the bytes pass.
             dropped = ("content-length", "accept-encoding")
             headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
@@ -132,14 +132,16 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
     class _AsyncMeteredStream(h.AsyncByteStream):  # type: ignore[misc]
         def __init__(self, response: Any, ticket: Ticket, governor: Governor) -> None:
             self.response, self.ticket, self.governor = response, ticket, governor
-            self.meter = StreamMeter()
+            self.meter = StreamMeter(hide_usage=ticket.hide_usage)
             self.done = False
 
         async def __aiter__(self) -> AsyncIterator[bytes]:
             try:
                 async for chunk in self.response.aiter_raw():
-                    self.meter.feed_bytes(chunk)
-                    yield chunk
+                    if passed := self.meter.pass_bytes(chunk):
+                        yield passed
+                if rest := self.meter.end():
+                    yield rest
             finally:
                 await self._settle()
 
@@ -225,14 +227,16 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
     class _MeteredStream(h.SyncByteStream):  # type: ignore[misc]
         def __init__(self, response: Any, ticket: Ticket, transport: GovernedTransport) -> None:
             self.response, self.ticket, self.transport = response, ticket, transport
-            self.meter = StreamMeter()
+            self.meter = StreamMeter(hide_usage=ticket.hide_usage)
             self.done = False
 
         def __iter__(self) -> Iterator[bytes]:
             try:
                 for chunk in self.response.iter_raw():
-                    self.meter.feed_bytes(chunk)
-                    yield chunk
+                    if passed := self.meter.pass_bytes(chunk):
+                        yield passed
+                if rest := self.meter.end():
+                    yield rest
             finally:
                 self.close()
 
