@@ -94,13 +94,16 @@ async def _ledger(db: Path) -> tuple[int, int]:
         return await engine.event_count(), await engine.open_holds()
 
 
+CATALOG = "vendor"  # how the provider is registered: every OpenAI model ("vendor") or gpt-4o-mini alone ("one")
+
+
 async def _prepare(db: Path, provider_url: str) -> str:
     async with await Engine.open(db) as engine:
         for scope in ("workspace:default", "team:perf", "principal:bench"):
             await engine.add_policy(build_policy(scope=scope, metric="usd", window="day", hard="1000000"))
         await engine.vault_set("bench", "sk-bench-not-a-real-key")
         await engine.add_provider(name="fake", kind="openai", base_url=f"{provider_url}/v1", credential="vault:bench",
-                                  models=["gpt-4o-mini"])
+                                  **({"vendor": "openai"} if CATALOG == "vendor" else {"models": ["gpt-4o-mini"]}))
         _token, secret = await engine.create_token(name="bench", principal="bench", team="perf")
         return secret
 
@@ -142,6 +145,10 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _served() -> str:
+    return "every OpenAI model of the price table" if CATALOG == "vendor" else "gpt-4o-mini alone"
+
+
 def _label(routing: str | None) -> str:
     return "default flags" if routing is None else f"--routing {routing}"
 
@@ -157,7 +164,7 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
     try:
         _wait(f"{provider_url}/v1/models")
         print(f"{os.cpu_count()} cores; sustained: {connections} connections for {seconds:.0f} s each; the provider "
-              "answers at once; 3 hard budgets on every governed call")
+              f"answers at once and serves {_served()}; 3 hard budgets on every governed call")
         direct = asyncio.run(wire.load_for("127.0.0.1", pport, wire.post(PATH, ASK, {}, f"127.0.0.1:{pport}"),
                                            connections, seconds))
         rows.append(("provider, direct", direct, None, 0))
@@ -204,7 +211,12 @@ def main() -> None:
                         help="instead: 50 connections for SECONDS against the provider directly, the gateway with "
                              "default flags and with routing off (60 is the reference run)")
     parser.add_argument("--connections", type=int, default=50, help="with --sustained: how many (default 50)")
+    parser.add_argument("--catalog", choices=("vendor", "one"), default="vendor",
+                        help="the provider serves every OpenAI model of the price table (vendor, as `provider add "
+                             "--vendor openai`; routing weighs them all) or gpt-4o-mini alone (one)")
     args = parser.parse_args()
+    global CATALOG
+    CATALOG = args.catalog
     env = {**os.environ, "BUDGETEER_VAULT_PASSPHRASE": "bench", "BUDGETEER_VAULT_BACKEND": "file"}
     os.environ.update({k: env[k] for k in ("BUDGETEER_VAULT_PASSPHRASE", "BUDGETEER_VAULT_BACKEND")})
     try:
@@ -226,7 +238,8 @@ def main() -> None:
             procs.append(_start_gateway(db, gport, args.routing, env))
             auth = {"authorization": f"Bearer {secret}"}
             answered = 0
-            print(f"{os.cpu_count()} cores; gateway with {_label(args.routing)}; 3 hard budgets on every call")
+            print(f"{os.cpu_count()} cores; gateway with {_label(args.routing)}; the provider serves {_served()}; "
+                  "3 hard budgets on every call")
             print(f"latency: the provider answers each call in 20-80 ms (seeded); {args.requests:,} calls a row")
             print(f"{'connections':>11}  {'direct p50':>10}  {'gateway p50':>11}  {'added p50':>9}  {'added p99':>9}"
                   f"  {'calls/s':>7}  failures")

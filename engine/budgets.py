@@ -51,6 +51,12 @@ class Scope:
     """``global``, or one or two ``kind:id`` parts that must all match a call."""
 
     parts: tuple[tuple[str, str], ...] = ()
+    #: How specific the scope is, for ordering a hierarchy (global 0 ... token 5): worked out
+    #: once, as every call's decision sorts its policies by it.
+    level: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level", max((_SCOPE_LEVELS[k] for k, _ in self.parts), default=0))
 
     def __str__(self) -> str:
         return "+".join(f"{k}:{v}" for k, v in self.parts) if self.parts else "global"
@@ -60,11 +66,6 @@ class Scope:
             if call.get(kind) != value:
                 return False
         return True
-
-    @property
-    def level(self) -> int:
-        """How specific the scope is, for ordering a hierarchy (global 0 ... token 5)."""
-        return max((_SCOPE_LEVELS[k] for k, _ in self.parts), default=0)
 
 
 def parse_scope(text: str, field_name: str = "scope") -> Scope:

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -46,8 +46,8 @@ from engine.budgets import (
 )
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
-from engine.models import ROLLUP_DIMENSIONS, FieldError, Usage, UsageEvent
-from engine.pricing import ModelPrice, PriceBook, bundled_prices, cost_nanos, parse_litellm
+from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
+from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm, uncached_cost_nanos, uncached_costs
 from engine.store import (
     TIMELINE_FIELDS,
     BreakdownRow,
@@ -66,6 +66,14 @@ _INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal
                     "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
 log = logging.getLogger("budgeteer")
+
+
+def _cheapest_first(indices: list[int], rank: Callable[[int], tuple[int, str]]) -> Iterator[int]:
+    """``indices`` by ``rank``, sorted only past the first (which is most often the last asked)."""
+    if indices:
+        first = min(indices, key=rank)
+        yield first
+        yield from sorted((i for i in indices if i != first), key=rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +134,8 @@ class Engine:
         self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
         self._vault: Vault | None = None
         self._catalog_cache: tuple[float, list[prov.CatalogModel]] | None = None
+        # the cached catalog's prices and each model's first place in it (for routing)
+        self._catalog_index: tuple[list[ModelPrice], dict[str, int]] = ([], {})
         # Provider health in memory: loaded once, then the new events added by one refresh at a
         # time, in the background when a call finds it older than HEALTH_REFRESH_S.
         self._health = prov.HealthBook()
@@ -366,8 +376,7 @@ class Engine:
         tokens = call.input_tokens + output
         if price is None:
             return CallCost(usd=0, tokens=tokens, priced=False)
-        return CallCost(usd=cost_nanos(price, Usage(input_tokens=call.input_tokens, output_tokens=output)),
-                        tokens=tokens)
+        return CallCost(usd=uncached_cost_nanos(price, call.input_tokens, output), tokens=tokens)
 
     def _price_of(self, call: CallRequest) -> ModelPrice | None:
         return self.prices.lookup(call.model, self.now_ms(), call.workspace, call.provider or None)
@@ -786,6 +795,7 @@ class Engine:
             return cached[1]
         found = prov.catalog(self.prices.models(self.now_ms()), await self.providers())
         self._catalog_cache = (time.monotonic(), found)
+        self._catalog_index = ([m.price for m in found], {m.model: i for i, m in reversed(list(enumerate(found)))})
         return found
 
     async def _routing_breakers(self) -> dict[str, prov.Breaker]:
@@ -871,28 +881,37 @@ class Engine:
     async def route(self, request: Mapping[str, Any], *, principal: str, model: str, mode: str = "suggest",
                     team: str = "", workspace: str = "default", token_id: str = "", session: str = "",
                     agent: str = "", max_tokens: int | None = None, request_id: str | None = None,
-                    record: bool = True) -> routing.Decision:
+                    record: bool = True, input_tokens: int | None = None) -> routing.Decision:
         """Score the request, filter the catalog (capabilities, context, health, budgets) and
-        choose; the decision is recorded unless ``record`` is False (an explain)."""
+        choose; the decision is recorded unless ``record`` is False (an explain).
+        ``input_tokens``: the prompt's estimate (``estimate_message_tokens``) if already made."""
         parsed_mode = routing.parse_mode(mode)
-        score = routing.score(request)
+        score = routing.score(request, input_tokens)
         catalog = await self.catalog()
         breakers = await self._routing_breakers()
         unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"}
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
         # Budgets are asked only as far as needed: the capable candidates cheapest first until
         # one fits (a gateway routes every call), and the requested model.
-        costs = [routing.estimate(m, score.input_tokens, output) for m in catalog]
+        prices, first_at = self._catalog_index
+        costs = uncached_costs(prices, score.input_tokens, output)
         needed, tier = score.input_tokens + output, score.tier_needed
-        usable = sorted((i for i, m in enumerate(catalog)
-                         if score.needs <= m.capabilities and m.provider not in unhealthy and m.cost_tier >= tier
-                         and not (m.context and needed > m.context)), key=lambda i: (costs[i], catalog[i].model))
-        requested_at = next((i for i, m in enumerate(catalog) if m.model == model), None)
+        usable = [i for i, m in enumerate(catalog)
+                  if score.needs <= m.capabilities and m.provider not in unhealthy and m.cost_tier >= tier
+                  and not (m.context and needed > m.context)]
+
+        def rank(i: int) -> tuple[int, str]:
+            return costs[i], catalog[i].model
+
+        requested_at = first_at.get(model)
         requested = catalog[requested_at] if requested_at is not None else None
         requested_usable = requested_at in usable
         requested_cost = costs[requested_at] if requested_at is not None else 0
         explain = not record
         now = self.now_ms()
+        # who calls, as CallRequest.context() has it; each candidate adds its model and provider
+        who = {"workspace": workspace, "team": team, "principal": principal, "token": token_id, "session": session,
+               "agent": agent}
 
         def decide(tx: LedgerTx | None) -> routing.Decision | None:
             """The choice, with the budgets asked from memory (``tx`` None: None if they cannot
@@ -902,10 +921,10 @@ class Engine:
 
             def refused(m: prov.CatalogModel) -> bool | None:
                 asked.add((m.model, m.provider))
-                call = CallRequest(principal=principal, model=m.model, provider=m.provider, team=team,
-                                   workspace=workspace, token_id=token_id, session=session, agent=agent,
-                                   input_tokens=score.input_tokens, max_tokens=output)
-                context, cost = self._context(call), self.worst_case(call)
+                price = self.prices.lookup(m.model, now, workspace, m.provider)  # a workspace's own price first
+                cost = CallCost(usd=uncached_cost_nanos(price, score.input_tokens, output), tokens=needed) \
+                    if price is not None else CallCost(usd=0, tokens=needed, priced=False)
+                context = {**who, "model": m.model, "provider": m.provider}
                 evaluation = self.budgets.evaluate(tx, context, cost, now) if tx is not None else \
                     self.budgets.evaluate_in_memory(context, cost, now)
                 if evaluation is None:
@@ -915,22 +934,32 @@ class Engine:
                     return True
                 return False
 
-            found: int | None = None  # the cost of the cheapest usable model the budgets allow
+            found: int | None = None  # the cheapest usable model the budgets allow
             if explain or any(catalog[i].model != model for i in usable):  # else budgets cannot change the choice
-                for i in usable:
+                for i in _cheapest_first(usable, rank):
+                    if catalog[i].model in blocked:
+                        continue
                     if (no := refused(catalog[i])) is None:
                         return None
                     if not no:
-                        found = costs[i]
+                        found = i
                         break
+            elif usable:
+                found = min(usable, key=rank)
             # The requested model's own verdict decides only if it could stay: usable, and no
             # dearer than the cheapest allowed (an explain shows it whatever it is).
             if requested is not None and (requested.model, requested.provider) not in asked and (explain or (
-                    requested_usable and found is not None and requested_cost <= found)) \
+                    requested_usable and found is not None and requested_cost <= costs[found])) \
                     and refused(requested) is None:
                 return None
-            return routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
-                                  unhealthy=unhealthy, blocked=blocked, costs=costs, explain=explain)
+            if explain:
+                return routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
+                                      unhealthy=unhealthy, blocked=blocked, costs=costs)
+            # The same choice as ``choose`` makes, without an explanation of every candidate.
+            best = routing.Candidate(catalog[found], costs[found], True, "") if found is not None else None
+            entry = routing.Candidate(requested, requested_cost, requested_usable and requested.model not in blocked,
+                                      "") if requested is not None else None
+            return routing.decision(score, model, parsed_mode, best, entry, ())
 
         # Routing a call is advice, and the hold that follows decides under the write lock: the
         # budgets' counters as the last batch left them answer it, with no transaction of its own,

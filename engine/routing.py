@@ -38,8 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-from engine.models import FieldError, Usage
-from engine.pricing import cost_nanos, estimate_message_tokens
+from engine.models import FieldError
+from engine.pricing import estimate_message_tokens, uncached_cost_nanos
 from engine.providers import CatalogModel
 
 Mode = Literal["suggest", "dry_run", "enforced"]
@@ -73,18 +73,63 @@ class Feature(NamedTuple):  # a tuple: eight are made for every routed call, at 
         return self.value * self.weight
 
 
+class _Seen(NamedTuple):
+    """What the scorer saw in a request, from which its features are told."""
+
+    characters: int
+    tokens: int
+    fenced: bool
+    code_lines: int
+    code_words: tuple[str, ...]
+    structured: float
+    response_format: str | None
+    tools: int
+    images: int
+    cues: tuple[str, ...]
+    depth: int
+
+    def measures(self) -> tuple[float, ...]:
+        """Each feature's measure in [0, 1], in WEIGHTS' order."""
+        return (_measure(self.characters / 4000), _measure(self.tokens / 8000),
+                _measure(1.0 if self.fenced else max(self.code_lines / 6, 0.5 if self.code_words else 0.0)),
+                self.structured, 0.0 if not self.tools else 0.5 if self.tools < 3 else 1.0,
+                0.0 if not self.images else 0.6 if self.images == 1 else 1.0,
+                _measure(len(self.cues) / 3), _measure(self.depth / 10))
+
+    def notes(self) -> tuple[str, ...]:
+        return (f"{self.characters:,} characters", f"about {self.tokens:,} prompt tokens",
+                "a fenced code block" if self.fenced else f"{self.code_lines} lines that look like code"
+                + (f"; mentions {', '.join(self.code_words)}" if self.code_words else ""),
+                f"response_format {self.response_format}" if self.response_format else
+                ("asks for JSON/YAML/a schema" if self.structured else "free text"),
+                f"{self.tools} tools", f"{self.images} images",
+                ", ".join(self.cues) if self.cues else "no reasoning cues", f"{self.depth} earlier messages")
+
+
+def _measure(value: float) -> float:
+    return round(1.0 if value > 1.0 else value if value > 0.0 else 0.0, 3)
+
+
+_WEIGHTS: Final = tuple(WEIGHTS.items())
+
+
 @dataclass(frozen=True, slots=True)
 class Score:
-    features: tuple[Feature, ...]
-    input_tokens: int
+    seen: _Seen
     needs: frozenset[str]  # capabilities the call needs: tools, json, vision
-    value: float = field(init=False)  # the weighted sum of the features, in [0, 1]
-    tier_needed: int = field(init=False)  # the lowest cost tier fit for it
+    value: float  # the weighted sum of the features, in [0, 1]
+    tier_needed: int  # the lowest cost tier fit for it
 
-    def __post_init__(self) -> None:  # worked out once: a gateway asks for them per catalog model
-        value = min(1.0, max(0.0, sum([f.value * f.weight for f in self.features])))
-        object.__setattr__(self, "value", value)
-        object.__setattr__(self, "tier_needed", 1 + sum(value >= t for t in TIER_THRESHOLDS))
+    @property
+    def input_tokens(self) -> int:
+        return self.seen.tokens
+
+    @property
+    def features(self) -> tuple[Feature, ...]:
+        """Each feature's measure, weight and a note of what was seen (told when asked: a
+        gateway's call needs only the value)."""
+        return tuple(Feature(name, measure, weight, note) for (name, weight), measure, note
+                     in zip(_WEIGHTS, self.seen.measures(), self.seen.notes(), strict=True))
 
 
 def _text_of(messages: list[dict[str, Any]]) -> tuple[str, int]:
@@ -105,57 +150,43 @@ def _text_of(messages: list[dict[str, Any]]) -> tuple[str, int]:
     return "\n".join(parts), images
 
 
-def score(request: Mapping[str, Any]) -> Score:
+def score(request: Mapping[str, Any], input_tokens: int | None = None) -> Score:
     """The complexity of an OpenAI-style chat request (``messages``, ``tools``,
-    ``response_format``); each feature's measure, weight and a note saying what was seen."""
+    ``response_format``); each feature's measure, weight and a note saying what was seen.
+    ``input_tokens``: the prompt's estimate, when the caller has made it already."""
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise FieldError("messages", "must be a non-empty list of chat messages")
     if not all(isinstance(m, dict) for m in messages):
         raise FieldError("messages", "each message must be an object with a role and content")
     text, images = _text_of(messages)
-    tokens = estimate_message_tokens(messages)
-    lines = text.splitlines()
-    fenced = text.count("```") >= 2
-    code_lines = sum(1 for line in lines if _CODE_LINE.search(line))
-    code_words = sorted({m.group(0).lower() for m in _CODE_WORDS.finditer(text)})
-    tools = request.get("tools") or request.get("functions") or []
-    tool_count = len(tools) if isinstance(tools, list) else 0
     fmt = request.get("response_format")
     fmt_type = fmt.get("type") if isinstance(fmt, dict) else None
-    structured = 1.0 if fmt_type in ("json_schema", "json_object") else 0.5 if _JSON_ASK.search(text) else 0.0
-    cues = sorted({m.group(0).lower() for m in _REASONING_CUES.finditer(text)})
-    depth = max(0, len(messages) - 1)
-
-    def measure(value: float) -> float:
-        return round(1.0 if value > 1.0 else value if value > 0.0 else 0.0, 3)
-
-    w = WEIGHTS
-    features = (
-        Feature("length", measure(len(text) / 4000), w["length"], f"{len(text):,} characters"),
-        Feature("tokens", measure(tokens / 8000), w["tokens"], f"about {tokens:,} prompt tokens"),
-        Feature("code", measure(1.0 if fenced else max(code_lines / 6, 0.5 if code_words else 0.0)), w["code"],
-                "a fenced code block" if fenced else f"{code_lines} lines that look like code"
-                + (f"; mentions {', '.join(code_words)}" if code_words else "")),
-        Feature("structured", structured, w["structured"], f"response_format {fmt_type}" if fmt_type else
-                ("asks for JSON/YAML/a schema" if structured else "free text")),
-        Feature("tools", 0.0 if not tool_count else 0.5 if tool_count < 3 else 1.0, w["tools"], f"{tool_count} tools"),
-        Feature("images", 0.0 if not images else 0.6 if images == 1 else 1.0, w["images"], f"{images} images"),
-        Feature("reasoning", measure(len(cues) / 3), w["reasoning"], ", ".join(cues) if cues else "no reasoning cues"),
-        Feature("depth", measure(depth / 10), w["depth"], f"{depth} earlier messages"),
-    )
+    tools = request.get("tools") or request.get("functions") or []
+    seen = _Seen(
+        characters=len(text),
+        tokens=estimate_message_tokens(messages) if input_tokens is None else input_tokens,
+        fenced=text.count("```") >= 2,
+        code_lines=sum(1 for line in text.splitlines() if _CODE_LINE.search(line)),
+        code_words=tuple(sorted({m.group(0).lower() for m in _CODE_WORDS.finditer(text)})),
+        structured=1.0 if fmt_type in ("json_schema", "json_object") else 0.5 if _JSON_ASK.search(text) else 0.0,
+        response_format=fmt_type,
+        tools=len(tools) if isinstance(tools, list) else 0,
+        images=images,
+        cues=tuple(sorted({m.group(0).lower() for m in _REASONING_CUES.finditer(text)})),
+        depth=max(0, len(messages) - 1))
+    value = min(1.0, max(0.0, sum([m * w for m, (_, w) in zip(seen.measures(), _WEIGHTS, strict=True)])))
     needs = set()
-    if tool_count:
+    if seen.tools:
         needs.add("tools")
     if fmt_type in ("json_schema", "json_object"):
         needs.add("json")
     if images:
         needs.add("vision")
-    return Score(features, tokens, frozenset(needs))
+    return Score(seen, frozenset(needs), value, 1 + sum(value >= t for t in TIER_THRESHOLDS))
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     model: CatalogModel
     estimated_cost: int  # nano-dollars for this call (prompt estimate plus max output)
     kept: bool
@@ -203,23 +234,19 @@ class Decision:
 
 
 def estimate(model: CatalogModel, input_tokens: int, output_tokens: int) -> int:
-    return cost_nanos(model.price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+    return uncached_cost_nanos(model.price, input_tokens, output_tokens)
 
 
 def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode, max_tokens: int | None,
-           unhealthy: Mapping[str, str], blocked: Mapping[str, str], costs: Sequence[int] | None = None,
-           explain: bool = True) -> Decision:
-    """Filter the catalog for this call and pick the cheapest capable-enough candidate.
-    ``unhealthy`` maps a provider to why it is out; ``blocked`` maps a model to the budget
-    that would refuse the call on it; ``costs``, each catalog model's estimate for this call if
-    already worked out. ``explain`` False: the decision without its candidates (a gateway's
-    call, where only the choice is kept)."""
+           unhealthy: Mapping[str, str], blocked: Mapping[str, str], costs: Sequence[int] | None = None) -> Decision:
+    """Filter the catalog for this call and pick the cheapest capable-enough candidate, with
+    every candidate and why it was kept or not. ``unhealthy`` maps a provider to why it is out;
+    ``blocked`` maps a model to the budget that would refuse the call on it; ``costs``, each
+    catalog model's estimate for this call if already worked out."""
     output = max_tokens or DEFAULT_OUTPUT_TOKENS
     if costs is None:
         costs = [estimate(m, s.input_tokens, output) for m in catalog]
     needed, tier = s.input_tokens + output, s.tier_needed
-    if not explain:
-        return _choose_quickly(s, catalog, costs, requested, mode, needed, unhealthy, blocked)
     candidates: list[Candidate] = []
     for m, cost in zip(catalog, costs, strict=True):
         missing = sorted(s.needs - m.capabilities)
@@ -239,26 +266,10 @@ def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode,
     best = min((c for c in candidates if c.kept), key=lambda c: (c.estimated_cost, c.model.model), default=None)
     asked = next((c for c in candidates if c.model.model == requested), None)
     ordered = tuple(sorted(candidates, key=lambda c: (not c.kept, c.estimated_cost, c.model.model)))
-    return _decision(s, requested, mode, best, asked, ordered)
+    return decision(s, requested, mode, best, asked, ordered)
 
 
-def _choose_quickly(s: Score, catalog: list[CatalogModel], costs: Sequence[int], requested: str, mode: Mode,
-                    needed: int, unhealthy: Mapping[str, str], blocked: Mapping[str, str]) -> Decision:
-    """``choose`` without the candidates' explanations: the same choice and reason."""
-    tier = s.tier_needed
-    best: Candidate | None = None
-    asked: Candidate | None = None
-    for m, cost in zip(catalog, costs, strict=True):
-        ok = not (s.needs - m.capabilities) and not (m.context and needed > m.context) \
-            and m.provider not in unhealthy and m.model not in blocked and m.cost_tier >= tier
-        if ok and (best is None or (cost, m.model) < (best.estimated_cost, best.model.model)):
-            best = Candidate(m, cost, ok, "")
-        if asked is None and m.model == requested:
-            asked = Candidate(m, cost, ok, "")
-    return _decision(s, requested, mode, best, asked, ())
-
-
-def _decision(s: Score, requested: str, mode: Mode, best: Candidate | None, asked: Candidate | None,
+def decision(s: Score, requested: str, mode: Mode, best: Candidate | None, asked: Candidate | None,
               candidates: tuple[Candidate, ...]) -> Decision:
     """The choice: the requested model when it is capable and nothing capable is cheaper, else
     the cheapest capable (``best``), else the requested model all the same."""
