@@ -523,6 +523,11 @@ class BudgetBook:
         self._alerted: set[tuple[str, int, str, int]] = set()  # (policy, window, kind, threshold) stored
         self._batch_mark = 0
         self._expiry_due = 0  # when the next batch looks for holds past their time to live
+        #: Some policy names a model or a provider. Only such a policy can refuse one model and
+        #: allow another for the same call: any other counts the same tokens and requests for
+        #: every model and fewer dollars for a cheaper one, so it fits the cheapest whenever it
+        #: fits any (routing need not ask it which model to choose).
+        self.tells_models_apart = True
 
     # ---- transaction hooks
 
@@ -607,6 +612,8 @@ class BudgetBook:
         self._expiry_due = 0
         self._stale = False
         self._dirty.update(self._counters)  # thresholds already passed are stored (once) now
+        self.tells_models_apart = any(kind in ("model", "provider") for counter in self._counters.values()
+                                      for kind, _ in counter.policy.scope.parts)
 
     def _load(self, tx: LedgerTx, policy: Policy, now: int) -> _Counter:
         counter = _Counter(policy)

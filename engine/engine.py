@@ -7,6 +7,7 @@ none of them touches SQL or builds a store of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ from engine.vault import Vault
 LEDGER_FILENAME = "ledger.db"
 _INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
                     "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to ride with
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
 log = logging.getLogger("budgeteer")
 
@@ -151,6 +153,8 @@ class Engine:
     async def _tx(self, op: Callable[[LedgerTx], Any], *, sync: bool = True) -> Any:
         """A group-committed ledger operation; alerts it raised are delivered after the commit.
         ``sync=False`` for changes that need not survive a power cut (``SQLiteStore.transact``)."""
+        if self._decision_rows:  # routing decisions ride with the next operation (mostly the routed call's hold)
+            op = self._carrying_decisions(op)
         result = await self.store.transact(op, sync=sync)
         raised = self.budgets.committed()
         if raised:
@@ -180,9 +184,13 @@ class Engine:
         return self.store.path
 
     async def close(self) -> None:
-        for task in (self._health_refresh, self._decision_flush):
-            if task is not None:
-                await asyncio.wait([task])  # a failure is logged by the task itself
+        if self._health_refresh is not None:
+            await asyncio.wait([self._health_refresh])  # a failure is logged by the task itself
+        if (flush := self._decision_flush) is not None:
+            flush.cancel()
+            await asyncio.wait([flush])
+        with contextlib.suppress(Exception):  # logged; closing goes on
+            await self._decisions_written()
         if self._deliveries:
             await asyncio.wait(self._deliveries, timeout=30)
         await self.store.close()
@@ -887,9 +895,12 @@ class Engine:
         ``input_tokens``: the prompt's estimate (``estimate_message_tokens``) if already made."""
         parsed_mode = routing.parse_mode(mode)
         score = routing.score(request, input_tokens)
-        catalog = await self.catalog()
-        breakers = await self._routing_breakers()
-        unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"}
+        cached = self._catalog_cache
+        catalog = cached[1] if cached is not None and time.monotonic() - cached[0] < 5.0 else await self.catalog()
+        breakers = self._breakers if self._breakers is not None and (
+            self._health_refresh is not None or time.monotonic() - self._health_at < HEALTH_REFRESH_S) \
+            else await self._routing_breakers()
+        unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"} if breakers else {}
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
         # Budgets are asked only as far as needed: the capable candidates cheapest first until
         # one fits (a gateway routes every call), and the requested model.
@@ -935,7 +946,12 @@ class Engine:
                 return False
 
             found: int | None = None  # the cheapest usable model the budgets allow
-            if explain or any(catalog[i].model != model for i in usable):  # else budgets cannot change the choice
+            # Budgets are asked only where they can change the choice: some policy names a model or a
+            # provider (see BudgetBook.tells_models_apart), and a model other than the requested is
+            # usable. An explain asks them all the same, to show every candidate's verdict.
+            ask_budgets = explain or (self.budgets.tells_models_apart
+                                      and any(catalog[i].model != model for i in usable))
+            if ask_budgets:
                 for i in _cheapest_first(usable, rank):
                     if catalog[i].model in blocked:
                         continue
@@ -948,8 +964,8 @@ class Engine:
                 found = min(usable, key=rank)
             # The requested model's own verdict decides only if it could stay: usable, and no
             # dearer than the cheapest allowed (an explain shows it whatever it is).
-            if requested is not None and (requested.model, requested.provider) not in asked and (explain or (
-                    requested_usable and found is not None and requested_cost <= costs[found])) \
+            if ask_budgets and requested is not None and (requested.model, requested.provider) not in asked and (
+                    explain or (requested_usable and found is not None and requested_cost <= costs[found])) \
                     and refused(requested) is None:
                 return None
             if explain:
@@ -975,27 +991,51 @@ class Engine:
         return decision
 
     def _note_decision(self, row: tuple[Any, ...]) -> None:
-        """Keep a routing decision for the ledger: every decision noted meanwhile goes in one
-        write, queued at once (so before the settlement of the call it routed), never awaited by
-        the call."""
+        """Keep a routing decision for the ledger. It is written with the next operation this
+        engine sends (a routed call's hold follows at once, so it is committed before that call
+        is settled), or, if none comes within DECISION_WAIT_S, on its own."""
         self._decision_rows.append(row)
+        if self._decision_flush is None:
+            self._decision_flush = asyncio.create_task(self._flush_decisions())
+
+    def _carrying_decisions(self, op: Callable[[LedgerTx], Any]) -> Callable[[LedgerTx], Any]:
+        rows, self._decision_rows = self._decision_rows, []
+        loop = asyncio.get_running_loop()
+
+        def carried(tx: LedgerTx) -> Any:
+            try:
+                tx.conn.executemany(_INSERT_DECISION, rows)
+                return op(tx)
+            except BaseException:  # undone with the operation: they go with a later one
+                loop.call_soon_threadsafe(self._requeue_decisions, rows)
+                raise
+
+        return carried
+
+    def _requeue_decisions(self, rows: list[tuple[Any, ...]]) -> None:
+        self._decision_rows[:0] = rows
         if self._decision_flush is None:
             self._decision_flush = asyncio.create_task(self._flush_decisions())
 
     async def _flush_decisions(self) -> None:
         try:
-            while rows := self._decision_rows:
-                self._decision_rows = []
+            await asyncio.sleep(DECISION_WAIT_S)
+            for _ in range(3):  # a failed write puts them back; three tries, then they are given up
+                if not self._decision_rows:
+                    return
                 try:
-                    await self._tx(lambda tx: tx.conn.executemany(_INSERT_DECISION, rows), sync=False)
-                except Exception as exc:  # the calls went on; only their routing record is lost
-                    log.warning("%d routing decisions not recorded: %s", len(rows), exc)
+                    await self._tx(lambda tx: None, sync=False)  # carries them
+                except Exception as exc:  # the calls went on; only their routing record waits
+                    log.warning("%d routing decisions not recorded yet: %s", len(self._decision_rows), exc)
+            if self._decision_rows:
+                log.warning("%d routing decisions not recorded", len(self._decision_rows))
+                self._decision_rows = []
         finally:
             self._decision_flush = None
 
     async def _decisions_written(self) -> None:
-        if (flush := self._decision_flush) is not None:
-            await asyncio.wait([flush])
+        if self._decision_rows:
+            await self._tx(lambda tx: None, sync=False)
 
     async def routing_decisions(self, limit: int = 100) -> list[routing.Recorded]:
         await self._decisions_written()
