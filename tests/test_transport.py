@@ -304,12 +304,14 @@ async def test_a_model_at_an_unknown_host_is_priced_by_its_vendor(db_path: Path,
     assert event.cost_nanos and event.cost_nanos > 0
 
 
-def test_a_timeout_is_recorded_alike_by_the_transport_and_the_gateway(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_timeout_is_recorded_alike_by_the_transport_and_the_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      stream: bool) -> None:
     """The provider has the call and does not answer in time: the caller gets an error, so the call
     is an error; the provider may have billed the prompt, so that is recorded, as an estimate."""
     monkeypatch.setenv("BUDGETEER_VAULT_PASSPHRASE", "pw")
-    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+           "stream": stream}
     gate = threading.Event()
     direct, governed = tmp_path / "direct.db", tmp_path / "gateway.db"
 

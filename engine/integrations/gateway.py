@@ -397,28 +397,33 @@ class Gateway:
     @staticmethod
     async def _unless_caller_leaves(request: Request, upstream: Awaitable[T]) -> T:
         """The provider's answer, unless the caller hangs up first: then ``CallerLeft``, the
-        call to the provider abandoned (a client's timeout must not find its call recorded as
-        answered, nor its hold kept until the provider is done)."""
+        call to the provider cancelled where it stood (a client's timeout must not find its call
+        recorded as answered, nor its hold kept until the provider is done). One watching task:
+        the call is awaited in place, so a cancelled one closes its connection as any other."""
+        call = asyncio.current_task()
+        assert call is not None
+        left = False
+
         async def hang_up() -> None:
+            nonlocal left
             try:
                 while (await request.receive())["type"] != "http.disconnect":
                     pass
             except Exception:  # a server that cannot say: the answer is waited for
-                await asyncio.Event().wait()
+                return
+            left = True
+            call.cancel()
 
-        work, left = asyncio.ensure_future(upstream), asyncio.ensure_future(hang_up())
+        watch = asyncio.ensure_future(hang_up())
         try:
-            await asyncio.wait((work, left), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            work.cancel()
-            raise
+            return await upstream
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            call.uncancel()
+            raise CallerLeft from None
         finally:
-            left.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.wait((work,))
-            raise CallerLeft
-        return work.result()
+            watch.cancel()
 
     async def _provider_failed(self, ticket: Ticket, status: int, message: str) -> Response:
         assert self.governor is not None
