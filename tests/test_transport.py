@@ -22,7 +22,9 @@ import pytest
 from engine.budgets import build_policy
 from engine.engine import Engine
 from engine.integrations.gateway import create_app
+from engine.integrations.transport import vendor_of
 from engine.models import FieldError
+from engine.pricing import bundled_prices
 from tests.asgi_servers import FakeAnthropic, FakeOpenAI, serve
 
 ASK: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -30,7 +32,7 @@ ASK_CLAUDE: dict[str, Any] = {"model": "claude-haiku-4-5", "max_tokens": 100,
                               "messages": [{"role": "user", "content": "hi"}]}
 
 
-def dripping(app: Any, pause: float = 0.2) -> Any:
+def dripping(app: Any, pause: float = 0.5) -> Any:
     """The app, its answers sent a piece at a time: a caller can leave a stream after its first
     chunk with the rest (and the usage) still to come."""
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
@@ -302,6 +304,15 @@ async def test_a_model_at_an_unknown_host_is_priced_by_its_vendor(db_path: Path,
     assert price is not None and price.provider == vendor
     assert (event.provider, event.cost_source) == (vendor, "computed")
     assert event.cost_nanos and event.cost_nanos > 0
+
+
+def test_the_vendor_is_known_from_its_host_else_from_the_model() -> None:
+    prices = bundled_prices()
+    assert vendor_of("api.mistral.ai", "my-fine-tune", prices) == "mistral"  # the host decides
+    assert vendor_of("generativelanguage.googleapis.com", "gemini-2.5-flash", prices) == "gemini"
+    assert vendor_of("llm-proxy.internal", "claude-sonnet-4-5-20250929", prices) == "anthropic"  # a dated name
+    assert vendor_of("llm-proxy.internal", "mistral/mistral-large-latest", prices) == "mistral"
+    assert vendor_of("127.0.0.1", "my-own-model", prices) == "127.0.0.1"  # nobody's: recorded unpriced
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
