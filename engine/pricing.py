@@ -214,7 +214,7 @@ class PriceBook:
         self._versions: dict[tuple[str, str], list[ModelPrice]] = {}
         self._starts: dict[tuple[str, str], list[int]] = {}
         self._names: dict[tuple[str, str], str | None] = {}
-        self._vendors: dict[str, set[str]] | None = None  # a name without vendor prefix -> its vendors
+        self._vendors: dict[str, set[str]] | None = None  # a name, with and without its prefix -> vendors
 
     def __len__(self) -> int:
         return len({model for model, _ in self._versions})
