@@ -52,9 +52,14 @@ async def post_all(url: str, body: dict[str, Any], headers: dict[str, str], coun
     status codes."""
     import httpx
 
+    # No more requests in flight than connections: the server sees the same concurrency, and
+    # httpcore's pool, which scans its whole queue for every request it assigns, stays cheap
+    # (1,000 queued requests over 200 connections took 24 s of the client's own CPU).
+    gate = asyncio.Semaphore(connections)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=connections)) as client:
         async def one() -> int:
-            return (await client.post(url, json=body, headers=headers)).status_code
+            async with gate:
+                return (await client.post(url, json=body, headers=headers)).status_code
 
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
