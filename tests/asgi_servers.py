@@ -106,8 +106,10 @@ class FakeOpenAI:
                  "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
         if "#fail" in text:
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
-        if "#slow" in text:
-            await asyncio.sleep(30)
+        if "#slow" in text:  # 30 s, or until the caller hangs up (a server stopping then need not wait)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not await request.is_disconnected():
+                await asyncio.sleep(0.05)
         base = {"id": "chatcmpl-fake", "created": 1, "model": body["model"]}
         if not body.get("stream"):
             return JSONResponse({**base, "object": "chat.completion", "choices": [
