@@ -28,11 +28,16 @@ def free_port() -> int:
 @contextmanager
 def serve(app: Any, port: int | None = None, grace_s: float = 5) -> Iterator[str]:
     """Serve an ASGI app; yields its base URL; stops it (lifespan shutdown included) afterwards."""
-    port = port or free_port()
+    # The listening socket is bound here and handed to uvicorn: no window in which another test
+    # (another xdist worker) could take the port between choosing it and binding it.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port or 0))
+    port = int(sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                            timeout_graceful_shutdown=grace_s, lifespan="on",
                                            timeout_keep_alive=60, http=getattr(app, "http_protocol", "auto")))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -44,6 +49,7 @@ def serve(app: Any, port: int | None = None, grace_s: float = 5) -> Iterator[str
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        sock.close()
 
 
 async def post_all(url: str, body: dict[str, Any], headers: dict[str, str], count: int, *, connections: int,
