@@ -19,7 +19,9 @@ BAR = "━".encode()
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "BUDGETEER_NOW": "2026-11-18T12:00:00Z", "TERM": "xterm-256color", "COLUMNS": "100"}
+    # Rich's own overrides of what a terminal is, in case the machine sets them, are left out.
+    env = {k: v for k, v in os.environ.items() if k not in ("TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+    return {**env, "BUDGETEER_NOW": "2026-11-18T12:00:00Z", "TERM": "xterm-256color", "COLUMNS": "100"}
 
 
 def _piped(*argv: str) -> subprocess.CompletedProcess[bytes]:
