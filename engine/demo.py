@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
@@ -20,9 +19,6 @@ from engine.budgets import Policy, build_policy
 from engine.clock import DAY_MS, HOUR_MS
 from engine.models import UsageEvent
 from engine.money import parse_usd
-
-_exp, _log = math.exp, math.log
-NV_MAGICCONST: Final[float] = 4 * _exp(-0.5) / math.sqrt(2.0)  # as the random module computes it
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -189,42 +185,32 @@ def generate_demo(*, days: int = 30, seed: int = 7, end_ms: int, events_per_day:
 
 
 def _pick(rnd: random.Random, cum: tuple[float, ...]) -> int:
-    """The first index whose cumulative weight exceeds a uniform draw below the total."""
-    return min(bisect_right(cum, rnd.random() * cum[-1]), len(cum) - 1)
-
-
-def _lognormal(draw: Callable[[], float], sigma: float) -> float:
-    """``Random.lognormvariate(0, sigma)`` drawing the same numbers and giving the same result,
-    without its two method calls (three of these per event were a quarter of the demo's time)."""
-    while True:  # Kinderman and Monahan, as Random.normalvariate
-        u1 = draw()
-        u2 = 1.0 - draw()
-        z = NV_MAGICCONST * (u1 - 0.5) / u2
-        if z * z / 4.0 <= -_log(u2):
-            return _exp(0.0 + z * sigma)
+    x = rnd.random() * cum[-1]
+    for i, c in enumerate(cum):
+        if x < c:
+            return i
+    return len(cum) - 1
 
 
 def _event(rnd: random.Random, seed: int, n: int, ts_ms: int, who: _Principal, model: DemoModel,
            outage: tuple[str, float] | None) -> UsageEvent:
-    draw = rnd.random
-    inp = max(8, int(model.input_median * _lognormal(draw, 0.8)))
-    embedding = model.kind == "embedding"
-    out = 0 if embedding else max(1, int(model.output_median * _lognormal(draw, 0.7)))
+    inp = max(8, int(model.input_median * rnd.lognormvariate(0, 0.8)))
+    out = 0 if model.kind == "embedding" else max(1, int(model.output_median * rnd.lognormvariate(0, 0.7)))
     cached = cache_write = reasoning = 0
-    if not embedding and inp > 1024 and draw() < 0.45:
-        cached = int(inp * (0.3 + (0.9 - 0.3) * draw()))  # rnd.uniform(0.3, 0.9), the same draw
-        if model.provider == "anthropic" and draw() < 0.3:
-            cache_write = int((inp - cached) * (0.2 + (0.8 - 0.2) * draw()))
+    if model.kind != "embedding" and inp > 1024 and rnd.random() < 0.45:
+        cached = int(inp * rnd.uniform(0.3, 0.9))
+        if model.provider == "anthropic" and rnd.random() < 0.3:
+            cache_write = int((inp - cached) * rnd.uniform(0.2, 0.8))
     if model.kind == "reasoning":
-        reasoning = int(out * (0.3 + (0.8 - 0.3) * draw()))
+        reasoning = int(out * rnd.uniform(0.3, 0.8))
     status = "ok"
-    latency = int(model.latency_base_ms * _lognormal(draw, 0.35) + out * model.ms_per_output_token)
-    if outage is not None and outage[0] == model.provider and draw() < outage[1]:
+    latency = int(model.latency_base_ms * rnd.lognormvariate(0, 0.35) + out * model.ms_per_output_token)
+    if outage is not None and outage[0] == model.provider and rnd.random() < outage[1]:
         status, out, reasoning = "error", 0, 0
         latency = rnd.choice((30_000, 60_000, rnd.randrange(200, 2_000)))
-    elif draw() < 0.004:
+    elif rnd.random() < 0.004:
         status, out, reasoning, latency = "error", 0, 0, rnd.randrange(100, 3_000)
-    elif draw() < 0.002:
+    elif rnd.random() < 0.002:
         status, inp, cached, cache_write, out, reasoning, latency = "blocked", 0, 0, 0, 0, 0, 1
     session = f"sess-{who.agent}-{ts_ms // 1_800_000 % 100_000:05d}" if who.agent else ""
     return UsageEvent(
