@@ -538,6 +538,9 @@ class BudgetBook:
             version = tx.policies_version()
             if self._stale or version != self._policies_version:
                 self._rebuild(tx, now, version)
+            elif not self._counters:  # no policy to fold events into: only note how far the ledger goes
+                self._last_event = tx.max_event_id()
+                self._last_journal = tx.max_journal_id()
             else:
                 for row in tx.events_since(self._last_event):
                     self._fold_event(row)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
@@ -279,10 +279,12 @@ _DEMO_ROUTES: Final = (
 )
 
 
-async def populate(engine: Engine, *, days: int = 30, seed: int = 7, end_ms: int) -> int:
+async def populate(engine: Engine, *, days: int = 30, seed: int = 7, end_ms: int,
+                   progress: Callable[[int, int], None] | None = None) -> int:
     """Write the whole demo into an empty ledger through the engine: its history, policies,
     API tokens (one rotated, one revoked), override requests in every state and the audit
-    trail all of that leaves. The engine's clock must read ``end_ms``. Returns the events written."""
+    trail all of that leaves. The engine's clock must read ``end_ms``. ``progress(done, total)``
+    is told how much of the history (in milliseconds) is generated. Returns the events written."""
     me = engine.actor
     engine.actor = "maria@acme.dev"  # the demo's owner makes the changes; the operator has none
     ids: dict[str, str] = {}
@@ -297,11 +299,18 @@ async def populate(engine: Engine, *, days: int = 30, seed: int = 7, end_ms: int
             if fate == "rotated":
                 token = (await engine.rotate_token(token.id))[1]
             ids[principal] = token.id
-        total = 0
         last_use: dict[str, int] = {}
-        for batch in generate_demo(days=days, seed=seed, end_ms=end_ms, token_ids=ids):
-            total += (await engine.bulk_record(batch))[0]
-            last_use.update((e.token_id, e.ts_ms) for e in batch if e.token_id in ids.values())
+        tokens = set(ids.values())
+
+        def history() -> Iterator[UsageEvent]:
+            for batch in generate_demo(days=days, seed=seed, end_ms=end_ms, token_ids=ids):
+                last_use.update((e.token_id, e.ts_ms) for e in batch if e.token_id in tokens)
+                if progress is not None:
+                    progress(batch[-1].ts_ms - (end_ms - days * DAY_MS), days * DAY_MS)
+                yield from batch
+
+        # One stream: the store writes a chunk on its thread while the next one is generated here.
+        total = (await engine.bulk_record(history()))[0]
         await _set_last_use(engine, last_use)
         for policy in demo_policies(end_ms):
             await engine.add_policy(policy)

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -133,6 +134,9 @@ class Engine:
                                   if pending else approvals.DEFAULT_PENDING_TTL_MS)
         store.add_transaction_hooks(self.budgets.begin, self.budgets.abort, self.budgets.end)
         self._deliveries: set[asyncio.Task[None]] = set()
+        # Governed async transports made from this engine: their streams still open are settled
+        # before it closes (a caller may leave one unfinished and never close its client).
+        self.transports: weakref.WeakSet[Any] = weakref.WeakSet()
         self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
         self._vault: Vault | None = None
         self._catalog_cache: tuple[float, list[prov.CatalogModel]] | None = None
@@ -184,6 +188,8 @@ class Engine:
         return self.store.path
 
     async def close(self) -> None:
+        for transport in list(self.transports):
+            await transport.settle_open()
         if self._health_refresh is not None:
             await asyncio.wait([self._health_refresh])  # a failure is logged by the task itself
         if (flush := self._decision_flush) is not None:

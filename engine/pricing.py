@@ -254,6 +254,7 @@ class PriceBook:
         self._versions: dict[tuple[str, str], list[ModelPrice]] = {}
         self._starts: dict[tuple[str, str], list[int]] = {}
         self._names: dict[tuple[str, str], str | None] = {}
+        self._vendors: dict[str, set[str]] | None = None  # a name, with and without its prefix -> vendors
 
     def __len__(self) -> int:
         return len({model for model, _ in self._versions})
@@ -266,6 +267,7 @@ class PriceBook:
         self._versions[key] = versions
         self._starts[key] = [v.effective_from_ms for v in versions]
         self._names.clear()
+        self._vendors = None
 
     def extend(self, prices: Iterable[ModelPrice]) -> None:
         for price in prices:
@@ -300,6 +302,24 @@ class PriceBook:
         found = next((c for c in candidates if c in known), None)
         self._names[cache_key] = found
         return found
+
+    def vendor(self, model: str) -> str | None:
+        """The vendor of ``model`` as the table names it (LiteLLM's ``litellm_provider``), the
+        model named with or without its vendor prefix or date (``gemini-2.5-flash`` -> ``gemini``);
+        None when the table does not know it, or when more than one vendor has a model of that name."""
+        if self._vendors is None:
+            self._vendors = {}
+            for (name, _), versions in self._versions.items():
+                if versions[-1].provider:
+                    for key in {name, name.split("/", 1)[-1]}:
+                        self._vendors.setdefault(key, set()).add(versions[-1].provider)
+        bare = model.split("/", 1)[-1]
+        dated = _DATED.match(bare)
+        for candidate in (model, bare, dated.group(1) if dated else ""):
+            vendors = self._vendors.get(candidate)
+            if vendors:
+                return next(iter(vendors)) if len(vendors) == 1 else None
+        return None
 
     def lookup(self, model: str, ts_ms: int, workspace: str = "", provider: str | None = None) -> ModelPrice | None:
         """The price in force at ``ts_ms``: a workspace override first, else the global one."""

@@ -72,10 +72,14 @@ def silent_server() -> Iterator[str]:
         sock.close()
 
 
+#: Ports bound and never listened on, kept bound for the whole run: a connection to one is
+#: refused, and no other test (or xdist worker) can start a server on it meanwhile.
+_CLOSED_PORTS: list[socket.socket] = []
+
+
 def closed_port_url() -> str:
     """A loopback URL nothing listens on."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
+    _CLOSED_PORTS.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -163,6 +163,23 @@ def test_demo_writes_a_deterministic_month_beside_the_default_ledger(capsys: pyt
     assert first == again and first["totals"]["requests"] > 10_000
 
 
+def test_budgeteer_db_names_the_demo_ledger_as_db_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    chosen = tmp_path / "chosen" / "ledger.db"
+    chosen.parent.mkdir()
+    monkeypatch.setenv("BUDGETEER_DB", str(chosen))
+    code, out, _ = run(capsys, "demo", "--days", "1")
+    assert code == 0 and str(chosen) in out
+    assert sorted(p.name for p in chosen.parent.iterdir() if p.suffix == ".db") == ["ledger.db"]  # no demo.db
+    assert not (Path(os.environ["BUDGETEER_HOME"]) / "demo.db").exists()
+    written = json.loads(run(capsys, "usage", "--period", "all", "--json")[1])["totals"]["requests"]
+    assert written > 5_000
+    # A ledger named by BUDGETEER_DB is as safe as one named by --db: not overwritten unless --replace.
+    code, _, err = run(capsys, "demo", "--days", "1")
+    assert code == 2 and f"BUDGETEER_DB {chosen} already holds {written:,} events" in err
+    assert run(capsys, "demo", "--days", "1", "--seed", "9", "--replace")[0] == 0
+
+
 def test_demo_open_opens_the_dashboard_on_the_new_ledger(monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     import tui.cli

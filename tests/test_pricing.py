@@ -23,7 +23,10 @@ from engine.pricing import (
     parse_litellm,
 )
 
-SHARED_TABLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "model_prices_litellm_1.109.1.json"
+#: An excerpt of LiteLLM's model_prices_and_context_window.json (litellm 1.109.1), entries copied
+#: unchanged: its sample_spec, dict and list values, provider-prefixed keys, long-context tiers with
+#: their batch/priority/flex variants, entries without a mode, and models priced per image or character.
+LITELLM_EXCERPT = Path(__file__).resolve().parent / "data" / "litellm_excerpt.json"
 DAY = 86_400_000
 NOW = 1_795_003_200_000
 
@@ -129,16 +132,44 @@ def test_an_unpriced_model_is_never_a_silent_zero() -> None:
     assert book.price_event(estimated) == (2_500_000, "estimated")  # 1,000 x 2.5e9 fd
 
 
-def test_the_shared_litellm_table_parses_without_error() -> None:
-    data = json.loads(SHARED_TABLE.read_text())
+def test_an_excerpt_of_the_litellm_table_parses_with_its_awkward_parts() -> None:
+    data = json.loads(LITELLM_EXCERPT.read_text())
     prices, skipped = parse_litellm(data)
-    assert len(prices) > 2000
-    assert "sample_spec" not in {p.model for p in prices}
-    assert all(type(p.input) is int and p.input >= 0 for p in prices)
-    assert any("no per-token" in s for s in skipped)  # image and audio models are skipped, with a reason
-    gpt4o = next(p for p in prices if p.model == "gpt-4o")
+    by_model = {p.model: p for p in prices}
+    # sample_spec (a description of the format, not a model) is left out; prefixed keys are kept as they are.
+    assert set(by_model) == {
+        "gpt-4o", "azure/gpt-4o", "text-embedding-3-small", "claude-sonnet-4-5-20250929", "claude-haiku-5-5",
+        "gemini/gemini-2.5-pro", "gpt-6-astra", "mistral/mistral-large-latest", "fireworks-ai-default"}
+    assert sorted(skipped) == ["aiml/dall-e-3: no per-token input or output price",
+                               "deepgram/aura: no per-token input or output price"]
+    assert all(type(p.input) is int and p.input >= 0 and type(p.output) is int for p in prices)
+    gpt4o = by_model["gpt-4o"]
+    assert (gpt4o.provider, gpt4o.mode) == ("openai", "chat")
     assert (gpt4o.input, gpt4o.output, gpt4o.cache_read) == (2_500_000_000, 10_000_000_000, 1_250_000_000)
+    assert gpt4o.tiers == ()  # its _priority and _batches rates are other service tiers, not context tiers
     assert {"vision", "function_calling"} <= gpt4o.capabilities
+    assert (gpt4o.max_input_tokens, gpt4o.max_output_tokens) == (128_000, 16_384)
+    assert by_model["azure/gpt-4o"].provider == "azure"
+    assert by_model["text-embedding-3-small"].mode == "embedding"
+    # No mode in the entry: a chat model.
+    assert by_model["fireworks-ai-default"].mode == "chat"
+    assert (by_model["fireworks-ai-default"].input, by_model["fireworks-ai-default"].output) == (0, 0)
+    # Long-context tiers: only the plain `..._above_Nk_tokens` keys, never their batch/priority/flex variants.
+    gemini = by_model["gemini/gemini-2.5-pro"]
+    assert [(t.threshold_tokens, t.input, t.output, t.cache_read) for t in gemini.tiers] == [
+        (200_000, 2_500_000_000, 15_000_000_000, 250_000_000)]
+    astra = by_model["gpt-6-astra"]
+    assert [(t.threshold_tokens, t.input, t.output, t.cache_read) for t in astra.tiers] == [
+        (272_000, 20_000_000_000, 75_000_000_000, 2_000_000_000)]
+    haiku = by_model["claude-haiku-5-5"]
+    assert (haiku.input, haiku.output, haiku.cache_read, haiku.cache_write) == (
+        100_000_000, 500_000_000, 10_000_000, 125_000_000)
+    assert [(t.threshold_tokens, t.input, t.output, t.cache_read) for t in haiku.tiers] == [
+        (100_000, 500_000_000, 2_500_000_000, 50_000_000)]
+    sonnet = by_model["claude-sonnet-4-5-20250929"]
+    assert (sonnet.cache_read, sonnet.cache_write) == (300_000_000, 3_750_000_000)
+    # Wrapped in our bundled file's shape, the same entries give the same prices.
+    assert parse_litellm({"models": data}) == (prices, skipped)
 
 
 def test_bad_entries_are_skipped_with_a_reason_and_a_bad_file_is_refused() -> None:

@@ -1,6 +1,6 @@
 """The ``budgeteer`` command line: opens the dashboard by default, and scripts the engine.
 
-A contract (see DESIGN.md): every command takes ``--db`` (env ``BUDGETEER_DB``),
+A contract (see the README): every command takes ``--db`` (env ``BUDGETEER_DB``),
 prints human tables by default and JSON with ``--json``, exits 0 on success, 2 on bad
 usage or bad input and 1 on any other failure, with one clear sentence on stderr and
 never a traceback (``BUDGETEER_DEBUG=1`` shows one).
@@ -31,6 +31,7 @@ from engine.money import MoneyError, format_usd, format_usd_plain
 from engine.store import StoreError
 from engine.tokens import TokenRefused
 from engine.vault import VaultError
+from tui.progress import progress_bar
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 BY_CHOICES = ("model", "provider", "team", "principal", "workspace", "token_id")
@@ -133,7 +134,8 @@ async def cmd_import(args: argparse.Namespace) -> int:
         return await _import_otlp(args, path, otlp)
     async with await _open(args) as engine:
         try:
-            report = await import_events(engine, path, strict=args.strict)
+            with progress_bar(f"Importing {path.name}", quiet=args.json) as bar:
+                report = await import_events(engine, path, strict=args.strict, progress=bar)
         except ImportFileError as exc:
             raise UsageError(str(exc)) from None
     if args.json:
@@ -178,7 +180,8 @@ async def _import_otlp(args: argparse.Namespace, path: Path, payload: Any) -> in
 
     async with await _open(args) as engine:
         try:
-            report = await engine.ingest_otlp(payload)
+            with progress_bar(f"Importing {path.name}", quiet=args.json):
+                report = await engine.ingest_otlp(payload)
         except OtlpError as exc:
             raise UsageError(f"{path}: {exc}") from None
     if args.json:
@@ -201,21 +204,28 @@ async def cmd_export(args: argparse.Namespace) -> int:
         fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix)
         if fmt is None:
             raise UsageError("--format is required (csv or jsonl) unless --out ends in .csv or .jsonl")
+    to_terminal = not args.out and sys.stdout.isatty()  # no bar over the events themselves
     async with await _open(args) as engine:
-        start, end = engine.period(args.period)
-        if not args.out:
-            count = await export_events(engine, sys.stdout, fmt, start, end)
-        else:
-            out = Path(args.out)
-            # Write beside the target and rename, so a failed export never leaves half a file.
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                    count = await export_events(engine, handle, fmt, start, end)
-                os.replace(tmp, out)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        with progress_bar("Exporting", quiet=to_terminal) as bar:
+            start, end = engine.period(args.period)
+            total = (await engine.totals(start, end)).requests  # from the rollups: the bar's length, no scan
+
+            def progress(count: int) -> None:
+                bar(count, max(total, count))
+
+            if not args.out:
+                count = await export_events(engine, sys.stdout, fmt, start, end, progress)
+            else:
+                out = Path(args.out)
+                # Write beside the target and rename, so a failed export never leaves half a file.
+                fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                        count = await export_events(engine, handle, fmt, start, end, progress)
+                    os.replace(tmp, out)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
     if args.out:
         print(f"Exported {count:,} events to {args.out} ({fmt}).", file=sys.stderr)
     return EXIT_OK
@@ -310,9 +320,14 @@ async def cmd_pricing_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _demo_path(args: argparse.Namespace) -> Path:
-    """--db if given; otherwise demo.db beside the default ledger, never the ledger itself."""
-    return Path(args.db) if args.db else default_db_path().with_name("demo.db")
+def _demo_path(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The ledger --db or BUDGETEER_DB names, as for every command, and which of them named it;
+    with neither, demo.db beside the default ledger, never the ledger itself."""
+    if args.db:
+        return Path(args.db), "--db"
+    if os.environ.get("BUDGETEER_DB"):
+        return default_db_path(), "BUDGETEER_DB"
+    return default_db_path().with_name("demo.db"), None
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -320,22 +335,22 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.days < 1 or args.days > 400:
         raise UsageError(f"--days must be between 1 and 400 (got {args.days})")
-    path = _demo_path(args)
-    explicit = bool(args.db)
+    path, named_by = _demo_path(args)
     if path.exists():
-        if explicit and not args.replace:
+        if named_by and not args.replace:
             async with await Engine.open(path) as probe:
                 count = await probe.event_count()
             if count:
-                raise UsageError(f"--db {path} already holds {count:,} events; the demo writes only to a fresh "
-                                 "ledger (choose another --db, or add --replace to start it over)")
+                raise UsageError(f"{named_by} {path} already holds {count:,} events; the demo writes only to a "
+                                 "fresh ledger (choose another --db, or add --replace to start it over)")
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     clock = _now_clock()
     started = time.perf_counter()
     async with await Engine.open(path, clock=clock, durable=False) as engine:
         end_ms = engine.now_ms()
-        total = await populate(engine, days=args.days, seed=args.seed, end_ms=end_ms)
+        with progress_bar(f"Writing {args.days} days of demo traffic") as bar:
+            total = await populate(engine, days=args.days, seed=args.seed, end_ms=end_ms, progress=bar)
         elapsed = time.perf_counter() - started
         month = await engine.totals(end_ms - args.days * DAY_MS, end_ms + MINUTE_MS)
     print(f"Wrote a demo ledger of {total:,} events over {args.days} days "
@@ -382,23 +397,26 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = FrozenClock(SCREENSHOT_NOW_MS)
-    with tempfile.TemporaryDirectory() as tmp:
+    screens = (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts"), ("5", "approvals"),
+               ("6", "tokens"), ("7", "audit"), ("8", "models"), ("9", "vault"))
+    sizes = ((160, 48), (80, 24))
+    with tempfile.TemporaryDirectory() as tmp, progress_bar("Writing the demo ledger") as bar:
         db = Path(tmp) / "demo.db"
         async with await Engine.open(db, clock=clock, durable=False) as engine:
-            await populate(engine, end_ms=SCREENSHOT_NOW_MS)
-        written = []
-        for width, height in ((160, 48), (80, 24)):
+            await populate(engine, end_ms=SCREENSHOT_NOW_MS, progress=bar)
+        written: list[Path] = []
+        bar(0, len(screens) * len(sizes), description="Drawing the screens")
+        for width, height in sizes:
             app = BudgeteerApp(db_path=db, clock=clock, refresh_seconds=3600, label="demo ledger", theme=theme)
             async with app.run_test(size=(width, height)) as pilot:
-                for key, mode in (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts"),
-                                  ("5", "approvals"), ("6", "tokens"), ("7", "audit"), ("8", "models"),
-                                  ("9", "vault")):
+                for key, mode in screens:
                     await pilot.press(key)
                     await app.workers.wait_for_complete()
                     await pilot.pause(0.2)
                     name = f"{mode}{suffix}-{width}x{height}.svg"
                     app.save_screenshot(filename=name, path=str(out))
                     written.append(out / name)
+                    bar(len(written))
     for path in written:
         print(f"wrote {path}")
     return EXIT_OK
@@ -542,7 +560,8 @@ async def cmd_policy_backtest(args: argparse.Namespace) -> int:
                                   thresholds=args.thresholds)
         start, end = engine.period(args.period)
         started = time.perf_counter()
-        result = await engine.backtest(policy, start, end)
+        with progress_bar(f"Backtesting {policy.name}", quiet=args.json):  # no total: a pulse
+            result = await engine.backtest(policy, start, end)
         elapsed = time.perf_counter() - started
     if args.json:
         print(_json({**result.as_dict(), "seconds": round(elapsed, 3)}))

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final, Literal
+from typing import IO, TYPE_CHECKING, Any, Final, Literal, TextIO
 
 from engine.clock import iso
 from engine.models import EVENT_FIELDS, FieldError, UsageEvent, validate_event
@@ -31,6 +31,7 @@ _TEXT_COLUMNS: Final = frozenset(
     {"request_id", "provider", "model", "workspace", "team", "principal", "token_id", "session", "agent", "tags"})
 MAX_LINE_BYTES: Final = 1 << 20
 MAX_REPORTED_ERRORS: Final = 1000
+PROGRESS_EVERY: Final = 5000  # events between two calls of a progress callback
 
 
 class ImportFileError(ValueError):
@@ -148,7 +149,7 @@ def _parse(stream: IO[str], fmt: str) -> Iterator[tuple[int, UsageEvent | FieldE
             yield number, exc
 
 
-def _open_text(path: Path) -> IO[str]:
+def _open_text(path: Path) -> TextIO:
     try:
         return path.open("r", encoding="utf-8", newline="")
     except FileNotFoundError:
@@ -159,8 +160,10 @@ def _open_text(path: Path) -> IO[str]:
         raise ImportFileError(f"{path} cannot be read (permission denied)") from None
 
 
-async def import_events(engine: Engine, path: Path, *, strict: bool = False) -> ImportReport:
-    """Import a JSONL or CSV file of events into the ledger (see the module docstring)."""
+async def import_events(engine: Engine, path: Path, *, strict: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> ImportReport:
+    """Import a JSONL or CSV file of events into the ledger (see the module docstring).
+    ``progress(bytes read, file size)`` is told how far the writing pass has read, now and then."""
     with _open_text(path) as stream:
         try:
             head = stream.read(4096)
@@ -174,8 +177,12 @@ async def import_events(engine: Engine, path: Path, *, strict: bool = False) -> 
         if len(report.errors) < MAX_REPORTED_ERRORS:
             report.errors.append(LineError(number, error.field, error.reason))
 
-    def good_events(stream: IO[str], *, record_errors: bool) -> Iterator[UsageEvent]:
-        for number, item in _parse(stream, fmt):
+    size = path.stat().st_size
+
+    def good_events(stream: TextIO, *, record_errors: bool, tell: bool = False) -> Iterator[UsageEvent]:
+        for i, (number, item) in enumerate(_parse(stream, fmt)):
+            if tell and progress is not None and not i % PROGRESS_EVERY:
+                progress(min(stream.buffer.tell(), size), size)  # the bytes under the text read so far
             if record_errors:
                 report.lines += 1
             if isinstance(item, FieldError):
@@ -195,13 +202,15 @@ async def import_events(engine: Engine, path: Path, *, strict: bool = False) -> 
                 return report
             with _open_text(path) as stream:
                 report.recorded, report.duplicates = await engine.bulk_record(
-                    good_events(stream, record_errors=False), atomic=True)
+                    good_events(stream, record_errors=False, tell=True), atomic=True)
         else:
             with _open_text(path) as stream:
                 report.recorded, report.duplicates = await engine.bulk_record(
-                    good_events(stream, record_errors=True))
+                    good_events(stream, record_errors=True, tell=True))
     except UnicodeDecodeError as exc:
         raise ImportFileError(f"{path} is not UTF-8 text (byte {exc.start} of a line)") from None
+    if progress is not None and report.written:
+        progress(size, size)
     return report
 
 
@@ -219,13 +228,17 @@ def _export_record(e: UsageEvent) -> dict[str, Any]:
     return record
 
 
-async def export_events(engine: Engine, out: IO[str], fmt: ExportFormat, start_ms: int, end_ms: int) -> int:
-    """Write every event in [start, end) to ``out``; returns how many."""
+async def export_events(engine: Engine, out: IO[str], fmt: ExportFormat, start_ms: int, end_ms: int,
+                        progress: Callable[[int], None] | None = None) -> int:
+    """Write every event in [start, end) to ``out``; returns how many. ``progress(events written)``
+    is called now and then."""
     count = 0
     if fmt == "jsonl":
         async for event in engine.iter_events(start_ms, end_ms):
             out.write(json.dumps(_export_record(event), separators=(",", ":")) + "\n")
             count += 1
+            if progress is not None and not count % PROGRESS_EVERY:
+                progress(count)
         return count
     if fmt != "csv":
         raise FieldError("format", f"must be csv or jsonl (got {fmt!r})")
@@ -236,4 +249,6 @@ async def export_events(engine: Engine, out: IO[str], fmt: ExportFormat, start_m
         record["tags"] = json.dumps(record["tags"], separators=(",", ":"), sort_keys=True) if event.tags else ""
         writer.writerow([neutralise(str(record[c])) if c in _TEXT_COLUMNS else record[c] for c in EXPORT_COLUMNS])
         count += 1
+        if progress is not None and not count % PROGRESS_EVERY:
+            progress(count)
     return count

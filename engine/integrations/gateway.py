@@ -23,10 +23,10 @@ import secrets
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from starlette.applications import Starlette
@@ -61,6 +61,7 @@ TOKEN_CACHE_S = 1.0  # a token is read again after this long: a revocation reach
 SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", "messages": "chat"}
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
+T = TypeVar("T")
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
 # The provider-specific request headers of a client's that go on with its call, to a provider
 # of the kind they are for (README: "Headers"). Nothing else of the client's does: not its
@@ -77,6 +78,10 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+class CallerLeft(Exception):
+    """The caller hung up before the provider answered."""
 
 
 def error(refusal: Refused) -> JSONResponse:
@@ -367,20 +372,29 @@ class Gateway:
             target = self.urls[url] = httpx.URL(url)
         try:
             if stream:
-                sent = await self.transport.handle_async_request(httpx.Request(
-                    "POST", target, content=raw, headers=headers, extensions={"timeout": self.timeouts}))
+                sent = await self._unless_caller_leaves(request, self.transport.handle_async_request(httpx.Request(
+                    "POST", target, content=raw, headers=headers, extensions={"timeout": self.timeouts})))
                 status, content = sent.status_code, b""
                 if status >= 400:
                     content = await sent.aread()
                     await sent.aclose()
             else:
-                status, answer_headers, content = await self.transport.exchange(
-                    "POST", target, headers, raw, self.timeouts)
+                status, answer_headers, content = await self._unless_caller_leaves(request, self.transport.exchange(
+                    "POST", target, headers, raw, self.timeouts))
+        except CallerLeft:  # before the provider answered (its own timeout, say): a timeout to the ledger
+            await self.governor.timed_out(ticket)
+            self._count(True)
+            return Response(status_code=499)
         except asyncio.CancelledError:  # the gateway is stopping and its grace period is over
             await asyncio.shield(self.governor.fail(ticket))
             return error(Refused(503, "the gateway is shutting down; the call was not made", "api_error",
                                  "shutting_down"))
-        except httpx.TimeoutException:
+        except httpx.ReadTimeout:  # sent, and no answer in time (Governor.timed_out says how it is recorded)
+            await self.governor.timed_out(ticket)
+            self._count(True)
+            return error(Refused(504, f"provider {provider.name} did not answer in time", "api_error",
+                                 "upstream_timeout"))
+        except httpx.TimeoutException:  # not sent: no connection, or the request not written in time
             return await self._provider_failed(ticket, 504, f"provider {provider.name} did not answer in time")
         except httpx.RemoteProtocolError:
             return await self._provider_failed(ticket, 502, f"provider {provider.name} broke off its answer")
@@ -406,6 +420,37 @@ class Gateway:
         await self.governor.finish(ticket, usage, estimated=usage is None)
         self._count(False)
         return Response(content, headers=reply, media_type="application/json")  # the provider's bytes, as sent
+
+    @staticmethod
+    async def _unless_caller_leaves(request: Request, upstream: Awaitable[T]) -> T:
+        """The provider's answer, unless the caller hangs up first: then ``CallerLeft``, the
+        call to the provider cancelled where it stood (a client's timeout must not find its call
+        recorded as answered, nor its hold kept until the provider is done). One watching task:
+        the call is awaited in place, so a cancelled one closes its connection as any other."""
+        call = asyncio.current_task()
+        assert call is not None
+        left = False
+
+        async def hang_up() -> None:
+            nonlocal left
+            try:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # a server that cannot say: the answer is waited for
+                return
+            left = True
+            call.cancel()
+
+        watch = asyncio.ensure_future(hang_up())
+        try:
+            return await upstream
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            call.uncancel()
+            raise CallerLeft from None
+        finally:
+            watch.cancel()
 
     async def _provider_failed(self, ticket: Ticket, status: int, message: str) -> Response:
         assert self.governor is not None

@@ -310,6 +310,13 @@ class Governor:
         """The provider failed: nothing was used; the hold goes back, the failure counts for health."""
         await self.finish(ticket, Usage(), status="error")
 
+    async def timed_out(self, ticket: Ticket) -> None:
+        """The provider had the call and no answer came in time (its own timeout, or the caller
+        stopped waiting): an error, since the caller got none; the prompt, which the provider
+        received and may have billed, settled as an estimate (what it generated is unknown).
+        The gateway and the transport both record a timeout so."""
+        await self.finish(ticket, None, estimated=True, status="error")
+
     async def release_all(self) -> int:
         """At shutdown: release the holds of calls still under way; how many there were."""
         tickets = list(self.open.values())
