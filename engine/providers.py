@@ -322,19 +322,17 @@ _HEALTH_SELECT: Final = (
 
 
 def health_rows(conn: sqlite3.Connection, after_id: int | None, since_ms: int) -> tuple[list[HealthRow], int]:
-    """The calls since ``since_ms``: all of them (``after_id`` None: a process starting, one
-    grouped read of the window), or only those appended after event ``after_id`` (a refresh: the
-    new ones, by the primary key). Also the last event id, read in the same transaction."""
-    conn.execute("BEGIN")
-    try:
-        if after_id is None:
-            rows = conn.execute(_HEALTH_SELECT.format(where="e.ts_ms >= ?"), (since_ms,)).fetchall()
-        else:  # ``+e.ts_ms``: walk the new ids, never the timestamp index
-            rows = conn.execute(_HEALTH_SELECT.format(where="e.id > ? AND +e.ts_ms >= ?"),
-                                (after_id, since_ms)).fetchall()
-        last = conn.execute("SELECT max(id) FROM usage_events").fetchone()[0] or 0
-    finally:
-        conn.execute("COMMIT")
+    """The calls since ``since_ms`` up to the last event now, and that event's id: all of them
+    (``after_id`` None: a process starting, one grouped read of the window), or only those
+    appended after event ``after_id`` (a refresh: the new ones, by the primary key). No
+    transaction is needed: ids are given in commit order (one writer at a time), so every event
+    up to the last id read is committed and seen by the next statement."""
+    last = int(conn.execute("SELECT max(id) FROM usage_events").fetchall()[0][0] or 0)
+    if after_id is None:
+        rows = conn.execute(_HEALTH_SELECT.format(where="e.ts_ms >= ? AND e.id <= ?"), (since_ms, last)).fetchall()
+    else:  # ``+e.ts_ms``: walk the new ids, never the timestamp index
+        rows = conn.execute(_HEALTH_SELECT.format(where="e.id > ? AND e.id <= ? AND +e.ts_ms >= ?"),
+                            (after_id, last, since_ms)).fetchall()
     return rows, last
 
 
