@@ -20,7 +20,14 @@ governed deployment.
   connections.
 - **Ledger check.** Afterwards, the ledger holds one event per answered call and no hold.
 
-    python -m bench.gateway [--requests 3000] [--routing off]
+- **Sustained.** ``--sustained 60``: 50 connections for 60 s against an instant provider,
+  called directly (the reference), then through the gateway with default flags and with
+  routing off (each on a fresh ledger): calls/s and their share of the direct rate, p50, p99,
+  the maximum latency, the longest stretch with no answer at all, and the gateway's CPU per call.
+
+The gateway runs with its default flags unless ``--routing`` says otherwise.
+
+    python -m bench.gateway [--requests 3000] [--routing off] [--sustained 60]
 """
 
 from __future__ import annotations
@@ -87,13 +94,16 @@ async def _ledger(db: Path) -> tuple[int, int]:
         return await engine.event_count(), await engine.open_holds()
 
 
+CATALOG = "vendor"  # how the provider is registered: every OpenAI model ("vendor") or gpt-4o-mini alone ("one")
+
+
 async def _prepare(db: Path, provider_url: str) -> str:
     async with await Engine.open(db) as engine:
         for scope in ("workspace:default", "team:perf", "principal:bench"):
             await engine.add_policy(build_policy(scope=scope, metric="usd", window="day", hard="1000000"))
         await engine.vault_set("bench", "sk-bench-not-a-real-key")
         await engine.add_provider(name="fake", kind="openai", base_url=f"{provider_url}/v1", credential="vault:bench",
-                                  models=["gpt-4o-mini"])
+                                  **({"vendor": "openai"} if CATALOG == "vendor" else {"models": ["gpt-4o-mini"]}))
         _token, secret = await engine.create_token(name="bench", principal="bench", team="perf")
         return secret
 
@@ -120,11 +130,93 @@ def _transport_added(db: Path, provider_url: str, calls: int) -> tuple[float, fl
     return out[0], out[1]
 
 
+def _start_gateway(db: Path, port: int, routing: str | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``budgeteer gateway`` on 127.0.0.1: with default flags unless ``routing`` is given."""
+    flags = ["--routing", routing] if routing else []
+    process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
+                                *flags], env=env, stdout=subprocess.DEVNULL)
+    _wait(f"http://127.0.0.1:{port}/healthz")
+    return process
+
+
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _served() -> str:
+    return "every OpenAI model of the price table" if CATALOG == "vendor" else "gpt-4o-mini alone"
+
+
+def _label(routing: str | None) -> str:
+    return "default flags" if routing is None else f"--routing {routing}"
+
+
+def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) -> None:
+    """The provider answers at once; ``connections`` callers for ``seconds`` each against the
+    provider directly (the reference), the gateway with default flags, and the gateway with
+    routing off, each gateway on a fresh ledger."""
+    pport = _port()
+    provider = subprocess.Popen([sys.executable, "-m", "bench.wire", "provider", "--port", str(pport)], env=env)
+    provider_url = f"http://127.0.0.1:{pport}"
+    rows = []
+    try:
+        _wait(f"{provider_url}/v1/models")
+        print(f"{os.cpu_count()} cores; sustained: {connections} connections for {seconds:.0f} s each; the provider "
+              f"answers at once and serves {_served()}; 3 hard budgets on every governed call")
+        direct = asyncio.run(wire.load_for("127.0.0.1", pport, wire.post(PATH, ASK, {}, f"127.0.0.1:{pport}"),
+                                           connections, seconds))
+        rows.append(("provider, direct", direct, None, 0))
+        for routing in (None, "off"):
+            db = tmp / f"sustained-{routing or 'default'}.db"
+            secret = asyncio.run(_prepare(db, provider_url))
+            gport = _port()
+            gateway = _start_gateway(db, gport, routing, env)
+            try:
+                cpu = _cpu_s(gateway.pid)
+                run = asyncio.run(wire.load_for("127.0.0.1", gport, wire.post(
+                    PATH, ASK, {"authorization": f"Bearer {secret}"}, f"127.0.0.1:{gport}"), connections, seconds))
+                cpu = _cpu_s(gateway.pid) - cpu
+            finally:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+            events, holds = asyncio.run(_ledger(db))
+            rows.append((f"gateway, {_label(routing)}", run, cpu, (events, holds)))
+    finally:
+        provider.terminate()
+        provider.wait(timeout=30)
+    print(f"{'':<26}{'calls/s':>8}  {'of direct':>9}  {'p50':>7}  {'p99':>7}  {'max':>8}  {'longest gap':>11}"
+          f"  {'CPU/call':>8}  failures")
+    base = len(direct.latencies) / direct.wall
+    for name, run, cpu, _ in rows:
+        rate = len(run.latencies) / run.wall
+        per_call = f"{cpu * 1000 / max(1, len(run.latencies)):.2f}ms" if cpu is not None else "-"
+        print(f"{name:<26}{rate:>8,.0f}  {rate / base:>8.0%}  {statistics.median(run.latencies):>5.1f}ms"
+              f"  {_pct(run.latencies, 99):>5.1f}ms  {max(run.latencies):>6.1f}ms  {run.longest_gap_ms:>9.1f}ms"
+              f"  {per_call:>8}  {run.failures}")
+    default, off = rows[1][1], rows[2][1]
+    share = (len(default.latencies) / default.wall) / (len(off.latencies) / off.wall)
+    print(f"default flags against routing off: {share:.0%} of its calls/s")
+    for name, run, _, (events, holds) in rows[1:]:
+        print(f"ledger check, {name}: {events:,} events for {len(run.latencies):,} answered calls; {holds} holds open")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="calls per measurement")
-    parser.add_argument("--routing", default="off", help="the gateway's routing mode (off, suggest, ...)")
+    parser.add_argument("--routing", default=None,
+                        help="the gateway's routing mode (off, suggest, ...); default: the gateway's own default")
+    parser.add_argument("--sustained", type=float, metavar="SECONDS", default=None,
+                        help="instead: 50 connections for SECONDS against the provider directly, the gateway with "
+                             "default flags and with routing off (60 is the reference run)")
+    parser.add_argument("--connections", type=int, default=50, help="with --sustained: how many (default 50)")
+    parser.add_argument("--catalog", choices=("vendor", "one"), default="vendor",
+                        help="the provider serves every OpenAI model of the price table (vendor, as `provider add "
+                             "--vendor openai`; routing weighs them all) or gpt-4o-mini alone (one)")
     args = parser.parse_args()
+    global CATALOG
+    CATALOG = args.catalog
     env = {**os.environ, "BUDGETEER_VAULT_PASSPHRASE": "bench", "BUDGETEER_VAULT_BACKEND": "file"}
     os.environ.update({k: env[k] for k in ("BUDGETEER_VAULT_PASSPHRASE", "BUDGETEER_VAULT_BACKEND")})
     try:
@@ -133,20 +225,21 @@ def main() -> None:
     except ImportError:
         pass
     with tempfile.TemporaryDirectory() as tmp:
+        if args.sustained:
+            sustained(args.sustained, args.connections, env, Path(tmp))
+            return
         db = Path(tmp) / "ledger.db"
         pport, gport = _port(), _port()
-        provider_url, gateway_url = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{gport}"
+        provider_url = f"http://127.0.0.1:{pport}"
         procs = [subprocess.Popen([sys.executable, "-m", "bench.wire", "provider", "--port", str(pport)], env=env)]
         try:
             _wait(f"{provider_url}/v1/models")
             secret = asyncio.run(_prepare(db, provider_url))
-            procs.append(subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port",
-                                           str(gport), "--routing", args.routing], env=env,
-                                          stdout=subprocess.DEVNULL))
-            _wait(f"{gateway_url}/healthz")
+            procs.append(_start_gateway(db, gport, args.routing, env))
             auth = {"authorization": f"Bearer {secret}"}
             answered = 0
-            print(f"{os.cpu_count()} cores; gateway routing {args.routing}; 3 hard budgets on every call")
+            print(f"{os.cpu_count()} cores; gateway with {_label(args.routing)}; the provider serves {_served()}; "
+                  "3 hard budgets on every call")
             print(f"latency: the provider answers each call in 20-80 ms (seeded); {args.requests:,} calls a row")
             print(f"{'connections':>11}  {'direct p50':>10}  {'gateway p50':>11}  {'added p50':>9}  {'added p99':>9}"
                   f"  {'calls/s':>7}  failures")
@@ -160,12 +253,15 @@ def main() -> None:
                 print(f"{connections:>11}  {statistics.median(direct):>8.2f}ms  {statistics.median(through):>9.2f}ms"
                       f"  {statistics.median(added):>7.2f}ms  {_pct(added, 99):>7.2f}ms  {total / wall:>7,.0f}"
                       f"  {failed}")
-            print(f"throughput: the provider answers at once; {args.requests * 2:,} calls a row")
+            print(f"throughput: the provider answers at once; {args.requests * 2:,} calls a row; "
+                  "the provider called directly beside it")
             for connections in (50, 200):
                 asks = _asks(args.requests * 2, 0, delays=False)
+                _, direct_wall, _ = _run(pport, asks, {}, connections)
                 through, wall, failed = _run(gport, asks, auth, connections)
                 answered += len(asks) - failed
-                print(f"{connections:>11} connections: {len(asks) / wall:>6,.0f} governed calls/s, "
+                print(f"{connections:>11} connections: {len(asks) / wall:>6,.0f} governed calls/s "
+                      f"(direct {len(asks) / direct_wall:,.0f}/s, {direct_wall / wall:.0%}), "
                       f"p50 {statistics.median(through):.1f} ms, {failed} failures")
             plain_ms, governed_ms = _transport_added(db, provider_url, TRANSPORT_CALLS)
             print(f"transport: {plain_ms:.2f} ms a call plain, {governed_ms:.2f} ms governed "

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 CHAT_REPLY = {
@@ -171,6 +173,53 @@ async def load(host: str, port: int, requests: list[bytes], connections: int) ->
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(connections)))
     return latencies, time.perf_counter() - started, failures
+
+
+@dataclass(frozen=True, slots=True)
+class Sustained:
+    latencies: list[float]  # ms, each answered call
+    wall: float  # seconds
+    failures: int
+    longest_gap_ms: float  # the longest stretch with no answer at all (the run's start and end count)
+
+
+async def load_for(host: str, port: int, request: bytes, connections: int, seconds: float) -> Sustained:
+    """Send ``request`` again and again over ``connections`` keep-alive connections (closed
+    loop) for ``seconds``."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    answered_at: list[float] = []
+    failures = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def worker() -> None:
+        nonlocal failures
+        conn: _Connection | None = None
+        while time.perf_counter() < deadline:
+            if conn is None or conn.lost:
+                _, conn = await loop.create_connection(_Connection, host, port)
+            sent = time.perf_counter()
+            try:
+                status = await conn.request(request)
+            except (ConnectionError, ValueError):
+                failures += 1
+                conn = None
+                continue
+            now = time.perf_counter()
+            if 200 <= status < 300:
+                latencies.append((now - sent) * 1000)
+                answered_at.append(now)
+            else:
+                failures += 1
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    ended = time.perf_counter()
+    marks = [started, *sorted(answered_at), ended]
+    gap = max(b - a for a, b in itertools.pairwise(marks)) * 1000
+    return Sustained(latencies, ended - started, failures, gap)
 
 
 def main() -> None:

@@ -51,6 +51,12 @@ class Scope:
     """``global``, or one or two ``kind:id`` parts that must all match a call."""
 
     parts: tuple[tuple[str, str], ...] = ()
+    #: How specific the scope is, for ordering a hierarchy (global 0 ... token 5): worked out
+    #: once, as every call's decision sorts its policies by it.
+    level: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level", max((_SCOPE_LEVELS[k] for k, _ in self.parts), default=0))
 
     def __str__(self) -> str:
         return "+".join(f"{k}:{v}" for k, v in self.parts) if self.parts else "global"
@@ -60,11 +66,6 @@ class Scope:
             if call.get(kind) != value:
                 return False
         return True
-
-    @property
-    def level(self) -> int:
-        """How specific the scope is, for ordering a hierarchy (global 0 ... token 5)."""
-        return max((_SCOPE_LEVELS[k] for k, _ in self.parts), default=0)
 
 
 def parse_scope(text: str, field_name: str = "scope") -> Scope:
@@ -522,6 +523,11 @@ class BudgetBook:
         self._alerted: set[tuple[str, int, str, int]] = set()  # (policy, window, kind, threshold) stored
         self._batch_mark = 0
         self._expiry_due = 0  # when the next batch looks for holds past their time to live
+        #: Some policy names a model or a provider. Only such a policy can refuse one model and
+        #: allow another for the same call: any other counts the same tokens and requests for
+        #: every model and fewer dollars for a cheaper one, so it fits the cheapest whenever it
+        #: fits any (routing need not ask it which model to choose).
+        self.tells_models_apart = True
 
     # ---- transaction hooks
 
@@ -609,6 +615,8 @@ class BudgetBook:
         self._expiry_due = 0
         self._stale = False
         self._dirty.update(self._counters)  # thresholds already passed are stored (once) now
+        self.tells_models_apart = any(kind in ("model", "provider") for counter in self._counters.values()
+                                      for kind, _ in counter.policy.scope.parts)
 
     def _load(self, tx: LedgerTx, policy: Policy, now: int) -> _Counter:
         counter = _Counter(policy)
@@ -669,6 +677,17 @@ class BudgetBook:
             outcomes.append(outcome(policy, counter.consumed_at(now), counter.held, cost.of(policy.metric), bounds,
                                     priced=cost.priced))
         return decide(outcomes)
+
+    def evaluate_in_memory(self, context: Mapping[str, str], cost: CallCost, now: int) -> Evaluation | None:
+        """What ``evaluate`` says from the counters as the last batch left them, without the
+        ledger; None when they are not loaded yet or a window that ended needs the ledger. For
+        advice (routing); a hold is only ever decided under the write lock."""
+        if self._stale:
+            return None
+        try:
+            return self.evaluate(None, context, cost, now)
+        except RuntimeError:  # a calendar window ended: its new counter needs the ledger
+            return None
 
     def authorize(self, tx: LedgerTx, context: Mapping[str, str], cost: CallCost, request_id: str,
                   alternatives: Iterable[tuple[str, str, CallCost]] = ()) -> Authorization:

@@ -7,12 +7,14 @@ none of them touches SQL or builds a store of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -46,8 +48,8 @@ from engine.budgets import (
 )
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
-from engine.models import ROLLUP_DIMENSIONS, FieldError, Usage, UsageEvent
-from engine.pricing import ModelPrice, PriceBook, bundled_prices, cost_nanos, parse_litellm
+from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
+from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm, uncached_cost_nanos, uncached_costs
 from engine.store import (
     TIMELINE_FIELDS,
     BreakdownRow,
@@ -62,6 +64,19 @@ from engine.tokens import Token
 from engine.vault import Vault
 
 LEDGER_FILENAME = "ledger.db"
+_INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
+                    "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to ride with
+HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
+log = logging.getLogger("budgeteer")
+
+
+def _cheapest_first(indices: list[int], rank: Callable[[int], tuple[int, str]]) -> Iterator[int]:
+    """``indices`` by ``rank``, sorted only past the first (which is most often the last asked)."""
+    if indices:
+        first = min(indices, key=rank)
+        yield first
+        yield from sorted((i for i in indices if i != first), key=rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +140,25 @@ class Engine:
         self.webhook_retry_delays: tuple[float, ...] = RETRY_DELAYS_S
         self._vault: Vault | None = None
         self._catalog_cache: tuple[float, list[prov.CatalogModel]] | None = None
-        self._breaker_cache: tuple[float, dict[str, prov.Breaker]] | None = None
+        # the cached catalog's prices and each model's first place in it (for routing)
+        self._catalog_index: tuple[list[ModelPrice], dict[str, int]] = ([], {})
+        # Provider health in memory: loaded once, then the new events added by one refresh at a
+        # time, in the background when a call finds it older than HEALTH_REFRESH_S.
+        self._health = prov.HealthBook()
+        self._health_last_id: int | None = None
+        self._health_at = 0.0  # time.monotonic() of the last refresh's start
+        self._health_refresh: asyncio.Task[dict[str, prov.Breaker]] | None = None
+        self._breakers: dict[str, prov.Breaker] | None = None
+        self._decision_rows: list[tuple[Any, ...]] = []  # routing decisions not yet written
+        self._decision_flush: asyncio.Task[None] | None = None
         # Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset.
         self.vault_passphrase: Callable[[], str] | None = None
 
     async def _tx(self, op: Callable[[LedgerTx], Any], *, sync: bool = True) -> Any:
         """A group-committed ledger operation; alerts it raised are delivered after the commit.
         ``sync=False`` for changes that need not survive a power cut (``SQLiteStore.transact``)."""
+        if self._decision_rows:  # routing decisions ride with the next operation (mostly the routed call's hold)
+            op = self._carrying_decisions(op)
         result = await self.store.transact(op, sync=sync)
         raised = self.budgets.committed()
         if raised:
@@ -163,6 +190,13 @@ class Engine:
     async def close(self) -> None:
         for transport in list(self.transports):
             await transport.settle_open()
+        if self._health_refresh is not None:
+            await asyncio.wait([self._health_refresh])  # a failure is logged by the task itself
+        if (flush := self._decision_flush) is not None:
+            flush.cancel()
+            await asyncio.wait([flush])
+        with contextlib.suppress(Exception):  # logged; closing goes on
+            await self._decisions_written()
         if self._deliveries:
             await asyncio.wait(self._deliveries, timeout=30)
         await self.store.close()
@@ -356,8 +390,7 @@ class Engine:
         tokens = call.input_tokens + output
         if price is None:
             return CallCost(usd=0, tokens=tokens, priced=False)
-        return CallCost(usd=cost_nanos(price, Usage(input_tokens=call.input_tokens, output_tokens=output)),
-                        tokens=tokens)
+        return CallCost(usd=uncached_cost_nanos(price, call.input_tokens, output), tokens=tokens)
 
     def _price_of(self, call: CallRequest) -> ModelPrice | None:
         return self.prices.lookup(call.model, self.now_ms(), call.workspace, call.provider or None)
@@ -776,25 +809,65 @@ class Engine:
             return cached[1]
         found = prov.catalog(self.prices.models(self.now_ms()), await self.providers())
         self._catalog_cache = (time.monotonic(), found)
+        self._catalog_index = ([m.price for m in found], {m.model: i for i, m in reversed(list(enumerate(found)))})
         return found
 
-    async def _routing_breakers(self, max_age_s: float = 5.0) -> dict[str, prov.Breaker]:
-        cached = self._breaker_cache
-        if cached is not None and time.monotonic() - cached[0] < max_age_s:
-            return cached[1]
-        return (await self.provider_health())[1]
+    async def _routing_breakers(self) -> dict[str, prov.Breaker]:
+        """The breakers as last judged. A call never waits for a refresh but the first of a
+        process; one that finds them older than HEALTH_REFRESH_S starts one in the background,
+        unless one is already under way."""
+        if self._breakers is None:
+            return await self._refresh_health()
+        if time.monotonic() - self._health_at >= HEALTH_REFRESH_S and self._health_refresh is None:
+            self._start_health_refresh()
+        return self._breakers
+
+    def _start_health_refresh(self) -> asyncio.Task[dict[str, prov.Breaker]]:
+        self._health_at = time.monotonic()
+        task = self._health_refresh = asyncio.create_task(self._read_health())
+
+        def done(t: asyncio.Task[dict[str, prov.Breaker]]) -> None:
+            self._health_refresh = None
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                log.warning("provider health not refreshed (kept as it was): %s", exc)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _refresh_health(self) -> dict[str, prov.Breaker]:
+        """Bring health and breakers up to date now (joining a refresh under way)."""
+        task = self._health_refresh or self._start_health_refresh()
+        return await asyncio.shield(task)
+
+    async def _read_health(self) -> dict[str, prov.Breaker]:
+        now = self.now_ms()
+        since = now - self._health.window_ms
+
+        after = self._health_last_id
+        read: tuple[list[prov.HealthRow], int, dict[str, prov.Breaker]] = await self.store.read_with(
+            lambda conn: (*prov.health_rows(conn, after, since), prov.breakers(conn)))
+        rows, last, current = read
+        self._health.add(rows)
+        self._health.evict(now)
+        self._health_last_id = last
+        changes = prov.judge_breakers(current, self._health, now)
+        if changes:
+            await self._tx(lambda tx: prov.save_breakers(tx.conn, changes))
+            current.update((b.provider, b) for b in changes)
+        self._breakers = current
+        return current
 
     async def provider_health(self, window_ms: int = prov.HEALTH_WINDOW_MS
                               ) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
         """Health per provider and model over the window, and every breaker as it stands now."""
+        breakers = await self._refresh_health()
         now = self.now_ms()
-
-        def op(tx: LedgerTx) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
-            return prov.health(tx.conn, now, window_ms), prov.update_breakers(tx.conn, now, window_ms)
-
-        health, breakers = await self._tx(op)
-        self._breaker_cache = (time.monotonic(), breakers)
-        return health, breakers
+        if window_ms <= self._health.window_ms:
+            return self._health.health(now, window_ms), breakers
+        book = prov.HealthBook(window_ms)  # a longer span than the one kept: read once
+        rows, _ = await self.store.read_with(lambda conn: prov.health_rows(conn, None, now - window_ms))
+        book.add(rows)
+        return book.health(now), breakers
 
     async def test_connection(self, name: str, timeout_s: float = 5.0) -> prov.ConnectionResult:
         """Check the provider's credential against its models endpoint. The outcome is also the
@@ -805,12 +878,16 @@ class Engine:
         del secret
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> None:
+        def op(tx: LedgerTx) -> prov.Breaker | None:
             known = prov.breakers(tx.conn).get(provider.name)
             if known is not None and known.state != "closed":
-                prov.record_probe(tx.conn, provider.name, result.state == "ok", now, f"{result.state}, {result.detail}")
+                return prov.record_probe(tx.conn, provider.name, result.state == "ok", now,
+                                         f"{result.state}, {result.detail}")
+            return None
 
-        await self._tx(op)
+        probed: prov.Breaker | None = await self._tx(op)
+        if probed is not None and self._breakers is not None:  # routing sees it at once, not at the next refresh
+            self._breakers = {**self._breakers, probed.provider: probed}
         return result
 
     # ------------------------------------------------------------------ routing
@@ -818,52 +895,156 @@ class Engine:
     async def route(self, request: Mapping[str, Any], *, principal: str, model: str, mode: str = "suggest",
                     team: str = "", workspace: str = "default", token_id: str = "", session: str = "",
                     agent: str = "", max_tokens: int | None = None, request_id: str | None = None,
-                    record: bool = True) -> routing.Decision:
+                    record: bool = True, input_tokens: int | None = None) -> routing.Decision:
         """Score the request, filter the catalog (capabilities, context, health, budgets) and
-        choose; the decision is recorded unless ``record`` is False (an explain)."""
+        choose; the decision is recorded unless ``record`` is False (an explain).
+        ``input_tokens``: the prompt's estimate (``estimate_message_tokens``) if already made."""
         parsed_mode = routing.parse_mode(mode)
-        score = routing.score(request)
-        catalog = await self.catalog()
-        breakers = await self._routing_breakers()
-        unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"}
+        score = routing.score(request, input_tokens)
+        cached = self._catalog_cache
+        catalog = cached[1] if cached is not None and time.monotonic() - cached[0] < 5.0 else await self.catalog()
+        breakers = self._breakers if self._breakers is not None and (
+            self._health_refresh is not None or time.monotonic() - self._health_at < HEALTH_REFRESH_S) \
+            else await self._routing_breakers()
+        unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"} if breakers else {}
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
-        blocked: dict[str, str] = {}
-
-        async def refused(m: prov.CatalogModel) -> bool:
-            evaluation = await self.check(CallRequest(
-                principal=principal, model=m.model, provider=m.provider, team=team, workspace=workspace,
-                token_id=token_id, session=session, agent=agent, input_tokens=score.input_tokens, max_tokens=output))
-            if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
-                blocked[m.model] = evaluation.deciding.policy.name
-                return True
-            return False
-
         # Budgets are asked only as far as needed: the capable candidates cheapest first until
         # one fits (a gateway routes every call), and the requested model.
-        usable = sorted((m for m in catalog if score.needs <= m.capabilities and m.provider not in unhealthy
-                         and m.cost_tier >= score.tier_needed
-                         and not (m.context and score.input_tokens + output > m.context)),
-                        key=lambda m: (routing.estimate(m, score.input_tokens, output), m.model))
-        for m in usable:
-            if not await refused(m):
-                break
-        requested = next((m for m in catalog if m.model == model), None)
-        if requested is not None and requested.model not in blocked:
-            await refused(requested)
-        decision = routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
-                                  unhealthy=unhealthy, blocked=blocked)
+        prices, first_at = self._catalog_index
+        costs = uncached_costs(prices, score.input_tokens, output)
+        needed, tier = score.input_tokens + output, score.tier_needed
+        usable = [i for i, m in enumerate(catalog)
+                  if score.needs <= m.capabilities and m.provider not in unhealthy and m.cost_tier >= tier
+                  and not (m.context and needed > m.context)]
+
+        def rank(i: int) -> tuple[int, str]:
+            return costs[i], catalog[i].model
+
+        requested_at = first_at.get(model)
+        requested = catalog[requested_at] if requested_at is not None else None
+        requested_usable = requested_at in usable
+        requested_cost = costs[requested_at] if requested_at is not None else 0
+        explain = not record
+        now = self.now_ms()
+        # who calls, as CallRequest.context() has it; each candidate adds its model and provider
+        who = {"workspace": workspace, "team": team, "principal": principal, "token": token_id, "session": session,
+               "agent": agent}
+
+        def decide(tx: LedgerTx | None) -> routing.Decision | None:
+            """The choice, with the budgets asked from memory (``tx`` None: None if they cannot
+            answer there) or under the write lock."""
+            blocked: dict[str, str] = {}
+            asked: set[tuple[str, str]] = set()
+
+            def refused(m: prov.CatalogModel) -> bool | None:
+                asked.add((m.model, m.provider))
+                price = self.prices.lookup(m.model, now, workspace, m.provider)  # a workspace's own price first
+                cost = CallCost(usd=uncached_cost_nanos(price, score.input_tokens, output), tokens=needed) \
+                    if price is not None else CallCost(usd=0, tokens=needed, priced=False)
+                context = {**who, "model": m.model, "provider": m.provider}
+                evaluation = self.budgets.evaluate(tx, context, cost, now) if tx is not None else \
+                    self.budgets.evaluate_in_memory(context, cost, now)
+                if evaluation is None:
+                    return None
+                if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
+                    blocked[m.model] = evaluation.deciding.policy.name
+                    return True
+                return False
+
+            found: int | None = None  # the cheapest usable model the budgets allow
+            # Budgets are asked only where they can change the choice: some policy names a model or a
+            # provider (see BudgetBook.tells_models_apart), and a model other than the requested is
+            # usable. An explain asks them all the same, to show every candidate's verdict.
+            ask_budgets = explain or (self.budgets.tells_models_apart
+                                      and any(catalog[i].model != model for i in usable))
+            if ask_budgets:
+                for i in _cheapest_first(usable, rank):
+                    if catalog[i].model in blocked:
+                        continue
+                    if (no := refused(catalog[i])) is None:
+                        return None
+                    if not no:
+                        found = i
+                        break
+            elif usable:
+                found = min(usable, key=rank)
+            # The requested model's own verdict decides only if it could stay: usable, and no
+            # dearer than the cheapest allowed (an explain shows it whatever it is).
+            if ask_budgets and requested is not None and (requested.model, requested.provider) not in asked and (
+                    explain or (requested_usable and found is not None and requested_cost <= costs[found])) \
+                    and refused(requested) is None:
+                return None
+            if explain:
+                return routing.choose(score, catalog, requested=model, mode=parsed_mode, max_tokens=max_tokens,
+                                      unhealthy=unhealthy, blocked=blocked, costs=costs)
+            # The same choice as ``choose`` makes, without an explanation of every candidate.
+            best = routing.Candidate(catalog[found], costs[found], True, "") if found is not None else None
+            entry = routing.Candidate(requested, requested_cost, requested_usable and requested.model not in blocked,
+                                      "") if requested is not None else None
+            return routing.decision(score, model, parsed_mode, best, entry, ())
+
+        # Routing a call is advice, and the hold that follows decides under the write lock: the
+        # budgets' counters as the last batch left them answer it, with no transaction of its own,
+        # unless they are not loaded yet (a process's first call), a window has just ended or this
+        # process changed a policy since. An explain (``record`` False) always asks the ledger.
+        decision = (decide(None) if record and not self.store.policies_saved else None) \
+            or await self._tx(decide, sync=False)
         if record:
-            now = self.now_ms()
-            rid = request_id or "route_" + secrets.token_hex(8)
-            await self._tx(lambda tx: tx.conn.execute(
-                "INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
-                "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (now, rid, principal, decision.mode, decision.requested, decision.chosen, decision.applied,
-                 round(decision.score.value, 4), decision.requested_cost or 0, decision.chosen_cost or 0,
-                 decision.reason)))
+            self._note_decision((now, request_id or "route_" + secrets.token_hex(8), principal, decision.mode,
+                                 decision.requested, decision.chosen, decision.applied,
+                                 round(decision.score.value, 4), decision.requested_cost or 0,
+                                 decision.chosen_cost or 0, decision.reason))
         return decision
 
+    def _note_decision(self, row: tuple[Any, ...]) -> None:
+        """Keep a routing decision for the ledger. It is written with the next operation this
+        engine sends (a routed call's hold follows at once, so it is committed before that call
+        is settled), or, if none comes within DECISION_WAIT_S, on its own."""
+        self._decision_rows.append(row)
+        if self._decision_flush is None:
+            self._decision_flush = asyncio.create_task(self._flush_decisions())
+
+    def _carrying_decisions(self, op: Callable[[LedgerTx], Any]) -> Callable[[LedgerTx], Any]:
+        rows, self._decision_rows = self._decision_rows, []
+        loop = asyncio.get_running_loop()
+
+        def carried(tx: LedgerTx) -> Any:
+            try:
+                tx.conn.executemany(_INSERT_DECISION, rows)
+                return op(tx)
+            except BaseException:  # undone with the operation: they go with a later one
+                loop.call_soon_threadsafe(self._requeue_decisions, rows)
+                raise
+
+        return carried
+
+    def _requeue_decisions(self, rows: list[tuple[Any, ...]]) -> None:
+        self._decision_rows[:0] = rows
+        if self._decision_flush is None:
+            self._decision_flush = asyncio.create_task(self._flush_decisions())
+
+    async def _flush_decisions(self) -> None:
+        try:
+            await asyncio.sleep(DECISION_WAIT_S)
+            for _ in range(3):  # a failed write puts them back; three tries, then they are given up
+                if not self._decision_rows:
+                    return
+                try:
+                    await self._tx(lambda tx: None, sync=False)  # carries them
+                except Exception as exc:  # the calls went on; only their routing record waits
+                    log.warning("%d routing decisions not recorded yet: %s", len(self._decision_rows), exc)
+            if self._decision_rows:
+                log.warning("%d routing decisions not recorded", len(self._decision_rows))
+                self._decision_rows = []
+        finally:
+            self._decision_flush = None
+
+    async def _decisions_written(self) -> None:
+        if self._decision_rows:
+            await self._tx(lambda tx: None, sync=False)
+
     async def routing_decisions(self, limit: int = 100) -> list[routing.Recorded]:
+        await self._decisions_written()
         rows = await self._tx(lambda tx: tx.conn.execute(
             "SELECT ts_ms, request_id, principal, mode, requested, chosen, applied, score, requested_cost, "
             "chosen_cost, reason FROM routing_decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall())
@@ -872,6 +1053,7 @@ class Engine:
     async def routing_summary(self, since_ms: int) -> routing.Summary:
         """How often routing changed the model since ``since_ms``, and what that saved (applied,
         under enforced) or would have saved (suggest and dry_run)."""
+        await self._decisions_written()
         row = await self._tx(lambda tx: tx.conn.execute(
             "SELECT count(*), coalesce(sum(chosen != requested), 0), "
             "coalesce(sum(CASE WHEN mode = 'enforced' AND chosen != requested AND requested_cost > chosen_cost "

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import re
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any, Final
 
 from engine.models import Usage, UsageEvent
-from engine.money import MoneyError, cost_from_femtos, rate_to_femtos
+from engine.money import FEMTOS_PER_NANO, MoneyError, cost_from_femtos, rate_to_femtos
 
 
 class PricingError(ValueError):
@@ -86,6 +86,23 @@ def cost_femtos(price: ModelPrice, usage: Usage) -> int:
     """The exact cost in femto-dollars (see ``cost_nanos``)."""
     return _femtos(price, usage.input_tokens, usage.cached_input_tokens, usage.cache_write_tokens,
                    usage.cache_write_1h_tokens, usage.output_tokens, usage.reasoning_tokens)
+
+
+def uncached_cost_nanos(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:
+    """``cost_nanos`` of a usage with no cache and no reasoning part: a worst case or a routing
+    estimate (a gateway works one out for every catalog model on every call)."""
+    if not price.tiers or input_tokens <= price.tiers[0].threshold_tokens:  # no long-context tier: base rates
+        return cost_from_femtos(input_tokens * price.input + output_tokens * price.output)
+    return cost_from_femtos(_femtos(price, input_tokens, 0, 0, 0, output_tokens, 0))
+
+
+def uncached_costs(prices: Sequence[ModelPrice], input_tokens: int, output_tokens: int) -> list[int]:
+    """``uncached_cost_nanos`` of each price, in one pass (a routed call's estimate on every
+    catalog model)."""
+    half = FEMTOS_PER_NANO // 2
+    return [(input_tokens * p.input + output_tokens * p.output + half) // FEMTOS_PER_NANO
+            if not p.tiers or input_tokens <= p.tiers[0].threshold_tokens
+            else cost_from_femtos(_femtos(p, input_tokens, 0, 0, 0, output_tokens, 0)) for p in prices]
 
 
 def _femtos(price: ModelPrice, inp: int, cached: int, cache_write: int, cache_write_1h: int, out: int,

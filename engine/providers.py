@@ -13,7 +13,8 @@ the price table:
   tier 3-4, else ``medium``.
 
 Health comes from the ledger's own calls: error rate, mean latency and p95 per provider and
-model over the last N minutes. The breaker opens when, over that span, at least
+model over the last N minutes, kept in memory by a ``HealthBook`` (loaded once, then only the
+new events are added). The breaker opens when, over that span, at least
 ``BREAKER_MIN_CALLS`` calls were made and ``BREAKER_ERROR_RATE`` or more failed; after
 ``BREAKER_COOL_DOWN_MS`` it is half-open, and one successful probe closes it again.
 """
@@ -311,22 +312,104 @@ async def test_connection(provider: Provider, secret: str | None, *, timeout_s: 
 
 # ----------------------------------------------------------------------------- health and breakers
 
-def health(conn: sqlite3.Connection, now_ms: int, window_ms: int = HEALTH_WINDOW_MS) -> list[Health]:
-    """Per provider ("" model: all its models) and per provider and model, over the window."""
-    rows = conn.execute("SELECT s.provider, s.model, e.status, e.latency_ms FROM usage_events e "
-                        "JOIN series s ON s.id = e.series_id WHERE e.ts_ms >= ? AND e.ts_ms < ? "
-                        "AND e.status != 'blocked'", (now_ms - window_ms, now_ms + 1)).fetchall()
-    groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
-    for provider, model, status, latency in rows:
-        groups.setdefault((provider, ""), []).append((status, latency))
-        groups.setdefault((provider, model), []).append((status, latency))
-    out = []
-    for (provider, model), calls in sorted(groups.items()):
-        latencies = sorted(latency for _, latency in calls)
-        p95 = latencies[min(len(latencies) - 1, (95 * len(latencies) + 99) // 100 - 1)]
-        out.append(Health(provider, model, len(calls), sum(1 for status, _ in calls if status == "error"),
-                          sum(latencies) // len(latencies), p95))
-    return out
+#: (provider, model, second, failed, latency_ms, calls): the window's calls grouped so that a
+#: busy minute is a few hundred rows, not one per call.
+HealthRow = tuple[str, str, int, int, int, int]
+_HEALTH_SELECT: Final = (
+    "SELECT s.provider, s.model, e.ts_ms / 1000, e.status = 'error', e.latency_ms, count(*) "
+    "FROM usage_events e JOIN series s ON s.id = e.series_id WHERE {where} AND e.status != 'blocked' "
+    "GROUP BY 1, 2, 3, 4, 5")
+
+
+def health_rows(conn: sqlite3.Connection, after_id: int | None, since_ms: int) -> tuple[list[HealthRow], int]:
+    """The calls since ``since_ms`` up to the last event now, and that event's id: all of them
+    (``after_id`` None: a process starting, one grouped read of the window), or only those
+    appended after event ``after_id`` (a refresh: the new ones, by the primary key). No
+    transaction is needed: ids are given in commit order (one writer at a time), so every event
+    up to the last id read is committed and seen by the next statement."""
+    last = int(conn.execute("SELECT max(id) FROM usage_events").fetchall()[0][0] or 0)
+    if after_id is None:
+        rows = conn.execute(_HEALTH_SELECT.format(where="e.ts_ms >= ? AND e.id <= ?"), (since_ms, last)).fetchall()
+    else:  # ``+e.ts_ms``: walk the new ids, never the timestamp index
+        rows = conn.execute(_HEALTH_SELECT.format(where="e.id > ? AND e.id <= ? AND +e.ts_ms >= ?"),
+                            (after_id, last, since_ms)).fetchall()
+    return rows, last
+
+
+class HealthBook:
+    """Calls, failures and latencies per provider and model, per second, over the health
+    window, kept in memory. A process loads the window once (``health_rows`` with no id) and
+    then adds only the events appended since its last look, whoever wrote them, so neither the
+    request path nor a refresh ever reads the window's raw events again. Seconds that leave the
+    window are dropped."""
+
+    def __init__(self, window_ms: int = HEALTH_WINDOW_MS) -> None:
+        self.window_ms = window_ms
+        # (provider, model) -> second -> [calls, errors, latency sum, {latency: calls}]
+        self._seconds: dict[tuple[str, str], dict[int, list[Any]]] = {}
+
+    def add(self, rows: list[HealthRow]) -> None:
+        for provider, model, second, failed, latency, calls in rows:
+            per = self._seconds.setdefault((provider, model), {})
+            slot = per.get(second)
+            if slot is None:
+                slot = per[second] = [0, 0, 0, {}]
+            slot[0] += calls
+            slot[1] += calls if failed else 0
+            slot[2] += latency * calls
+            slot[3][latency] = slot[3].get(latency, 0) + calls
+
+    def evict(self, now_ms: int) -> None:
+        oldest = (now_ms - self.window_ms) // 1000
+        for key in list(self._seconds):
+            per = self._seconds[key]
+            for second in [s for s in per if s < oldest]:
+                del per[second]
+            if not per:
+                del self._seconds[key]
+
+    def counts(self, provider: str, since_ms: int) -> tuple[int, int]:
+        """(calls, failures) of the provider, all its models, from ``since_ms`` on."""
+        first = since_ms // 1000
+        calls = errors = 0
+        for (name, _model), per in self._seconds.items():
+            if name == provider:
+                for second, slot in per.items():
+                    if second >= first:
+                        calls += slot[0]
+                        errors += slot[1]
+        return calls, errors
+
+    def providers(self) -> set[str]:
+        return {provider for provider, _ in self._seconds}
+
+    def health(self, now_ms: int, window_ms: int | None = None) -> list[Health]:
+        """Per provider ("" model: all its models) and per provider and model, over the window:
+        calls, failures, mean and p95 latency (nearest rank)."""
+        first = (now_ms - (window_ms or self.window_ms)) // 1000
+        groups: dict[tuple[str, str], list[Any]] = {}
+        for (provider, model), per in self._seconds.items():
+            for key in ((provider, ""), (provider, model)):
+                group = groups.setdefault(key, [0, 0, 0, {}])
+                for second, (calls, errors, total, latencies) in per.items():
+                    if second >= first:
+                        group[0] += calls
+                        group[1] += errors
+                        group[2] += total
+                        for latency, n in latencies.items():
+                            group[3][latency] = group[3].get(latency, 0) + n
+        out = []
+        for (provider, model), (calls, errors, total, latencies) in sorted(groups.items()):
+            if not calls:
+                continue
+            rank, p95 = (95 * calls + 99) // 100, 0
+            for latency in sorted(latencies):
+                rank -= latencies[latency]
+                p95 = latency
+                if rank <= 0:
+                    break
+            out.append(Health(provider, model, calls, errors, total // calls, p95))
+        return out
 
 
 def breakers(conn: sqlite3.Connection) -> dict[str, Breaker]:
@@ -341,31 +424,31 @@ def _set_breaker(conn: sqlite3.Connection, provider: str, state: BreakerState, n
     return Breaker(provider, state, now_ms, reason)
 
 
-def update_breakers(conn: sqlite3.Connection, now_ms: int, window_ms: int = HEALTH_WINDOW_MS,
-                    cool_down_ms: int = BREAKER_COOL_DOWN_MS) -> dict[str, Breaker]:
-    """Open the breaker of a failing provider; an open one turns half-open after its cool-down
-    (the next probe decides). Returns every breaker's state now."""
-    current = breakers(conn)
-    for h in health(conn, now_ms, window_ms):
-        known = current.get(h.provider)
-        if h.model:
+def judge_breakers(current: dict[str, Breaker], book: HealthBook, now_ms: int,
+                   cool_down_ms: int = BREAKER_COOL_DOWN_MS) -> list[Breaker]:
+    """The breakers that change now (pure): a failing provider's opens; an open one turns
+    half-open after its cool-down (the next probe decides)."""
+    window_ms = book.window_ms
+    changes = []
+    for provider in sorted(book.providers()):
+        known = current.get(provider)
+        if known is not None and known.state != "closed":
             continue
-        if known is not None and known.state == "closed" and now_ms - known.since_ms < window_ms:
-            # Closed by a probe within the window: only the calls since then count.
-            since = [x for x in health(conn, now_ms, now_ms - known.since_ms) if x.provider == h.provider
-                     and not x.model]
-            if not since:
-                continue
-            h = since[0]
-        if h.calls < BREAKER_MIN_CALLS or h.error_rate < BREAKER_ERROR_RATE:
-            continue
-        if known is None or known.state == "closed":
-            current[h.provider] = _set_breaker(conn, h.provider, "open", now_ms,
-                                               f"{h.errors} of {h.calls} calls failed in {window_ms // 60_000} min")
-    for name, b in list(current.items()):
+        # Closed by a probe within the window: only the calls since then count.
+        since = known.since_ms if known is not None and now_ms - known.since_ms < window_ms else now_ms - window_ms
+        calls, errors = book.counts(provider, since)
+        if calls >= BREAKER_MIN_CALLS and errors >= BREAKER_ERROR_RATE * calls:
+            changes.append(Breaker(provider, "open", now_ms,
+                                   f"{errors} of {calls} calls failed in {window_ms // 60_000} min"))
+    for name, b in sorted(current.items()):
         if b.state == "open" and now_ms - b.since_ms >= cool_down_ms:
-            current[name] = _set_breaker(conn, name, "half_open", now_ms, "cool-down over; waiting for a probe")
-    return current
+            changes.append(Breaker(name, "half_open", now_ms, "cool-down over; waiting for a probe"))
+    return changes
+
+
+def save_breakers(conn: sqlite3.Connection, changes: list[Breaker]) -> None:
+    for b in changes:
+        _set_breaker(conn, b.provider, b.state, b.since_ms, b.reason)
 
 
 def record_probe(conn: sqlite3.Connection, provider: str, ok: bool, now_ms: int, detail: str) -> Breaker:

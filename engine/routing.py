@@ -34,12 +34,12 @@ need; when no candidate meets it, the requested model stays.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
-from engine.models import FieldError, Usage
-from engine.pricing import cost_nanos, estimate_message_tokens
+from engine.models import FieldError
+from engine.pricing import estimate_message_tokens, uncached_cost_nanos
 from engine.providers import CatalogModel
 
 Mode = Literal["suggest", "dry_run", "enforced"]
@@ -62,8 +62,7 @@ _CODE_WORDS = re.compile(r"\b(python|javascript|typescript|java|golang|rust|sql|
 _JSON_ASK = re.compile(r"\b(json|yaml|schema)\b", re.IGNORECASE)
 
 
-@dataclass(frozen=True, slots=True)
-class Feature:
+class Feature(NamedTuple):  # a tuple: eight are made for every routed call, at a fifth of a dataclass's cost
     name: str
     value: float  # the measure, in [0, 1]
     weight: float
@@ -74,19 +73,63 @@ class Feature:
         return self.value * self.weight
 
 
+class _Seen(NamedTuple):
+    """What the scorer saw in a request, from which its features are told."""
+
+    characters: int
+    tokens: int
+    fenced: bool
+    code_lines: int
+    code_words: tuple[str, ...]
+    structured: float
+    response_format: str | None
+    tools: int
+    images: int
+    cues: tuple[str, ...]
+    depth: int
+
+    def measures(self) -> tuple[float, ...]:
+        """Each feature's measure in [0, 1], in WEIGHTS' order."""
+        return (_measure(self.characters / 4000), _measure(self.tokens / 8000),
+                _measure(1.0 if self.fenced else max(self.code_lines / 6, 0.5 if self.code_words else 0.0)),
+                self.structured, 0.0 if not self.tools else 0.5 if self.tools < 3 else 1.0,
+                0.0 if not self.images else 0.6 if self.images == 1 else 1.0,
+                _measure(len(self.cues) / 3), _measure(self.depth / 10))
+
+    def notes(self) -> tuple[str, ...]:
+        return (f"{self.characters:,} characters", f"about {self.tokens:,} prompt tokens",
+                "a fenced code block" if self.fenced else f"{self.code_lines} lines that look like code"
+                + (f"; mentions {', '.join(self.code_words)}" if self.code_words else ""),
+                f"response_format {self.response_format}" if self.response_format else
+                ("asks for JSON/YAML/a schema" if self.structured else "free text"),
+                f"{self.tools} tools", f"{self.images} images",
+                ", ".join(self.cues) if self.cues else "no reasoning cues", f"{self.depth} earlier messages")
+
+
+def _measure(value: float) -> float:
+    return round(1.0 if value > 1.0 else value if value > 0.0 else 0.0, 3)
+
+
+_WEIGHTS: Final = tuple(WEIGHTS.items())
+
+
 @dataclass(frozen=True, slots=True)
 class Score:
-    features: tuple[Feature, ...]
-    input_tokens: int
+    seen: _Seen
     needs: frozenset[str]  # capabilities the call needs: tools, json, vision
+    value: float  # the weighted sum of the features, in [0, 1]
+    tier_needed: int  # the lowest cost tier fit for it
 
     @property
-    def value(self) -> float:
-        return min(1.0, max(0.0, sum(f.contribution for f in self.features)))
+    def input_tokens(self) -> int:
+        return self.seen.tokens
 
     @property
-    def tier_needed(self) -> int:
-        return 1 + sum(self.value >= t for t in TIER_THRESHOLDS)
+    def features(self) -> tuple[Feature, ...]:
+        """Each feature's measure, weight and a note of what was seen (told when asked: a
+        gateway's call needs only the value)."""
+        return tuple(Feature(name, measure, weight, note) for (name, weight), measure, note
+                     in zip(_WEIGHTS, self.seen.measures(), self.seen.notes(), strict=True))
 
 
 def _text_of(messages: list[dict[str, Any]]) -> tuple[str, int]:
@@ -107,56 +150,43 @@ def _text_of(messages: list[dict[str, Any]]) -> tuple[str, int]:
     return "\n".join(parts), images
 
 
-def score(request: Mapping[str, Any]) -> Score:
+def score(request: Mapping[str, Any], input_tokens: int | None = None) -> Score:
     """The complexity of an OpenAI-style chat request (``messages``, ``tools``,
-    ``response_format``); each feature's measure, weight and a note saying what was seen."""
+    ``response_format``); each feature's measure, weight and a note saying what was seen.
+    ``input_tokens``: the prompt's estimate, when the caller has made it already."""
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise FieldError("messages", "must be a non-empty list of chat messages")
     if not all(isinstance(m, dict) for m in messages):
         raise FieldError("messages", "each message must be an object with a role and content")
     text, images = _text_of(messages)
-    tokens = estimate_message_tokens(messages)
-    lines = text.splitlines()
-    fenced = text.count("```") >= 2
-    code_lines = sum(1 for line in lines if _CODE_LINE.search(line))
-    code_words = sorted({m.group(0).lower() for m in _CODE_WORDS.finditer(text)})
-    tools = request.get("tools") or request.get("functions") or []
-    tool_count = len(tools) if isinstance(tools, list) else 0
     fmt = request.get("response_format")
     fmt_type = fmt.get("type") if isinstance(fmt, dict) else None
-    structured = 1.0 if fmt_type in ("json_schema", "json_object") else 0.5 if _JSON_ASK.search(text) else 0.0
-    cues = sorted({m.group(0).lower() for m in _REASONING_CUES.finditer(text)})
-    depth = max(0, len(messages) - 1)
-
-    def feature(name: str, value: float, note: str) -> Feature:
-        return Feature(name, round(min(1.0, max(0.0, value)), 3), WEIGHTS[name], note)
-
-    features = (
-        feature("length", len(text) / 4000, f"{len(text):,} characters"),
-        feature("tokens", tokens / 8000, f"about {tokens:,} prompt tokens"),
-        feature("code", 1.0 if fenced else max(code_lines / 6, 0.5 if code_words else 0.0),
-                "a fenced code block" if fenced else f"{code_lines} lines that look like code"
-                + (f"; mentions {', '.join(code_words)}" if code_words else "")),
-        feature("structured", structured, f"response_format {fmt_type}" if fmt_type else
-                ("asks for JSON/YAML/a schema" if structured else "free text")),
-        feature("tools", 0.0 if not tool_count else 0.5 if tool_count < 3 else 1.0, f"{tool_count} tools"),
-        feature("images", 0.0 if not images else 0.6 if images == 1 else 1.0, f"{images} images"),
-        feature("reasoning", len(cues) / 3, ", ".join(cues) if cues else "no reasoning cues"),
-        feature("depth", depth / 10, f"{depth} earlier messages"),
-    )
+    tools = request.get("tools") or request.get("functions") or []
+    seen = _Seen(
+        characters=len(text),
+        tokens=estimate_message_tokens(messages) if input_tokens is None else input_tokens,
+        fenced=text.count("```") >= 2,
+        code_lines=sum(1 for line in text.splitlines() if _CODE_LINE.search(line)),
+        code_words=tuple(sorted({m.group(0).lower() for m in _CODE_WORDS.finditer(text)})),
+        structured=1.0 if fmt_type in ("json_schema", "json_object") else 0.5 if _JSON_ASK.search(text) else 0.0,
+        response_format=fmt_type,
+        tools=len(tools) if isinstance(tools, list) else 0,
+        images=images,
+        cues=tuple(sorted({m.group(0).lower() for m in _REASONING_CUES.finditer(text)})),
+        depth=max(0, len(messages) - 1))
+    value = min(1.0, max(0.0, sum([m * w for m, (_, w) in zip(seen.measures(), _WEIGHTS, strict=True)])))
     needs = set()
-    if tool_count:
+    if seen.tools:
         needs.add("tools")
     if fmt_type in ("json_schema", "json_object"):
         needs.add("json")
     if images:
         needs.add("vision")
-    return Score(features, tokens, frozenset(needs))
+    return Score(seen, frozenset(needs), value, 1 + sum(value >= t for t in TIER_THRESHOLDS))
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     model: CatalogModel
     estimated_cost: int  # nano-dollars for this call (prompt estimate plus max output)
     kept: bool
@@ -204,51 +234,58 @@ class Decision:
 
 
 def estimate(model: CatalogModel, input_tokens: int, output_tokens: int) -> int:
-    return cost_nanos(model.price, Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+    return uncached_cost_nanos(model.price, input_tokens, output_tokens)
 
 
 def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode, max_tokens: int | None,
-           unhealthy: Mapping[str, str], blocked: Mapping[str, str]) -> Decision:
-    """Filter the catalog for this call and pick the cheapest capable-enough candidate.
-    ``unhealthy`` maps a provider to why it is out; ``blocked`` maps a model to the budget
-    that would refuse the call on it."""
+           unhealthy: Mapping[str, str], blocked: Mapping[str, str], costs: Sequence[int] | None = None) -> Decision:
+    """Filter the catalog for this call and pick the cheapest capable-enough candidate, with
+    every candidate and why it was kept or not. ``unhealthy`` maps a provider to why it is out;
+    ``blocked`` maps a model to the budget that would refuse the call on it; ``costs``, each
+    catalog model's estimate for this call if already worked out."""
     output = max_tokens or DEFAULT_OUTPUT_TOKENS
+    if costs is None:
+        costs = [estimate(m, s.input_tokens, output) for m in catalog]
+    needed, tier = s.input_tokens + output, s.tier_needed
     candidates: list[Candidate] = []
-    for m in catalog:
-        cost = estimate(m, s.input_tokens, output)
+    for m, cost in zip(catalog, costs, strict=True):
         missing = sorted(s.needs - m.capabilities)
         if missing:
             why, ok = f"lacks {', '.join(missing)}", False
-        elif m.context and s.input_tokens + output > m.context:
-            why, ok = f"context {m.context:,} < {s.input_tokens + output:,} tokens needed", False
+        elif m.context and needed > m.context:
+            why, ok = f"context {m.context:,} < {needed:,} tokens needed", False
         elif m.provider in unhealthy:
             why, ok = f"provider {m.provider} is degraded: {unhealthy[m.provider]}", False
         elif m.model in blocked:
             why, ok = f"budget {blocked[m.model]} would block it", False
-        elif m.cost_tier < s.tier_needed:
-            why, ok = f"tier {m.cost_tier} is below the tier {s.tier_needed} this prompt needs", False
+        elif m.cost_tier < tier:
+            why, ok = f"tier {m.cost_tier} is below the tier {tier} this prompt needs", False
         else:
-            why, ok = f"tier {m.cost_tier} meets tier {s.tier_needed}", True
+            why, ok = f"tier {m.cost_tier} meets tier {tier}", True
         candidates.append(Candidate(m, cost, ok, why))
-    kept = sorted((c for c in candidates if c.kept), key=lambda c: (c.estimated_cost, c.model.model))
-    requested_entry = next((c for c in candidates if c.model.model == requested), None)
-    requested_cost = requested_entry.estimated_cost if requested_entry else None
+    best = min((c for c in candidates if c.kept), key=lambda c: (c.estimated_cost, c.model.model), default=None)
+    asked = next((c for c in candidates if c.model.model == requested), None)
+    ordered = tuple(sorted(candidates, key=lambda c: (not c.kept, c.estimated_cost, c.model.model)))
+    return decision(s, requested, mode, best, asked, ordered)
+
+
+def decision(s: Score, requested: str, mode: Mode, best: Candidate | None, asked: Candidate | None,
+              candidates: tuple[Candidate, ...]) -> Decision:
+    """The choice: the requested model when it is capable and nothing capable is cheaper, else
+    the cheapest capable (``best``), else the requested model all the same."""
     chosen_cost: int | None
-    if requested_entry is not None and requested_entry.kept and requested_entry.estimated_cost <= \
-            kept[0].estimated_cost:  # capable, and nothing capable is cheaper: it stays
-        chosen, provider, chosen_cost = requested, requested_entry.model.provider, requested_entry.estimated_cost
+    requested_cost = asked.estimated_cost if asked else None
+    if asked is not None and asked.kept and best is not None and asked.estimated_cost <= best.estimated_cost:
+        chosen, provider, chosen_cost = requested, asked.model.provider, asked.estimated_cost
         reason = f"{requested} is already the cheapest model of tier {s.tier_needed} or above"
-    elif kept:
-        best = kept[0]
+    elif best is not None:
         chosen, provider, chosen_cost = best.model.model, best.model.provider, best.estimated_cost
         reason = f"{chosen} is the cheapest model of tier {s.tier_needed} or above"
     else:
-        chosen, provider, chosen_cost = requested, requested_entry.model.provider if requested_entry else "", \
-            requested_cost
+        chosen, provider, chosen_cost = requested, asked.model.provider if asked else "", requested_cost
         reason = "no candidate meets the need; the requested model stays"
     applied = chosen if mode == "enforced" else requested
-    ordered = tuple(sorted(candidates, key=lambda c: (not c.kept, c.estimated_cost, c.model.model)))
-    return Decision(s, requested, requested_cost, chosen, provider, chosen_cost, mode, applied, reason, ordered)
+    return Decision(s, requested, requested_cost, chosen, provider, chosen_cost, mode, applied, reason, candidates)
 
 
 @dataclass(frozen=True, slots=True)

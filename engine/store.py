@@ -957,6 +957,11 @@ class SQLiteStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    @property
+    def policies_saved(self) -> bool:
+        """This store changed a policy that no batch has read back yet."""
+        return self._policies_saved
+
     async def data_version(self) -> int:
         """A number that changes whenever another connection commits (cheap change detection)."""
         async with self._reader.execute("PRAGMA data_version") as cur:

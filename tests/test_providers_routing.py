@@ -3,15 +3,19 @@ circuit breaker from the ledger, and the routing scorer: features, candidates, m
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.budgets import build_policy
 from engine.clock import FrozenClock
 from engine.engine import Engine
-from engine.models import FieldError
+from engine.models import FieldError, Usage
+from engine.pricing import bundled_prices, cost_nanos, uncached_costs
 from engine.providers import BREAKER_COOL_DOWN_MS, build_provider, cost_tier, latency_tier
 from engine.routing import WEIGHTS, score
 from tests.conftest import NOW_MS, event
@@ -235,3 +239,107 @@ async def test_the_three_modes(engine: Engine) -> None:
     assert (summary.decisions, summary.changed, summary.saved, summary.would_save) == (3, 3, saving, 2 * saving)
     with pytest.raises(FieldError, match="mode: must be suggest, dry_run or enforced"):
         await engine.route(_ask("hi"), principal="a", model=DEAR, mode="yolo")
+
+
+# ----------------------------------------------------------------------------- health without scans (issue 16)
+
+
+async def _trace(engine: Engine) -> list[str]:
+    """Every statement the engine's ledger connections run from now on (on any thread)."""
+    seen: list[str] = []
+    for connection in (engine.store._writer, engine.store._reader):
+        await connection._execute(lambda c=connection: c._conn.set_trace_callback(seen.append))
+    return seen
+
+
+async def test_routed_calls_never_read_raw_events_and_share_one_health_refresh(
+        db_path: Path, clock: FrozenClock) -> None:
+    """Before: every call that found the breaker cache stale read the window's events in Python
+    inside a write transaction (50 callers, 50 scans). Now a call never waits for health but a
+    process's first, a stale one starts one refresh in the background, and a refresh reads only
+    the events appended since the last one."""
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_provider(name="openai", kind="openai", base_url="http://127.0.0.1:1/v1", models=[CHEAP, MID])
+        await engine.record_many([event(i, provider="openai", model=CHEAP, ts_ms=NOW_MS - 60_000 + i)
+                                  for i in range(200)])
+        await engine.route(_ask("hi"), principal="alice", model=CHEAP)  # the process's first: loads the window
+        # Health as a call finds it a while later: due for a refresh (``_breaker_cache`` was the
+        # 5-second cache of the code before, which each stale caller refilled by a scan).
+        engine._health_at = -1e9
+        engine._breaker_cache = None  # type: ignore[attr-defined]
+        await engine.record_many([event(1000 + i, provider="openai", model=CHEAP, ts_ms=NOW_MS - 1000 + i)
+                                  for i in range(3)])
+        seen = await _trace(engine)
+        await asyncio.gather(*(engine.route(_ask(f"hi {i}"), principal="alice", model=CHEAP) for i in range(50)))
+        await engine.provider_health()  # waits for the refresh under way, if any
+        reads = [sql for sql in seen if "FROM usage_events" in sql and "max(id)" not in sql]
+        assert len(reads) <= 2, reads  # the refresh started by the calls, and at most the health report's own
+        assert all("e.id >" in sql for sql in reads)  # only what was appended since the last look
+        health, _ = await engine.provider_health()
+        openai = next(h for h in health if h.provider == "openai" and not h.model)
+        assert openai.calls == 203  # every call, counted once
+
+
+async def test_health_counts_the_calls_other_processes_settle_and_opens_their_breaker(
+        db_path: Path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as gateway:
+        await gateway.add_provider(name="flaky", kind="openai", base_url="http://127.0.0.1:1/v1", models=[CHEAP])
+        await gateway.add_provider(name="steady", kind="openai", base_url="http://127.0.0.1:1/v1", models=[MID])
+        assert (await gateway.route(_ask("hi"), principal="a", model=CHEAP, record=False)).chosen == CHEAP
+        async with await Engine.open(db_path, clock=clock) as other:  # another gateway on the same ledger
+            await other.record_many([event(i, provider="flaky", model=CHEAP, ts_ms=NOW_MS - 30_000 + i,
+                                           status="error", latency_ms=10 * (i + 1)) for i in range(6)])
+        health, breakers = await gateway.provider_health()
+        flaky = next(h for h in health if h.provider == "flaky" and not h.model)
+        assert (flaky.calls, flaky.errors, flaky.p95_latency_ms) == (6, 6, 60)
+        assert breakers["flaky"].state == "open"
+        decision = await gateway.route(_ask("hi"), principal="a", model=CHEAP, record=False)
+        assert decision.chosen == MID  # the breaker keeps routing away from it at once
+
+
+async def test_a_routed_calls_decision_is_recorded_with_the_next_write_or_on_its_own(
+        db_path: Path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_provider(name="openai", kind="openai", base_url="http://127.0.0.1:1/v1", models=[CHEAP, MID])
+        await engine.route(_ask("hi"), principal="alice", model=MID, request_id="rides")
+        await engine.record(event(1))  # the next write carries it
+        await engine.route(_ask("hi"), principal="alice", model=MID, request_id="alone")
+        await asyncio.sleep(0.3)  # no write follows: it goes on its own
+        rows = await engine.store.read_with(
+            lambda conn: conn.execute("SELECT request_id, chosen FROM routing_decisions ORDER BY id").fetchall())
+        assert rows == [("rides", CHEAP), ("alone", CHEAP)]
+        await engine.route(_ask("hi"), principal="alice", model=MID, request_id="at-close")
+    async with await Engine.open(db_path, clock=clock) as engine:
+        assert [d.request_id for d in await engine.routing_decisions()] == ["at-close", "alone", "rides"]
+
+
+@pytest.mark.parametrize("prompt", ["hi", "Prove step by step that the algorithm is optimal; analyze trade-offs. " * 20,
+                                    "```python\ndef f():\n    return 1\n```\nrefactor this function"])
+@pytest.mark.parametrize("requested", [CHEAP, MID, DEAR, "gpt-4o"])
+async def test_a_gateways_decision_is_the_one_an_explain_gives(engine: Engine, prompt: str, requested: str) -> None:
+    """A routed call's decision skips the candidates' explanations and asks the budgets only
+    where they can change the choice; it must choose as the full explanation does."""
+    await _three_models(engine)
+    await engine.add_provider(name="more", kind="openai", base_url="http://127.0.0.1:1/v1",
+                              models=["gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano"])
+    await engine.add_policy(build_policy(scope="model:gpt-4.1-nano", metric="usd", window="day", hard="0.000001",
+                                         name="No nano"))
+    for mode in ("suggest", "enforced"):
+        explained = await engine.route(_ask(prompt), principal="alice", model=requested, mode=mode, record=False)
+        routed = await engine.route(_ask(prompt), principal="alice", model=requested, mode=mode)
+        assert (routed.chosen, routed.chosen_provider, routed.chosen_cost, routed.applied, routed.requested_cost,
+                routed.reason) == (explained.chosen, explained.chosen_provider, explained.chosen_cost,
+                                   explained.applied, explained.requested_cost, explained.reason)
+        assert routed.chosen != "gpt-4.1-nano"  # the model a budget refuses is never chosen
+
+
+@settings(max_examples=300, deadline=None)
+@given(input_tokens=st.integers(0, 2_500_000), output_tokens=st.integers(0, 200_000))
+def test_the_routing_estimate_is_cost_nanos_to_the_nano_dollar(input_tokens: int, output_tokens: int) -> None:
+    """Every catalog model's estimate is made in one pass with the base rates inlined; it must be
+    the very integer cost_nanos gives, on both sides of every long-context threshold."""
+    prices = bundled_prices().models()
+    thresholds = sorted({t.threshold_tokens for p in prices for t in p.tiers})
+    for tokens in (input_tokens, *(t + d for t in thresholds for d in (0, 1))):
+        assert uncached_costs(prices, tokens, output_tokens) == [
+            cost_nanos(p, Usage(input_tokens=tokens, output_tokens=output_tokens)) for p in prices]

@@ -237,7 +237,7 @@ class Governor:
                                                    mode=self.routing_mode, team=caller.team,
                                                    workspace=caller.workspace, token_id=caller.token_id,
                                                    session=caller.session, agent=caller.agent, max_tokens=cap,
-                                                   request_id=request_id)
+                                                   request_id=request_id, input_tokens=tokens)
                 applied = decision.applied
             except FieldError as exc:
                 raise bad_request(exc.field, exc.reason) from None
