@@ -812,13 +812,12 @@ class Engine:
         self._catalog_index = ([m.price for m in found], {m.model: i for i, m in reversed(list(enumerate(found)))})
         return found
 
-    async def _routing_breakers(self) -> dict[str, prov.Breaker]:
-        """The breakers as last judged. A call never waits for a refresh but the first of a
-        process; one that finds them older than HEALTH_REFRESH_S starts one in the background,
-        unless one is already under way."""
-        if self._breakers is None:
-            return await self._refresh_health()
-        if time.monotonic() - self._health_at >= HEALTH_REFRESH_S and self._health_refresh is None:
+    def _routing_breakers(self) -> dict[str, prov.Breaker] | None:
+        """The breakers as last judged (None before a process's first look: its first call waits
+        for it). A call that finds them older than HEALTH_REFRESH_S starts a refresh in the
+        background, unless one is already under way, and goes on with these."""
+        if self._breakers is not None and self._health_refresh is None \
+                and time.monotonic() - self._health_at >= HEALTH_REFRESH_S:
             self._start_health_refresh()
         return self._breakers
 
@@ -901,11 +900,9 @@ class Engine:
         ``input_tokens``: the prompt's estimate (``estimate_message_tokens``) if already made."""
         parsed_mode = routing.parse_mode(mode)
         score = routing.score(request, input_tokens)
-        cached = self._catalog_cache
-        catalog = cached[1] if cached is not None and time.monotonic() - cached[0] < 5.0 else await self.catalog()
-        breakers = self._breakers if self._breakers is not None and (
-            self._health_refresh is not None or time.monotonic() - self._health_at < HEALTH_REFRESH_S) \
-            else await self._routing_breakers()
+        catalog = await self.catalog()
+        if (breakers := self._routing_breakers()) is None:  # a process's first call
+            breakers = await self._refresh_health()
         unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"} if breakers else {}
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
         # Budgets are asked only as far as needed: the capable candidates cheapest first until

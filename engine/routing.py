@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
 from engine.models import FieldError
-from engine.pricing import estimate_message_tokens, uncached_cost_nanos
+from engine.pricing import estimate_message_tokens, uncached_costs
 from engine.providers import CatalogModel
 
 Mode = Literal["suggest", "dry_run", "enforced"]
@@ -233,10 +233,6 @@ class Decision:
         }
 
 
-def estimate(model: CatalogModel, input_tokens: int, output_tokens: int) -> int:
-    return uncached_cost_nanos(model.price, input_tokens, output_tokens)
-
-
 def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode, max_tokens: int | None,
            unhealthy: Mapping[str, str], blocked: Mapping[str, str], costs: Sequence[int] | None = None) -> Decision:
     """Filter the catalog for this call and pick the cheapest capable-enough candidate, with
@@ -245,7 +241,7 @@ def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode,
     catalog model's estimate for this call if already worked out."""
     output = max_tokens or DEFAULT_OUTPUT_TOKENS
     if costs is None:
-        costs = [estimate(m, s.input_tokens, output) for m in catalog]
+        costs = uncached_costs([m.price for m in catalog], s.input_tokens, output)
     needed, tier = s.input_tokens + output, s.tier_needed
     candidates: list[Candidate] = []
     for m, cost in zip(catalog, costs, strict=True):
