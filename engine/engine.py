@@ -142,6 +142,8 @@ class Engine:
         self._catalog_cache: tuple[float, list[prov.CatalogModel]] | None = None
         # the cached catalog's prices and each model's first place in it (for routing)
         self._catalog_index: tuple[list[ModelPrice], dict[str, int]] = ([], {})
+        self._shortlists: dict[tuple[frozenset[str], int, frozenset[str]], routing.Shortlist] = {}
+        self._unhealthy: tuple[object, dict[str, str], frozenset[str]] = (None, {}, frozenset())
         # Provider health in memory: loaded once, then the new events added by one refresh at a
         # time, in the background when a call finds it older than HEALTH_REFRESH_S.
         self._health = prov.HealthBook()
@@ -802,14 +804,18 @@ class Engine:
     async def provider(self, name: str) -> prov.Provider:
         return await self._tx(lambda tx: prov.get(tx.conn, name))  # type: ignore[no-any-return]
 
+    def _catalog_if_fresh(self, max_age_s: float = 5.0) -> list[prov.CatalogModel] | None:
+        cached = self._catalog_cache
+        return cached[1] if cached is not None and time.monotonic() - cached[0] < max_age_s else None
+
     async def catalog(self, max_age_s: float = 5.0) -> list[prov.CatalogModel]:
         """The models calls can go to (kept for a few seconds: a gateway asks on every call)."""
-        cached = self._catalog_cache
-        if cached is not None and time.monotonic() - cached[0] < max_age_s:
-            return cached[1]
+        if (fresh := self._catalog_if_fresh(max_age_s)) is not None:
+            return fresh
         found = prov.catalog(self.prices.models(self.now_ms()), await self.providers())
         self._catalog_cache = (time.monotonic(), found)
         self._catalog_index = ([m.price for m in found], {m.model: i for i, m in reversed(list(enumerate(found)))})
+        self._shortlists = {}
         return found
 
     def _routing_breakers(self) -> dict[str, prov.Breaker] | None:
@@ -900,24 +906,42 @@ class Engine:
         ``input_tokens``: the prompt's estimate (``estimate_message_tokens``) if already made."""
         parsed_mode = routing.parse_mode(mode)
         score = routing.score(request, input_tokens)
-        catalog = await self.catalog()
+        catalog = self._catalog_if_fresh() or await self.catalog()
         if (breakers := self._routing_breakers()) is None:  # a process's first call
             breakers = await self._refresh_health()
-        unhealthy = {name: b.reason for name, b in breakers.items() if b.state != "closed"} if breakers else {}
+        if self._unhealthy[0] is not breakers:  # worked out once per look at the breakers
+            out = {name: b.reason for name, b in breakers.items() if b.state != "closed"}
+            self._unhealthy = (breakers, out, frozenset(out))
+        _, unhealthy, unhealthy_names = self._unhealthy
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
-        # Budgets are asked only as far as needed: the capable candidates cheapest first until
-        # one fits (a gateway routes every call), and the requested model.
         prices, first_at = self._catalog_index
-        costs = uncached_costs(prices, score.input_tokens, output)
         needed, tier = score.input_tokens + output, score.tier_needed
-        usable = [i for i, m in enumerate(catalog)
-                  if score.needs <= m.capabilities and m.provider not in unhealthy and m.cost_tier >= tier
-                  and not (m.context and needed > m.context)]
+        requested_at = first_at.get(model)
+        key = (score.needs, tier, unhealthy_names)
+        if (short := self._shortlists.get(key)) is None:
+            short = self._shortlists[key] = routing.shortlist(catalog, score.needs, tier, unhealthy)
+        if record and not self.budgets.tells_models_apart:
+            # What a gateway's call takes: no budget can tell the models apart, so the cheapest
+            # usable model is chosen from the shortlist, pricing only its frontier and the
+            # requested model.
+            found, cost_of = routing.cheapest(catalog, short, score.input_tokens, output, requested_at)
+            best = routing.Candidate(catalog[found], cost_of[found], True, "") if found is not None else None
+            entry = None
+            if requested_at is not None:
+                m = catalog[requested_at]
+                entry = routing.Candidate(m, cost_of[requested_at], requested_at in short.usable and not (
+                    m.context and needed > m.context), "")
+            decision = routing.decision(score, model, parsed_mode, best, entry, ())
+            self._note_decision(self.now_ms(), request_id, principal, decision)
+            return decision
+        # Budgets are asked only as far as needed: the capable candidates cheapest first until
+        # one fits, and the requested model.
+        costs = uncached_costs(prices, score.input_tokens, output)
+        usable = [i for i in short.usable if not (catalog[i].context and needed > catalog[i].context)]
 
         def rank(i: int) -> tuple[int, str]:
             return costs[i], catalog[i].model
 
-        requested_at = first_at.get(model)
         requested = catalog[requested_at] if requested_at is not None else None
         requested_usable = requested_at in usable
         requested_cost = costs[requested_at] if requested_at is not None else 0
@@ -987,17 +1011,17 @@ class Engine:
         decision = (decide(None) if record and not self.store.policies_saved else None) \
             or await self._tx(decide, sync=False)
         if record:
-            self._note_decision((now, request_id or "route_" + secrets.token_hex(8), principal, decision.mode,
-                                 decision.requested, decision.chosen, decision.applied,
-                                 round(decision.score.value, 4), decision.requested_cost or 0,
-                                 decision.chosen_cost or 0, decision.reason))
+            self._note_decision(now, request_id, principal, decision)
         return decision
 
-    def _note_decision(self, row: tuple[Any, ...]) -> None:
+    def _note_decision(self, now: int, request_id: str | None, principal: str, decision: routing.Decision) -> None:
         """Keep a routing decision for the ledger. It is written with the next operation this
         engine sends (a routed call's hold follows at once, so it is committed before that call
         is settled), or, if none comes within DECISION_WAIT_S, on its own."""
-        self._decision_rows.append(row)
+        self._decision_rows.append((now, request_id or "route_" + secrets.token_hex(8), principal, decision.mode,
+                                    decision.requested, decision.chosen, decision.applied,
+                                    round(decision.score.value, 4), decision.requested_cost or 0,
+                                    decision.chosen_cost or 0, decision.reason))
         if self._decision_flush is None:
             self._decision_flush = asyncio.create_task(self._flush_decisions())
 

@@ -8,16 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.budgets import build_policy
 from engine.clock import FrozenClock
 from engine.engine import Engine
 from engine.models import FieldError, Usage
-from engine.pricing import bundled_prices, cost_nanos, uncached_costs
-from engine.providers import BREAKER_COOL_DOWN_MS, build_provider, cost_tier, latency_tier
-from engine.routing import WEIGHTS, score
+from engine.pricing import ModelPrice, PriceTier, bundled_prices, cost_nanos, uncached_costs
+from engine.providers import BREAKER_COOL_DOWN_MS, CatalogModel, build_provider, cost_tier, latency_tier
+from engine.routing import WEIGHTS, cheapest, score, shortlist
 from tests.conftest import NOW_MS, event
 from tests.fake_servers import closed_port_url, http_server, silent_server
 
@@ -331,6 +331,77 @@ async def test_a_gateways_decision_is_the_one_an_explain_gives(engine: Engine, p
                 routed.reason) == (explained.chosen, explained.chosen_provider, explained.chosen_cost,
                                    explained.applied, explained.requested_cost, explained.reason)
         assert routed.chosen != "gpt-4.1-nano"  # the model a budget refuses is never chosen
+
+
+async def test_without_a_budget_naming_a_model_a_routed_call_chooses_as_the_explain(engine: Engine) -> None:
+    """With no policy naming a model, a gateway's call is chosen from a shortlist worked out once
+    per need and tier (models another one undercuts on both rates left out) and only the models
+    left are priced; over the whole price table (long-context tiers, small contexts, every need)
+    and any token counts, it must choose what the full explanation chooses."""
+    import random
+
+    await engine.add_policy(build_policy(scope="workspace:default", metric="usd", window="day", hard="1000"))
+    catalog = await engine.catalog()
+    assert len(catalog) > 40 and any(m.price.tiers for m in catalog) and any(m.context for m in catalog)
+    rng = random.Random(7)
+    asks = [_ask("hi"), _ask("Prove step by step; analyze the trade-offs. " * 40),
+            _ask("hi", tools=[{"type": "function", "function": {"name": "f"}}]),
+            _ask("hi", response_format={"type": "json_object"}),
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}]
+    models = [m.model for m in catalog] + ["no-such-model"]
+    compared = 0
+    for _ in range(400):
+        ask, requested = rng.choice(asks), rng.choice(models)
+        tokens = rng.choice([1, 10, 5_000, 100_000, 128_001, 200_001, 1_000_001, rng.randint(1, 2_500_000)])
+        cap = rng.choice([None, 1, 300, 4096, 100_000])
+        explained = await engine.route(ask, principal="p", model=requested, record=False, input_tokens=tokens,
+                                       max_tokens=cap)
+        routed = await engine.route(ask, principal="p", model=requested, input_tokens=tokens, max_tokens=cap)
+        assert (routed.chosen, routed.chosen_provider, routed.chosen_cost, routed.applied, routed.requested_cost,
+                routed.reason) == (explained.chosen, explained.chosen_provider, explained.chosen_cost,
+                                   explained.applied, explained.requested_cost, explained.reason), (requested, tokens,
+                                                                                                   cap)
+        compared += routed.chosen != requested
+    assert compared > 50  # the choices moved away from the requested model often enough to mean something
+
+
+_RATE = st.sampled_from([0, 1_000_000, 2_000_000, 3_000_000, 7_777_777])  # femto-dollars per token
+_MODEL = st.builds(
+    lambda name, provider, rin, rout, tier, context, caps, cost_tier: CatalogModel(
+        name, provider, ModelPrice(name, provider, input=rin, output=rout, tiers=tier), caps, context, cost_tier,
+        "fast"),
+    st.sampled_from(["a", "b", "c", "d"]), st.sampled_from(["p", "q"]), _RATE, _RATE,
+    st.one_of(st.just(()), st.builds(lambda t, i, o: (PriceTier(t, i, o),), st.sampled_from([50, 500]), _RATE,
+                                     st.one_of(st.none(), _RATE))),
+    st.sampled_from([0, 100, 1_000]), st.frozensets(st.sampled_from(["tools", "json", "vision"])),
+    st.integers(1, 4))
+
+
+@settings(max_examples=600, deadline=None)
+@given(catalog=st.lists(_MODEL, max_size=9), needs=st.frozensets(st.sampled_from(["tools", "vision"]), max_size=1),
+       tier=st.integers(1, 4), unhealthy=st.sampled_from([{}, {"q": "open"}]), input_tokens=st.integers(0, 1_200),
+       output_tokens=st.integers(0, 300), requested=st.integers(-1, 8))
+@example(  # undercut at its base rates, cheapest past its long-context threshold
+    catalog=[CatalogModel("a", "p", ModelPrice("a", "p", input=1_000_000, output=1_000_000), frozenset(), 0, 1, "fast"),
+             CatalogModel("b", "p", ModelPrice("b", "p", input=2_000_000, output=2_000_000,
+                                               tiers=(PriceTier(50, 0, 0),)), frozenset(), 0, 1, "fast")],
+    needs=frozenset(), tier=1, unhealthy={}, input_tokens=100, output_tokens=0, requested=-1)
+def test_the_shortlist_keeps_the_cheapest_whatever_the_prices(
+        catalog: list[CatalogModel], needs: frozenset[str], tier: int, unhealthy: dict[str, str],
+        input_tokens: int, output_tokens: int, requested: int) -> None:
+    """A gateway's call prices only the shortlist's frontier: models undercut on both rates by
+    one that sorts first by name and has no long-context tier are left out. Against every
+    usable model priced (ties in cost and name, tiers on either side, contexts too small), the
+    model chosen and its estimate must be the same."""
+    needed = input_tokens + output_tokens
+    usable = [i for i, m in enumerate(catalog) if needs <= m.capabilities and m.provider not in unhealthy
+              and m.cost_tier >= tier and not (m.context and needed > m.context)]
+    costs = uncached_costs([m.price for m in catalog], input_tokens, output_tokens)
+    expected = min(usable, key=lambda i: (costs[i], catalog[i].model), default=None)
+    also = requested if 0 <= requested < len(catalog) else None
+    found, cost_of = cheapest(catalog, shortlist(catalog, needs, tier, unhealthy), input_tokens, output_tokens, also)
+    assert found == expected
+    assert all(cost_of[i] == costs[i] for i in cost_of) and (also is None or also in cost_of)
 
 
 @settings(max_examples=300, deadline=None)
