@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable
@@ -64,18 +65,26 @@ class VimTable(DataTable[str | Text]):
     def _render_rows(self) -> None:
         current = self._wanted or self.current_key
         self.clear()
-        # DataTable only ever widens an auto-width column; start each from its label so a
-        # column fits what it shows now (a wide layout's widths must not outlive it).
-        for column in self.columns.values():
-            if column.auto_width:
-                column.content_width = column.label.cell_len
         needle = self.filter_text
+        shown: list[Sequence[str | Text]] = []
         for key, cells in self._rows:
             if needle and not any(needle in str(cell).lower() for cell in cells):
                 continue
             if self._visible is not None:
                 cells = [cells[i] for i in self._visible]
             self.add_row(*cells, key=key)
+            shown.append(cells)
+        # Each column is sized here to what it shows now, from its label up. DataTable would
+        # only ever widen it, and measures new rows when its own message queue runs empty,
+        # after a first paint: rows set by a screen's refresh were painted at their labels'
+        # widths and stayed so (`demo-o  soft  Organis`) until a key was pressed.
+        for column, cells_of in zip(self.ordered_columns, zip(*shown, strict=True) if shown else (), strict=False):
+            if column.auto_width:
+                column.content_width = max(column.label.cell_len, *map(_width, cells_of))
+        if not shown:
+            for column in self.ordered_columns:
+                if column.auto_width:
+                    column.content_width = column.label.cell_len
         if current is not None:
             keys = [str(k.value) for k in self.rows]
             if current in keys:
@@ -91,6 +100,13 @@ class VimTable(DataTable[str | Text]):
             return str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
         except Exception:  # no row under the cursor
             return None
+
+
+def _width(cell: str | Text) -> int:
+    """The cells a value takes in the table (a string is read as markup, as DataTable does)."""
+    if isinstance(cell, Text):
+        return cell.cell_len
+    return Text.from_markup(cell).cell_len if "[" in cell else cell_len(cell)
 
 
 def right(text: str) -> Text:
