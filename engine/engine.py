@@ -821,19 +821,14 @@ class Engine:
 
     async def _vault_change(self, action: str, ref: str, change: Callable[[], vault_mod.Entry],
                             created: bool) -> vault_mod.Entry:
-        """The vault file or keyring is changed inside the ledger transaction that checks the
-        actor and journals the change (its reference and fingerprint, never the secret): the
-        passphrase is asked for, and the key derived, before, never with the ledger locked."""
+        """The vault (a file or the keyring) cannot share the ledger's transaction, and its change
+        may ask for the passphrase: it is made on a thread after the actor is checked, and then
+        journaled (its reference and fingerprint, never the secret) through ``_change``."""
         await self._permitted("manage_vault")
-        await asyncio.to_thread(self.vault().unlock)
         before = {e.ref: e for e in await self.vault_entries()}.get(vault_mod.parse_ref(ref))
-
-        def op(tx: LedgerTx) -> Changed[vault_mod.Entry]:
-            entry = change()
-            return entry, Journal(f"vault:{entry.ref}", before.as_dict() if before else None,
-                                  entry.as_dict() if created else None)
-
-        return await self._change("manage_vault", action, op)
+        entry = await asyncio.to_thread(change)
+        return await self._change("manage_vault", action, lambda tx: (entry, Journal(
+            f"vault:{entry.ref}", before.as_dict() if before else None, entry.as_dict() if created else None)))
 
     async def vault_set(self, ref: str, secret: str) -> vault_mod.Entry:
         """Store a credential (only its reference and fingerprint reach the journal)."""
