@@ -17,16 +17,21 @@ from engine.models import FieldError
 Role = Literal["owner", "admin", "operator", "viewer"]
 ROLES: Final[tuple[Role, ...]] = ("owner", "admin", "operator", "viewer")
 
-Permission = Literal["approve_overrides", "manage_tokens", "edit_policies", "manage_vault", "manage_members",
-                     "read_usage"]
-PERMISSIONS: Final[tuple[Permission, ...]] = ("approve_overrides", "manage_tokens", "edit_policies", "manage_vault",
-                                              "manage_members", "read_usage")
+Permission = Literal["read_usage", "import_usage", "ack_alerts", "request_overrides", "approve_overrides",
+                     "edit_policies", "manage_prices", "manage_alerts", "manage_tokens", "manage_providers",
+                     "manage_vault", "manage_members"]
+PERMISSIONS: Final[tuple[Permission, ...]] = (
+    "read_usage", "import_usage", "ack_alerts", "request_overrides", "approve_overrides", "edit_policies",
+    "manage_prices", "manage_alerts", "manage_tokens", "manage_providers", "manage_vault", "manage_members")
 
-#: The permission matrix, the only place it is written down.
+#: The permission matrix, the only place it is written down. An operator is the one on call:
+#: acknowledges alerts, decides override requests, asks for headroom and imports usage, but
+#: changes nothing that decides what a call costs or may spend (policies, prices, providers),
+#: where alerts go, or who may do what.
 MATRIX: Final[dict[Role, frozenset[Permission]]] = {
     "owner": frozenset(PERMISSIONS),
     "admin": frozenset(PERMISSIONS),
-    "operator": frozenset({"approve_overrides", "read_usage"}),
+    "operator": frozenset({"read_usage", "import_usage", "ack_alerts", "request_overrides", "approve_overrides"}),
     "viewer": frozenset({"read_usage"}),
 }
 DEFAULT_WORKSPACE: Final = "default"
@@ -91,19 +96,18 @@ def require(conn: sqlite3.Connection, user: str, permission: Permission, workspa
 
 def set_member(conn: sqlite3.Connection, actor: str, user: str, role: Role, now_ms: int,
                workspace: str = DEFAULT_WORKSPACE) -> tuple[Member | None, Member]:
-    """Add a member or change a role; returns (before, after). Only owners make owners, the
-    first member is an owner, and the last owner is never demoted."""
+    """Add a member or change a role; returns (before, after). The caller has checked
+    manage_members; besides, only owners make owners, the first member is an owner, and the
+    last owner is never demoted."""
     user = user.strip()
     if not user:
         raise FieldError("user", "is empty")
     first = single_user(conn)
     if first and role != "owner":
         raise FieldError("role", "the first member must be an owner (otherwise nobody could manage members)")
-    if not first:
-        require(conn, actor, "manage_members", workspace)
-        if role == "owner" and role_of(conn, actor, workspace) != "owner":
-            raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
-                               f"only an owner can make {user} an owner")
+    if not first and role == "owner" and role_of(conn, actor, workspace) != "owner":
+        raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
+                           f"only an owner can make {user} an owner")
     before = next((m for m in members(conn, workspace) if m.user == user), None)
     if before is not None and before.role == "owner" and role != "owner":
         if role_of(conn, actor, workspace) != "owner":
@@ -118,7 +122,8 @@ def set_member(conn: sqlite3.Connection, actor: str, user: str, role: Role, now_
 
 
 def remove_member(conn: sqlite3.Connection, actor: str, user: str, workspace: str = DEFAULT_WORKSPACE) -> Member:
-    require(conn, actor, "manage_members", workspace)
+    """Remove a member (the caller has checked manage_members); only an owner removes an owner,
+    and never the last one."""
     before = next((m for m in members(conn, workspace) if m.user == user), None)
     if before is None:
         raise FieldError("user", f"{user} is not a member of {workspace}")

@@ -12,14 +12,15 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -69,6 +70,23 @@ _INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal
 DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to ride with
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
 log = logging.getLogger("budgeteer")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """One audit journal entry of a change: what it changed, before and after (no secret:
+    ``audit.append`` refuses one). ``action`` when not the change's own."""
+
+    subject: str
+    before: Mapping[str, Any] | None
+    after: Mapping[str, Any] | None
+    action: str = ""
+
+
+#: What a change's operation returns: its result and its journal entries (none when it
+#: found nothing to change).
+Changed = tuple[T, Journal | Sequence[Journal]]
 
 
 def _cheapest_first(indices: list[int], rank: Callable[[int], tuple[int, str]]) -> Iterator[int]:
@@ -169,6 +187,34 @@ class Engine:
             task.add_done_callback(self._deliveries.discard)
         return result
 
+    def _journal(self, conn: sqlite3.Connection, action: str, entries: Journal | Sequence[Journal]) -> None:
+        """Append a change's entries in its transaction (only ``_change`` and ``import_usage``,
+        which check the actor first)."""
+        now = self.now_ms()
+        for e in (entries,) if isinstance(entries, Journal) else entries:
+            audit.append(conn, now, self.actor, e.action or action, e.subject, e.before, e.after)
+
+    async def _change(self, permission: access.Permission, action: str, op: Callable[[LedgerTx], Changed[T]]) -> T:
+        """The one path of every change an operator makes (tests/test_permissions.py holds every
+        public method to it): in one transaction the actor is checked against the permission
+        matrix, ``op`` makes the change, and its journal entries are appended, so a change is
+        never made unchecked or unjournaled, nor journaled without being made. A ledger with no
+        members lets anyone change anything, and still journals it. Calls authenticated by an
+        API token (authorize, settle, record) do not come this way: the gateway checks their
+        scopes, and they pay for no member lookup."""
+        def run(tx: LedgerTx) -> T:
+            access.require(tx.conn, self.actor, permission)  # before op, which may touch more than the ledger
+            result, entries = op(tx)
+            self._journal(tx.conn, action, entries)
+            return result
+
+        return await self._tx(run)  # type: ignore[no-any-return]
+
+    async def _permitted(self, permission: access.Permission) -> None:
+        """AccessDenied now, before a long or interactive step (an import, a passphrase);
+        the change itself is checked again in its own transaction."""
+        await self.store.read_with(lambda conn: access.require(conn, self.actor, permission))
+
     @classmethod
     async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
                    durable: bool = True, sync_interval_s: float = 0.0, actor: str | None = None) -> Engine:
@@ -234,15 +280,38 @@ class Engine:
         """Append a large stream; returns (recorded, duplicates). ``atomic``: one transaction."""
         return await self.store.bulk_record(events, atomic=atomic, prepare=self.priced)
 
+    async def import_usage(self, events: Iterable[UsageEvent], *, atomic: bool = False,
+                           source: str = "") -> tuple[int, int]:
+        """``bulk_record`` as an operator's import (``budgeteer import``): the actor needs
+        import_usage, and each of its transactions (one when ``atomic``, else one per chunk)
+        journals what it wrote, in that transaction."""
+        await self._permitted("import_usage")  # before the first line is read
+
+        def journal(conn: sqlite3.Connection, recorded: int, duplicates: int) -> None:
+            access.require(conn, self.actor, "import_usage")
+            self._journal(conn, "usage.import", Journal(f"usage:{source or 'events'}", None,
+                                                        {"recorded": recorded, "duplicates": duplicates}))
+
+        return await self.store.bulk_record(events, atomic=atomic, prepare=self.priced, journal=journal)
+
     async def ingest_otlp(self, payload: Any) -> Any:
         """Record the GenAI spans of an OTLP traces payload (OTLP JSON, or ``otlp.decode``'s of
         protobuf), deduplicated by trace and span id; an ``OtlpReport``. OtlpError, and nothing
-        written, if the payload is not OTLP traces."""
+        written, if the payload is not OTLP traces. The gateway's ``/v1/traces``, for a token
+        scoped for it; an operator's file goes through ``import_otlp``."""
+        return await self._ingest_otlp(payload, lambda events: self.bulk_record(events, atomic=True))
+
+    async def import_otlp(self, payload: Any, source: str = "") -> Any:
+        """``ingest_otlp`` as an operator's import, held to import_usage and journaled."""
+        await self._permitted("import_usage")
+        return await self._ingest_otlp(payload, lambda events: self.import_usage(events, atomic=True, source=source))
+
+    async def _ingest_otlp(self, payload: Any, write: Callable[[list[UsageEvent]], Awaitable[tuple[int, int]]]) -> Any:
         from engine.integrations import otlp
 
         events, report = otlp.read(payload, known=lambda model, vendor: self.prices.resolve(model, vendor) is not None)
         if events:
-            report.accepted, report.duplicates = await self.bulk_record(events, atomic=True)
+            report.accepted, report.duplicates = await write(events)
         return report
 
     # ------------------------------------------------------------------ reading
@@ -285,38 +354,32 @@ class Engine:
 
     async def add_policy(self, policy: Policy) -> Policy:
         """Store a new policy (its id must be new)."""
-        def op(tx: LedgerTx) -> None:
-            access.require(tx.conn, self.actor, "edit_policies")
+        def op(tx: LedgerTx) -> Changed[Policy]:
             if any(json.loads(spec)["id"] == policy.id for spec in tx.policy_specs()):
                 raise FieldError("id", f"a policy {policy.id} already exists")
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
-            self._audit(tx, "policy.add", f"policy:{policy.id}", None, policy.to_json())
+            return policy, Journal(f"policy:{policy.id}", None, policy.to_json())
 
-        await self._tx(op)
-        return policy
+        return await self._change("edit_policies", "policy.add", op)
 
     async def update_policy(self, policy: Policy) -> Policy:
-        def op(tx: LedgerTx) -> None:
-            access.require(tx.conn, self.actor, "edit_policies")
+        def op(tx: LedgerTx) -> Changed[Policy]:
             before = next((json.loads(spec) for spec in tx.policy_specs() if json.loads(spec)["id"] == policy.id), None)
             if before is None:
                 raise FieldError("id", f"no policy {policy.id}")
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
-            self._audit(tx, "policy.edit", f"policy:{policy.id}", before, policy.to_json())
+            return policy, Journal(f"policy:{policy.id}", before, policy.to_json())
 
-        await self._tx(op)
-        return policy
+        return await self._change("edit_policies", "policy.edit", op)
 
     async def remove_policy(self, policy_id: str) -> Policy:
         policy = await self.policy(policy_id)
 
-        def op(tx: LedgerTx) -> None:
-            access.require(tx.conn, self.actor, "edit_policies")
+        def op(tx: LedgerTx) -> Changed[Policy]:
             tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms(), deleted=True)
-            self._audit(tx, "policy.remove", f"policy:{policy.id}", policy.to_json(), None)
+            return policy, Journal(f"policy:{policy.id}", policy.to_json(), None)
 
-        await self._tx(op)
-        return policy
+        return await self._change("edit_policies", "policy.remove", op)
 
     async def policies(self) -> list[Policy]:
         specs = await self._tx(lambda tx: tx.policy_specs())
@@ -458,10 +521,6 @@ class Engine:
 
     # ------------------------------------------------------------------ override requests
 
-    def _audit(self, tx: LedgerTx, action: str, subject: str, before: Mapping[str, Any] | None,
-               after: Mapping[str, Any] | None) -> None:
-        audit.append(tx.conn, self.now_ms(), self.actor, action, subject, before, after)
-
     async def request_override(self, policy_id: str, amount: int, duration_ms: int, reason: str,
                                requester: str | None = None) -> tuple[OverrideRequest, bool]:
         """Ask by hand for headroom on a policy (the requester is the actor unless given);
@@ -472,16 +531,14 @@ class Engine:
         who = requester or self.actor
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> tuple[OverrideRequest, bool]:
+        def op(tx: LedgerTx) -> Changed[tuple[OverrideRequest, bool]]:
             request, created = approvals.open_request(
                 tx.conn, policy_id=policy.id, policy_snapshot=policy.to_json(), requester=who, amount=amount,
                 duration_ms=duration_ms, reason=reason.strip(), evaluation={"decision": "requested by hand"},
                 now_ms=now, pending_ttl_ms=self.budgets.pending_ttl_ms)
-            if created:
-                self._audit(tx, "override.request", request.subject, None, request.audit_view())
-            return request, created
+            return (request, created), [Journal(request.subject, None, request.audit_view())] if created else []
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("request_overrides", "override.request", op)
 
     async def override_requests(self, pending: bool | None = True, limit: int = 200) -> list[OverrideRequest]:
         now = self.now_ms()
@@ -499,13 +556,11 @@ class Engine:
                       permission: access.Permission = "approve_overrides") -> OverrideRequest:
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> OverrideRequest:
-            access.require(tx.conn, self.actor, permission)
+        def op(tx: LedgerTx) -> Changed[OverrideRequest]:
             before, after = decide(tx, now)
-            self._audit(tx, action, after.subject + f" ({after.id})", before.audit_view(), after.audit_view())
-            return after
+            return after, Journal(after.subject + f" ({after.id})", before.audit_view(), after.audit_view())
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change(permission, action, op)
 
     async def approve(self, request_id: str, amount: int | None = None, duration_ms: int | None = None,
                       reason: str = "") -> OverrideRequest:
@@ -522,7 +577,7 @@ class Engine:
 
     async def cancel_request(self, request_id: str) -> OverrideRequest:
         return await self._decide("override.cancel", lambda tx, now: approvals.cancel(
-            tx.conn, request_id, self.actor, now), permission="read_usage")
+            tx.conn, request_id, self.actor, now), permission="request_overrides")
 
     # ------------------------------------------------------------------ API tokens
 
@@ -533,14 +588,12 @@ class Engine:
         parsed = tokens.parse_scopes(list(scopes) if scopes else None)
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> tuple[Token, str]:
-            access.require(tx.conn, self.actor, "manage_tokens")
+        def op(tx: LedgerTx) -> Changed[tuple[Token, str]]:
             token, secret = tokens.create(tx.conn, name=name, principal=principal, team=team, scopes=parsed,
                                           rpm=rpm, tpm=tpm, expires_ms=expires_ms, now_ms=now, actor=self.actor)
-            self._audit(tx, "token.create", f"token:{token.id}", None, token.as_dict())
-            return token, secret
+            return (token, secret), Journal(f"token:{token.id}", None, token.as_dict())
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("manage_tokens", "token.create", op)
 
     async def tokens(self) -> list[Token]:
         """Every token with its spend this month (never a secret or a digest)."""
@@ -552,27 +605,23 @@ class Engine:
     async def revoke_token(self, token_id: str) -> Token:
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> Token:
-            access.require(tx.conn, self.actor, "manage_tokens")
+        def op(tx: LedgerTx) -> Changed[Token]:
             before, after = tokens.revoke(tx.conn, token_id, now, self.actor)
-            self._audit(tx, "token.revoke", f"token:{after.id}", before.as_dict(), after.as_dict())
-            return after
+            return after, Journal(f"token:{after.id}", before.as_dict(), after.as_dict())
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("manage_tokens", "token.revoke", op)
 
     async def rotate_token(self, token_id: str) -> tuple[Token, Token, str]:
         """Revoke a token and issue its successor; (old, new, new secret)."""
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> tuple[Token, Token, str]:
-            access.require(tx.conn, self.actor, "manage_tokens")
+        def op(tx: LedgerTx) -> Changed[tuple[Token, Token, str]]:
             before = tokens.get(tx.conn, token_id)
             old, new, secret = tokens.rotate(tx.conn, token_id, now, self.actor)
-            self._audit(tx, "token.rotate", f"token:{old.id}", before.as_dict(), old.as_dict())
-            self._audit(tx, "token.create", f"token:{new.id}", None, new.as_dict())
-            return old, new, secret
+            return (old, new, secret), [Journal(f"token:{old.id}", before.as_dict(), old.as_dict()),
+                                        Journal(f"token:{new.id}", None, new.as_dict(), "token.create")]
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("manage_tokens", "token.rotate", op)
 
     async def authenticate(self, secret: str, scope: str | None = None, *, touch: bool = True) -> Token:
         """The token a secret belongs to, if active and scoped for ``scope``; else TokenRefused.
@@ -607,21 +656,18 @@ class Engine:
         parsed = access.parse_role(role)
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> access.Member:
+        def op(tx: LedgerTx) -> Changed[access.Member]:
             before, after = access.set_member(tx.conn, self.actor, user, parsed, now)
-            self._audit(tx, "member.set", f"member:{after.user}", before.as_dict() if before else None,
-                        after.as_dict())
-            return after
+            return after, Journal(f"member:{after.user}", before.as_dict() if before else None, after.as_dict())
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("manage_members", "member.set", op)
 
     async def remove_member(self, user: str) -> access.Member:
-        def op(tx: LedgerTx) -> access.Member:
+        def op(tx: LedgerTx) -> Changed[access.Member]:
             before = access.remove_member(tx.conn, self.actor, user)
-            self._audit(tx, "member.remove", f"member:{user}", before.as_dict(), None)
-            return before
+            return before, Journal(f"member:{user}", before.as_dict(), None)
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("manage_members", "member.remove", op)
 
     # ------------------------------------------------------------------ audit journal
 
@@ -642,14 +688,17 @@ class Engine:
         rows = await self._tx(lambda tx: tx.alerts(include_acked=include_acked, limit=limit))
         return [Alert(*row) for row in rows]
 
-    async def ack_alert(self, alert_id: int, actor: str) -> Alert:
+    async def ack_alert(self, alert_id: int) -> Alert:
+        """Acknowledge an alert as the actor (once: a second acknowledgement changes nothing)."""
         now = self.now_ms()
 
-        def op(tx: LedgerTx) -> None:
-            if not tx.ack_alert(alert_id, actor, now):
+        def op(tx: LedgerTx) -> Changed[None]:
+            acked = tx.ack_alert(alert_id, self.actor, now)
+            if acked is None:
                 raise FieldError("id", f"no alert {alert_id}")
+            return None, [Journal(f"alert:{alert_id}", {"acked_by": None}, {"acked_by": self.actor})] if acked else []
 
-        await self._tx(op)
+        await self._change("ack_alerts", "alert.ack", op)
         return next(a for a in await self.alerts(include_acked=True, limit=100_000) if a.id == alert_id)
 
     async def check_forecasts(self) -> list[int]:
@@ -682,8 +731,22 @@ class Engine:
             raise FieldError("url", "must be an http:// or https:// address")
         webhook_id = "wh_" + secrets.token_hex(4)
         now = self.now_ms()
-        await self._tx(lambda tx: tx.add_webhook(webhook_id, url, kind, now))
-        return webhook_id
+
+        def op(tx: LedgerTx) -> Changed[str]:  # the URL is a secret: the journal keeps its host
+            tx.add_webhook(webhook_id, url, kind, now)
+            return webhook_id, Journal(f"webhook:{webhook_id}", None, {"url": redact_url(url), "kind": kind})
+
+        return await self._change("manage_alerts", "webhook.add", op)
+
+    async def remove_webhook(self, webhook_id: str) -> str:
+        def op(tx: LedgerTx) -> Changed[str]:
+            removed = tx.remove_webhook(webhook_id)
+            if removed is None:
+                raise FieldError("id", f"no webhook {webhook_id}")
+            url, kind = removed
+            return webhook_id, Journal(f"webhook:{webhook_id}", {"url": redact_url(url), "kind": kind}, None)
+
+        return await self._change("manage_alerts", "webhook.remove", op)
 
     async def webhooks(self) -> list[tuple[str, str, str]]:
         """(id, redacted url, kind) of every enabled webhook."""
@@ -724,9 +787,15 @@ class Engine:
         prices, skipped = parse_litellm(data, effective_from_ms=effective, source=source)
         prices = [replace(p, workspace=workspace) for p in prices]
         now = self.now_ms()
-        await self.store.save_prices([
-            (p.model, p.workspace, p.effective_from_ms, p.provider, json.dumps(p.to_json()), p.source, now)
-            for p in prices])
+
+        def op(tx: LedgerTx) -> Changed[None]:
+            tx.save_prices([(p.model, p.workspace, p.effective_from_ms, p.provider, json.dumps(p.to_json()),
+                             p.source, now) for p in prices])
+            return None, Journal(f"prices:{source or 'import'}", None, {
+                "workspace": workspace, "effective_from_ms": effective, "stored": len(prices),
+                "models": sorted({p.model for p in prices})})
+
+        await self._change("manage_prices", "prices.import", op)
         self.prices.extend(prices)
         return len(prices), skipped
 
@@ -754,13 +823,14 @@ class Engine:
 
     async def _vault_change(self, action: str, ref: str, change: Callable[[], vault_mod.Entry],
                             created: bool) -> vault_mod.Entry:
-        await self._tx(lambda tx: access.require(tx.conn, self.actor, "manage_vault"))
+        """The vault (a file or the keyring) cannot share the ledger's transaction, and its change
+        may ask for the passphrase: it is made on a thread after the actor is checked, and then
+        journaled (its reference and fingerprint, never the secret) through ``_change``."""
+        await self._permitted("manage_vault")
         before = {e.ref: e for e in await self.vault_entries()}.get(vault_mod.parse_ref(ref))
         entry = await asyncio.to_thread(change)
-        after = entry.as_dict() if created else None
-        await self._tx(lambda tx: self._audit(tx, action, f"vault:{entry.ref}",
-                                              before.as_dict() if before else None, after))
-        return entry
+        return await self._change("manage_vault", action, lambda tx: (entry, Journal(
+            f"vault:{entry.ref}", before.as_dict() if before else None, entry.as_dict() if created else None)))
 
     async def vault_set(self, ref: str, secret: str) -> vault_mod.Entry:
         """Store a credential (only its reference and fingerprint reach the journal)."""
@@ -779,24 +849,20 @@ class Engine:
     async def add_provider(self, **spec: Any) -> prov.Provider:
         provider = prov.build_provider(**spec, now_ms=self.now_ms(), actor=self.actor)
 
-        def op(tx: LedgerTx) -> prov.Provider:
-            access.require(tx.conn, self.actor, "manage_vault")
+        def op(tx: LedgerTx) -> Changed[prov.Provider]:
             prov.add(tx.conn, provider)
             self._catalog_cache = None
-            self._audit(tx, "provider.add", f"provider:{provider.name}", None, provider.as_dict())
-            return provider
+            return provider, Journal(f"provider:{provider.name}", None, provider.as_dict())
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("manage_providers", "provider.add", op)
 
     async def remove_provider(self, name: str) -> prov.Provider:
-        def op(tx: LedgerTx) -> prov.Provider:
-            access.require(tx.conn, self.actor, "manage_vault")
+        def op(tx: LedgerTx) -> Changed[prov.Provider]:
             provider = prov.remove(tx.conn, name)
             self._catalog_cache = None
-            self._audit(tx, "provider.remove", f"provider:{provider.name}", provider.as_dict(), None)
-            return provider
+            return provider, Journal(f"provider:{provider.name}", provider.as_dict(), None)
 
-        return await self._tx(op)  # type: ignore[no-any-return]
+        return await self._change("manage_providers", "provider.remove", op)
 
     async def providers(self) -> list[prov.Provider]:
         return await self.store.read_with(prov.listing)  # type: ignore[no-any-return]

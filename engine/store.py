@@ -817,18 +817,36 @@ class LedgerTx:
             "SELECT id, policy_id, window_start_ms, kind, threshold, ts_ms, value, message, acked_by, acked_ms "
             f"FROM alerts {where} ORDER BY ts_ms DESC, id DESC LIMIT ?", (limit,)).fetchall()
 
-    def ack_alert(self, alert_id: int, actor: str, now_ms: int) -> bool:
-        """Acknowledge an alert (once); False if there is no such alert."""
+    def ack_alert(self, alert_id: int, actor: str, now_ms: int) -> bool | None:
+        """Acknowledge an alert (once): True if acknowledged now, False if it already was, None
+        if there is no such alert."""
         row = self.conn.execute("SELECT acked_ms FROM alerts WHERE id = ?", (alert_id,)).fetchone()
         if row is None:
-            return False
+            return None
         if row[0] is None:
             self.conn.execute("UPDATE alerts SET acked_by = ?, acked_ms = ? WHERE id = ?", (actor, now_ms, alert_id))
-        return True
+        return row[0] is None
 
     def add_webhook(self, webhook_id: str, url: str, kind: str, now_ms: int) -> None:
         self.conn.execute("INSERT INTO webhooks (id, url, kind, enabled, created_ms) VALUES (?, ?, ?, 1, ?)",
                           (webhook_id, url, kind, now_ms))
+
+    def remove_webhook(self, webhook_id: str) -> tuple[str, str] | None:
+        """Disable an enabled webhook and forget its URL (a secret); its (url, kind), or None if
+        there is no such webhook. The row stays for its deliveries."""
+        row = self.conn.execute("SELECT url, kind FROM webhooks WHERE id = ? AND enabled = 1",
+                                (webhook_id,)).fetchone()
+        if row is not None:
+            self.conn.execute("UPDATE webhooks SET enabled = 0, url = '' WHERE id = ?", (webhook_id,))
+        return (str(row[0]), str(row[1])) if row else None
+
+    def save_prices(self, rows: Sequence[tuple[str, str, int, str, str, str, int]]) -> None:
+        """Store price versions (model, workspace, effective_from_ms, provider, spec, source, imported_at)."""
+        self.conn.executemany(
+            "INSERT INTO prices (model, workspace, effective_from_ms, provider, spec, source, imported_at_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, workspace, effective_from_ms) DO UPDATE SET"
+            " provider = excluded.provider, spec = excluded.spec, source = excluded.source,"
+            " imported_at_ms = excluded.imported_at_ms", rows)
 
     def webhooks(self) -> list[tuple[str, str, str]]:
         """(id, url, kind) of enabled webhooks. The URL is a secret: callers redact it."""
@@ -1170,14 +1188,17 @@ class SQLiteStore:
         return await self._write(list(events))
 
     async def bulk_record(self, events: Iterable[UsageEvent], *, chunk: int = BULK_CHUNK, atomic: bool = False,
-                          prepare: Callable[[UsageEvent], object] | None = None) -> tuple[int, int]:
+                          prepare: Callable[[UsageEvent], object] | None = None,
+                          journal: Callable[[sqlite3.Connection, int, int], None] | None = None) -> tuple[int, int]:
         """Append a large stream; returns (recorded, duplicates).
 
         Each chunk of ``chunk`` events is one transaction, so a long import does not hold
         the write lock against live traffic for its whole length; ``atomic`` makes the
         whole stream one transaction instead (all or nothing). ``prepare`` (pricing) runs on
         the writer's thread just before each chunk is written: Python work on two threads
-        at once would only fight over the GIL.
+        at once would only fight over the GIL. ``journal(conn, recorded, duplicates)`` runs
+        last in each transaction, before its commit (with that transaction's counts); if it
+        raises, that transaction is undone and the error raised.
         """
         run = self._writer._execute
         source = iter(events)
@@ -1198,9 +1219,11 @@ class SQLiteStore:
                         self._wrote(r + d)
                     if not batch:
                         break
-                    pending = asyncio.ensure_future(
-                        run(self._bulk_chunk_sync, batch, fresh, atomic, prepare))  # type: ignore[no-untyped-call]
+                    pending = asyncio.ensure_future(run(  # type: ignore[no-untyped-call]
+                        self._bulk_chunk_sync, batch, fresh, atomic, prepare, journal))
                 if atomic:
+                    if journal is not None:
+                        await run(journal, self._writer._conn, recorded, duplicates)  # type: ignore[no-untyped-call]
                     await run(self._commit_sync, fresh)  # type: ignore[no-untyped-call]
             except BaseException:
                 if pending is not None:
@@ -1245,7 +1268,8 @@ class SQLiteStore:
         return results
 
     def _bulk_chunk_sync(self, events: list[UsageEvent], fresh: dict[tuple[str, ...], int],
-                         in_transaction: bool, prepare: Callable[[UsageEvent], object] | None) -> tuple[int, int]:
+                         in_transaction: bool, prepare: Callable[[UsageEvent], object] | None,
+                         journal: Callable[[sqlite3.Connection, int, int], None] | None) -> tuple[int, int]:
         conn: sqlite3.Connection = self._writer._conn
         if prepare is not None:
             for event in events:
@@ -1257,6 +1281,8 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 inserted, _ = self._append(conn, events, fresh, want_ids=False)
+                if journal is not None:
+                    journal(conn, inserted, len(events) - inserted)
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback_sync()
@@ -1445,24 +1471,6 @@ class SQLiteStore:
         return await self._reader._execute(run)  # type: ignore[no-untyped-call]
 
     # ---- prices
-
-    async def save_prices(self, rows: Sequence[tuple[str, str, int, str, str, str, int]]) -> int:
-        """Store price versions (model, workspace, effective_from_ms, provider, spec, source, imported_at)."""
-        async with self._write_lock:
-            await self._writer._execute(self._synchronous, True)  # type: ignore[no-untyped-call]
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                await self._writer.executemany(
-                    "INSERT INTO prices (model, workspace, effective_from_ms, provider, spec, source,"
-                    " imported_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (model, workspace, effective_from_ms) DO UPDATE SET"
-                    " provider = excluded.provider, spec = excluded.spec, source = excluded.source,"
-                    " imported_at_ms = excluded.imported_at_ms", rows)
-                await self._writer.execute("COMMIT")
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-        return len(rows)
 
     async def load_prices(self) -> list[str]:
         rows = await self._fetchall(

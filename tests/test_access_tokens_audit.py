@@ -20,7 +20,7 @@ from tests.conftest import NOW_MS
 EXPECTED = {
     "owner": set(PERMISSIONS),
     "admin": set(PERMISSIONS),
-    "operator": {"approve_overrides", "read_usage"},
+    "operator": {"read_usage", "import_usage", "ack_alerts", "request_overrides", "approve_overrides"},
     "viewer": {"read_usage"},
 }
 

@@ -65,7 +65,8 @@ async def test_an_alert_is_acknowledged_once(engine: Engine) -> None:
     await engine.record(_spend(1, 1))
     alerts = await engine.alerts()
     assert [a.threshold for a in sorted(alerts, key=lambda a: a.threshold)] == [50, 80, 100]
-    acked = await engine.ack_alert(alerts[0].id, "operator")
+    engine.actor = "operator"
+    acked = await engine.ack_alert(alerts[0].id)
     assert acked.acked_by == "operator" and acked.acked_ms == NOW_MS
     assert len(await engine.alerts()) == 2 and len(await engine.alerts(include_acked=True)) == 3
 

@@ -165,10 +165,14 @@ async def test_a_request_by_hand_and_the_roles_that_may_decide(engine: Engine) -
     await engine.set_member("vic", "viewer")
     await engine.set_member("ops", "operator")
     engine.actor = "vic"
+    with pytest.raises(AccessDenied, match="vic \\(viewer\\) lacks the request_overrides permission"):
+        await engine.request_override(policy_id, 5 * DOLLAR, 3_600_000, "batch eval")
+    engine.actor = "ops"
     request, created = await engine.request_override(policy_id, 5 * DOLLAR, 3_600_000, "batch eval")
-    assert created and request.requester == "vic"
+    assert created and request.requester == "ops"
     assert (await engine.request_override(policy_id, DOLLAR, 60_000, "again"))[1] is False
+    engine.actor = "vic"
     with pytest.raises(AccessDenied, match="vic \\(viewer\\) lacks the approve_overrides permission"):
         await engine.approve(request.id)
-    engine.actor = "ops"
+    engine.actor = "owner1"
     assert (await engine.approve(request.id)).status == "approved"

@@ -181,7 +181,7 @@ async def _import_otlp(args: argparse.Namespace, path: Path, payload: Any) -> in
     async with await _open(args) as engine:
         try:
             with progress_bar(f"Importing {path.name}", quiet=args.json):
-                report = await engine.ingest_otlp(payload)
+                report = await engine.import_otlp(payload, path.name)
         except OtlpError as exc:
             raise UsageError(f"{path}: {exc}") from None
     if args.json:
@@ -597,13 +597,16 @@ async def cmd_alerts_list(args: argparse.Namespace) -> int:
 
 async def cmd_alerts_ack(args: argparse.Namespace) -> int:
     async with await _open(args) as engine:
-        alert = await engine.ack_alert(args.id, local_identity())
+        alert = await engine.ack_alert(args.id)
     print(f"Acknowledged alert {alert.id} ({alert.message}).")
     return EXIT_OK
 
 
 async def cmd_alerts_webhook(args: argparse.Namespace) -> int:
     async with await _open(args) as engine:
+        if args.remove:
+            await engine.remove_webhook(args.remove)
+            print(f"Removed webhook {args.remove}.")
         if args.url:
             webhook_id = await engine.add_webhook(args.url, args.kind)
             print(f"Added webhook {webhook_id} ({args.kind}).")
@@ -899,9 +902,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = asub.add_parser("ack", parents=[common], help="acknowledge an alert")
     q.add_argument("id", type=int)
     q.set_defaults(handler=cmd_alerts_ack)
-    q = asub.add_parser("webhook", parents=[common], help="add a webhook (or list them with no URL)")
+    q = asub.add_parser("webhook", parents=[common], help="add or remove a webhook (or list them with no URL)")
     q.add_argument("url", nargs="?", help="http(s) address to POST alerts to")
     q.add_argument("--kind", default="generic", help="generic (JSON) or slack")
+    q.add_argument("--remove", metavar="ID", help="remove the webhook with this id")
     q.set_defaults(handler=cmd_alerts_webhook)
 
     p = sub.add_parser("approvals", parents=[common], help="override requests: list, show, approve, deny",

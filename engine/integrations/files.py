@@ -201,12 +201,12 @@ async def import_events(engine: Engine, path: Path, *, strict: bool = False,
                 report.written = False
                 return report
             with _open_text(path) as stream:
-                report.recorded, report.duplicates = await engine.bulk_record(
-                    good_events(stream, record_errors=False, tell=True), atomic=True)
+                report.recorded, report.duplicates = await engine.import_usage(
+                    good_events(stream, record_errors=False, tell=True), atomic=True, source=path.name)
         else:
             with _open_text(path) as stream:
-                report.recorded, report.duplicates = await engine.bulk_record(
-                    good_events(stream, record_errors=True, tell=True))
+                report.recorded, report.duplicates = await engine.import_usage(
+                    good_events(stream, record_errors=True, tell=True), source=path.name)
     except UnicodeDecodeError as exc:
         raise ImportFileError(f"{path} is not UTF-8 text (byte {exc.start} of a line)") from None
     if progress is not None and report.written:

@@ -79,12 +79,11 @@ class AlertsScreen(DataScreen):
 
     async def action_ack(self) -> None:
         alert = self._selected()
-        engine = self.bapp.engine
-        if alert is None or engine is None:
+        if alert is None:
             return
-        if self.bapp.read_only:
-            self.notify("Read-only mode: acknowledging is off", severity="warning")
+        engine = await self.permitted("ack_alerts", "alerts")
+        if engine is None:
             return
-        await engine.ack_alert(alert.id, self.bapp.actor)
+        await engine.ack_alert(alert.id)
         self.notify(f"Acknowledged alert {alert.id}")
         self.reload()
