@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import time
-import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -37,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
 from engine.engine import Engine, GatewayStatus
+from engine.integrations import contract
 from engine.integrations.governor import (
     Caller,
     Governor,
@@ -48,7 +49,7 @@ from engine.integrations.governor import (
     usage_of,
 )
 from engine.integrations.http11 import Http11Transport
-from engine.models import Usage
+from engine.models import FieldError, Usage
 from engine.providers import Provider
 from engine.tokens import Token, TokenRefused, admit, digest
 from engine.vault import VaultError
@@ -62,6 +63,7 @@ SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", 
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
 T = TypeVar("T")
+log = logging.getLogger("budgeteer.gateway")
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
 # The provider-specific request headers of a client's that go on with its call, to a provider
 # of the kind they are for (README: "Headers"). Nothing else of the client's does: not its
@@ -84,8 +86,23 @@ class CallerLeft(Exception):
     """The caller hung up before the provider answered."""
 
 
-def error(refusal: Refused) -> JSONResponse:
-    return JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)
+def error(refusal: Refused, kind: str = "") -> JSONResponse:
+    """A refusal in OpenAI's error shape; in Anthropic's on its Messages API (``kind`` messages)."""
+    body = refusal.anthropic_body() if kind == "messages" else refusal.body()
+    return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
+
+
+INTERNAL = "the gateway failed on this request; it was not billed"
+
+
+def internal_error(kind: str = "") -> JSONResponse:
+    return error(Refused(500, INTERNAL, "api_error", "internal_error"), kind)
+
+
+def log_failure(where: str, exc: BaseException) -> None:
+    """One line for something unexpected: where, the exception's type and message (no traceback)."""
+    message = " ".join(str(exc).split())[:300]
+    log.error("budgeteer gateway: %s failed: %s%s", where, type(exc).__name__, f": {message}" if message else "")
 
 
 class Gateway:
@@ -110,31 +127,44 @@ class Gateway:
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
                          "pool": upstream_timeout}
         self.urls: dict[str, httpx.URL] = {}
+        self._openapi: bytes | None = None
         # The model endpoints are listed too, although __call__ takes their POSTs: Starlette
         # then answers any other method on them with 405.
         self.app = Starlette(routes=[
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/traces", self.traces, methods=["POST"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ] + [Route(path, self.endpoint(kind), methods=["POST"]) for path, kind in CALLS.items()],
-            lifespan=self.lifespan)
+            lifespan=self.lifespan, exception_handlers={Exception: lambda _r, _e: internal_error()})
         self.app.state.gateway = self
         self.http_protocol = GatewayHttpProtocol  # what to serve it with (uvicorn's ``http``)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI application. Model calls go straight to ``call``: Starlette's routing and
-        middleware cost a tenth of the gateway's time under load; the rest goes through it."""
+        middleware cost a tenth of the gateway's time under load; the rest goes through it.
+        Whatever fails unexpectedly is answered 500 in OpenAI's shape if no answer has begun,
+        and logged in one line; no traceback reaches the caller or the log."""
         kind = CALLS.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if kind is None:
+        if kind is not None:
+            await (await self.call(Request(scope, receive), kind))(scope, receive, send)
+            return
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = False
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            response = await self.call(Request(scope, receive), kind)
-        except Exception:
-            traceback.print_exc()
-            response = error(Refused(500, "the gateway failed on this request; it was not billed", "api_error",
-                                     "internal_error"))
-        await response(scope, receive, send)
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            log_failure(f"{scope['method']} {scope.get('path', '')}", exc)
+            if not started:
+                await internal_error()(scope, receive, send)
 
     # ---- lifecycle
 
@@ -235,9 +265,9 @@ class Gateway:
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("body", "is not valid JSON") from None
+            body = contract.loads(raw)
+        except FieldError as exc:
+            raise bad_request(exc.field, exc.reason) from None
         if not isinstance(body, dict):
             raise bad_request("body", "must be a JSON object")
         return body, raw
@@ -292,6 +322,12 @@ class Gateway:
         return JSONResponse({"status": "ok", "gateway": self.id, "open_calls": len(self.governor.open)
                              if self.governor else 0, "ledger": str(self.engine.path)})
 
+    async def openapi(self, _request: Request) -> Response:
+        """The gateway's contract: OpenAPI 3.1, from the models its calls are checked against."""
+        if self._openapi is None:
+            self._openapi = json.dumps(contract.openapi()).encode()
+        return Response(self._openapi, media_type="application/json")
+
     async def models(self, request: Request) -> Response:
         assert self.engine is not None
         try:
@@ -333,27 +369,50 @@ class Gateway:
         return handle
 
     async def call(self, request: Request, kind: str) -> Response:
+        """One model call: the token, the body checked against the route's contract, the hold
+        (``Governor.begin``), then ``_forward``. Whatever fails unexpectedly answers 500 in
+        the route's error shape, and a call already held has its hold released."""
         assert self.governor is not None and self.transport is not None
+        ticket = None
         try:
             caller = await self._caller(request, SCOPES[kind])
             body, raw = await self._body(request)
+            try:
+                contract.check(kind, body)
+            except FieldError as exc:
+                raise bad_request(exc.field, exc.reason) from None
             if kind == "messages":  # Anthropic's Messages API, to an anthropic provider, never rerouted
                 ticket, provider = await self.governor.begin(caller, "chat", body, route=False,
                                                              provider_kind="anthropic")
             else:
                 ticket, provider = await self.governor.begin(caller, kind, body)
+            return await self._forward(request, kind, body, raw, ticket, provider)
         except Refused as refusal:
             self._count(refusal.status >= 500)
-            return error(refusal)
+            return error(refusal, kind)
         except ClientDisconnect:  # the caller left before its request arrived whole
             return Response(status_code=499)
+        except Exception as exc:
+            log_failure(f"POST {request.url.path}", exc)
+            self._count(True)
+            if ticket is not None:
+                try:
+                    await asyncio.shield(self.governor.abort(ticket))
+                except Exception as again:
+                    log_failure(f"releasing the hold of {ticket.request_id}", again)
+            return internal_error(kind)
+
+    async def _forward(self, request: Request, kind: str, body: dict[str, Any], raw: bytes, ticket: Ticket,
+                       provider: Provider | None) -> Response:
+        """The held call to its provider, and its answer settled."""
+        assert self.governor is not None and self.transport is not None
         assert provider is not None
         try:
             headers = await self._upstream_headers(provider)
         except Refused as refusal:
             await self.governor.fail(ticket)
             self._count(True)
-            return error(refusal)
+            return error(refusal, kind)
         if forwarded := [(name, value) for name, value in request.scope["headers"]
                          if FORWARDED.get(name) == provider.kind]:  # the rare call that sets one
             headers = headers + forwarded
@@ -388,22 +447,22 @@ class Gateway:
         except asyncio.CancelledError:  # the gateway is stopping and its grace period is over
             await asyncio.shield(self.governor.fail(ticket))
             return error(Refused(503, "the gateway is shutting down; the call was not made", "api_error",
-                                 "shutting_down"))
+                                 "shutting_down"), kind)
         except httpx.ReadTimeout:  # sent, and no answer in time (Governor.timed_out says how it is recorded)
             await self.governor.timed_out(ticket)
             self._count(True)
             return error(Refused(504, f"provider {provider.name} did not answer in time", "api_error",
-                                 "upstream_timeout"))
+                                 "upstream_timeout"), kind)
         except httpx.TimeoutException:  # not sent: no connection, or the request not written in time
-            return await self._provider_failed(ticket, 504, f"provider {provider.name} did not answer in time")
+            return await self._provider_failed(ticket, kind, 504, f"provider {provider.name} did not answer in time")
         except httpx.RemoteProtocolError:
-            return await self._provider_failed(ticket, 502, f"provider {provider.name} broke off its answer")
+            return await self._provider_failed(ticket, kind, 502, f"provider {provider.name} broke off its answer")
         except httpx.TransportError as exc:
-            return await self._provider_failed(ticket, 502, f"provider {provider.name} cannot be reached "
+            return await self._provider_failed(ticket, kind, 502, f"provider {provider.name} cannot be reached "
                                                             f"({exc.__class__.__name__})")
         if status >= 400:
             if status >= 500:
-                return await self._provider_failed(ticket, 502, f"provider {provider.name} failed with HTTP "
+                return await self._provider_failed(ticket, kind, 502, f"provider {provider.name} failed with HTTP "
                                                                 f"{status}")
             await self.governor.fail(ticket)  # refused by the provider (a bad model, its own limits)
             self._count(True)
@@ -415,7 +474,8 @@ class Gateway:
         try:
             data = json.loads(content)
         except ValueError:
-            return await self._provider_failed(ticket, 502, f"provider {provider.name} answered something not JSON")
+            return await self._provider_failed(ticket, kind, 502,
+                                               f"provider {provider.name} answered something not JSON")
         usage = usage_of(data) if isinstance(data, dict) else None
         await self.governor.finish(ticket, usage, estimated=usage is None)
         self._count(False)
@@ -452,11 +512,12 @@ class Gateway:
         finally:
             watch.cancel()
 
-    async def _provider_failed(self, ticket: Ticket, status: int, message: str) -> Response:
+    async def _provider_failed(self, ticket: Ticket, kind: str, status: int, message: str) -> Response:
         assert self.governor is not None
         await self.governor.fail(ticket)
         self._count(True)
-        return error(Refused(status, message, "api_error", "upstream_timeout" if status == 504 else "upstream_error"))
+        return error(Refused(status, message, "api_error", "upstream_timeout" if status == 504 else "upstream_error"),
+                     kind)
 
     async def _relay(self, sent: httpx.Response, ticket: Ticket, kind: str = "chat") -> AsyncIterator[bytes]:
         """Pass the provider's SSE through line by line, reading usage and text on the way (and

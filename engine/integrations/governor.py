@@ -14,6 +14,7 @@ sends, and the transport turns into a response the SDKs raise as theirs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine import providers as prov
-from engine.budgets import Authorization
+from engine.budgets import Authorization, HoldError
 from engine.engine import CallRequest, Engine
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
@@ -42,6 +43,16 @@ class Refused(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict[str, Any]:
+        """The same refusal in Anthropic's error shape (its type from the status, as Anthropic's)."""
+        kind = ANTHROPIC_ERRORS.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 504: "timeout_error"}
 
 
 def bad_request(field_name: str, reason: str) -> Refused:
@@ -254,12 +265,17 @@ class Governor:
             agent=caller.agent, input_tokens=tokens, max_tokens=output, request_id=request_id))
         if not auth.allowed:
             raise self._budget_refusal(auth)
-        if auth.model and auth.model != applied:  # a downgrade policy moved the call
-            applied = auth.model
-            if self.resolve_providers:
-                target = await self.provider_for(applied) or target
-        ticket = Ticket(request_id, caller, kind, model, applied, target.name if target else provider, auth.hold_id,
-                        tokens, output, headers={**rate_headers, **budget_headers(auth)})
+        try:
+            if auth.model and auth.model != applied:  # a downgrade policy moved the call
+                applied = auth.model
+                if self.resolve_providers:
+                    target = await self.provider_for(applied) or target
+            ticket = Ticket(request_id, caller, kind, model, applied, target.name if target else provider,
+                            auth.hold_id, tokens, output, headers={**rate_headers, **budget_headers(auth)})
+        except BaseException:  # held, and no ticket to release it by: released here
+            if auth.hold_id:
+                await asyncio.shield(self.engine.release(auth.hold_id))
+            raise
         self.open[request_id] = ticket
         return ticket, target
 
@@ -316,6 +332,19 @@ class Governor:
         received and may have billed, settled as an estimate (what it generated is unknown).
         The gateway and the transport both record a timeout so."""
         await self.finish(ticket, None, estimated=True, status="error")
+
+    async def abort(self, ticket: Ticket) -> None:
+        """Something unexpected stopped the call: nothing is recorded, and its hold goes back
+        if it is still open (a settlement that failed leaves it so)."""
+        self.open.pop(ticket.request_id, None)
+        if not ticket.settled:
+            self.errors += 1
+        ticket.settled = True
+        if ticket.hold_id:
+            try:
+                await self.engine.release(ticket.hold_id)
+            except HoldError:  # settled or released before the failure
+                pass
 
     async def release_all(self) -> int:
         """At shutdown: release the holds of calls still under way; how many there were."""
