@@ -25,9 +25,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+import httptools
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -108,7 +111,8 @@ def log_failure(where: str, exc: BaseException) -> None:
 class Gateway:
     def __init__(self, db: Path, *, clock: Clock | None = None, routing_mode: str = "suggest",
                  max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "",
-                 vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S) -> None:
+                 vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S,
+                 limits: HttpLimits | None = None) -> None:
         self.db, self.clock, self.routing_mode = db, clock, routing_mode
         self.sync_interval_s = sync_interval_s
         self.max_body, self.upstream_timeout, self.address = max_body, upstream_timeout, address
@@ -138,7 +142,9 @@ class Gateway:
         ] + [Route(path, self.endpoint(kind), methods=["POST"]) for path, kind in CALLS.items()],
             lifespan=self.lifespan, exception_handlers={Exception: lambda _r, _e: internal_error()})
         self.app.state.gateway = self
-        self.http_protocol = GatewayHttpProtocol  # what to serve it with (uvicorn's ``http``)
+        self.limits = limits or HttpLimits()
+        # What to serve it with (uvicorn's ``http``): the protocol with this gateway's limits.
+        self.http_protocol = GatewayHttpProtocol.with_limits(self.limits)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI application. Model calls go straight to ``call``: Starlette's routing and
@@ -548,15 +554,23 @@ class Gateway:
     async def _abandoned(self, sent: httpx.Response, ticket: Ticket) -> None:
         """A stream whose relay never began (the caller left at once): close the provider's
         answer and settle on the prompt alone, estimated, rather than leave the hold to its TTL."""
-        assert self.governor is not None
-        await sent.aclose()
-        await self.governor.finish(ticket, None, estimated=True)
+        await self._settle_stream(sent, ticket, Usage(input_tokens=ticket.input_estimate), True)
 
     async def _settle_stream(self, sent: httpx.Response, ticket: Ticket, usage: Usage, estimated: bool) -> None:
+        """Settle a relayed stream; if that fails (the answer is sent, there is no one to tell),
+        the failure is logged in one line and the hold released."""
         assert self.governor is not None
-        await sent.aclose()
-        await self.governor.finish(ticket, usage, estimated=estimated)
-        self._count(False)
+        try:
+            await sent.aclose()
+            await self.governor.finish(ticket, usage, estimated=estimated)
+            self._count(False)
+        except Exception as exc:
+            log_failure(f"settling the stream {ticket.request_id}", exc)
+            self._count(True)
+            try:
+                await self.governor.abort(ticket)
+            except Exception as again:
+                log_failure(f"releasing the hold of {ticket.request_id}", again)
 
 
 def stream_error(kind: str, message: str) -> bytes:
@@ -634,12 +648,130 @@ class CoalescedWrites:
         return getattr(self._transport, name)
 
 
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What a connection may send and how long it may take before the gateway reads a request
+    (``budgeteer gateway`` flags; README: "Limits"). Checked before any token is."""
+
+    header_bytes: int = 64 * 1024  # the request line and headers (--max-header-bytes): 431 beyond
+    headers: int = 100  # header fields (--max-headers): 431 beyond
+    header_timeout_s: float = 10.0  # from a request's first byte (a new connection: its opening) to its
+    # last header (--header-timeout): 408, or a silent close when nothing was sent
+    keep_alive_s: float = 75.0  # an idle connection between requests (--keep-alive): closed
+
+
+class _TooManyHeaders(Exception):
+    pass
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol, its writes coalesced per loop turn (``CoalescedWrites``)
-    and sent as soon as an answer is complete."""
+    and sent as soon as an answer is complete, and a request's head bounded by ``limits``
+    (its size, its number of headers, the time it takes to arrive): httptools, uvicorn's
+    fast parser, bounds none of them. Its data_received is uvicorn's own with the limits
+    added (uvicorn's version is pinned in pyproject: this reads its protocol's internals)."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    @classmethod
+    def with_limits(cls, limits: HttpLimits) -> type[GatewayHttpProtocol]:
+        return type(cls.__name__, (cls,), {"limits": limits})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.limits.keep_alive_s  # type: ignore[assignment]
+        self._in_head = True  # reading a request's head (or waiting for one)
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if not self._in_head:
+            self._feed(data)
+            return
+        if self._head_timer is None:  # the first byte of a request on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+        room = self.limits.header_bytes - self._head_bytes
+        self._head_bytes += min(len(data), room)
+        if len(data) <= room:
+            self._feed(data)
+            return
+        self._feed(data[:room])  # the head may end within the limit, the body following in the same read
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(431, "request_header_fields_too_large",
+                         f"the request's headers are larger than the gateway's limit of {self.limits.header_bytes:,} "
+                         "bytes")
+        else:
+            self._feed(data[room:])
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's data_received, with 431 for too many headers."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            if self._header_count > self.limits.headers:
+                self._refuse(431, "request_header_fields_too_large",
+                             f"the request has more than the gateway's limit of {self.limits.headers} headers")
+            else:
+                self.send_400_response("Invalid HTTP request received.")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.headers:
+            raise _TooManyHeaders  # stops the parser (HttpParserError), answered in _feed
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes, self._header_count = True, 0, 0
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head: its turn comes
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+        elif self._head_bytes:
+            self._refuse(408, "request_timeout", "the request's headers did not arrive within "
+                                                 f"{self.limits.header_timeout_s:g} s")
+        else:  # a connection that never sent a request: closed, as an idle one is
+            self.transport.close()
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer in OpenAI's error shape and close the connection."""
+        body = json.dumps(Refused(status, message, "invalid_request_error", code).body()).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, HTTPStatus(status).phrase.encode(),
+                                                                  len(body), body))
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         # The whole answer is written: it leaves now, not after whatever else this turn of the
