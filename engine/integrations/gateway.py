@@ -660,6 +660,9 @@ class HttpLimits:
     keep_alive_s: float = 75.0  # an idle connection between requests (--keep-alive): closed
 
 
+LINGER_S = 2.0  # a refused connection's close waits this long for the client to read the answer
+
+
 class _TooManyHeaders(Exception):
     pass
 
@@ -684,6 +687,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
@@ -694,7 +698,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
         if not self._in_head:
             self._feed(data)
@@ -707,7 +711,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._feed(data)
             return
         self._feed(data[:room])  # the head may end within the limit, the body following in the same read
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
         if self._in_head:
             self._refuse(431, "request_header_fields_too_large",
@@ -755,7 +759,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or not self._in_head:
+        if self._refused or self.transport.is_closing() or not self._in_head:
             return
         if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head: its turn comes
             self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
@@ -766,12 +770,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, status: int, code: str, message: str) -> None:
-        """Answer in OpenAI's error shape and close the connection."""
+        """Answer in OpenAI's error shape and close the connection: our side at once, the whole
+        of it after LINGER_S, what the client still sends read and dropped meanwhile (closed
+        with unread data, a socket is reset, and the client may lose the answer)."""
         body = json.dumps(Refused(status, message, "invalid_request_error", code).body()).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, HTTPStatus(status).phrase.encode(),
                                                                   len(body), body))
-        self.transport.close()
+        self._refused = True
+        self._stop_head_timer()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         # The whole answer is written: it leaves now, not after whatever else this turn of the
