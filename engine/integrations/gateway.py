@@ -9,8 +9,11 @@ provider's key from the vault (and the few provider-specific headers of ``FORWAR
 settle from the usage the provider reports. Streams ask the provider for usage in the last
 chunk, which reaches the client only if it asked too; a stream cut off by either side is
 settled from what was received, marked estimated, and one the provider cut ends with an
-error event the client's SDK raises. Errors take OpenAI's shape. Responses carry the remaining
-budget of the tightest policy. Bodies are limited in size; a graceful shutdown releases the
+error event the client's SDK raises. Errors take OpenAI's shape (Anthropic's on its Messages
+API). A body is checked against the route's contract (``contract``, served as ``GET
+/openapi.json``) before anything is held; whatever fails after a hold releases it and answers
+500. Responses carry the remaining budget of the tightest policy. Bodies are limited in size,
+a request's head in size, headers and time (``HttpLimits``); a graceful shutdown releases the
 hold of every call still under way.
 """
 
