@@ -202,3 +202,21 @@ def test_headers_unfinished_after_the_timeout_get_408_and_the_connection_closed(
     answer = _exchange(bare, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer bgt_")
     assert answer.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in answer
     assert _exchange(bare, b"") == b""  # a connection that never sends a request: closed without a word
+
+
+async def _garbage_stream(request: Request) -> Response:
+    """A stream of chunks in no shape OpenAI sends: ``choices`` a number, a delta a number."""
+    return Response(b'data: {"choices": 5}\n\ndata: {"choices": [{"delta": 5}]}\n\ndata: [DONE]\n\n',
+                    media_type="text/event-stream")
+
+
+def test_a_stream_of_garbage_is_relayed_whole_and_settled(db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    garbage = Starlette(routes=[Route("/v1/chat/completions", _garbage_stream, methods=["POST"])])
+    with serve(garbage) as url:
+        secret = _with_provider(db_path, f"{url}/v1", ["gpt-4o-mini"])
+        with serve(create_app(db_path, routing_mode="off")) as base, httpx.Client(timeout=30) as http:
+            answer = http.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {secret}"},
+                               json={"model": "gpt-4o-mini", "messages": HI, "stream": True})
+    assert answer.status_code == 200 and answer.text.endswith("data: [DONE]\n\n")
+    assert _open_holds(db_path) == 0 and [r[6] for r in _ledger(db_path)] == ["ok"]
+    assert not [r for r in caplog.records if r.name == "budgeteer.gateway"]

@@ -154,13 +154,10 @@ class Gateway:
         middleware cost a tenth of the gateway's time under load; the rest goes through it.
         Whatever fails unexpectedly is answered 500 in OpenAI's shape if no answer has begun,
         and logged in one line; no traceback reaches the caller or the log."""
-        kind = CALLS.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if kind is not None:
-            await (await self.call(Request(scope, receive), kind))(scope, receive, send)
-            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        kind = CALLS.get(scope.get("path", "")) if scope["method"] == "POST" else None
         started = False
 
         async def watched(message: Any) -> None:
@@ -169,11 +166,14 @@ class Gateway:
             await send(message)
 
         try:
-            await self.app(scope, receive, watched)
-        except Exception as exc:
+            if kind is not None:
+                await (await self.call(Request(scope, receive), kind))(scope, receive, watched)
+            else:
+                await self.app(scope, receive, watched)
+        except Exception as exc:  # a relayed stream that failed lands here too, settled by its relay
             log_failure(f"{scope['method']} {scope.get('path', '')}", exc)
             if not started:
-                await internal_error()(scope, receive, send)
+                await internal_error(kind or "")(scope, receive, send)
 
     # ---- lifecycle
 

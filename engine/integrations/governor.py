@@ -456,7 +456,8 @@ class StreamMeter:
             self.complete = True
         elif kind is None and (found := usage_of(chunk)) is not None:
             self.usage = found
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():  # a provider's garbage passes unread
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                 self.text.append(delta["content"])
