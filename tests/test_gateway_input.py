@@ -198,6 +198,11 @@ def test_ten_thousand_headers_are_431_and_as_many_as_allowed_are_served(bare: st
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
+def test_a_request_that_is_not_http_is_400_in_openai_shape(bare: str) -> None:
+    answer = _exchange(bare, b"HELLO THERE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code": "invalid_http"' in answer
+
+
 def test_headers_unfinished_after_the_timeout_get_408_and_the_connection_closed(bare: str) -> None:
     answer = _exchange(bare, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer bgt_")
     assert answer.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in answer

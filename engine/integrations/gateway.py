@@ -724,7 +724,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._feed(data[room:])
 
     def _feed(self, data: bytes) -> None:
-        """uvicorn's data_received, with 431 for too many headers."""
+        """uvicorn's data_received, with 431 for too many headers and 400 in OpenAI's shape."""
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -738,7 +738,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._refuse(431, "request_header_fields_too_large",
                              f"the request has more than the gateway's limit of {self.limits.headers} headers")
             else:
-                self.send_400_response("Invalid HTTP request received.")
+                self._refuse(400, "invalid_http", "the request is not valid HTTP/1.1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
