@@ -24,6 +24,7 @@ from typing import Any
 from engine import providers as prov
 from engine.budgets import Authorization, HoldError
 from engine.engine import CallRequest, Engine
+from engine.integrations.contract import MAX_TOKENS
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens
@@ -120,8 +121,8 @@ def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]
         else:
             raise FieldError("input", "must be a string or a list of input items")
     cap = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
-    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
-        raise FieldError("max_tokens", "must be a positive integer")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or not 0 < cap <= MAX_TOKENS):
+        raise FieldError("max_tokens", f"must be a positive integer, at most {MAX_TOKENS:,}")
     return tokens, cap
 
 
