@@ -105,6 +105,11 @@ def internal_error(kind: str = "") -> JSONResponse:
     return error(Refused(500, INTERNAL, "api_error", "internal_error"), kind)
 
 
+async def _failed(_request: Request, _exc: Exception) -> Response:
+    """Starlette's answer to an exception of a route's (it raises it on, to ``Gateway.__call__``, which logs it)."""
+    return internal_error()
+
+
 def log_failure(where: str, exc: BaseException) -> None:
     """One line for something unexpected: where, the exception's type and message (no traceback)."""
     message = " ".join(str(exc).split())[:300]
@@ -143,7 +148,7 @@ class Gateway:
             Route("/v1/traces", self.traces, methods=["POST"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
         ] + [Route(path, self.endpoint(kind), methods=["POST"]) for path, kind in CALLS.items()],
-            lifespan=self.lifespan, exception_handlers={Exception: lambda _r, _e: internal_error()})
+            lifespan=self.lifespan, exception_handlers={Exception: _failed})
         self.app.state.gateway = self
         self.limits = limits or HttpLimits()
         # What to serve it with (uvicorn's ``http``): the protocol with this gateway's limits.
@@ -405,11 +410,16 @@ class Gateway:
             log_failure(f"POST {request.url.path}", exc)
             self._count(True)
             if ticket is not None:
-                try:
-                    await asyncio.shield(self.governor.abort(ticket))
-                except Exception as again:
-                    log_failure(f"releasing the hold of {ticket.request_id}", again)
+                await self._abort(ticket)
             return internal_error(kind)
+
+    async def _abort(self, ticket: Ticket) -> None:
+        """After something unexpected: release the call's hold (``Governor.abort``)."""
+        assert self.governor is not None
+        try:
+            await asyncio.shield(self.governor.abort(ticket))
+        except Exception as exc:
+            log_failure(f"releasing the hold of {ticket.request_id}", exc)
 
     async def _forward(self, request: Request, kind: str, body: dict[str, Any], raw: bytes, ticket: Ticket,
                        provider: Provider | None) -> Response:
@@ -570,10 +580,7 @@ class Gateway:
         except Exception as exc:
             log_failure(f"settling the stream {ticket.request_id}", exc)
             self._count(True)
-            try:
-                await self.governor.abort(ticket)
-            except Exception as again:
-                log_failure(f"releasing the hold of {ticket.request_id}", again)
+            await self._abort(ticket)
 
 
 def stream_error(kind: str, message: str) -> bytes:
