@@ -322,7 +322,9 @@ def test_approvals_tokens_and_the_audit_journal_from_the_command_line(
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--sync-interval", "-1"), ("--sync-interval", "nan"),
-                                             ("--port", "0"), ("--max-body", "10")])
+                                             ("--port", "0"), ("--max-body", "10"), ("--header-timeout", "0"),
+                                             ("--keep-alive", "nan"), ("--max-headers", "1"),
+                                             ("--max-header-bytes", "10")])
 def test_gateway_refuses_a_bad_setting_by_name_before_serving(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                               flag: str, value: str) -> None:
     code, out, err = run(capsys, "--db", str(tmp_path / "l.db"), "gateway", flag, value)

@@ -120,6 +120,22 @@ async def test_a_blocked_call_is_a_402_from_the_sdk(db_path: Path, openai_url: s
     assert await _events(db_path) == []  # nothing was sent, nothing charged
 
 
+async def test_an_output_cap_beyond_what_the_ledger_stores_is_a_400_from_the_sdk(db_path: Path,
+                                                                                  openai_url: str) -> None:
+    """max_tokens 2**62 once overflowed the routing decision's write (issue 17): refused first."""
+    async with await Engine.open(db_path) as engine:
+        http = engine.httpx_async_client(principal="bob")
+        client = openai.AsyncOpenAI(base_url=openai_url, api_key="sk-provider", http_client=http, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="gpt-4o-mini", max_tokens=2**62,
+                                                 messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.body["param"] == "max_tokens"  # type: ignore[index]
+        assert "at most 2,147,483,647" in refused.value.message
+        assert await engine.open_holds() == 0
+        await http.aclose()
+    assert await _events(db_path) == []
+
+
 async def test_openai_async_client_streams_and_settles(db_path: Path, openai_url: str) -> None:
     async with await Engine.open(db_path) as engine:
         http = engine.httpx_async_client(principal="carol", session="s-1")

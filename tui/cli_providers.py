@@ -236,7 +236,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from engine.engine import default_db_path
-    from engine.integrations.gateway import create_app
+    from engine.integrations.gateway import HttpLimits, create_app
     from engine.routing import parse_mode
     from tui.cli import _now_clock
 
@@ -246,14 +246,23 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-body must be at least 1024 bytes (got {args.max_body})")
     if not 0 <= args.sync_interval <= 10:
         raise UsageError(f"--sync-interval must be between 0 and 10 seconds (got {args.sync_interval})")
+    if args.max_header_bytes < 1024:
+        raise UsageError(f"--max-header-bytes must be at least 1024 (got {args.max_header_bytes})")
+    if args.max_headers < 8:
+        raise UsageError(f"--max-headers must be at least 8 (got {args.max_headers})")
+    for flag, seconds in (("--header-timeout", args.header_timeout), ("--keep-alive", args.keep_alive)):
+        if not 0 < seconds <= 3600:
+            raise UsageError(f"{flag} must be more than 0 and at most 3600 seconds (got {seconds:g})")
+    limits = HttpLimits(header_bytes=args.max_header_bytes, headers=args.max_headers,
+                        header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive)
     mode = args.routing if args.routing == "off" else parse_mode(args.routing)
     db = Path(args.db) if args.db else default_db_path()
     app = create_app(db, clock=_now_clock(), routing_mode=mode, max_body=args.max_body,
                      address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(db),
-                     sync_interval_s=args.sync_interval)
+                     sync_interval_s=args.sync_interval, limits=limits)
     print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
-                timeout_keep_alive=75, access_log=False, http=app.http_protocol)
+                timeout_keep_alive=args.keep_alive, access_log=False, http=app.http_protocol)
     return EXIT_OK
 
 
@@ -267,6 +276,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-interval", type=float, default=0.1, metavar="SECONDS",
                    help="settlements are committed before each answer and reach the disk within this long "
                         "(a power cut loses at most this much); 0 waits for the disk before each answer (default 0.1)")
+    p.add_argument("--max-header-bytes", type=int, default=64 * 1024, metavar="BYTES",
+                   help="largest request line and headers; more is refused 431 (default 65536)")
+    p.add_argument("--max-headers", type=int, default=100, metavar="N",
+                   help="most header fields in a request; more is refused 431 (default 100)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time for a request's headers to arrive, from its first byte or the connection's opening; "
+                        "then 408 and the connection closed (default 10)")
+    p.add_argument("--keep-alive", type=float, default=75.0, metavar="SECONDS",
+                   help="an idle connection between requests is closed after this long (default 75)")
     p.set_defaults(handler=cmd_gateway, sync=True)
 
     p = sub.add_parser("vault", parents=[common], help="provider credentials: status, set, list, rm",

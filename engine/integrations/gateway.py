@@ -9,8 +9,11 @@ provider's key from the vault (and the few provider-specific headers of ``FORWAR
 settle from the usage the provider reports. Streams ask the provider for usage in the last
 chunk, which reaches the client only if it asked too; a stream cut off by either side is
 settled from what was received, marked estimated, and one the provider cut ends with an
-error event the client's SDK raises. Errors take OpenAI's shape. Responses carry the remaining
-budget of the tightest policy. Bodies are limited in size; a graceful shutdown releases the
+error event the client's SDK raises. Errors take OpenAI's shape (Anthropic's on its Messages
+API). A body is checked against the route's contract (``contract``, served as ``GET
+/openapi.json``) before anything is held; whatever fails after a hold releases it and answers
+500. Responses carry the remaining budget of the tightest policy. Bodies are limited in size,
+a request's head in size, headers and time (``HttpLimits``); a graceful shutdown releases the
 hold of every call still under way.
 """
 
@@ -18,16 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import time
-import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+import httptools
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -37,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
 from engine.engine import Engine, GatewayStatus
+from engine.integrations import contract
 from engine.integrations.governor import (
     Caller,
     Governor,
@@ -48,7 +55,7 @@ from engine.integrations.governor import (
     usage_of,
 )
 from engine.integrations.http11 import Http11Transport
-from engine.models import Usage
+from engine.models import FieldError, Usage
 from engine.providers import Provider
 from engine.tokens import Token, TokenRefused, admit, digest
 from engine.vault import VaultError
@@ -62,6 +69,7 @@ SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", 
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
 T = TypeVar("T")
+log = logging.getLogger("budgeteer.gateway")
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
 # The provider-specific request headers of a client's that go on with its call, to a provider
 # of the kind they are for (README: "Headers"). Nothing else of the client's does: not its
@@ -84,14 +92,35 @@ class CallerLeft(Exception):
     """The caller hung up before the provider answered."""
 
 
-def error(refusal: Refused) -> JSONResponse:
-    return JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)
+def error(refusal: Refused, kind: str = "") -> JSONResponse:
+    """A refusal in OpenAI's error shape; in Anthropic's on its Messages API (``kind`` messages)."""
+    body = refusal.anthropic_body() if kind == "messages" else refusal.body()
+    return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
+
+
+INTERNAL = "the gateway failed on this request; it was not billed"
+
+
+def internal_error(kind: str = "") -> JSONResponse:
+    return error(Refused(500, INTERNAL, "api_error", "internal_error"), kind)
+
+
+async def _failed(_request: Request, _exc: Exception) -> Response:
+    """Starlette's answer to an exception of a route's (it raises it on, to ``Gateway.__call__``, which logs it)."""
+    return internal_error()
+
+
+def log_failure(where: str, exc: BaseException) -> None:
+    """One line for something unexpected: where, the exception's type and message (no traceback)."""
+    message = " ".join(str(exc).split())[:300]
+    log.error("budgeteer gateway: %s failed: %s%s", where, type(exc).__name__, f": {message}" if message else "")
 
 
 class Gateway:
     def __init__(self, db: Path, *, clock: Clock | None = None, routing_mode: str = "suggest",
                  max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "",
-                 vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S) -> None:
+                 vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S,
+                 limits: HttpLimits | None = None) -> None:
         self.db, self.clock, self.routing_mode = db, clock, routing_mode
         self.sync_interval_s = sync_interval_s
         self.max_body, self.upstream_timeout, self.address = max_body, upstream_timeout, address
@@ -110,31 +139,46 @@ class Gateway:
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
                          "pool": upstream_timeout}
         self.urls: dict[str, httpx.URL] = {}
+        self._openapi: bytes | None = None
         # The model endpoints are listed too, although __call__ takes their POSTs: Starlette
         # then answers any other method on them with 405.
         self.app = Starlette(routes=[
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/traces", self.traces, methods=["POST"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ] + [Route(path, self.endpoint(kind), methods=["POST"]) for path, kind in CALLS.items()],
-            lifespan=self.lifespan)
+            lifespan=self.lifespan, exception_handlers={Exception: _failed})
         self.app.state.gateway = self
-        self.http_protocol = GatewayHttpProtocol  # what to serve it with (uvicorn's ``http``)
+        self.limits = limits or HttpLimits()
+        # What to serve it with (uvicorn's ``http``): the protocol with this gateway's limits.
+        self.http_protocol = GatewayHttpProtocol.with_limits(self.limits)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The ASGI application. Model calls go straight to ``call``: Starlette's routing and
-        middleware cost a tenth of the gateway's time under load; the rest goes through it."""
-        kind = CALLS.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if kind is None:
+        middleware cost a tenth of the gateway's time under load; the rest goes through it.
+        Whatever fails unexpectedly is answered 500 in OpenAI's shape if no answer has begun,
+        and logged in one line; no traceback reaches the caller or the log."""
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        kind = CALLS.get(scope.get("path", "")) if scope["method"] == "POST" else None
+        started = False
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            response = await self.call(Request(scope, receive), kind)
-        except Exception:
-            traceback.print_exc()
-            response = error(Refused(500, "the gateway failed on this request; it was not billed", "api_error",
-                                     "internal_error"))
-        await response(scope, receive, send)
+            if kind is not None:
+                await (await self.call(Request(scope, receive), kind))(scope, receive, watched)
+            else:
+                await self.app(scope, receive, watched)
+        except Exception as exc:  # a relayed stream that failed lands here too, settled by its relay
+            log_failure(f"{scope['method']} {scope.get('path', '')}", exc)
+            if not started:
+                await internal_error(kind or "")(scope, receive, send)
 
     # ---- lifecycle
 
@@ -235,9 +279,9 @@ class Gateway:
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("body", "is not valid JSON") from None
+            body = contract.loads(raw)
+        except FieldError as exc:
+            raise bad_request(exc.field, exc.reason) from None
         if not isinstance(body, dict):
             raise bad_request("body", "must be a JSON object")
         return body, raw
@@ -292,6 +336,12 @@ class Gateway:
         return JSONResponse({"status": "ok", "gateway": self.id, "open_calls": len(self.governor.open)
                              if self.governor else 0, "ledger": str(self.engine.path)})
 
+    async def openapi(self, _request: Request) -> Response:
+        """The gateway's contract: OpenAPI 3.1, from the models its calls are checked against."""
+        if self._openapi is None:
+            self._openapi = json.dumps(contract.openapi()).encode()
+        return Response(self._openapi, media_type="application/json")
+
     async def models(self, request: Request) -> Response:
         assert self.engine is not None
         try:
@@ -333,27 +383,55 @@ class Gateway:
         return handle
 
     async def call(self, request: Request, kind: str) -> Response:
+        """One model call: the token, the body checked against the route's contract, the hold
+        (``Governor.begin``), then ``_forward``. Whatever fails unexpectedly answers 500 in
+        the route's error shape, and a call already held has its hold released."""
         assert self.governor is not None and self.transport is not None
+        ticket = None
         try:
             caller = await self._caller(request, SCOPES[kind])
             body, raw = await self._body(request)
+            try:
+                contract.check(kind, body)
+            except FieldError as exc:
+                raise bad_request(exc.field, exc.reason) from None
             if kind == "messages":  # Anthropic's Messages API, to an anthropic provider, never rerouted
                 ticket, provider = await self.governor.begin(caller, "chat", body, route=False,
                                                              provider_kind="anthropic")
             else:
                 ticket, provider = await self.governor.begin(caller, kind, body)
+            return await self._forward(request, kind, body, raw, ticket, provider)
         except Refused as refusal:
             self._count(refusal.status >= 500)
-            return error(refusal)
+            return error(refusal, kind)
         except ClientDisconnect:  # the caller left before its request arrived whole
             return Response(status_code=499)
+        except Exception as exc:
+            log_failure(f"POST {request.url.path}", exc)
+            self._count(True)
+            if ticket is not None:
+                await self._abort(ticket)
+            return internal_error(kind)
+
+    async def _abort(self, ticket: Ticket) -> None:
+        """After something unexpected: release the call's hold (``Governor.abort``)."""
+        assert self.governor is not None
+        try:
+            await asyncio.shield(self.governor.abort(ticket))
+        except Exception as exc:
+            log_failure(f"releasing the hold of {ticket.request_id}", exc)
+
+    async def _forward(self, request: Request, kind: str, body: dict[str, Any], raw: bytes, ticket: Ticket,
+                       provider: Provider | None) -> Response:
+        """The held call to its provider, and its answer settled."""
+        assert self.governor is not None and self.transport is not None
         assert provider is not None
         try:
             headers = await self._upstream_headers(provider)
         except Refused as refusal:
             await self.governor.fail(ticket)
             self._count(True)
-            return error(refusal)
+            return error(refusal, kind)
         if forwarded := [(name, value) for name, value in request.scope["headers"]
                          if FORWARDED.get(name) == provider.kind]:  # the rare call that sets one
             headers = headers + forwarded
@@ -388,22 +466,22 @@ class Gateway:
         except asyncio.CancelledError:  # the gateway is stopping and its grace period is over
             await asyncio.shield(self.governor.fail(ticket))
             return error(Refused(503, "the gateway is shutting down; the call was not made", "api_error",
-                                 "shutting_down"))
+                                 "shutting_down"), kind)
         except httpx.ReadTimeout:  # sent, and no answer in time (Governor.timed_out says how it is recorded)
             await self.governor.timed_out(ticket)
             self._count(True)
             return error(Refused(504, f"provider {provider.name} did not answer in time", "api_error",
-                                 "upstream_timeout"))
+                                 "upstream_timeout"), kind)
         except httpx.TimeoutException:  # not sent: no connection, or the request not written in time
-            return await self._provider_failed(ticket, 504, f"provider {provider.name} did not answer in time")
+            return await self._provider_failed(ticket, kind, 504, f"provider {provider.name} did not answer in time")
         except httpx.RemoteProtocolError:
-            return await self._provider_failed(ticket, 502, f"provider {provider.name} broke off its answer")
+            return await self._provider_failed(ticket, kind, 502, f"provider {provider.name} broke off its answer")
         except httpx.TransportError as exc:
-            return await self._provider_failed(ticket, 502, f"provider {provider.name} cannot be reached "
+            return await self._provider_failed(ticket, kind, 502, f"provider {provider.name} cannot be reached "
                                                             f"({exc.__class__.__name__})")
         if status >= 400:
             if status >= 500:
-                return await self._provider_failed(ticket, 502, f"provider {provider.name} failed with HTTP "
+                return await self._provider_failed(ticket, kind, 502, f"provider {provider.name} failed with HTTP "
                                                                 f"{status}")
             await self.governor.fail(ticket)  # refused by the provider (a bad model, its own limits)
             self._count(True)
@@ -415,7 +493,8 @@ class Gateway:
         try:
             data = json.loads(content)
         except ValueError:
-            return await self._provider_failed(ticket, 502, f"provider {provider.name} answered something not JSON")
+            return await self._provider_failed(ticket, kind, 502,
+                                               f"provider {provider.name} answered something not JSON")
         usage = usage_of(data) if isinstance(data, dict) else None
         await self.governor.finish(ticket, usage, estimated=usage is None)
         self._count(False)
@@ -452,11 +531,12 @@ class Gateway:
         finally:
             watch.cancel()
 
-    async def _provider_failed(self, ticket: Ticket, status: int, message: str) -> Response:
+    async def _provider_failed(self, ticket: Ticket, kind: str, status: int, message: str) -> Response:
         assert self.governor is not None
         await self.governor.fail(ticket)
         self._count(True)
-        return error(Refused(status, message, "api_error", "upstream_timeout" if status == 504 else "upstream_error"))
+        return error(Refused(status, message, "api_error", "upstream_timeout" if status == 504 else "upstream_error"),
+                     kind)
 
     async def _relay(self, sent: httpx.Response, ticket: Ticket, kind: str = "chat") -> AsyncIterator[bytes]:
         """Pass the provider's SSE through line by line, reading usage and text on the way (and
@@ -487,15 +567,20 @@ class Gateway:
     async def _abandoned(self, sent: httpx.Response, ticket: Ticket) -> None:
         """A stream whose relay never began (the caller left at once): close the provider's
         answer and settle on the prompt alone, estimated, rather than leave the hold to its TTL."""
-        assert self.governor is not None
-        await sent.aclose()
-        await self.governor.finish(ticket, None, estimated=True)
+        await self._settle_stream(sent, ticket, Usage(input_tokens=ticket.input_estimate), True)
 
     async def _settle_stream(self, sent: httpx.Response, ticket: Ticket, usage: Usage, estimated: bool) -> None:
+        """Settle a relayed stream; if that fails (the answer is sent, there is no one to tell),
+        the failure is logged in one line and the hold released."""
         assert self.governor is not None
-        await sent.aclose()
-        await self.governor.finish(ticket, usage, estimated=estimated)
-        self._count(False)
+        try:
+            await sent.aclose()
+            await self.governor.finish(ticket, usage, estimated=estimated)
+            self._count(False)
+        except Exception as exc:
+            log_failure(f"settling the stream {ticket.request_id}", exc)
+            self._count(True)
+            await self._abort(ticket)
 
 
 def stream_error(kind: str, message: str) -> bytes:
@@ -573,12 +658,142 @@ class CoalescedWrites:
         return getattr(self._transport, name)
 
 
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What a connection may send and how long it may take before the gateway reads a request
+    (``budgeteer gateway`` flags; README: "Limits"). Checked before any token is."""
+
+    header_bytes: int = 64 * 1024  # the request line and headers (--max-header-bytes): 431 beyond
+    headers: int = 100  # header fields (--max-headers): 431 beyond
+    header_timeout_s: float = 10.0  # from a request's first byte (a new connection: its opening) to its
+    # last header (--header-timeout): 408, or a silent close when nothing was sent
+    keep_alive_s: float = 75.0  # an idle connection between requests (--keep-alive): closed
+
+
+LINGER_S = 2.0  # a refused connection's close waits this long for the client to read the answer
+
+
+class _TooManyHeaders(Exception):
+    pass
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol, its writes coalesced per loop turn (``CoalescedWrites``)
-    and sent as soon as an answer is complete."""
+    and sent as soon as an answer is complete, and a request's head bounded by ``limits``
+    (its size, its number of headers, the time it takes to arrive): httptools, uvicorn's
+    fast parser, bounds none of them. Its data_received is uvicorn's own with the limits
+    added (uvicorn's version is pinned in pyproject: this reads its protocol's internals)."""
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    @classmethod
+    def with_limits(cls, limits: HttpLimits) -> type[GatewayHttpProtocol]:
+        return type(cls.__name__, (cls,), {"limits": limits})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = self.limits.keep_alive_s  # type: ignore[assignment]
+        self._in_head = True  # reading a request's head (or waiting for one)
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        if not self._in_head:
+            self._feed(data)
+            return
+        if self._head_timer is None:  # the first byte of a request on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+        room = self.limits.header_bytes - self._head_bytes
+        self._head_bytes += min(len(data), room)
+        if len(data) <= room:
+            self._feed(data)
+            return
+        self._feed(data[:room])  # the head may end within the limit, the body following in the same read
+        if self._refused or self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(431, "request_header_fields_too_large",
+                         f"the request's headers are larger than the gateway's limit of {self.limits.header_bytes:,} "
+                         "bytes")
+        else:
+            self._feed(data[room:])
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's data_received, with 431 for too many headers and 400 in OpenAI's shape."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            if self._header_count > self.limits.headers:
+                self._refuse(431, "request_header_fields_too_large",
+                             f"the request has more than the gateway's limit of {self.limits.headers} headers")
+            else:
+                self._refuse(400, "invalid_http", "the request is not valid HTTP/1.1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.headers:
+            raise _TooManyHeaders  # stops the parser (HttpParserError), answered in _feed
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes, self._header_count = True, 0, 0
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._refused or self.transport.is_closing() or not self._in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head: its turn comes
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+        elif self._head_bytes:
+            self._refuse(408, "request_timeout", "the request's headers did not arrive within "
+                                                 f"{self.limits.header_timeout_s:g} s")
+        else:  # a connection that never sent a request: closed, as an idle one is
+            self.transport.close()
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer in OpenAI's error shape and close the connection: our side at once, the whole
+        of it after LINGER_S, what the client still sends read and dropped meanwhile (closed
+        with unread data, a socket is reset, and the client may lose the answer)."""
+        body = json.dumps(Refused(status, message, "invalid_request_error", code).body()).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, HTTPStatus(status).phrase.encode(),
+                                                                  len(body), body))
+        self._refused = True
+        self._stop_head_timer()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         # The whole answer is written: it leaves now, not after whatever else this turn of the

@@ -14,6 +14,7 @@ sends, and the transport turns into a response the SDKs raise as theirs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine import providers as prov
-from engine.budgets import Authorization
+from engine.budgets import Authorization, HoldError
 from engine.engine import CallRequest, Engine
+from engine.integrations.contract import MAX_TOKENS
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens
@@ -42,6 +44,16 @@ class Refused(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict[str, Any]:
+        """The same refusal in Anthropic's error shape (its type from the status, as Anthropic's)."""
+        kind = ANTHROPIC_ERRORS.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 504: "timeout_error"}
 
 
 def bad_request(field_name: str, reason: str) -> Refused:
@@ -109,8 +121,8 @@ def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]
         else:
             raise FieldError("input", "must be a string or a list of input items")
     cap = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
-    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
-        raise FieldError("max_tokens", "must be a positive integer")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or not 0 < cap <= MAX_TOKENS):
+        raise FieldError("max_tokens", f"must be a positive integer, at most {MAX_TOKENS:,}")
     return tokens, cap
 
 
@@ -254,12 +266,17 @@ class Governor:
             agent=caller.agent, input_tokens=tokens, max_tokens=output, request_id=request_id))
         if not auth.allowed:
             raise self._budget_refusal(auth)
-        if auth.model and auth.model != applied:  # a downgrade policy moved the call
-            applied = auth.model
-            if self.resolve_providers:
-                target = await self.provider_for(applied) or target
-        ticket = Ticket(request_id, caller, kind, model, applied, target.name if target else provider, auth.hold_id,
-                        tokens, output, headers={**rate_headers, **budget_headers(auth)})
+        try:
+            if auth.model and auth.model != applied:  # a downgrade policy moved the call
+                applied = auth.model
+                if self.resolve_providers:
+                    target = await self.provider_for(applied) or target
+            ticket = Ticket(request_id, caller, kind, model, applied, target.name if target else provider,
+                            auth.hold_id, tokens, output, headers={**rate_headers, **budget_headers(auth)})
+        except BaseException:  # held, and no ticket to release it by: released here
+            if auth.hold_id:
+                await asyncio.shield(self.engine.release(auth.hold_id))
+            raise
         self.open[request_id] = ticket
         return ticket, target
 
@@ -316,6 +333,19 @@ class Governor:
         received and may have billed, settled as an estimate (what it generated is unknown).
         The gateway and the transport both record a timeout so."""
         await self.finish(ticket, None, estimated=True, status="error")
+
+    async def abort(self, ticket: Ticket) -> None:
+        """Something unexpected stopped the call: nothing is recorded, and its hold goes back
+        if it is still open (a settlement that failed leaves it so)."""
+        self.open.pop(ticket.request_id, None)
+        if not ticket.settled:
+            self.errors += 1
+        ticket.settled = True
+        if ticket.hold_id:
+            try:
+                await self.engine.release(ticket.hold_id)
+            except HoldError:  # settled or released before the failure
+                pass
 
     async def release_all(self) -> int:
         """At shutdown: release the holds of calls still under way; how many there were."""
@@ -427,7 +457,8 @@ class StreamMeter:
             self.complete = True
         elif kind is None and (found := usage_of(chunk)) is not None:
             self.usage = found
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():  # a provider's garbage passes unread
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                 self.text.append(delta["content"])

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.integrations import contract
 from engine.models import FieldError, UsageEvent, validate_event
 
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
@@ -385,9 +386,9 @@ def decode(body: bytes, media: str) -> Any:
     if media == PROTOBUF:
         return _from_protobuf(body)
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise OtlpError("body: is not valid JSON") from None
+        return contract.loads(body)  # its nesting bounded, as a model call's body
+    except FieldError as exc:
+        raise OtlpError(str(exc)) from None
 
 
 def export_response(report: OtlpReport, media: str) -> bytes:
