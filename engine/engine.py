@@ -531,8 +531,7 @@ class Engine:
         same. LedgerRefusing if the ledger still refuses (what it refused stays spilled)."""
         async with self._replaying:
             taken = self.spill.take()
-            results = await asyncio.gather(*(self._tx(partial(self._replay_one, record))
-                                             for record in taken.records), return_exceptions=True)
+            results = await asyncio.gather(*map(self._replay_one, taken.records), return_exceptions=True)
             keep, refused = [], None
             for record, result in zip(taken.records, results, strict=True):
                 if isinstance(result, BaseException):
@@ -552,15 +551,23 @@ class Engine:
                 raise LedgerRefusing(refused)
             return len(taken.records) - len(keep)
 
-    def _replay_one(self, record: Spilled, tx: LedgerTx) -> None:
-        state = tx.hold_state(record.hold_id) if record.hold_id else None
+    async def _replay_one(self, record: Spilled) -> None:
+        if record.hold_id is not None and await self._tx(partial(self._replay_hold, record)):
+            return
+        if record.event is not None:  # no hold, or closed already: a repeat writes nothing
+            await self.store.record(record.event)
+
+    def _replay_hold(self, record: Spilled, tx: LedgerTx) -> bool:
+        """Close the record's hold if it still waits for it (or expired waiting): True if done so."""
+        state = tx.hold_state(record.hold_id)  # type: ignore[arg-type]
         if record.event is None:
             if state == "held":
                 self.budgets.release(tx, record.hold_id)  # type: ignore[arg-type]
-        elif state in ("held", "expired"):  # the hold still waits for it (or expired waiting)
+            return True
+        if state in ("held", "expired"):
             self.budgets.settle(tx, record.hold_id, record.event)  # type: ignore[arg-type]
-        else:
-            tx.append([record.event])  # no hold, or closed already: a repeat writes nothing
+            return True
+        return False
 
     def _keep_spilled(self) -> None:
         """At close: settlements still only in memory go to the journal's file if it takes
