@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +198,54 @@ def test_full_disk_under_load_loses_no_answered_call(tmp_path: Path, small_disk:
     replayed = [int(n) for n in re.findall(r"ledger writable again, replayed (\d+) settlements", text)]
     assert sum(replayed) > 0, text[:3000]  # answered calls were settled after the disk had filled
     assert text.count("ledger refusing writes") == len(replayed)  # one line per change of state
+
+
+def gated(app: Any, gate: threading.Event) -> Any:
+    """``app`` answering only once ``gate`` is set."""
+    async def wait(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await asyncio.to_thread(gate.wait, 30)
+        await app(scope, receive, send)
+
+    return wait
+
+
+async def test_transport_answers_and_spills_when_the_disk_fills(small_disk: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The governed transport, in process: calls the provider answers after the disk filled
+    get their answers and reach the ledger once space returns; a call meanwhile gets 503."""
+    caplog.set_level(logging.WARNING)
+    fake, gate = FakeOpenAI(), threading.Event()
+    filler = small_disk / "filler"
+    with serve(gated(fake.app(), gate)) as provider:
+        async with await Engine.open(small_disk / "ledger.db") as engine:
+            await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1000",
+                                                 name="All", policy_id="all"))
+            client = openai.AsyncOpenAI(base_url=f"{provider}/v1", api_key="sk-fake", max_retries=0,
+                                        http_client=engine.httpx_async_client(principal="app"))
+            calls = [asyncio.ensure_future(client.chat.completions.create(**ASK, stream=n == 0))
+                     for n in range(5)]
+            deadline = time.monotonic() + 30
+            while await engine.open_holds() < 5 and time.monotonic() < deadline:  # all five under way
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(fill, filler)
+            gate.set()
+            answers = await asyncio.gather(*calls)
+            async for _ in answers[0]:  # the stream, read to its end
+                pass
+            assert all(a.choices for a in answers[1:])
+            assert engine.refusing is not None  # the settlements were refused, and spilled
+            with pytest.raises(openai.APIStatusError) as refused:
+                await client.chat.completions.create(**ASK)
+            assert refused.value.status_code == 503
+            assert int(refused.value.response.headers["retry-after"]) >= 1
+            assert refused.value.response.json()["error"]["code"] == "ledger_unavailable"
+            filler.unlink()
+            while engine.refusing is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert await engine.event_count() == len(fake.requests) == 5
+            assert await engine.open_holds() == 0
+            await client.close()
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    assert caplog.text.count("ledger refusing writes") == caplog.text.count("ledger writable again") == 1
+    assert "ledger writable again, replayed 5 settlements" in caplog.text
