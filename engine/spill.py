@@ -2,24 +2,27 @@
 
 When the ledger refuses a call's settlement after the provider has answered (the disk full, an
 I/O error, its write lock held past the busy timeout), the settlement is appended as one JSON
-line to ``<ledger>.spill`` beside the ledger and fsynced before the caller gets its answer; if
-even that fails it is kept in memory, and the log says so once. ``Engine`` replays the journal
+line to ``<ledger>.spill`` beside the ledger and fsynced before the caller gets its answer. A
+governed process allocates the file's room ahead of need (RESERVE_BYTES, its size staying 0),
+so a full disk still takes the journal's lines; if even that fails a settlement is kept in
+memory, and the log says so once. ``Engine`` replays the journal
 into the ledger as soon as a write succeeds again and whenever it opens. A replay writes each
 settlement by its request id (the ledger's unique key of an event) and closes its hold only if
 it is still open, so a replay repeated (after a crash, or by two processes) writes nothing twice.
 
-Appends and the rewrite after a replay take an exclusive ``flock`` on the file, so processes
+Appends, and emptying the file after a replay, take an exclusive ``flock`` on the file, so processes
 sharing a ledger never lose each other's lines.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,22 @@ from engine.models import EVENT_FIELDS, UsageEvent
 
 log = logging.getLogger("budgeteer")
 SUFFIX = ".spill"
+#: Room allocated to the journal's file ahead of need (its size stays 0): a full disk refuses the
+#: ledger's writes, and would refuse the journal's too. Some 500 settlements of ~450 bytes each.
+RESERVE_BYTES = 256 * 1024
+_KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: allocate past the end without changing the file's size
+
+
+def _preallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate disk blocks for [offset, offset + length) of ``fd`` without changing its size
+    (Linux's fallocate; nothing where the C library has none). OSError if the disk refuses."""
+    fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+    if fallocate is None:
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, _KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +89,7 @@ class SpillJournal:
         self.memory: list[Spilled] = []  # spilled where the file could not be written
         self._said_memory = False
 
-    @contextmanager
+    @contextlib.contextmanager
     def _locked(self, create: bool) -> Iterator[int | None]:
         """The journal's file, open and exclusively locked (None when it does not exist and
         ``create`` is false). The file may have been replaced or removed while waiting for
@@ -95,8 +114,22 @@ class SpillJournal:
             finally:
                 os.close(fd)
 
+    def reserve(self) -> None:
+        """Allocate RESERVE_BYTES to the journal's file past what it holds (creating it, empty),
+        so that appends still find room on a full disk. Best effort: without it, a full disk
+        sends settlements to memory."""
+        try:
+            with self._locked(create=True) as fd:
+                assert fd is not None
+                _preallocate(fd, os.fstat(fd).st_size, RESERVE_BYTES)
+        except OSError:
+            pass
+
     def pending(self) -> bool:
-        return bool(self.memory) or self.path.exists()
+        try:
+            return bool(self.memory) or self.path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
 
     def append(self, record: Spilled) -> None:
         """Append and fsync ``record``; in memory if the file cannot take it (said once)."""
@@ -121,7 +154,6 @@ class SpillJournal:
                 self._said_memory = True
                 log.warning("spill journal %s cannot be written (%s): keeping settlements in memory until the "
                             "ledger takes them", self.path, exc.strerror or exc)
-            return
 
     def take(self) -> Taken:
         """Every record spilled so far (the file's, then memory's), for a replay."""
@@ -159,8 +191,11 @@ class SpillJournal:
                 if fd is None or not data.startswith(taken.file_data):
                     return
                 rest = b"".join(r.line() for r in kept) + data[len(taken.file_data):]
-                if not rest:
-                    os.unlink(self.path)
+                if not rest:  # emptied, and its room allocated again
+                    os.ftruncate(fd, 0)
+                    os.fsync(fd)
+                    with contextlib.suppress(OSError):
+                        _preallocate(fd, 0, RESERVE_BYTES)
                     return
                 fresh = self.path.with_name(self.path.name + ".new")
                 with open(fresh, "wb") as out:

@@ -44,7 +44,7 @@ async def test_a_spill_left_at_start_is_replayed_once_on_open(db_path: Path, clo
         assert await engine.open_holds() == 0  # the hold ended settled, not left to its TTL
         [status] = await engine.policy_status()
         assert status.held == 0 and status.consumed == 2 * 270_000
-    assert not journal.path.exists()
+    assert not journal.pending()
     assert "replayed 2 settlements from the spill journal" in caplog.text
 
     # The same journal again (a process killed between the replay's commit and emptying the file),
@@ -55,7 +55,7 @@ async def test_a_spill_left_at_start_is_replayed_once_on_open(db_path: Path, clo
         async with await Engine.open(db_path, clock=clock) as engine:
             assert await engine.event_count() == 2
             assert (await engine.policy_status())[0].consumed == 2 * 270_000
-        assert not journal.path.exists()
+        assert not journal.pending()
 
 
 async def test_a_line_torn_by_a_crash_is_skipped_and_the_next_append_starts_afresh(

@@ -183,6 +183,7 @@ class Governor:
         self._served: tuple[list[prov.Provider], dict[str, list[prov.Provider]]] | None = None
         self.requests = 0
         self.errors = 0
+        engine.spill.reserve()  # room for settlements the ledger may refuse on a full disk
 
     async def registered(self, max_age_s: float = 5.0) -> list[prov.Provider]:
         """The registered providers, read again every few seconds (another process may add one)."""

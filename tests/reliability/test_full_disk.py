@@ -198,6 +198,45 @@ def test_full_disk_under_load_loses_no_answered_call(tmp_path: Path, small_disk:
     replayed = [int(n) for n in re.findall(r"ledger writable again, replayed (\d+) settlements", text)]
     assert sum(replayed) > 0, text[:3000]  # answered calls were settled after the disk had filled
     assert text.count("ledger refusing writes") == len(replayed)  # one line per change of state
+    assert "in memory" not in text  # the journal's room was allocated ahead: the full disk took its lines
+
+
+def test_a_gateway_stopped_while_the_disk_is_full_leaves_its_spill_to_the_next_open(
+        tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGETEER_VAULT_PASSPHRASE", "full")
+    fake = FakeOpenAI()
+    db = small_disk / "ledger.db"
+    log = tmp_path / "gateway.log"
+    filler = small_disk / "filler"
+    with serve(slowed(fake.app(), 0.05)) as provider:
+        secret = asyncio.run(_prepare(db, provider))
+        port = free_port()
+        process = _start_gateway(db, port, log)
+        load = Load(f"http://127.0.0.1:{port}", secret)
+        try:
+            asyncio.run(_fill_under_load(load, filler))
+        finally:
+            process.send_signal(signal.SIGINT)  # stopped with the disk still full
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+        calls = len(fake.requests)
+    assert Path(f"{db}.spill").stat().st_size > 0
+    filler.unlink()
+
+    async def check() -> None:
+        for _ in range(2):  # the first open replays the journal; the second finds nothing to write
+            async with await Engine.open(db) as engine:
+                ids = [e.request_id async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
+                assert len(ids) == len(set(ids)) == calls
+                assert set(load.answered) <= set(ids)
+                assert await engine.open_holds() == 0
+
+    asyncio.run(check())
+    text = log.read_text()
+    assert "Traceback" not in text, text[:3000]
 
 
 def gated(app: Any, gate: threading.Event) -> Any:
