@@ -1,10 +1,12 @@
-"""A full disk under the ledger of a loaded gateway: nothing answered is lost.
+"""A full disk under the ledger: nothing answered is lost.
 
-The ledger lives on a tmpfs of a few megabytes; a filler file takes the rest of it while a real
-gateway (a process of its own) serves calls to a fake provider, then the filler goes. Every
-call the provider answered is then in the ledger exactly once, no hold is left open, the calls
-that came while the ledger refused writes got 503 with Retry-After, and the gateway's log has
-no traceback (one line per change of state). Needs root to mount the tmpfs: skipped otherwise.
+The ledger lives on a tmpfs of a few megabytes; a filler file takes the rest of it while calls
+are under way, through a real gateway (a process of its own) or the governed transport, to a
+fake provider; then the filler goes. Every call the provider answered is then in the ledger
+exactly once (replayed from the spill journal by the running process, or by the next one to
+open the ledger when the gateway was stopped meanwhile), no hold is left open, the calls that
+came while the ledger refused writes got 503 with Retry-After, and the log has no traceback
+(one line per change of state). Needs root to mount the tmpfs: skipped otherwise.
 """
 
 from __future__ import annotations
@@ -93,15 +95,30 @@ def _start_gateway(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError("the gateway did not start")
 
 
-def slowed(app: Any, seconds: float) -> Any:
-    """``app`` answering each request ``seconds`` late: calls are under way at the provider when
-    the disk fills, and their settlements come after it has."""
-    async def slow(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            await asyncio.sleep(seconds)
-        await app(scope, receive, send)
+class Gate:
+    """In front of a fake provider: while closed, calls wait at the provider (under way, their
+    holds placed) and are counted; opened, they are answered."""
 
-    return slow
+    def __init__(self) -> None:
+        self.waiting = 0
+        self._open = threading.Event()
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def wrap(self, app: Any) -> Any:
+        async def gated(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and not self._open.is_set():
+                self.waiting += 1
+                while not self._open.is_set():
+                    await asyncio.sleep(0.01)
+            await app(scope, receive, send)
+
+        return gated
 
 
 class Load:
@@ -136,29 +153,34 @@ class Load:
             await asyncio.gather(*(one(n) for n in range(count)))
 
 
-async def _fill_under_load(load: Load, filler: Path) -> None:
-    """300 calls; once 40 of them are answered, the disk fills up while the rest are under way."""
-    calls = asyncio.ensure_future(load.run(300))
-    while len(load.answered) < 40 and not calls.done():
+async def _fill_under_load(load: Load, filler: Path, gate: Gate) -> None:
+    """40 calls; then 100 at once, held at the provider while the disk fills and 200 more come;
+    then the provider answers the 100."""
+    await load.run(40)
+    gate.close()
+    held = asyncio.ensure_future(load.run(100, connections=100))
+    while gate.waiting < 100 and not held.done():
         await asyncio.sleep(0.01)
     await asyncio.to_thread(fill, filler)
-    await calls
+    await load.run(200, connections=100)
+    gate.open()
+    await held
 
 
 def test_full_disk_under_load_loses_no_answered_call(tmp_path: Path, small_disk: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BUDGETEER_VAULT_PASSPHRASE", "full")
-    fake = FakeOpenAI()
+    fake, gate = FakeOpenAI(), Gate()
     db = small_disk / "ledger.db"
     log = tmp_path / "gateway.log"
     filler = small_disk / "filler"
-    with serve(slowed(fake.app(), 0.05)) as provider:
+    with serve(gate.wrap(fake.app())) as provider:
         secret = asyncio.run(_prepare(db, provider))
         port = free_port()
         process = _start_gateway(db, port, log)
         load = Load(f"http://127.0.0.1:{port}", secret)
         try:
-            asyncio.run(_fill_under_load(load, filler))
+            asyncio.run(_fill_under_load(load, filler, gate))
             full = (len(load.refused), list(load.others))
             filler.unlink()
             deadline = time.monotonic() + 30
@@ -196,7 +218,7 @@ def test_full_disk_under_load_loses_no_answered_call(tmp_path: Path, small_disk:
     text = log.read_text()
     assert "Traceback" not in text, text[:3000]
     replayed = [int(n) for n in re.findall(r"ledger writable again, replayed (\d+) settlements", text)]
-    assert sum(replayed) > 0, text[:3000]  # answered calls were settled after the disk had filled
+    assert sum(replayed) == 100, text[:3000]  # the calls the provider answered after the disk had filled
     assert text.count("ledger refusing writes") == len(replayed)  # one line per change of state
     assert "in memory" not in text  # the journal's room was allocated ahead: the full disk took its lines
 
@@ -204,17 +226,17 @@ def test_full_disk_under_load_loses_no_answered_call(tmp_path: Path, small_disk:
 def test_a_gateway_stopped_while_the_disk_is_full_leaves_its_spill_to_the_next_open(
         tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BUDGETEER_VAULT_PASSPHRASE", "full")
-    fake = FakeOpenAI()
+    fake, gate = FakeOpenAI(), Gate()
     db = small_disk / "ledger.db"
     log = tmp_path / "gateway.log"
     filler = small_disk / "filler"
-    with serve(slowed(fake.app(), 0.05)) as provider:
+    with serve(gate.wrap(fake.app())) as provider:
         secret = asyncio.run(_prepare(db, provider))
         port = free_port()
         process = _start_gateway(db, port, log)
         load = Load(f"http://127.0.0.1:{port}", secret)
         try:
-            asyncio.run(_fill_under_load(load, filler))
+            asyncio.run(_fill_under_load(load, filler, gate))
         finally:
             process.send_signal(signal.SIGINT)  # stopped with the disk still full
             try:
@@ -239,24 +261,15 @@ def test_a_gateway_stopped_while_the_disk_is_full_leaves_its_spill_to_the_next_o
     assert "Traceback" not in text, text[:3000]
 
 
-def gated(app: Any, gate: threading.Event) -> Any:
-    """``app`` answering only once ``gate`` is set."""
-    async def wait(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            await asyncio.to_thread(gate.wait, 30)
-        await app(scope, receive, send)
-
-    return wait
-
-
 async def test_transport_answers_and_spills_when_the_disk_fills(small_disk: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """The governed transport, in process: calls the provider answers after the disk filled
     get their answers and reach the ledger once space returns; a call meanwhile gets 503."""
     caplog.set_level(logging.WARNING)
-    fake, gate = FakeOpenAI(), threading.Event()
+    fake, gate = FakeOpenAI(), Gate()
+    gate.close()
     filler = small_disk / "filler"
-    with serve(gated(fake.app(), gate)) as provider:
+    with serve(gate.wrap(fake.app())) as provider:
         async with await Engine.open(small_disk / "ledger.db") as engine:
             await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1000",
                                                  name="All", policy_id="all"))
@@ -265,10 +278,10 @@ async def test_transport_answers_and_spills_when_the_disk_fills(small_disk: Path
             calls = [asyncio.ensure_future(client.chat.completions.create(**ASK, stream=n == 0))
                      for n in range(5)]
             deadline = time.monotonic() + 30
-            while await engine.open_holds() < 5 and time.monotonic() < deadline:  # all five under way
+            while gate.waiting < 5 and time.monotonic() < deadline:  # all five under way at the provider
                 await asyncio.sleep(0.02)
             await asyncio.to_thread(fill, filler)
-            gate.set()
+            gate.open()
             answers = await asyncio.gather(*calls)
             async for _ in answers[0]:  # the stream, read to its end
                 pass
