@@ -51,15 +51,19 @@ from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm, uncached_cost_nanos, uncached_costs
+from engine.spill import SUFFIX as SPILL_SUFFIX
+from engine.spill import Spilled, SpillJournal
 from engine.store import (
     TIMELINE_FIELDS,
     BreakdownRow,
+    LedgerRefusing,
     LedgerTx,
     Metric,
     RecordResult,
     SQLiteStore,
     TimelinePoint,
     Totals,
+    refusal,
 )
 from engine.tokens import Token
 from engine.vault import Vault
@@ -69,6 +73,8 @@ _INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal
                     "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to ride with
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
+RETRY_WRITES_S = (0.2, 5.0)  # while the ledger refuses writes: the first wait before trying again, and the longest
+RETRY_AFTER_S = 2  # what a call refused meanwhile is told to wait (Retry-After)
 log = logging.getLogger("budgeteer")
 T = TypeVar("T")
 
@@ -173,6 +179,11 @@ class Engine:
         self._decision_flush: asyncio.Task[None] | None = None
         # Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset.
         self.vault_passphrase: Callable[[], str] | None = None
+        # Settlements of answered calls the ledger refused, until it takes them (engine.spill).
+        self.spill = SpillJournal(Path(f"{store.path}{SPILL_SUFFIX}"))
+        self.refusing: str | None = None  # why the ledger refuses writes, while it does
+        self._retry_writes: asyncio.Task[None] | None = None
+        self._replaying = asyncio.Lock()
 
     async def _tx(self, op: Callable[[LedgerTx], Any], *, sync: bool = True) -> Any:
         """A group-committed ledger operation; alerts it raised are delivered after the commit.
@@ -229,7 +240,16 @@ class Engine:
         except BaseException:
             await store.close()
             raise
-        return cls(store, prices, clock or SystemClock(), actor)
+        engine = cls(store, prices, clock or SystemClock(), actor)
+        if engine.spill.pending():  # settlements a process before this one could not write
+            try:
+                replayed = await engine.replay_spill()
+            except LedgerRefusing as exc:
+                engine._refused(str(exc))
+            else:
+                if replayed:
+                    log.warning("replayed %d settlements from the spill journal %s", replayed, engine.spill.path)
+        return engine
 
     @property
     def path(self) -> Path:
@@ -238,6 +258,13 @@ class Engine:
     async def close(self) -> None:
         for transport in list(self.transports):
             await transport.settle_open()
+        if (retry := self._retry_writes) is not None:
+            retry.cancel()
+            await asyncio.wait([retry])
+        if self.spill.pending():  # a last try; what the ledger still refuses stays in the journal's file
+            with contextlib.suppress(LedgerRefusing):
+                await self.replay_spill()
+            self._keep_spilled()
         if self._health_refresh is not None:
             await asyncio.wait([self._health_refresh])  # a failure is logged by the task itself
         if (flush := self._decision_flush) is not None:
@@ -468,12 +495,21 @@ class Engine:
         return context
 
     async def authorize(self, call: CallRequest) -> Authorization:
-        """Check every applicable policy and, if the call may go, hold its worst case on all of them."""
+        """Check every applicable policy and, if the call may go, hold its worst case on all of them.
+        LedgerRefusing while the ledger refuses writes (``settle_call``): no call starts then."""
+        if self.refusing is not None:
+            raise LedgerRefusing(self.refusing)
         cost = self.worst_case(call)
         context = self._context(call)
         alternatives = _Lazy(lambda: self._cheaper_models(call, cost))  # worked out only for a downgrade
-        return await self._tx(  # type: ignore[no-any-return]
-            lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives), sync=False)
+        try:
+            return await self._tx(  # type: ignore[no-any-return]
+                lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives), sync=False)
+        except Exception as exc:
+            if (why := refusal(exc)) is None:
+                raise
+            self._refused(why)
+            raise LedgerRefusing(why) from None
 
     def _cheaper_models(self, call: CallRequest, cost: CallCost) -> list[tuple[str, str, CallCost]]:
         """Models of the same kind whose worst case is cheaper, the dearest first (the closest to
@@ -503,6 +539,113 @@ class Engine:
         priced = self.priced(event)
         return await self._tx(  # type: ignore[no-any-return]
             lambda tx: self.budgets.settle(tx, hold_id, priced))
+
+    async def settle_call(self, hold_id: str | None, event: UsageEvent | None) -> bool:
+        """Settle a call that was made: ``settle`` (or ``record`` when it had no hold), or with
+        ``event`` None release its hold. If the ledger refuses the write (``store.refusal``), or
+        has refused writes and not yet taken one again, the settlement goes to the spill journal
+        instead, to be replayed once the ledger takes writes: the caller's answer never waits
+        for the disk to come back. True when written to the ledger now."""
+        priced = self.priced(event) if event is not None else None
+        if self.refusing is None:
+            try:
+                if priced is None:
+                    if hold_id:
+                        await self.release(hold_id)
+                elif hold_id:
+                    await self.settle(hold_id, priced)
+                else:
+                    await self.record(priced)
+                return True
+            except Exception as exc:
+                if (why := refusal(exc)) is None:
+                    raise
+                self._refused(why)
+        self.spill.append(Spilled(hold_id, priced))
+        return False
+
+    def _refused(self, reason: str) -> None:
+        """The ledger refused a write: said once, and tried again in the background until it
+        takes one (``_retry``)."""
+        if self.refusing is None:
+            self.refusing = reason
+            log.warning("ledger refusing writes: %s", reason)
+        if self._retry_writes is None or self._retry_writes.done():
+            self._retry_writes = asyncio.create_task(self._retry())
+
+    async def _retry(self) -> None:
+        delay = RETRY_WRITES_S[0]
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_WRITES_S[1])
+            try:
+                replayed = await self.replay_spill(probe=True)
+            except LedgerRefusing:
+                continue
+            except Exception as exc:  # not a refusal: said, and tried again like one
+                log.warning("replaying the spill journal failed: %s", exc)
+                continue
+            self.refusing = None
+            log.warning("ledger writable again, replayed %d settlements", replayed)
+            return
+
+    async def replay_spill(self, *, probe: bool = False) -> int:
+        """Write the spill journal's settlements into the ledger, each once by its request id
+        (one already there is not written again, a hold no longer open is not closed again);
+        how many were replayed. ``probe``: with nothing to replay, make one real write all the
+        same. LedgerRefusing if the ledger still refuses (what it refused stays spilled)."""
+        async with self._replaying:
+            taken = self.spill.take()
+            results = await asyncio.gather(*map(self._replay_one, taken.records), return_exceptions=True)
+            keep, refused = [], None
+            for record, result in zip(taken.records, results, strict=True):
+                if isinstance(result, BaseException):
+                    keep.append(record)
+                    if (why := refusal(result)) is not None:
+                        refused = why
+                    else:
+                        log.warning("a spilled settlement (%s) cannot be replayed, kept: %s", record.key, result)
+            self.spill.done(taken, keep)
+            if refused is None and probe and not taken.records:
+                try:
+                    await self._tx(lambda tx: tx.probe_write())
+                except Exception as exc:
+                    if (refused := refusal(exc)) is None:
+                        raise
+            if refused is not None:
+                raise LedgerRefusing(refused)
+            return len(taken.records) - len(keep)
+
+    async def _replay_one(self, record: Spilled) -> None:
+        if record.hold_id is not None and await self._tx(partial(self._replay_hold, record)):
+            return
+        if record.event is not None:  # no hold, or closed already: a repeat writes nothing
+            await self.store.record(record.event)
+
+    def _replay_hold(self, record: Spilled, tx: LedgerTx) -> bool:
+        """Close the record's hold if it still waits for it (or expired waiting): True if done so."""
+        state = tx.hold_state(record.hold_id)  # type: ignore[arg-type]
+        if record.event is None:
+            if state == "held":
+                self.budgets.release(tx, record.hold_id)  # type: ignore[arg-type]
+            return True
+        if state in ("held", "expired"):
+            self.budgets.settle(tx, record.hold_id, record.event)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def _keep_spilled(self) -> None:
+        """At close: settlements still only in memory go to the journal's file if it takes
+        them now; what it does not is said, with the request ids (the process is ending)."""
+        if not self.spill.memory:
+            return
+        held, self.spill.memory = self.spill.memory, []
+        for record in held:
+            self.spill.append(record)
+        if self.spill.memory:
+            log.error("%d settlements the ledger refused could not be kept (the spill journal %s cannot be "
+                      "written): %s", len(self.spill.memory), self.spill.path,
+                      ", ".join(r.key for r in self.spill.memory))
 
     async def release(self, hold_id: str) -> None:
         """Give back the hold of a call that failed."""

@@ -48,6 +48,32 @@ class SchemaTooNewError(StoreError):
     pass
 
 
+class LedgerRefusing(StoreError):
+    """The ledger refuses writes for now (``refusal`` says why); a later write may succeed."""
+
+
+#: The SQLite errors by which a ledger refuses a write for now, with what they mean.
+_REFUSALS: Final = {
+    sqlite3.SQLITE_FULL: "the disk is full", sqlite3.SQLITE_IOERR: "an I/O error",
+    sqlite3.SQLITE_BUSY: "another connection held the write lock too long",
+    sqlite3.SQLITE_LOCKED: "the ledger is locked", sqlite3.SQLITE_READONLY: "the ledger is read-only",
+    sqlite3.SQLITE_CANTOPEN: "a file of the ledger cannot be opened",
+}
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why the ledger refused a write, when ``exc`` says it did for a passing reason (a full
+    disk, an I/O error, a lock held too long): a short reason; None for any other error."""
+    if isinstance(exc, LedgerRefusing):
+        return str(exc)
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) is not None:
+        reason = _REFUSALS.get(exc.sqlite_errorcode & 0xFF)
+        return f"{reason} ({exc})" if reason else None
+    if isinstance(exc, OSError) and exc.errno is not None:  # the log's fsync, or a file of the ledger
+        return f"an I/O error ({exc.strerror or exc})"
+    return None
+
+
 # --------------------------------------------------------------------------- schema
 
 _EVENT_COLUMNS: Final = (
@@ -672,6 +698,12 @@ class LedgerTx:
         cursor = self.conn.execute(_JOURNAL_ROW + ", (?, ?, ?, ?, ?)" * (len(rows) - 1),
                                    [value for row in rows for value in row])
         self.last_journal_id = int(cursor.lastrowid or self.max_journal_id())
+
+    def probe_write(self) -> None:
+        """Write the schema version as it is: a real write (a page of the log) that changes
+        nothing, to learn whether the ledger takes writes again."""
+        version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        self.conn.execute(f"PRAGMA user_version = {version}")
 
     def max_event_id(self) -> int:
         return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0])

@@ -205,8 +205,11 @@ class Gateway:
             beat.cancel()
             if self.streams:  # streams still relaying settle from what they received
                 await asyncio.wait(self.streams, timeout=10)
-            released = await self.governor.release_all()
-            await self._beat(stopped=True)
+            released = await self.governor.release_all()  # spilled if the ledger refuses them
+            try:
+                await self._beat(stopped=True)
+            except Exception:  # a ledger refusing writes: the engine still closes (and keeps what it spilled)
+                pass
             await self.transport.aclose()
             await self.engine.close()
             if released:

@@ -23,12 +23,13 @@ from typing import Any
 
 from engine import providers as prov
 from engine.budgets import Authorization, HoldError
-from engine.engine import CallRequest, Engine
+from engine.engine import RETRY_AFTER_S, CallRequest, Engine
 from engine.integrations.contract import MAX_TOKENS
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens
 from engine.ratelimits import Limit, RateLimiter
+from engine.store import LedgerRefusing
 
 KINDS = ("chat", "embeddings", "responses")
 
@@ -58,6 +59,13 @@ ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 4
 
 def bad_request(field_name: str, reason: str) -> Refused:
     return Refused(400, f"{field_name}: {reason}", "invalid_request_error", "invalid_value", field_name)
+
+
+def ledger_unavailable(reason: str) -> Refused:
+    """503 while the ledger refuses writes: the call was not made, and may be tried again."""
+    return Refused(503, f"the ledger refuses writes for now ({reason}); the call was not made, retry after "
+                        f"{RETRY_AFTER_S} s", "api_error", "ledger_unavailable", None,
+                   {"retry-after": str(RETRY_AFTER_S)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +195,7 @@ class Governor:
         self._served: tuple[list[prov.Provider], dict[str, list[prov.Provider]]] | None = None
         self.requests = 0
         self.errors = 0
+        engine.spill.reserve()  # room for settlements the ledger may refuse on a full disk
 
     async def registered(self, max_age_s: float = 5.0) -> list[prov.Provider]:
         """The registered providers, read again every few seconds (another process may add one)."""
@@ -230,6 +239,8 @@ class Governor:
             tokens, cap = request_tokens(kind, body)
         except FieldError as exc:
             raise bad_request(exc.field, exc.reason) from None
+        if self.engine.refusing is not None:
+            raise ledger_unavailable(self.engine.refusing)
         output = cap if cap is not None else (0 if kind == "embeddings" else 4096)
         now = self.engine.now_ms()
         limits = self._rate_limits(caller, tokens + output)
@@ -260,10 +271,13 @@ class Governor:
             else:
                 raise Refused(404, f"The model `{model}` is not served by any registered provider",
                               "invalid_request_error", "model_not_found", "model")
-        auth = await self.engine.authorize(CallRequest(
-            principal=caller.principal, model=applied, provider=target.name if target else provider,
-            team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
-            agent=caller.agent, input_tokens=tokens, max_tokens=output, request_id=request_id))
+        try:
+            auth = await self.engine.authorize(CallRequest(
+                principal=caller.principal, model=applied, provider=target.name if target else provider,
+                team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
+                agent=caller.agent, input_tokens=tokens, max_tokens=output, request_id=request_id))
+        except LedgerRefusing as exc:
+            raise ledger_unavailable(str(exc)) from None
         if not auth.allowed:
             raise self._budget_refusal(auth)
         try:
@@ -313,10 +327,8 @@ class Governor:
             reasoning_tokens=used.reasoning_tokens, latency_ms=round((time.perf_counter() - ticket.started) * 1000),
             status=status, cost_source="estimated" if estimated else "computed",
             tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
-        if ticket.hold_id:
-            await self.engine.settle(ticket.hold_id, event)
-        else:
-            await self.engine.record(self.engine.priced(event))
+        # Written, or spilled if the ledger refuses it: the call was answered, it is never lost.
+        await self.engine.settle_call(ticket.hold_id, event)
         limits = self._rate_limits(ticket.caller, 0)
         if any(limit.kind == "tokens" for limit in limits):
             actual = used.input_tokens + used.output_tokens
@@ -354,7 +366,7 @@ class Governor:
             ticket.settled = True
             self.open.pop(ticket.request_id, None)
             if ticket.hold_id:
-                await self.engine.release(ticket.hold_id)
+                await self.engine.settle_call(ticket.hold_id, None)
         return len(tickets)
 
 
