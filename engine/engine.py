@@ -49,7 +49,15 @@ from engine.budgets import (
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
-from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm, uncached_cost_nanos, uncached_costs
+from engine.pricing import (
+    ModelPrice,
+    PriceBook,
+    bundled_prices,
+    parse_litellm,
+    uncached_cost_nanos,
+    uncached_costs,
+    worst_cost_nanos,
+)
 from engine.store import (
     TIMELINE_FIELDS,
     BreakdownRow,
@@ -383,14 +391,17 @@ class Engine:
         return consumption_series(policy, amounts, start_ms, end_ms, bucket_ms)
 
     def worst_case(self, call: CallRequest) -> CallCost:
-        """The most a call can cost: its input estimate plus ``max_tokens`` of output (a
-        documented default when absent), all at the uncached rates of the model's price."""
-        output = call.max_tokens if call.max_tokens is not None else DEFAULT_MAX_OUTPUT_TOKENS
+        """The most a call can cost: its input bound (``pricing.prompt_bound``) plus
+        ``max_tokens`` of output (when absent, the model's most output, else a documented
+        default), at the dearest rates of the model's price (``pricing.worst_cost_nanos``)."""
         price = self._price_of(call)
+        output = call.max_tokens
+        if output is None:
+            output = price.max_output_tokens if price and price.max_output_tokens else DEFAULT_MAX_OUTPUT_TOKENS
         tokens = call.input_tokens + output
         if price is None:
             return CallCost(usd=0, tokens=tokens, priced=False)
-        return CallCost(usd=uncached_cost_nanos(price, call.input_tokens, output), tokens=tokens)
+        return CallCost(usd=worst_cost_nanos(price, call.input_tokens, output), tokens=tokens)
 
     def _price_of(self, call: CallRequest) -> ModelPrice | None:
         return self.prices.lookup(call.model, self.now_ms(), call.workspace, call.provider or None)
