@@ -41,6 +41,7 @@ from engine.budgets import (
     Evaluation,
     Forecast,
     Outcome,
+    Overshoot,
     Policy,
     consumption_series,
     forecast,
@@ -337,6 +338,11 @@ class Engine:
     async def policy_status(self) -> list[Outcome]:
         """Every policy as it stands now: consumed and held in its current window."""
         return await self._tx(self.budgets.snapshot)  # type: ignore[no-any-return]
+
+    async def overshoots(self, since_ms: int = 0) -> list[Overshoot]:
+        """Calls settled above their hold on a policy since ``since_ms``, oldest first."""
+        rows = await self._tx(lambda tx: tx.overshoots(since_ms))
+        return [Overshoot(*row) for row in rows]
 
     async def forecasts(self, lookback_ms: int = HOUR_MS) -> list[Forecast]:
         """Each policy's burn rate over the last ``lookback_ms`` and where it leads."""
