@@ -6,6 +6,7 @@ load; one counting beyond the bound is an overshoot, recorded, shown and alerted
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import unicodedata
 from collections.abc import Iterator
@@ -180,3 +181,22 @@ def test_the_worst_cost_bounds_every_way_a_provider_can_split_the_tokens(
                   cache_write_1h_tokens=data.draw(st.integers(0, write)), output_tokens=out,
                   reasoning_tokens=data.draw(st.integers(0, out)))
     assert cost_nanos(price, usage) <= worst_cost_nanos(price, input_tokens, output_tokens)
+
+
+@functools.cache
+def _openai_encodings() -> list[Any]:
+    bpe = pytest.importorskip("bpe_openai")
+    return [bpe.get_encoding(name) for name in ("o200k_base", "cl100k_base")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages)
+def test_the_bound_is_at_least_what_openais_real_tokenizers_count(msgs: list[dict[str, str]]) -> None:
+    """The o200k and cl100k tables ship offline in the ``bpe-openai`` test extra: what they
+    count for random unicode messages, with OpenAI's documented framing, is within the bound."""
+    body = {"model": "gpt-4o", "messages": msgs}
+    for encoding in _openai_encodings():
+        def count(text: str, enc: Any = encoding) -> int:
+            return len(enc.encode(text, disallowed_special=()))
+
+        assert 3 + sum(4 + count(m["role"]) + count(m["content"]) for m in msgs) <= prompt_bound(body)

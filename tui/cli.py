@@ -1010,7 +1010,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session")
     p.add_argument("--agent")
     p.add_argument("--input-tokens", type=int, help="estimated input tokens (default 0)")
-    p.add_argument("--max-tokens", type=int, help=f"output cap (default {4096})")
+    p.add_argument("--max-tokens", type=int, help="output cap (default: the model's most output, else 4096)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_check)
 
