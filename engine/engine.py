@@ -103,6 +103,7 @@ class CallRequest:
     input_tokens: int = 0
     max_tokens: int | None = None
     request_id: str = field(default_factory=lambda: "req_" + secrets.token_hex(8))
+    choices: int = 1  # the request's n: each choice may use all of the output
 
     def context(self) -> dict[str, str]:
         return {"workspace": self.workspace, "team": self.team, "principal": self.principal,
@@ -399,11 +400,13 @@ class Engine:
     def worst_case(self, call: CallRequest) -> CallCost:
         """The most a call can cost: its input bound (``pricing.prompt_bound``) plus
         ``max_tokens`` of output (when absent, the model's most output, else a documented
-        default), at the dearest rates of the model's price (``pricing.worst_cost_nanos``)."""
+        default) for each of its choices, at the dearest rates of the model's price
+        (``pricing.worst_cost_nanos``)."""
         price = self._price_of(call)
         output = call.max_tokens
         if output is None:
             output = price.max_output_tokens if price and price.max_output_tokens else DEFAULT_MAX_OUTPUT_TOKENS
+        output *= max(1, call.choices)
         tokens = call.input_tokens + output
         if price is None:
             return CallCost(usd=0, tokens=tokens, priced=False)

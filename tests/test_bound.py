@@ -137,10 +137,21 @@ async def test_without_max_tokens_the_hold_takes_the_models_most_output_and_n_ch
     assert most is not None and most.max_output_tokens
     assert engine.worst_case(CallRequest(principal="a", model="gpt-4o", input_tokens=10)).tokens == (
         10 + most.max_output_tokens)
-    from engine.integrations.governor import request_tokens
+    assert engine.worst_case(CallRequest(principal="a", model="gpt-4o", input_tokens=10, choices=3)).tokens == (
+        10 + 3 * most.max_output_tokens)
+    assert engine.worst_case(CallRequest(principal="a", model="gpt-4o", max_tokens=100, choices=3)).tokens == 300
 
-    assert request_tokens("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 3})[1] \
-        == 300
+
+def test_a_call_asking_for_n_choices_holds_n_times_its_max_tokens(
+        db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three choices of up to 100 tokens each, all used: no overshoot."""
+    fake = FakeOpenAI(count=lambda body: (every_byte(body)[0], body["n"] * body["max_tokens"]))
+    with _gateway(db_path, fake, ("tokens", "tokens", "1000000")) as (base, secret):
+        client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=100, n=3,
+                                       messages=[{"role": "user", "content": "hi"}])
+    [tokens] = _cli_json(capsys, "policy", "list", "--db", str(db_path), "--json")
+    assert tokens["consumed"] > 300 and tokens["overshoots"] == []
 
 
 # ----------------------------------------------------------------------------- the bound's properties

@@ -83,9 +83,9 @@ class Ticket:
 
 
 def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]:
-    """(estimated input tokens, the output cap the request sets: its max tokens times its
-    ``n`` choices); a FieldError names a bad field. The estimate is for routing, rate limits and
-    a settlement the provider gave no usage for; the hold bounds the input with ``prompt_bound``."""
+    """(estimated input tokens, the output cap the request sets); a FieldError names a bad
+    field. The estimate is for routing, rate limits and a settlement the provider gave no usage
+    for; the hold bounds the input with ``prompt_bound``, the output with the cap times ``n``."""
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -113,9 +113,6 @@ def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]
     cap = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0):
         raise FieldError("max_tokens", "must be a positive integer")
-    choices = body.get("n")
-    if cap is not None and isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
-        cap *= choices  # each choice may use all of max_tokens
     return tokens, cap
 
 
@@ -223,7 +220,9 @@ class Governor:
             tokens, cap = request_tokens(kind, body)
         except FieldError as exc:
             raise bad_request(exc.field, exc.reason) from None
-        output = cap if cap is not None else (0 if kind == "embeddings" else DEFAULT_MAX_OUTPUT_TOKENS)
+        choices = body.get("n")
+        choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1 else 1
+        output = choices * (cap if cap is not None else (0 if kind == "embeddings" else DEFAULT_MAX_OUTPUT_TOKENS))
         now = self.engine.now_ms()
         limits = self._rate_limits(caller, tokens + output)
         rate_headers: dict[str, str] = {}
@@ -257,7 +256,7 @@ class Governor:
             principal=caller.principal, model=applied, provider=target.name if target else provider,
             team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
             agent=caller.agent, input_tokens=prompt_bound(body), max_tokens=cap,  # no cap: the model's most
-            request_id=request_id))
+            choices=choices, request_id=request_id))
         if not auth.allowed:
             raise self._budget_refusal(auth)
         if auth.model and auth.model != applied:  # a downgrade policy moved the call
