@@ -486,14 +486,15 @@ def estimate_message_tokens(messages: list[dict[str, Any]]) -> int:
 
 # ----------------------------------------------------------------------------- token bounds
 #
-# A hold must bound what the provider can count, and no tokenizer ships here, so the input
-# part of a hold is a proven bound rather than an estimate (README: "The worst case"). Every
-# tokenizer in use is byte-level BPE (OpenAI's tiktoken encodings, Llama 3's, Mistral's Tekken,
-# Anthropic's published one) or SentencePiece with byte fallback (Gemini/Gemma, older Mistral
-# and Llama): each token stands for at least one byte of the text, or of its NFKC form where a
-# tokenizer normalizes first, so a text never costs more tokens than those bytes. What a
-# provider adds around the text (roles, message separators, the reply's priming) is bounded
-# by the constants below, from the vendors' documented chat formats.
+# A hold must bound what the provider can count, and no tokenizer ships at run time, so the
+# input part of a hold is a proven bound rather than an estimate (README: "The worst case").
+# Every tokenizer in use is byte-level BPE (OpenAI's tiktoken encodings, Llama 3's, Mistral's
+# Tekken, the one Anthropic published for its earlier models) or SentencePiece with byte
+# fallback (Gemini/Gemma, older Mistral and Llama): each token stands for at least one byte
+# of the text, or of its NFKC form where a tokenizer normalizes first, so a text never costs
+# more tokens than those bytes. What a provider adds around the text (roles, message
+# separators, the reply's priming) is bounded by the constants below, from the vendors'
+# documented chat formats.
 
 #: Tokens a request's framing can add: OpenAI primes every reply with 3; Llama 3 and Gemma
 #: open with a begin-of-text token and the assistant's header (up to 5).
