@@ -1,5 +1,6 @@
-"""Alerts: threshold crossings and projected overruns, stored once per window, delivered to
-webhooks (generic JSON or Slack-compatible) with retries and a delivery log.
+"""Alerts: threshold crossings and projected overruns, stored once per window, and calls
+settled above their hold (an overshoot, once each), delivered to webhooks (generic JSON or
+Slack-compatible) with retries and a delivery log.
 
 Crossings are found inside the ledger's write transaction (``crossed`` is pure); the
 alert row's uniqueness (policy, window, kind, threshold) makes each one fire once per
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from engine.budgets import Forecast, Policy
+from engine.models import UsageEvent
 
 RETRY_DELAYS_S: Final = (0.5, 2.0, 8.0)
 WEBHOOK_KINDS: Final = ("generic", "slack")
@@ -28,7 +30,7 @@ class Alert:
     id: int
     policy_id: str
     window_start_ms: int
-    kind: str  # threshold, soft or forecast
+    kind: str  # threshold, soft, forecast or overshoot (threshold: the overshoot's id)
     threshold: int
     ts_ms: int
     value: int
@@ -56,6 +58,13 @@ def crossing_message(policy: Policy, kind: str, threshold: int, consumed: int) -
         return f"{policy.name} passed its soft limit: {fmt(consumed)} of {fmt(policy.soft or 0)}"
     return (f"{policy.name} reached {threshold}% of its hard limit: {fmt(consumed)} of {fmt(policy.hard)} "
             f"this {policy.window}")
+
+
+def overshoot_message(policy: Policy, event: UsageEvent, held: int, settled: int) -> str:
+    fmt = policy.format_amount
+    return (f"{policy.name} ({policy.id}): call {event.request_id} ({event.model} via {event.provider or '?'}, "
+            f"{event.principal or '?'}) settled at {fmt(settled)} against a hold of {fmt(held)}: the provider "
+            f"counted more than the bound held, and the hard limit can be passed by {fmt(settled - held)}")
 
 
 def forecast_message(f: Forecast) -> str:

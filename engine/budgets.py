@@ -482,6 +482,22 @@ class _Counter:
 
 
 @dataclass(frozen=True, slots=True)
+class Overshoot:
+    """A call that settled above its hold on a policy, in the policy's metric."""
+
+    id: int
+    ts_ms: int
+    request_id: str
+    policy_id: str
+    held: int
+    settled: int
+
+    @property
+    def excess(self) -> int:
+        return self.settled - self.held
+
+
+@dataclass(frozen=True, slots=True)
 class Authorization:
     """The answer to a call: its evaluation and, if it may go ahead, the hold placed for it."""
 
@@ -764,15 +780,18 @@ class BudgetBook:
         change: a failed operation is rolled back to its savepoint alone, and memory must not
         keep what the ledger does not."""
         (result,) = tx.append([event])
-        closed = self._close(tx, hold_id, "settled", self._now(), {
-            "usd": event.cost_nanos or 0, "tokens": event.input_tokens + event.output_tokens,
-            "requests": 0 if event.status == "blocked" else 1})
+        now = self._now()
+        actual = {"usd": event.cost_nanos or 0, "tokens": event.input_tokens + event.output_tokens,
+                  "requests": 0 if event.status == "blocked" else 1}
+        closed = self._close(tx, hold_id, "settled", now, actual)
         if closed is None:
             state = tx.hold_state(hold_id)
             if state is None:
                 raise HoldError(f"hold {hold_id} does not exist")
             if state in ("settled", "released"):
                 raise HoldError(f"hold {hold_id} is already {state}")
+        else:
+            self._overshoots(tx, hold_id, event, closed.lines, actual, now)
         if tx.appended_id == self._last_event + 1:  # nothing came between: fold the event from here
             self._fold_event((tx.appended_id, event.ts_ms, event.workspace, event.team, event.principal,
                               event.token_id, event.provider, event.model, event.session, event.agent,
@@ -781,6 +800,22 @@ class BudgetBook:
             for row in tx.events_since(self._last_event):
                 self._fold_event(row)
         return result
+
+    def _overshoots(self, tx: LedgerTx, hold_id: str, event: UsageEvent, lines: Sequence[tuple[str, int]],
+                    actual: Mapping[str, int], now: int) -> None:
+        """Record, and alert on, each policy the call settled above its hold on: the provider
+        counted more than the hold's bound, so the hard limit may be passed by the difference."""
+        from engine.alerts import overshoot_message
+
+        for policy_id, held in lines:
+            counter = self._counters.get(policy_id)
+            if counter is None or (settled := actual[counter.policy.metric]) <= held:
+                continue
+            overshoot_id = tx.record_overshoot(now, event.request_id, hold_id, policy_id, held, settled)
+            alert_id = tx.raise_alert(policy_id, now, "overshoot", overshoot_id, now, settled - held,
+                                      overshoot_message(counter.policy, event, held, settled))
+            if alert_id is not None:
+                self._raising.append(alert_id)
 
     def release(self, tx: LedgerTx, hold_id: str) -> None:
         """Give a hold back (the call failed before costing anything)."""

@@ -42,6 +42,7 @@ from engine.budgets import (
     Evaluation,
     Forecast,
     Outcome,
+    Overshoot,
     Policy,
     consumption_series,
     forecast,
@@ -50,7 +51,15 @@ from engine.budgets import (
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
-from engine.pricing import ModelPrice, PriceBook, bundled_prices, parse_litellm, uncached_cost_nanos, uncached_costs
+from engine.pricing import (
+    ModelPrice,
+    PriceBook,
+    bundled_prices,
+    parse_litellm,
+    uncached_cost_nanos,
+    uncached_costs,
+    worst_cost_nanos,
+)
 from engine.spill import SUFFIX as SPILL_SUFFIX
 from engine.spill import Spilled, SpillJournal
 from engine.store import (
@@ -118,6 +127,7 @@ class CallRequest:
     input_tokens: int = 0
     max_tokens: int | None = None
     request_id: str = field(default_factory=lambda: "req_" + secrets.token_hex(8))
+    choices: int = 1  # the request's n: each choice may use all of the output
 
     def context(self) -> dict[str, str]:
         return {"workspace": self.workspace, "team": self.team, "principal": self.principal,
@@ -422,6 +432,11 @@ class Engine:
         """Every policy as it stands now: consumed and held in its current window."""
         return await self._tx(self.budgets.snapshot)  # type: ignore[no-any-return]
 
+    async def overshoots(self, since_ms: int = 0) -> list[Overshoot]:
+        """Calls settled above their hold on a policy since ``since_ms``, oldest first."""
+        rows = await self._tx(lambda tx: tx.overshoots(since_ms))
+        return [Overshoot(*row) for row in rows]
+
     async def forecasts(self, lookback_ms: int = HOUR_MS) -> list[Forecast]:
         """Each policy's burn rate over the last ``lookback_ms`` and where it leads."""
         now = self.now_ms()
@@ -475,14 +490,19 @@ class Engine:
         return consumption_series(policy, amounts, start_ms, end_ms, bucket_ms)
 
     def worst_case(self, call: CallRequest) -> CallCost:
-        """The most a call can cost: its input estimate plus ``max_tokens`` of output (a
-        documented default when absent), all at the uncached rates of the model's price."""
-        output = call.max_tokens if call.max_tokens is not None else DEFAULT_MAX_OUTPUT_TOKENS
+        """The most a call can cost: its input bound (``pricing.prompt_bound``) plus
+        ``max_tokens`` of output (when absent, the model's most output, else a documented
+        default) for each of its choices, at the dearest rates of the model's price
+        (``pricing.worst_cost_nanos``)."""
         price = self._price_of(call)
+        output = call.max_tokens
+        if output is None:
+            output = price.max_output_tokens if price and price.max_output_tokens else DEFAULT_MAX_OUTPUT_TOKENS
+        output *= max(1, call.choices)
         tokens = call.input_tokens + output
         if price is None:
             return CallCost(usd=0, tokens=tokens, priced=False)
-        return CallCost(usd=uncached_cost_nanos(price, call.input_tokens, output), tokens=tokens)
+        return CallCost(usd=worst_cost_nanos(price, call.input_tokens, output), tokens=tokens)
 
     def _price_of(self, call: CallRequest) -> ModelPrice | None:
         return self.prices.lookup(call.model, self.now_ms(), call.workspace, call.provider or None)

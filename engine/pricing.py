@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -94,6 +95,26 @@ def uncached_cost_nanos(price: ModelPrice, input_tokens: int, output_tokens: int
     if not price.tiers or input_tokens <= price.tiers[0].threshold_tokens:  # no long-context tier: base rates
         return cost_from_femtos(input_tokens * price.input + output_tokens * price.output)
     return cost_from_femtos(_femtos(price, input_tokens, 0, 0, 0, output_tokens, 0))
+
+
+def worst_cost_nanos(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:
+    """The most a call of at most ``input_tokens`` in and ``output_tokens`` out can cost at
+    ``price``, however the provider splits them: every input token at the dearest input-side
+    rate (uncached, cache read, cache write, one-hour write) and every output token at the
+    dearer of output and reasoning, in the dearest long-context tier the input can reach.
+    A hold of this is an upper bound of ``cost_nanos`` for any such usage."""
+    input_rate = output_rate = 0
+    for tier in (None, *price.tiers):
+        if tier is not None and (tier.input is None or input_tokens <= tier.threshold_tokens):
+            continue
+        rate = tier.input if tier is not None and tier.input is not None else price.input
+        read = tier.cache_read if tier is not None and tier.cache_read is not None else price.cache_read
+        write = tier.cache_write if tier is not None and tier.cache_write is not None else price.cache_write
+        write_1h = tier.cache_write_1h if tier is not None and tier.cache_write_1h is not None else price.cache_write_1h
+        input_rate = max(input_rate, rate, read or 0, write or 0, write_1h or 0)
+        out = tier.output if tier is not None and tier.output is not None else price.output
+        output_rate = max(output_rate, out, price.reasoning or 0)
+    return cost_from_femtos(input_tokens * input_rate + output_tokens * output_rate)
 
 
 def uncached_costs(prices: Sequence[ModelPrice], input_tokens: int, output_tokens: int) -> list[int]:
@@ -460,4 +481,129 @@ def estimate_message_tokens(messages: list[dict[str, Any]]) -> int:
                 total += estimate_tokens(message[key])
         if message.get("tool_calls"):
             total += estimate_tokens(json.dumps(message["tool_calls"]))
+    return total
+
+
+# ----------------------------------------------------------------------------- token bounds
+#
+# A hold must bound what the provider can count, and no tokenizer ships at run time, so the
+# input part of a hold is a proven bound rather than an estimate (README: "The worst case").
+# Every tokenizer in use is byte-level BPE (OpenAI's tiktoken encodings, Llama 3's, Mistral's
+# Tekken, the one Anthropic published for its earlier models) or SentencePiece with byte
+# fallback (Gemini/Gemma, older Mistral and Llama): each token stands for at least one byte
+# of the text, or of its NFKC form where a tokenizer normalizes first, so a text never costs
+# more tokens than those bytes. What a provider adds around the text (roles, message
+# separators, the reply's priming) is bounded by the constants below, from the vendors'
+# documented chat formats.
+
+#: Tokens a request's framing can add: OpenAI primes every reply with 3; Llama 3 and Gemma
+#: open with a begin-of-text token and the assistant's header (up to 5).
+REQUEST_FRAMING_TOKENS: Final = 16
+#: Tokens each message (or embedding input) adds around its role and text: OpenAI documents
+#: 3 (4 with a name); Llama 3 4 plus a line break, Gemma 3 plus a line break, SentencePiece's
+#: dummy prefix one more. The role and name themselves are counted as text.
+MESSAGE_FRAMING_TOKENS: Final = 8
+#: Tokens an image part is held at: the most a vendor documents for one image (Anthropic
+#: about 1,600; OpenAI gpt-4o high detail 1,445; gpt-4.1-mini, -nano and o4-mini 1,536 patches
+#: at their multipliers, up to 3,779; Gemini 258 a tile or 1,120 at high resolution). Not a
+#: bound for gpt-4o-mini, which counts an image at up to 48,169 tokens to charge gpt-4o's price.
+IMAGE_BOUND_TOKENS: Final = 4_000
+#: Tokens a request with tools adds once for the instructions the provider puts around them:
+#: Anthropic documents a tool-use system prompt of up to 530 tokens, computer use 499.
+TOOLS_PROMPT_TOKENS: Final = 1_024
+#: Tokens each tool adds besides its JSON (OpenAI renders tools as TypeScript declarations),
+#: and a vendor-defined tool with no schema of its own (Anthropic's computer use 735 tokens,
+#: text editor 700, bash 245) is held at.
+TOOL_FRAMING_TOKENS: Final = 32
+VENDOR_TOOL_TOKENS: Final = 1_024
+
+IMAGE_PART_TYPES: Final = frozenset({"image_url", "image", "input_image"})
+#: Request fields that carry no text the model reads (sampling, limits, routing, metadata).
+NOT_PROMPT_FIELDS: Final = frozenset({
+    "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n",
+    "temperature", "top_p", "top_k", "seed", "user", "metadata", "store", "logprobs", "top_logprobs",
+    "presence_penalty", "frequency_penalty", "logit_bias", "stop", "stop_sequences", "service_tier",
+    "parallel_tool_calls", "reasoning_effort", "reasoning", "thinking", "encoding_format", "dimensions",
+    "truncation", "include", "background", "safety_identifier", "prompt_cache_key", "modalities", "verbosity"})
+_TOOL_FIELDS: Final = ("tools", "functions")
+
+
+def text_bound(text: str) -> int:
+    """The most tokens ``text`` can be: its UTF-8 bytes, or those of its NFKC form if more
+    (one character, U+FDFA, grows from 3 bytes to 33)."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if not text.isascii():
+        size = max(size, len(unicodedata.normalize("NFKC", text).encode("utf-8", "surrogatepass")))
+    return size
+
+
+def json_bound(value: Any) -> int:
+    """The most tokens a JSON value can be as a provider renders it (tool schemas, tool calls,
+    unknown content parts): its compact JSON's bytes, strings unescaped, with each image part
+    at ``IMAGE_BOUND_TOKENS``. Walked without recursion, whatever the nesting."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += text_bound(item) + 2
+        elif isinstance(item, dict):
+            if item.get("type") in IMAGE_PART_TYPES:
+                total += IMAGE_BOUND_TOKENS
+                continue
+            total += 2 + 2 * len(item) + sum(text_bound(str(key)) + 2 for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            total += 2 + len(item)
+            stack.extend(item)
+        else:
+            total += len(json.dumps(item))
+    return total
+
+
+def _message_bound(message: Any) -> int:
+    """One message (or input item) at most: framing, its text parts as text, the rest as JSON."""
+    if isinstance(message, str):
+        return MESSAGE_FRAMING_TOKENS + text_bound(message)
+    if isinstance(message, int) and not isinstance(message, bool):
+        return 1  # a token id
+    if not isinstance(message, dict):
+        return json_bound(message)
+    if message.get("type") in IMAGE_PART_TYPES:
+        return IMAGE_BOUND_TOKENS
+    total = MESSAGE_FRAMING_TOKENS
+    for key, value in message.items():
+        if key in ("content", "text") and isinstance(value, str):
+            total += text_bound(value)
+        elif key == "content" and isinstance(value, list):
+            total += sum(text_bound(part["text"]) if isinstance(part, dict) and part.get("type") in (
+                "text", "input_text", "output_text") and isinstance(part.get("text"), str)
+                and len(part) == 2 else json_bound(part) for part in value)
+        elif key == "role" and isinstance(value, str):
+            total += text_bound(value)
+        else:
+            total += text_bound(str(key)) + json_bound(value)
+    return total
+
+
+def prompt_bound(body: Mapping[str, Any]) -> int:
+    """The most input tokens a provider can count for a chat, messages, responses or embeddings
+    request: each message at its text's bytes and framing, every other field that carries text
+    (system, instructions, tools, response formats, unknown fields) as JSON, images at
+    ``IMAGE_BOUND_TOKENS``, and the request's framing. Content the request only refers to
+    (``previous_response_id``, a stored prompt, files by id, server tools' results) cannot be
+    bounded from the body."""
+    total = REQUEST_FRAMING_TOKENS
+    for key, value in body.items():
+        if key in NOT_PROMPT_FIELDS:
+            continue
+        if key in ("messages", "input") and isinstance(value, list):
+            total += sum(_message_bound(item) for item in value)
+        elif key in ("input", "instructions", "system", "prompt") and isinstance(value, str):
+            total += MESSAGE_FRAMING_TOKENS + text_bound(value)
+        else:
+            total += text_bound(key) + json_bound(value)
+        if key in _TOOL_FIELDS and isinstance(value, list) and value:
+            total += TOOLS_PROMPT_TOKENS + TOOL_FRAMING_TOKENS * len(value) + VENDOR_TOOL_TOKENS * sum(
+                1 for tool in value if isinstance(tool, dict) and tool.get("type") not in (None, "function", "custom")
+                and "input_schema" not in tool)
     return total

@@ -376,6 +376,20 @@ ALTER TABLE usage_events ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAU
 """
     + "".join(f"ALTER TABLE rollup_{name} ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;\n"
               for name in _ROLLUP_TABLES),
+    # A call that settled above its hold on a policy (the provider counted more than the bound
+    # held): the amounts in the policy's metric. A table only added: older processes are unaffected.
+    """
+CREATE TABLE overshoots (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    hold_id TEXT NOT NULL,
+    policy_id TEXT NOT NULL,
+    held INTEGER NOT NULL,
+    settled INTEGER NOT NULL CHECK (settled > held)
+);
+CREATE INDEX overshoots_policy ON overshoots (policy_id, ts_ms);
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -842,6 +856,18 @@ class LedgerTx:
             (policy_id, window_start_ms, kind, threshold, now_ms, value, message))
         return cur.lastrowid if cur.rowcount else None
 
+
+    def record_overshoot(self, now_ms: int, request_id: str, hold_id: str, policy_id: str, held: int,
+                         settled: int) -> int:
+        """Record a call settled above its hold on a policy; the overshoot's id."""
+        cur = self.conn.execute("INSERT INTO overshoots (ts_ms, request_id, hold_id, policy_id, held, settled) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", (now_ms, request_id, hold_id, policy_id, held, settled))
+        return int(cur.lastrowid or 0)
+
+    def overshoots(self, since_ms: int = 0) -> list[tuple[int, int, str, str, int, int]]:
+        """(id, ts, request id, policy, held, settled) of each overshoot since ``since_ms``, oldest first."""
+        return self.conn.execute("SELECT id, ts_ms, request_id, policy_id, held, settled FROM overshoots "
+                                 "WHERE ts_ms >= ? ORDER BY id", (since_ms,)).fetchall()
 
     def alerts(self, *, include_acked: bool, limit: int) -> list[tuple[Any, ...]]:
         where = "" if include_acked else "WHERE acked_ms IS NULL"

@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -81,8 +81,11 @@ class FakeOpenAI:
 
     REPLY = "Hello from the fake provider."
 
-    def __init__(self) -> None:
+    def __init__(self, count: Callable[[dict[str, Any]], tuple[int, int]] | None = None) -> None:
+        """``count``: (prompt tokens, completion tokens) a chat is reported at, from its body;
+        by default 10 plus a quarter of the last message's length, and 7."""
         self.requests: list[dict[str, Any]] = []
+        self.count = count
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -108,8 +111,9 @@ class FakeOpenAI:
     async def chat(self, request: Request) -> Response:
         body = await self._record(request)
         text = self._last_text(body)
-        prompt_tokens = 10 + len(text) // 4
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 7, "total_tokens": prompt_tokens + 7,
+        prompt_tokens, completion_tokens = self.count(body) if self.count else (10 + len(text) // 4, 7)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens,
                  "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
         if "#fail" in text:
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)

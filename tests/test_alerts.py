@@ -51,7 +51,8 @@ async def test_a_policy_past_its_thresholds_does_not_write_its_alerts_again_on_e
     engine.store._writer._conn.set_trace_callback(  # every statement the ledger's writer runs
         lambda sql: writes.append(sql) if sql.startswith("INSERT INTO alerts") else None)
     for n in range(5):
-        call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=100, max_tokens=100)
+        # A hold of up to $0.012, above the $0.01 each call settles at (else it is an overshoot, alerted)
+        call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=100, max_tokens=20_000)
         auth = await engine.authorize(call)
         assert auth.hold_id
         await engine.settle(auth.hold_id, _spend(10 + n, 0.01))

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from engine.access import AccessDenied
 from engine.approvals import ApprovalError, OverrideRequest
-from engine.budgets import Outcome, parse_amount
+from engine.budgets import Outcome, Overshoot, parse_amount
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, format_span, iso, parse_duration_ms
 from engine.engine import Engine, default_db_path, local_identity
 from engine.models import FieldError, parse_timestamp_ms
@@ -422,18 +422,29 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _policy_row(o: Outcome) -> list[str]:
+def _policy_row(o: Outcome, over: list[Overshoot]) -> list[str]:
     p = o.policy
     fmt = p.format_amount
     used = o.consumed + o.held
     pct = f"{100 * used / p.hard:.0f}%" if p.hard else "-"
     return [p.id, p.name[:40], str(p.scope), str(p.window) + ("" if p.window.tz == "UTC" else f" {p.window.tz}"),
-            p.mode if p.enabled else "disabled", fmt(o.consumed), fmt(o.held), fmt(p.hard), pct]
+            p.mode if p.enabled else "disabled", fmt(o.consumed), fmt(o.held), fmt(p.hard), pct,
+            fmt(sum(x.excess for x in over)) if over else "-"]
 
 
-def _policy_json(o: Outcome) -> dict[str, Any]:
+def _policy_json(o: Outcome, over: list[Overshoot]) -> dict[str, Any]:
     return {**o.policy.to_json(), "consumed": o.consumed, "held": o.held,
-            "window_start": iso(o.window_start_ms), "window_end": iso(o.window_end_ms), "status": o.status}
+            "window_start": iso(o.window_start_ms), "window_end": iso(o.window_end_ms), "status": o.status,
+            "overshoot": sum(x.excess for x in over),
+            "overshoots": [{"request_id": x.request_id, "ts": iso(x.ts_ms), "held": x.held, "settled": x.settled}
+                           for x in over]}
+
+
+async def _with_overshoots(engine: Engine) -> list[tuple[Outcome, list[Overshoot]]]:
+    """Each policy's status and the calls settled above their hold on it in its current window."""
+    status = await engine.policy_status()
+    found = await engine.overshoots(min((o.window_start_ms for o in status), default=0))
+    return [(o, [x for x in found if x.policy_id == o.policy.id and x.ts_ms >= o.window_start_ms]) for o in status]
 
 
 async def cmd_policy_add(args: argparse.Namespace) -> int:
@@ -453,24 +464,24 @@ async def cmd_policy_add(args: argparse.Namespace) -> int:
 
 async def cmd_policy_list(args: argparse.Namespace) -> int:
     async with await _open(args) as engine:
-        status = await engine.policy_status()
+        status = await _with_overshoots(engine)
     if args.json:
-        print(_json([_policy_json(o) for o in status]))
+        print(_json([_policy_json(o, over) for o, over in status]))
     elif not status:
         print("No policies yet. Add one with: budgeteer policy add --scope team:ml --metric usd --window month "
               "--hard 500")
     else:
-        print(_table(["id", "name", "scope", "window", "mode", "consumed", "held", "hard", "used"],
-                     [_policy_row(o) for o in status], right=range(5, 9)))
+        print(_table(["id", "name", "scope", "window", "mode", "consumed", "held", "hard", "used", "overshoot"],
+                     [_policy_row(o, over) for o, over in status], right=range(5, 10)))
     return EXIT_OK
 
 
 async def cmd_policy_show(args: argparse.Namespace) -> int:
     async with await _open(args) as engine:
         await engine.policy(args.id)
-        status = {o.policy.id: o for o in await engine.policy_status()}[args.id]
+        status, over = {o.policy.id: (o, x) for o, x in await _with_overshoots(engine)}[args.id]
     if args.json:
-        print(_json(_policy_json(status)))
+        print(_json(_policy_json(status, over)))
         return EXIT_OK
     p = status.policy
     fmt = p.format_amount
@@ -481,6 +492,8 @@ async def cmd_policy_show(args: argparse.Namespace) -> int:
             ["alert thresholds", ", ".join(f"{t}%" for t in p.thresholds)], ["mode", p.mode],
             ["on the hard limit", p.action], ["enabled", "yes" if p.enabled else "no"],
             ["consumed", fmt(status.consumed)], ["held", fmt(status.held)],
+            ["overshoot", f"{fmt(sum(x.excess for x in over))} by {len(over)} call(s) settled above their hold"
+                          if over else "-"],
             ["created", f"{iso(p.created_ms)} by {p.created_by or '?'}"],
             ["updated", f"{iso(p.updated_ms)} by {p.updated_by or '?'}"]]
     print(f"policy {p.id}")
@@ -1001,7 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session")
     p.add_argument("--agent")
     p.add_argument("--input-tokens", type=int, help="estimated input tokens (default 0)")
-    p.add_argument("--max-tokens", type=int, help=f"output cap (default {4096})")
+    p.add_argument("--max-tokens", type=int, help="output cap (default: the model's most output, else 4096)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_check)
 

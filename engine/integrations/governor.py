@@ -22,12 +22,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine import providers as prov
-from engine.budgets import Authorization, HoldError
+from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, HoldError
 from engine.engine import RETRY_AFTER_S, CallRequest, Engine
 from engine.integrations.contract import MAX_TOKENS
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
-from engine.pricing import estimate_message_tokens, estimate_tokens
+from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
 from engine.ratelimits import Limit, RateLimiter
 from engine.store import LedgerRefusing
 
@@ -103,7 +103,9 @@ class Ticket:
 
 
 def request_tokens(kind: str, body: Mapping[str, Any]) -> tuple[int, int | None]:
-    """(estimated input tokens, the output cap the request sets); a FieldError names a bad field."""
+    """(estimated input tokens, the output cap the request sets); a FieldError names a bad
+    field. The estimate is for routing, rate limits and a settlement the provider gave no usage
+    for; the hold bounds the input with ``prompt_bound``, the output with the cap times ``n``."""
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -241,7 +243,9 @@ class Governor:
             raise bad_request(exc.field, exc.reason) from None
         if self.engine.refusing is not None:
             raise ledger_unavailable(self.engine.refusing)
-        output = cap if cap is not None else (0 if kind == "embeddings" else 4096)
+        choices = body.get("n")
+        choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1 else 1
+        output = choices * (cap if cap is not None else (0 if kind == "embeddings" else DEFAULT_MAX_OUTPUT_TOKENS))
         now = self.engine.now_ms()
         limits = self._rate_limits(caller, tokens + output)
         rate_headers: dict[str, str] = {}
@@ -275,7 +279,8 @@ class Governor:
             auth = await self.engine.authorize(CallRequest(
                 principal=caller.principal, model=applied, provider=target.name if target else provider,
                 team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
-                agent=caller.agent, input_tokens=tokens, max_tokens=output, request_id=request_id))
+                agent=caller.agent, input_tokens=prompt_bound(body), max_tokens=cap,  # no cap: the model's most
+                choices=choices, request_id=request_id))
         except LedgerRefusing as exc:
             raise ledger_unavailable(str(exc)) from None
         if not auth.allowed:
