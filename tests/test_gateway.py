@@ -161,8 +161,9 @@ def test_embeddings_responses_and_models(gateway: tuple[str, str], db_path: Path
 
 def test_errors_take_openai_shape(gateway: tuple[str, str], db_path: Path) -> None:
     base, secret = gateway
-    with pytest.raises(openai.AuthenticationError) as wrong:
-        openai.OpenAI(base_url=base, api_key="bgt_" + "x" * 43, max_retries=0).models.list()
+    with pytest.raises(openai.AuthenticationError) as wrong, \
+            openai.OpenAI(base_url=base, api_key="bgt_" + "x" * 43, max_retries=0) as refused:
+        refused.models.list()
     assert wrong.value.status_code == 401 and wrong.value.body["code"] == "invalid_api_key"  # type: ignore[index]
     with httpx.Client(timeout=10) as http:
         auth = {"authorization": f"Bearer {secret}"}
