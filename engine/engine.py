@@ -475,9 +475,12 @@ class Engine:
         vault, ref = self.vault(), audit.key_ref(ledger)
         if vault.holds(ref):
             if not vault.open_without_asking:
-                raise FieldError("vault", "holds the audit journal's key and is locked: unlock it (set "
-                                          "BUDGETEER_VAULT_PASSPHRASE, or the dashboard's vault screen) to make "
-                                          "changes; nothing was changed")
+                unlock = "unlock it (set BUDGETEER_VAULT_PASSPHRASE, or the dashboard's vault screen)"
+                if not create:
+                    raise vault_mod.VaultError(f"the vault holds the audit journal's key and is locked: {unlock} "
+                                               "to verify the chain")
+                raise FieldError("vault", f"holds the audit journal's key and is locked: {unlock} to make changes; "
+                                          "nothing was changed")
             try:
                 key = audit.ChainKey.from_secret(vault.get(ref))
             except ValueError as exc:
