@@ -119,7 +119,7 @@ async def test_a_locked_vault_holding_the_key_refuses_the_change(
         with pytest.raises(FieldError, match="holds the audit journal's key and is locked"):
             await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="5"))
         assert len(await engine.policies()) == 1
-        with pytest.raises(VaultError, match="locked: .* to verify the chain"):
+        with pytest.raises(VaultError, match=r"locked: .* to verify the chain"):
             await engine.verify_audit()
         await engine.vault_unlock("pw")
         await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="5"))
