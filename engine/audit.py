@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from engine.models import FieldError
+
 GENESIS: Final = "0" * 64
 #: The vault reference of a ledger's chain key: this prefix and the ledger's id.
 KEY_REF_PREFIX: Final = "audit-key."
@@ -194,8 +196,8 @@ def append(conn: sqlite3.Connection, ts_ms: int, actor: str, action: str, subjec
     row = conn.execute("SELECT id, hash FROM audit_journal ORDER BY id DESC LIMIT 1").fetchone()
     entry_id, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS)
     if key is not None and entry_id < key.first:
-        raise ValueError(f"the audit journal ends at entry {entry_id - 1} but its key in the vault covers entries "
-                         f"from {key.first}: entries are missing ('budgeteer audit verify' names them)")
+        raise FieldError("audit", f"the journal ends at entry {entry_id - 1} but its key in the vault covers "
+                                  f"entries from {key.first}: entries are missing ('audit verify' names them)")
     b, a = _canonical(before), _canonical(after)
     digest = entry_hash(entry_id, ts_ms, actor, action, subject, b, a, prev, key.key if key else None)
     conn.execute("INSERT INTO audit_journal (id, ts_ms, actor, action, subject, before, after, prev_hash, hash) "
