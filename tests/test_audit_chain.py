@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,43 @@ async def test_the_anchor_is_posted_to_the_webhooks_once_a_day(engine: Engine, c
 def test_the_vault_refuses_the_reserved_name(tmp_path: Path) -> None:
     with pytest.raises(FieldError, match="kept for the audit journal's key"):
         Vault(tmp_path / "v.json", lambda: "pw", backend="file").set("audit-key.x", "s", 0)
+
+
+def test_a_running_gateway_posts_the_anchor(db_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from engine.integrations.gateway import create_app
+    from tests.asgi_servers import serve
+
+    posted: list[dict[str, object]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posted.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    async def prepare() -> str:
+        async with await Engine.open(db_path) as engine:
+            await engine.add_webhook(f"http://127.0.0.1:{server.server_address[1]}/hook")
+            await _changes(engine, 3)
+            head = await engine.audit_anchor()
+            assert head is not None
+            return head.hash
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Hook) as server:
+        Thread(target=server.serve_forever, daemon=True).start()
+        head = asyncio.run(prepare())
+        with serve(create_app(db_path)):
+            for _ in range(100):
+                if posted:
+                    break
+                time.sleep(0.05)
+        server.shutdown()
+    assert [p["audit_anchor"]["entry"] for p in posted] == [3]  # type: ignore[index]
+    assert posted[0]["audit_anchor"]["hash"] == head  # type: ignore[index]
