@@ -88,10 +88,16 @@ def payload(alert: Alert, kind: str) -> dict[str, Any]:
 async def deliver(client: httpx.AsyncClient, url: str, kind: str, alert: Alert,
                   delays: Sequence[float] = RETRY_DELAYS_S) -> list[tuple[int, bool, str]]:
     """POST one alert, retrying on failure; (attempt, ok, detail) per attempt. Details never hold the URL."""
+    return await post_json(client, url, payload(alert, kind), delays)
+
+
+async def post_json(client: httpx.AsyncClient, url: str, body: Any,
+                    delays: Sequence[float] = RETRY_DELAYS_S) -> list[tuple[int, bool, str]]:
+    """POST a JSON body to a webhook as ``deliver`` does."""
     attempts: list[tuple[int, bool, str]] = []
     for attempt in range(1, len(delays) + 2):
         try:
-            response = await client.post(url, content=json.dumps(payload(alert, kind)),
+            response = await client.post(url, content=json.dumps(body),
                                          headers={"content-type": "application/json"})
             ok = 200 <= response.status_code < 300
             attempts.append((attempt, ok, f"HTTP {response.status_code}"))

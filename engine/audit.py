@@ -6,13 +6,25 @@ its id, time, actor, action, subject, before, after and that previous hash. Edit
 entry changes its hash; deleting one breaks the next entry's link; moving one breaks two.
 ``verify`` walks the chain and names the first entry that does not fit.
 
+The chain is keyed: an entry's hash is an HMAC-SHA256 under a 32-byte key kept in the
+credential vault (``vault:audit-key.<ledger id>``), never in the ledger, so whoever can
+write the ledger file but not read the vault cannot re-chain edited entries. The vault
+also holds the id of the first entry the key covers (``ChainKey.first``): entries before
+it, written before this version or while no vault could take a key, are the legacy
+chain (plain SHA-256), checked as such, and bound to the keyed chain by the first keyed
+entry's link. Triggers make the table append-only to SQL (``BEFORE UPDATE`` and ``BEFORE
+DELETE`` raise). Deleting the newest entries leaves a shorter chain that still fits: an
+``Anchor`` (the head's id and hash, kept elsewhere by the operator) names them.
+
 Callers pass records that hold no secret (a token appears by id and prefix, never by its
 secret or hash); ``append`` refuses any record with a key that looks like one.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 import sqlite3
 from collections.abc import Mapping
@@ -20,7 +32,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from engine.models import FieldError
+
 GENESIS: Final = "0" * 64
+#: The vault reference of a ledger's chain key: this prefix and the ledger's id.
+KEY_REF_PREFIX: Final = "audit-key."
 #: Keys that must never reach the journal, however a caller builds its record.
 SECRET_KEYS: Final = frozenset({"secret", "hash", "token", "password", "passphrase", "api_key", "key_material"})
 
@@ -66,6 +82,80 @@ class Verification:
     entries: int
     problem: str = ""
     entry_id: int | None = None
+    keyed_from: int | None = None  # the first entry the vault's key covers; None: the chain is not keyed
+
+
+@dataclass(frozen=True, slots=True)
+class ChainKey:
+    """The chain's key and the id of the first entry it covers (the vault holds both)."""
+
+    key: bytes
+    first: int
+
+    def to_secret(self) -> str:
+        return json.dumps({"key": base64.b64encode(self.key).decode(), "first": self.first})
+
+    @classmethod
+    def from_secret(cls, text: str) -> ChainKey:
+        try:
+            data = json.loads(text)
+            key, first = base64.b64decode(data["key"], validate=True), int(data["first"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError("the audit journal's key in the vault is damaged") from exc
+        if len(key) != 32 or first < 1:
+            raise ValueError("the audit journal's key in the vault is damaged")
+        return cls(key, first)
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """The head of a ledger's chain as ``budgeteer audit anchor`` printed it."""
+
+    ledger: str
+    entry: int
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ledger": self.ledger, "entry": self.entry, "hash": self.hash}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Anchor:
+        if not isinstance(data, dict):
+            raise ValueError("an anchor is a JSON object with ledger, entry and hash")
+        ledger, entry, digest = data.get("ledger"), data.get("entry"), data.get("hash")
+        if not isinstance(ledger, str) or not ledger:
+            raise ValueError("the anchor's ledger is missing")
+        if not isinstance(entry, int) or isinstance(entry, bool) or entry < 1:
+            raise ValueError("the anchor's entry must be a positive whole number")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError("the anchor's hash must be 64 hexadecimal digits")
+        return cls(ledger, entry, digest.lower())
+
+
+def ledger_id(conn: sqlite3.Connection) -> str:
+    """The ledger's own random id (made by its schema; names its chain key in the vault)."""
+    return str(conn.execute("SELECT ledger_id FROM ledger_identity").fetchone()[0])
+
+
+def key_ref(ledger: str) -> str:
+    return KEY_REF_PREFIX + ledger
+
+
+def next_id(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM audit_journal").fetchone()[0])
+
+
+def head(conn: sqlite3.Connection) -> Anchor | None:
+    """The newest entry as an anchor; None while the journal is empty."""
+    row = conn.execute("SELECT id, hash FROM audit_journal ORDER BY id DESC LIMIT 1").fetchone()
+    return Anchor(ledger_id(conn), int(row[0]), str(row[1])) if row else None
+
+
+def claim_anchor_post(conn: sqlite3.Connection, day: int, now_ms: int, anchor: Anchor) -> bool:
+    """True for the first process to claim ``day`` (days since 1970, UTC) for posting an anchor."""
+    cursor = conn.execute("INSERT INTO audit_anchor_posts (day, ts_ms, entry, hash) VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT (day) DO NOTHING", (day, now_ms, anchor.entry, anchor.hash))
+    return cursor.rowcount == 1
 
 
 def _short(key: str, value: Any) -> str:
@@ -80,9 +170,11 @@ def _canonical(record: Mapping[str, Any] | None) -> str:
 
 
 def entry_hash(entry_id: int, ts_ms: int, actor: str, action: str, subject: str, before: str, after: str,
-               prev_hash: str) -> str:
-    body = json.dumps([entry_id, ts_ms, actor, action, subject, before, after, prev_hash], separators=(",", ":"))
-    return hashlib.sha256(body.encode()).hexdigest()
+               prev_hash: str, key: bytes | None = None) -> str:
+    """HMAC-SHA256 under ``key``; plain SHA-256 for an entry of the legacy (unkeyed) chain."""
+    body = json.dumps([entry_id, ts_ms, actor, action, subject, before, after, prev_hash],
+                      separators=(",", ":")).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest() if key is not None else hashlib.sha256(body).hexdigest()
 
 
 def _check_no_secrets(record: Mapping[str, Any] | None, where: str) -> None:
@@ -96,14 +188,18 @@ def _check_no_secrets(record: Mapping[str, Any] | None, where: str) -> None:
 
 
 def append(conn: sqlite3.Connection, ts_ms: int, actor: str, action: str, subject: str,
-           before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> int:
-    """Add an entry inside the caller's transaction (the change and its entry commit together)."""
+           before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, *, key: ChainKey | None = None) -> int:
+    """Add an entry inside the caller's transaction (the change and its entry commit together),
+    keyed by ``key`` (None: an entry of the legacy chain, while the vault holds no key)."""
     _check_no_secrets(before, "before")
     _check_no_secrets(after, "after")
     row = conn.execute("SELECT id, hash FROM audit_journal ORDER BY id DESC LIMIT 1").fetchone()
     entry_id, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS)
+    if key is not None and entry_id < key.first:
+        raise FieldError("audit", f"the journal ends at entry {entry_id - 1} but its key in the vault covers "
+                                  f"entries from {key.first}: entries are missing ('audit verify' names them)")
     b, a = _canonical(before), _canonical(after)
-    digest = entry_hash(entry_id, ts_ms, actor, action, subject, b, a, prev)
+    digest = entry_hash(entry_id, ts_ms, actor, action, subject, b, a, prev, key.key if key else None)
     conn.execute("INSERT INTO audit_journal (id, ts_ms, actor, action, subject, before, after, prev_hash, hash) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (entry_id, ts_ms, actor, action, subject, b, a, prev, digest))
     return entry_id
@@ -126,22 +222,48 @@ def entries(conn: sqlite3.Connection, *, limit: int = 200, text: str = "") -> li
     return [_entry(r) for r in conn.execute(sql, params)]
 
 
-def verify(conn: sqlite3.Connection) -> Verification:
-    """Walk the chain oldest first; the first entry that does not fit is named."""
+def verify(conn: sqlite3.Connection, key: ChainKey | None = None, anchor: Anchor | None = None) -> Verification:
+    """Walk the chain oldest first, entries from ``key.first`` on checked under ``key``; the
+    first entry that does not fit is named. With an ``anchor``, its entry must still be there
+    with the same hash: the entries missing after it are named."""
     prev, expected_id, count = GENESIS, 1, 0
+    first = key.first if key is not None else None
+
+    def failed(problem: str, entry_id: int) -> Verification:
+        return Verification(False, count, problem, entry_id, first)
+
+    anchored: str | None = None  # the anchor's entry's hash as the journal has it
     for row in conn.execute("SELECT id, ts_ms, actor, action, subject, before, after, prev_hash, hash "
                             "FROM audit_journal ORDER BY rowid"):
         entry_id, ts, actor, action, subject, before, after, prev_hash, digest = row
         count += 1
         if entry_id != expected_id:
             what = "missing" if entry_id > expected_id else "out of order"
-            return Verification(False, count, f"entry {expected_id} is {what} (found entry {entry_id} in its place)",
-                                expected_id)
-        if entry_hash(entry_id, ts, actor, action, subject, before, after, prev_hash) != digest:
-            return Verification(False, count, f"entry {entry_id} was edited: its contents do not match its hash",
-                                entry_id)
+            return failed(f"entry {expected_id} is {what} (found entry {entry_id} in its place)", expected_id)
+        keyed = key is not None and entry_id >= key.first
+        if entry_hash(entry_id, ts, actor, action, subject, before, after, prev_hash,
+                      key.key if keyed and key else None) != digest:
+            return failed(f"entry {entry_id} was edited: its contents do not match its "
+                          + ("keyed hash (re-chained without the vault's key?)" if keyed else "hash"), entry_id)
         if prev_hash != prev:
-            return Verification(False, count, f"entry {entry_id} does not follow entry {entry_id - 1}: "
-                                              "an entry before it was changed, removed or moved", entry_id)
+            return failed(f"entry {entry_id} does not follow entry {entry_id - 1}: "
+                          "an entry before it was changed, removed or moved", entry_id)
+        if anchor is not None and entry_id == anchor.entry:
+            anchored = digest
         prev, expected_id = digest, expected_id + 1
-    return Verification(True, count)
+    last = expected_id - 1
+    if key is not None and last < key.first - 1:
+        return failed(f"entries {last + 1} to {key.first - 1} are missing: the vault's key was made when the "
+                      f"journal ended at entry {key.first - 1}", last + 1)
+    if anchor is not None:
+        if anchor.ledger != ledger_id(conn):
+            return failed(f"the anchor is of another ledger ({anchor.ledger})", anchor.entry)
+        if anchored is None:
+            missing = f"entry {anchor.entry} is" if last + 1 == anchor.entry else \
+                f"entries {last + 1} to {anchor.entry} are"
+            return failed(f"{missing} missing: the anchor names entry {anchor.entry} but the journal ends at "
+                          f"entry {last}", last + 1)
+        if anchored != anchor.hash:
+            return failed(f"entry {anchor.entry} does not match the anchor: its hash is not the one the anchor "
+                          "kept (the journal was rewritten up to it)", anchor.entry)
+    return Verification(True, count, keyed_from=first)

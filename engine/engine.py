@@ -29,7 +29,7 @@ import platformdirs
 from engine import access, approvals, audit, routing, tokens
 from engine import providers as prov
 from engine import vault as vault_mod
-from engine.alerts import RETRY_DELAYS_S, WEBHOOK_KINDS, Alert, deliver, forecast_message, redact_url
+from engine.alerts import RETRY_DELAYS_S, WEBHOOK_KINDS, Alert, deliver, forecast_message, post_json, redact_url
 from engine.approvals import OverrideRequest
 from engine.budgets import (
     CONTEXT_COLUMNS,
@@ -194,6 +194,8 @@ class Engine:
         self.refusing: str | None = None  # why the ledger refuses writes, while it does
         self._retry_writes: asyncio.Task[None] | None = None
         self._replaying = asyncio.Lock()
+        self._chain_key: tuple[str, audit.ChainKey] | None = None  # (ledger id, key) once read or made
+        self._anchor_day = -1  # the last day this process looked whether the anchor was posted
 
     async def _tx(self, op: Callable[[LedgerTx], Any], *, sync: bool = True) -> Any:
         """A group-committed ledger operation; alerts it raised are delivered after the commit.
@@ -212,8 +214,9 @@ class Engine:
         """Append a change's entries in its transaction (only ``_change`` and ``import_usage``,
         which check the actor first)."""
         now = self.now_ms()
+        key = self._audit_key(conn, create=True)
         for e in (entries,) if isinstance(entries, Journal) else entries:
-            audit.append(conn, now, self.actor, e.action or action, e.subject, e.before, e.after)
+            audit.append(conn, now, self.actor, e.action or action, e.subject, e.before, e.after, key=key)
 
     async def _change(self, permission: access.Permission, action: str, op: Callable[[LedgerTx], Changed[T]]) -> T:
         """The one path of every change an operator makes (tests/test_permissions.py holds every
@@ -684,6 +687,36 @@ class Engine:
 
     # ------------------------------------------------------------------ override requests
 
+    def _audit_key(self, conn: Any, *, create: bool) -> audit.ChainKey | None:
+        """The ledger's chain key from the vault, kept in memory once read or made. None while the
+        vault holds none; with ``create`` one is made (its first entry the next) when the vault
+        opens without asking anyone (the keyring, a known or environment passphrase), else the
+        entry joins the legacy chain. A vault that holds the key but is locked refuses the change
+        (no prompt here: this runs under the ledger's write lock)."""
+        ledger = audit.ledger_id(conn)
+        if self._chain_key is not None and self._chain_key[0] == ledger:
+            return self._chain_key[1]
+        vault, ref = self.vault(), audit.key_ref(ledger)
+        if vault.holds(ref):
+            if not vault.open_without_asking:
+                unlock = "unlock it (set BUDGETEER_VAULT_PASSPHRASE, or the dashboard's vault screen)"
+                if not create:
+                    raise vault_mod.VaultError(f"the vault holds the audit journal's key and is locked: {unlock} "
+                                               "to verify the chain")
+                raise FieldError("vault", f"holds the audit journal's key and is locked: {unlock} to make changes; "
+                                          "nothing was changed")
+            try:
+                key = audit.ChainKey.from_secret(vault.get(ref))
+            except ValueError as exc:
+                raise vault_mod.VaultError(str(exc)) from None
+        elif create and vault.open_without_asking:
+            key = audit.ChainKey(secrets.token_bytes(32), audit.next_id(conn))
+            vault.backend.set(ref, key.to_secret(), self.now_ms())
+        else:
+            return None
+        self._chain_key = (ledger, key)
+        return key
+
     async def request_override(self, policy_id: str, amount: int, duration_ms: int, reason: str,
                                requester: str | None = None) -> tuple[OverrideRequest, bool]:
         """Ask by hand for headroom on a policy (the requester is the actor unless given);
@@ -837,8 +870,41 @@ class Engine:
     async def audit_entries(self, limit: int = 200, text: str = "") -> list[audit.AuditEntry]:
         return await self._tx(lambda tx: audit.entries(tx.conn, limit=limit, text=text))  # type: ignore[no-any-return]
 
-    async def verify_audit(self) -> audit.Verification:
-        return await self._tx(lambda tx: audit.verify(tx.conn))  # type: ignore[no-any-return]
+    async def verify_audit(self, anchor: audit.Anchor | None = None) -> audit.Verification:
+        """Walk the chain (keyed entries under the vault's key: VaultError if it cannot be read),
+        and with an ``anchor`` check that its entry is still there, unchanged."""
+        key = await self.store.read_with(lambda conn: self._audit_key(conn, create=False))
+        return await self.store.read_with(lambda conn: audit.verify(conn, key, anchor))  # type: ignore[no-any-return]
+
+    async def audit_anchor(self) -> audit.Anchor | None:
+        """The journal's head (None while it is empty), for the operator to keep elsewhere."""
+        return await self.store.read_with(audit.head)  # type: ignore[no-any-return]
+
+    async def post_audit_anchor(self) -> bool:
+        """Post the anchor to the alert webhooks, once a UTC day across every process on this
+        ledger (the first to claim the day posts); True if this call posted it."""
+        now = self.now_ms()
+        day = now // (24 * HOUR_MS)
+        if day == self._anchor_day:
+            return False
+        anchor = await self.audit_anchor()
+        if anchor is None:
+            return False
+        hooks: list[tuple[str, str, str]] = await self.store.transact(lambda tx: tx.webhooks(), sync=False)
+        if not hooks or not await self._tx(lambda tx: audit.claim_anchor_post(tx.conn, day, now, anchor),
+                                           sync=False):
+            self._anchor_day = day
+            return False
+        self._anchor_day = day
+        body = {"source": "budgeteer", "audit_anchor": {**anchor.as_dict(), "ts_ms": now}}
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            for _, url, kind in hooks:
+                text = f"Budgeteer audit anchor: entry {anchor.entry}, hash {anchor.hash} (ledger {anchor.ledger})"
+                attempts = await post_json(client, url, {"text": text} if kind == "slack" else body,
+                                           self.webhook_retry_delays)
+                if not attempts[-1][1]:
+                    log.warning("the audit anchor was not delivered to %s: %s", redact_url(url), attempts[-1][2])
+        return True
 
     async def would_blocks(self, limit: int = 100) -> list[tuple[int, str, str, str, str]]:
         """(ts_ms, request_id, policy_id, decision, mode) of recent dry_run and suggest verdicts."""

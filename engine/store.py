@@ -390,6 +390,30 @@ CREATE TABLE overshoots (
 );
 CREATE INDEX overshoots_policy ON overshoots (policy_id, ts_ms);
 """,
+    # The audit journal becomes append-only to SQL, and its chain keyed by a key in the vault
+    # named after the ledger's own id (engine.audit). ``audit_anchor_posts``: the days an anchor
+    # was posted to the webhooks (one process a day posts it).
+    """
+CREATE TRIGGER audit_journal_no_update BEFORE UPDATE ON audit_journal
+BEGIN SELECT RAISE(ABORT, 'the audit journal is append-only: an entry cannot be changed'); END;
+CREATE TRIGGER audit_journal_no_delete BEFORE DELETE ON audit_journal
+BEGIN SELECT RAISE(ABORT, 'the audit journal is append-only: an entry cannot be removed'); END;
+CREATE TABLE ledger_identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    ledger_id TEXT NOT NULL
+);
+INSERT INTO ledger_identity (id, ledger_id) VALUES (1, lower(hex(randomblob(8))));
+CREATE TRIGGER ledger_identity_no_update BEFORE UPDATE ON ledger_identity
+BEGIN SELECT RAISE(ABORT, 'the ledger id cannot be changed'); END;
+CREATE TRIGGER ledger_identity_no_delete BEFORE DELETE ON ledger_identity
+BEGIN SELECT RAISE(ABORT, 'the ledger id cannot be removed'); END;
+CREATE TABLE audit_anchor_posts (
+    day INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    entry INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -3,8 +3,11 @@
 The ledger keeps the SHA-256 of the secret and a short public prefix (the 8 characters
 after ``bgt_``) to find the row: a lookup is one indexed read by prefix, never a scan of
 every token, and the digest comparison takes the same time however much of a wrong
-secret matches. An unknown prefix is hashed and compared against a dummy digest too, so
-it answers in the same time as a known one.
+secret matches. The lookup reads the first token whose prefix is at or after the one
+presented (the first of all past the last), so a known and an unknown prefix both read one
+real row, build it, hash the secret and compare digests: the same work. What timing can
+still tell is only whether the presented prefix lies past every token's (one more index
+seek), never whether a token with that prefix exists nor anything of its secret.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class Token:
 
 _COLUMNS: Final = ("id, prefix, name, workspace, principal, team, scopes, rpm, tpm, created_ms, created_by, "
                    "expires_ms, last_used_ms, revoked_ms, rotated_from, replaced_by")
+
+
+_LOOKUP: Final = f"SELECT {_COLUMNS}, hash FROM api_tokens WHERE prefix >= ? ORDER BY prefix LIMIT 1"
 
 
 def _token(row: tuple[Any, ...]) -> Token:
@@ -177,11 +183,13 @@ def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str 
     if not secret.startswith(PREFIX) or len(secret) < len(PREFIX) + LOOKUP_CHARS + 8:
         raise TokenRefused("malformed", "not a Budgeteer token (they start with bgt_)")
     presented = digest(secret)
-    row = conn.execute(f"SELECT {_COLUMNS}, hash FROM api_tokens WHERE prefix = ?",
-                       (secret[len(PREFIX):len(PREFIX) + LOOKUP_CHARS],)).fetchone()
+    prefix = secret[len(PREFIX):len(PREFIX) + LOOKUP_CHARS]
+    # One real row whatever the prefix (see the module docstring): the same work for an unknown
+    # prefix as for a known one.
+    row = conn.execute(_LOOKUP, (prefix,)).fetchone() or conn.execute(_LOOKUP, ("",)).fetchone()
     stored = bytes(row[-1]) if row is not None else _DUMMY
-    match = hmac.compare_digest(presented, stored)  # same work for an unknown prefix as for a known one
-    if row is None or not match:
+    match = hmac.compare_digest(presented, stored)
+    if row is None or not match or row[1] != prefix:
         raise TokenRefused("wrong", "invalid token")
     token = admit(_token(row[:-1]), now_ms, scope)
     if touch:

@@ -14,6 +14,10 @@ secret itself lives in one of two places:
 Never keyrings.alt's plaintext file. ``BUDGETEER_VAULT_BACKEND=keyring|file`` forces a
 choice; ``Vault.status()`` says which is in use and why. Secrets are decrypted in memory
 only when asked for by ``get``, never logged, and never part of an error message.
+
+The vault also keeps each ledger's audit chain key (``audit-key.<ledger id>``, see
+``engine.audit``): it is not listed with the credentials and cannot be set or removed by
+hand (``Vault.set``/``remove`` refuse its name).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
+from engine.audit import KEY_REF_PREFIX
 from engine.models import FieldError
 
 SERVICE: Final = "budgeteer"
@@ -315,7 +320,7 @@ class Vault:
         return secret
 
     def set(self, ref: str, secret: str, updated_ms: int) -> Entry:
-        ref = parse_ref(ref)
+        ref = _not_reserved(parse_ref(ref))
         secret = secret.strip()
         if not secret:
             raise FieldError("secret", "is empty")
@@ -324,14 +329,25 @@ class Vault:
         return self.backend.set(ref, secret, updated_ms)
 
     def remove(self, ref: str) -> Entry:
-        ref = parse_ref(ref)
+        ref = _not_reserved(parse_ref(ref))
         entry = self.backend.remove(ref)
         if entry is None:
             raise VaultError(f"the vault holds no credential vault:{ref}")
         return entry
 
     def entries(self) -> list[Entry]:
-        return self.backend.entries()
+        """The credentials (not the audit chain keys)."""
+        return [e for e in self.backend.entries() if not e.ref.startswith(KEY_REF_PREFIX)]
+
+    def holds(self, ref: str) -> bool:
+        """Whether an entry of that name exists (known without the passphrase)."""
+        return any(e.ref == ref for e in self.backend.entries())
+
+    @property
+    def open_without_asking(self) -> bool:
+        """The keyring, or a file vault whose key is known or whose passphrase the environment gives."""
+        return not isinstance(self.backend, FileBackend) or self.backend._key is not None or \
+            bool(os.environ.get("BUDGETEER_VAULT_PASSPHRASE"))
 
     def unlock(self) -> None:
         """Check the passphrase now (the file backend; the keyring needs none): VaultError if wrong."""
@@ -345,6 +361,12 @@ class Vault:
         """A file vault whose key is not known yet and no BUDGETEER_VAULT_PASSPHRASE to derive it."""
         return isinstance(self.backend, FileBackend) and self.backend._key is None and \
             not os.environ.get("BUDGETEER_VAULT_PASSPHRASE") and self.backend._passphrase is _env_passphrase
+
+
+def _not_reserved(ref: str) -> str:
+    if ref.startswith(KEY_REF_PREFIX):
+        raise FieldError("ref", f"names starting with {KEY_REF_PREFIX} are kept for the audit journal's key")
+    return ref
 
 
 def _env_passphrase() -> str:

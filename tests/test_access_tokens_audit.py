@@ -162,6 +162,7 @@ async def test_every_change_is_journaled_and_tampering_is_named(engine: Engine, 
     assert (await engine.verify_audit()).ok
 
     conn = sqlite3.connect(db_path)
+    conn.executescript("DROP TRIGGER audit_journal_no_update; DROP TRIGGER audit_journal_no_delete;")
     conn.execute("UPDATE audit_journal SET after = replace(after, 'Daily', 'Weekly') WHERE id = 1")
     conn.commit()
     conn.close()
@@ -181,6 +182,7 @@ async def test_a_deleted_or_moved_entry_is_named(engine: Engine, db_path: Path, 
         await engine.add_policy(build_policy(scope=f"team:t{n}", metric="usd", window="day", hard="5",
                                              now_ms=NOW_MS))
     conn = sqlite3.connect(db_path)
+    conn.executescript("DROP TRIGGER audit_journal_no_update; DROP TRIGGER audit_journal_no_delete;")
     conn.executescript(sql)
     conn.commit()
     conn.close()

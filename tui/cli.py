@@ -789,12 +789,32 @@ async def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from engine.audit import Anchor
+
+    anchor = None
+    if args.anchor:
+        try:
+            anchor = Anchor.from_json(_read_json_file(Path(args.anchor), "the anchor file"))
+        except ValueError as exc:
+            raise UsageError(f"the anchor file {args.anchor}: {exc}") from None
     async with await _open(args) as engine:
-        result = await engine.verify_audit()
+        result = await engine.verify_audit(anchor)
     if result.ok:
-        print(f"The audit journal is intact: {result.entries:,} entries, each linked to the one before.")
+        keyed = (f"keyed from entry {result.keyed_from} by the vault's key" if result.keyed_from is not None
+                 else "not keyed (the vault holds no key for this ledger yet)")
+        print(f"The audit journal is intact: {result.entries:,} entries, each linked to the one before; {keyed}."
+              + (f" The anchor's entry {anchor.entry} is there, unchanged." if anchor else ""))
         return EXIT_OK
     raise Failure(f"audit journal: {result.problem}")
+
+
+async def cmd_audit_anchor(args: argparse.Namespace) -> int:
+    async with await _open(args) as engine:
+        anchor = await engine.audit_anchor()
+    if anchor is None:
+        raise Failure("the audit journal is empty: there is no head to anchor yet")
+    print(_json({**anchor.as_dict(), "at": iso(engine.now_ms())}))
+    return EXIT_OK
 
 
 #: The frozen "now" of screenshots: 2026-11-18 12:00 UTC, a Wednesday.
@@ -988,8 +1008,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("user")
     q.set_defaults(handler=cmd_member_rm)
 
-    p = sub.add_parser("audit", parents=[common], help="the audit journal: list, verify",
-                       description="Every change and decision, each entry chained to the one before by its hash.")
+    p = sub.add_parser("audit", parents=[common], help="the audit journal: list, verify, anchor",
+                       description="Every change and decision, each entry chained to the one before by a hash "
+                                   "keyed by a key in the vault.")
     usub = p.add_subparsers(dest="audit_command", parser_class=_Parser, metavar="ACTION", required=True)
     q = usub.add_parser("list", parents=[common], help="newest entries first")
     q.add_argument("--filter", help="keep entries whose actor, action or subject contain this")
@@ -997,7 +1018,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON (before and after included)")
     q.set_defaults(handler=cmd_audit_list)
     q = usub.add_parser("verify", parents=[common], help="check the hash chain; exit 1 naming the entry at fault")
+    q.add_argument("--anchor", metavar="FILE",
+                   help="an anchor 'audit anchor' printed: its entry must still be there, unchanged")
     q.set_defaults(handler=cmd_audit_verify)
+    q = usub.add_parser("anchor", parents=[common],
+                        help="print the head (ledger, entry id, hash) as JSON, to keep somewhere else")
+    q.set_defaults(handler=cmd_audit_anchor)
 
     from tui import cli_providers
 

@@ -1,10 +1,12 @@
 """JSONL and CSV import and export of usage events.
 
 Import reads a file line by line through ``validate_event``; a bad line is reported
-with its line number, field and reason. By default bad lines are skipped and listed
-and good ones written; ``strict`` writes nothing unless every line is good, and then
-writes the whole file in one transaction. Export writes exactly what the ledger holds;
-CSV cells that a spreadsheet would run as a formula are neutralised.
+with its line number, field and reason. No line is read whole past MAX_LINE_BYTES
+characters: a longer one is skipped in chunks and reported by its number, so memory
+stays bounded whatever the file holds. A UTF-8 byte-order mark at the start is taken off.
+By default bad lines are skipped and listed and good ones written; ``strict`` writes
+nothing unless every line is good, and then writes the whole file in one transaction.
+Export writes exactly what the ledger holds; CSV cells that a spreadsheet would run as a formula are neutralised.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ EXPORT_COLUMNS: Final = ("ts", *EVENT_FIELDS, "cost_usd")
 _FORMULA_STARTS: Final = ("=", "+", "-", "@", "\t", "\r")
 _TEXT_COLUMNS: Final = frozenset(
     {"request_id", "provider", "model", "workspace", "team", "principal", "token_id", "session", "agent", "tags"})
-MAX_LINE_BYTES: Final = 1 << 20
+MAX_LINE_BYTES: Final = 1 << 20  # characters of a line (4 MiB at most in memory)
+_SKIP_CHUNK: Final = 1 << 16  # how much of an over-long line is read at a time to skip it
 MAX_REPORTED_ERRORS: Final = 1000
 PROGRESS_EVERY: Final = 5000  # events between two calls of a progress callback
 
@@ -79,13 +82,53 @@ def detect_format(path: Path, head: str) -> str:
     return "jsonl" if stripped.startswith("{") else "csv"
 
 
+class _LineTooLong(Exception):
+    """A line longer than MAX_LINE_BYTES characters, skipped without being read whole."""
+
+
+_TOO_LONG: Final = f"is longer than 1 MiB ({MAX_LINE_BYTES} characters); it was skipped unread"
+
+
+class _Lines:
+    """The lines of a text stream, each read with a bound: a line longer than MAX_LINE_BYTES is
+    read on in chunks to its end, dropped, and raised as _LineTooLong; iterating goes on after
+    it (the csv reader, fed from this, starts afresh at its next row). ``number`` is the number
+    of the last line read."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.number = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            raise StopIteration
+        self.number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(("\n", "\r")):
+            while (rest := self.stream.readline(_SKIP_CHUNK)) and not rest.endswith(("\n", "\r")):
+                pass
+            raise _LineTooLong
+        return line
+
+
 def _jsonl_records(stream: IO[str]) -> Iterator[tuple[int, dict[str, Any] | FieldError]]:
-    for number, line in enumerate(stream, start=1):
-        text = line.strip()
+    lines = _Lines(stream)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except _LineTooLong:
+            yield lines.number, FieldError("line", _TOO_LONG)
+            continue
+        number, text = lines.number, line.strip()
         if not text:
             continue
         if len(text) > MAX_LINE_BYTES:
-            yield number, FieldError("line", f"is longer than {MAX_LINE_BYTES} bytes")
+            yield number, FieldError("line", _TOO_LONG)
             continue
         try:
             value = json.loads(text)
@@ -104,13 +147,16 @@ def _unescape(value: str) -> str:
 
 
 def _csv_records(stream: IO[str]) -> Iterator[tuple[int, dict[str, Any] | FieldError]]:
-    reader = csv.reader(stream)
+    lines = _Lines(stream)
+    reader = csv.reader(lines)
     try:
         header = next(reader)
     except StopIteration:
         return
     except csv.Error as exc:
         raise ImportFileError(f"the CSV header cannot be read: {exc}") from None
+    except _LineTooLong:
+        raise ImportFileError(f"the CSV header {_TOO_LONG}") from None
     header = [h.strip().lstrip("\ufeff") for h in header]
     if "request_id" not in header:
         raise ImportFileError("the CSV header has no request_id column; the first line must name the columns")
@@ -120,12 +166,15 @@ def _csv_records(stream: IO[str]) -> Iterator[tuple[int, dict[str, Any] | FieldE
         except StopIteration:
             return
         except csv.Error as exc:
-            yield reader.line_num, FieldError("csv", str(exc))
+            yield lines.number, FieldError("csv", str(exc))
+            continue
+        except _LineTooLong:
+            yield lines.number, FieldError("line", _TOO_LONG)
             continue
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
-            yield reader.line_num, FieldError(
+            yield lines.number, FieldError(
                 "csv", f"has {len(row)} cells but the header names {len(header)} columns")
             continue
         record: dict[str, Any] = {}
@@ -134,7 +183,7 @@ def _csv_records(stream: IO[str]) -> Iterator[tuple[int, dict[str, Any] | FieldE
                 cell = _unescape(cell)
             if cell != "":
                 record[name] = cell
-        yield reader.line_num, record
+        yield lines.number, record
 
 
 def _parse(stream: IO[str], fmt: str) -> Iterator[tuple[int, UsageEvent | FieldError]]:
@@ -151,7 +200,7 @@ def _parse(stream: IO[str], fmt: str) -> Iterator[tuple[int, UsageEvent | FieldE
 
 def _open_text(path: Path) -> TextIO:
     try:
-        return path.open("r", encoding="utf-8", newline="")
+        return path.open("r", encoding="utf-8-sig", newline="")  # -sig: a byte-order mark is taken off
     except FileNotFoundError:
         raise ImportFileError(f"{path} does not exist") from None
     except IsADirectoryError:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -135,6 +136,7 @@ class Gateway:
         self.keys: dict[str, tuple[float, str]] = {}  # credential reference -> (read at, key), for a minute
         self.fetching: dict[str, asyncio.Future[str]] = {}  # credential reference -> its decryption under way
         self.tokens: dict[bytes, tuple[float, Token]] = {}  # secret digest -> (read at, token), for a second
+        self.anchoring: asyncio.Task[None] | None = None  # posting the audit anchor (once a day)
         self.transport: Http11Transport | None = None
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
                          "pool": upstream_timeout}
@@ -203,6 +205,8 @@ class Gateway:
             yield
         finally:
             beat.cancel()
+            if self.anchoring is not None:
+                self.anchoring.cancel()
             if self.streams:  # streams still relaying settle from what they received
                 await asyncio.wait(self.streams, timeout=10)
             released = await self.governor.release_all()  # spilled if the ledger refuses them
@@ -233,7 +237,17 @@ class Gateway:
                 await self._beat()
             except Exception:  # a busy ledger skips a beat; the next one says it again
                 pass
+            if self.anchoring is None or self.anchoring.done():  # once a day; in its own task (retries)
+                self.anchoring = asyncio.create_task(self._post_anchor())
             await asyncio.sleep(HEARTBEAT_S)
+
+    async def _post_anchor(self) -> None:
+        assert self.engine is not None
+        try:
+            await self.engine.post_audit_anchor()
+        except Exception as exc:  # tried again at the next beat
+            print(f"budgeteer gateway: the audit anchor was not posted: {exc.__class__.__name__}: {exc}",
+                  file=sys.stderr)
 
     def _count(self, failed: bool) -> None:
         self.recent.append((time.monotonic(), failed))

@@ -252,6 +252,7 @@ async def test_the_audit_screen_filters_and_finds_tampering(db_path: Path, clock
         await _settle(pilot, app)
         assert any("chain of 5 entries is intact" in n for n in _notes(app))
         with sqlite3.connect(db_path) as conn:
+            conn.executescript("DROP TRIGGER audit_journal_no_update; DROP TRIGGER audit_journal_no_delete;")
             conn.execute("UPDATE audit_journal SET actor = 'mallory' WHERE id = 3")
         await pilot.press("v")
         await _settle(pilot, app)

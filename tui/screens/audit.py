@@ -15,6 +15,7 @@ from textual.widgets import Input, Static
 
 from engine.audit import AuditEntry
 from engine.clock import iso
+from engine.vault import VaultError
 from tui.screens.base import DataScreen
 from tui.screens.message import MessageModal
 from tui.widgets.vim_table import VimTable
@@ -87,7 +88,12 @@ class AuditScreen(DataScreen):
         engine = self.bapp.engine
         if engine is None:
             return
-        result = await engine.verify_audit()
+        try:
+            result = await engine.verify_audit()
+        except VaultError as exc:
+            self.notify(f"The chain is keyed by a key in the vault, which cannot be read: {exc}",
+                        title="Journal not verified", severity="error", timeout=30)
+            return
         if result.ok:
             self.notify(f"The chain of {result.entries:,} entries is intact", title="Journal verified")
         else:
