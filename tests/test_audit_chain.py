@@ -175,7 +175,8 @@ async def test_the_anchor_is_posted_to_the_webhooks_once_a_day(engine: Engine, c
             assert not await other.post_audit_anchor()
         clock.advance(DAY_MS)
         assert await engine.post_audit_anchor()
-    assert [b["audit_anchor"]["entry"] for b in hook.bodies] == [2, 2]  # type: ignore[index]
+    # the webhook's own entry, then the two changes
+    assert [b["audit_anchor"]["entry"] for b in hook.bodies] == [3, 3]  # type: ignore[index]
     assert hook.bodies[0]["audit_anchor"]["hash"] == head.hash  # type: ignore[index]
 
 
@@ -220,5 +221,5 @@ def test_a_running_gateway_posts_the_anchor(db_path: Path) -> None:
                     break
                 time.sleep(0.05)
         server.shutdown()
-    assert [p["audit_anchor"]["entry"] for p in posted] == [3]  # type: ignore[index]
+    assert [p["audit_anchor"]["entry"] for p in posted] == [4]  # type: ignore[index]  # the webhook's entry, 3 changes
     assert posted[0]["audit_anchor"]["hash"] == head  # type: ignore[index]

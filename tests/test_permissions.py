@@ -33,10 +33,13 @@ READS = {
     "open_override_requests", "override_requests", "override_request", "tokens", "members", "role", "may",
     "audit_entries", "verify_audit", "would_blocks", "alerts", "webhooks", "deliveries", "vault_status",
     "vault_entries", "credential", "providers", "provider", "catalog", "provider_health", "routing_decisions",
-    "routing_summary", "gateways",
+    "routing_summary", "gateways", "audit_anchor", "overshoots",
 }
 #: Writes that are no operator's change, with the reason they are not held to the matrix.
 RUNTIME = {
+    "settle_call": "settle, or the spill journal when the ledger refuses the write (engine.spill)",
+    "replay_spill": "the spill journal's settlements written back, each once, by request id",
+    "post_audit_anchor": "the gateway's daily post of the journal's head to the webhooks (no change to the ledger's data)",
     "record": "a call's usage, for a token the gateway or the governed transport checked",
     "record_many": "the same, in one transaction",
     "bulk_record": "the same, in bulk (an operator's import is import_usage)",
