@@ -39,7 +39,7 @@ READS = {
 RUNTIME = {
     "settle_call": "settle, or the spill journal when the ledger refuses the write (engine.spill)",
     "replay_spill": "the spill journal's settlements written back, each once, by request id",
-    "post_audit_anchor": "the gateway's daily post of the journal's head to the webhooks (no change to the ledger's data)",
+    "post_audit_anchor": "the gateway's daily post of the journal's head to the webhooks",
     "record": "a call's usage, for a token the gateway or the governed transport checked",
     "record_many": "the same, in one transaction",
     "bulk_record": "the same, in bulk (an operator's import is import_usage)",
