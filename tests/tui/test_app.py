@@ -384,3 +384,29 @@ async def test_columns_shrink_when_the_terminal_does(db_path: Path, clock: Froze
         await pilot.pause(0.2)
         await _settle(pilot, app)
         assert table.virtual_size.width < wide and table.virtual_size.width <= 80
+
+
+@pytest.mark.parametrize("size", [(160, 48), (80, 24)])
+async def test_table_cells_stay_whole_through_the_default_refresh(db_path: Path, clock: FrozenClock,
+                                                                   size: tuple[int, int]) -> None:
+    """At the default 2 s refresh, rows set by a refresh were painted at the columns' label widths
+    and stayed so (`demo-o  soft  Organis`) until a key was pressed. Waiting through two
+    refreshes with no key, every visible cell of the alerts table is on screen whole."""
+    import asyncio
+    import re
+
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1",
+                                             name="Organisation daily"))
+        await engine.record(event(1, cost_nanos=600_000_000))
+    app = BudgeteerApp(db_path=db_path, clock=clock)  # the default refresh
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("4")
+        await _settle(pilot, app)
+        await asyncio.sleep(2 * app.refresh_seconds + 0.5)  # refreshes, and no key or pause to repaint
+        shown = re.sub(r"<[^>]+>", "", app.export_screenshot()).replace("&#160;", " ")
+        table = app.screen.query_one("#alerts-table", VimTable)
+        assert table.row_count == 1
+        for cell in table.get_row_at(0):
+            text = str(cell).strip()
+            assert text[: size[0] // 3] in shown, f"{text!r} is cut on screen"
