@@ -410,3 +410,22 @@ async def test_table_cells_stay_whole_through_the_default_refresh(db_path: Path,
         for cell in table.get_row_at(0):
             text = str(cell).strip()
             assert text[: size[0] // 3] in shown, f"{text!r} is cut on screen"
+
+
+@pytest.mark.parametrize("refresh", [2.0, 3600.0])
+async def test_approvals_history_and_back_at_eighty_columns(db_path: Path, clock: FrozenClock, refresh: float) -> None:
+    """`5 h h` at 80x24 raised IndexError: Pending's visible column indexes were applied to the
+    History rows the table still held, and the app exited."""
+    async with await Engine.open(db_path, clock=clock) as engine:
+        policy = await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
+        await engine.request_override(policy.id, 1_000_000_000, 3_600_000, "a long enough reason to ask")
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
+    async with app.run_test(size=(80, 24)) as pilot:
+        for key in "5hhh":
+            await pilot.press(key)
+            await _settle(pilot, app)
+        await pilot.press("h")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#requests", VimTable)
+        assert table.row_count == 1 and len(table.columns) == 5  # the pending request, narrow
+    assert app.fatal_error is None and app.return_code in (None, 0)

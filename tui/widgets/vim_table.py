@@ -31,6 +31,7 @@ class VimTable(DataTable[str | Text]):
         """The table's columns as (key, label); rows give a cell for each, in this order."""
         self._columns = list(columns)
         self._visible = None
+        self._rows = []  # rows of other columns (a tab's) must never meet these columns' indexes
         self._rebuild_columns()
 
     def show_only(self, keys: Sequence[str] | None) -> None:
