@@ -29,6 +29,7 @@ from engine.budgets import DEFAULT_HOLD_TTL_MS, build_policy
 from engine.clock import FrozenClock
 from engine.engine import Engine
 from tests.asgi_servers import FakeOpenAI, post_all, serve
+from tests.reliability import start_gateway
 
 ASK = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -61,20 +62,6 @@ async def _prepare(db: Path, provider: str, hard: str) -> str:
         return (await engine.create_token(name="load", principal="load"))[1]
 
 
-def _start_gateway(db: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
-                                "--routing", "off"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
-            return process
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the gateway did not start")
-
-
 async def _load_until_killed(url: str, secret: str, process: subprocess.Popen[bytes], kill_after: float,
                              acknowledged: list[str]) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
@@ -103,7 +90,7 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path, provider:
     rnd = random.Random(20261123)
     for _ in range(loops):
         port = _port()
-        process = _start_gateway(db, port, env)
+        process = start_gateway(db, port, env)
         asyncio.run(_load_until_killed(f"http://127.0.0.1:{port}", secret, process, rnd.uniform(0.3, 1.5),
                                        acknowledged))
         process.wait(timeout=30)
@@ -160,7 +147,7 @@ def test_a_gateway_and_a_transport_in_another_process_share_one_budget(tmp_path:
     db = tmp_path / "ledger.db"
     secret = asyncio.run(_prepare(db, provider, "0.002"))  # about 300 calls' worth; 800 are tried
     port = _port()
-    gateway = _start_gateway(db, port, env)
+    gateway = start_gateway(db, port, env)
     try:
         transport = subprocess.Popen([sys.executable, "-c", TRANSPORT_SCRIPT, str(db), f"{provider}/v1", "400"],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

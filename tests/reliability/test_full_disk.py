@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ import pytest
 from engine.budgets import build_policy
 from engine.engine import Engine
 from tests.asgi_servers import FakeOpenAI, free_port, serve
+from tests.reliability import start_gateway
 
 ASK = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -82,17 +82,7 @@ async def _prepare(db: Path, provider: str) -> str:
 def _start_gateway(db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "BUDGETEER_VAULT_PASSPHRASE": "full", "BUDGETEER_VAULT_BACKEND": "file"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
-                                    "--routing", "off"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
-            return process
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the gateway did not start")
+        return start_gateway(db, port, env, out)
 
 
 class Gate:
