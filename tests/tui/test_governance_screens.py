@@ -56,9 +56,9 @@ async def requests(db_path: Path, clock: FrozenClock, monkeypatch: pytest.Monkey
 
 
 async def test_approve_with_a_changed_amount_undo_and_deny_by_keys(db_path: Path, clock: FrozenClock,
-                                                                   requests: list[str]) -> None:
+                                                                   requests: list[str], refresh: float) -> None:
     bobs, carols = requests
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(160, 48)) as pilot:
         await _settle(pilot, app)
         assert any("2 override requests wait" in n for n in _notes(app))
@@ -111,8 +111,8 @@ async def test_approve_with_a_changed_amount_undo_and_deny_by_keys(db_path: Path
 
 
 async def test_details_show_the_evaluation_that_opened_a_request(db_path: Path, clock: FrozenClock,
-                                                                 requests: list[str]) -> None:
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+                                                                 requests: list[str], refresh: float) -> None:
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("5")
         await _settle(pilot, app)
@@ -126,8 +126,8 @@ async def test_details_show_the_evaluation_that_opened_a_request(db_path: Path, 
 
 
 async def test_a_request_from_another_process_is_announced_and_listed(db_path: Path, clock: FrozenClock,
-                                                                      requests: list[str]) -> None:
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+                                                                      requests: list[str], refresh: float) -> None:
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("5")
         await _settle(pilot, app)
@@ -144,7 +144,8 @@ async def test_a_request_from_another_process_is_announced_and_listed(db_path: P
 
 async def test_self_approval_and_a_missing_permission_are_refused_on_screen(db_path: Path, clock: FrozenClock,
                                                                             requests: list[str],
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            refresh: float) -> None:
     async with await Engine.open(db_path, clock=clock, actor="olivia") as engine:
         await engine.set_member("olivia", "owner")
         await engine.set_member("bob", "admin")
@@ -152,7 +153,7 @@ async def test_self_approval_and_a_missing_permission_are_refused_on_screen(db_p
     for user, expected in (("vera", "vera (viewer) lacks the approve_overrides permission"),
                            ("bob", "bob cannot decide their own request")):
         monkeypatch.setenv("BUDGETEER_USER", user)
-        app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+        app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
         async with app.run_test(size=(120, 36)) as pilot:
             await pilot.press("5")
             await _settle(pilot, app)
@@ -165,10 +166,11 @@ async def test_self_approval_and_a_missing_permission_are_refused_on_screen(db_p
         assert [r.status for r in await engine.override_requests(pending=None)] == ["pending", "pending"]
 
 
-async def test_create_a_token_copy_its_secret_once_rotate_and_revoke_it(db_path: Path, clock: FrozenClock) -> None:
+async def test_create_a_token_copy_its_secret_once_rotate_and_revoke_it(db_path: Path, clock: FrozenClock,
+                                                                        refresh: float) -> None:
     async with await Engine.open(db_path, clock=clock):
         pass
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.press("6")
         await _settle(pilot, app)
@@ -216,8 +218,9 @@ async def test_create_a_token_copy_its_secret_once_rotate_and_revoke_it(db_path:
         assert refused.value.reason == "revoked"
 
 
-async def test_a_bad_token_form_names_the_field_and_creates_nothing(db_path: Path, clock: FrozenClock) -> None:
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+async def test_a_bad_token_form_names_the_field_and_creates_nothing(db_path: Path, clock: FrozenClock,
+                                                                    refresh: float) -> None:
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("6")
         await _settle(pilot, app)
@@ -233,11 +236,11 @@ async def test_a_bad_token_form_names_the_field_and_creates_nothing(db_path: Pat
 
 
 async def test_the_audit_screen_filters_and_finds_tampering(db_path: Path, clock: FrozenClock,
-                                                            requests: list[str]) -> None:
+                                                            requests: list[str], refresh: float) -> None:
     async with await Engine.open(db_path, clock=clock, actor="ops") as engine:
         await engine.create_token(name="one", principal="bob")
         await engine.deny(requests[0], "no")
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.press("7")
         await _settle(pilot, app)
@@ -260,7 +263,7 @@ async def test_the_audit_screen_filters_and_finds_tampering(db_path: Path, clock
 
 
 async def test_the_vault_screen_asks_the_passphrase_stores_hidden_tests_and_removes(
-        db_path: Path, clock: FrozenClock, tmp_path: Path) -> None:
+        db_path: Path, clock: FrozenClock, tmp_path: Path, refresh: float) -> None:
     from tests.fake_servers import http_server
     from tui.screens.vault import VaultScreen
 
@@ -269,7 +272,7 @@ async def test_the_vault_screen_asks_the_passphrase_stores_hidden_tests_and_remo
     with http_server({"/v1/models": (200, {"content-type": "application/json"}, body)}) as (base, seen):
         async with await Engine.open(db_path, clock=clock) as engine:
             await engine.add_provider(name="local", kind="openai", base_url=f"{base}/v1", credential="vault:local")
-        app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+        app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
         async with app.run_test(size=(160, 48)) as pilot:
             await pilot.press("9")
             await _settle(pilot, app)
@@ -311,7 +314,8 @@ async def test_the_vault_screen_asks_the_passphrase_stores_hidden_tests_and_remo
     assert secret.encode() not in db_path.read_bytes()
 
 
-async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Path, clock: FrozenClock) -> None:
+async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Path, clock: FrozenClock,
+                                                                    refresh: float) -> None:
     from tui.screens.models import ModelsScreen
 
     async with await Engine.open(db_path, clock=clock) as engine:
@@ -319,7 +323,7 @@ async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Pat
                                   models=["gpt-4o-mini", "gpt-4.1", "gpt-4o"])
         await engine.route({"messages": [{"role": "user", "content": "hi"}]}, principal="alice", model="gpt-4o",
                            mode="enforced")
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.press("8")
         await _settle(pilot, app)
@@ -343,10 +347,11 @@ async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Pat
         assert len(await engine.routing_decisions()) == 1  # explaining records nothing
 
 
-async def test_the_overview_shows_a_running_gateway_and_its_rates(db_path: Path, clock: FrozenClock) -> None:
+async def test_the_overview_shows_a_running_gateway_and_its_rates(db_path: Path, clock: FrozenClock,
+                                                                  refresh: float) -> None:
     from engine.engine import GatewayStatus
 
-    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=60)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
     async with app.run_test(size=(160, 48)) as pilot:
         await _settle(pilot, app)
         assert "[b]Gateway:[/b] none running on this ledger" in str(app.screen.query_one("#attention", Static).content)

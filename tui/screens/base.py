@@ -99,6 +99,12 @@ class DataScreen(Screen[None]):
         """Read the screen's data again, unless a read is under way; ``restart`` when what the
         screen shows has changed (a tab, a search): the new read replaces the one under way
         (the worker is exclusive, so starting it cancels the other)."""
+        if not self.is_mounted:
+            # The poll or a resume can reach a screen still mounting: its tables have no columns
+            # yet, and rows shown now would not fit them (`More values provided than there are
+            # columns`). The screen's queue runs this once its on_mount handlers are done.
+            self.call_later(self.reload, restart)
+            return
         if (restart or not self.loading_data) and self.bapp.engine is not None:
             self.loading_data = True
             self._load()
