@@ -23,7 +23,6 @@ from textual.widgets import Static
 from engine.clock import iso
 from engine.models import STATUSES, SettledCall
 from engine.money import format_usd
-from tui.screens.approvals import _cut
 from tui.screens.base import DataScreen
 from tui.screens.message import MessageModal
 from tui.widgets.vim_table import VimTable, right
@@ -33,8 +32,11 @@ if TYPE_CHECKING:
 
 COLUMNS = ("time (UTC)", "principal", "team", "token", "model", "in / out", "cost", "latency", "status",
            "blocked by")
-NARROW = ("time (UTC)", "principal", "model", "cost", "status")
-MEDIUM = ("time (UTC)", "principal", "team", "model", "in / out", "cost", "latency", "status", "blocked by")
+#: The columns each width shows, every cell whole (or elided with …): enter shows everything.
+NARROW = ("time (UTC)", "principal", "model", "cost", "status")  # below 110 columns
+MEDIUM = ("time (UTC)", "principal", "model", "cost", "status", "blocked by")  # below 150
+WIDE = tuple(c for c in COLUMNS if c != "token")  # below 170
+ROOMY = 170
 STATUS_STYLE = {"ok": "", "error": "bold red", "blocked": "bold yellow"}
 
 
@@ -123,7 +125,9 @@ class CallsScreen(DataScreen):
         if not self._dirty:
             return
         self._dirty = False
-        rows: list[tuple[str, Sequence[str | Text]]] = [(str(c.id), self._cells(c)) for c in self.calls]
+        layout = self._layout()
+        short = layout in (NARROW, MEDIUM)
+        rows: list[tuple[str, Sequence[str | Text]]] = [(str(c.id), self._cells(c, short)) for c in self.calls]
         if not rows:
             note = "No calls yet: they appear here as the gateway, the transport or an import records them."
             if self.status is not None:
@@ -132,18 +136,26 @@ class CallsScreen(DataScreen):
         table = self.query_one("#calls-table", VimTable)
         if not table.columns:  # the first rows (a read may finish before this screen's on_mount)
             table.define([(c, c) for c in COLUMNS])
-        table.show_only(NARROW if self.narrow else None if self.roomy else MEDIUM)
+        table.show_only(layout)
         table.set_rows(rows)
 
-    def _cells(self, call: SettledCall) -> list[str | Text]:
+    def _layout(self) -> tuple[str, ...] | None:
+        if self.narrow:
+            return NARROW
+        if not self.roomy:
+            return MEDIUM
+        return None if self.size.width >= ROOMY else WIDE
+
+    def _cells(self, call: SettledCall, short: bool) -> list[str | Text]:
+        """The row of a call; ``short``: the time of day only (below 150 columns)."""
         e = call.event
         when = iso(e.ts_ms)
-        narrow = self.narrow  # 80 columns: a long model name elided (enter shows it whole)
-        return [when[11:19] if narrow else when[5:19].replace("T", " "), e.principal, e.team, e.token_id,
-                _cut(e.model, 20) if narrow else e.model, right(f"{e.input_tokens:,} / {e.output_tokens:,}"),
-                right(format_usd(e.cost_nanos or 0)),
+        policy = e.tags.get("policy_name") or e.tags.get("policy") or ("not recorded" if e.status == "blocked" else "")
+        return [when[11:19] if short else when[5:19].replace("T", " "), elide(e.principal, 20), elide(e.team, 12),
+                elide(e.token_id, 16), elide(e.model, 20 if self.narrow else 26),
+                right(f"{e.input_tokens:,} / {e.output_tokens:,}"), right(format_usd(e.cost_nanos or 0)),
                 right(f"{e.latency_ms:,} ms"), Text(e.status, style=STATUS_STYLE.get(e.status, "")),
-                call.policy or ("not recorded" if e.status == "blocked" else "")]
+                elide(policy, 20)]
 
     def action_hold(self) -> None:
         self.held = not self.held
@@ -184,3 +196,8 @@ class CallsScreen(DataScreen):
                   f"latency          {e.latency_ms:,} ms",
                   "", "tags", json.dumps(e.tags, indent=2, sort_keys=True) if e.tags else "  none"]
         self.app.push_screen(MessageModal(f"Call {e.request_id}", "\n".join(lines)))
+
+
+def elide(text: str, width: int) -> str:
+    """The text whole if it fits ``width`` cells, else cut with … (enter shows it whole)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
