@@ -50,7 +50,7 @@ from engine.budgets import (
 )
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
-from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
+from engine.models import ROLLUP_DIMENSIONS, STATUSES, FieldError, SettledCall, UsageEvent
 from engine.pricing import (
     ModelPrice,
     PriceBook,
@@ -84,6 +84,7 @@ DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to 
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
 RETRY_WRITES_S = (0.2, 5.0)  # while the ledger refuses writes: the first wait before trying again, and the longest
 RETRY_AFTER_S = 2  # what a call refused meanwhile is told to wait (Retry-After)
+MAX_RECENT_CALLS = 10_000  # the most calls one read of the ledger's tail returns
 log = logging.getLogger("budgeteer")
 T = TypeVar("T")
 
@@ -383,6 +384,18 @@ class Engine:
 
     async def event_count(self) -> int:
         return await self.store.event_count()
+
+    async def recent_calls(self, after: int = 0, limit: int = 200, status: str | None = None) -> list[SettledCall]:
+        """The last ``limit`` calls recorded after call id ``after`` (0: from the start), of one
+        ``status`` or all, newest first: the tail of the ledger, for a live view that asks only
+        for what is new (a status reads back to ``after`` at most: keep it near the end)."""
+        if status is not None and status not in STATUSES:
+            raise FieldError("status", f"must be one of {', '.join(STATUSES)} (got {status!r})")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise FieldError("after", f"must be a call id, a whole number from 0 (got {after!r})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_RECENT_CALLS:
+            raise FieldError("limit", f"must be a whole number from 1 to {MAX_RECENT_CALLS} (got {limit!r})")
+        return [SettledCall(i, e) for i, e in await self.store.recent_events(after, limit, status)]
 
     def iter_events(self, start_ms: int, end_ms: int) -> AsyncIterator[UsageEvent]:
         return self.store.iter_events(start_ms, end_ms)

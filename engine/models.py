@@ -131,6 +131,22 @@ class UsageEvent:
         return {name: getattr(self, name) for name in EVENT_FIELDS}
 
 
+@dataclass(slots=True, frozen=True)
+class SettledCall:
+    """A call as the ledger recorded it: its event and ``id``, the ledger's append order (the
+    cursor a live view follows: a call recorded later has a higher id, whatever its time)."""
+
+    id: int
+    event: UsageEvent
+
+    @property
+    def policy(self) -> str:
+        """For a blocked call, the policy that blocked it (``name (id)``) when its event names one."""
+        tags = self.event.tags
+        pid, name = tags.get("policy", ""), tags.get("policy_name", "")
+        return f"{name} ({pid})" if name and pid and name != pid else pid or name
+
+
 EVENT_FIELDS: Final = tuple(UsageEvent.__dataclass_fields__)
 _REQUIRED: Final = ("request_id", "provider", "model")
 _TEXT_FIELDS: Final = ("request_id", "provider", "model", "workspace", "team", "principal", "token_id",

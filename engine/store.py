@@ -1525,6 +1525,18 @@ class SQLiteStore:
                 yield _row_event(r[1:])
             cursor = (int(rows[-1][1]), int(rows[-1][0]))
 
+    async def recent_events(self, after_id: int, limit: int, status: str | None = None) -> list[tuple[int, UsageEvent]]:
+        """The newest ``limit`` events recorded after event ``after_id`` (of one ``status``, or
+        all), newest first, with their ids. Read by the primary key from the ledger's end: as
+        cheap on a million events as on ten (a status reads back to ``after_id`` at most), and
+        no event recorded late (a spill replayed, another process's import with older times)
+        is skipped, as a cursor on time would."""
+        if status is None:
+            rows = await self._fetchall(RECENT_EVENTS_SQL, [after_id, limit])
+        else:
+            rows = await self._fetchall(RECENT_EVENTS_OF_STATUS_SQL, [after_id, status, limit])
+        return [(int(r[0]), _row_event(r[1:])) for r in rows]
+
     async def fold_usage(self, start_ms: int, end_ms: int, where: Mapping[str, str],
                          fn: Callable[[Iterable[tuple[int, int, int, str]]], Any]) -> Any:
         """Run ``fn`` over (ts_ms, cost_nanos, tokens, status) of raw events in [start, end)
@@ -1570,6 +1582,12 @@ class SQLiteStore:
             return list(await cur.fetchall())
 
 
+#: The ledger's tail after an event id, newest first (``recent_events``): a search by the primary key.
+RECENT_EVENTS_SQL: Final = (
+    f"SELECT e.id, {', '.join(f'e.{c}' for c in _EVENT_COLUMNS if c != 'series_id')}, "
+    f"{', '.join(f's.{d}' for d in ROLLUP_DIMENSIONS)} FROM usage_events e JOIN series s ON s.id = e.series_id "
+    "WHERE e.id > ? ORDER BY e.id DESC LIMIT ?")
+RECENT_EVENTS_OF_STATUS_SQL: Final = RECENT_EVENTS_SQL.replace("WHERE e.id > ?", "WHERE e.id > ? AND e.status = ?")
 _ROW_FIELDS: Final = tuple(c for c in _EVENT_COLUMNS if c != "series_id") + ROLLUP_DIMENSIONS
 
 

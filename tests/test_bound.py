@@ -70,9 +70,11 @@ def _gateway(db: Path, fake: FakeOpenAI, *policies: tuple[str, str, str]) -> Ite
 
 
 def _settled(db: Path) -> list[int]:
+    """The cost of each call made (a refused call is recorded too, as blocked: not made)."""
     async def read() -> list[int]:
         async with await Engine.open(db) as engine:
-            return [e.cost_nanos or 0 async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
+            return [e.cost_nanos or 0 async for e in engine.iter_events(0, engine.now_ms() + 60_000)
+                    if e.status != "blocked"]
 
     return asyncio.run(read())
 

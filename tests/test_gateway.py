@@ -17,6 +17,7 @@ import pytest
 from engine.budgets import build_policy
 from engine.engine import Engine
 from engine.integrations.gateway import CoalescedWrites, create_app
+from engine.models import SettledCall
 from tests.asgi_servers import FakeAnthropic, FakeOpenAI, post_all, serve
 from tests.fake_servers import closed_port_url
 
@@ -297,8 +298,40 @@ def test_a_budget_blocks_in_the_middle_of_a_run(gateway: tuple[str, str], db_pat
             outcomes.append(str(exc.status_code))
     first_block = outcomes.index("402")
     assert 10 < first_block < 60 and set(outcomes[first_block:]) == {"402"}
-    spent = sum(r[4] for r in _ledger(db_path))
-    assert spent <= 300_000 and len(_ledger(db_path)) == first_block and _open_holds(db_path) == 0
+    rows = _ledger(db_path)
+    spent = sum(r[4] for r in rows)
+    assert spent <= 300_000 and [r[6] for r in rows] == ["ok"] * first_block + ["blocked"] * (60 - first_block)
+    assert _open_holds(db_path) == 0
+
+
+def test_a_blocked_call_is_recorded_naming_its_policy(gateway: tuple[str, str], db_path: Path) -> None:
+    """A call a budget refuses leaves a blocked event (no tokens, no cost) whose tags name the
+    policy that decided: the dashboard's Calls screen shows it from there."""
+    base, secret = gateway
+
+    async def policy() -> None:
+        async with await Engine.open(db_path) as engine:
+            await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="0.000001",
+                                                 name="ML pennies", policy_id="ml-pennies"))
+
+    asyncio.run(policy())
+    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="gpt-4o-mini", max_tokens=100,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 402
+
+    async def tail() -> list[SettledCall]:
+        async with await Engine.open(db_path) as engine:
+            return await engine.recent_calls()
+
+    [call] = asyncio.run(tail())
+    e = call.event
+    assert (e.status, e.principal, e.team, e.model, e.cost_nanos, e.input_tokens, e.output_tokens) == (
+        "blocked", "alice", "ml", "gpt-4o-mini", 0, 0, 0)
+    assert e.tags["policy"] == "ml-pennies" and call.policy == "ML pennies (ml-pennies)"
+    assert e.request_id == refused.value.response.headers["x-budgeteer-request-id"]
+    assert _open_holds(db_path) == 0
 
 
 # Under this load a socket of the in-process servers' connection pools is now and then
@@ -320,7 +353,7 @@ def test_a_thousand_concurrent_calls_never_overspend(gateway: tuple[str, str], d
                                  connections=200))
     assert set(codes) <= {200, 402} and codes.count(200) > 0 and codes.count(402) > 0
     rows = _ledger(db_path)
-    assert len(rows) == codes.count(200)
+    assert [r[6] for r in rows].count("ok") == codes.count(200) and len(rows) == len(codes)  # refusals: blocked
     assert sum(r[4] for r in rows) <= 2_000_000  # $0.002 in nano-dollars: never over
     assert _open_holds(db_path) == 0
 

@@ -462,3 +462,36 @@ async def test_two_processes_writing_one_ledger_lose_nothing(db_path: Path) -> N
     assert [(r.key, r.totals.requests) for r in await store.breakdown(NOW_MS, NOW_MS + MINUTE_MS, "principal")] \
         == [("p1", 300), ("p2", 300)]
     await store.close()
+
+
+async def test_recent_calls_read_the_ledgers_tail_after_a_cursor(db_path: Path) -> None:
+    """The live Calls screen's read: the newest calls first, only those after the last one it
+    holds, a call recorded late with an older time included (a cursor on time would skip it),
+    and a search by the primary key from the end, never a scan of a large ledger."""
+    from engine.clock import FrozenClock
+    from engine.engine import Engine
+    from engine.models import FieldError
+    from engine.store import RECENT_EVENTS_OF_STATUS_SQL, RECENT_EVENTS_SQL
+
+    async with await Engine.open(db_path, clock=FrozenClock(NOW_MS)) as engine:
+        await engine.record_many([event(i) for i in range(5)])
+        first = await engine.recent_calls(limit=3)
+        assert [c.event.request_id for c in first] == ["req-4", "req-3", "req-2"]
+        assert first[0].id > first[1].id > first[2].id and first[0].event.principal == "alice"
+        assert await engine.recent_calls(after=first[0].id) == []
+        await engine.record(event(99, ts_ms=NOW_MS - 86_400_000))  # recorded now, a day old
+        [late] = await engine.recent_calls(after=first[0].id)
+        assert late.event.request_id == "req-99" and late.id > first[0].id
+        await engine.record(event(100, status="blocked", cost_nanos=0))
+        assert [c.event.request_id for c in await engine.recent_calls(status="blocked")] == ["req-100"]
+        assert [c.event.request_id for c in await engine.recent_calls(limit=2, status="ok")] == ["req-99", "req-4"]
+        for bad, field in (({"after": -1}, "after"), ({"limit": 0}, "limit"), ({"limit": 10**6}, "limit"),
+                           ({"status": "fine"}, "status")):
+            with pytest.raises(FieldError) as exc:
+                await engine.recent_calls(**bad)  # type: ignore[arg-type]
+            assert exc.value.field == field
+    conn = sqlite3.connect(db_path)
+    for sql, params in ((RECENT_EVENTS_SQL, (0, 10)), (RECENT_EVENTS_OF_STATUS_SQL, (0, "blocked", 10))):
+        plan = " ".join(str(r[3]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+        assert "SCAN" not in plan and "USING INTEGER PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan
+    conn.close()

@@ -117,7 +117,8 @@ async def test_a_blocked_call_is_a_402_from_the_sdk(db_path: Path, openai_url: s
         assert "Bob's cap" in blocked.value.message
         assert await engine.open_holds() == 0
         await http.aclose()
-    assert await _events(db_path) == []  # nothing was sent, nothing charged
+    # Nothing was sent, nothing charged: the refusal is recorded as a blocked call of no tokens and no cost.
+    assert await _events(db_path) == [("gpt-4o-mini", "bob", 0, 0, 0, 0, "computed", "openai")]
 
 
 async def test_an_output_cap_beyond_what_the_ledger_stores_is_a_400_from_the_sdk(db_path: Path,

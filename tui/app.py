@@ -1,9 +1,10 @@
 """The Budgeteer dashboard: a Textual app over one ledger.
 
 Screens (number keys, or the command palette): 1 overview, 2 usage, 3 budgets,
-4 alerts, 5 approvals, 6 tokens, 7 audit journal, 8 models, 9 vault. Data is read through ``Engine`` in
-workers; the current screen refreshes every few seconds, never piling polls up, and stops
-while paused or while a modal is open. New override requests are announced on any screen.
+4 alerts, 5 approvals, 6 tokens, 7 audit journal, 8 models, 9 vault, 0 calls (live).
+Data is read through ``Engine`` in workers; the current screen refreshes every few seconds,
+never piling polls up, and stops while paused or while a modal is open. New override
+requests are announced on any screen.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tui.screens.approvals import ApprovalsScreen
 from tui.screens.audit import AuditScreen
 from tui.screens.base import DataScreen
 from tui.screens.budgets import BudgetsScreen
+from tui.screens.calls import CallsScreen
 from tui.screens.help import HelpModal
 from tui.screens.models import ModelsScreen
 from tui.screens.overview import OverviewScreen
@@ -44,6 +46,8 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
     "audit": ("7", "Audit journal: every change and decision; filter, verify the chain"),
     "models": ("8", "Models: catalog, tiers, provider health, routing decisions; explain a prompt"),
     "vault": ("9", "Vault: credentials by reference and fingerprint; add, remove, test"),
+    "calls": ("0", "Calls, live: each call as it is recorded, who, model, tokens, cost, status, the policy "
+                   "that blocked it"),
 }
 
 
@@ -57,7 +61,7 @@ class BudgeteerApp(App[None]):
     MODES: ClassVar[dict[str, type[Screen[None]]]] = {  # type: ignore[assignment]
         "overview": OverviewScreen, "usage": UsageScreen, "budgets": BudgetsScreen, "alerts": AlertsScreen,
         "approvals": ApprovalsScreen, "tokens": TokensScreen, "audit": AuditScreen, "models": ModelsScreen,
-        "vault": VaultScreen}
+        "vault": VaultScreen, "calls": CallsScreen}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("1", "switch_mode('overview')", "Overview", id="app.overview"),
         Binding("2", "switch_mode('usage')", "Usage", id="app.usage"),
@@ -68,6 +72,7 @@ class BudgeteerApp(App[None]):
         Binding("7", "switch_mode('audit')", "Audit", id="app.audit"),
         Binding("8", "switch_mode('models')", "Models", id="app.models"),
         Binding("9", "switch_mode('vault')", "Vault", id="app.vault"),
+        Binding("0", "switch_mode('calls')", "Calls", id="app.calls"),
         Binding("question_mark", "help", "Help", id="app.help"),
         Binding("colon", "command_palette", "Commands", show=False, id="app.commands"),
         Binding("p", "toggle_pause", "Pause", id="app.pause"),

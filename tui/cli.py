@@ -398,7 +398,7 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clock = FrozenClock(SCREENSHOT_NOW_MS)
     screens = (("1", "overview"), ("2", "usage"), ("3", "budgets"), ("4", "alerts"), ("5", "approvals"),
-               ("6", "tokens"), ("7", "audit"), ("8", "models"), ("9", "vault"))
+               ("6", "tokens"), ("7", "audit"), ("8", "models"), ("9", "vault"), ("0", "calls"))
     sizes = ((160, 48), (80, 24))
     with tempfile.TemporaryDirectory() as tmp, progress_bar("Writing the demo ledger") as bar:
         db = Path(tmp) / "demo.db"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,8 @@ from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
 from engine.ratelimits import Limit, RateLimiter
 from engine.store import LedgerRefusing
+
+log = logging.getLogger("budgeteer")
 
 KINDS = ("chat", "embeddings", "responses")
 
@@ -234,6 +237,7 @@ class Governor:
         """Rate limits, routing, authorization; the ticket and the provider to forward to
         (None when ``resolve_providers`` is off: the caller knows where the call goes)."""
         self.requests += 1
+        started = time.perf_counter()
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise bad_request("model", "is required and must be a string")
@@ -284,7 +288,10 @@ class Governor:
         except LedgerRefusing as exc:
             raise ledger_unavailable(str(exc)) from None
         if not auth.allowed:
-            raise self._budget_refusal(auth)
+            refusal = self._budget_refusal(auth)
+            await self._record_refusal(caller, request_id, model, applied, target.name if target else provider, auth,
+                                       started)
+            raise refusal
         try:
             if auth.model and auth.model != applied:  # a downgrade policy moved the call
                 applied = auth.model
@@ -299,6 +306,28 @@ class Governor:
         self.open[request_id] = ticket
         return ticket, target
 
+    async def _record_refusal(self, caller: Caller, request_id: str, requested: str, model: str, provider: str,
+                              auth: Authorization, started: float) -> None:
+        """A call a budget refused, in the ledger as a blocked event: no tokens, no cost, and in
+        its tags the policy that decided (what the dashboard's Calls screen shows as the reason).
+        Written, or spilled like a settlement; a write that fails otherwise is said, and the
+        caller is refused all the same."""
+        deciding = auth.evaluation.deciding
+        tags = {"policy": deciding.policy.id, "policy_name": deciding.policy.name} if deciding else {}
+        if auth.override_request_id:
+            tags["override_request"] = auth.override_request_id
+        if requested != model:
+            tags["requested_model"] = requested
+        event = UsageEvent(
+            ts_ms=self.engine.now_ms(), request_id=request_id, provider=provider, model=model,
+            workspace=caller.workspace, team=caller.team, principal=caller.principal, token_id=caller.token_id,
+            session=caller.session, agent=caller.agent, cost_nanos=0, cost_source="computed",
+            latency_ms=round((time.perf_counter() - started) * 1000), status="blocked", tags=tags)
+        try:
+            await self.engine.settle_call(None, event)
+        except Exception as exc:
+            log.warning("the blocked call %s was not recorded: %s", request_id, exc)
+
     def _budget_refusal(self, auth: Authorization) -> Refused:
         deciding = auth.evaluation.deciding
         name = f"{deciding.policy.name} ({deciding.policy.id})" if deciding else "a budget"
@@ -306,10 +335,12 @@ class Governor:
             return Refused(402, f"Budget exceeded: {name}. Approval required: override request "
                                 f"{auth.override_request_id} is pending.", "budget_exceeded", "approval_required",
                            None, {"x-budget-policy": deciding.policy.id if deciding else "",
-                                  "x-budget-override-request": auth.override_request_id})
+                                  "x-budget-override-request": auth.override_request_id,
+                                  "x-budgeteer-request-id": auth.request_id})
         return Refused(402, f"Budget exceeded: {name}. {deciding.message if deciding else ''}".strip(),
                        "budget_exceeded", "budget_exceeded", None,
-                       {"x-budget-policy": deciding.policy.id if deciding else ""})
+                       {"x-budget-policy": deciding.policy.id if deciding else "",
+                        "x-budgeteer-request-id": auth.request_id})  # the blocked call's id in the ledger
 
     async def finish(self, ticket: Ticket, usage: Usage | None, *, estimated: bool = False,
                      status: str = "ok") -> None:

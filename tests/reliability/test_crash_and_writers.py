@@ -165,7 +165,11 @@ def test_a_gateway_and_a_transport_in_another_process_share_one_budget(tmp_path:
     async def check() -> None:
         async with await Engine.open(db) as engine:
             events = [e async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
-            assert len(events) == codes.count(200) + transport_ok  # none lost, none twice
+            made = [e for e in events if e.status != "blocked"]
+            assert len(made) == codes.count(200) + transport_ok  # none lost, none twice
+            # Each refusal recorded once, as a blocked call naming the policy.
+            blocked = [e for e in events if e.status == "blocked"]
+            assert len(blocked) == codes.count(402) + transport_blocked and all(e.tags["policy"] for e in blocked)
             assert len({e.request_id for e in events}) == len(events)
             assert {e.principal for e in events} <= {"load", "transport"}
             assert sum(e.cost_nanos or 0 for e in events) <= 2_000_000  # $0.002: never passed

@@ -44,7 +44,7 @@ def demo_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
-@pytest.mark.parametrize("key", ["1", "2", "3", "4"], ids=["overview", "usage", "budgets", "alerts"])
+@pytest.mark.parametrize("key", ["1", "2", "3", "4", "0"], ids=["overview", "usage", "budgets", "alerts", "calls"])
 def test_screen_snapshot(snap_compare: Callable[..., bool], demo_ledger: Path, tmp_path: Path, key: str,
                          size: tuple[int, int]) -> None:
     db = tmp_path / "demo.db"
