@@ -161,6 +161,8 @@ class Timeline(PlotextPlot):
     def _y_ticks(self, top: float) -> tuple[list[float], list[str]]:
         rows = max(3, (self.size.height or 12) - 4)
         step = _nice_step(top if top > 0 else 1.0, max(2, min(5, rows // 3)))
+        if self._metric != "usd":
+            step = max(1.0, step)  # no half a request
         values = [step * i for i in range(max(1, math.ceil(top / step - 1e-9)) + 1)]
         if self._metric == "usd":
             labels = [format_usd_compact(round(v * NANOS_PER_USD)) if v >= 1 else format_usd(round(v * NANOS_PER_USD))
