@@ -39,7 +39,7 @@ GROUPS = ("model", "provider", "team", "principal", "token_id", "workspace", "ag
 METRICS = ("usd", "tokens", "requests")
 #: enter on a row narrows to it and breaks it down by the first of these not narrowed yet
 DRILL = {"workspace": ("team", "principal", "model"), "team": ("principal", "model"),
-         "principal": ("model", "session"), "model": ("principal", "team"), "provider": ("model", "principal"),
+         "principal": ("model", "session"), "model": ("principal", "team", "session"), "provider": ("model", "principal"),
          "token_id": ("model", "session"), "agent": ("session", "model"), "session": ("model",)}
 
 
