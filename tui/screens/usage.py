@@ -39,8 +39,9 @@ GROUPS = ("model", "provider", "team", "principal", "token_id", "workspace", "ag
 METRICS = ("usd", "tokens", "requests")
 #: enter on a row narrows to it and breaks it down by the first of these not narrowed yet
 DRILL = {"workspace": ("team", "principal", "model"), "team": ("principal", "model"),
-         "principal": ("model", "session"), "model": ("principal", "team", "session"), "provider": ("model", "principal"),
-         "token_id": ("model", "session"), "agent": ("session", "model"), "session": ("model",)}
+         "principal": ("model", "session"), "model": ("principal", "team", "session"),
+         "provider": ("model", "principal"), "token_id": ("model", "session"), "agent": ("session", "model"),
+         "session": ("model",)}
 
 
 def metric_of(t: Totals, metric: str) -> int:
