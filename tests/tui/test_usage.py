@@ -105,6 +105,30 @@ async def test_enter_drills_down_chart_and_table_and_esc_climbs_back(db_path: Pa
 
 
 @REFRESH
+async def test_enter_typed_before_the_new_rows_arrive_drills_into_them(db_path: Path, clock: FrozenClock,
+                                                                       refresh: float) -> None:
+    """`b b enter` typed at once: the enter waited for the team rows, never narrowing the team
+    to a model name (`team=o3`) from the rows still on screen."""
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.record_many([event(i, team=("ml", "web", "ml")[i % 3], model=("o3", "gpt-4o")[i % 2],
+                                        principal=("alice", "bob")[i % 2]) for i in range(6)])
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
+    async with app.run_test(size=(80, 24)) as pilot:
+        usage = await _usage(pilot, app)
+        # b, b and enter handled before the read they start can finish, as when typed quickly
+        usage.action_cycle_group()
+        usage.action_cycle_group()
+        usage.action_drill()
+        for _ in range(100):  # the cancelled reads end, the last one shows its rows
+            await pilot.pause(0.05)
+            if not usage.loading_data and _table_names(usage) != ["o3", "gpt-4o"]:
+                break
+        assert usage.filters == {"team": "ml"} and usage.group == "principal"
+        assert _path(usage) == "all › team=ml   by principal"  # at 80 columns, the path alone
+    assert app.fatal_error is None
+
+
+@REFRESH
 async def test_group_by_agent_and_session(db_path: Path, clock: FrozenClock, refresh: float) -> None:
     async with await Engine.open(db_path, clock=clock) as engine:
         await engine.record_many([event(i, agent=("research", "planner", "research")[i % 3],

@@ -72,6 +72,7 @@ class UsageData:
     consumption: list[tuple[int, int]]  # the selected policy's window, bucket by bucket
     span: tuple[int, int]
     bucket_ms: int
+    view: tuple[str, tuple[tuple[str, str], ...]]  # the group and drill-down path it was read for
 
 
 class PeriodModal(ModalScreen[str | None]):
@@ -138,6 +139,7 @@ class UsageScreen(DataScreen):
         self.last: UsageData | None = None
         #: the drill-down, outermost first: (dimension, value); climbing back groups by dimension again
         self.path: list[tuple[str, str]] = []
+        self._drill_pending = False  # enter came before the rows of the group asked for
 
     def body(self) -> ComposeResult:
         yield Static("", id="usage-controls")
@@ -153,6 +155,9 @@ class UsageScreen(DataScreen):
         self.query_one("#breakdown", VimTable).define(
             [("name", "name")] + [(name, right(name)) for name in ("spend", "tokens", "calls", "share")])
         self._controls()
+
+    def _view(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return self.group, tuple(self.path)
 
     @property
     def filters(self) -> dict[str, str]:
@@ -175,8 +180,9 @@ class UsageScreen(DataScreen):
                     f"[reverse] {self.group} [/]   [b]m[/b] metric [reverse] {self.metric} [/]   "
                     f"[b]l[/b] budget lines [reverse] {policy} [/]   [b]x[/b] export")
         self.query_one("#usage-controls", Static).update(text)
-        back = "   [dim]enter narrows to a row, esc climbs back[/dim]" if self.path else \
-            "   [dim]enter narrows to a row[/dim]"
+        back = "   [dim]enter narrows to a row" + (", esc climbs back" if self.path else "") + "[/dim]"
+        if self.size.width and self.size.width < 110:  # 80 columns: the path alone
+            back = ""
         self.query_one("#usage-path", Static).update(escape(self.breadcrumb()) + back)
 
     def on_resize(self) -> None:
@@ -217,9 +223,12 @@ class UsageScreen(DataScreen):
 
     def action_drill(self) -> None:
         """Narrow chart and table to the row under the cursor; break it down by the next dimension."""
+        if self.last is None or self.last.view != self._view():
+            self._drill_pending = True  # `b b enter` typed quickly: drill into the new rows when they come
+            return
         table = self.query_one("#breakdown", VimTable)
         key = table.current_key
-        if key is None or self.last is None or key not in {r.key for r in self.last.rows}:
+        if key is None or key not in {r.key for r in self.last.rows}:
             return
         narrowed = {*self.filters, self.group}
         following = next((d for d in DRILL[self.group] if d not in narrowed), None)
@@ -269,6 +278,7 @@ class UsageScreen(DataScreen):
             consumption=await engine.policy_timeline(policy, start, end, bucket) if policy else [],
             span=(start, end),
             bucket_ms=bucket,
+            view=self._view(),
         )
 
     def show(self, data: UsageData) -> None:
@@ -281,6 +291,9 @@ class UsageScreen(DataScreen):
                                  right(compact(r.totals.tokens)), right(f"{r.totals.requests:,}"),
                                  right(f"{100 * metric_of(r.totals, self.metric) / total:.1f}%" if total else "-")])
                         for r in data.rows])
+        if self._drill_pending and data.view == self._view():
+            self._drill_pending = False
+            self.action_drill()
 
     def _draw_chart(self) -> None:
         """The largest groups as series, those whose name matches the filter when one is typed."""
