@@ -78,18 +78,43 @@ def format_span(ms: int) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
+def _month_start(year: int, month: int) -> int:
+    return int(datetime(year, month, 1, tzinfo=UTC).timestamp()) * 1000
+
+
+def _date_ms(text: str, field: str, which: str) -> int:
+    try:
+        day = datetime.strptime(text.strip(), "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise FieldError(field, f"the {which} date must be a real date written YYYY-MM-DD, "
+                                f"not {text.strip()!r}") from None
+    return int(day.timestamp()) * 1000
+
+
 def period_range(period: str | None, now_ms: int, field: str = "period") -> tuple[int, int]:
     """[start, end) for a period: ``24h``, ``7d``, ``30d``, ``90d`` (any duration), ``today``,
-    ``month`` (calendar, UTC) or ``all``."""
-    text = (period or "all").strip().lower()
+    ``week`` (since Monday), ``month``, ``last month`` (calendar, UTC), a range of days
+    ``2026-11-01..2026-11-15`` (both days included) or ``all``."""
+    text = " ".join((period or "all").strip().lower().split()).removeprefix("this ")
     if text == "all":
         return 0, now_ms + MINUTE_MS
     if text == "today":
         return now_ms - now_ms % DAY_MS, now_ms + MINUTE_MS
+    if text == "week":  # ISO weeks start on Monday; the epoch (1970-01-01) was a Thursday
+        return now_ms - (now_ms + 3 * DAY_MS) % (7 * DAY_MS), now_ms + MINUTE_MS
+    now = datetime.fromtimestamp(now_ms / 1000, UTC)
     if text == "month":
-        now = datetime.fromtimestamp(now_ms / 1000, UTC)
-        start = datetime(now.year, now.month, 1, tzinfo=UTC)
-        return int(start.timestamp()) * 1000, now_ms + MINUTE_MS
+        return _month_start(now.year, now.month), now_ms + MINUTE_MS
+    if text == "last month":
+        year, month = (now.year, now.month - 1) if now.month > 1 else (now.year - 1, 12)
+        return _month_start(year, month), _month_start(now.year, now.month)
+    if ".." in text:
+        first, _, last = text.partition("..")
+        start, end = _date_ms(first, field, "first"), _date_ms(last, field, "last") + DAY_MS
+        if end <= start:
+            raise FieldError(field, f"the range must start on or before its last day ({first.strip()} is after "
+                                    f"{last.strip()})")
+        return start, end
     return now_ms - parse_duration_ms(text, field), now_ms + MINUTE_MS
 
 

@@ -566,6 +566,19 @@ _INSERT_SERIES: Final = (
 _FIND_SERIES: Final = "SELECT id FROM series WHERE " + " AND ".join(f"{d} = ?" for d in ROLLUP_DIMENSIONS)
 
 
+#: Each rollup column (_SUM_COLUMNS) as a sum over raw events.
+_EVENT_SUMS: Final = (
+    "count(*)", "sum(status = 'error')", "sum(status = 'blocked')", "sum(input_tokens)",
+    "sum(cached_input_tokens)", "sum(cache_write_tokens)", "sum(output_tokens)", "sum(reasoning_tokens)",
+    "sum(cost_nanos)", "sum(cost_source = 'unpriced')", "sum(cost_source = 'estimated')", "sum(latency_ms)",
+    "sum(cache_write_1h_tokens)",
+)
+#: Columns of usage_events only (no rollup has them): reads by them sum raw events.
+EVENT_DIMENSIONS: Final = ("agent", "session")
+#: Every dimension the usage reads group and filter by.
+READ_DIMENSIONS: Final = (*ROLLUP_DIMENSIONS, *EVENT_DIMENSIONS)
+
+
 def _rollup_statements() -> tuple[tuple[str, bool], ...]:
     """The statements that fold a batch of new events (ids in (lo, hi]) into every rollup.
 
@@ -573,12 +586,7 @@ def _rollup_statements() -> tuple[tuple[str, bool], ...]:
     per hour into another; each rollup is then an upsert of already-grouped rows.
     Each statement comes with whether it takes the (lo, hi) parameters.
     """
-    event_sums = (
-        "count(*)", "sum(status = 'error')", "sum(status = 'blocked')", "sum(input_tokens)",
-        "sum(cached_input_tokens)", "sum(cache_write_tokens)", "sum(output_tokens)", "sum(reasoning_tokens)",
-        "sum(cost_nanos)", "sum(cost_source = 'unpriced')", "sum(cost_source = 'estimated')", "sum(latency_ms)",
-        "sum(cache_write_1h_tokens)",
-    )
+    event_sums = _EVENT_SUMS
     columns = ", ".join(_SUM_COLUMNS)
     resum = ", ".join(f"sum({c})" for c in _SUM_COLUMNS)
     update = ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUM_COLUMNS)
@@ -684,6 +692,42 @@ def _filter_sql(filters: Mapping[str, str] | None) -> tuple[str, list[Any]]:
         clauses.append(f"{dim} = ?")
         params.append(value)
     return f" AND series_id IN (SELECT id FROM series WHERE {' AND '.join(clauses)})", params
+
+
+def _needs_events(filters: Mapping[str, str] | None, *groups: str | None) -> bool:
+    """Whether a read names an event-only dimension, so it must sum raw events."""
+    return any(d in EVENT_DIMENSIONS for d in (*(filters or {}), *groups))
+
+
+def _check_dimension(dim: str, field: str) -> None:
+    if dim not in READ_DIMENSIONS:
+        raise FieldError(field, f"must be one of {', '.join(READ_DIMENSIONS)} (got {dim!r})")
+
+
+def _event_column(dim: str) -> str:
+    return f"e.{dim}" if dim in EVENT_DIMENSIONS else f"s.{dim}"
+
+
+def _events_sql(start_ms: int, end_ms: int, filters: Mapping[str, str] | None, *, bucket_ms: int = 0,
+                group_by: str | None = None, fields: Sequence[str] = _SUM_COLUMNS) -> tuple[str, list[Any]]:
+    """Sums (of ``fields``; the others are 0) of raw events in [start, end), widened to whole
+    minutes as the rollups are, per (bucket, group): ``SELECT b, g, c0, c1, ...``. For reads by
+    agent or session, which the rollups do not keep: bounded by the time index, one pass over
+    the period's events."""
+    clauses = ["e.ts_ms >= ?", "e.ts_ms < ?"]
+    params: list[Any] = [_floor(start_ms, MINUTE_MS), _ceil(end_ms, MINUTE_MS)]
+    for dim, value in (filters or {}).items():
+        _check_dimension(dim, "filter")
+        clauses.append(f"{_event_column(dim)} = ?")
+        params.append(value)
+    bucket = f"e.ts_ms - e.ts_ms % {bucket_ms}" if bucket_ms else "0"
+    group = _event_column(group_by) if group_by else "''"
+    join = " JOIN series s ON s.id = e.series_id" if any(
+        d not in EVENT_DIMENSIONS for d in (*(filters or {}), *([group_by] if group_by else []))) else ""
+    sums = ", ".join(f"{expr if column in fields else 0} AS c{i}"
+                     for i, (expr, column) in enumerate(zip(_EVENT_SUMS, _SUM_COLUMNS, strict=True)))
+    return (f"SELECT {bucket} AS b, {group} AS g, {sums} FROM usage_events e{join} "
+            f"WHERE {' AND '.join(clauses)} GROUP BY b, g"), params
 
 
 def _sum_select() -> str:
@@ -1425,7 +1469,12 @@ class SQLiteStore:
     # ---- reading (rollups only)
 
     async def totals(self, start_ms: int, end_ms: int, filters: Mapping[str, str] | None = None) -> Totals:
-        """Sums over [start, end), from the coarsest rollups that cover it exactly."""
+        """Sums over [start, end), from the coarsest rollups that cover it exactly (from raw
+        events when ``filters`` name an agent or a session)."""
+        if _needs_events(filters):
+            sql, args = _events_sql(start_ms, end_ms, filters)
+            row = await self._fetchone(sql, args)
+            return Totals.from_row(row, 2) if row else Totals()
         sql, args = _segments_sql(start_ms, end_ms, filters, per_series=False)
         if not sql:
             return Totals()
@@ -1443,11 +1492,17 @@ class SQLiteStore:
         """
         if bucket_ms <= 0 or bucket_ms % MINUTE_MS:
             raise FieldError("bucket", "must be a positive whole number of minutes")
-        if group_by is not None and group_by not in ROLLUP_DIMENSIONS:
-            raise FieldError("group_by", f"must be one of {', '.join(ROLLUP_DIMENSIONS)}")
+        if group_by is not None:
+            _check_dimension(group_by, "group_by")
         unknown = set(fields) - set(_SUM_COLUMNS)
         if unknown:
             raise FieldError("fields", f"unknown: {', '.join(sorted(unknown))}")
+        if _needs_events(filters, group_by):
+            sql, args = _events_sql(start_ms, end_ms, filters, bucket_ms=bucket_ms, group_by=group_by,
+                                    fields=fields)
+            rows = await self._fetchall(sql + " ORDER BY b, g", args)
+            return [TimelinePoint(int(r[0]), str(r[1]), Totals(**{
+                c: int(r[2 + i]) for i, c in enumerate(_SUM_COLUMNS) if c in fields})) for r in rows]
         wanted = [c for c in _SUM_COLUMNS if c in fields]
         table = "day" if bucket_ms % DAY_MS == 0 else "hour" if bucket_ms % HOUR_MS == 0 else "minute"
         start, end = _floor(start_ms, bucket_ms), _ceil(end_ms, MINUTE_MS)
@@ -1473,10 +1528,15 @@ class SQLiteStore:
                         order: Metric = "cost",
                         filters: Mapping[str, str] | None = None) -> list[BreakdownRow]:
         """The top ``limit`` values of dimension ``by`` over [start, end), largest first."""
-        if by not in ROLLUP_DIMENSIONS:
-            raise FieldError("by", f"must be one of {', '.join(ROLLUP_DIMENSIONS)} (got {by!r})")
+        _check_dimension(by, "by")
         if order not in _ORDER:
             raise FieldError("order", f"must be one of {', '.join(_ORDER)}")
+        if _needs_events(filters, by):
+            sql, args = _events_sql(start_ms, end_ms, filters, group_by=by)
+            outer = ", ".join(f"sum(r.c{i})" for i in range(len(_SUM_COLUMNS)))
+            rows = await self._fetchall(f"SELECT r.g, {outer} FROM ({sql}) r GROUP BY r.g "
+                                        f"ORDER BY {_ORDER[order]} DESC, r.g LIMIT ?", [*args, max(1, limit)])
+            return [BreakdownRow(str(r[0]), Totals.from_row(r, 1)) for r in rows]
         sql, args = _segments_sql(start_ms, end_ms, filters, per_series=True)
         if not sql:
             return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,22 @@ def test_import_usage_and_export_work_end_to_end(tmp_path: Path, capsys: pytest.
     assert target.read_text().count("\n") == 21
     code, out, _ = run(capsys, "--db", db, "export", "--format", "jsonl")
     assert code == 0 and len(out.splitlines()) == 20
+
+
+def test_usage_by_agent_over_a_range_of_days(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "l.db")
+    events = tmp_path / "e.jsonl"
+    events.write_text("\n".join(json.dumps({
+        "ts_ms": NOW_MS - i * 60_000, "request_id": f"a-{i}", "provider": "openai", "model": "gpt-4o",
+        "agent": ("research", "")[i % 2], "session": f"s{i % 3}", "input_tokens": 10, "output_tokens": 1})
+        for i in range(6)) + "\n")
+    assert run(capsys, "--db", db, "import", str(events))[0] == 0
+    code, out, _ = run(capsys, "--db", db, "usage", "--period", "2026-11-18..2026-11-18", "--by", "agent")
+    assert code == 0, out
+    assert out.startswith("Usage, 2026-11-18..2026-11-18 (2026-11-18T00:00 to 2026-11-19T00:00 UTC), by agent")
+    assert re.search(r"^research\s+3\s", out, re.M) and re.search(r"^\(none\)\s+3\s", out, re.M)
+    code, out, _ = run(capsys, "--db", db, "usage", "--period", "2026-11-18..2026-11-01")
+    assert code == 2 and not out
 
 
 def test_bad_lines_exit_2_and_are_listed_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from engine import store as store_module
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
-from engine.models import ROLLUP_DIMENSIONS, UsageEvent
+from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 from engine.store import SCHEMA_VERSION, SchemaTooNewError, SQLiteStore, StoreError, Totals, range_segments
 from tests.conftest import NOW_MS, event
 
@@ -389,6 +389,27 @@ async def test_timeline_buckets_sum_to_the_totals(db_path: Path) -> None:
     assert sum(p.totals.cost_nanos for p in per_model) == 200 * 270_000
     minutes = await store.timeline(NOW_MS - HOUR_MS, end, 5 * MINUTE_MS)
     assert sum(p.totals.requests for p in minutes) == (await store.totals(NOW_MS - HOUR_MS, end)).requests
+    await store.close()
+
+
+async def test_reads_group_and_filter_by_agent_and_session(db_path: Path) -> None:
+    """agent and session are columns of raw events only: breakdown, timeline and totals sum the
+    events themselves, and agree with the rollup reads they sit beside."""
+    store = await SQLiteStore.open(db_path)
+    events = [event(i, ts_ms=NOW_MS - DAY_MS + i * 7 * MINUTE_MS, agent=("ra", "rb", "")[i % 3],
+                    session=f"s{i % 4}", team=("ml", "web")[i % 2]) for i in range(120)]
+    await store.record_many(events)
+    start, end = NOW_MS - DAY_MS, NOW_MS + MINUTE_MS
+    by_agent = await store.breakdown(start, end, "agent", limit=10)
+    assert [(r.key, r.totals.requests) for r in by_agent] == [("", 40), ("ra", 40), ("rb", 40)]
+    assert sum(r.totals.cost_nanos for r in by_agent) == (await store.totals(start, end)).cost_nanos
+    ml_sessions = await store.breakdown(start, end, "session", filters={"team": "ml", "agent": "ra"})
+    assert {r.key: r.totals.requests for r in ml_sessions} == {"s0": 10, "s2": 10}  # i = 0, 6, 12...
+    assert (await store.totals(start, end, {"agent": "rb"})).requests == 40
+    per_model = await store.timeline(start, end, 6 * HOUR_MS, filters={"agent": "ra"}, group_by="model")
+    assert sum(p.totals.requests for p in per_model) == 40 and all(p.bucket_ms % (6 * HOUR_MS) == 0 for p in per_model)
+    with pytest.raises(FieldError, match=r"by: must be one of .*agent, session"):
+        await store.breakdown(start, end, "colour")
     await store.close()
 
 

@@ -34,7 +34,15 @@ from engine.vault import VaultError
 from tui.progress import progress_bar
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-BY_CHOICES = ("model", "provider", "team", "principal", "workspace", "token_id")
+BY_CHOICES = ("model", "provider", "team", "principal", "workspace", "token_id", "agent", "session")
+
+
+def _period_words(period: str) -> str:
+    """``the last 7d``, ``this month``, ``last month``, ``2026-11-01..2026-11-15``, ``all time``."""
+    text = " ".join(period.lower().split())
+    if text and text[0].isdigit() and ".." not in text:
+        return f"the last {text}"
+    return {"month": "this month", "week": "this week", "all": "all time"}.get(text, text)
 
 
 class UsageError(Exception):
@@ -105,7 +113,7 @@ async def cmd_usage(args: argparse.Namespace) -> int:
         }))
         return EXIT_OK
     if not totals.requests:
-        print(f"No usage in the last {report['period']}. Import events with 'budgeteer import FILE' "
+        print(f"No usage in {_period_words(report['period'])}. Import events with 'budgeteer import FILE' "
               "or try 'budgeteer demo'.")
         return EXIT_OK
     body = []
@@ -116,7 +124,8 @@ async def cmd_usage(args: argparse.Namespace) -> int:
                      f"{100 * t.error_rate:.1f}%", f"{t.unpriced:,}" if t.unpriced else ""])
     body.append(["total", f"{totals.requests:,}", f"{totals.tokens:,}", format_usd(totals.cost_nanos), "100%",
                  f"{100 * totals.error_rate:.1f}%", f"{totals.unpriced:,}" if totals.unpriced else ""])
-    print(f"Usage, last {report['period']} ({iso(report['start_ms'])[:16]} to {iso(report['end_ms'])[:16]} UTC), "
+    print(f"Usage, {_period_words(report['period'])} ({iso(report['start_ms'])[:16]} to "
+          f"{iso(report['end_ms'])[:16]} UTC), "
           f"by {args.by}")
     print(_table([args.by, "requests", "tokens", "cost", "share", "errors", "unpriced"], body, right=range(1, 7)))
     if totals.unpriced:
@@ -855,7 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("usage", parents=[common], help="spend and tokens for a period",
                        description="Totals and a breakdown of usage for a period.")
-    p.add_argument("--period", default="30d", help="24h, 7d, 30d, 90d (any Nh/Nd), today, month or all (default 30d)")
+    p.add_argument("--period", default="30d", help="24h, 7d, 30d, 90d (any Nh/Nd), today, week, month, 'last month', "
+                   "a range of days 2026-11-01..2026-11-15, or all (default 30d)")
     p.add_argument("--by", default="model", choices=BY_CHOICES, help="break down by (default model)")
     p.add_argument("--limit", type=int, default=50, help="rows at most (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON")

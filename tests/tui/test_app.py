@@ -232,8 +232,10 @@ async def test_each_screen_binding_does_what_it_says(db_path: Path, clock: Froze
         from tui.widgets.timeline import Timeline
 
         plot = usage.query_one("#usage-timeline", Timeline)
-        assert [label for label, _ in plot._series] == ["ML, day window; hard $1.00"]
+        assert [label for label, _ in plot._series] == ["ML, day window"]
         assert plot._lines == [("hard", 1_000_000_000)]
+        legend = str(usage.query_one("#usage-legend", Static).render())
+        assert "ML, day window" in legend and "hard $1.00" in legend  # the legend names the lines
         monkeypatch.chdir(tmp_path)
         await pilot.press("x")
         await pilot.pause(0.1)

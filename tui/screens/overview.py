@@ -37,6 +37,7 @@ class OverviewData:
     budgets: list[Outcome]
     forecasts: dict[str, Forecast]
     timeline: list[TimelinePoint]
+    timeline_span: tuple[int, int]  # the last 24 hours, to now
     alerts: list[Alert]
     open_requests: int
     gateways: list[GatewayStatus]
@@ -90,6 +91,7 @@ class OverviewScreen(DataScreen):
             budgets=sorted(status, key=lambda o: -(o.consumed + o.held) / max(o.policy.hard, 1))[:8],
             forecasts=forecasts,
             timeline=await engine.timeline(now - DAY_MS, now + 1, HOUR_MS),
+            timeline_span=(now - DAY_MS, now + 1),
             alerts=await engine.alerts(limit=50),
             open_requests=await engine.open_override_requests(),
             gateways=await engine.gateways(),
@@ -130,7 +132,8 @@ class OverviewScreen(DataScreen):
             rows.append(("none", ["no budgets yet: press 3, then a to add one", "", "", "", ""]))
         table.set_rows(rows)
         self.query_one("#timeline", Timeline).show_points(
-            [(p.bucket_ms, p.totals.cost_nanos) for p in data.timeline], metric="usd")
+            [(p.bucket_ms, p.totals.cost_nanos) for p in data.timeline], metric="usd", bucket_ms=HOUR_MS,
+            span=data.timeline_span)
         self.query_one("#overview-alerts", VimTable).set_rows(
             [(str(a.id), [iso(a.ts_ms)[5:16].replace("T", " "), a.message]) for a in data.alerts]
             or [("none", ["", "No active alerts."])])
