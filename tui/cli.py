@@ -708,7 +708,8 @@ async def cmd_token_create(args: argparse.Namespace) -> int:
     if args.json:
         print(_json({**token.as_dict(engine.now_ms()), "secret": secret}))
         return EXIT_OK
-    print(f"Created {token.id} ({token.name}) for {token.principal}, scopes {', '.join(token.scopes)}.")
+    print(f"Created {token.id} ({token.name}) for {token.principal}, scopes {', '.join(token.scopes)}; "
+          f"{token.limits}.")
     print("The secret, shown this once (store it now; Budgeteer keeps only its SHA-256):")
     print(f"  {secret}")
     return EXIT_OK
@@ -783,8 +784,9 @@ async def cmd_audit_list(args: argparse.Namespace) -> int:
     elif not found:
         print("The audit journal is empty.")
     else:
-        print(_table(["#", "time", "actor", "action", "subject"],
-                     [[str(e.id), iso(e.ts_ms)[:19], e.actor, e.action, e.subject] for e in found], right=[0]))
+        print(_table(["#", "time", "actor", "action", "subject", "change"],
+                     [[str(e.id), iso(e.ts_ms)[:19], e.actor, e.action, e.subject, e.summary(60)] for e in found],
+                     right=[0]))
     return EXIT_OK
 
 

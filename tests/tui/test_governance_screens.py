@@ -259,6 +259,46 @@ async def test_the_audit_screen_filters_and_finds_tampering(db_path: Path, clock
         assert any("entry 3 was edited" in n for n in _notes(app))
 
 
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_token_details_word_the_limits_as_the_command_line_does(db_path: Path, clock: FrozenClock,
+                                                                     refresh_seconds: int) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.create_token(name="ci", principal="bob", rpm=60)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("6")
+        await _settle(pilot, app)
+        await pilot.press("enter")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, MessageModal)
+        assert "rate limits   60 requests a minute, no token limit\n" in app.screen.body_text
+
+
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_the_audit_screen_shows_amounts_in_dollars(db_path: Path, clock: FrozenClock, requests: list[str],
+                                                         refresh_seconds: int) -> None:
+    async with await Engine.open(db_path, clock=clock, actor="ops") as engine:
+        await engine.update_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="20",
+                                                name="ML daily", action="approval_required", policy_id="ml-day"))
+        await engine.approve(requests[0], amount=parse_usd("4"))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("7")
+        await _settle(pilot, app)
+        changes = _cells(app, "#audit-table", "change")
+        assert changes[0].startswith("status pending→approved, granted -→$4")  # the column may elide it
+        assert changes[1] == "hard $10.00→$20.00"  # the journal keeps 10000000000→20000000000
+        assert changes[-1] == "created: hard $10.00"
+        await pilot.press("enter")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, MessageModal)
+        assert "  granted: - → $4.00" in app.screen.body_text and "  duration_ms: 1 h → 1 h" not in app.screen.body_text
+        await pilot.press("escape", "j", "enter")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, MessageModal)
+        assert "  hard: $10.00 → $20.00" in app.screen.body_text
+
+
 async def test_the_vault_screen_asks_the_passphrase_stores_hidden_tests_and_removes(
         db_path: Path, clock: FrozenClock, tmp_path: Path) -> None:
     from tests.fake_servers import http_server
