@@ -27,7 +27,7 @@ from engine.budgets import Outcome, Overshoot, parse_amount
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, format_span, iso, parse_duration_ms
 from engine.engine import Engine, default_db_path, local_identity
 from engine.models import FieldError, parse_timestamp_ms
-from engine.money import MoneyError, format_usd, format_usd_plain
+from engine.money import MoneyError, format_percent, format_usd, format_usd_plain
 from engine.store import StoreError
 from engine.tokens import TokenRefused
 from engine.vault import VaultError
@@ -426,7 +426,7 @@ def _policy_row(o: Outcome, over: list[Overshoot]) -> list[str]:
     p = o.policy
     fmt = p.format_amount
     used = o.consumed + o.held
-    pct = f"{100 * used / p.hard:.0f}%" if p.hard else "-"
+    pct = format_percent(used, p.hard)
     return [p.id, p.name[:40], str(p.scope), str(p.window) + ("" if p.window.tz == "UTC" else f" {p.window.tz}"),
             p.mode if p.enabled else "disabled", fmt(o.consumed), fmt(o.held), fmt(p.hard), pct,
             fmt(sum(x.excess for x in over)) if over else "-"]

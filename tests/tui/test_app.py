@@ -4,6 +4,7 @@ another process appearing after a refresh."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -429,3 +430,24 @@ async def test_approvals_history_and_back_at_eighty_columns(db_path: Path, clock
         table = app.screen.query_one("#requests", VimTable)
         assert table.row_count == 1 and len(table.columns) == 5  # the pending request, narrow
     assert app.fatal_error is None and app.return_code in (None, 0)
+
+
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_a_budgets_percentage_is_the_command_lines(db_path: Path, clock: FrozenClock,
+                                                         refresh_seconds: int) -> None:
+    """$10.76 of $10.00 is 107.6 %: both say 107 % (engine.money.percent_of rounds down, as
+    thresholds are judged), where the dashboard said 107 % and the command line 108 %."""
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10",
+                                             mode="suggest", policy_id="ml"))
+        await engine.record(event(1, cost_nanos=10_760_000_000))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#policies", VimTable)
+        assert " 107%" in str(table.get_cell("ml", "gauge"))
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "--db", str(db_path), "policy", "list"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "BUDGETEER_NOW": str(NOW_MS)})
+    row = next(line for line in out.stdout.splitlines() if line.startswith("ml "))
+    assert " 107% " in row + " "
