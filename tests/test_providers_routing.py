@@ -414,3 +414,23 @@ def test_the_routing_estimate_is_cost_nanos_to_the_nano_dollar(input_tokens: int
     for tokens in (input_tokens, *(t + d for t in thresholds for d in (0, 1))):
         assert uncached_costs(prices, tokens, output_tokens) == [
             cost_nanos(p, Usage(input_tokens=tokens, output_tokens=output_tokens)) for p in prices]
+
+
+async def test_dated_and_prefixed_ids_count_against_their_catalog_entry(engine: Engine) -> None:
+    """Calls name models as providers answer them (dated snapshots, vendor prefixes or none);
+    the health of a catalog entry counts them all, as pricing matches them to their price."""
+    calls = [("anthropic", "claude-haiku-4-5-20251001"), ("anthropic", "claude-haiku-4-5"),
+             ("anthropic", "anthropic/claude-haiku-4-5"), ("gemini", "gemini-2.5-flash"),
+             ("gemini", "gemini/gemini-2.5-flash"), ("mistral", "mistral-small-latest"),
+             ("openai", "gpt-4o-2024-08-06"), ("openai", "my-fine-tune")]
+    await engine.record_many([event(i, provider=provider, model=model, ts_ms=NOW_MS - 60_000 + i)
+                              for i, (provider, model) in enumerate(calls)])
+    health, _ = await engine.provider_health()
+    counted = {(h.provider, h.model): h.calls for h in health if h.model}
+    assert counted == {("anthropic", "claude-haiku-4-5"): 3, ("gemini", "gemini/gemini-2.5-flash"): 2,
+                       ("mistral", "mistral/mistral-small-latest"): 1, ("openai", "gpt-4o"): 1,
+                       ("openai", "my-fine-tune"): 1}
+    catalog = {(m.provider, m.model) for m in await engine.catalog()}
+    assert set(counted) - {("openai", "my-fine-tune")} <= catalog
+    assert {(h.provider, h.calls) for h in health if not h.model} == {("anthropic", 3), ("gemini", 2),
+                                                                      ("mistral", 1), ("openai", 2)}
