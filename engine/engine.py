@@ -1264,8 +1264,12 @@ class Engine:
                     self.budgets.evaluate_in_memory(context, cost, now)
                 if evaluation is None:
                     return None
-                if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
-                    blocked[m.model] = evaluation.deciding.policy.name
+                # A call that needs an approval is refused until it has one: blocked all the same.
+                if evaluation.decision in ("block", "needs_approval") and evaluation.deciding is not None:
+                    o = evaluation.deciding
+                    fmt = o.policy.format_amount
+                    blocked[m.model] = (f"{o.policy.name} ({fmt(o.consumed + o.held)} of {fmt(o.policy.hard)} "
+                                        f"this {o.policy.window} spent or held)") if explain else o.policy.name
                     return True
                 return False
 

@@ -383,6 +383,26 @@ async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Pat
         assert len(await engine.routing_decisions()) == 1  # explaining records nothing
 
 
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_explain_names_the_budget_that_blocks(db_path: Path, clock: FrozenClock, refresh_seconds: int) -> None:
+    from tests.conftest import NOW_MS, event
+
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_provider(name="openai", kind="openai", base_url="http://127.0.0.1:1/v1",
+                                  models=["gpt-4o-mini", "gpt-4o"])
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="6", name="Org daily"))
+        await engine.record(event(1, cost_nanos=6_100_000_000, ts_ms=NOW_MS - 60_000))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("8")
+        await _settle(pilot, app)
+        await pilot.press("e", *"hello", "enter")
+        await _settle(pilot, app)
+        result = str(app.screen.query_one("#explain-result", Static).content)
+        assert ("0 of 2 candidates kept (dropped: 2 budget Org daily ($6.10 of $6.00 this day spent or held) would "
+                "block it); no candidate meets the need") in " ".join(result.split())
+
+
 async def test_the_overview_shows_a_running_gateway_and_its_rates(db_path: Path, clock: FrozenClock) -> None:
     from engine.engine import GatewayStatus
 
