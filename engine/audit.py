@@ -80,23 +80,22 @@ class AuditEntry:
         return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
     def changes(self) -> list[tuple[str, Any, Any]]:
-        """(field, before, after) for each field the change touched; a creation or a removal
-        lists every field, with None on the side that does not exist."""
+        """(field, before, after) for each field the change touched, the status first, then the
+        amounts; a creation or a removal lists every field, with None on the side that does not exist."""
         before, after = self.before or {}, self.after or {}
-        return [(key, before.get(key), after.get(key)) for key in dict.fromkeys([*before, *after])
-                if before.get(key) != after.get(key) or self.before is None or self.after is None]
+        return sorted(((key, before.get(key), after.get(key)) for key in dict.fromkeys([*before, *after])
+                       if before.get(key) != after.get(key) or self.before is None or self.after is None),
+                      key=lambda c: (c[0] != "status", c[0] not in AMOUNT_FIELDS))
 
     def summary(self, width: int = 80) -> str:
-        """The change in one line: ``status pending→approved, granted None→5000000000``."""
+        """The change in one line: ``status pending→approved, granted -→$5.00, ...``."""
         if self.before is None or self.after is None:
             record = self.after or self.before or {}
             amounts = ", ".join(f"{k} {self.shown(k, record[k])}" for k in AMOUNT_FIELDS_SHOWN
                                 if record.get(k) is not None)
             text = ("created" if self.before is None else "removed") + (f": {amounts}" if amounts else "")
         else:
-            # the status first, then the amounts
-            changes = sorted(self.changes(), key=lambda c: (c[0] != "status", c[0] not in AMOUNT_FIELDS))
-            text = ", ".join(f"{k} {self._short(k, b)}→{self._short(k, a)}" for k, b, a in changes) \
+            text = ", ".join(f"{k} {self._short(k, b)}→{self._short(k, a)}" for k, b, a in self.changes()) \
                 or "no field changed"
         return text if len(text) <= width else text[:width - 1] + "…"
 
