@@ -45,8 +45,11 @@ class Alert:
 
 
 def crossed(policy: Policy, consumed: int) -> list[tuple[str, int]]:
-    """(kind, threshold) of every threshold and soft limit ``consumed`` has reached."""
-    out = [("threshold", pct) for pct in policy.thresholds if consumed * 100 >= policy.hard * pct]
+    """(kind, threshold) of the highest threshold ``consumed`` has reached and of the soft
+    limit once passed. A policy first seen past several thresholds (50, 80 and 100 %) fires
+    one alert, for the highest; the lower ones are then taken as fired in that window."""
+    reached = [pct for pct in policy.thresholds if consumed * 100 >= policy.hard * pct]
+    out = [("threshold", max(reached))] if reached else []
     if policy.soft is not None and consumed > policy.soft:
         out.append(("soft", 0))
     return out

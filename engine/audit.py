@@ -28,13 +28,21 @@ import hmac
 import json
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from engine.clock import format_span
 from engine.models import FieldError
+from engine.money import format_amount
 
 GENESIS: Final = "0" * 64
+#: Fields holding an amount of a budget's metric (nano-dollars of a dollar budget).
+AMOUNT_FIELDS: Final = frozenset({"hard", "soft", "amount", "granted", "grant_used"})
+#: The amounts a creation or a removal names in its one-line summary, in this order.
+AMOUNT_FIELDS_SHOWN: Final = ("amount", "granted", "hard", "soft")
+#: Fields of milliseconds that are a length of time, not a moment.
+DURATION_FIELDS: Final = frozenset({"duration_ms"})
 #: The vault reference of a ledger's chain key: this prefix and the ledger's id.
 KEY_REF_PREFIX: Final = "audit-key."
 #: Keys that must never reach the journal, however a caller builds its record.
@@ -52,24 +60,48 @@ class AuditEntry:
     after: dict[str, Any] | None
     prev_hash: str
     hash: str
+    #: The budget metric its amounts are in (``usd``: nano-dollars, ``tokens``, ``requests``):
+    #: the record's own for a policy, its policy's for an override request; not hashed.
+    metric: str = field(default="usd", compare=False)
+
+    def shown(self, key: str, value: Any) -> str:
+        """A field's value as people read it (``hard`` 20000000000 of a dollar policy: ``$20.00``;
+        a time: when, to the second; a duration: ``1 h``); the journal keeps the raw value."""
+        if value is None:
+            return "-"
+        if isinstance(value, int) and not isinstance(value, bool):
+            if key in AMOUNT_FIELDS:
+                return format_amount(value, self.metric)
+            if key in DURATION_FIELDS:
+                return format_span(value)
+            if key.endswith("_ms") and value > 10**11:  # a time: when, to the second
+                return datetime.fromtimestamp(value / 1000, UTC).strftime("%m-%d %H:%M:%S")
+            return f"{value:,}"
+        return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
     def changes(self) -> list[tuple[str, Any, Any]]:
-        """(field, before, after) for each field the change touched; a creation or a removal
-        lists every field, with None on the side that does not exist."""
+        """(field, before, after) for each field the change touched, the status first, then the
+        amounts; a creation or a removal lists every field, with None on the side that does not exist."""
         before, after = self.before or {}, self.after or {}
-        return [(key, before.get(key), after.get(key)) for key in dict.fromkeys([*before, *after])
-                if before.get(key) != after.get(key) or self.before is None or self.after is None]
+        return sorted(((key, before.get(key), after.get(key)) for key in dict.fromkeys([*before, *after])
+                       if before.get(key) != after.get(key) or self.before is None or self.after is None),
+                      key=lambda c: (c[0] != "status", c[0] not in AMOUNT_FIELDS))
 
     def summary(self, width: int = 80) -> str:
-        """The change in one line: ``status pending→approved, granted None→5000000000``."""
-        if self.before is None:
-            text = "created"
-        elif self.after is None:
-            text = "removed"
+        """The change in one line: ``status pending→approved, granted -→$5.00, ...``."""
+        if self.before is None or self.after is None:
+            record = self.after or self.before or {}
+            amounts = ", ".join(f"{k} {self.shown(k, record[k])}" for k in AMOUNT_FIELDS_SHOWN
+                                if record.get(k) is not None)
+            text = ("created" if self.before is None else "removed") + (f": {amounts}" if amounts else "")
         else:
-            changes = sorted(self.changes(), key=lambda c: c[0] != "status")  # the status first
-            text = ", ".join(f"{k} {_short(k, b)}→{_short(k, a)}" for k, b, a in changes) or "no field changed"
+            text = ", ".join(f"{k} {self._short(k, b)}→{self._short(k, a)}" for k, b, a in self.changes()) \
+                or "no field changed"
         return text if len(text) <= width else text[:width - 1] + "…"
+
+    def _short(self, key: str, value: Any) -> str:
+        text = self.shown(key, value)
+        return text if len(text) <= 24 else text[:23] + "…"
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "ts_ms": self.ts_ms, "actor": self.actor, "action": self.action,
@@ -158,13 +190,6 @@ def claim_anchor_post(conn: sqlite3.Connection, day: int, now_ms: int, anchor: A
     return cursor.rowcount == 1
 
 
-def _short(key: str, value: Any) -> str:
-    if key.endswith("_ms") and isinstance(value, int) and value > 10**11:  # a time: when, to the second
-        return datetime.fromtimestamp(value / 1000, UTC).strftime("%m-%d %H:%M:%S")
-    text = "-" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text if len(text) <= 24 else text[:23] + "…"
-
-
 def _canonical(record: Mapping[str, Any] | None) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
@@ -205,13 +230,17 @@ def append(conn: sqlite3.Connection, ts_ms: int, actor: str, action: str, subjec
     return entry_id
 
 
-def _entry(row: tuple[Any, ...]) -> AuditEntry:
-    return AuditEntry(int(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4]), json.loads(row[5]),
-                      json.loads(row[6]), str(row[7]), str(row[8]))
+def _entry(row: tuple[Any, ...], metrics: Mapping[str, str]) -> AuditEntry:
+    before, after = json.loads(row[5]), json.loads(row[6])
+    record = after or before or {}
+    metric = record.get("metric") or metrics.get(str(record.get("id")), "usd")
+    return AuditEntry(int(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4]), before, after, str(row[7]),
+                      str(row[8]), str(metric))
 
 
 def entries(conn: sqlite3.Connection, *, limit: int = 200, text: str = "") -> list[AuditEntry]:
-    """Newest first; ``text`` keeps entries whose actor, action or subject contain it."""
+    """Newest first; ``text`` keeps entries whose actor, action or subject contain it. An
+    override request's amounts are in its policy's metric, as the request's snapshot has it."""
     sql = "SELECT id, ts_ms, actor, action, subject, before, after, prev_hash, hash FROM audit_journal"
     params: list[Any] = []
     if text:
@@ -219,7 +248,16 @@ def entries(conn: sqlite3.Connection, *, limit: int = 200, text: str = "") -> li
         params.append(text.lower())
     sql += " ORDER BY id DESC LIMIT ?"
     params.append(limit)
-    return [_entry(r) for r in conn.execute(sql, params)]
+    rows = conn.execute(sql, params).fetchall()
+    metrics = {str(r[0]): str(r[1]) for r in conn.execute(
+        "SELECT id, coalesce(json_extract(policy_snapshot, '$.metric'), 'usd') FROM override_requests "
+        "WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps([_record_id(r) for r in rows if r[4].startswith("usage-budget:")]),))}
+    return [_entry(r, metrics) for r in rows]
+
+
+def _record_id(row: tuple[Any, ...]) -> Any:
+    return (json.loads(row[6]) or json.loads(row[5]) or {}).get("id")
 
 
 def verify(conn: sqlite3.Connection, key: ChainKey | None = None, anchor: Anchor | None = None) -> Verification:

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from engine import approvals
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.models import FieldError, UsageEvent, unique_hex
-from engine.money import MoneyError, format_usd, parse_usd
+from engine.money import MoneyError, format_amount, format_usd, parse_usd
 from engine.store import ClosedHold, LedgerTx, RecordResult
 
 Metric = Literal["usd", "tokens", "requests"]
@@ -226,7 +226,7 @@ class Policy:
     updated_ms: int = 0
 
     def format_amount(self, amount: int) -> str:
-        return format_usd(amount) if self.metric == "usd" else f"{amount:,} {self.metric}"
+        return format_amount(amount, self.metric)
 
     def format_short(self, amount: int) -> str:
         """For table cells: ``$1,077.70``, ``130.6k tok``, ``12.0M tok``, ``950 req``."""

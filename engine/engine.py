@@ -1172,15 +1172,17 @@ class Engine:
 
     async def provider_health(self, window_ms: int = prov.HEALTH_WINDOW_MS
                               ) -> tuple[list[prov.Health], dict[str, prov.Breaker]]:
-        """Health per provider and model over the window, and every breaker as it stands now."""
+        """Health per provider and model over the window, and every breaker as it stands now;
+        a model's calls are counted under its catalog name (``PriceBook.catalog_name``)."""
         breakers = await self._refresh_health()
         now = self.now_ms()
+        name = self.prices.catalog_name  # a dated or prefixed id counts against its catalog entry
         if window_ms <= self._health.window_ms:
-            return self._health.health(now, window_ms), breakers
+            return self._health.health(now, window_ms, name), breakers
         book = prov.HealthBook(window_ms)  # a longer span than the one kept: read once
         rows, _ = await self.store.read_with(lambda conn: prov.health_rows(conn, None, now - window_ms))
         book.add(rows)
-        return book.health(now), breakers
+        return book.health(now, name=name), breakers
 
     async def test_connection(self, name: str, timeout_s: float = 5.0) -> prov.ConnectionResult:
         """Check the provider's credential against its models endpoint. The outcome is also the
@@ -1275,8 +1277,12 @@ class Engine:
                     self.budgets.evaluate_in_memory(context, cost, now)
                 if evaluation is None:
                     return None
-                if evaluation.decision in ("block", "approval_required") and evaluation.deciding is not None:
-                    blocked[m.model] = evaluation.deciding.policy.name
+                # A call that needs an approval is refused until it has one: blocked all the same.
+                if evaluation.decision in ("block", "needs_approval") and evaluation.deciding is not None:
+                    o = evaluation.deciding
+                    fmt = o.policy.format_amount
+                    blocked[m.model] = (f"{o.policy.name} ({fmt(o.consumed + o.held)} of {fmt(o.policy.hard)} "
+                                        f"this {o.policy.window} spent or held)") if explain else o.policy.name
                     return True
                 return False
 

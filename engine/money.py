@@ -126,6 +126,27 @@ def format_usd(nanos: int, *, precise: bool = False) -> str:
     return f"{sign}${cents // 100:,}.{cents % 100:02d}"
 
 
+def format_amount(amount: int, metric: str) -> str:
+    """An amount of a budget's metric for people: ``$20.00`` for ``usd`` (nano-dollars), else a
+    count and its unit (``12,000,000 tokens``). Budgets, approvals and the journal all use it."""
+    return format_usd(amount) if metric == "usd" else f"{amount:,} {metric}"
+
+
+def percent_of(part: int, whole: int) -> int:
+    """How much of ``whole`` ``part`` is, in whole percent, rounded down: the one rule of every
+    percentage shown (dashboard and command line alike). Down, in integers, because that is how
+    thresholds are judged (an 80 % alert fires when ``part * 100 >= whole * 80``): a gauge reads
+    80 % exactly when that alert has fired, and 100 % never before the hard limit is reached,
+    where rounding to the nearest would show 100 % at 99.5 % and 108 % at 107.6 %. 0 when
+    ``whole`` is 0."""
+    return part * 100 // whole if whole > 0 else 0
+
+
+def format_percent(part: int, whole: int) -> str:
+    """``percent_of`` as text: ``107%``; ``-`` when ``whole`` is 0 (no limit to be a share of)."""
+    return f"{percent_of(part, whole)}%" if whole > 0 else "-"
+
+
 def format_usd_compact(nanos: int) -> str:
     """Short form for tiles and axes: ``$12.3k``, ``$4.56M``; small amounts as ``format_usd``."""
     n = abs(nanos)

@@ -324,6 +324,20 @@ class PriceBook:
         self._names[cache_key] = found
         return found
 
+    def catalog_name(self, model: str, provider: str | None = None) -> str:
+        """The name a call's model is listed under in the catalog (``providers.catalog``), so its
+        calls count against that entry: the table's name as ``resolve`` finds it (with or without
+        the vendor prefix: ``gemini-2.5-flash`` from ``gemini`` is ``gemini/gemini-2.5-flash``),
+        and a dated snapshot under its undated name when the table has one, as the catalog lists
+        it (``claude-haiku-4-5-20251001`` is ``claude-haiku-4-5``). A model the table does not
+        know keeps the name it was called by."""
+        vendor = self.vendor(model)
+        name = self.resolve(model, provider) or (self.resolve(model, vendor) if vendor else None)
+        if name is None:
+            return model
+        dated = _DATED.match(name)
+        return dated.group(1) if dated and self.resolve(dated.group(1)) == dated.group(1) else name
+
     def vendor(self, model: str) -> str | None:
         """The vendor of ``model`` as the table names it (LiteLLM's ``litellm_provider``), the
         model named with or without its vendor prefix or date (``gemini-2.5-flash`` -> ``gemini``);

@@ -25,6 +25,7 @@ import json
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -383,13 +384,16 @@ class HealthBook:
     def providers(self) -> set[str]:
         return {provider for provider, _ in self._seconds}
 
-    def health(self, now_ms: int, window_ms: int | None = None) -> list[Health]:
+    def health(self, now_ms: int, window_ms: int | None = None,
+               name: Callable[[str, str], str] | None = None) -> list[Health]:
         """Per provider ("" model: all its models) and per provider and model, over the window:
-        calls, failures, mean and p95 latency (nearest rank)."""
+        calls, failures, mean and p95 latency (nearest rank). ``name(model, provider)``: the
+        name a model's calls are counted under (``PriceBook.catalog_name``: a dated or prefixed
+        id under its catalog entry), else the name it was called by."""
         first = (now_ms - (window_ms or self.window_ms)) // 1000
         groups: dict[tuple[str, str], list[Any]] = {}
         for (provider, model), per in self._seconds.items():
-            for key in ((provider, ""), (provider, model)):
+            for key in ((provider, ""), (provider, name(model, provider) if name else model)):
                 group = groups.setdefault(key, [0, 0, 0, {}])
                 for second, (calls, errors, total, latencies) in per.items():
                     if second >= first:

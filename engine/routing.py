@@ -251,7 +251,29 @@ class Decision(NamedTuple):
             "requested": self.requested, "requested_cost_nanos": self.requested_cost, "chosen": self.chosen,
             "chosen_provider": self.chosen_provider, "chosen_cost_nanos": self.chosen_cost, "mode": self.mode,
             "applied": self.applied, "changed": self.changed, "saving_nanos": self.saving, "reason": self.reason,
+            "cause": cause(self),
         }
+
+
+def cause(d: Decision) -> str:
+    """What decided, in one sentence, for explain (dashboard and command line alike): how many
+    candidates were kept and why the others were dropped, most common cause first (the budget
+    that would block, with its numbers; the degraded provider; the capability or context
+    missing; the tier too low), then the choice's reason: ``0 of 42 candidates kept (dropped:
+    40 budget Support daily ($6.10 of $6.00 this day spent or held) would block it, 2 lacks
+    tools); no candidate meets the need; the requested model stays.``"""
+    if not d.candidates:
+        return f"{d.reason}."
+    groups: dict[str, int] = {}
+    for c in d.candidates:
+        if not c.kept:
+            key = "context too small" if c.why.startswith("context ") else \
+                "tier below the one needed" if c.why.startswith("tier ") else c.why
+            groups[key] = groups.get(key, 0) + 1
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(groups.items(), key=lambda g: -g[1]))
+    kept = sum(c.kept for c in d.candidates)
+    return (f"{kept} of {len(d.candidates)} candidates kept" + (f" (dropped: {dropped})" if dropped else "")
+            + f"; {d.reason}.")
 
 
 def choose(s: Score, catalog: list[CatalogModel], *, requested: str, mode: Mode, max_tokens: int | None,

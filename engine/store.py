@@ -917,11 +917,16 @@ class LedgerTx:
 
     def raise_alert(self, policy_id: str, window_start_ms: int, kind: str, threshold: int, now_ms: int,
                     value: int, message: str) -> int | None:
-        """Store an alert once per policy, window, kind and threshold; its id, or None if already there."""
+        """Store an alert once per policy, window, kind and threshold; its id, or None if already
+        there. A threshold alert is not stored either when a higher threshold of the policy has
+        fired in the window (a lower one never fires after it)."""
         cur = self.conn.execute(
             "INSERT INTO alerts (policy_id, window_start_ms, kind, threshold, ts_ms, value, message) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy_id, window_start_ms, kind, threshold) DO NOTHING",
-            (policy_id, window_start_ms, kind, threshold, now_ms, value, message))
+            "SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM alerts WHERE policy_id = ? "
+            "AND window_start_ms = ? AND kind = 'threshold' AND ? = 'threshold' AND threshold > ?) "
+            "ON CONFLICT (policy_id, window_start_ms, kind, threshold) DO NOTHING",
+            (policy_id, window_start_ms, kind, threshold, now_ms, value, message, policy_id, window_start_ms, kind,
+             threshold))
         return cur.lastrowid if cur.rowcount else None
 
 

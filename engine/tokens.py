@@ -38,6 +38,18 @@ class TokenRefused(Exception):
         self.reason = reason
 
 
+def limits_text(rpm: int | None, tpm: int | None) -> str:
+    """Rate limits in words: ``60 requests and 100,000 tokens a minute``, ``60 requests a
+    minute, no token limit``, ``no rate limit``; the dashboard and the command line both say it so."""
+    if rpm and tpm:
+        return f"{rpm:,} requests and {tpm:,} tokens a minute"
+    if rpm:
+        return f"{rpm:,} requests a minute, no token limit"
+    if tpm:
+        return f"{tpm:,} tokens a minute, no request limit"
+    return "no rate limit"
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     id: str
@@ -57,6 +69,11 @@ class Token:
     rotated_from: str | None = None
     replaced_by: str | None = None
     used_this_month: int = field(default=0, compare=False)  # nano-dollars, filled in by the engine
+
+    @property
+    def limits(self) -> str:
+        """The token's rate limits as an operator reads them (``limits_text``)."""
+        return limits_text(self.rpm, self.tpm)
 
     def state(self, now_ms: int) -> TokenState:
         if self.revoked_ms is not None:

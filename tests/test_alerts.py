@@ -13,6 +13,7 @@ import pytest
 from engine.alerts import redact_url
 from engine.budgets import build_policy
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock
+from engine.demo import populate
 from engine.engine import CallRequest, Engine
 from engine.models import UsageEvent
 from tests.conftest import NOW_MS
@@ -46,7 +47,7 @@ async def test_each_threshold_fires_once_per_window_and_again_in_the_next(engine
 
 async def test_a_policy_past_its_thresholds_does_not_write_its_alerts_again_on_every_call(engine: Engine) -> None:
     await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
-    await engine.record(_spend(1, 8.5))  # past 50 % and 80 %
+    await engine.record(_spend(1, 8.5))  # past 50 % and 80 %: one alert, for 80 %
     writes: list[str] = []
     engine.store._writer._conn.set_trace_callback(  # every statement the ledger's writer runs
         lambda sql: writes.append(sql) if sql.startswith("INSERT INTO alerts") else None)
@@ -57,19 +58,57 @@ async def test_a_policy_past_its_thresholds_does_not_write_its_alerts_again_on_e
         assert auth.hold_id
         await engine.settle(auth.hold_id, _spend(10 + n, 0.01))
     engine.store._writer._conn.set_trace_callback(None)
-    assert [(a.kind, a.threshold) for a in await engine.alerts()] == [("threshold", 80), ("threshold", 50)]
-    assert len(writes) <= 2  # the two already stored are looked for once, not on each of ten batches
+    assert [(a.kind, a.threshold) for a in await engine.alerts()] == [("threshold", 80)]
+    assert len(writes) <= 1  # the one already stored is looked for once, not on each of ten batches
+
+
+async def test_a_policy_first_seen_past_several_thresholds_fires_one_alert_for_the_highest(
+        db_path, clock: FrozenClock) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.record(_spend(1, 10.5))  # spent before any budget: 105 % of the one added now
+        policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+        await engine.record(_spend(2, 0.01))
+        alerts = await engine.alerts()
+        assert [(a.kind, a.threshold) for a in alerts] == [("threshold", 100)]
+        assert "reached 100% of its hard limit: $10.51 of $10.00" in alerts[0].message
+        # The limit raised: $10.52 is now 70 %, past 50 %, which counts as fired with the 100 %.
+        await engine.update_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="15",
+                                                policy_id=policy.id))
+        await engine.record(_spend(3, 0.01))
+        assert [a.threshold for a in await engine.alerts()] == [100]
+    async with await Engine.open(db_path, clock=clock) as engine:  # a new process: the ledger remembers
+        await engine.record(_spend(4, 0.01))
+        assert [a.threshold for a in await engine.alerts()] == [100]
+        await engine.record(_spend(5, 1.5))  # $12.03 of $15: past 80 %, below the 100 % that fired
+        assert [a.threshold for a in await engine.alerts()] == [100]
+        clock.advance(DAY_MS)  # the next window starts afresh
+        await engine.record(_spend(6, 8, ts=clock.now_ms()))  # 53 % of $15
+        assert [a.threshold for a in await engine.alerts() if a.window_start_ms > NOW_MS] == [50]
+
+
+async def test_a_fresh_demo_ledger_raises_one_threshold_alert_per_policy(db_path) -> None:
+    """The demo's budgets are added after its history, each first evaluated past its thresholds:
+    ML monthly is past 100 % on 2026-11-29, and says so once (not at 50, 80 and 100 % at once)."""
+    end = NOW_MS + 11 * DAY_MS
+    async with await Engine.open(db_path, clock=FrozenClock(end), durable=False) as engine:
+        await populate(engine, days=30, end_ms=end)
+        alerts = await engine.alerts()
+    thresholds = sorted((a.policy_id, a.threshold) for a in alerts if a.kind == "threshold")
+    assert thresholds == [("demo-ml-month", 100), ("demo-opus", 50), ("demo-org-month", 80)]
+    assert len(alerts) == 6  # and the three soft limits passed
 
 
 async def test_an_alert_is_acknowledged_once(engine: Engine) -> None:
     await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
-    await engine.record(_spend(1, 1))
+    await engine.record(_spend(1, 0.6))
+    assert [a.threshold for a in await engine.alerts()] == [50]
+    await engine.record(_spend(2, 0.4))
     alerts = await engine.alerts()
-    assert [a.threshold for a in sorted(alerts, key=lambda a: a.threshold)] == [50, 80, 100]
+    assert [a.threshold for a in sorted(alerts, key=lambda a: a.threshold)] == [50, 100]
     engine.actor = "operator"
     acked = await engine.ack_alert(alerts[0].id)
     assert acked.acked_by == "operator" and acked.acked_ms == NOW_MS
-    assert len(await engine.alerts()) == 2 and len(await engine.alerts(include_acked=True)) == 3
+    assert len(await engine.alerts()) == 1 and len(await engine.alerts(include_acked=True)) == 2
 
 
 async def test_a_projected_overrun_raises_one_forecast_alert(engine: Engine) -> None:

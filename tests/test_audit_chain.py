@@ -223,3 +223,29 @@ def test_a_running_gateway_posts_the_anchor(db_path: Path) -> None:
         server.shutdown()
     assert [p["audit_anchor"]["entry"] for p in posted] == [4]  # type: ignore[index]  # the webhook's entry, 3 changes
     assert posted[0]["audit_anchor"]["hash"] == head  # type: ignore[index]
+
+
+async def test_every_amount_in_the_journal_is_shown_in_its_policys_unit(engine: Engine) -> None:
+    """The journal keeps nano-dollars (and its chain verifies); what people read is dollars, or
+    tokens for a token budget: a policy's limits, an override's amount, grant and use, a duration."""
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="20", soft="15",
+                                                  action="approval_required", policy_id="ml"))
+    await engine.update_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="30", soft="15",
+                                            action="approval_required", policy_id=policy.id))
+    await engine.add_policy(build_policy(scope="team:search", metric="tokens", window="day", hard="12000000",
+                                         policy_id="search", action="approval_required"))
+    engine.actor = "bob"
+    request, _ = await engine.request_override("ml", 5_000_000_000, 3_600_000, "evals")
+    await engine.request_override("search", 2_000_000, 3_600_000, "reindex")
+    engine.actor = "ops"
+    await engine.approve(request.id, amount=3_000_000_000)
+    granted, asked_tokens, asked, tokens_policy, edit, added = (await engine.audit_entries())[:6]
+    assert added.summary() == "created: hard $20.00, soft $15.00"
+    assert edit.summary() == "hard $20.00→$30.00"  # the journal holds 20000000000→30000000000
+    assert (edit.before or {})["hard"] == 20_000_000_000 and (edit.after or {})["hard"] == 30_000_000_000
+    assert tokens_policy.summary() == "created: hard 12,000,000 tokens"
+    assert asked.summary() == "created: amount $5.00" and asked_tokens.summary() == "created: amount 2,000,000 tokens"
+    assert granted.summary(200).startswith("status pending→approved, granted -→$3.00, ")
+    assert "grant_expires_ms -→11-18 13:00:00" in granted.summary(200)
+    assert asked.shown("duration_ms", 3_600_000) == "1 h" and asked.shown("grant_used", 0) == "$0.00"
+    assert (await engine.verify_audit()).ok

@@ -117,3 +117,12 @@ def test_rates_and_rounding_are_integers() -> None:
     assert cost_from_femtos(1_500_000) == 2  # half up
     with pytest.raises(MoneyError):
         rate_to_femtos(-1e-6)
+
+
+def test_one_rounding_rule_for_percentages_down_as_thresholds_are_judged() -> None:
+    from engine.money import format_percent, percent_of
+
+    assert percent_of(10_760_000_000, 10_000_000_000) == 107  # 107.6 %: not 108
+    assert percent_of(9_995, 10_000) == 99  # never 100 % before the limit is reached
+    assert percent_of(8_000, 10_000) == 80 and percent_of(7_999, 10_000) == 79  # as the 80 % alert fires
+    assert percent_of(5, 0) == 0 and format_percent(5, 0) == "-" and format_percent(1_076, 1_000) == "107%"

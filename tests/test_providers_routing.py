@@ -17,7 +17,7 @@ from engine.engine import Engine
 from engine.models import FieldError, Usage
 from engine.pricing import ModelPrice, PriceTier, bundled_prices, cost_nanos, uncached_costs
 from engine.providers import BREAKER_COOL_DOWN_MS, CatalogModel, build_provider, cost_tier, latency_tier
-from engine.routing import WEIGHTS, cheapest, score, shortlist
+from engine.routing import WEIGHTS, cause, cheapest, score, shortlist
 from tests.conftest import NOW_MS, event
 from tests.fake_servers import closed_port_url, http_server, silent_server
 
@@ -210,7 +210,8 @@ async def test_candidates_are_filtered_by_budget(engine: Engine) -> None:
                                          name="No mini today"))
     decision = await engine.route(_ask("hi"), principal="alice", model=DEAR, record=False)
     mini = next(c for c in decision.candidates if c.model.model == CHEAP)
-    assert not mini.kept and mini.why == "budget No mini today would block it"
+    assert not mini.kept and mini.why == ("budget No mini today ($0.00 of $0.000001 this day spent or held) would "
+                                          "block it")
     assert decision.chosen == MID
 
 
@@ -414,3 +415,38 @@ def test_the_routing_estimate_is_cost_nanos_to_the_nano_dollar(input_tokens: int
     for tokens in (input_tokens, *(t + d for t in thresholds for d in (0, 1))):
         assert uncached_costs(prices, tokens, output_tokens) == [
             cost_nanos(p, Usage(input_tokens=tokens, output_tokens=output_tokens)) for p in prices]
+
+
+async def test_dated_and_prefixed_ids_count_against_their_catalog_entry(engine: Engine) -> None:
+    """Calls name models as providers answer them (dated snapshots, vendor prefixes or none);
+    the health of a catalog entry counts them all, as pricing matches them to their price."""
+    calls = [("anthropic", "claude-haiku-4-5-20251001"), ("anthropic", "claude-haiku-4-5"),
+             ("anthropic", "anthropic/claude-haiku-4-5"), ("gemini", "gemini-2.5-flash"),
+             ("gemini", "gemini/gemini-2.5-flash"), ("mistral", "mistral-small-latest"),
+             ("openai", "gpt-4o-2024-08-06"), ("openai", "my-fine-tune")]
+    await engine.record_many([event(i, provider=provider, model=model, ts_ms=NOW_MS - 60_000 + i)
+                              for i, (provider, model) in enumerate(calls)])
+    health, _ = await engine.provider_health()
+    counted = {(h.provider, h.model): h.calls for h in health if h.model}
+    assert counted == {("anthropic", "claude-haiku-4-5"): 3, ("gemini", "gemini/gemini-2.5-flash"): 2,
+                       ("mistral", "mistral/mistral-small-latest"): 1, ("openai", "gpt-4o"): 1,
+                       ("openai", "my-fine-tune"): 1}
+    catalog = {(m.provider, m.model) for m in await engine.catalog()}
+    assert set(counted) - {("openai", "my-fine-tune")} <= catalog
+    assert {(h.provider, h.calls) for h in health if not h.model} == {("anthropic", 3), ("gemini", 2),
+                                                                      ("mistral", 1), ("openai", 2)}
+
+
+async def test_explain_names_the_budget_that_blocks_with_its_numbers(engine: Engine) -> None:
+    """Every candidate blocked by one budget (an approval_required one: refused until approved):
+    explain says which budget and how far it is spent, on the dashboard and the command line."""
+    await _three_models(engine)
+    await engine.add_policy(build_policy(scope="team:support", metric="usd", window="day", hard="6",
+                                         action="approval_required", name="Support daily"))
+    await engine.record(event(1, team="support", cost_nanos=6_100_000_000, ts_ms=NOW_MS - 60_000))
+    decision = await engine.route(_ask("hi"), principal="dara", team="support", model=DEAR, record=False)
+    why = "budget Support daily ($6.10 of $6.00 this day spent or held) would block it"
+    assert [c.why for c in decision.candidates] == [why] * 3
+    assert cause(decision) == (f"0 of 3 candidates kept (dropped: 3 {why}); no candidate meets the need; the "
+                               "requested model stays.")
+    assert decision.as_dict()["cause"] == cause(decision)

@@ -27,7 +27,7 @@ from engine.budgets import Outcome, Overshoot, parse_amount
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, format_span, iso, parse_duration_ms
 from engine.engine import Engine, default_db_path, local_identity
 from engine.models import FieldError, parse_timestamp_ms
-from engine.money import MoneyError, format_usd, format_usd_plain
+from engine.money import MoneyError, format_percent, format_usd, format_usd_plain
 from engine.store import StoreError
 from engine.tokens import TokenRefused
 from engine.vault import VaultError
@@ -435,7 +435,7 @@ def _policy_row(o: Outcome, over: list[Overshoot]) -> list[str]:
     p = o.policy
     fmt = p.format_amount
     used = o.consumed + o.held
-    pct = f"{100 * used / p.hard:.0f}%" if p.hard else "-"
+    pct = format_percent(used, p.hard)
     return [p.id, p.name[:40], str(p.scope), str(p.window) + ("" if p.window.tz == "UTC" else f" {p.window.tz}"),
             p.mode if p.enabled else "disabled", fmt(o.consumed), fmt(o.held), fmt(p.hard), pct,
             fmt(sum(x.excess for x in over)) if over else "-"]
@@ -717,7 +717,8 @@ async def cmd_token_create(args: argparse.Namespace) -> int:
     if args.json:
         print(_json({**token.as_dict(engine.now_ms()), "secret": secret}))
         return EXIT_OK
-    print(f"Created {token.id} ({token.name}) for {token.principal}, scopes {', '.join(token.scopes)}.")
+    print(f"Created {token.id} ({token.name}) for {token.principal}, scopes {', '.join(token.scopes)}; "
+          f"{token.limits}.")
     print("The secret, shown this once (store it now; Budgeteer keeps only its SHA-256):")
     print(f"  {secret}")
     return EXIT_OK
@@ -792,8 +793,9 @@ async def cmd_audit_list(args: argparse.Namespace) -> int:
     elif not found:
         print("The audit journal is empty.")
     else:
-        print(_table(["#", "time", "actor", "action", "subject"],
-                     [[str(e.id), iso(e.ts_ms)[:19], e.actor, e.action, e.subject] for e in found], right=[0]))
+        print(_table(["#", "time", "actor", "action", "subject", "change"],
+                     [[str(e.id), iso(e.ts_ms)[:19], e.actor, e.action, e.subject, e.summary(60)] for e in found],
+                     right=[0]))
     return EXIT_OK
 
 

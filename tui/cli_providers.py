@@ -16,7 +16,7 @@ from engine.clock import iso
 from engine.engine import Engine
 from engine.money import format_usd
 from engine.providers import served as served_models
-from engine.routing import MODES
+from engine.routing import MODES, cause
 from engine.vault import VaultError
 from tui.cli import EXIT_OK, Failure, UsageError, _json, _open, _Parser, _table
 
@@ -196,7 +196,7 @@ async def cmd_models_explain(args: argparse.Namespace) -> int:
     req = format_usd(decision.requested_cost) if decision.requested_cost is not None else "unpriced"
     chosen = format_usd(decision.chosen_cost) if decision.chosen_cost is not None else "unpriced"
     print(f"Choice: {decision.chosen} at about {chosen} against {decision.requested} at {req} "
-          f"(saves {format_usd(decision.saving)}). {decision.reason}.")
+          f"(saves {format_usd(decision.saving)}); {cause(decision)}")
     print(f"Mode {decision.mode}: the call would go to {decision.applied}.")
     return EXIT_OK
 

@@ -4,6 +4,7 @@ another process appearing after a refresh."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -452,3 +453,42 @@ async def test_a_poll_that_reaches_a_screen_still_mounting_waits_for_its_columns
         await pilot.pause(0.3)
         assert isinstance(app.screen, OverviewScreen)
     # run_test re-raises a worker's error on leaving: getting here means none failed
+
+
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_a_budgets_percentage_is_the_command_lines(db_path: Path, clock: FrozenClock,
+                                                         refresh_seconds: int) -> None:
+    """$10.76 of $10.00 is 107.6 %: both say 107 % (engine.money.percent_of rounds down, as
+    thresholds are judged), where the dashboard said 107 % and the command line 108 %."""
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10",
+                                             mode="suggest", policy_id="ml"))
+        await engine.record(event(1, cost_nanos=10_760_000_000))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#policies", VimTable)
+        assert " 107%" in str(table.get_cell("ml", "gauge"))
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "--db", str(db_path), "policy", "list"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "BUDGETEER_NOW": str(NOW_MS)})
+    row = next(line for line in out.stdout.splitlines() if line.startswith("ml "))
+    assert " 107% " in row + " "
+
+
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_the_catalog_counts_dated_and_prefixed_calls(db_path: Path, clock: FrozenClock,
+                                                           refresh_seconds: int) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.record_many([
+            event(i, provider=provider, model=model, ts_ms=NOW_MS - 60_000 + i) for i, (provider, model) in enumerate(
+                [("anthropic", "claude-haiku-4-5-20251001"), ("anthropic", "claude-haiku-4-5-20251001"),
+                 ("gemini", "gemini-2.5-flash"), ("mistral", "mistral-small-latest")])])
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("8")
+        await _settle(pilot, app)
+        catalog = app.screen.query_one("#catalog", VimTable)
+        expected = {"anthropic/claude-haiku-4-5": "2", "gemini/gemini/gemini-2.5-flash": "1",
+                    "mistral/mistral/mistral-small-latest": "1"}  # keys: provider / catalog name
+        assert {key: str(catalog.get_cell(key, "calls")).strip() for key in expected} == expected

@@ -262,6 +262,46 @@ async def test_the_audit_screen_filters_and_finds_tampering(db_path: Path, clock
         assert any("entry 3 was edited" in n for n in _notes(app))
 
 
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_token_details_word_the_limits_as_the_command_line_does(db_path: Path, clock: FrozenClock,
+                                                                     refresh_seconds: int) -> None:
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.create_token(name="ci", principal="bob", rpm=60)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("6")
+        await _settle(pilot, app)
+        await pilot.press("enter")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, MessageModal)
+        assert "rate limits   60 requests a minute, no token limit\n" in app.screen.body_text
+
+
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_the_audit_screen_shows_amounts_in_dollars(db_path: Path, clock: FrozenClock, requests: list[str],
+                                                         refresh_seconds: int) -> None:
+    async with await Engine.open(db_path, clock=clock, actor="ops") as engine:
+        await engine.update_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="20",
+                                                name="ML daily", action="approval_required", policy_id="ml-day"))
+        await engine.approve(requests[0], amount=parse_usd("4"))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("7")
+        await _settle(pilot, app)
+        changes = _cells(app, "#audit-table", "change")
+        assert changes[0].startswith("status pending→approved, granted -→$4")  # the column may elide it
+        assert changes[1] == "hard $10.00→$20.00"  # the journal keeps 10000000000→20000000000
+        assert changes[-1] == "created: hard $10.00"
+        await pilot.press("enter")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, MessageModal)
+        assert "  granted: - → $4.00" in app.screen.body_text and "  duration_ms: 1 h → 1 h" not in app.screen.body_text
+        await pilot.press("escape", "j", "enter")
+        await _settle(pilot, app)
+        assert isinstance(app.screen, MessageModal)
+        assert "  hard: $10.00 → $20.00" in app.screen.body_text
+
+
 async def test_the_vault_screen_asks_the_passphrase_stores_hidden_tests_and_removes(
         db_path: Path, clock: FrozenClock, tmp_path: Path, refresh: float) -> None:
     from tests.fake_servers import http_server
@@ -345,6 +385,26 @@ async def test_the_models_screen_explains_a_prompt_typed_in_its_box(db_path: Pat
         assert "tier 2+" in result and "against gpt-4.1" in result and "reasoning +0.20" in result
     async with await Engine.open(db_path, clock=clock) as engine:
         assert len(await engine.routing_decisions()) == 1  # explaining records nothing
+
+
+@pytest.mark.parametrize("refresh_seconds", [2, 3600])
+async def test_explain_names_the_budget_that_blocks(db_path: Path, clock: FrozenClock, refresh_seconds: int) -> None:
+    from tests.conftest import NOW_MS, event
+
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_provider(name="openai", kind="openai", base_url="http://127.0.0.1:1/v1",
+                                  models=["gpt-4o-mini", "gpt-4o"])
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="6", name="Org daily"))
+        await engine.record(event(1, cost_nanos=6_100_000_000, ts_ms=NOW_MS - 60_000))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh_seconds)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("8")
+        await _settle(pilot, app)
+        await pilot.press("e", *"hello", "enter")
+        await _settle(pilot, app)
+        result = str(app.screen.query_one("#explain-result", Static).content)
+        assert ("0 of 2 candidates kept (dropped: 2 budget Org daily ($6.10 of $6.00 this day spent or held) would "
+                "block it); no candidate meets the need") in " ".join(result.split())
 
 
 async def test_the_overview_shows_a_running_gateway_and_its_rates(db_path: Path, clock: FrozenClock,

@@ -80,8 +80,10 @@ class AuditScreen(DataScreen):
                  f"action    {entry.action}", f"subject   {entry.subject}", f"hash      {entry.hash}",
                  f"follows   {entry.prev_hash}", "", "changed"]
         for key, before, after in entry.changes():
-            lines.append(f"  {key}: {json.dumps(before)} → {json.dumps(after)}")
-        lines += ["", "before", json.dumps(entry.before, indent=2), "", "after", json.dumps(entry.after, indent=2)]
+            lines.append(f"  {key}: {entry.shown(key, before)} → {entry.shown(key, after)}")
+        lines += ["", "before, as stored (amounts in " + ("nano-dollars" if entry.metric == "usd" else entry.metric)
+                  + ", times in ms)", json.dumps(entry.before, indent=2), "", "after, as stored",
+                  json.dumps(entry.after, indent=2)]
         self.app.push_screen(MessageModal(f"Audit entry {entry.id}", "\n".join(lines)))
 
     async def action_verify(self) -> None:

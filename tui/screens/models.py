@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -17,7 +18,7 @@ from engine.clock import DAY_MS, iso
 from engine.models import FieldError
 from engine.money import format_usd
 from engine.providers import Breaker, CatalogModel, Health
-from engine.routing import Decision, Recorded, Summary
+from engine.routing import Decision, Recorded, Summary, cause
 from tui.screens.base import DataScreen
 from tui.screens.message import MessageModal
 from tui.widgets.vim_table import VimTable, right
@@ -187,10 +188,9 @@ def explain_text(d: Decision) -> str:
     s = d.score
     top = sorted((f for f in s.features if f.contribution > 0), key=lambda f: -f.contribution)[:4]
     parts = ", ".join(f"{f.name} +{f.contribution:.2f} ({f.note})" for f in top) or "nothing stands out"
-    kept = sum(c.kept for c in d.candidates)
     req = format_usd(d.requested_cost) if d.requested_cost is not None else "unpriced"
     chosen = format_usd(d.chosen_cost) if d.chosen_cost is not None else "unpriced"
     needs = f", needs {', '.join(sorted(s.needs))}" if s.needs else ""
     return (f"[b]score {s.value:.2f}[/b] → tier {s.tier_needed}+{needs}: {parts}\n"
             f"[b]{d.chosen}[/b] at about {chosen} against {d.requested} at {req} (saves "
-            f"{format_usd(d.saving)}); {kept} of {len(d.candidates)} candidates kept. {d.reason}.")
+            f"{format_usd(d.saving)}); {escape(cause(d))}")

@@ -133,7 +133,7 @@ class TokensScreen(DataScreen):
                  f"state         {t.state(now)}",
                  f"acts for      {t.principal}" + (f" (team {t.team})" if t.team else ""),
                  f"workspace     {t.workspace}", f"scopes        {', '.join(t.scopes)}",
-                 f"rate limits   {t.rpm or 'no'} requests and {t.tpm or 'no'} tokens per minute",
+                 f"rate limits   {t.limits}",
                  f"created       {iso(t.created_ms)} by {t.created_by}",
                  f"expires       {iso(t.expires_ms) if t.expires_ms else 'never'}",
                  f"last used     {iso(t.last_used_ms) if t.last_used_ms else 'never'}",

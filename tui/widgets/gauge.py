@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 from rich.text import Text
 
+from engine.money import percent_of
+
 # What a gauge is drawn in when no theme is at hand; every theme, ansi-dark and ansi-light
 # included, renders these names legibly.
 DEFAULT_COLORS: Mapping[str, str] = {"ok": "green", "warn": "yellow", "over": "red"}
@@ -48,7 +50,7 @@ def gauge(consumed: int, held: int, hard: int, soft: int | None, width: int = 24
         else:
             char = "│" if i == soft_cell else "·"
         text.append(char, style=style if char in "█▒" else "dim")
-    pct = 100 * (consumed + held) // scale if hard else 0
+    pct = percent_of(consumed + held, hard)  # the command line's rule (engine.money)
     text.append(f" {pct:>3}%", style=style)
     if level == "over":
         text.append(" OVER", style=colors["over"] + " bold")
