@@ -18,7 +18,7 @@ from tui.screens.base import DataScreen
 from tui.widgets.gauge import gauge
 from tui.widgets.kpi import KpiTile, compact
 from tui.widgets.timeline import Timeline
-from tui.widgets.vim_table import VimTable, right
+from tui.widgets.vim_table import Cell, VimTable, right, short, sortable
 
 if TYPE_CHECKING:
     from engine.alerts import Alert
@@ -122,10 +122,12 @@ class OverviewScreen(DataScreen):
         for o in data.budgets:
             p = o.policy
             f = data.forecasts.get(p.id)
-            rows.append((p.id, [p.name[:self.name_width()],
-                                gauge(o.consumed, o.held, p.hard, p.soft, width, colors),
-                                right(p.format_short(o.consumed)), right(p.format_short(p.hard)),
-                                right(p.format_short(f.projected) if f else "-")]))
+            rows.append((p.id, [short(p.name, self.name_width()),
+                                Cell(gauge(o.consumed, o.held, p.hard, p.soft, width, colors),
+                                     (o.consumed + o.held) * 10_000 // max(p.hard, 1)),
+                                sortable(p.format_short(o.consumed), o.consumed),
+                                sortable(p.format_short(p.hard), p.hard),
+                                sortable(p.format_short(f.projected), f.projected) if f else right("-")]))
         if not rows:
             rows.append(("none", ["no budgets yet: press 3, then a to add one", "", "", "", ""]))
         table.set_rows(rows)
