@@ -151,7 +151,7 @@ async def test_acknowledging_an_alert_by_keys(db_path: Path, clock: FrozenClock)
         await pilot.press("escape")
         await pilot.press("a")
         await _settle(pilot, app)
-        assert table.row_count == 1 and "No alerts" in str(table.get_row_at(0)[3])
+        assert table.row_count == 1 and "No alerts" in str(table.get_row_at(0)[5])  # after amount and limit
     async with await Engine.open(db_path, clock=clock) as engine:
         assert (await engine.alerts()) == [] and len(await engine.alerts(include_acked=True)) == 1
 

@@ -76,12 +76,12 @@ class DataScreen(Screen[None]):
 
     @property
     def roomy(self) -> bool:
-        """150 columns or more: full-length gauges and names."""
-        return self.has_class("-wide")
+        """150 columns or more for the screen's own content (the details pane's left aside):
+        full-length gauges and names."""
+        return self.has_class("-wide") and (not self.details_beside or self.size.width >= 190)
 
     def gauge_width(self) -> int:
-        """Full-length gauges from 150 columns, unless the details pane takes the room (below 190)."""
-        return 20 if self.roomy and (self.size.width >= 190 or not self.details_beside) else 10
+        return 20 if self.roomy else 10
 
     def name_width(self) -> int:
         return 28 if self.roomy else 20

@@ -127,8 +127,8 @@ class ModelsScreen(DataScreen):
                 right(f"{h.p95_latency_ms:,}" if h else "-")]))
         catalog = self.query_one("#catalog", VimTable)
         catalog.show_only(("model", "tier", "in", "out", "calls") if self.narrow else
-                          ("model", "provider", "tier", "in", "out", "context", "calls", "err") if self.roomy
-                          else ("model", "provider", "tier", "in", "out", "context", "calls"))
+                          ("model", "provider", "tier", "in", "out", "calls") if not self.roomy else
+                          ("model", "provider", "tier", "in", "out", "context", "calls", "err"))
         catalog.set_rows(rows)
         health_rows = []
         for h in (h for h in data.health if not h.model):

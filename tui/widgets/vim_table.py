@@ -57,12 +57,16 @@ class VimTable(DataTable[str | Text]):
 
     def define(self, columns: Sequence[tuple[str, str | Text]]) -> None:
         """The table's columns as (key, label); rows give a cell for each, in this order."""
+        first = not self._columns
         self._columns = list(columns)
         self._visible = None
-        self._rows = []  # rows of other columns (a tab's) must never meet these columns' indexes
+        if not first:  # rows of other columns (a tab's) must never meet these columns' indexes
+            self._rows = []
         if self.sort_key not in {k for k, _ in self._columns}:
             self.sort_key = None
         self._rebuild_columns()
+        if first and self._rows:  # a screen's first read came back before it defined the columns
+            self._render_rows()
 
     def show_only(self, keys: Sequence[str] | None) -> None:
         """Show these columns (None: all), as on a narrow terminal; rows keep every cell."""
@@ -149,6 +153,8 @@ class VimTable(DataTable[str | Text]):
     # ---- drawing
 
     def _render_rows(self) -> None:
+        if not self._columns:  # drawn when ``define`` gives the columns
+            return
         current = self._wanted or self.current_key
         self.clear()
         needle = self.filter_text
