@@ -124,6 +124,8 @@ class DataScreen(Screen[None]):
             if engine is None:
                 return
             data = await self.load(engine)
+            if not self.is_attached:  # the screen was closed while it read (the app quitting)
+                return
         except Exception as exc:  # a ledger that cannot be read is a state, not a crash
             self.bapp.ledger_error(exc)
         else:

@@ -65,6 +65,8 @@ class VimTable(DataTable[str | Text]):
         if self.sort_key not in {k for k, _ in self._columns}:
             self.sort_key = None
         self._rebuild_columns()
+        if not first:
+            self._wanted = None  # a row of the other columns is no row of these
         if first and self._rows:  # a screen's first read came back before it defined the columns
             self._render_rows()
 
@@ -81,6 +83,7 @@ class VimTable(DataTable[str | Text]):
         return list(range(len(self._columns))) if self._visible is None else self._visible
 
     def _rebuild_columns(self) -> None:
+        self._wanted = self._wanted or self.current_key  # clearing the columns loses the cursor
         self.clear(columns=True)
         for i in self._shown_columns():
             key, label = self._columns[i]
