@@ -364,3 +364,22 @@ async def test_every_visible_cell_is_the_engines_value(demo_ledger: Path, tmp_pa
                                 f"{want[column]!r}")
                             checked += 1
         assert checked > 100
+
+
+async def test_rows_and_columns_shown_before_the_table_is_defined_are_drawn_when_it_is() -> None:
+    """A screen's first read can come back before its on_mount defines the table: add_row raised
+    'More values provided than there are columns' and show_only raised ValueError in the worker."""
+    from textual.app import App, ComposeResult
+
+    class One(App[None]):
+        def compose(self) -> ComposeResult:
+            yield VimTable(id="t")
+
+    app = One()
+    async with app.run_test() as pilot:
+        table = app.query_one(VimTable)
+        table.show_only(["b"])
+        table.set_rows([("r1", ["x", "y"])])
+        table.define([("a", "a"), ("b", "b")])
+        await pilot.pause()
+        assert [str(c.label) for c in table.ordered_columns] == ["b"] and table.get_row_at(0) == ["y"]

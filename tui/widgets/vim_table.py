@@ -50,6 +50,7 @@ class VimTable(DataTable[str | Text]):
         self._rows: Rows = []
         self._columns: list[tuple[str, str | Text]] = []  # every column a row has a cell for
         self._visible: list[int] | None = None  # indices shown; None: all
+        self._pending_visible: Sequence[str] | None = None  # show_only before the columns were defined
         self.filter_text = ""
         self._wanted: str | None = None  # a row to select as soon as it is shown
         self.sort_key: str | None = None  # the column sorted by; None: the screen's own order
@@ -60,6 +61,10 @@ class VimTable(DataTable[str | Text]):
         first = not self._columns
         self._columns = list(columns)
         self._visible = None
+        if first and self._pending_visible is not None:
+            order = [k for k, _ in self._columns]
+            self._visible = [order.index(k) for k in self._pending_visible]
+        self._pending_visible = None
         if not first:  # rows of other columns (a tab's) must never meet these columns' indexes
             self._rows = []
         if self.sort_key not in {k for k, _ in self._columns}:
@@ -72,6 +77,9 @@ class VimTable(DataTable[str | Text]):
 
     def show_only(self, keys: Sequence[str] | None) -> None:
         """Show these columns (None: all), as on a narrow terminal; rows keep every cell."""
+        if not self._columns:  # a first read that came back before the screen defined them
+            self._pending_visible = keys
+            return
         order = [k for k, _ in self._columns]
         visible = None if keys is None else [order.index(k) for k in keys]
         if visible != self._visible:
