@@ -10,6 +10,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
@@ -124,13 +125,14 @@ class DataScreen(Screen[None]):
             if engine is None:
                 return
             data = await self.load(engine)
-            if not self.is_attached:  # the screen was closed while it read (the app quitting)
-                return
         except Exception as exc:  # a ledger that cannot be read is a state, not a crash
             self.bapp.ledger_error(exc)
         else:
-            self.show(data)
-            self.show_details()
+            try:
+                self.show(data)
+                self.show_details()
+            except NoMatches:  # the screen's widgets were removed while it read: the app is quitting
+                return
             self.bapp.mark_updated()
         finally:
             self.loading_data = False

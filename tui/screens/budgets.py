@@ -132,8 +132,8 @@ class BudgetsScreen(DataScreen):
             return
         p = o.policy
         marks = f"soft {p.format_short(p.soft)}, " if p.soft is not None else ""
-        title.update(f"{p.name}: its {p.window} window since {iso(o.window_start_ms)[5:16].replace('T', ' ')} UTC, "
-                     f"against {marks}hard {p.format_short(p.hard)}")
+        since = iso(o.window_start_ms)[5:16].replace("T", " ")
+        title.update(f"{p.name}, {p.window} window since {since}: {marks}hard {p.format_short(p.hard)}")
         lines = [("hard", p.hard)] + ([("soft", p.soft)] if p.soft is not None else [])
         chart.show_series([(p.name, list(data.consumption))], metric=p.metric, lines=lines)
 

@@ -154,7 +154,8 @@ class ModelsScreen(DataScreen):
         if not decision_rows:
             decision_rows = [("none", ["", "", "", "no routing decisions yet", ""])]
         decisions = self.query_one("#decisions", VimTable)
-        decisions.show_only(None if self.size.width >= 190 else ("time", "mode", "route", "saving"))
+        decisions.show_only(None if self.size.width >= 190 else ("time", "mode", "route", "saving") if not
+                            self.details_beside else ("time", "route", "saving"))  # the pane takes the room
         decisions.set_rows(decision_rows)
 
     # ---- explain
