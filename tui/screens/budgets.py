@@ -40,8 +40,9 @@ class BudgetsData:
 COLUMNS = ("policy", "scope", "window", "gauge", "spent", "held", "soft", "hard", "forecast", "hits limit", "mode",
            "action")
 NARROW_COLUMNS = ("policy", "gauge", "spent", "hard", "mode")
-# Beside the details pane (140-189 columns): held shows in the gauge (▒), both in the pane.
-WIDE_COLUMNS = tuple(c for c in COLUMNS if c not in ("held", "hits limit"))
+# Beside the details pane (140-189 columns): held shows in the gauge (▒), the window in the
+# chart's title, all three in the pane.
+WIDE_COLUMNS = tuple(c for c in COLUMNS if c not in ("held", "hits limit", "window"))
 CHART_POINTS = 60
 
 
