@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import html
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -423,12 +425,39 @@ async def cmd_screenshots(args: argparse.Namespace) -> int:
                     await app.workers.wait_for_complete()
                     await pilot.pause(0.2)
                     name = f"{mode}{suffix}-{width}x{height}.svg"
-                    app.save_screenshot(filename=name, path=str(out))
+                    (out / name).write_text(svg_keep_spaces(app.export_screenshot()), encoding="utf-8")
                     written.append(out / name)
                     bar(len(written))
     for path in written:
         print(f"wrote {path}")
     return EXIT_OK
+
+
+_SVG_TEXT = re.compile(r'(<text [^>]*?x=")([\d.]+)("[^>]*?textLength=")([\d.]+)("[^>]*>)([^<]*)(</text>)')
+
+
+def svg_keep_spaces(svg: str) -> str:
+    """Text runs that start or end with spaces, placed where their first visible letter is.
+
+    Rich's SVG draws each run of one style at its own x. Viewers that strip a run's leading
+    (non-breaking) spaces then drew its letters at the spaces' place, against the run before
+    (``aadd`` for ``a add``, ``tperiod``), and stretched a run whose trailing spaces they
+    dropped. Runs keep only their letters, at the column those letters are on.
+    """
+    def fix(m: re.Match[str]) -> str:
+        start, x, middle, length, rest, content, end = m.groups()
+        chars = html.unescape(content)
+        if not chars:
+            return m.group(0)
+        width = float(length) / len(chars)
+        lead = len(chars) - len(chars.lstrip("\u00a0 "))
+        kept = chars.strip("\u00a0 ")
+        if not kept:
+            return ""  # spaces only: the background is drawn by its own rect
+        shown = html.escape(kept, quote=False).replace(" ", "&#160;").replace("\u00a0", "&#160;")
+        return (f"{start}{float(x) + lead * width:g}{middle}{len(kept) * width:g}{rest}{shown}{end}")
+
+    return _SVG_TEXT.sub(fix, svg)
 
 
 def _policy_row(o: Outcome, over: list[Overshoot]) -> list[str]:

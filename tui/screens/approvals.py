@@ -21,9 +21,8 @@ from engine.models import FieldError
 from engine.money import format_usd_plain
 from tui.screens.base import DataScreen
 from tui.screens.form import Field, FormModal
-from tui.screens.message import MessageModal
 from tui.widgets.gauge import gauge
-from tui.widgets.vim_table import VimTable, right
+from tui.widgets.vim_table import Cell, VimTable, right, short, sortable
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -105,22 +104,26 @@ class ApprovalsScreen(DataScreen):
         fmt = r.format_amount
         if o is None:  # the policy was removed after the request was opened
             meter: Any = "(policy removed)"
-            consumed = limit = "-"
+            consumed = limit = right("-")
         else:
-            meter = gauge(o.consumed, o.held, o.policy.hard, o.policy.soft, self.gauge_width(), self.gauge_colors())
-            consumed, limit = o.policy.format_short(o.consumed), o.policy.format_short(o.policy.hard)
+            meter = Cell(gauge(o.consumed, o.held, o.policy.hard, o.policy.soft, self.gauge_width(),
+                               self.gauge_colors()), (o.consumed + o.held) * 10_000 // max(o.policy.hard, 1))
+            consumed = sortable(o.policy.format_short(o.consumed), o.consumed)
+            limit = sortable(o.policy.format_short(o.policy.hard), o.policy.hard)
         expires = format_span(r.expires_ms - now) if r.expires_ms else "never"
-        name = str(r.policy.get("name", r.policy_id))[:self.name_width()]
-        return [format_span(now - r.created_ms), r.requester, name, meter, right(consumed), right(limit),
-                right(fmt(r.amount)), format_span(r.duration_ms), expires, _cut(r.reason, self.size.width - 120)]
+        name = short(str(r.policy.get("name", r.policy_id)), self.name_width())
+        return [Cell(format_span(now - r.created_ms), now - r.created_ms), r.requester, name, meter, consumed, limit,
+                sortable(fmt(r.amount), r.amount), Cell(format_span(r.duration_ms), r.duration_ms),
+                Cell(expires, r.expires_ms - now if r.expires_ms else None), _cut(r.reason, self.size.width - 120)]
 
     def _history_row(self, r: OverrideRequest) -> list[Any]:
         fmt = r.format_amount
         decided = iso(r.decided_ms)[:16].replace("T", " ") if r.decided_ms else "-"
-        granted = right(fmt(r.granted)) if r.granted is not None else right("-")
-        used = right(fmt(r.grant_used)) if r.granted is not None else right("-")
-        return [decided, r.status, r.requester, str(r.policy.get("name", r.policy_id))[:self.name_width()],
-                right(fmt(r.amount)), granted, used, r.decided_by or ("time" if r.status == "expired" else "-"),
+        granted = sortable(fmt(r.granted), r.granted) if r.granted is not None else right("-")
+        used = sortable(fmt(r.grant_used), r.grant_used) if r.granted is not None else right("-")
+        return [decided, r.status, r.requester, short(str(r.policy.get("name", r.policy_id)), self.name_width()),
+                sortable(fmt(r.amount), r.amount), granted, used,
+                r.decided_by or ("time" if r.status == "expired" else "-"),
                 _cut(r.decision_reason or "", self.size.width - 110)]
 
     def _selected(self) -> OverrideRequest | None:
@@ -143,11 +146,11 @@ class ApprovalsScreen(DataScreen):
 
     # ---- decisions
 
-    def action_detail(self) -> None:
+    def detail(self) -> tuple[str, str] | None:
         request = self._selected()
-        if request is not None and self.bapp.engine is not None:
-            self.app.push_screen(MessageModal(f"Override request {request.id}",
-                                              "\n".join(request.describe(self.bapp.engine.now_ms()))))
+        if request is None or self.bapp.engine is None:
+            return None
+        return f"Override request {request.id}", "\n".join(request.describe(self.bapp.engine.now_ms()))
 
     async def _decidable(self) -> tuple[Engine, OverrideRequest] | None:
         """The selected pending request and the engine, when this identity may decide it."""

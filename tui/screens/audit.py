@@ -17,7 +17,6 @@ from engine.audit import AuditEntry
 from engine.clock import iso
 from engine.vault import VaultError
 from tui.screens.base import DataScreen
-from tui.screens.message import MessageModal
 from tui.widgets.vim_table import VimTable
 
 if TYPE_CHECKING:
@@ -72,10 +71,10 @@ class AuditScreen(DataScreen):
         table.show_only(("time (UTC)", "actor", "action", "subject") if self.narrow else None)
         table.set_rows(rows)
 
-    def action_detail(self) -> None:
+    def detail(self) -> tuple[str, str] | None:
         entry = self.entries.get(self.query_one("#audit-table", VimTable).current_key or "")
         if entry is None:
-            return
+            return None
         lines = [f"entry     {entry.id}", f"time      {iso(entry.ts_ms)}", f"actor     {entry.actor}",
                  f"action    {entry.action}", f"subject   {entry.subject}", f"hash      {entry.hash}",
                  f"follows   {entry.prev_hash}", "", "changed"]
@@ -84,7 +83,7 @@ class AuditScreen(DataScreen):
         lines += ["", "before, as stored (amounts in " + ("nano-dollars" if entry.metric == "usd" else entry.metric)
                   + ", times in ms)", json.dumps(entry.before, indent=2), "", "after, as stored",
                   json.dumps(entry.after, indent=2)]
-        self.app.push_screen(MessageModal(f"Audit entry {entry.id}", "\n".join(lines)))
+        return (f"Audit entry {entry.id}", "\n".join(lines))
 
     async def action_verify(self) -> None:
         engine = self.bapp.engine

@@ -1,5 +1,6 @@
 """What every dashboard screen shares: data read through the Engine in a worker, a status
-line, and a filter for its table."""
+line, a filter for its table, and the details of its table's row: in a pane beside the table
+that follows the cursor on a terminal 140 columns or wider, in a modal on ``enter`` below."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
 from engine.access import AccessDenied
+from tui.screens.message import MessageModal
 from tui.widgets.gauge import theme_colors
 from tui.widgets.vim_table import VimTable
 
@@ -19,6 +23,9 @@ if TYPE_CHECKING:
     from engine.access import Permission
     from engine.engine import Engine
     from tui.app import BudgeteerApp
+
+#: From this many columns a screen with details shows them in a pane beside its table.
+DETAILS_PANE_MIN_WIDTH = 140
 
 
 class DataScreen(Screen[None]):
@@ -39,8 +46,14 @@ class DataScreen(Screen[None]):
         return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
-        yield Header()
-        yield from self.body()
+        yield Header(icon="$")  # Textual's ⭘ is missing from the screenshots' SVG font
+        with Horizontal(id="screen-body"):
+            with Vertical(id="screen-main"):
+                yield from self.body()
+            if self.has_details:
+                with VerticalScroll(id="details-pane"):
+                    yield Static("", id="details-title", classes="section-title")
+                    yield Static("", id="details-body", markup=False)
         yield Input(placeholder="filter rows (esc clears)", id="filter")
         yield Static("", id="status")
         yield Footer()
@@ -55,6 +68,7 @@ class DataScreen(Screen[None]):
 
     def on_resize(self) -> None:
         self.reload()  # narrow and wide layouts draw gauges and notes differently
+        self.show_details()
 
     @property
     def narrow(self) -> bool:
@@ -63,8 +77,9 @@ class DataScreen(Screen[None]):
 
     @property
     def roomy(self) -> bool:
-        """150 columns or more: full-length gauges and names."""
-        return self.has_class("-wide")
+        """150 columns or more for the screen's own content (the details pane's left aside):
+        full-length gauges and names."""
+        return self.has_class("-wide") and (not self.details_beside or self.size.width >= 190)
 
     def gauge_width(self) -> int:
         return 20 if self.roomy else 10
@@ -119,7 +134,11 @@ class DataScreen(Screen[None]):
         except Exception as exc:  # a ledger that cannot be read is a state, not a crash
             self.bapp.ledger_error(exc)
         else:
-            self.show(data)
+            try:
+                self.show(data)
+                self.show_details()
+            except NoMatches:  # the screen's widgets were removed while it read: the app is quitting
+                return
             self.bapp.mark_updated()
         finally:
             self.loading_data = False
@@ -151,13 +170,55 @@ class DataScreen(Screen[None]):
                 table.set_filter("")
                 table.focus()
 
+    # ---- details of the table's row
+
+    def detail(self) -> tuple[str, str] | None:
+        """The title and text of the details of the row under the table's cursor, for screens that
+        have them (None: no row)."""
+        return None
+
+    @property
+    def has_details(self) -> bool:
+        return type(self).detail is not DataScreen.detail
+
+    @property
+    def details_beside(self) -> bool:
+        """A terminal wide enough for the details pane beside the table."""
+        return self.has_details and self.app.size.width >= DETAILS_PANE_MIN_WIDTH
+
+    def show_details(self) -> None:
+        """Fill the pane beside the table with the row under the cursor (wide terminals only)."""
+        if not self.has_details or not self.is_mounted:
+            return
+        pane = self.query_one("#details-pane", VerticalScroll)
+        pane.display = self.details_beside
+        if not pane.display:
+            return
+        found = self.detail()
+        title, text = found if found is not None else ("Details", "No row selected.")
+        self.query_one("#details-title", Static).update(f"{title}")
+        self.query_one("#details-body", Static).update(text)
+
+    def action_detail(self) -> None:
+        """``enter``: the row's details in a modal, unless the pane beside the table shows them."""
+        if self.details_beside:
+            self.show_details()
+            return
+        found = self.detail()
+        if found is not None:
+            self.app.push_screen(MessageModal(*found))
+
+    @on(DataTable.RowHighlighted)
+    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table is self.table():
+            self.show_details()
+
     @on(DataTable.RowSelected)
     def _row_chosen(self, event: DataTable.RowSelected) -> None:
         """enter on a focused table row (the table takes enter before the screen's binding)."""
-        detail = getattr(self, "action_detail", None)
-        if callable(detail):
+        if self.has_details or type(self).action_detail is not DataScreen.action_detail:
             event.stop()
-            detail()
+            self.action_detail()
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:

@@ -1,5 +1,6 @@
-"""Budgets: every policy as a gauge with its soft and hard marks, consumed, held and
-forecast; add, edit, remove, and backtest a policy from here."""
+"""Budgets: every policy as a gauge with its soft and hard marks, consumed, soft and hard
+limits, forecast, mode and action; under the table, the selected policy's window so far
+against its limits; add, edit, remove, and backtest a policy from here."""
 
 from __future__ import annotations
 
@@ -7,20 +8,22 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Static
+from textual.widgets import DataTable, Static
 
 from engine.access import AccessDenied
 from engine.budgets import Forecast, Outcome, Policy
-from engine.clock import DAY_MS, iso
+from engine.clock import DAY_MS, MINUTE_MS, iso
 from engine.models import FieldError
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.message import MessageModal
 from tui.screens.policy_form import PolicyForm
 from tui.widgets.gauge import gauge
-from tui.widgets.vim_table import VimTable, right
+from tui.widgets.timeline import Timeline
+from tui.widgets.vim_table import Cell, VimTable, right, short, sortable
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -30,9 +33,17 @@ if TYPE_CHECKING:
 class BudgetsData:
     status: list[Outcome]
     forecasts: dict[str, Forecast]
+    charted: str | None = None  # the policy whose window ``consumption`` draws
+    consumption: tuple[tuple[int, int], ...] = ()
 
 
+COLUMNS = ("policy", "scope", "window", "gauge", "spent", "held", "soft", "hard", "forecast", "hits limit", "mode",
+           "action")
 NARROW_COLUMNS = ("policy", "gauge", "spent", "hard", "mode")
+# Beside the details pane (140-189 columns): held shows in the gauge (▒), the window in the
+# chart's title, all three in the pane.
+WIDE_COLUMNS = tuple(c for c in COLUMNS if c not in ("held", "hits limit", "window"))
+CHART_POINTS = 60
 
 
 class BudgetsScreen(DataScreen):
@@ -53,17 +64,32 @@ class BudgetsScreen(DataScreen):
     def body(self) -> ComposeResult:
         yield Static("", id="budgets-title", classes="section-title")
         yield VimTable(id="policies")
+        yield Static("", id="budget-chart-title", classes="section-title")
+        yield Timeline(id="budget-chart")
 
     def on_mount(self) -> None:
         super().on_mount()
         self.query_one("#policies", VimTable).define(
-            [("policy", "policy"), ("scope", "scope"), ("window", "window"), ("gauge", "gauge")]
-            + [(name, right(name)) for name in ("spent", "held", "hard", "forecast", "hits limit")]
-            + [("mode", "mode")])
+            [(c, right(c) if c in ("spent", "held", "soft", "hard", "forecast", "hits limit") else c)
+             for c in COLUMNS])
 
     async def load(self, engine: Engine) -> Any:
         status = await engine.policy_status()
-        return BudgetsData(status, {f.policy.id: f for f in await engine.forecasts()})
+        forecasts = {f.policy.id: f for f in await engine.forecasts()}
+        selected = self.query_one("#policies", VimTable).current_key
+        o = next((o for o in status if o.policy.id == selected), status[0] if status else None)
+        if o is None:
+            return BudgetsData(status, forecasts)
+        now = engine.now_ms()
+        bucket = max(MINUTE_MS, (now - o.window_start_ms) // CHART_POINTS // MINUTE_MS * MINUTE_MS)
+        points = await engine.policy_timeline(o.policy, o.window_start_ms, now + 1, bucket)
+        return BudgetsData(status, forecasts, o.policy.id, tuple(points))
+
+    @on(DataTable.RowHighlighted, "#policies")
+    def _follow(self, event: DataTable.RowHighlighted) -> None:
+        """The chart under the table follows the cursor."""
+        if self.data is not None and event.row_key.value != self.data.charted and event.row_key.value in self.policies:
+            self.reload(restart=True)
 
     def show(self, data: BudgetsData) -> None:
         self.policies = {o.policy.id: o.policy for o in data.status}
@@ -81,24 +107,45 @@ class BudgetsScreen(DataScreen):
             if f is not None and f.limit_at_ms is not None:
                 hits = "now" if f.limit_at_ms <= o.window_start_ms or f.consumed >= p.hard else (
                     iso(f.limit_at_ms)[5:16].replace("T", " "))
-            rows.append((p.id, [p.name[:self.name_width()], str(p.scope), str(p.window),
-                                gauge(o.consumed, o.held, p.hard, p.soft, width, colors), right(fmt(o.consumed)),
-                                right(fmt(o.held)), right(fmt(p.hard)), right(fmt(f.projected) if f else "-"),
-                                right(hits), p.mode if p.enabled else "off"]))
+            rows.append((p.id, [short(p.name, self.name_width()), str(p.scope), str(p.window),
+                                Cell(gauge(o.consumed, o.held, p.hard, p.soft, width, colors),
+                                     (o.consumed + o.held) * 10_000 // max(p.hard, 1)),
+                                sortable(fmt(o.consumed), o.consumed), sortable(fmt(o.held), o.held),
+                                sortable(fmt(p.soft), p.soft) if p.soft is not None else right("-"),
+                                sortable(fmt(p.hard), p.hard),
+                                sortable(fmt(f.projected), f.projected) if f else right("-"),
+                                Cell(right(hits), None if hits == "-" else f.limit_at_ms if f else None),
+                                p.mode if p.enabled else "off", p.action]))
         if not rows:
-            rows = [("none", ["No budgets yet: press a to add one.", "", "", "", "", "", "", "", "", ""])]
+            rows = [("none", ["No budgets yet: press a to add one.", *[""] * (len(COLUMNS) - 1)])]
         table = self.query_one("#policies", VimTable)
-        table.show_only(NARROW_COLUMNS if self.narrow else None)  # enter shows the rest
+        table.show_only(NARROW_COLUMNS if self.narrow else None if self.size.width >= 190 else WIDE_COLUMNS)
         table.set_rows(rows)
+        self._chart(data)
+
+    def _chart(self, data: BudgetsData) -> None:
+        """The charted policy's window so far, against its soft and hard limits."""
+        title = self.query_one("#budget-chart-title", Static)
+        chart = self.query_one("#budget-chart", Timeline)
+        o = next((o for o in data.status if o.policy.id == data.charted), None)
+        chart.display = title.display = o is not None
+        if o is None:
+            return
+        p = o.policy
+        marks = f"soft {p.format_short(p.soft)}, " if p.soft is not None else ""
+        since = iso(o.window_start_ms)[5:16].replace("T", " ")
+        title.update(f"{p.name}, {p.window} window since {since}: {marks}hard {p.format_short(p.hard)}")
+        lines = [("hard", p.hard)] + ([("soft", p.soft)] if p.soft is not None else [])
+        chart.show_series([(p.name, list(data.consumption))], metric=p.metric, lines=lines)
 
     def _selected(self) -> Policy | None:
         return self.policies.get(self.query_one("#policies", VimTable).current_key or "")
 
-    def action_detail(self) -> None:
+    def detail(self) -> tuple[str, str] | None:
         """Everything about the selected policy, the columns an 80-column table leaves out included."""
         policy = self._selected()
         if policy is None or self.data is None:
-            return
+            return None
         o = next(o for o in self.data.status if o.policy.id == policy.id)
         f = self.data.forecasts.get(policy.id)
         fmt = policy.format_amount
@@ -119,7 +166,7 @@ class BudgetsScreen(DataScreen):
             if f.limit_at_ms is not None:
                 lines.append(f"limit reached   {iso(f.limit_at_ms)} at the current pace")
         lines.append(f"created         {iso(policy.created_ms)} by {policy.created_by or '-'}")
-        self.app.push_screen(MessageModal(policy.name, "\n".join(lines)))
+        return (policy.name, "\n".join(lines))
 
     def _writable(self) -> bool:
         if self.bapp.read_only:

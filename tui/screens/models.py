@@ -20,8 +20,7 @@ from engine.money import format_usd
 from engine.providers import Breaker, CatalogModel, Health
 from engine.routing import Decision, Recorded, Summary, cause
 from tui.screens.base import DataScreen
-from tui.screens.message import MessageModal
-from tui.widgets.vim_table import VimTable, right
+from tui.widgets.vim_table import VimTable, right, short
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -84,14 +83,14 @@ class ModelsScreen(DataScreen):
         return ModelsData(await engine.catalog(), health, breakers, await engine.routing_decisions(50),
                           await engine.routing_summary(engine.now_ms() - 30 * DAY_MS))
 
-    def action_detail(self) -> None:
+    def detail(self) -> tuple[str, str] | None:
         """Everything about the model under the catalog's cursor (the table shows less on a narrow terminal)."""
         if self.data is None:
-            return
+            return None
         key = self.query_one("#catalog", VimTable).current_key
         m = next((m for m in self.data.catalog if f"{m.provider}/{m.model}" == key), None)
         if m is None:
-            return
+            return None
         p = m.price
         h = next((h for h in self.data.health if (h.provider, h.model) == (m.provider, m.model)), None)
         lines = [f"provider        {m.provider} (prices of {p.provider})",
@@ -105,7 +104,7 @@ class ModelsScreen(DataScreen):
                  f"capabilities    {', '.join(sorted(m.capabilities)) or 'none known'}",
                  "last 15 min     " + (f"{h.calls} calls, {100 * h.error_rate:.1f}% errors, mean "
                                         f"{h.mean_latency_ms:,} ms, p95 {h.p95_latency_ms:,} ms" if h else "no calls")]
-        self.app.push_screen(MessageModal(m.model, "\n".join(lines)))
+        return (m.model, "\n".join(lines))
 
     def show(self, data: ModelsData) -> None:
         self.data = data
@@ -122,15 +121,15 @@ class ModelsScreen(DataScreen):
             h = by_model.get((m.provider, m.model))
             caps = "".join(letter if cap in m.capabilities else "·" for cap, letter in CAPS)
             rows.append((f"{m.provider}/{m.model}", [
-                m.model[:self.name_width() + 8], m.provider + (" (degraded)" if m.provider in degraded else ""),
+                short(m.model, self.name_width() + 8), m.provider + (" (degraded)" if m.provider in degraded else ""),
                 right(str(m.cost_tier)), m.latency_tier, right(format_usd(m.price.input)),
                 right(format_usd(m.price.output)), right(f"{m.context // 1000:,}k" if m.context else "-"), caps,
                 right(str(h.calls) if h else "0"), right(f"{100 * h.error_rate:.0f}%" if h else "-"),
                 right(f"{h.p95_latency_ms:,}" if h else "-")]))
         catalog = self.query_one("#catalog", VimTable)
         catalog.show_only(("model", "tier", "in", "out", "calls") if self.narrow else
-                          ("model", "provider", "tier", "in", "out", "context", "calls", "err") if self.roomy
-                          else ("model", "provider", "tier", "in", "out", "context", "calls"))
+                          ("model", "provider", "tier", "in", "out", "calls") if not self.roomy else
+                          ("model", "provider", "tier", "in", "out", "context", "calls", "err"))
         catalog.set_rows(rows)
         health_rows = []
         for h in (h for h in data.health if not h.model):
@@ -145,18 +144,19 @@ class ModelsScreen(DataScreen):
         if not health_rows:
             health_rows = [("none", ["no calls in the last 15 min", "", "", "", "", ""])]
         self.query_one("#health", VimTable).set_rows(health_rows)
-        def short(model: str) -> str:
+        def bare(model: str) -> str:
             return model.rsplit("/", 1)[-1]  # mistral/mistral-small-latest: the vendor is in the catalog
 
-        decision_rows = [(f"{r.request_id}-{i}", [iso(r.ts_ms)[5:16].replace("T", " "), r.principal[:18], r.mode,
-                                                  f"{short(r.requested)} → {short(r.chosen)}"
-                                                  if r.chosen != r.requested else f"{short(r.requested)} (kept)",
+        decision_rows = [(f"{r.request_id}-{i}", [iso(r.ts_ms)[5:16].replace("T", " "), short(r.principal, 18), r.mode,
+                                                  f"{bare(r.requested)} → {bare(r.chosen)}"
+                                                  if r.chosen != r.requested else f"{bare(r.requested)} (kept)",
                                                   right(format_usd(r.saving))])
                          for i, r in enumerate(data.decisions)]
         if not decision_rows:
             decision_rows = [("none", ["", "", "", "no routing decisions yet", ""])]
         decisions = self.query_one("#decisions", VimTable)
-        decisions.show_only(None if self.size.width >= 190 else ("time", "mode", "route", "saving"))
+        decisions.show_only(None if self.size.width >= 190 else ("time", "mode", "route", "saving") if not
+                            self.details_beside else ("time", "route", "saving"))  # the pane takes the room
         decisions.set_rows(decision_rows)
 
     # ---- explain

@@ -1,5 +1,6 @@
-"""Overview: today's and this month's spend, the budgets nearest their limits, the last
-24 hours of spend, open override requests and active alerts."""
+"""Overview: today's and this month's spend, the budgets nearest their limits, the models
+that spent most in the last 24 hours, the last 24 hours of spend, open override requests and
+active alerts."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from textual.widgets import Static
 from engine.budgets import Outcome, Window, window_bounds
 from engine.clock import DAY_MS, HOUR_MS, iso, period_range
 from engine.money import format_usd, format_usd_compact
-from engine.store import TimelinePoint, Totals
+from engine.store import BreakdownRow, TimelinePoint, Totals
 from tui.screens.base import DataScreen
 from tui.widgets.gauge import gauge
 from tui.widgets.kpi import KpiTile, compact
 from tui.widgets.timeline import Timeline
-from tui.widgets.vim_table import VimTable, right
+from tui.widgets.vim_table import Cell, VimTable, right, short, sortable
 
 if TYPE_CHECKING:
     from engine.alerts import Alert
@@ -38,9 +39,13 @@ class OverviewData:
     forecasts: dict[str, Forecast]
     timeline: list[TimelinePoint]
     timeline_span: tuple[int, int]  # the last 24 hours, to now
+    top_models: list[BreakdownRow]
     alerts: list[Alert]
     open_requests: int
     gateways: list[GatewayStatus]
+
+
+TOP_MODELS = 8
 
 
 class OverviewScreen(DataScreen):
@@ -59,6 +64,9 @@ class OverviewScreen(DataScreen):
             with Vertical(id="overview-left"):
                 yield Static("Budgets nearest their limits", classes="section-title")
                 yield VimTable(id="budgets")
+                yield Static("Top models, last 24 hours  (2 breaks it down)", classes="section-title",
+                             id="overview-models-title")
+                yield VimTable(id="overview-models")
                 yield Static("Active alerts  (4 lists them all)", classes="section-title", id="overview-alerts-title")
                 yield VimTable(id="overview-alerts")
             with Vertical(id="overview-right"):
@@ -72,6 +80,8 @@ class OverviewScreen(DataScreen):
             [("policy", "policy"), ("gauge", "gauge"), ("spent", right("spent")), ("limit", right("limit")),
              ("forecast", right("forecast"))])
         self.query_one("#overview-alerts", VimTable).define([("time", "time (UTC)"), ("message", "message")])
+        self.query_one("#overview-models", VimTable).define(
+            [("model", "model")] + [(c, right(c)) for c in ("spend", "calls", "errors", "share")])
 
     async def load(self, engine: Engine) -> Any:
         now = engine.now_ms()
@@ -92,6 +102,7 @@ class OverviewScreen(DataScreen):
             forecasts=forecasts,
             timeline=await engine.timeline(now - DAY_MS, now + 1, HOUR_MS),
             timeline_span=(now - DAY_MS, now + 1),
+            top_models=await engine.breakdown(now - DAY_MS, now + 1, "model", limit=TOP_MODELS, order="cost"),
             alerts=await engine.alerts(limit=50),
             open_requests=await engine.open_override_requests(),
             gateways=await engine.gateways(),
@@ -124,16 +135,24 @@ class OverviewScreen(DataScreen):
         for o in data.budgets:
             p = o.policy
             f = data.forecasts.get(p.id)
-            rows.append((p.id, [p.name[:self.name_width()],
-                                gauge(o.consumed, o.held, p.hard, p.soft, width, colors),
-                                right(p.format_short(o.consumed)), right(p.format_short(p.hard)),
-                                right(p.format_short(f.projected) if f else "-")]))
+            rows.append((p.id, [short(p.name, self.name_width()),
+                                Cell(gauge(o.consumed, o.held, p.hard, p.soft, width, colors),
+                                     (o.consumed + o.held) * 10_000 // max(p.hard, 1)),
+                                sortable(p.format_short(o.consumed), o.consumed),
+                                sortable(p.format_short(p.hard), p.hard),
+                                sortable(p.format_short(f.projected), f.projected) if f else right("-")]))
         if not rows:
             rows.append(("none", ["no budgets yet: press 3, then a to add one", "", "", "", ""]))
         table.set_rows(rows)
         self.query_one("#timeline", Timeline).show_points(
             [(p.bucket_ms, p.totals.cost_nanos) for p in data.timeline], metric="usd", bucket_ms=HOUR_MS,
             span=data.timeline_span)
+        spent = data.last_24h.cost_nanos
+        self.query_one("#overview-models", VimTable).set_rows(
+            [(r.key, [r.key or "(none)", sortable(format_usd(r.totals.cost_nanos), r.totals.cost_nanos),
+                      right(f"{r.totals.requests:,}"), right(f"{r.totals.errors:,}"),
+                      right(f"{100 * r.totals.cost_nanos / spent:.1f}%" if spent else "-")])
+             for r in data.top_models] or [("none", ["no calls in the last 24 hours", "", "", "", ""])])
         self.query_one("#overview-alerts", VimTable).set_rows(
             [(str(a.id), [iso(a.ts_ms)[5:16].replace("T", " "), a.message]) for a in data.alerts]
             or [("none", ["", "No active alerts."])])

@@ -21,8 +21,7 @@ from engine.tokens import PREFIX, SCOPES, Token, parse_limit
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.form import Field, FormModal
-from tui.screens.message import MessageModal
-from tui.widgets.vim_table import VimTable, right
+from tui.widgets.vim_table import Cell, VimTable, right, short, sortable
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -117,17 +116,18 @@ class TokensScreen(DataScreen):
         last = "never" if t.last_used_ms is None else f"{format_span(now - t.last_used_ms)} ago"
         scopes = ",".join(t.scopes)
         scopes = scopes if len(scopes) <= 24 else scopes[:23] + "…"
-        return [t.name[:self.name_width()], f"{PREFIX}{t.prefix}…", t.principal, t.team or "-", scopes,
-                Text.from_markup(shown), right(str(t.rpm or "-")), right(str(t.tpm or "-")), expires, last,
-                right(format_usd(t.used_this_month))]
+        return [short(t.name, self.name_width()), f"{PREFIX}{t.prefix}…", t.principal, t.team or "-", scopes,
+                Text.from_markup(shown), right(str(t.rpm or "-")), right(str(t.tpm or "-")),
+                Cell(expires, t.expires_ms), Cell(last, None if t.last_used_ms is None else now - t.last_used_ms),
+                sortable(format_usd(t.used_this_month), t.used_this_month)]
 
     def _selected(self) -> Token | None:
         return self.tokens.get(self.query_one("#tokens-table", VimTable).current_key or "")
 
-    def action_detail(self) -> None:
+    def detail(self) -> tuple[str, str] | None:
         t = self._selected()
         if t is None:
-            return
+            return None
         now = self.now_ms
         lines = [f"id            {t.id}", f"prefix        {PREFIX}{t.prefix}… (the secret itself is not kept)",
                  f"state         {t.state(now)}",
@@ -144,7 +144,7 @@ class TokensScreen(DataScreen):
             lines.append(f"replaces      {t.rotated_from}")
         if t.replaced_by:
             lines.append(f"replaced by   {t.replaced_by}")
-        self.app.push_screen(MessageModal(f"Token {t.name}", "\n".join(lines)))
+        return (f"Token {t.name}", "\n".join(lines))
 
     async def action_create(self) -> None:
         engine = await self.permitted("manage_tokens", "tokens")
