@@ -35,6 +35,8 @@ class BudgetsData:
     forecasts: dict[str, Forecast]
     charted: str | None = None  # the policy whose window ``consumption`` draws
     consumption: tuple[tuple[int, int], ...] = ()
+    bucket_ms: int = 0
+    span: tuple[int, int] | None = None  # the charted window so far: its start to now
 
 
 COLUMNS = ("policy", "scope", "window", "gauge", "spent", "held", "soft", "hard", "forecast", "hits limit", "mode",
@@ -83,7 +85,7 @@ class BudgetsScreen(DataScreen):
         now = engine.now_ms()
         bucket = max(MINUTE_MS, (now - o.window_start_ms) // CHART_POINTS // MINUTE_MS * MINUTE_MS)
         points = await engine.policy_timeline(o.policy, o.window_start_ms, now + 1, bucket)
-        return BudgetsData(status, forecasts, o.policy.id, tuple(points))
+        return BudgetsData(status, forecasts, o.policy.id, tuple(points), bucket, (o.window_start_ms, now + 1))
 
     @on(DataTable.RowHighlighted, "#policies")
     def _follow(self, event: DataTable.RowHighlighted) -> None:
@@ -136,7 +138,8 @@ class BudgetsScreen(DataScreen):
         since = iso(o.window_start_ms)[5:16].replace("T", " ")
         title.update(f"{p.name}, {p.window} window since {since}: {marks}hard {p.format_short(p.hard)}")
         lines = [("hard", p.hard)] + ([("soft", p.soft)] if p.soft is not None else [])
-        chart.show_series([(p.name, list(data.consumption))], metric=p.metric, lines=lines)
+        chart.show_series([(p.name, list(data.consumption))], metric=p.metric, lines=lines,
+                          bucket_ms=data.bucket_ms, span=data.span)
 
     def _selected(self) -> Policy | None:
         return self.policies.get(self.query_one("#policies", VimTable).current_key or "")
