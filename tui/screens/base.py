@@ -3,15 +3,19 @@ line, and a filter for its table."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.command import Provider
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from engine.access import AccessDenied
+from tui.palette import ScreenActions
+from tui.widgets.footer import KeysFooter
 from tui.widgets.gauge import theme_colors
 from tui.widgets.vim_table import VimTable
 
@@ -28,6 +32,8 @@ class DataScreen(Screen[None]):
         Binding("slash", "filter", "Filter", id="screen.filter"),
         Binding("escape", "clear_filter", "Back", show=False, id="screen.escape"),
     ]
+    # The palette lists this screen's bindings as commands.
+    COMMANDS: ClassVar[set[type[Provider] | Callable[[], type[Provider]]]] = {ScreenActions}
     TITLE_TEXT = ""
 
     def __init__(self) -> None:
@@ -43,7 +49,7 @@ class DataScreen(Screen[None]):
         yield from self.body()
         yield Input(placeholder="filter rows (esc clears)", id="filter")
         yield Static("", id="status")
-        yield Footer()
+        yield KeysFooter()
 
     def body(self) -> ComposeResult:
         raise NotImplementedError
@@ -99,6 +105,11 @@ class DataScreen(Screen[None]):
         """Read the screen's data again, unless a read is under way; ``restart`` when what the
         screen shows has changed (a tab, a search): the new read replaces the one under way
         (the worker is exclusive, so starting it cancels the other)."""
+        if not self.is_mounted:
+            # A poll (or a resize) can reach a screen that switch_mode has made current before
+            # its on_mount defined the tables' columns: rows shown then raised "More values
+            # provided than there are columns". Its ScreenResume, after the mount, loads it.
+            return
         if (restart or not self.loading_data) and self.bapp.engine is not None:
             self.loading_data = True
             self._load()
@@ -143,7 +154,20 @@ class DataScreen(Screen[None]):
             table = self.table()
             if table is not None:
                 table.set_filter("")
-                table.focus()
+                self.set_focus(table)
+
+    def leave_input(self) -> None:
+        """esc in a text box of this screen: the filter box is cleared, any other (Models'
+        explain box) keeps its text; the table gets the focus back at once, so the key typed
+        next is a command again (set_focus, not focus(), which waits for the app's queue)."""
+        box = self.query_one("#filter", Input)
+        typed_in = self.focused
+        table = self.table()
+        self.set_focus(table if table is not None and table.display else None)
+        if typed_in is box:
+            # Cleared once the box has read the keys typed before esc, still in its queue;
+            # cleared now, a letter typed just before esc would come back after it.
+            box.call_later(self.action_clear_filter)
 
     @on(DataTable.RowSelected)
     def _row_chosen(self, event: DataTable.RowSelected) -> None:
