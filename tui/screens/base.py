@@ -106,9 +106,10 @@ class DataScreen(Screen[None]):
         screen shows has changed (a tab, a search): the new read replaces the one under way
         (the worker is exclusive, so starting it cancels the other)."""
         if not self.is_mounted:
-            # A poll (or a resize) can reach a screen that switch_mode has made current before
-            # its on_mount defined the tables' columns: rows shown then raised "More values
-            # provided than there are columns". Its ScreenResume, after the mount, loads it.
+            # The poll or a resume can reach a screen still mounting: its tables have no columns
+            # yet, and rows shown now would not fit them (`More values provided than there are
+            # columns`). The screen's queue runs this once its on_mount handlers are done.
+            self.call_later(self.reload, restart)
             return
         if (restart or not self.loading_data) and self.bapp.engine is not None:
             self.loading_data = True
