@@ -83,7 +83,7 @@ class BudgeteerApp(App[None]):
         Binding("colon", "commands", "Commands", show=False, priority=True, id="app.commands"),
         Binding("tab", "focus_next", "Next field", show=False, priority=True, id="app.next"),
         Binding("shift+tab", "focus_previous", "Previous field", show=False, priority=True, id="app.previous"),
-        Binding("escape", "leave_input", "Leave the input", show=False, priority=True, id="app.leave"),
+        Binding("escape", "leave_input", "Leave the box", priority=True, id="app.leave"),
     ]
 
     def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0,

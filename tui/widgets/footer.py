@@ -45,6 +45,7 @@ class KeysFooter(Footer):
         pinned: dict[str, FooterKey] = {}
         switches: list[tuple[Binding, bool, str]] = []
         actions: set[tuple[int, str]] = set()
+        switch_at = 0
         for active in self.screen.active_bindings.values():
             node, binding, enabled, tooltip = active
             if not binding.show or (id(node), binding.action) in actions:
@@ -57,19 +58,21 @@ class KeysFooter(Footer):
             elif binding.action in PINNED:
                 pinned[binding.action] = self._key(binding, enabled, tooltip)
             elif binding.action.startswith("switch_mode("):
-                if not switches:
-                    app_keys.append(FooterKey("", "", "", ""))  # a placeholder, filled below
+                switch_at = switch_at if switches else len(app_keys)  # the hint goes where the first was
                 switches.append((binding, enabled, tooltip))
             else:
                 app_keys.append(self._key(binding, enabled, tooltip))
         if switches:
             keys = [self.app.get_key_display(b) for b, _, _ in switches]
-            first, *_, last = keys if len(keys) > 1 else keys * 2
-            display = f"{first}-{last}" if len(keys) > 1 else first
+            if all(k.isdigit() for k in keys):  # 1-9, or 0-9 with a tenth screen on 0
+                keys_shown = sorted(keys)
+                display = f"{keys_shown[0]}-{keys_shown[-1]}" if len(keys) > 1 else keys[0]
+            else:  # a keymap gave them other keys: name them all
+                display = "".join(keys) if all(len(k) == 1 for k in keys) else ",".join(keys)
             hint = self._key(switches[0][0], True, "Switch screen: " + ", ".join(
                 f"{k} {b.description}" for k, (b, _, _) in zip(keys, switches, strict=True)),
                 display=display, description="Screens")
-            app_keys = [hint if not k.action else k for k in app_keys]
+            app_keys.insert(switch_at, hint)
         yield from (key for _, key in sorted(screen_keys, key=lambda k: k[0]))
         yield from app_keys
         if pinned:
