@@ -8,6 +8,7 @@ while paused or while a modal is open. New override requests are announced on an
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -232,8 +233,13 @@ class BudgeteerApp(App[None]):
         reads keys one after the other, so `:usage` typed at once all lands in the box."""
         if self.use_command_palette and not CommandPalette.is_open(self):
             palette = Palette(id="--command-palette")
-            await self.push_screen(palette)
-            palette.set_focus(palette.query_one(CommandInput))
+            mounted = asyncio.ensure_future(self.push_screen(palette))
+            # Bounded: while this waits the app reads no key, and an app that is exiting
+            # (a crash elsewhere) never mounts the palette; it then opens as Textual's would.
+            done, _ = await asyncio.wait({mounted}, timeout=2.0)
+            boxes = palette.query(CommandInput) if done else None
+            if boxes:
+                palette.set_focus(boxes.first())
 
     async def action_leave_input(self) -> None:
         """esc in any text box: a dashboard screen takes the focus back to its table (the
