@@ -50,6 +50,9 @@ class KeysFooter(Footer):
             node, binding, enabled, tooltip = active
             if not binding.show or (id(node), binding.action) in actions:
                 continue  # one item per action, as Textual's footer does
+            focused = self.app.focused
+            if binding.action == "leave_input" and (focused is None or focused.screen is not self.screen):
+                continue  # the text box with the focus is in the palette or a form above this screen
             actions.add((id(node), binding.action))
             if node is not self.app:
                 # This screen's own keys before those every screen shares (`/` filter).
