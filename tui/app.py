@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from textual import work
-from textual.app import App, SystemCommand
+from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.command import CommandInput, CommandPalette
 from textual.screen import Screen
@@ -140,12 +140,21 @@ class BudgeteerApp(App[None]):
 
     # ---- live refresh
 
+    def data_screen(self) -> DataScreen | None:
+        """The data screen showing now: None while a modal is open, and in the instant of a
+        mode switch when the new mode's stack is still empty (where ``self.screen`` raises)."""
+        try:
+            screen = self.screen
+        except ScreenStackError:
+            return None
+        return screen if isinstance(screen, DataScreen) else None
+
     def _poll(self) -> None:
         if self.paused:
             return
         self._watch_requests()
-        screen = self.screen
-        if isinstance(screen, DataScreen):  # not while a modal is open
+        screen = self.data_screen()
+        if screen is not None:  # not while a modal is open
             screen.reload()
 
     def _watch_requests(self) -> None:
@@ -189,7 +198,8 @@ class BudgeteerApp(App[None]):
         self.update_status()
 
     def update_status(self) -> None:
-        if not isinstance(self.screen, DataScreen) or self.engine is None:
+        screen = self.data_screen()
+        if screen is None or self.engine is None:
             return
         if self.error:
             text = f"[b red]{self.error}[/]  (retrying every {self.refresh_seconds:g} s)"
@@ -199,7 +209,7 @@ class BudgeteerApp(App[None]):
             age = max(0, (self.engine.now_ms() - self.updated_ms) // 1000)
             state = "[b]paused[/b] (p resumes)" if self.paused else f"live, every {self.refresh_seconds:g} s"
             text = f"updated {age} s ago · {state}"
-        for status in self.screen.query("#status"):
+        for status in screen.query("#status"):
             if isinstance(status, Static):
                 status.update(text)
 
@@ -209,8 +219,9 @@ class BudgeteerApp(App[None]):
 
     def action_refresh_now(self) -> None:
         self._watch_requests()
-        if isinstance(self.screen, DataScreen):
-            self.screen.reload()
+        screen = self.data_screen()
+        if screen is not None:
+            screen.reload()
 
     # ---- keys, help and commands
 
