@@ -9,6 +9,7 @@ requests are announced on any screen.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,12 +18,14 @@ from typing import ClassVar
 from textual import work
 from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.command import CommandInput, CommandPalette
 from textual.screen import Screen
-from textual.widgets import Static
+from textual.widgets import Input, Static, TextArea
 
 from engine.clock import Clock
 from engine.engine import Engine, default_db_path, local_identity
 from engine.store import StoreError
+from tui.palette import Palette, binding_rank, key_label
 from tui.screens.alerts import AlertsScreen
 from tui.screens.approvals import ApprovalsScreen
 from tui.screens.audit import AuditScreen
@@ -74,10 +77,19 @@ class BudgeteerApp(App[None]):
         Binding("9", "switch_mode('vault')", "Vault", id="app.vault"),
         Binding("0", "switch_mode('calls')", "Calls", id="app.calls"),
         Binding("question_mark", "help", "Help", id="app.help"),
-        Binding("colon", "command_palette", "Commands", show=False, id="app.commands"),
+        Binding("q", "quit", "Quit", id="app.quit"),
         Binding("p", "toggle_pause", "Pause", id="app.pause"),
         Binding("r", "refresh_now", "Refresh", show=False, id="app.refresh"),
-        Binding("q", "quit", "Quit", id="app.quit"),
+        # Textual's own palette key, kept, and `:` (k9s, vim) beside it.
+        Binding("ctrl+p", "command_palette", "Commands", show=False, priority=True, id="app.palette"),
+        # The keys below act before the focused widget sees the next key. A binding that is not
+        # a priority runs only once its key has bubbled back up from the focused widget, and
+        # by then the keys typed after it were already given to that widget: `:usage` went to
+        # the table under the palette, text typed right after tab went into the field left.
+        Binding("colon", "commands", "Commands", show=False, priority=True, id="app.commands"),
+        Binding("tab", "focus_next", "Next field", show=False, priority=True, id="app.next"),
+        Binding("shift+tab", "focus_previous", "Previous field", show=False, priority=True, id="app.previous"),
+        Binding("escape", "leave_input", "Leave the box", priority=True, id="app.leave"),
     ]
 
     def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0,
@@ -216,24 +228,68 @@ class BudgeteerApp(App[None]):
         if screen is not None:
             screen.reload()
 
-    # ---- help and commands
+    # ---- keys, help and commands
+
+    def typing(self) -> bool:
+        """A text box has the focus: printable keys (`:` too) are text, esc leaves it."""
+        return isinstance(self.focused, (Input, TextArea))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "commands":
+            return not self.typing()  # `:` in a text box is a colon
+        if action == "leave_input":
+            return self.typing()  # otherwise esc is the screen's (back, cancel, close)
+        return True
+
+    async def action_commands(self) -> None:
+        await self.action_command_palette()
+
+    async def action_command_palette(self) -> None:
+        """Open the palette and give its box the focus before the next key is read: the app
+        reads keys one after the other, so `:usage` typed at once all lands in the box."""
+        if self.use_command_palette and not CommandPalette.is_open(self):
+            palette = Palette(id="--command-palette")
+            mounted = asyncio.ensure_future(self.push_screen(palette))
+            # Bounded: while this waits the app reads no key, and an app that is exiting
+            # (a crash elsewhere) never mounts the palette; it then opens as Textual's would.
+            done, _ = await asyncio.wait({mounted}, timeout=2.0)
+            boxes = palette.query(CommandInput) if done else None
+            if boxes:
+                palette.set_focus(boxes.first())
+
+    async def action_leave_input(self) -> None:
+        """esc in any text box: a dashboard screen takes the focus back to its table (the
+        filter box is cleared too); a form or the palette does what its own esc does (cancel,
+        close); anything else just loses the focus."""
+        screen = self.screen
+        if isinstance(screen, DataScreen):
+            screen.leave_input()
+            return
+        for binding in screen._bindings.key_to_bindings.get("escape", []):
+            if await self.run_action(binding.action, screen):
+                return
+        screen.set_focus(None)
 
     def action_help(self) -> None:
-        """Every binding active on this screen (the screen's, its focused widget's, the app's)."""
-        rows: list[tuple[str, str, str]] = []
-        for key, active in self.screen.active_bindings.items():
+        """Every binding active on this screen: the screen's own first, then those every screen
+        shares and its tables', then the app's, then Textual's own (arrows, page keys)."""
+        rows: list[tuple[int, str, str, str]] = []
+        screen = self.screen
+        for key, active in screen.active_bindings.items():
             binding = active.binding
-            label = key.replace("question_mark", "?").replace("colon", ":").replace("slash", "/")
-            rows.append((label, binding.description or binding.action, binding.id or "(Textual's own)"))
-        # Budgeteer's bindings first, the app's before the screen's; Textual's own (arrows,
-        # page keys, tab) last.
-        rows.sort(key=lambda r: (r[2].startswith("("), r[2].split(".")[0] != "app", r[2]))
-        self.push_screen(HelpModal(rows))
+            rows.append((binding_rank(screen, active.node, binding), key_label(self.get_key_display(binding), key),
+                         binding.description or binding.action, binding.id or "(Textual's own)"))
+        rows.sort(key=lambda r: r[0])  # stable: each group keeps its bindings' order
+        self.push_screen(HelpModal([row[1:] for row in rows]))
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
+        """The app's commands; the screen's own come from its ScreenActions provider."""
         for mode, (key, description) in SCREENS.items():
             yield SystemCommand(f"Go to {mode} ({key})", description,
                                 lambda m=mode: self.run_worker(self.switch_mode(m)))  # type: ignore[misc]
         yield SystemCommand("Pause or resume live refresh (p)", "Stop polling the ledger", self.action_toggle_pause)
+        yield SystemCommand("Refresh now (r)", "Read the ledger again", self.action_refresh_now)
         yield SystemCommand("Keys of this screen (?)", "Every binding and its id", self.action_help)
+        for command in super().get_system_commands(screen):
+            if command.title != "Keys":  # Textual's key panel: the line above is this app's
+                yield command

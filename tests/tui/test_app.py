@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from textual.command import CommandPalette
 from textual.widgets import Input, Static
 
 from engine.budgets import build_policy
@@ -273,7 +274,7 @@ async def test_each_screen_binding_does_what_it_says(db_path: Path, clock: Froze
         await pilot.press("r")
         await pilot.press("colon")
         await pilot.pause(0.2)
-        assert type(app.screen).__name__ == "CommandPalette"
+        assert isinstance(app.screen, CommandPalette)
         await pilot.press("escape")
 
 

@@ -4,18 +4,22 @@ that follows the cursor on a terminal 140 columns or wider, in a modal on ``ente
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.command import Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from engine.access import AccessDenied
+from tui.palette import ScreenActions
 from tui.screens.message import MessageModal
+from tui.widgets.footer import KeysFooter
 from tui.widgets.gauge import theme_colors
 from tui.widgets.vim_table import VimTable
 
@@ -35,6 +39,8 @@ class DataScreen(Screen[None]):
         Binding("slash", "filter", "Filter", id="screen.filter"),
         Binding("escape", "clear_filter", "Back", show=False, id="screen.escape"),
     ]
+    # The palette lists this screen's bindings as commands.
+    COMMANDS: ClassVar[set[type[Provider] | Callable[[], type[Provider]]]] = {ScreenActions}
     TITLE_TEXT = ""
 
     def __init__(self) -> None:
@@ -56,7 +62,7 @@ class DataScreen(Screen[None]):
                     yield Static("", id="details-body", markup=False)
         yield Input(placeholder="filter rows (esc clears)", id="filter")
         yield Static("", id="status")
-        yield Footer()
+        yield KeysFooter()
 
     def body(self) -> ComposeResult:
         raise NotImplementedError
@@ -168,7 +174,20 @@ class DataScreen(Screen[None]):
             table = self.table()
             if table is not None:
                 table.set_filter("")
-                table.focus()
+                self.set_focus(table)
+
+    def leave_input(self) -> None:
+        """esc in a text box of this screen: the filter box is cleared, any other (Models'
+        explain box) keeps its text; the table gets the focus back at once, so the key typed
+        next is a command again (set_focus, not focus(), which waits for the app's queue)."""
+        box = self.query_one("#filter", Input)
+        typed_in = self.focused
+        table = self.table()
+        self.set_focus(table if table is not None and table.display else None)
+        if typed_in is box:
+            # Cleared once the box has read the keys typed before esc, still in its queue;
+            # cleared now, a letter typed just before esc would come back after it.
+            box.call_later(self.action_clear_filter)
 
     # ---- details of the table's row
 
