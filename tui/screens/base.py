@@ -9,9 +9,10 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from engine.access import AccessDenied
+from tui.widgets.footer import LeanFooter
 from tui.widgets.gauge import theme_colors
 from tui.widgets.vim_table import VimTable
 
@@ -43,7 +44,7 @@ class DataScreen(Screen[None]):
         yield from self.body()
         yield Input(placeholder="filter rows (esc clears)", id="filter")
         yield Static("", id="status")
-        yield Footer()
+        yield LeanFooter()
 
     def body(self) -> ComposeResult:
         raise NotImplementedError
