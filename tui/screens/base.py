@@ -10,6 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import DataTable, Header, Input, Static
+from textual.worker import Worker
 
 from engine.access import AccessDenied
 from tui.widgets.footer import LeanFooter
@@ -33,7 +34,7 @@ class DataScreen(Screen[None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.loading_data = False
+        self._loader: Worker[None] | None = None
 
     @property
     def bapp(self) -> BudgeteerApp:
@@ -96,13 +97,19 @@ class DataScreen(Screen[None]):
         self.reload()
         self.bapp.update_status()
 
-    def reload(self, restart: bool = False) -> None:
+    @property
+    def loading_data(self) -> bool:
+        """A read of this screen is under way (or about to start)."""
+        return self._loader is not None and not self._loader.is_finished
+
+    def reload(self, restart: bool = False) -> bool:
         """Read the screen's data again, unless a read is under way; ``restart`` when what the
         screen shows has changed (a tab, a search): the new read replaces the one under way
-        (the worker is exclusive, so starting it cancels the other)."""
+        (the worker is exclusive, so starting it cancels the other). True when a read started."""
         if (restart or not self.loading_data) and self.bapp.engine is not None:
-            self.loading_data = True
-            self._load()
+            self._loader = self._load()
+            return True
+        return False
 
     @work(exclusive=True, group="screen-load")
     async def _load(self) -> None:
@@ -117,7 +124,7 @@ class DataScreen(Screen[None]):
             self.show(data)
             self.bapp.mark_updated()
         finally:
-            self.loading_data = False
+            self.bapp.arm_poll()  # the next poll: a full interval after this read ended
 
     async def load(self, engine: Engine) -> Any:
         raise NotImplementedError

@@ -27,6 +27,7 @@ class Timeline(PlotextPlot):
         self._metric = "usd"
         self._lines: list[tuple[str, int]] = []
         self._legend = False
+        self._loaded = False  # until the first read lands: "loading…", never a false "no data"
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -62,6 +63,7 @@ class Timeline(PlotextPlot):
     def show_series(self, series: Sequence[tuple[str, list[tuple[int, int]]]], *, metric: str = "usd",
                     lines: Sequence[tuple[str, int]] = (), force_legend: bool = False) -> None:
         """Draw one line per (label, [(bucket_ms, value)]); ``lines`` are horizontal marks (soft, hard)."""
+        self._loaded = True
         self._series = [(label, list(points)) for label, points in series]
         self._legend = force_legend or len(self._series) > 1
         self._metric = metric
@@ -79,7 +81,7 @@ class Timeline(PlotextPlot):
             plt.plotsize(self.size.width, self.size.height)  # ticks are laid out for the real size
         buckets = sorted({ts for _, pts in self._series for ts, _ in pts})
         if not buckets:
-            plt.title("no data in this period")
+            plt.title("no data in this period" if self._loaded else "loading…")
             self.refresh()
             return
         index = {ts: i for i, ts in enumerate(buckets)}
