@@ -195,7 +195,11 @@ class BudgeteerApp(App[None]):
         self.update_status()
 
     def update_status(self) -> None:
-        if not isinstance(self.screen, DataScreen) or self.engine is None:
+        try:
+            screen = self.screen
+        except ScreenStackError:  # the app is closing
+            return
+        if not isinstance(screen, DataScreen) or self.engine is None:
             return
         if self.error:
             text = f"[b red]{self.error}[/]  (retrying every {self.refresh_seconds:g} s)"
@@ -205,7 +209,7 @@ class BudgeteerApp(App[None]):
             age = max(0, (self.engine.now_ms() - self.updated_ms) // 1000)
             state = "[b]paused[/b] (p resumes)" if self.paused else f"live, every {self.refresh_seconds:g} s"
             text = f"updated {age} s ago · {state}"
-        for status in self.screen.query("#status"):
+        for status in screen.query("#status"):
             if isinstance(status, Static):
                 status.update(text)
 
