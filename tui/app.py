@@ -151,7 +151,7 @@ class BudgeteerApp(App[None]):
             self.arm_poll()
             return
         self._watch_requests()
-        if not screen.reload():  # a read still under way arms the next poll when it ends
+        if not screen.reload(poll=True):  # a read still under way arms the next poll when it ends
             self.arm_poll()
 
     def _watch_requests(self) -> None:

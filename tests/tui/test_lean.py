@@ -47,3 +47,41 @@ async def test_touring_the_screens_keeps_no_widgets_alive(db_path: Path, clock: 
         assert after_four - after_one < 9, f"{after_four - after_one} more widgets alive after 3 more tours"
         for footer in app.screen.query(LeanFooter):  # one entry per key it shows
             assert footer.watcher_count() == len(footer.children)
+
+
+async def test_a_poll_that_reads_nothing_new_leaves_the_screen_as_it_is(db_path: Path, clock: FrozenClock) -> None:
+    """Every poll refilled every table and redrew the plot even when nothing had changed: most of
+    the app's CPU between keys. Polls reading what is shown leave the table's rows untouched;
+    a new event still shows at the next poll."""
+    import asyncio
+
+    from textual.widgets import Static
+
+    from tui.widgets.kpi import KpiTile
+    from tui.widgets.vim_table import VimTable
+
+    async with await Engine.open(db_path, clock=clock) as engine:
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1", name="Daily"))
+        await engine.record(event(1, cost_nanos=10_000_000))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=0.2)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.1)
+        table = app.screen.query_one("#budgets", VimTable)
+        row = next(iter(table.rows.values()))
+        polls = 0
+        while polls < 3:  # three polls, each read to its end
+            before = app.screen._loader  # type: ignore[attr-defined]
+            await asyncio.sleep(0.1)
+            if app.screen._loader is not before:  # type: ignore[attr-defined]
+                await app.workers.wait_for_complete()
+                polls += 1
+        assert next(iter(table.rows.values())) is row
+        async with await Engine.open(db_path, clock=clock) as engine:
+            await engine.record(event(2, cost_nanos=10_000_000))
+        for _ in range(50):
+            await pilot.pause(0.1)
+            value = app.screen.query_one("#kpi-requests", KpiTile).query_one(".kpi-value", Static).content
+            if str(value) == "2":
+                break
+        assert str(value) == "2"

@@ -35,6 +35,7 @@ class DataScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self._loader: Worker[None] | None = None
+        self._shown: Any = None  # the data on screen, as the last read returned it
 
     @property
     def bapp(self) -> BudgeteerApp:
@@ -102,17 +103,18 @@ class DataScreen(Screen[None]):
         """A read of this screen is under way (or about to start)."""
         return self._loader is not None and not self._loader.is_finished
 
-    def reload(self, restart: bool = False) -> bool:
+    def reload(self, restart: bool = False, poll: bool = False) -> bool:
         """Read the screen's data again, unless a read is under way; ``restart`` when what the
         screen shows has changed (a tab, a search): the new read replaces the one under way
-        (the worker is exclusive, so starting it cancels the other). True when a read started."""
+        (the worker is exclusive, so starting it cancels the other). A ``poll`` that reads what
+        is on screen already leaves the screen as it is. True when a read started."""
         if (restart or not self.loading_data) and self.bapp.engine is not None:
-            self._loader = self._load()
+            self._loader = self._load(poll)
             return True
         return False
 
     @work(exclusive=True, group="screen-load")
-    async def _load(self) -> None:
+    async def _load(self, poll: bool = False) -> None:
         engine = self.bapp.engine
         try:
             if engine is None:
@@ -121,7 +123,11 @@ class DataScreen(Screen[None]):
         except Exception as exc:  # a ledger that cannot be read is a state, not a crash
             self.bapp.ledger_error(exc)
         else:
-            self.show(data)
+            # Tables refilled and the plot redrawn every 2 s for nothing cost the app most of its
+            # CPU between keys; what a key changed (a tab, a period, the size) is always shown.
+            if not (poll and data == self._shown):
+                self.show(data)
+                self._shown = data
             self.bapp.mark_updated()
         finally:
             self.bapp.arm_poll()  # the next poll: a full interval after this read ended
