@@ -2,9 +2,9 @@
 
 Screens (number keys, or the command palette): 1 overview, 2 usage, 3 budgets,
 4 alerts, 5 approvals, 6 tokens, 7 audit journal, 8 models, 9 vault, 0 calls (live).
-Data is read through ``Engine`` in workers; the current screen refreshes every few seconds,
-never piling polls up, and stops while paused or while a modal is open. New override
-requests are announced on any screen.
+Data is read through ``Engine`` in workers; the current screen reads again a refresh
+interval after its last read ended, never piling polls up, and not while paused or while
+a modal is open. New override requests are announced on any screen.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.command import CommandInput, CommandPalette
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Input, Static, TextArea
 
 from engine.clock import Clock
@@ -110,6 +111,7 @@ class BudgeteerApp(App[None]):
         self.error: str | None = None
         self.known_requests: set[str] | None = None  # pending override requests already announced
         self.watching = False
+        self._poll_timer: Timer | None = None
 
     def load_keymap(self, path: Path) -> None:
         """A user keymap: a JSON object of binding id -> keys (``{"app.quit": "ctrl+q"}``)."""
@@ -136,7 +138,7 @@ class BudgeteerApp(App[None]):
             return
         await self.switch_mode("overview")
         self._watch_requests()
-        self.set_interval(self.refresh_seconds, self._poll)
+        self.arm_poll()
         self.set_interval(1.0, self.update_status)
 
     async def on_unmount(self) -> None:
@@ -154,13 +156,29 @@ class BudgeteerApp(App[None]):
             return None
         return screen if isinstance(screen, DataScreen) else None
 
-    def _poll(self) -> None:
-        if self.paused:
+    def arm_poll(self) -> None:
+        """Schedule the next poll ``refresh_seconds`` from now, replacing any scheduled one.
+        Every screen's load calls this when it finishes, so the next read starts a full
+        interval after the last one ended (a one-shot timer re-armed, never a fixed
+        interval): slow reads never pile up and never leave the app no idle time."""
+        if self._poll_timer is not None:
+            self._poll_timer.stop()
+        if not self.is_running:
             return
-        self._watch_requests()
+        self._poll_timer = self.set_timer(self.refresh_seconds, self._poll, name="poll")
+
+    def _poll(self) -> None:
+        self._poll_timer = None
+        if self.paused:
+            self.arm_poll()
+            return
+        self._watch_requests()  # on any screen, a modal included
         screen = self.data_screen()
-        if screen is not None:  # not while a modal is open
-            screen.reload()
+        if screen is None:  # a modal is open, or a mode switch is under way
+            self.arm_poll()
+            return
+        if not screen.reload(poll=True):  # a read still under way arms the next poll when it ends
+            self.arm_poll()
 
     def _watch_requests(self) -> None:
         """Announce override requests opened since the last look, by this process or another,

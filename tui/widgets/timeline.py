@@ -86,6 +86,7 @@ class Timeline(PlotextPlot):
         self.y_labels: list[str] = []
         self.unit = ""
         self.legend_entries: list[tuple[str, str | tuple[int, int, int], str]] = []
+        self._loaded = False  # until the first read lands: "loading…", never a false "no data"
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -125,6 +126,7 @@ class Timeline(PlotextPlot):
         of ``bucket_ms`` (the axis ends at the bucket holding end - 1: now, for a running period);
         ``lines`` are horizontal marks (soft, hard); ``styles`` the n of each series' colour and
         marker (default: its position), so a series keeps its look when others are filtered out."""
+        self._loaded = True
         self._series = [(label, list(points)) for label, points in series]
         self._styles = list(styles) if styles is not None else list(range(len(self._series)))
         self._metric = metric
@@ -183,7 +185,7 @@ class Timeline(PlotextPlot):
             if self._bucket else ("$" if self._metric == "usd" else self._metric)
         self.buckets, self.x_labels, self.y_labels, self.legend_entries = buckets, [], [], []
         if not buckets or not has_data:
-            plt.title("no data in this period")
+            plt.title("no data in this period" if self._loaded else "loading…")
             self._update_legend()
             self.refresh()
             return

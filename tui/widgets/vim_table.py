@@ -221,6 +221,12 @@ class VimTable(DataTable[str | Text]):
             excess -= 1
         return limits
 
+    def release(self) -> None:
+        """Drop the rendered rows and cells this table keeps (up to 10,000 cells, each a strip
+        with caches of its own) while its screen is hidden: the screen's next show refills
+        the table, which clears them anyway."""
+        self._clear_caches()
+
     @property
     def current_key(self) -> str | None:
         if not self.row_count:
