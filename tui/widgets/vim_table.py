@@ -53,6 +53,7 @@ class VimTable(DataTable[str | Text]):
         self._pending_visible: Sequence[str] | None = None  # show_only before the columns were defined
         self.filter_text = ""
         self._wanted: str | None = None  # a row to select as soon as it is shown
+        self._fitted_width = -1  # the content width the columns were last fitted to
         self.sort_key: str | None = None  # the column sorted by; None: the screen's own order
         self.sort_descending = False
 
@@ -196,9 +197,17 @@ class VimTable(DataTable[str | Text]):
                 if current == self._wanted:
                     self._wanted = None
 
+    def on_resize(self) -> None:
+        """The room the columns were fitted to changed (the first layout, a details pane shown
+        or hidden, the terminal resized): fit them again. A screen's poll that brings the same
+        data leaves the rows alone, so this is the only fit such a table would get."""
+        if self.scrollable_content_region.width != self._fitted_width:
+            self._render_rows()
+
     def _fit(self, columns: list[Column], widths: list[int]) -> list[int]:
         """The widths to draw at: when the columns need more room than the table has, the widest
         text columns (numbers are never shortened) give way first, down to ``MIN_ELIDED``."""
+        self._fitted_width = self.scrollable_content_region.width
         room = self.scrollable_content_region.width if self.styles.width is not None and \
             not self.styles.width.is_auto else 0
         if room <= 0:
