@@ -46,6 +46,9 @@ NARROW_COLUMNS = ("policy", "gauge", "spent", "hard", "mode")
 # chart's title, all three in the pane.
 WIDE_COLUMNS = tuple(c for c in COLUMNS if c not in ("held", "hits limit", "window"))
 CHART_POINTS = 60
+#: Bucket sizes for a budget's chart: each divides a day (minutes, then hours).
+CHART_BUCKETS = tuple(m * MINUTE_MS for m in (1, 2, 5, 10, 15, 30)) + tuple(
+    h * 3_600_000 for h in (1, 2, 3, 4, 6, 8, 12, 24))
 
 
 class BudgetsScreen(DataScreen):
@@ -83,9 +86,14 @@ class BudgetsScreen(DataScreen):
         if o is None:
             return BudgetsData(status, forecasts)
         now = engine.now_ms()
-        bucket = max(MINUTE_MS, (now - o.window_start_ms) // CHART_POINTS // MINUTE_MS * MINUTE_MS)
-        points = await engine.policy_timeline(o.policy, o.window_start_ms, now + 1, bucket)
-        return BudgetsData(status, forecasts, o.policy.id, tuple(points), bucket, (o.window_start_ms, now + 1))
+        # A bucket that divides a day, so a window starting on the hour starts a bucket: the
+        # chart begins at the window's start, never with the end of the window before it.
+        wanted = (now - o.window_start_ms) // CHART_POINTS
+        bucket = next((b for b in CHART_BUCKETS if b >= wanted), CHART_BUCKETS[-1])
+        points = [(b, v) for b, v in await engine.policy_timeline(o.policy, o.window_start_ms, now + 1, bucket)
+                  if b >= o.window_start_ms - o.window_start_ms % bucket]
+        start = o.window_start_ms - o.window_start_ms % bucket
+        return BudgetsData(status, forecasts, o.policy.id, tuple(points), bucket, (start, now + 1))
 
     @on(DataTable.RowHighlighted, "#policies")
     def _follow(self, event: DataTable.RowHighlighted) -> None:
