@@ -6,7 +6,9 @@ out of every test.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,10 +24,33 @@ if TYPE_CHECKING:
 NOW_MS = 1_795_003_200_000
 
 
+@contextmanager
+def isolated_home(home: Path) -> Iterator[None]:
+    """The environment ``_clean_env`` gives each test, for fixtures wider than a test (a
+    session's or a module's ledger), which are built before any test's own fixtures: without
+    it such a ledger's journal key went to the developer's keyring, and was found there on the
+    next run."""
+    saved = {name: os.environ.get(name) for name in (*_OWN_ENV, "BUDGETEER_HOME", "BUDGETEER_VAULT_BACKEND")}
+    for name in _OWN_ENV:
+        os.environ.pop(name, None)
+    os.environ["BUDGETEER_HOME"] = str(home)
+    os.environ["BUDGETEER_VAULT_BACKEND"] = "file"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_OWN_ENV = ("BUDGETEER_DB", "BUDGETEER_NOW", "BUDGETEER_DEBUG", "BUDGETEER_VAULT_PASSPHRASE", "BUDGETEER_VAULT_FILE")
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in ("BUDGETEER_DB", "BUDGETEER_NOW", "BUDGETEER_DEBUG", "BUDGETEER_VAULT_PASSPHRASE",
-                 "BUDGETEER_VAULT_FILE"):
+    for name in _OWN_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("BUDGETEER_HOME", str(tmp_path / "home"))
     # Never the developer's real keychain: the file vault, unless a test installs a test keyring.

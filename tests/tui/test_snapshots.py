@@ -22,6 +22,7 @@ from engine import vault as vault_module
 from engine.clock import FrozenClock
 from engine.demo import demo_policies, generate_demo, populate
 from engine.engine import Engine
+from tests.conftest import isolated_home
 from tui.app import BudgeteerApp
 
 NOW = 1_795_003_200_000
@@ -39,7 +40,8 @@ def demo_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 await engine.add_policy(policy)
             await engine.alerts()  # raise the alerts now, so every snapshot starts from the same ledger
 
-    asyncio.run(build())
+    with isolated_home(path.parent / "home"):
+        asyncio.run(build())
     return path
 
 
@@ -115,7 +117,8 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for m in modules:
         m.secrets = seeded  # type: ignore[assignment]
     try:
-        asyncio.run(build())
+        with isolated_home(path.parent / "home"):
+            asyncio.run(build())
     finally:
         for m, original in zip(modules, saved, strict=True):
             m.secrets = original
@@ -123,6 +126,7 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _app_on(full_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> BudgeteerApp:
+    monkeypatch.setattr(tokens_module, "secrets", _SeededSecrets(6))  # a token made on screen shows its secret
     monkeypatch.setenv("BUDGETEER_VAULT_FILE", "/srv/budgeteer/vault.json")  # the path is on screen; never written
     db = tmp_path / "demo.db"
     shutil.copy(full_demo, db)

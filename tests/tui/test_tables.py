@@ -22,7 +22,7 @@ from engine.demo import populate
 from engine.engine import Engine
 from engine.money import format_usd
 from engine.tokens import PREFIX
-from tests.conftest import event
+from tests.conftest import event, isolated_home
 from tui.app import BudgeteerApp
 from tui.cli import svg_keep_spaces
 from tui.screens.budgets import BudgetsScreen
@@ -387,7 +387,8 @@ def demo_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
             await populate(engine, days=2, end_ms=NOW)
             await engine.alerts()
 
-    asyncio.run(build())
+    with isolated_home(path.parent / "home"):
+        asyncio.run(build())
     return path
 
 
