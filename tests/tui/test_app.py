@@ -495,3 +495,26 @@ async def test_the_catalog_counts_dated_and_prefixed_calls(db_path: Path, clock:
         expected = {"anthropic/claude-haiku-4-5": "2", "gemini/gemini/gemini-2.5-flash": "1",
                     "mistral/mistral/mistral-small-latest": "1"}  # keys: provider / catalog name
         assert {key: str(catalog.get_cell(key, "calls")).strip() for key in expected} == expected
+
+
+async def test_hidden_screens_reading_again_never_hold_off_the_shown_screens_poll(db_path: Path,
+                                                                                  clock: FrozenClock) -> None:
+    """Each read's end re-armed the app's one poll, hidden screens' reads included: a hidden
+    screen reading again and again (a resize, a theme change; seen once at 95 % CPU) pushed the
+    shown screen's next poll back for good, and writes from another process stopped appearing."""
+    async with await Engine.open(db_path, clock=clock):
+        pass
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=0.3)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("2")
+        await _settle(pilot, app)
+        usage = app.screen
+        await pilot.press("1")
+        await _settle(pilot, app)
+        assert _kpi(app, "requests") == "0"
+        async with await Engine.open(db_path, clock=clock) as other:
+            await other.record(event(1))
+        for _ in range(30):  # 3 s: ten polls' worth, with the hidden screen asked to read every 0.1 s
+            usage.on_resize()
+            await pilot.pause(0.1)
+        assert _kpi(app, "requests") == "1"

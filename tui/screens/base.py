@@ -145,6 +145,12 @@ class DataScreen(Screen[None]):
             # columns`). The screen's queue runs this once its on_mount handlers are done.
             self.call_later(self.reload, restart, poll)
             return True
+        if not self.is_current:
+            # A hidden screen reads when it is shown again (its resume). Reads of hidden screens
+            # (a resize, a theme change) cost CPU for nothing, and each one's end re-armed the
+            # app's poll, so hidden screens reading again and again held the shown one's poll
+            # off for good: writes from another process stopped appearing, at 95 % CPU.
+            return False
         if (restart or not self.loading_data) and self.bapp.engine is not None:
             self._loader = self._load(poll)
             return True
@@ -171,7 +177,8 @@ class DataScreen(Screen[None]):
                 return
             self.bapp.mark_updated()
         finally:
-            self.bapp.arm_poll()  # the next poll: a full interval after this read ended
+            if self.is_current:  # the next poll: a full interval after this read ended
+                self.bapp.arm_poll()
 
     async def load(self, engine: Engine) -> Any:
         raise NotImplementedError
