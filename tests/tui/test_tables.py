@@ -442,3 +442,24 @@ async def test_rows_and_columns_shown_before_the_table_is_defined_are_drawn_when
         table.define([("a", "a"), ("b", "b")])
         await pilot.pause()
         assert [str(c.label) for c in table.ordered_columns] == ["b"] and table.get_row_at(0) == ["y"]
+
+
+async def test_a_time_column_sorts_newest_first(db_path: Path, clock: FrozenClock) -> None:
+    """Times sort as their time, newest first as amounts are largest first (they sorted oldest
+    first, as words: `time (UTC) ▲`)."""
+    async with await Engine.open(db_path, clock=clock) as engine:
+        for n, hard in enumerate(("10", "20", "30")):
+            clock.advance(60_000)
+            await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard=hard,
+                                                 name=f"P{n}", policy_id=f"p{n}"))
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=3600)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("7")
+        await _settle(pilot, app)
+        table = app.screen.query_one("#audit-table", VimTable)
+        table.focus()
+        await pilot.press("s", "s")  # #, then time (UTC)
+        keys = [str(c.key.value) for c in table.ordered_columns]
+        assert "time (UTC) ▼" in str(table.ordered_columns[keys.index("time (UTC)")].label)
+        times = _column(table, "time (UTC)")
+        assert times == sorted(times, reverse=True) and times[0] > times[-1]

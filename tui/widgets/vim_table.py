@@ -129,7 +129,9 @@ class VimTable(DataTable[str | Text]):
         if self.sort_key is not None:
             index = [k for k, _ in self._columns].index(self.sort_key)
             values = [sort_value(cells[index]) for _, cells in self._rows if index < len(cells)]
-            self.sort_descending = sum(isinstance(v, (int, float)) for v in values) * 2 > len(values)
+            # Amounts, counts and times start largest (newest) first; names start at a.
+            self.sort_descending = sum(isinstance(v, (int, float)) or (isinstance(v, str) and bool(_TIME.fullmatch(v)))
+                                       for v in values) * 2 > len(values)
         self._rebuild_columns()
         self._render_rows()
 
@@ -266,6 +268,8 @@ def short(text: str, width: int) -> str:
 
 
 _NUMBER = re.compile(r"([<>~≈]?)(-?)\$?(-?[\d,]*\.?\d+)\s*([kKMBG]?)\s*(%?)")
+#: A time as tables show it (2026-11-18 12:00:05, 11-18 12:00, 12:00:05): its text sorts as its time.
+_TIME = re.compile(r"(\d{4}-)?\d{2}-\d{2}( \d{2}:\d{2}(:\d{2})?)?|\d{2}:\d{2}(:\d{2})?")
 _SCALE = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
 
 
