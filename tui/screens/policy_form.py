@@ -135,4 +135,4 @@ class PolicyForm(ModalScreen[Policy | None]):
         self.query_one("#backtest-result", Static).update(
             f"Last 30 days: {result.calls:,} calls in scope; would have blocked {result.blocked:,} "
             f"({fmt(result.prevented)} of {fmt(result.prevented + result.allowed_total)}) in "
-            f"{result.windows_hit:,} windows.")
+            f"{result.windows_hit:,} window{'' if result.windows_hit == 1 else 's'}.")

@@ -1,7 +1,7 @@
 """The footer: the screen's own keys first, then the app's, with `? Help` and `q Quit` pinned
 to the right edge so a long row of screen keys never pushes them off an 80-column terminal.
 
-The app's screen-switch keys (actions ``switch_mode(...)``) show as one hint, `1-9 Screens`,
+The app's screen-switch keys (actions ``switch_mode(...)``) show as one hint, `0-9 Screens`,
 instead of nine items. Which key does what is read from the bindings, so keys added to a screen
 or to the app show up here by themselves and a user keymap's keys are the ones shown.
 
