@@ -161,7 +161,6 @@ def test_governance_screen_snapshot(snap_compare: Callable[..., bool], full_demo
 #: modal -> the keys that open it (drawn at 80x24, where every detail is a modal)
 MODALS = {
     "help": "question_mark",
-    "palette": "ctrl+p",
     "budget-detail": "3 enter",
     "policy-form": "3 a",
     "policy-delete": "3 d",

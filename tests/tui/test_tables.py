@@ -406,7 +406,7 @@ async def test_every_visible_cell_is_the_engines_value(demo_ledger: Path, tmp_pa
         for key in "1234567890":
             await pilot.press(key)
             await _settle(pilot, app)
-            await asyncio.sleep(2 * app.refresh_seconds + 0.3)  # refreshes land, and no key or pause repaints
+            await asyncio.sleep(app.refresh_seconds + 0.6)  # a refresh lands, and no key or pause repaints
             for table in app.screen.query(VimTable):
                 if not table.display or not table.region.width or (key, table.id) in UNCHECKED:
                     continue
