@@ -463,3 +463,17 @@ async def test_a_time_column_sorts_newest_first(db_path: Path, clock: FrozenCloc
         assert "time (UTC) ▼" in str(table.ordered_columns[keys.index("time (UTC)")].label)
         times = _column(table, "time (UTC)")
         assert times == sorted(times, reverse=True) and times[0] > times[-1]
+
+
+async def test_a_budgets_chart_says_it_shows_the_window_so_far(db_path: Path, clock: FrozenClock) -> None:
+    """The chart under Budgets draws the window's running total, and said `$ per 8 hours` as if
+    each point were that bucket's own spend."""
+    from tui.widgets.timeline import Timeline
+
+    await _three_budgets(db_path, clock)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=3600)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        unit = app.screen.query_one("#budget-chart", Timeline).unit
+        assert unit.startswith("$ in the window so far, every ") and " per " not in unit

@@ -147,7 +147,7 @@ class BudgetsScreen(DataScreen):
         title.update(f"{p.name}, {p.window} window since {since}: {marks}hard {p.format_short(p.hard)}")
         lines = [("hard", p.hard)] + ([("soft", p.soft)] if p.soft is not None else [])
         chart.show_series([(p.name, list(data.consumption))], metric=p.metric, lines=lines,
-                          bucket_ms=data.bucket_ms, span=data.span)
+                          bucket_ms=data.bucket_ms, span=data.span, running=True)
 
     def _selected(self) -> Policy | None:
         return self.policies.get(self.query_one("#policies", VimTable).current_key or "")

@@ -316,7 +316,7 @@ class UsageScreen(DataScreen):
         else:  # what the policy's window held over time, against its limits
             lines = [("hard", p.hard)] + ([("soft", p.soft)] if p.soft is not None else [])
             timeline.show_series([(f"{p.name}, {p.window} window", data.consumption)], metric=p.metric,
-                                 bucket_ms=data.bucket_ms, span=data.span, lines=lines)
+                                 bucket_ms=data.bucket_ms, span=data.span, lines=lines, running=True)
 
     def action_export(self) -> None:
         """Write the breakdown on screen to a CSV file in the current folder."""

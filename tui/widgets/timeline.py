@@ -86,6 +86,7 @@ class Timeline(PlotextPlot):
         self.y_labels: list[str] = []
         self.unit = ""
         self.legend_entries: list[tuple[str, str | tuple[int, int, int], str]] = []
+        self._running = False  # values are a window's running total (a budget), not per bucket
         self._loaded = False  # until the first read lands: "loading…", never a false "no data"
 
     def on_mount(self) -> None:
@@ -121,12 +122,15 @@ class Timeline(PlotextPlot):
 
     def show_series(self, series: Sequence[tuple[str, list[tuple[int, int]]]], *, metric: str = "usd",
                     bucket_ms: int = 0, span: tuple[int, int] | None = None,
-                    lines: Sequence[tuple[str, int]] = (), styles: Sequence[int] | None = None) -> None:
+                    lines: Sequence[tuple[str, int]] = (), styles: Sequence[int] | None = None,
+                    running: bool = False) -> None:
         """Draw one line per (label, [(bucket_ms, value)]) over ``span`` [start, end) in buckets
         of ``bucket_ms`` (the axis ends at the bucket holding end - 1: now, for a running period);
         ``lines`` are horizontal marks (soft, hard); ``styles`` the n of each series' colour and
-        marker (default: its position), so a series keeps its look when others are filtered out."""
+        marker (default: its position), so a series keeps its look when others are filtered out.
+        ``running``: each value is a budget window's total so far, not the bucket's own amount."""
         self._loaded = True
+        self._running = running
         self._series = [(label, list(points)) for label, points in series]
         self._styles = list(styles) if styles is not None else list(range(len(self._series)))
         self._metric = metric
@@ -181,8 +185,12 @@ class Timeline(PlotextPlot):
             plt.plotsize(self.size.width, self.size.height)  # ticks are laid out for the real size
         buckets = self._axis_buckets()
         has_data = any(pts for _, pts in self._series)
-        self.unit = f"{'$' if self._metric == 'usd' else self._metric} per {bucket_words(self._bucket)}" \
-            if self._bucket else ("$" if self._metric == "usd" else self._metric)
+        unit = "$" if self._metric == "usd" else self._metric
+        if self._running:
+            every = f", every {bucket_words(self._bucket)}" if self._bucket else ""
+            self.unit = f"{unit} in the window so far{every}"
+        else:
+            self.unit = f"{unit} per {bucket_words(self._bucket)}" if self._bucket else unit
         self.buckets, self.x_labels, self.y_labels, self.legend_entries = buckets, [], [], []
         if not buckets or not has_data:
             plt.title("no data in this period" if self._loaded else "loading…")
