@@ -12,6 +12,7 @@ Enter now runs the best match of the text in the box whenever the list is not ye
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,19 @@ def binding_rank(screen: Screen[object], node: DOMNode, binding: Binding) -> int
     if node is screen.app:
         return 2
     return 0 if node is screen and not binding.id.startswith("screen.") else 1
+
+
+@dataclass
+class _ScreenHit(DiscoveryHit):
+    """A screen action listed before anything is typed. Textual orders these hits by score
+    (all 0) in the order its providers happen to answer, so the app's go-to commands often came
+    first; a rank just above 0, falling with the action's place, puts the screen's first."""
+
+    rank: float = 0.0
+
+    @property
+    def score(self) -> float:
+        return self.rank
 
 
 class ScreenActions(Provider):
@@ -69,8 +83,8 @@ class ScreenActions(Provider):
         await self.app.run_action(binding.action, node)
 
     async def discover(self) -> Hits:
-        for title, help_text, run in self._actions():
-            yield DiscoveryHit(title, run, help=help_text)
+        for n, (title, help_text, run) in enumerate(self._actions()):
+            yield _ScreenHit(title, run, help=help_text, rank=0.5 - n / 10_000)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)

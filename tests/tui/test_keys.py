@@ -279,3 +279,19 @@ async def test_help_lists_this_screens_keys_first(db_path: Path, clock: FrozenCl
         assert ids[:4] == ["budgets.add", "budgets.edit", "budgets.delete", "budgets.backtest"]
         groups = [0 if not i.startswith(("app.", "(")) else 1 if i.startswith("app.") else 2 for i in ids]
         assert groups == sorted(groups) and set(groups) == {0, 1, 2}
+
+
+async def test_the_palette_lists_the_screens_actions_before_anything_is_typed(db_path: Path, clock: FrozenClock,
+                                                                             refresh: float) -> None:
+    """With nothing typed the palette listed the app's go-to commands first, in whatever order
+    its providers answered; the screen's own actions come first, in the screen's order."""
+    await _ledger(db_path, clock)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        await pilot.press("ctrl+p")
+        await _settle(pilot, app)
+        commands = app.screen.query_one(CommandList)
+        listed = [str(commands.get_option_at_index(i).prompt).split("\n")[0] for i in range(commands.option_count)]
+        assert listed[:4] == ["Add (a)", "Edit (e)", "Delete (d)", "Backtest 30d (b)"], listed[:6]
