@@ -73,6 +73,10 @@ class CallsScreen(DataScreen):
         yield Static("", id="calls-title", classes="section-title")
         yield VimTable(id="calls-table")
 
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#calls-table", VimTable).define([(c, c) for c in COLUMNS])
+
     async def load(self, engine: Engine) -> Any:
         """What was recorded since the last poll; for a status not yet read back, its own last calls."""
         new = await engine.recent_calls(after=self.last_id, limit=self.RING)
@@ -134,8 +138,6 @@ class CallsScreen(DataScreen):
                 note = f"No {self.status} calls among the last {self.LOOK_BACK:,} recorded: f shows another status."
             rows = [("none", ["", "", "", "", note, "", "", "", "", ""])]
         table = self.query_one("#calls-table", VimTable)
-        if not table.columns:  # the first rows (a read may finish before this screen's on_mount)
-            table.define([(c, c) for c in COLUMNS])
         table.show_only(layout)
         table.set_rows(rows)
 
