@@ -28,7 +28,7 @@ import hmac
 import json
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -148,7 +148,7 @@ class Anchor:
     hash: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ledger": self.ledger, "entry": self.entry, "hash": self.hash}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: Any) -> Anchor:
