@@ -137,8 +137,9 @@ def test_the_anthropic_sdk_through_the_gateway_records_one_hour_writes_and_think
             return secret
 
     secret = asyncio.run(prepare())
-    with serve(create_app(db_path, routing_mode="off")) as base:
-        _ask(anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0), stream)
+    with (serve(create_app(db_path, routing_mode="off")) as base,
+          anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0) as client):
+        _ask(client, stream)
     assert fake.requests[-1]["body"]["thinking"] == {"type": "enabled", "budget_tokens": 500}
     assert asyncio.run(_rows(db_path)) == [EXPECTED]
 

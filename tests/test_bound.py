@@ -107,8 +107,8 @@ def test_a_thousand_calls_counted_at_every_byte_never_pass_a_hard_budget(
 def test_a_provider_counting_beyond_the_bound_is_an_overshoot_recorded_shown_and_alerted(
         db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeOpenAI(count=lambda body: (50_000, 1))  # far more than "hi" can be
-    with _gateway(db_path, fake, ("dollars", "usd", "1"), ("tokens", "tokens", "1000000")) as (base, secret):
-        client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    with (_gateway(db_path, fake, ("dollars", "usd", "1"), ("tokens", "tokens", "1000000")) as (base, secret),
+          openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client):
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
         request_id = raw.headers["x-budgeteer-request-id"]
@@ -148,8 +148,8 @@ def test_a_call_asking_for_n_choices_holds_n_times_its_max_tokens(
         db_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Three choices of up to 100 tokens each, all used: no overshoot."""
     fake = FakeOpenAI(count=lambda body: (every_byte(body)[0], body["n"] * body["max_tokens"]))
-    with _gateway(db_path, fake, ("tokens", "tokens", "1000000")) as (base, secret):
-        client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
+    with (_gateway(db_path, fake, ("tokens", "tokens", "1000000")) as (base, secret),
+          openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client):
         client.chat.completions.create(model="gpt-4o-mini", max_tokens=100, n=3,
                                        messages=[{"role": "user", "content": "hi"}])
     [tokens] = _cli_json(capsys, "policy", "list", "--db", str(db_path), "--json")

@@ -85,50 +85,50 @@ def test_chat_through_the_sdk_is_forwarded_with_the_vault_key_and_settled(
         gateway: tuple[str, str], provider: tuple[FakeOpenAI, str], db_path: Path) -> None:
     base, secret = gateway
     fake, _ = provider
-    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
-    completion = raw.parse()
-    assert completion.choices[0].message.content == FakeOpenAI.REPLY
-    assert completion.usage is not None and completion.usage.completion_tokens == 7
-    assert fake.requests[-1]["headers"]["authorization"] == f"Bearer {KEY}"
-    assert secret not in str(fake.requests[-1]["headers"])  # the Budgeteer token never reaches the provider
-    assert raw.headers["x-budgeteer-request-id"].startswith("bgt-")
-    assert raw.headers.get("x-budget-remaining") is None  # no policy, no budget header
-    [(model, principal, inp, out, cost, source, status)] = _ledger(db_path)
-    assert (model, principal, inp, out, source, status) == ("gpt-4o-mini", "alice", 10, 7, "computed", "ok")
-    assert cost == (10 * 150 + 7 * 600)  # nano-dollars: $0.15 and $0.60 per million tokens
-    assert _open_holds(db_path) == 0
+    with openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
+        completion = raw.parse()
+        assert completion.choices[0].message.content == FakeOpenAI.REPLY
+        assert completion.usage is not None and completion.usage.completion_tokens == 7
+        assert fake.requests[-1]["headers"]["authorization"] == f"Bearer {KEY}"
+        assert secret not in str(fake.requests[-1]["headers"])  # the Budgeteer token never reaches the provider
+        assert raw.headers["x-budgeteer-request-id"].startswith("bgt-")
+        assert raw.headers.get("x-budget-remaining") is None  # no policy, no budget header
+        [(model, principal, inp, out, cost, source, status)] = _ledger(db_path)
+        assert (model, principal, inp, out, source, status) == ("gpt-4o-mini", "alice", 10, 7, "computed", "ok")
+        assert cost == (10 * 150 + 7 * 600)  # nano-dollars: $0.15 and $0.60 per million tokens
+        assert _open_holds(db_path) == 0
 
 
 def test_streaming_settles_from_the_usage_in_the_last_chunk(gateway: tuple[str, str], provider: tuple[FakeOpenAI, str],
                                                              db_path: Path) -> None:
     base, secret = gateway
     fake, _ = provider
-    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
-    stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
-                                            stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert text == FakeOpenAI.REPLY
-    assert fake.requests[-1]["body"]["stream_options"] == {"include_usage": True}  # asked for by the gateway
-    [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
-    assert (inp, out, source) == (10, 7, "computed") and cost > 0
-    assert _open_holds(db_path) == 0
+    with openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client:
+        stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == FakeOpenAI.REPLY
+        assert fake.requests[-1]["body"]["stream_options"] == {"include_usage": True}  # asked for by the gateway
+        [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+        assert (inp, out, source) == (10, 7, "computed") and cost > 0
+        assert _open_holds(db_path) == 0
 
 
 def test_a_stream_cut_off_is_settled_from_what_arrived_as_estimated(
         gateway: tuple[str, str], db_path: Path) -> None:
     base, secret = gateway
-    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
-    received = []
-    with pytest.raises((openai.APIError, httpx.HTTPError)):
-        for chunk in client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "please #cut"}], stream=True):
-            received.extend(c.delta.content or "" for c in chunk.choices)
-    assert "".join(received) == "Hello from"
-    [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
-    assert source == "estimated" and cost > 0 and inp > 0 and out > 0  # never $0
-    assert _open_holds(db_path) == 0
+    with openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client:
+        received = []
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            for chunk in client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "please #cut"}], stream=True):
+                received.extend(c.delta.content or "" for c in chunk.choices)
+        assert "".join(received) == "Hello from"
+        [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+        assert source == "estimated" and cost > 0 and inp > 0 and out > 0  # never $0
+        assert _open_holds(db_path) == 0
 
 
 def test_a_client_that_leaves_mid_stream_is_settled_too(gateway: tuple[str, str], db_path: Path) -> None:
@@ -148,16 +148,16 @@ def test_a_client_that_leaves_mid_stream_is_settled_too(gateway: tuple[str, str]
 
 def test_embeddings_responses_and_models(gateway: tuple[str, str], db_path: Path) -> None:
     base, secret = gateway
-    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
-    emb = client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
-    assert len(emb.data) == 2
-    resp = client.responses.create(model="gpt-4o-mini", input="hello")
-    assert resp.output_text == FakeOpenAI.REPLY
-    ids = {m.id for m in client.models.list()}
-    assert {"gpt-4o-mini", "gpt-4o"} <= ids
-    rows = sorted(_ledger(db_path))
-    assert [(r[0], r[2], r[3]) for r in rows] == [("gpt-4o-mini", 12, 6), ("text-embedding-3-small", 4, 0)]
-    assert _open_holds(db_path) == 0
+    with openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client:
+        emb = client.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+        assert len(emb.data) == 2
+        resp = client.responses.create(model="gpt-4o-mini", input="hello")
+        assert resp.output_text == FakeOpenAI.REPLY
+        ids = {m.id for m in client.models.list()}
+        assert {"gpt-4o-mini", "gpt-4o"} <= ids
+        rows = sorted(_ledger(db_path))
+        assert [(r[0], r[2], r[3]) for r in rows] == [("gpt-4o-mini", 12, 6), ("text-embedding-3-small", 4, 0)]
+        assert _open_holds(db_path) == 0
 
 
 def test_errors_take_openai_shape(gateway: tuple[str, str], db_path: Path) -> None:
@@ -253,8 +253,8 @@ def test_the_anthropic_sdk_through_the_gateway(db_path: Path) -> None:
             return secret
 
         secret = asyncio.run(prepare())
-        with serve(create_app(db_path)) as base:
-            client = anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0)
+        with (serve(create_app(db_path)) as base,
+              anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0) as client):
             ask = {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
             message = client.messages.create(**ask)  # type: ignore[call-overload]
             assert message.content[0].text == FakeAnthropic.REPLY
@@ -268,10 +268,10 @@ def test_the_anthropic_sdk_through_the_gateway(db_path: Path) -> None:
 
 def test_the_provider_down_is_a_502_and_the_hold_goes_back(db_path: Path) -> None:
     secret = _with_provider(db_path, f"{closed_port_url()}/v1", ["gpt-4o-mini"], name="down")
-    with serve(create_app(db_path)) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
-        with pytest.raises(openai.APIStatusError) as down:
-            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    with (serve(create_app(db_path)) as base,
+          openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client,
+          pytest.raises(openai.APIStatusError) as down):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert down.value.status_code == 502 and "cannot be reached" in down.value.message
     assert _open_holds(db_path) == 0 and [r[6] for r in _ledger(db_path)] == ["error"]
 
@@ -287,21 +287,21 @@ def test_a_budget_blocks_in_the_middle_of_a_run(gateway: tuple[str, str], db_pat
                                                  hard="0.0003", name="Alice's drip", policy_id="drip"))
 
     asyncio.run(policy())
-    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
-    outcomes = []
-    for _ in range(60):
-        try:
-            client.chat.completions.create(model="gpt-4o-mini", max_tokens=100,
-                                           messages=[{"role": "user", "content": "hi"}])
-            outcomes.append("ok")
-        except openai.APIStatusError as exc:
-            outcomes.append(str(exc.status_code))
-    first_block = outcomes.index("402")
-    assert 10 < first_block < 60 and set(outcomes[first_block:]) == {"402"}
-    rows = _ledger(db_path)
-    spent = sum(r[4] for r in rows)
-    assert spent <= 300_000 and [r[6] for r in rows] == ["ok"] * first_block + ["blocked"] * (60 - first_block)
-    assert _open_holds(db_path) == 0
+    with openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client:
+        outcomes = []
+        for _ in range(60):
+            try:
+                client.chat.completions.create(model="gpt-4o-mini", max_tokens=100,
+                                               messages=[{"role": "user", "content": "hi"}])
+                outcomes.append("ok")
+            except openai.APIStatusError as exc:
+                outcomes.append(str(exc.status_code))
+        first_block = outcomes.index("402")
+        assert 10 < first_block < 60 and set(outcomes[first_block:]) == {"402"}
+        rows = _ledger(db_path)
+        spent = sum(r[4] for r in rows)
+        assert spent <= 300_000 and [r[6] for r in rows] == ["ok"] * first_block + ["blocked"] * (60 - first_block)
+        assert _open_holds(db_path) == 0
 
 
 def test_a_blocked_call_is_recorded_naming_its_policy(gateway: tuple[str, str], db_path: Path) -> None:
@@ -315,23 +315,23 @@ def test_a_blocked_call_is_recorded_naming_its_policy(gateway: tuple[str, str], 
                                                  name="ML pennies", policy_id="ml-pennies"))
 
     asyncio.run(policy())
-    client = openai.OpenAI(base_url=base, api_key=secret, max_retries=0)
-    with pytest.raises(openai.APIStatusError) as refused:
-        client.chat.completions.create(model="gpt-4o-mini", max_tokens=100,
-                                       messages=[{"role": "user", "content": "hi"}])
-    assert refused.value.status_code == 402
+    with openai.OpenAI(base_url=base, api_key=secret, max_retries=0) as client:
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="gpt-4o-mini", max_tokens=100,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 402
 
-    async def tail() -> list[SettledCall]:
-        async with await Engine.open(db_path) as engine:
-            return await engine.recent_calls()
+        async def tail() -> list[SettledCall]:
+            async with await Engine.open(db_path) as engine:
+                return await engine.recent_calls()
 
-    [call] = asyncio.run(tail())
-    e = call.event
-    assert (e.status, e.principal, e.team, e.model, e.cost_nanos, e.input_tokens, e.output_tokens) == (
-        "blocked", "alice", "ml", "gpt-4o-mini", 0, 0, 0)
-    assert e.tags["policy"] == "ml-pennies" and call.policy == "ML pennies (ml-pennies)"
-    assert e.request_id == refused.value.response.headers["x-budgeteer-request-id"]
-    assert _open_holds(db_path) == 0
+        [call] = asyncio.run(tail())
+        e = call.event
+        assert (e.status, e.principal, e.team, e.model, e.cost_nanos, e.input_tokens, e.output_tokens) == (
+            "blocked", "alice", "ml", "gpt-4o-mini", 0, 0, 0)
+        assert e.tags["policy"] == "ml-pennies" and call.policy == "ML pennies (ml-pennies)"
+        assert e.request_id == refused.value.response.headers["x-budgeteer-request-id"]
+        assert _open_holds(db_path) == 0
 
 
 # Under this load a socket of the in-process servers' connection pools is now and then

@@ -153,8 +153,8 @@ def test_models_named_by_models_stay_an_explicit_list(db_path: Path, fake_openai
     _fake, url = fake_openai
     secret = _register(db_path, name="oa", kind="openai", base_url=f"{url}/v1", vendor="openai",
                        models=["gpt-4o-mini"])
-    with serve(create_app(db_path)) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
+    with (serve(create_app(db_path)) as base,
+          openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client):
         assert [m.id for m in client.models.list()] == ["gpt-4o-mini"]
         with pytest.raises(openai.NotFoundError):
             client.embeddings.create(model="text-embedding-3-small", input="one")
@@ -167,15 +167,15 @@ def test_openai_organization_project_and_beta_headers_reach_the_provider(
         db_path: Path, fake_openai: tuple[FakeOpenAI, str]) -> None:
     fake, url = fake_openai
     secret = _register(db_path, name="oa", kind="openai", base_url=f"{url}/v1", vendor="openai")
-    with serve(create_app(db_path)) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0, organization="org-team",
-                               project="proj_42", default_headers={"OpenAI-Beta": "assistants=v2",
-                                                                   "Cookie": "session=client",
-                                                                   "api-key": "client-azure-key"})
+    with (serve(create_app(db_path)) as base,
+          openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0, organization="org-team",
+              project="proj_42", default_headers={"OpenAI-Beta": "assistants=v2",
+              "Cookie": "session=client",
+              "api-key": "client-azure-key"}) as client):
         client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
         client.embeddings.create(model="text-embedding-3-small", input="one")
-        plain = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
-        plain.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        with openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as plain:
+            plain.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     chat, emb, bare = (r["headers"] for r in fake.requests)
     for seen in (chat, emb):
         assert (seen["openai-organization"], seen["openai-project"], seen["openai-beta"]) == (
@@ -191,9 +191,9 @@ def test_anthropic_beta_reaches_an_anthropic_provider_and_the_version_stays_the_
         db_path: Path, fake_claude: tuple[FakeAnthropic, str]) -> None:
     fake, url = fake_claude
     secret = _register(db_path, name="claude", kind="anthropic", base_url=f"{url}/v1")
-    with serve(create_app(db_path)) as base:
-        client = anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0,
-                                     default_headers={"anthropic-beta": "context-1m-2025-08-07"})
+    with (serve(create_app(db_path)) as base,
+          anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0,
+              default_headers={"anthropic-beta": "context-1m-2025-08-07"}) as client):
         client.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}])
     seen = fake.requests[-1]["headers"]
     # anthropic-version: the one the gateway reads answers in, not the SDK's (2.14 sends 2026-10-21).
@@ -247,11 +247,12 @@ def test_an_anthropic_stream_that_ends_without_message_stop_is_an_error_too(db_p
     try:
         port = listener.getsockname()[1]
         secret = _register(db_path, name="claude", kind="anthropic", base_url=f"http://127.0.0.1:{port}/v1")
-        with serve(create_app(db_path)) as base:
-            client = anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0)
-            with pytest.raises(anthropic.APIError), client.messages.stream(
-                    model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]) as stream:
-                assert "".join(stream.text_stream) == "Hi from"
+        with (serve(create_app(db_path)) as base,
+              anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0) as client,
+              pytest.raises(anthropic.APIError),
+              client.messages.stream(model="claude-haiku-4-5", max_tokens=100,
+                                     messages=[{"role": "user", "content": "hi"}]) as stream):
+            assert "".join(stream.text_stream) == "Hi from"
     finally:
         listener.close()
     [(_m, _p, _i, _o, _c, source, _s)] = _ledger(db_path)

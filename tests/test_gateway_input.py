@@ -60,17 +60,17 @@ def test_stream_options_not_an_object_is_refused_before_a_hold(gateway: tuple[st
                                                  hard="0.0001", name="one call", policy_id="one"))
 
     asyncio.run(policy())
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
-    for _ in range(9):
-        with pytest.raises(openai.BadRequestError) as bad:
-            client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=100, stream=True,
-                                           stream_options="x")  # type: ignore[arg-type]
-        assert bad.value.body == {"message": "stream_options: must be an object", "type": "invalid_request_error",
-                                  "param": "stream_options", "code": "invalid_value"}
-    assert _open_holds(db_path) == 0 and _ledger(db_path) == []
-    answer = client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=100)
-    assert answer.choices[0].message.content
-    assert _open_holds(db_path) == 0 and len(_ledger(db_path)) == 1
+    with openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
+        for _ in range(9):
+            with pytest.raises(openai.BadRequestError) as bad:
+                client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=100, stream=True,
+                                               stream_options="x")  # type: ignore[arg-type]
+            assert bad.value.body == {"message": "stream_options: must be an object", "type": "invalid_request_error",
+                                      "param": "stream_options", "code": "invalid_value"}
+        assert _open_holds(db_path) == 0 and _ledger(db_path) == []
+        answer = client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=100)
+        assert answer.choices[0].message.content
+        assert _open_holds(db_path) == 0 and len(_ledger(db_path)) == 1
 
 
 def test_a_body_nested_100000_deep_is_400_on_chat_and_on_traces(gateway: tuple[str, str], db_path: Path) -> None:
@@ -97,17 +97,17 @@ def test_a_body_nested_100000_deep_is_400_on_chat_and_on_traces(gateway: tuple[s
 
 def test_max_tokens_beyond_what_the_ledger_stores_is_400_naming_it(gateway: tuple[str, str], db_path: Path) -> None:
     base, secret = gateway
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
-    for cap in ({"max_tokens": 4611686018427387904}, {"max_completion_tokens": 2**31}):
-        with pytest.raises(openai.BadRequestError) as bad:
-            client.chat.completions.create(model="gpt-4o-mini", messages=HI, **cap)  # type: ignore[call-overload]
-        [field] = cap
-        assert bad.value.body == {"message": f"{field}: must be less than or equal to 2147483647",
-                                  "type": "invalid_request_error", "param": field, "code": "invalid_value"}
-    with pytest.raises(openai.BadRequestError) as bad:  # a field the gateway reads, of the wrong type
-        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": 5}])  # type: ignore[list-item]
-    assert bad.value.body["param"] == "messages[0].content"  # type: ignore[index]
-    assert _open_holds(db_path) == 0 and _ledger(db_path) == []
+    with openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client:
+        for cap in ({"max_tokens": 4611686018427387904}, {"max_completion_tokens": 2**31}):
+            with pytest.raises(openai.BadRequestError) as bad:
+                client.chat.completions.create(model="gpt-4o-mini", messages=HI, **cap)  # type: ignore[call-overload]
+            [field] = cap
+            assert bad.value.body == {"message": f"{field}: must be less than or equal to 2147483647",
+                                      "type": "invalid_request_error", "param": field, "code": "invalid_value"}
+        with pytest.raises(openai.BadRequestError) as bad:  # a field the gateway reads, of the wrong type
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": 5}])  # type: ignore[list-item]
+        assert bad.value.body["param"] == "messages[0].content"  # type: ignore[index]
+        assert _open_holds(db_path) == 0 and _ledger(db_path) == []
 
 
 async def _absurd_usage(request: Request) -> Response:
@@ -121,10 +121,10 @@ def test_a_failure_after_the_hold_releases_it_and_answers_500_in_openai_shape(
     garbage = Starlette(routes=[Route("/v1/chat/completions", _absurd_usage, methods=["POST"])])
     with serve(garbage) as url:
         secret = _with_provider(db_path, f"{url}/v1", ["gpt-4o-mini"])
-        with serve(create_app(db_path, routing_mode="off")) as base, caplog.at_level(logging.ERROR):
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
-            with pytest.raises(openai.InternalServerError) as failed:
-                client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
+        with (serve(create_app(db_path, routing_mode="off")) as base, caplog.at_level(logging.ERROR),
+              openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client,
+              pytest.raises(openai.InternalServerError) as failed):
+            client.chat.completions.create(model="gpt-4o-mini", messages=HI, max_tokens=10)
     assert failed.value.status_code == 500
     assert failed.value.body == {"message": "the gateway failed on this request; it was not billed",
                                  "type": "api_error", "param": None, "code": "internal_error"}
@@ -146,8 +146,8 @@ def test_the_messages_api_refuses_in_anthropics_shape(db_path: Path) -> None:
                 return secret
 
         secret = asyncio.run(prepare())
-        with serve(create_app(db_path)) as base:
-            claude = anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0)
+        with (serve(create_app(db_path)) as base,
+              anthropic.Anthropic(base_url=base, api_key=secret, max_retries=0) as claude):
             with pytest.raises(anthropic.BadRequestError) as bad:
                 claude.messages.create(model="claude-haiku-4-5", max_tokens=0, messages=HI)  # type: ignore[arg-type]
             answer = claude.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=HI)  # type: ignore[arg-type]

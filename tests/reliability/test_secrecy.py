@@ -60,8 +60,8 @@ def test_no_secret_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         del outputs["cli token rotate"]
         secrets = [PROVIDER_KEY, token_secret, new_secret]
 
-        with serve(create_app(db)) as base:
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key=new_secret, max_retries=0)
+        with (serve(create_app(db)) as base,
+              openai.OpenAI(base_url=f"{base}/v1", api_key=new_secret, max_retries=0) as client):
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
             list(client.chat.completions.create(model="gpt-4o-mini", stream=True,
                                                 messages=[{"role": "user", "content": "hi"}]))
