@@ -21,9 +21,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine import approvals
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.ledger import ClosedHold, LedgerTx, RecordResult
 from engine.models import FieldError, UsageEvent, unique_hex
 from engine.money import MoneyError, format_amount, format_usd, parse_usd
-from engine.store import ClosedHold, LedgerTx, RecordResult
 
 Metric = Literal["usd", "tokens", "requests"]
 Mode = Literal["enforced", "dry_run", "suggest"]

@@ -22,7 +22,7 @@ from engine.money import parse_usd
 
 if TYPE_CHECKING:
     from engine.engine import Engine
-    from engine.store import LedgerTx
+    from engine.ledger import LedgerTx
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,18 @@ from engine.budgets import (
 )
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
+from engine.ledger import (
+    TIMELINE_FIELDS,
+    BreakdownRow,
+    LedgerRefusing,
+    LedgerTx,
+    Metric,
+    RecordResult,
+    SQLiteStore,
+    TimelinePoint,
+    Totals,
+    refusal,
+)
 from engine.models import ROLLUP_DIMENSIONS, STATUSES, FieldError, SettledCall, UsageEvent
 from engine.pricing import (
     ModelPrice,
@@ -62,18 +74,6 @@ from engine.pricing import (
 )
 from engine.spill import SUFFIX as SPILL_SUFFIX
 from engine.spill import Spilled, SpillJournal
-from engine.store import (
-    TIMELINE_FIELDS,
-    BreakdownRow,
-    LedgerRefusing,
-    LedgerTx,
-    Metric,
-    RecordResult,
-    SQLiteStore,
-    TimelinePoint,
-    Totals,
-    refusal,
-)
 from engine.tokens import Token
 from engine.vault import Vault
 

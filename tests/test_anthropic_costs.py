@@ -263,7 +263,7 @@ def test_pricing_import_reads_the_one_hour_rate(tmp_path: Path) -> None:
 
 def _schema_7_ledger(db_path: Path) -> None:
     """A ledger as schema 7 left it, with one Anthropic call in its events and rollups."""
-    from engine.store import MIGRATIONS, _statements
+    from engine.ledger.sqlite import MIGRATIONS, _statements
 
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -287,7 +287,7 @@ def _schema_7_ledger(db_path: Path) -> None:
 
 
 async def test_a_schema_7_ledger_upgrades_to_keep_one_hour_writes(db_path: Path, clock: FrozenClock) -> None:
-    from engine.store import SCHEMA_VERSION
+    from engine.ledger import SCHEMA_VERSION
 
     _schema_7_ledger(db_path)
     async with await Engine.open(db_path, clock=clock) as engine:

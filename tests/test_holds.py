@@ -295,7 +295,7 @@ def _schema_6_ledger(db_path: Path) -> Policy:
     line in the hold_lines table."""
     import sqlite3
 
-    from engine.store import MIGRATIONS, _statements
+    from engine.ledger.sqlite import MIGRATIONS, _statements
 
     policy = build_policy(scope="principal:alice", metric="usd", window="day", hard="1")
     conn = sqlite3.connect(db_path, isolation_level=None)
@@ -394,7 +394,7 @@ async def test_the_upgrade_to_schema_7_waits_until_no_older_gateway_serves_the_l
     import sqlite3
     import time
 
-    from engine.store import StoreError
+    from engine.ledger import StoreError
 
     _schema_6_ledger(db_path)
     conn = sqlite3.connect(db_path, isolation_level=None)

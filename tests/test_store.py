@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import store as store_module
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.ledger import SCHEMA_VERSION, SchemaTooNewError, SQLiteStore, StoreError, Totals, range_segments
+from engine.ledger import sqlite as store_module
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
-from engine.store import SCHEMA_VERSION, SchemaTooNewError, SQLiteStore, StoreError, Totals, range_segments
 from tests.conftest import NOW_MS, event
 
 
@@ -465,7 +465,7 @@ async def test_two_processes_writing_one_ledger_lose_nothing(db_path: Path) -> N
     await store.close()
     script = (
         "import asyncio, sys\n"
-        "from engine.store import SQLiteStore\n"
+        "from engine.ledger import SQLiteStore\n"
         "from engine.models import UsageEvent\n"
         "async def main(tag):\n"
         f"    s = await SQLiteStore.open({str(db_path)!r})\n"
@@ -491,8 +491,8 @@ async def test_recent_calls_read_the_ledgers_tail_after_a_cursor(db_path: Path) 
     and a search by the primary key from the end, never a scan of a large ledger."""
     from engine.clock import FrozenClock
     from engine.engine import Engine
+    from engine.ledger.sqlite import RECENT_EVENTS_OF_STATUS_SQL, RECENT_EVENTS_SQL
     from engine.models import FieldError
-    from engine.store import RECENT_EVENTS_OF_STATUS_SQL, RECENT_EVENTS_SQL
 
     async with await Engine.open(db_path, clock=FrozenClock(NOW_MS)) as engine:
         await engine.record_many([event(i) for i in range(5)])

@@ -25,7 +25,7 @@ from textual.widgets import Input, Static, TextArea
 
 from engine.clock import Clock
 from engine.engine import Engine, default_db_path, local_identity
-from engine.store import StoreError
+from engine.ledger import StoreError
 from tui.palette import Palette, binding_rank, key_label
 from tui.screens.alerts import AlertsScreen
 from tui.screens.approvals import ApprovalsScreen

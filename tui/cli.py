@@ -28,9 +28,9 @@ from engine.approvals import ApprovalError, OverrideRequest
 from engine.budgets import Outcome, Overshoot, parse_amount
 from engine.clock import DAY_MS, MINUTE_MS, FrozenClock, format_span, iso, parse_duration_ms
 from engine.engine import Engine, default_db_path, local_identity
+from engine.ledger import StoreError
 from engine.models import FieldError, parse_timestamp_ms
 from engine.money import MoneyError, format_percent, format_usd, format_usd_plain
-from engine.store import StoreError
 from engine.tokens import TokenRefused
 from engine.vault import VaultError
 from tui.progress import progress_bar

@@ -26,11 +26,11 @@ from engine import providers as prov
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, HoldError
 from engine.engine import RETRY_AFTER_S, CallRequest, Engine
 from engine.integrations.contract import MAX_TOKENS
+from engine.ledger import LedgerRefusing
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
 from engine.ratelimits import Limit, RateLimiter
-from engine.store import LedgerRefusing
 
 log = logging.getLogger("budgeteer")
 

@@ -13,8 +13,8 @@ from textual.widgets import Static
 
 from engine.budgets import Outcome, Window, window_bounds
 from engine.clock import DAY_MS, HOUR_MS, iso, period_range
+from engine.ledger import BreakdownRow, TimelinePoint, Totals
 from engine.money import format_usd, format_usd_compact
-from engine.store import BreakdownRow, TimelinePoint, Totals
 from tui.screens.base import DataScreen
 from tui.widgets.gauge import gauge
 from tui.widgets.kpi import KpiTile, compact

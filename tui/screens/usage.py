@@ -19,9 +19,9 @@ from textual.widgets import DataTable, Input, OptionList, Static
 
 from engine.budgets import Policy
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS, period_range
+from engine.ledger import BreakdownRow, TimelinePoint, Totals
 from engine.models import FieldError
 from engine.money import format_usd
-from engine.store import BreakdownRow, TimelinePoint, Totals
 from tui.screens.base import DataScreen
 from tui.widgets.kpi import compact
 from tui.widgets.timeline import MAX_SERIES, Timeline
