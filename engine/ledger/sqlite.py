@@ -28,7 +28,7 @@ from engine.ledger.writer import BULK_CHUNK, GroupWriter
 from engine.models import UsageEvent
 
 if TYPE_CHECKING:
-    from engine.ledger.protocol import Ledger
+    from engine.ledger.protocol import Ledger, Transaction
 
 T = TypeVar("T")
 
@@ -224,7 +224,10 @@ def _prepare_writer(conn: sqlite3.Connection, path: Path, now_ms: int) -> None:
         conn.execute(sql)
 
 
-if TYPE_CHECKING:
-    def _implements(store: SQLiteStore) -> Ledger:  # mypy holds SQLiteStore to the interface
+if TYPE_CHECKING:  # mypy holds the store and its transaction to the interface
+    def _implements(store: SQLiteStore) -> Ledger:
         return store
+
+    def _offers(tx: LedgerTx) -> Transaction:
+        return tx
 

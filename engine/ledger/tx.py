@@ -49,22 +49,62 @@ class LedgerTx:
         # Nothing was written to the ledger since this store's last operation batch, by another
         # connection or by this one outside a batch: what that batch left in memory is current.
         self.quiet = quiet
-        self.events = Events(conn, writer.series, fresh)
-        self.holds = Holds(conn)
-        self.policies = Policies(conn)
-        self.alerting = Alerts(conn)
-        self.decision_log = Decisions(conn)
-        self.prices = Prices(conn)
+        self._fresh = fresh
+        self._events: Events | None = None
+        self._holds: Holds | None = None
+        self._policies: Policies | None = None
+        self._alerting: Alerts | None = None
+        self._decision_log: Decisions | None = None
+        self._prices: Prices | None = None
+
+    # ---- the repositories, each made when first used (a batch mostly needs one or two)
+
+    @property
+    def events(self) -> Events:
+        if self._events is None:
+            self._events = Events(self.conn, self._writer.series, self._fresh)
+        return self._events
+
+    @property
+    def holds(self) -> Holds:
+        if self._holds is None:
+            self._holds = Holds(self.conn)
+        return self._holds
+
+    @property
+    def policies(self) -> Policies:
+        if self._policies is None:
+            self._policies = Policies(self.conn)
+        return self._policies
+
+    @property
+    def alerting(self) -> Alerts:
+        """Alerts, overshoots, webhooks and their deliveries."""
+        if self._alerting is None:
+            self._alerting = Alerts(self.conn)
+        return self._alerting
+
+    @property
+    def decision_log(self) -> Decisions:
+        if self._decision_log is None:
+            self._decision_log = Decisions(self.conn)
+        return self._decision_log
+
+    @property
+    def prices(self) -> Prices:
+        if self._prices is None:
+            self._prices = Prices(self.conn)
+        return self._prices
 
     @property
     def last_journal_id(self) -> int:
         """The id of the last hold journal row this transaction wrote."""
-        return self.holds.last_journal_id
+        return self._holds.last_journal_id if self._holds is not None else 0
 
     @property
     def appended_id(self) -> int:
         """The id of the event the last append() of one event wrote (0: none, or unknown)."""
-        return self.events.appended_id
+        return self._events.appended_id if self._events is not None else 0
 
     def probe_write(self) -> None:
         """Write the schema version as it is: a real write (a page of the log) that changes

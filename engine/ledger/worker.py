@@ -24,20 +24,20 @@ class Worker:
 
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._conn: sqlite3.Connection | None = None
+        self._connection: sqlite3.Connection | None = None
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
+        if self._connection is None:
             raise RuntimeError("the connection is closed")
-        return self._conn
+        return self._connection
 
     @classmethod
     async def open(cls, name: str, connect: Callable[[], sqlite3.Connection]) -> Worker:
         """A worker whose connection ``connect`` makes, on the worker's own thread."""
         worker = cls(name)
         try:
-            worker._conn = await worker.run(connect)
+            worker._connection = await worker.run(connect)
         except BaseException:
             worker._executor.shutdown(wait=False)
             raise
@@ -49,7 +49,7 @@ class Worker:
 
     async def close(self) -> None:
         """Close the connection on its thread, then let the thread end."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
+        if self._connection is not None:
+            conn, self._connection = self._connection, None
             await self.run(conn.close)
         self._executor.shutdown(wait=False)
