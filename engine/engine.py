@@ -473,7 +473,7 @@ class Engine:
     async def backtest(self, policy: Policy, start_ms: int, end_ms: int) -> Backtest:
         """Replay [start, end) of the ledger against a draft policy (nothing is stored)."""
         where = {CONTEXT_COLUMNS[kind]: value for kind, value in policy.scope.parts}
-        return await self.store.fold_usage(  # type: ignore[no-any-return]
+        return await self.store.fold_usage(
             start_ms, end_ms, where, lambda rows: replay(policy, rows, start_ms, end_ms))
 
     async def policy_timeline(self, policy: Policy, start_ms: int, end_ms: int,
@@ -838,7 +838,7 @@ class Engine:
         with ``touch_tokens``, as the gateway does in batches."""
         now = self.now_ms()
         if not touch:
-            return await self.store.read_with(  # type: ignore[no-any-return]
+            return await self.store.read_with(
                 lambda conn: tokens.authenticate(conn, secret, now, scope, touch=False))
         return await self._tx(lambda tx: tokens.authenticate(tx.conn, secret, now, scope))  # type: ignore[no-any-return]
 
@@ -887,11 +887,11 @@ class Engine:
         """Walk the chain (keyed entries under the vault's key: VaultError if it cannot be read),
         and with an ``anchor`` check that its entry is still there, unchanged."""
         key = await self.store.read_with(lambda conn: self._audit_key(conn, create=False))
-        return await self.store.read_with(lambda conn: audit.verify(conn, key, anchor))  # type: ignore[no-any-return]
+        return await self.store.read_with(lambda conn: audit.verify(conn, key, anchor))
 
     async def audit_anchor(self) -> audit.Anchor | None:
         """The journal's head (None while it is empty), for the operator to keep elsewhere."""
-        return await self.store.read_with(audit.head)  # type: ignore[no-any-return]
+        return await self.store.read_with(audit.head)
 
     async def post_audit_anchor(self) -> bool:
         """Post the anchor to the alert webhooks, once a UTC day across every process on this
@@ -1107,7 +1107,7 @@ class Engine:
         return await self._change("manage_providers", "provider.remove", op)
 
     async def providers(self) -> list[prov.Provider]:
-        return await self.store.read_with(prov.listing)  # type: ignore[no-any-return]
+        return await self.store.read_with(prov.listing)
 
     async def provider(self, name: str) -> prov.Provider:
         return await self._tx(lambda tx: prov.get(tx.conn, name))  # type: ignore[no-any-return]

@@ -49,7 +49,7 @@ async def test_a_policy_past_its_thresholds_does_not_write_its_alerts_again_on_e
     await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
     await engine.record(_spend(1, 8.5))  # past 50 % and 80 %: one alert, for 80 %
     writes: list[str] = []
-    engine.store._writer._conn.set_trace_callback(  # every statement the ledger's writer runs
+    engine.store._writer.conn.set_trace_callback(  # every statement the ledger's writer runs
         lambda sql: writes.append(sql) if sql.startswith("INSERT INTO alerts") else None)
     for n in range(5):
         # A hold of up to $0.012, above the $0.01 each call settles at (else it is an overshoot, alerted)
@@ -57,7 +57,7 @@ async def test_a_policy_past_its_thresholds_does_not_write_its_alerts_again_on_e
         auth = await engine.authorize(call)
         assert auth.hold_id
         await engine.settle(auth.hold_id, _spend(10 + n, 0.01))
-    engine.store._writer._conn.set_trace_callback(None)
+    engine.store._writer.conn.set_trace_callback(None)
     assert [(a.kind, a.threshold) for a in await engine.alerts()] == [("threshold", 80)]
     assert len(writes) <= 1  # the one already stored is looked for once, not on each of ten batches
 

@@ -263,7 +263,7 @@ def test_pricing_import_reads_the_one_hour_rate(tmp_path: Path) -> None:
 
 def _schema_7_ledger(db_path: Path) -> None:
     """A ledger as schema 7 left it, with one Anthropic call in its events and rollups."""
-    from engine.ledger.sqlite import MIGRATIONS, _statements
+    from engine.ledger.schema import MIGRATIONS, _statements
 
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")

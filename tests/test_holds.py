@@ -295,7 +295,7 @@ def _schema_6_ledger(db_path: Path) -> Policy:
     line in the hold_lines table."""
     import sqlite3
 
-    from engine.ledger.sqlite import MIGRATIONS, _statements
+    from engine.ledger.schema import MIGRATIONS, _statements
 
     policy = build_policy(scope="principal:alice", metric="usd", window="day", hard="1")
     conn = sqlite3.connect(db_path, isolation_level=None)

@@ -303,13 +303,13 @@ async def test_a_priced_call_pays_for_no_member_lookup(engine: Engine) -> None:
     await _policy(engine)
     engine.actor = "gateway-process-user"  # not a member: it must not matter
     statements: list[str] = []
-    engine.store._writer._conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    engine.store._writer.conn.set_trace_callback(statements.append)
     try:
         auth = await engine.authorize(CallRequest(principal="alice", model="gpt-4o", input_tokens=10, max_tokens=10))
         assert auth.allowed and auth.hold_id is not None
         await engine.settle(auth.hold_id, event(9, model="gpt-4o", input_tokens=10, output_tokens=10))
     finally:
-        engine.store._writer._conn.set_trace_callback(None)  # type: ignore[attr-defined]
+        engine.store._writer.conn.set_trace_callback(None)
     assert statements and not [s for s in statements if "members" in s]
 
 

@@ -249,7 +249,7 @@ async def _trace(engine: Engine) -> list[str]:
     """Every statement the engine's ledger connections run from now on (on any thread)."""
     seen: list[str] = []
     for connection in (engine.store._writer, engine.store._reader):
-        await connection._execute(lambda c=connection: c._conn.set_trace_callback(seen.append))
+        await connection.run(connection.conn.set_trace_callback, seen.append)
     return seen
 
 

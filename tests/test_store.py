@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.ledger import SCHEMA_VERSION, SchemaTooNewError, SQLiteStore, StoreError, Totals, range_segments
-from engine.ledger import sqlite as store_module
+from engine.ledger import writer as store_module
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 from tests.conftest import NOW_MS, event
 
@@ -140,8 +140,8 @@ async def test_record_returns_only_after_commit_visible_to_another_connection(db
 
 async def _synchronous(store: SQLiteStore) -> int:
     """The writer connection's synchronous setting: 2 FULL (fsync at commit), 1 NORMAL."""
-    async with store._writer.execute("PRAGMA synchronous") as cur:
-        row = await cur.fetchone()
+    conn = store._writer.conn
+    row = await store._writer.run(lambda: conn.execute("PRAGMA synchronous").fetchone())
     return int(row[0]) if row else -1
 
 
@@ -491,7 +491,7 @@ async def test_recent_calls_read_the_ledgers_tail_after_a_cursor(db_path: Path) 
     and a search by the primary key from the end, never a scan of a large ledger."""
     from engine.clock import FrozenClock
     from engine.engine import Engine
-    from engine.ledger.sqlite import RECENT_EVENTS_OF_STATUS_SQL, RECENT_EVENTS_SQL
+    from engine.ledger.reads import RECENT_EVENTS_OF_STATUS_SQL, RECENT_EVENTS_SQL
     from engine.models import FieldError
 
     async with await Engine.open(db_path, clock=FrozenClock(NOW_MS)) as engine:

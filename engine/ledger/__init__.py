@@ -1,36 +1,39 @@
 """The ledger: the one package that knows SQL and a database driver.
 
 Everything else in Budgeteer reaches the database through the names exported here: the
-store (``SQLiteStore``, ``Engine.open``'s default), the transaction handed to a decision
-(``LedgerTx``), the typed results of reads, and the ledger's errors.
+interface (``Ledger``, and ``Transaction``, what an operation may do), the SQLite store that
+implements it (``SQLiteStore``, ``Engine.open``'s default) and its transaction (``LedgerTx``),
+the typed results of reads, and the ledger's errors.
+
+Inside: ``schema`` (migrations, connecting), ``rollups`` (the rollup SQL), ``worker`` (a
+connection on its own thread), ``writer`` (group commit), ``tx`` (the transaction), ``reads``
+(the dashboard's reads), ``repos`` (one repository per record kind), ``sqlite`` (the store),
+``protocol`` (the interface), ``results`` and ``errors``.
 """
 
-from engine.ledger.sqlite import (
-    SCHEMA_VERSION,
+from engine.ledger.errors import LedgerRefusing, SchemaTooNewError, StoreError, refusal
+from engine.ledger.protocol import Ledger, Transaction
+from engine.ledger.results import (
     TIMELINE_FIELDS,
     BreakdownRow,
     ClosedHold,
-    LedgerRefusing,
-    LedgerStore,
-    LedgerTx,
     Metric,
     RecordResult,
-    SchemaTooNewError,
-    SQLiteStore,
-    StoreError,
     TimelinePoint,
     Totals,
-    range_segments,
-    refusal,
 )
+from engine.ledger.rollups import range_segments
+from engine.ledger.schema import SCHEMA_VERSION
+from engine.ledger.sqlite import SQLiteStore
+from engine.ledger.tx import LedgerTx
 
 __all__ = [
     "SCHEMA_VERSION",
     "TIMELINE_FIELDS",
     "BreakdownRow",
     "ClosedHold",
+    "Ledger",
     "LedgerRefusing",
-    "LedgerStore",
     "LedgerTx",
     "Metric",
     "RecordResult",
@@ -39,6 +42,7 @@ __all__ = [
     "StoreError",
     "TimelinePoint",
     "Totals",
+    "Transaction",
     "range_segments",
     "refusal",
 ]

@@ -1,0 +1,43 @@
+"""The ledger's errors: it cannot be opened or written (``StoreError``), its schema is newer
+than this Budgeteer (``SchemaTooNewError``), or it refuses writes for now (``LedgerRefusing``,
+and ``refusal``, which tells a driver's passing failures from the others)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+
+class StoreError(RuntimeError):
+    """The ledger cannot be opened or written; the message says why in one sentence."""
+
+
+class SchemaTooNewError(StoreError):
+    pass
+
+
+class LedgerRefusing(StoreError):
+    """The ledger refuses writes for now (``refusal`` says why); a later write may succeed."""
+
+
+#: The SQLite errors by which a ledger refuses a write for now, with what they mean.
+_REFUSALS: Final = {
+    sqlite3.SQLITE_FULL: "the disk is full", sqlite3.SQLITE_IOERR: "an I/O error",
+    sqlite3.SQLITE_BUSY: "another connection held the write lock too long",
+    sqlite3.SQLITE_LOCKED: "the ledger is locked", sqlite3.SQLITE_READONLY: "the ledger is read-only",
+    sqlite3.SQLITE_CANTOPEN: "a file of the ledger cannot be opened",
+}
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why the ledger refused a write, when ``exc`` says it did for a passing reason (a full
+    disk, an I/O error, a lock held too long): a short reason; None for any other error."""
+    if isinstance(exc, LedgerRefusing):
+        return str(exc)
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) is not None:
+        reason = _REFUSALS.get(exc.sqlite_errorcode & 0xFF)
+        return f"{reason} ({exc})" if reason else None
+    if isinstance(exc, OSError) and exc.errno is not None:  # the log's fsync, or a file of the ledger
+        return f"an I/O error ({exc.strerror or exc})"
+    return None
+

@@ -1,0 +1,55 @@
+"""A connection and the one thread it runs on.
+
+SQLite's calls block, so each connection of the store lives on a thread of its own and the
+event loop hands it work: ``await worker.run(fn, *args)`` runs ``fn`` there and returns its
+result (or raises its error). One hop per job, however many statements the job runs: a
+whole transaction is one hop. The standard library's executor, nothing else: no
+driver's private queue is reached into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Worker:
+    """``conn`` is used on this worker's thread; a writer's (made with ``any_thread``) also on
+    the event loop's, when its owner knows the thread is idle (the writer's lock)."""
+
+    def __init__(self, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._connection: sqlite3.Connection | None = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise RuntimeError("the connection is closed")
+        return self._connection
+
+    @classmethod
+    async def open(cls, name: str, connect: Callable[[], sqlite3.Connection]) -> Worker:
+        """A worker whose connection ``connect`` makes, on the worker's own thread."""
+        worker = cls(name)
+        try:
+            worker._connection = await worker.run(connect)
+        except BaseException:
+            worker._executor.shutdown(wait=False)
+            raise
+        return worker
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` on this worker's thread (jobs run one at a time, in order)."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def close(self) -> None:
+        """Close the connection on its thread, then let the thread end."""
+        if self._connection is not None:
+            conn, self._connection = self._connection, None
+            await self.run(conn.close)
+        self._executor.shutdown(wait=False)
