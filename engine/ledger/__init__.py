@@ -5,6 +5,7 @@ store (``SQLiteStore``, ``Engine.open``'s default), the transaction handed to a 
 (``LedgerTx``), the typed results of reads, and the ledger's errors.
 """
 
+from engine.ledger.repos import LedgerView
 from engine.ledger.sqlite import (
     SCHEMA_VERSION,
     TIMELINE_FIELDS,
@@ -32,6 +33,7 @@ __all__ = [
     "LedgerRefusing",
     "LedgerStore",
     "LedgerTx",
+    "LedgerView",
     "Metric",
     "RecordResult",
     "SQLiteStore",

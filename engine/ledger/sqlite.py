@@ -22,11 +22,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import aiosqlite
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.ledger.repos import LedgerView
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 
 #: At most this many events go into one group-committed transaction.
@@ -38,6 +39,7 @@ CHECKPOINT_EVERY: Final = 1_000  # operations and events written between two che
 LIVE_GATEWAY_MS: Final = 10_000  # a gateway whose heartbeat (every 2 s) is this recent is running
 WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024  # bytes of log file kept when the log starts again
 BUSY_TIMEOUT_MS: Final = 30_000
+_T = TypeVar("_T")
 
 
 class StoreError(RuntimeError):
@@ -751,8 +753,9 @@ def _segments_sql(start_ms: int, end_ms: int, filters: Mapping[str, str] | None,
 # --------------------------------------------------------------------------- transactions
 
 
-class LedgerTx:
-    """What a group-committed operation may do inside the writer's transaction.
+class LedgerTx(LedgerView):
+    """What a group-committed operation may do inside the writer's transaction (and, as a
+    ``LedgerView``, the repositories: ``tx.tokens``, ``tx.members``, ``tx.approvals``, ...).
 
     Used only on the writer's thread, between BEGIN IMMEDIATE and COMMIT, so every read
     sees every other process's committed writes and nothing can change underneath.
@@ -760,6 +763,7 @@ class LedgerTx:
 
     def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, fresh: dict[tuple[str, ...], int],
                  quiet: bool = False) -> None:
+        super().__init__(conn)
         self.store = store
         self.conn = conn
         self._fresh = fresh
@@ -1320,14 +1324,14 @@ class SQLiteStore:
 
     async def bulk_record(self, events: Iterable[UsageEvent], *, chunk: int = BULK_CHUNK, atomic: bool = False,
                           prepare: Callable[[UsageEvent], object] | None = None,
-                          journal: Callable[[sqlite3.Connection, int, int], None] | None = None) -> tuple[int, int]:
+                          journal: Callable[[LedgerView, int, int], None] | None = None) -> tuple[int, int]:
         """Append a large stream; returns (recorded, duplicates).
 
         Each chunk of ``chunk`` events is one transaction, so a long import does not hold
         the write lock against live traffic for its whole length; ``atomic`` makes the
         whole stream one transaction instead (all or nothing). ``prepare`` (pricing) runs on
         the writer's thread just before each chunk is written: Python work on two threads
-        at once would only fight over the GIL. ``journal(conn, recorded, duplicates)`` runs
+        at once would only fight over the GIL. ``journal(view, recorded, duplicates)`` runs
         last in each transaction, before its commit (with that transaction's counts); if it
         raises, that transaction is undone and the error raised.
         """
@@ -1354,7 +1358,8 @@ class SQLiteStore:
                         self._bulk_chunk_sync, batch, fresh, atomic, prepare, journal))
                 if atomic:
                     if journal is not None:
-                        await run(journal, self._writer._conn, recorded, duplicates)  # type: ignore[no-untyped-call]
+                        await run(journal, LedgerView(self._writer._conn), recorded,  # type: ignore[no-untyped-call]
+                                  duplicates)
                     await run(self._commit_sync, fresh)  # type: ignore[no-untyped-call]
             except BaseException:
                 if pending is not None:
@@ -1400,7 +1405,7 @@ class SQLiteStore:
 
     def _bulk_chunk_sync(self, events: list[UsageEvent], fresh: dict[tuple[str, ...], int],
                          in_transaction: bool, prepare: Callable[[UsageEvent], object] | None,
-                         journal: Callable[[sqlite3.Connection, int, int], None] | None) -> tuple[int, int]:
+                         journal: Callable[[LedgerView, int, int], None] | None) -> tuple[int, int]:
         conn: sqlite3.Connection = self._writer._conn
         if prepare is not None:
             for event in events:
@@ -1413,7 +1418,7 @@ class SQLiteStore:
             try:
                 inserted, _ = self._append(conn, events, fresh, want_ids=False)
                 if journal is not None:
-                    journal(conn, inserted, len(events) - inserted)
+                    journal(LedgerView(conn), inserted, len(events) - inserted)
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback_sync()
@@ -1622,12 +1627,13 @@ class SQLiteStore:
 
         return await self._reader._execute(run)  # type: ignore[no-untyped-call]
 
-    async def read_with(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``fn`` on the read connection (never waits for the writer)."""
-        def run() -> Any:
-            return fn(self._reader._conn)
+    async def read_with(self, fn: Callable[[LedgerView], _T]) -> _T:
+        """Run ``fn`` on the ledger's records as the read connection sees them (never waits for the writer)."""
+        def run() -> _T:
+            return fn(LedgerView(self._reader._conn))
 
-        return await self._reader._execute(run)  # type: ignore[no-untyped-call]
+        result: _T = await self._reader._execute(run)  # type: ignore[no-untyped-call]
+        return result
 
     # ---- prices
 
