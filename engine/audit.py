@@ -37,7 +37,7 @@ from engine.money import format_amount
 
 if TYPE_CHECKING:
     from engine.ledger import LedgerView
-    from engine.ledger.repos.audit import JournalRow
+    from engine.ledger.repos.audit import AuditRow
 
 GENESIS: Final = "0" * 64
 #: Fields holding an amount of a budget's metric (nano-dollars of a dollar budget).
@@ -230,7 +230,7 @@ def append(ledger: LedgerView, ts_ms: int, actor: str, action: str, subject: str
     return entry_id
 
 
-def _entry(row: JournalRow, metrics: Mapping[str, str]) -> AuditEntry:
+def _entry(row: AuditRow, metrics: Mapping[str, str]) -> AuditEntry:
     before, after = json.loads(row.before), json.loads(row.after)
     record = after or before or {}
     metric = record.get("metric") or metrics.get(str(record.get("id")), "usd")
@@ -246,7 +246,7 @@ def entries(ledger: LedgerView, *, limit: int = 200, text: str = "") -> list[Aud
     return [_entry(r, metrics) for r in rows]
 
 
-def _record_id(row: JournalRow) -> Any:
+def _record_id(row: AuditRow) -> Any:
     return (json.loads(row.after) or json.loads(row.before) or {}).get("id")
 
 

@@ -309,7 +309,7 @@ HealthRow = tuple[str, str, int, int, int, int]
 
 
 def health_rows(ledger: LedgerView, after_id: int | None, since_ms: int) -> tuple[list[HealthRow], int]:
-    """The calls since ``since_ms`` and the last event's id (``ProviderRepo.health_rows``)."""
+    """The calls since ``since_ms`` and the last event's id (``Providers.health_rows``)."""
     return ledger.providers.health_rows(after_id, since_ms)
 
 

@@ -10,28 +10,54 @@ through a ``LedgerView``: a transaction (``LedgerTx`` is one) or what
 from __future__ import annotations
 
 import sqlite3
+from functools import cached_property
 
-from engine.ledger.repos.approvals import ApprovalRepo
-from engine.ledger.repos.audit import AuditRepo
-from engine.ledger.repos.decisions import RoutingDecisionRepo
-from engine.ledger.repos.gateways import GatewayRepo
-from engine.ledger.repos.members import MemberRepo
-from engine.ledger.repos.providers import ProviderRepo
-from engine.ledger.repos.tokens import TokenRepo
+from engine.ledger.repos.approvals import Approvals
+from engine.ledger.repos.audit import AuditJournal
+from engine.ledger.repos.decisions import RoutingDecisions
+from engine.ledger.repos.gateways import Gateways
+from engine.ledger.repos.members import Members
+from engine.ledger.repos.providers import Providers
+from engine.ledger.repos.tokens import Tokens
 
 
 class LedgerView:
-    """The ledger's records through their repositories, on one connection."""
+    """The ledger's records through their repositories, on one connection; each repository is
+    made when first used (a transaction or a read mostly needs one or two)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
-        self.tokens = TokenRepo(conn)
-        self.members = MemberRepo(conn)
-        self.approvals = ApprovalRepo(conn)
-        self.audit = AuditRepo(conn)
-        self.providers = ProviderRepo(conn)
-        self.routing = RoutingDecisionRepo(conn)
-        self.gateways = GatewayRepo(conn)
+        self._conn = conn
+
+    @cached_property
+    def tokens(self) -> Tokens:
+        return Tokens(self._conn)
+
+    @cached_property
+    def members(self) -> Members:
+        return Members(self._conn)
+
+    @cached_property
+    def approvals(self) -> Approvals:
+        return Approvals(self._conn)
+
+    @cached_property
+    def audit(self) -> AuditJournal:
+        return AuditJournal(self._conn)
+
+    @cached_property
+    def providers(self) -> Providers:
+        return Providers(self._conn)
+
+    @cached_property
+    def routing(self) -> RoutingDecisions:
+        """Routing decisions."""
+        return RoutingDecisions(self._conn)
+
+    @cached_property
+    def gateways(self) -> Gateways:
+        """Gateway heartbeats."""
+        return Gateways(self._conn)
 
 
-__all__ = ["ApprovalRepo", "AuditRepo", "GatewayRepo", "LedgerView", "MemberRepo", "ProviderRepo",
-           "RoutingDecisionRepo", "TokenRepo"]
+__all__ = ["Approvals", "AuditJournal", "Gateways", "LedgerView", "Members", "Providers",
+           "RoutingDecisions", "Tokens"]

@@ -9,26 +9,28 @@ from collections.abc import Sequence
 from engine.routing import Recorded, Summary
 
 
-class RoutingDecisionRepo:
+class RoutingDecisions:
+    __slots__ = ("conn",)
+
     def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+        self.conn = conn
 
     def record(self, decisions: Sequence[Recorded]) -> None:
-        self._conn.executemany(
+        self.conn.executemany(
             "INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
             "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(d.ts_ms, d.request_id, d.principal, d.mode, d.requested, d.chosen, d.applied, d.score,
               d.requested_cost, d.chosen_cost, d.reason) for d in decisions])
 
     def newest(self, limit: int) -> list[Recorded]:
-        return [Recorded(*r) for r in self._conn.execute(
+        return [Recorded(*r) for r in self.conn.execute(
             "SELECT ts_ms, request_id, principal, mode, requested, chosen, applied, score, requested_cost, "
             "chosen_cost, reason FROM routing_decisions ORDER BY id DESC LIMIT ?", (limit,))]
 
     def summary(self, since_ms: int) -> Summary:
         """How often routing changed the model since ``since_ms``, and what that saved (applied,
         under enforced) or would have saved (suggest and dry_run)."""
-        row = self._conn.execute(
+        row = self.conn.execute(
             "SELECT count(*), coalesce(sum(chosen != requested), 0), "
             "coalesce(sum(CASE WHEN mode = 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
             "THEN requested_cost - chosen_cost ELSE 0 END), 0), "

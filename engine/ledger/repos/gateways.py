@@ -7,13 +7,15 @@ import sqlite3
 from engine.models import GatewayStatus
 
 
-class GatewayRepo:
+class Gateways:
+    __slots__ = ("conn",)
+
     def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+        self.conn = conn
 
     def heartbeat(self, s: GatewayStatus) -> None:
         """A gateway's latest heartbeat (its first one registers it)."""
-        self._conn.execute(
+        self.conn.execute(
             "INSERT INTO gateways (id, address, pid, started_ms, seen_ms, stopped_ms, requests, errors, "
             "requests_last_min, errors_last_min) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
             "seen_ms = excluded.seen_ms, stopped_ms = excluded.stopped_ms, requests = excluded.requests, "
@@ -24,7 +26,7 @@ class GatewayRepo:
 
     def running(self, seen_since_ms: int) -> list[GatewayStatus]:
         """The gateways heard from since ``seen_since_ms`` and not stopped, oldest first."""
-        return [GatewayStatus(*r) for r in self._conn.execute(
+        return [GatewayStatus(*r) for r in self.conn.execute(
             "SELECT id, address, pid, started_ms, seen_ms, stopped_ms, requests, errors, requests_last_min, "
             "errors_last_min FROM gateways WHERE seen_ms >= ? AND stopped_ms IS NULL ORDER BY started_ms",
             (seen_since_ms,))]

@@ -24,29 +24,31 @@ def _provider(row: Sequence[Any]) -> Provider:
     return Provider(name, kind, url, credential, vendor, tuple(json.loads(models)), bool(enabled), created, by)
 
 
-class ProviderRepo:
+class Providers:
+    __slots__ = ("conn",)
+
     def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+        self.conn = conn
 
     def get(self, name: str) -> Provider | None:
-        row = self._conn.execute(f"SELECT {_COLUMNS} FROM providers WHERE name = ?", (name,)).fetchone()
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM providers WHERE name = ?", (name,)).fetchone()
         return None if row is None else _provider(row)
 
     def exists(self, name: str) -> bool:
-        return self._conn.execute("SELECT 1 FROM providers WHERE name = ?", (name,)).fetchone() is not None
+        return self.conn.execute("SELECT 1 FROM providers WHERE name = ?", (name,)).fetchone() is not None
 
     def listing(self) -> list[Provider]:
-        return [_provider(r) for r in self._conn.execute(f"SELECT {_COLUMNS} FROM providers ORDER BY name")]
+        return [_provider(r) for r in self.conn.execute(f"SELECT {_COLUMNS} FROM providers ORDER BY name")]
 
     def insert(self, p: Provider) -> None:
-        self._conn.execute(f"INSERT INTO providers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self.conn.execute(f"INSERT INTO providers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (p.name, p.kind, p.base_url, p.credential, p.vendor, json.dumps(list(p.models)),
                             int(p.enabled), p.created_ms, p.created_by))
 
     def remove(self, name: str) -> None:
         """The provider and its breaker."""
-        self._conn.execute("DELETE FROM providers WHERE name = ?", (name,))
-        self._conn.execute("DELETE FROM provider_breakers WHERE provider = ?", (name,))
+        self.conn.execute("DELETE FROM providers WHERE name = ?", (name,))
+        self.conn.execute("DELETE FROM provider_breakers WHERE provider = ?", (name,))
 
     # ---- health and breakers
 
@@ -56,20 +58,20 @@ class ProviderRepo:
         appended after event ``after_id`` (a refresh: the new ones, by the primary key). No
         transaction is needed: ids are given in commit order (one writer at a time), so every event
         up to the last id read is committed and seen by the next statement."""
-        last = int(self._conn.execute("SELECT max(id) FROM usage_events").fetchall()[0][0] or 0)
+        last = int(self.conn.execute("SELECT max(id) FROM usage_events").fetchall()[0][0] or 0)
         if after_id is None:
-            rows = self._conn.execute(_HEALTH_SELECT.format(where="e.ts_ms >= ? AND e.id <= ?"),
+            rows = self.conn.execute(_HEALTH_SELECT.format(where="e.ts_ms >= ? AND e.id <= ?"),
                                       (since_ms, last)).fetchall()
         else:  # ``+e.ts_ms``: walk the new ids, never the timestamp index
-            rows = self._conn.execute(_HEALTH_SELECT.format(where="e.id > ? AND e.id <= ? AND +e.ts_ms >= ?"),
+            rows = self.conn.execute(_HEALTH_SELECT.format(where="e.id > ? AND e.id <= ? AND +e.ts_ms >= ?"),
                                       (after_id, last, since_ms)).fetchall()
         return rows, last
 
     def breakers(self) -> dict[str, Breaker]:
         return {r[0]: Breaker(r[0], r[1], r[2], r[3])
-                for r in self._conn.execute("SELECT provider, state, since_ms, reason FROM provider_breakers")}
+                for r in self.conn.execute("SELECT provider, state, since_ms, reason FROM provider_breakers")}
 
     def set_breaker(self, b: Breaker) -> None:
-        self._conn.execute("INSERT INTO provider_breakers (provider, state, since_ms, reason) VALUES (?, ?, ?, ?) "
+        self.conn.execute("INSERT INTO provider_breakers (provider, state, since_ms, reason) VALUES (?, ?, ?, ?) "
                            "ON CONFLICT (provider) DO UPDATE SET state = excluded.state, since_ms = excluded.since_ms, "
                            "reason = excluded.reason", (b.provider, b.state, b.since_ms, b.reason))
