@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from engine.clock import DAY_MS, HOUR_MS, FrozenClock, period_range
 from engine.demo import generate_demo
 from engine.engine import Engine
+from engine.ledger.baseline import bare_insert_rate
 from engine.models import UsageEvent
 
 NOW_MS = 1_795_003_200_000
@@ -37,21 +37,8 @@ def _events(count: int) -> list[UsageEvent]:
 
 def raw_sqlite_rate(events: list[UsageEvent]) -> float:
     """Plain executemany into a bare table with the same columns: the ceiling for the ledger."""
-    with tempfile.TemporaryDirectory() as tmp:
-        conn = sqlite3.connect(Path(tmp) / "raw.db", isolation_level=None)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("CREATE TABLE e (ts INTEGER, rid TEXT, ws TEXT, team TEXT, who TEXT, model TEXT, "
-                     "i INTEGER, o INTEGER, cost INTEGER)")
-        rows = [(e.ts_ms, e.request_id, e.workspace, e.team, e.principal, e.model, e.input_tokens,
-                 e.output_tokens, 0) for e in events]
-        started = time.perf_counter()
-        for i in range(0, len(rows), 50_000):
-            conn.execute("BEGIN")
-            conn.executemany("INSERT INTO e VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[i:i + 50_000])
-            conn.execute("COMMIT")
-        elapsed = time.perf_counter() - started
-        conn.close()
-    return len(rows) / elapsed
+    return bare_insert_rate([(e.ts_ms, e.request_id, e.workspace, e.team, e.principal, e.model, e.input_tokens,
+                              e.output_tokens, 0) for e in events])
 
 
 async def bench_bulk(path: Path, events: list[UsageEvent]) -> float:

@@ -8,11 +8,13 @@ against the matrix for the local identity (``BUDGETEER_USER``, else the login na
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from engine.models import FieldError
+
+if TYPE_CHECKING:
+    from engine.ledger import LedgerView
 
 Role = Literal["owner", "admin", "operator", "viewer"]
 ROLES: Final[tuple[Role, ...]] = ("owner", "admin", "operator", "viewer")
@@ -70,31 +72,28 @@ def parse_role(text: str) -> Role:
     return role
 
 
-def members(conn: sqlite3.Connection, workspace: str = DEFAULT_WORKSPACE) -> list[Member]:
-    return [Member(str(w), str(u), r, int(a), str(b)) for w, u, r, a, b in conn.execute(
-        "SELECT workspace, user, role, added_ms, added_by FROM members WHERE workspace = ? ORDER BY user",
-        (workspace,))]
+def members(ledger: LedgerView, workspace: str = DEFAULT_WORKSPACE) -> list[Member]:
+    return ledger.members.listing(workspace)
 
 
-def role_of(conn: sqlite3.Connection, user: str, workspace: str = DEFAULT_WORKSPACE) -> Role | None:
-    row = conn.execute("SELECT role FROM members WHERE workspace = ? AND user = ?", (workspace, user)).fetchone()
-    return row[0] if row else None
+def role_of(ledger: LedgerView, user: str, workspace: str = DEFAULT_WORKSPACE) -> Role | None:
+    return ledger.members.role_of(user, workspace)
 
 
-def single_user(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM members LIMIT 1").fetchone() is None
+def single_user(ledger: LedgerView) -> bool:
+    return ledger.members.none()
 
 
-def require(conn: sqlite3.Connection, user: str, permission: Permission, workspace: str = DEFAULT_WORKSPACE) -> None:
+def require(ledger: LedgerView, user: str, permission: Permission, workspace: str = DEFAULT_WORKSPACE) -> None:
     """Raise AccessDenied unless ``user`` may do ``permission`` (always allowed on a ledger with no members)."""
-    if single_user(conn):
+    if single_user(ledger):
         return
-    role = role_of(conn, user, workspace)
+    role = role_of(ledger, user, workspace)
     if not allowed(role, permission):
         raise AccessDenied(user, role, permission)
 
 
-def set_member(conn: sqlite3.Connection, actor: str, user: str, role: Role, now_ms: int,
+def set_member(ledger: LedgerView, actor: str, user: str, role: Role, now_ms: int,
                workspace: str = DEFAULT_WORKSPACE) -> tuple[Member | None, Member]:
     """Add a member or change a role; returns (before, after). The caller has checked
     manage_members; besides, only owners make owners, the first member is an owner, and the
@@ -102,42 +101,38 @@ def set_member(conn: sqlite3.Connection, actor: str, user: str, role: Role, now_
     user = user.strip()
     if not user:
         raise FieldError("user", "is empty")
-    first = single_user(conn)
+    first = single_user(ledger)
     if first and role != "owner":
         raise FieldError("role", "the first member must be an owner (otherwise nobody could manage members)")
-    if not first and role == "owner" and role_of(conn, actor, workspace) != "owner":
-        raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
+    if not first and role == "owner" and role_of(ledger, actor, workspace) != "owner":
+        raise AccessDenied(actor, role_of(ledger, actor, workspace), "manage_members",
                            f"only an owner can make {user} an owner")
-    before = next((m for m in members(conn, workspace) if m.user == user), None)
+    before = next((m for m in members(ledger, workspace) if m.user == user), None)
     if before is not None and before.role == "owner" and role != "owner":
-        if role_of(conn, actor, workspace) != "owner":
-            raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
+        if role_of(ledger, actor, workspace) != "owner":
+            raise AccessDenied(actor, role_of(ledger, actor, workspace), "manage_members",
                                f"only an owner can change the role of the owner {user}")
-        _keep_an_owner(conn, workspace, user)
-    conn.execute("INSERT INTO members (workspace, user, role, added_ms, added_by) VALUES (?, ?, ?, ?, ?) "
-                 "ON CONFLICT (workspace, user) DO UPDATE SET role = excluded.role",
-                 (workspace, user, role, now_ms, actor))
-    after = next(m for m in members(conn, workspace) if m.user == user)
+        _keep_an_owner(ledger, workspace, user)
+    ledger.members.put(workspace, user, role, now_ms, actor)
+    after = next(m for m in members(ledger, workspace) if m.user == user)
     return before, after
 
 
-def remove_member(conn: sqlite3.Connection, actor: str, user: str, workspace: str = DEFAULT_WORKSPACE) -> Member:
+def remove_member(ledger: LedgerView, actor: str, user: str, workspace: str = DEFAULT_WORKSPACE) -> Member:
     """Remove a member (the caller has checked manage_members); only an owner removes an owner,
     and never the last one."""
-    before = next((m for m in members(conn, workspace) if m.user == user), None)
+    before = next((m for m in members(ledger, workspace) if m.user == user), None)
     if before is None:
         raise FieldError("user", f"{user} is not a member of {workspace}")
     if before.role == "owner":
-        if role_of(conn, actor, workspace) != "owner":
-            raise AccessDenied(actor, role_of(conn, actor, workspace), "manage_members",
+        if role_of(ledger, actor, workspace) != "owner":
+            raise AccessDenied(actor, role_of(ledger, actor, workspace), "manage_members",
                                f"only an owner can remove the owner {user}")
-        _keep_an_owner(conn, workspace, user)
-    conn.execute("DELETE FROM members WHERE workspace = ? AND user = ?", (workspace, user))
+        _keep_an_owner(ledger, workspace, user)
+    ledger.members.remove(workspace, user)
     return before
 
 
-def _keep_an_owner(conn: sqlite3.Connection, workspace: str, leaving: str) -> None:
-    others = conn.execute("SELECT count(*) FROM members WHERE workspace = ? AND role = 'owner' AND user != ?",
-                          (workspace, leaving)).fetchone()[0]
-    if not others:
+def _keep_an_owner(ledger: LedgerView, workspace: str, leaving: str) -> None:
+    if not ledger.members.other_owners(workspace, leaving):
         raise FieldError("user", f"{leaving} is the last owner of {workspace}; make someone else an owner first")

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from engine.clock import format_span, iso
 from engine.models import FieldError
 from engine.money import format_usd
+
+if TYPE_CHECKING:
+    from engine.ledger import LedgerView
 
 Status = Literal["pending", "approved", "denied", "expired", "cancelled"]
 STATUSES: Final = ("pending", "approved", "denied", "expired", "cancelled")
@@ -126,86 +128,58 @@ class OverrideRequest:
         return {k: v for k, v in self.as_dict().items() if k not in ("policy", "evaluation")}
 
 
-_COLUMNS: Final = ("id, subject, policy_id, policy_snapshot, requester, amount, duration_ms, reason, evaluation, "
-                   "status, created_ms, expires_ms, decided_by, decided_ms, decision_reason, granted, "
-                   "grant_expires_ms, grant_used")
-
-
-def _request(row: tuple[Any, ...]) -> OverrideRequest:
-    (rid, subject, policy_id, snapshot, requester, amount, duration, reason, evaluation, status, created, expires,
-     decided_by, decided_ms, decision_reason, granted, grant_expires, used) = row
-    return OverrideRequest(rid, subject or f"usage-budget:{policy_id}", policy_id, json.loads(snapshot), requester,
-                           amount, duration, reason, json.loads(evaluation), status, created, expires, decided_by,
-                           decided_ms, decision_reason, granted, grant_expires, used)
-
-
-def open_request(conn: sqlite3.Connection, *, policy_id: str, policy_snapshot: dict[str, Any], requester: str,
+def open_request(ledger: LedgerView, *, policy_id: str, policy_snapshot: dict[str, Any], requester: str,
                  amount: int, duration_ms: int, reason: str, evaluation: dict[str, Any], now_ms: int,
                  pending_ttl_ms: int) -> tuple[OverrideRequest, bool]:
     """The pending request of this requester on this policy, opening one if there is none;
     returns (request, created)."""
-    expire(conn, now_ms)
-    row = conn.execute(f"SELECT {_COLUMNS} FROM override_requests WHERE policy_id = ? AND requester = ? "
-                       "AND status = 'pending'", (policy_id, requester)).fetchone()
-    if row is not None:
-        return _request(row), False
+    expire(ledger, now_ms)
+    found = ledger.approvals.pending_of(policy_id, requester)
+    if found is not None:
+        return found, False
     if amount <= 0:
         raise FieldError("amount", "must be more than zero")
     if duration_ms <= 0:
         raise FieldError("ttl", "must be a positive duration")
     request_id = "ovr_" + secrets.token_hex(6)
-    conn.execute("INSERT INTO override_requests (id, subject, policy_id, policy_snapshot, requester, amount, "
-                 "duration_ms, reason, evaluation, status, created_ms, expires_ms) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                 (request_id, f"usage-budget:{policy_id}", policy_id, json.dumps(policy_snapshot), requester, amount,
-                  duration_ms, reason, json.dumps(evaluation), now_ms, now_ms + pending_ttl_ms))
-    return get(conn, request_id), True
+    ledger.approvals.insert(request_id, subject=f"usage-budget:{policy_id}", policy_id=policy_id,
+                            policy_snapshot=policy_snapshot, requester=requester, amount=amount,
+                            duration_ms=duration_ms, reason=reason, evaluation=evaluation, now_ms=now_ms,
+                            expires_ms=now_ms + pending_ttl_ms)
+    return get(ledger, request_id), True
 
 
-def get(conn: sqlite3.Connection, request_id: str) -> OverrideRequest:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM override_requests WHERE id = ?", (request_id,)).fetchone()
-    if row is None:
+def get(ledger: LedgerView, request_id: str) -> OverrideRequest:
+    request = ledger.approvals.get(request_id)
+    if request is None:
         raise FieldError("id", f"no override request {request_id}")
-    return _request(row)
+    return request
 
 
-def listing(conn: sqlite3.Connection, *, pending: bool | None = None, limit: int = 200) -> list[OverrideRequest]:
+def listing(ledger: LedgerView, *, pending: bool | None = None, limit: int = 200) -> list[OverrideRequest]:
     """Pending requests oldest first; decided ones (``pending=False``) newest first; None: all, newest first."""
-    if pending:
-        sql = f"SELECT {_COLUMNS} FROM override_requests WHERE status = 'pending' ORDER BY created_ms, id LIMIT ?"
-    elif pending is False:
-        sql = (f"SELECT {_COLUMNS} FROM override_requests WHERE status != 'pending' "
-               "ORDER BY coalesce(decided_ms, created_ms) DESC, id LIMIT ?")
-    else:
-        sql = f"SELECT {_COLUMNS} FROM override_requests ORDER BY created_ms DESC, id LIMIT ?"
-    return [_request(r) for r in conn.execute(sql, (limit,))]
+    return ledger.approvals.listing(pending, limit)
 
 
-def expire(conn: sqlite3.Connection, now_ms: int) -> list[str]:
+def expire(ledger: LedgerView, now_ms: int) -> list[str]:
     """Pending requests past their time become expired; their ids."""
-    ids = [str(r[0]) for r in conn.execute(
-        "SELECT id FROM override_requests WHERE status = 'pending' AND expires_ms IS NOT NULL AND expires_ms <= ?",
-        (now_ms,))]
-    if ids:
-        conn.executemany("UPDATE override_requests SET status = 'expired', decided_ms = expires_ms WHERE id = ?",
-                         [(i,) for i in ids])
-    return ids
+    return ledger.approvals.expire(now_ms)
 
 
-def _pending(conn: sqlite3.Connection, request_id: str, now_ms: int) -> OverrideRequest:
-    expire(conn, now_ms)
-    request = get(conn, request_id)
+def _pending(ledger: LedgerView, request_id: str, now_ms: int) -> OverrideRequest:
+    expire(ledger, now_ms)
+    request = get(ledger, request_id)
     if request.status != "pending":
         by = f" by {request.decided_by}" if request.decided_by else ""
         raise ApprovalError(f"{request.id} is already {request.status}{by}")
     return request
 
 
-def approve(conn: sqlite3.Connection, request_id: str, actor: str, now_ms: int, *, amount: int | None = None,
+def approve(ledger: LedgerView, request_id: str, actor: str, now_ms: int, *, amount: int | None = None,
             duration_ms: int | None = None, reason: str = "") -> tuple[OverrideRequest, OverrideRequest]:
     """Grant the request (or a different amount or duration); returns (before, after). Of two
     operators deciding at once, the first wins and the second is told who decided."""
-    before = _pending(conn, request_id, now_ms)
+    before = _pending(ledger, request_id, now_ms)
     if actor == before.requester:
         raise ApprovalError(f"{actor} cannot approve their own request {before.id}")
     granted = before.amount if amount is None else amount
@@ -214,84 +188,75 @@ def approve(conn: sqlite3.Connection, request_id: str, actor: str, now_ms: int, 
     duration = before.duration_ms if duration_ms is None else duration_ms
     if duration <= 0:
         raise FieldError("ttl", "must be a positive duration")
-    changed = conn.execute("UPDATE override_requests SET status = 'approved', decided_by = ?, decided_ms = ?, "
-                           "decision_reason = ?, granted = ?, grant_expires_ms = ? WHERE id = ? AND status = 'pending'",
-                           (actor, now_ms, reason, granted, now_ms + duration, request_id)).rowcount
-    if not changed:  # cannot happen inside one write transaction; kept as the guard it is
+    if not ledger.approvals.approve(request_id, actor, now_ms, reason, granted, now_ms + duration):
+        # cannot happen inside one write transaction; kept as the guard it is
         raise ApprovalError(f"{request_id} was decided by someone else first")
-    return before, get(conn, request_id)
+    return before, get(ledger, request_id)
 
 
-def deny(conn: sqlite3.Connection, request_id: str, actor: str, now_ms: int,
+def deny(ledger: LedgerView, request_id: str, actor: str, now_ms: int,
          reason: str) -> tuple[OverrideRequest, OverrideRequest]:
     if not reason.strip():
         raise FieldError("reason", "is empty; say why the request is denied")
-    before = _pending(conn, request_id, now_ms)
+    before = _pending(ledger, request_id, now_ms)
     if actor == before.requester:
         raise ApprovalError(f"{actor} cannot decide their own request {before.id}; cancel it instead")
-    conn.execute("UPDATE override_requests SET status = 'denied', decided_by = ?, decided_ms = ?, "
-                 "decision_reason = ? WHERE id = ? AND status = 'pending'", (actor, now_ms, reason.strip(), request_id))
-    return before, get(conn, request_id)
+    ledger.approvals.deny(request_id, actor, now_ms, reason.strip())
+    return before, get(ledger, request_id)
 
 
-def cancel(conn: sqlite3.Connection, request_id: str, actor: str,
+def cancel(ledger: LedgerView, request_id: str, actor: str,
            now_ms: int) -> tuple[OverrideRequest, OverrideRequest]:
-    before = _pending(conn, request_id, now_ms)
+    before = _pending(ledger, request_id, now_ms)
     if actor != before.requester:
         raise ApprovalError(f"only {before.requester} can cancel {before.id}; deny it instead")
-    conn.execute("UPDATE override_requests SET status = 'cancelled', decided_by = ?, decided_ms = ? WHERE id = ?",
-                 (actor, now_ms, request_id))
-    return before, get(conn, request_id)
+    ledger.approvals.cancel(request_id, actor, now_ms)
+    return before, get(ledger, request_id)
 
 
-def undo(conn: sqlite3.Connection, request_id: str, actor: str, now_ms: int,
+def undo(ledger: LedgerView, request_id: str, actor: str, now_ms: int,
          window_ms: int = UNDO_WINDOW_MS) -> tuple[OverrideRequest, OverrideRequest]:
     """Put a just-made decision back to pending, if it is recent and its grant is untouched."""
-    before = get(conn, request_id)
+    before = get(ledger, request_id)
     if before.status not in ("approved", "denied") or before.decided_ms is None:
         raise ApprovalError(f"{request_id} has no decision to undo (it is {before.status})")
     if now_ms - before.decided_ms > window_ms:
         raise ApprovalError(f"the decision on {request_id} is older than {window_ms // 1000} s and stands")
     if before.grant_used:
         raise ApprovalError(f"the grant of {request_id} is already in use; it cannot be undone")
-    conn.execute("UPDATE override_requests SET status = 'pending', decided_by = NULL, decided_ms = NULL, "
-                 "decision_reason = NULL, granted = NULL, grant_expires_ms = NULL WHERE id = ?", (request_id,))
-    return before, get(conn, request_id)
+    ledger.approvals.reopen(request_id)
+    return before, get(ledger, request_id)
 
 
-def active_grant(conn: sqlite3.Connection, policy_id: str, requester: str, now_ms: int,
+def active_grant(ledger: LedgerView, policy_id: str, requester: str, now_ms: int,
                  need: int) -> OverrideRequest | None:
     """An approved, unexpired grant of this requester on this policy with at least ``need`` left."""
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM override_requests WHERE policy_id = ? AND requester = ? "
-                        "AND status = 'approved' AND grant_expires_ms > ? AND granted - grant_used >= ? "
-                        "ORDER BY grant_expires_ms LIMIT 1", (policy_id, requester, now_ms, need)).fetchall()
-    return _request(rows[0]) if rows else None
+    return ledger.approvals.active_grant(policy_id, requester, now_ms, need)
 
 
-def use_grant(conn: sqlite3.Connection, request_id: str, amount: int) -> None:
-    conn.execute("UPDATE override_requests SET grant_used = grant_used + ? WHERE id = ?", (amount, request_id))
+def use_grant(ledger: LedgerView, request_id: str, amount: int) -> None:
+    ledger.approvals.use_grant(request_id, amount)
 
 
-def pending_count(conn: sqlite3.Connection, now_ms: int) -> int:
-    return int(conn.execute("SELECT count(*) FROM override_requests WHERE status = 'pending' AND "
-                            "(expires_ms IS NULL OR expires_ms > ?)", (now_ms,)).fetchone()[0])
+def pending_count(ledger: LedgerView, now_ms: int) -> int:
+    return ledger.approvals.pending_count(now_ms)
 
 
-def attach_grant(conn: sqlite3.Connection, hold_id: str, request_id: str, amount: int) -> None:
+def attach_grant(ledger: LedgerView, hold_id: str, request_id: str, amount: int) -> None:
     """Take a call's worst case from the grant, remembering it on the call's hold."""
-    conn.execute("UPDATE holds SET grant_id = ?, grant_amount = ? WHERE id = ?", (request_id, amount, hold_id))
-    use_grant(conn, request_id, amount)
+    ledger.approvals.hold_takes(hold_id, request_id, amount)
+    use_grant(ledger, request_id, amount)
 
 
-def settle_grant(conn: sqlite3.Connection, hold_id: str, request_id: str, taken: int,
+def settle_grant(ledger: LedgerView, hold_id: str, request_id: str, taken: int,
                  actual: dict[str, int] | None) -> None:
     """Give back to the grant ``request_id`` what the call of ``hold_id``, which took ``taken``
     from it, did not use: the worst case less its actual amount in the policy's metric, or
     all of it when the call did not run (``actual`` None)."""
-    row = conn.execute("SELECT policy_snapshot FROM override_requests WHERE id = ?", (request_id,)).fetchone()
-    if row is None:
+    snapshot = ledger.approvals.policy_snapshot(request_id)
+    if snapshot is None:
         return
-    used = 0 if actual is None else min(taken, actual.get(json.loads(row[0])["metric"], taken))
+    used = 0 if actual is None else min(taken, actual.get(snapshot["metric"], taken))
     if taken - used:
-        use_grant(conn, request_id, used - taken)
-    conn.execute("UPDATE holds SET grant_amount = ? WHERE id = ?", (used, hold_id))
+        use_grant(ledger, request_id, used - taken)
+    ledger.approvals.hold_takes(hold_id, None, used)

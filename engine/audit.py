@@ -26,15 +26,18 @@ import base64
 import hashlib
 import hmac
 import json
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from engine.clock import format_span
 from engine.models import FieldError
 from engine.money import format_amount
+
+if TYPE_CHECKING:
+    from engine.ledger import LedgerView
+    from engine.ledger.repos.audit import AuditRow
 
 GENESIS: Final = "0" * 64
 #: Fields holding an amount of a budget's metric (nano-dollars of a dollar budget).
@@ -164,30 +167,28 @@ class Anchor:
         return cls(ledger, entry, digest.lower())
 
 
-def ledger_id(conn: sqlite3.Connection) -> str:
+def ledger_id(ledger: LedgerView) -> str:
     """The ledger's own random id (made by its schema; names its chain key in the vault)."""
-    return str(conn.execute("SELECT ledger_id FROM ledger_identity").fetchone()[0])
+    return ledger.audit.ledger_id()
 
 
 def key_ref(ledger: str) -> str:
     return KEY_REF_PREFIX + ledger
 
 
-def next_id(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM audit_journal").fetchone()[0])
+def next_id(ledger: LedgerView) -> int:
+    return ledger.audit.next_id()
 
 
-def head(conn: sqlite3.Connection) -> Anchor | None:
+def head(ledger: LedgerView) -> Anchor | None:
     """The newest entry as an anchor; None while the journal is empty."""
-    row = conn.execute("SELECT id, hash FROM audit_journal ORDER BY id DESC LIMIT 1").fetchone()
-    return Anchor(ledger_id(conn), int(row[0]), str(row[1])) if row else None
+    newest = ledger.audit.head()
+    return Anchor(ledger_id(ledger), *newest) if newest else None
 
 
-def claim_anchor_post(conn: sqlite3.Connection, day: int, now_ms: int, anchor: Anchor) -> bool:
+def claim_anchor_post(ledger: LedgerView, day: int, now_ms: int, anchor: Anchor) -> bool:
     """True for the first process to claim ``day`` (days since 1970, UTC) for posting an anchor."""
-    cursor = conn.execute("INSERT INTO audit_anchor_posts (day, ts_ms, entry, hash) VALUES (?, ?, ?, ?) "
-                          "ON CONFLICT (day) DO NOTHING", (day, now_ms, anchor.entry, anchor.hash))
-    return cursor.rowcount == 1
+    return ledger.audit.claim_anchor_post(day, now_ms, anchor.entry, anchor.hash)
 
 
 def _canonical(record: Mapping[str, Any] | None) -> str:
@@ -212,55 +213,44 @@ def _check_no_secrets(record: Mapping[str, Any] | None, where: str) -> None:
             _check_no_secrets(value, where)
 
 
-def append(conn: sqlite3.Connection, ts_ms: int, actor: str, action: str, subject: str,
+def append(ledger: LedgerView, ts_ms: int, actor: str, action: str, subject: str,
            before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, *, key: ChainKey | None = None) -> int:
     """Add an entry inside the caller's transaction (the change and its entry commit together),
     keyed by ``key`` (None: an entry of the legacy chain, while the vault holds no key)."""
     _check_no_secrets(before, "before")
     _check_no_secrets(after, "after")
-    row = conn.execute("SELECT id, hash FROM audit_journal ORDER BY id DESC LIMIT 1").fetchone()
-    entry_id, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS)
+    newest = ledger.audit.head()
+    entry_id, prev = (newest[0] + 1, newest[1]) if newest else (1, GENESIS)
     if key is not None and entry_id < key.first:
         raise FieldError("audit", f"the journal ends at entry {entry_id - 1} but its key in the vault covers "
                                   f"entries from {key.first}: entries are missing ('audit verify' names them)")
     b, a = _canonical(before), _canonical(after)
     digest = entry_hash(entry_id, ts_ms, actor, action, subject, b, a, prev, key.key if key else None)
-    conn.execute("INSERT INTO audit_journal (id, ts_ms, actor, action, subject, before, after, prev_hash, hash) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (entry_id, ts_ms, actor, action, subject, b, a, prev, digest))
+    ledger.audit.append(entry_id, ts_ms, actor, action, subject, b, a, prev, digest)
     return entry_id
 
 
-def _entry(row: tuple[Any, ...], metrics: Mapping[str, str]) -> AuditEntry:
-    before, after = json.loads(row[5]), json.loads(row[6])
+def _entry(row: AuditRow, metrics: Mapping[str, str]) -> AuditEntry:
+    before, after = json.loads(row.before), json.loads(row.after)
     record = after or before or {}
     metric = record.get("metric") or metrics.get(str(record.get("id")), "usd")
-    return AuditEntry(int(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4]), before, after, str(row[7]),
-                      str(row[8]), str(metric))
+    return AuditEntry(row.id, row.ts_ms, row.actor, row.action, row.subject, before, after, row.prev_hash,
+                      row.hash, str(metric))
 
 
-def entries(conn: sqlite3.Connection, *, limit: int = 200, text: str = "") -> list[AuditEntry]:
+def entries(ledger: LedgerView, *, limit: int = 200, text: str = "") -> list[AuditEntry]:
     """Newest first; ``text`` keeps entries whose actor, action or subject contain it. An
     override request's amounts are in its policy's metric, as the request's snapshot has it."""
-    sql = "SELECT id, ts_ms, actor, action, subject, before, after, prev_hash, hash FROM audit_journal"
-    params: list[Any] = []
-    if text:
-        sql += " WHERE instr(lower(actor || ' ' || action || ' ' || subject), ?) > 0"
-        params.append(text.lower())
-    sql += " ORDER BY id DESC LIMIT ?"
-    params.append(limit)
-    rows = conn.execute(sql, params).fetchall()
-    metrics = {str(r[0]): str(r[1]) for r in conn.execute(
-        "SELECT id, coalesce(json_extract(policy_snapshot, '$.metric'), 'usd') FROM override_requests "
-        "WHERE id IN (SELECT value FROM json_each(?))",
-        (json.dumps([_record_id(r) for r in rows if r[4].startswith("usage-budget:")]),))}
+    rows = ledger.audit.newest(limit, text)
+    metrics = ledger.approvals.metrics([_record_id(r) for r in rows if r.subject.startswith("usage-budget:")])
     return [_entry(r, metrics) for r in rows]
 
 
-def _record_id(row: tuple[Any, ...]) -> Any:
-    return (json.loads(row[6]) or json.loads(row[5]) or {}).get("id")
+def _record_id(row: AuditRow) -> Any:
+    return (json.loads(row.after) or json.loads(row.before) or {}).get("id")
 
 
-def verify(conn: sqlite3.Connection, key: ChainKey | None = None, anchor: Anchor | None = None) -> Verification:
+def verify(ledger: LedgerView, key: ChainKey | None = None, anchor: Anchor | None = None) -> Verification:
     """Walk the chain oldest first, entries from ``key.first`` on checked under ``key``; the
     first entry that does not fit is named. With an ``anchor``, its entry must still be there
     with the same hash: the entries missing after it are named."""
@@ -271,8 +261,7 @@ def verify(conn: sqlite3.Connection, key: ChainKey | None = None, anchor: Anchor
         return Verification(False, count, problem, entry_id, first)
 
     anchored: str | None = None  # the anchor's entry's hash as the journal has it
-    for row in conn.execute("SELECT id, ts_ms, actor, action, subject, before, after, prev_hash, hash "
-                            "FROM audit_journal ORDER BY rowid"):
+    for row in ledger.audit.in_order():
         entry_id, ts, actor, action, subject, before, after, prev_hash, digest = row
         count += 1
         if entry_id != expected_id:
@@ -294,7 +283,7 @@ def verify(conn: sqlite3.Connection, key: ChainKey | None = None, anchor: Anchor
         return failed(f"entries {last + 1} to {key.first - 1} are missing: the vault's key was made when the "
                       f"journal ended at entry {key.first - 1}", last + 1)
     if anchor is not None:
-        if anchor.ledger != ledger_id(conn):
+        if anchor.ledger != ledger_id(ledger):
             return failed(f"the anchor is of another ledger ({anchor.ledger})", anchor.entry)
         if anchored is None:
             missing = f"entry {anchor.entry} is" if last + 1 == anchor.entry else \

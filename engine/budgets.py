@@ -731,11 +731,11 @@ class BudgetBook:
                 if granted is not None:
                     allowed, grant_id, amount = granted
                     hold_id = self._hold(tx, allowed, request_id, context, now)
-                    approvals.attach_grant(tx.conn, hold_id, grant_id, amount)
+                    approvals.attach_grant(tx, hold_id, grant_id, amount)
                     return Authorization(allowed, hold_id, cost, request_id, grant_id=grant_id)
                 deciding = evaluation.deciding
                 request, _ = approvals.open_request(
-                    tx.conn, policy_id=deciding.policy.id, policy_snapshot=deciding.policy.to_json(),
+                    tx, policy_id=deciding.policy.id, policy_snapshot=deciding.policy.to_json(),
                     requester=requester, amount=max(deciding.cost, 1), duration_ms=approvals.DEFAULT_GRANT_MS,
                     reason=f"blocked call: {deciding.message}", evaluation=evaluation.as_dict(), now_ms=now,
                     pending_ttl_ms=self.pending_ttl_ms)
@@ -755,7 +755,7 @@ class BudgetBook:
         if len(over) != 1 or over[0].policy.action != "approval_required" or not over[0].priced:
             return None
         target = over[0]
-        grant = approvals.active_grant(tx.conn, target.policy.id, requester, now, target.cost)
+        grant = approvals.active_grant(tx, target.policy.id, requester, now, target.cost)
         if grant is None:
             return None
         allowed = decide([replace(o, status="ok") if o is target else o for o in evaluation.outcomes])
@@ -831,7 +831,7 @@ class BudgetBook:
         if closed is None:
             return None
         if closed.grant_id is not None:
-            approvals.settle_grant(tx.conn, hold_id, closed.grant_id, closed.grant_amount, actual)
+            approvals.settle_grant(tx, hold_id, closed.grant_id, closed.grant_amount, actual)
         for policy_id, amount in closed.lines:
             counter = self._counters.get(policy_id)
             if counter is not None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
+from engine import approvals
 from engine.budgets import Policy, build_policy
 from engine.clock import DAY_MS, HOUR_MS
 from engine.models import UsageEvent
@@ -337,9 +338,10 @@ async def populate(engine: Engine, *, days: int = 30, seed: int = 7, end_ms: int
 
 async def _set_times(engine: Engine, request_id: str, ago_ms: int, *, expired: bool) -> None:
     def op(tx: LedgerTx) -> None:
-        tx.conn.execute("UPDATE override_requests SET created_ms = created_ms - ?, expires_ms = "
-                        "CASE WHEN ? THEN created_ms - ? + 3600000 ELSE expires_ms - ? END WHERE id = ?",
-                        (ago_ms, expired, ago_ms, ago_ms, request_id))
+        request = approvals.get(tx, request_id)
+        created = request.created_ms - ago_ms
+        expires = created + HOUR_MS if expired else None if request.expires_ms is None else request.expires_ms - ago_ms
+        tx.approvals.set_times(request_id, created, expires)
 
     await engine.store.transact(op)
 
@@ -347,7 +349,6 @@ async def _set_times(engine: Engine, request_id: str, ago_ms: int, *, expired: b
 async def _set_last_use(engine: Engine, last_use: Mapping[str, int]) -> None:
     """What a gateway would have written as each token's last use: its last call in the history."""
     def op(tx: LedgerTx) -> None:
-        tx.conn.executemany("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?",
-                            [(ts, token_id) for token_id, ts in last_use.items()])
+        tx.tokens.used_last(last_use, keep_later=False)
 
     await engine.store.transact(op)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -55,6 +54,7 @@ from engine.ledger import (
     BreakdownRow,
     LedgerRefusing,
     LedgerTx,
+    LedgerView,
     Metric,
     RecordResult,
     SQLiteStore,
@@ -62,7 +62,7 @@ from engine.ledger import (
     Totals,
     refusal,
 )
-from engine.models import ROLLUP_DIMENSIONS, STATUSES, FieldError, SettledCall, UsageEvent
+from engine.models import ROLLUP_DIMENSIONS, STATUSES, FieldError, GatewayStatus, SettledCall, UsageEvent
 from engine.pricing import (
     ModelPrice,
     PriceBook,
@@ -78,8 +78,6 @@ from engine.tokens import Token
 from engine.vault import Vault
 
 LEDGER_FILENAME = "ledger.db"
-_INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
-                    "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to ride with
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
 RETRY_WRITES_S = (0.2, 5.0)  # while the ledger refuses writes: the first wait before trying again, and the longest
@@ -186,7 +184,7 @@ class Engine:
         self._health_at = 0.0  # time.monotonic() of the last refresh's start
         self._health_refresh: asyncio.Task[dict[str, prov.Breaker]] | None = None
         self._breakers: dict[str, prov.Breaker] | None = None
-        self._decision_rows: list[tuple[Any, ...]] = []  # routing decisions not yet written
+        self._decision_rows: list[routing.Recorded] = []  # routing decisions not yet written
         self._decision_flush: asyncio.Task[None] | None = None
         # Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset.
         self.vault_passphrase: Callable[[], str] | None = None
@@ -211,13 +209,13 @@ class Engine:
             task.add_done_callback(self._deliveries.discard)
         return result
 
-    def _journal(self, conn: sqlite3.Connection, action: str, entries: Journal | Sequence[Journal]) -> None:
+    def _journal(self, ledger: LedgerView, action: str, entries: Journal | Sequence[Journal]) -> None:
         """Append a change's entries in its transaction (only ``_change`` and ``import_usage``,
         which check the actor first)."""
         now = self.now_ms()
-        key = self._audit_key(conn, create=True)
+        key = self._audit_key(ledger, create=True)
         for e in (entries,) if isinstance(entries, Journal) else entries:
-            audit.append(conn, now, self.actor, e.action or action, e.subject, e.before, e.after, key=key)
+            audit.append(ledger, now, self.actor, e.action or action, e.subject, e.before, e.after, key=key)
 
     async def _change(self, permission: access.Permission, action: str, op: Callable[[LedgerTx], Changed[T]]) -> T:
         """The one path of every change an operator makes (tests/test_permissions.py holds every
@@ -228,9 +226,9 @@ class Engine:
         API token (authorize, settle, record) do not come this way: the gateway checks their
         scopes, and they pay for no member lookup."""
         def run(tx: LedgerTx) -> T:
-            access.require(tx.conn, self.actor, permission)  # before op, which may touch more than the ledger
+            access.require(tx, self.actor, permission)  # before op, which may touch more than the ledger
             result, entries = op(tx)
-            self._journal(tx.conn, action, entries)
+            self._journal(tx, action, entries)
             return result
 
         return await self._tx(run)  # type: ignore[no-any-return]
@@ -238,7 +236,7 @@ class Engine:
     async def _permitted(self, permission: access.Permission) -> None:
         """AccessDenied now, before a long or interactive step (an import, a passphrase);
         the change itself is checked again in its own transaction."""
-        await self.store.read_with(lambda conn: access.require(conn, self.actor, permission))
+        await self.store.read_with(lambda ledger: access.require(ledger, self.actor, permission))
 
     @classmethod
     async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
@@ -328,9 +326,9 @@ class Engine:
         journals what it wrote, in that transaction."""
         await self._permitted("import_usage")  # before the first line is read
 
-        def journal(conn: sqlite3.Connection, recorded: int, duplicates: int) -> None:
-            access.require(conn, self.actor, "import_usage")
-            self._journal(conn, "usage.import", Journal(f"usage:{source or 'events'}", None,
+        def journal(ledger: LedgerView, recorded: int, duplicates: int) -> None:
+            access.require(ledger, self.actor, "import_usage")
+            self._journal(ledger, "usage.import", Journal(f"usage:{source or 'events'}", None,
                                                         {"recorded": recorded, "duplicates": duplicates}))
 
         return await self.store.bulk_record(events, atomic=atomic, prepare=self.priced, journal=journal)
@@ -696,20 +694,20 @@ class Engine:
 
     async def open_override_requests(self) -> int:
         now = self.now_ms()
-        return await self._tx(lambda tx: approvals.pending_count(tx.conn, now))  # type: ignore[no-any-return]
+        return await self._tx(lambda tx: approvals.pending_count(tx, now))  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ override requests
 
-    def _audit_key(self, conn: Any, *, create: bool) -> audit.ChainKey | None:
+    def _audit_key(self, ledger: LedgerView, *, create: bool) -> audit.ChainKey | None:
         """The ledger's chain key from the vault, kept in memory once read or made. None while the
         vault holds none; with ``create`` one is made (its first entry the next) when the vault
         opens without asking anyone (the keyring, a known or environment passphrase), else the
         entry joins the legacy chain. A vault that holds the key but is locked refuses the change
         (no prompt here: this runs under the ledger's write lock)."""
-        ledger = audit.ledger_id(conn)
-        if self._chain_key is not None and self._chain_key[0] == ledger:
+        ledger_id = audit.ledger_id(ledger)
+        if self._chain_key is not None and self._chain_key[0] == ledger_id:
             return self._chain_key[1]
-        vault, ref = self.vault(), audit.key_ref(ledger)
+        vault, ref = self.vault(), audit.key_ref(ledger_id)
         if vault.holds(ref):
             if not vault.open_without_asking:
                 unlock = "unlock it (set BUDGETEER_VAULT_PASSPHRASE, or the dashboard's vault screen)"
@@ -723,11 +721,11 @@ class Engine:
             except ValueError as exc:
                 raise vault_mod.VaultError(str(exc)) from None
         elif create and vault.open_without_asking:
-            key = audit.ChainKey(secrets.token_bytes(32), audit.next_id(conn))
+            key = audit.ChainKey(secrets.token_bytes(32), audit.next_id(ledger))
             vault.backend.set(ref, key.to_secret(), self.now_ms())
         else:
             return None
-        self._chain_key = (ledger, key)
+        self._chain_key = (ledger_id, key)
         return key
 
     async def request_override(self, policy_id: str, amount: int, duration_ms: int, reason: str,
@@ -742,7 +740,7 @@ class Engine:
 
         def op(tx: LedgerTx) -> Changed[tuple[OverrideRequest, bool]]:
             request, created = approvals.open_request(
-                tx.conn, policy_id=policy.id, policy_snapshot=policy.to_json(), requester=who, amount=amount,
+                tx, policy_id=policy.id, policy_snapshot=policy.to_json(), requester=who, amount=amount,
                 duration_ms=duration_ms, reason=reason.strip(), evaluation={"decision": "requested by hand"},
                 now_ms=now, pending_ttl_ms=self.budgets.pending_ttl_ms)
             return (request, created), [Journal(request.subject, None, request.audit_view())] if created else []
@@ -753,13 +751,13 @@ class Engine:
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> list[OverrideRequest]:
-            approvals.expire(tx.conn, now)
-            return approvals.listing(tx.conn, pending=pending, limit=limit)
+            approvals.expire(tx, now)
+            return approvals.listing(tx, pending=pending, limit=limit)
 
         return await self._tx(op)  # type: ignore[no-any-return]
 
     async def override_request(self, request_id: str) -> OverrideRequest:
-        return await self._tx(lambda tx: approvals.get(tx.conn, request_id))  # type: ignore[no-any-return]
+        return await self._tx(lambda tx: approvals.get(tx, request_id))  # type: ignore[no-any-return]
 
     async def _decide(self, action: str, decide: Callable[[LedgerTx, int], tuple[OverrideRequest, OverrideRequest]],
                       permission: access.Permission = "approve_overrides") -> OverrideRequest:
@@ -774,19 +772,19 @@ class Engine:
     async def approve(self, request_id: str, amount: int | None = None, duration_ms: int | None = None,
                       reason: str = "") -> OverrideRequest:
         return await self._decide("override.approve", lambda tx, now: approvals.approve(
-            tx.conn, request_id, self.actor, now, amount=amount, duration_ms=duration_ms, reason=reason))
+            tx, request_id, self.actor, now, amount=amount, duration_ms=duration_ms, reason=reason))
 
     async def deny(self, request_id: str, reason: str) -> OverrideRequest:
         return await self._decide("override.deny", lambda tx, now: approvals.deny(
-            tx.conn, request_id, self.actor, now, reason))
+            tx, request_id, self.actor, now, reason))
 
     async def undo_decision(self, request_id: str) -> OverrideRequest:
         return await self._decide("override.undo", lambda tx, now: approvals.undo(
-            tx.conn, request_id, self.actor, now))
+            tx, request_id, self.actor, now))
 
     async def cancel_request(self, request_id: str) -> OverrideRequest:
         return await self._decide("override.cancel", lambda tx, now: approvals.cancel(
-            tx.conn, request_id, self.actor, now), permission="request_overrides")
+            tx, request_id, self.actor, now), permission="request_overrides")
 
     # ------------------------------------------------------------------ API tokens
 
@@ -798,7 +796,7 @@ class Engine:
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> Changed[tuple[Token, str]]:
-            token, secret = tokens.create(tx.conn, name=name, principal=principal, team=team, scopes=parsed,
+            token, secret = tokens.create(tx, name=name, principal=principal, team=team, scopes=parsed,
                                           rpm=rpm, tpm=tpm, expires_ms=expires_ms, now_ms=now, actor=self.actor)
             return (token, secret), Journal(f"token:{token.id}", None, token.as_dict())
 
@@ -806,7 +804,7 @@ class Engine:
 
     async def tokens(self) -> list[Token]:
         """Every token with its spend this month (never a secret or a digest)."""
-        found: list[Token] = await self._tx(lambda tx: tokens.all_tokens(tx.conn))
+        found: list[Token] = await self._tx(lambda tx: tokens.all_tokens(tx))
         start, end = period_range("month", self.now_ms())
         spend = {r.key: r.totals.cost_nanos for r in await self.breakdown(start, end, "token_id", limit=10_000)}
         return [replace(t, used_this_month=spend.get(t.id, 0)) for t in found]
@@ -815,7 +813,7 @@ class Engine:
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> Changed[Token]:
-            before, after = tokens.revoke(tx.conn, token_id, now, self.actor)
+            before, after = tokens.revoke(tx, token_id, now, self.actor)
             return after, Journal(f"token:{after.id}", before.as_dict(), after.as_dict())
 
         return await self._change("manage_tokens", "token.revoke", op)
@@ -825,8 +823,8 @@ class Engine:
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> Changed[tuple[Token, Token, str]]:
-            before = tokens.get(tx.conn, token_id)
-            old, new, secret = tokens.rotate(tx.conn, token_id, now, self.actor)
+            before = tokens.get(tx, token_id)
+            old, new, secret = tokens.rotate(tx, token_id, now, self.actor)
             return (old, new, secret), [Journal(f"token:{old.id}", before.as_dict(), old.as_dict()),
                                         Journal(f"token:{new.id}", None, new.as_dict(), "token.create")]
 
@@ -839,22 +837,22 @@ class Engine:
         now = self.now_ms()
         if not touch:
             return await self.store.read_with(
-                lambda conn: tokens.authenticate(conn, secret, now, scope, touch=False))
-        return await self._tx(lambda tx: tokens.authenticate(tx.conn, secret, now, scope))  # type: ignore[no-any-return]
+                lambda ledger: tokens.authenticate(ledger, secret, now, scope, touch=False))
+        return await self._tx(lambda tx: tokens.authenticate(tx, secret, now, scope))  # type: ignore[no-any-return]
 
     async def touch_tokens(self, last_used: dict[str, int]) -> None:
         if last_used:
-            await self._tx(lambda tx: tokens.touch(tx.conn, last_used), sync=False)
+            await self._tx(lambda tx: tokens.touch(tx, last_used), sync=False)
 
     # ------------------------------------------------------------------ members and roles
 
     async def members(self) -> list[access.Member]:
-        return await self._tx(lambda tx: access.members(tx.conn))  # type: ignore[no-any-return]
+        return await self._tx(lambda tx: access.members(tx))  # type: ignore[no-any-return]
 
     async def role(self, user: str | None = None) -> access.Role | None:
         """The user's role; None when not a member. On a ledger without members everyone is an owner."""
         def op(tx: LedgerTx) -> access.Role | None:
-            return "owner" if access.single_user(tx.conn) else access.role_of(tx.conn, user or self.actor)
+            return "owner" if access.single_user(tx) else access.role_of(tx, user or self.actor)
 
         return await self._tx(op)  # type: ignore[no-any-return]
 
@@ -866,14 +864,14 @@ class Engine:
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> Changed[access.Member]:
-            before, after = access.set_member(tx.conn, self.actor, user, parsed, now)
+            before, after = access.set_member(tx, self.actor, user, parsed, now)
             return after, Journal(f"member:{after.user}", before.as_dict() if before else None, after.as_dict())
 
         return await self._change("manage_members", "member.set", op)
 
     async def remove_member(self, user: str) -> access.Member:
         def op(tx: LedgerTx) -> Changed[access.Member]:
-            before = access.remove_member(tx.conn, self.actor, user)
+            before = access.remove_member(tx, self.actor, user)
             return before, Journal(f"member:{user}", before.as_dict(), None)
 
         return await self._change("manage_members", "member.remove", op)
@@ -881,13 +879,13 @@ class Engine:
     # ------------------------------------------------------------------ audit journal
 
     async def audit_entries(self, limit: int = 200, text: str = "") -> list[audit.AuditEntry]:
-        return await self._tx(lambda tx: audit.entries(tx.conn, limit=limit, text=text))  # type: ignore[no-any-return]
+        return await self._tx(lambda tx: audit.entries(tx, limit=limit, text=text))  # type: ignore[no-any-return]
 
     async def verify_audit(self, anchor: audit.Anchor | None = None) -> audit.Verification:
         """Walk the chain (keyed entries under the vault's key: VaultError if it cannot be read),
         and with an ``anchor`` check that its entry is still there, unchanged."""
-        key = await self.store.read_with(lambda conn: self._audit_key(conn, create=False))
-        return await self.store.read_with(lambda conn: audit.verify(conn, key, anchor))
+        key = await self.store.read_with(lambda ledger: self._audit_key(ledger, create=False))
+        return await self.store.read_with(lambda ledger: audit.verify(ledger, key, anchor))
 
     async def audit_anchor(self) -> audit.Anchor | None:
         """The journal's head (None while it is empty), for the operator to keep elsewhere."""
@@ -904,7 +902,7 @@ class Engine:
         if anchor is None:
             return False
         hooks: list[tuple[str, str, str]] = await self.store.transact(lambda tx: tx.webhooks(), sync=False)
-        if not hooks or not await self._tx(lambda tx: audit.claim_anchor_post(tx.conn, day, now, anchor),
+        if not hooks or not await self._tx(lambda tx: audit.claim_anchor_post(tx, day, now, anchor),
                                            sync=False):
             self._anchor_day = day
             return False
@@ -1092,7 +1090,7 @@ class Engine:
         provider = prov.build_provider(**spec, now_ms=self.now_ms(), actor=self.actor)
 
         def op(tx: LedgerTx) -> Changed[prov.Provider]:
-            prov.add(tx.conn, provider)
+            prov.add(tx, provider)
             self._catalog_cache = None
             return provider, Journal(f"provider:{provider.name}", None, provider.as_dict())
 
@@ -1100,7 +1098,7 @@ class Engine:
 
     async def remove_provider(self, name: str) -> prov.Provider:
         def op(tx: LedgerTx) -> Changed[prov.Provider]:
-            provider = prov.remove(tx.conn, name)
+            provider = prov.remove(tx, name)
             self._catalog_cache = None
             return provider, Journal(f"provider:{provider.name}", provider.as_dict(), None)
 
@@ -1110,7 +1108,7 @@ class Engine:
         return await self.store.read_with(prov.listing)
 
     async def provider(self, name: str) -> prov.Provider:
-        return await self._tx(lambda tx: prov.get(tx.conn, name))  # type: ignore[no-any-return]
+        return await self._tx(lambda tx: prov.get(tx, name))  # type: ignore[no-any-return]
 
     def _catalog_if_fresh(self, max_age_s: float = 5.0) -> list[prov.CatalogModel] | None:
         cached = self._catalog_cache
@@ -1158,14 +1156,14 @@ class Engine:
 
         after = self._health_last_id
         read: tuple[list[prov.HealthRow], int, dict[str, prov.Breaker]] = await self.store.read_with(
-            lambda conn: (*prov.health_rows(conn, after, since), prov.breakers(conn)))
+            lambda ledger: (*prov.health_rows(ledger, after, since), prov.breakers(ledger)))
         rows, last, current = read
         self._health.add(rows)
         self._health.evict(now)
         self._health_last_id = last
         changes = prov.judge_breakers(current, self._health, now)
         if changes:
-            await self._tx(lambda tx: prov.save_breakers(tx.conn, changes))
+            await self._tx(lambda tx: prov.save_breakers(tx, changes))
             current.update((b.provider, b) for b in changes)
         self._breakers = current
         return current
@@ -1180,7 +1178,7 @@ class Engine:
         if window_ms <= self._health.window_ms:
             return self._health.health(now, window_ms, name), breakers
         book = prov.HealthBook(window_ms)  # a longer span than the one kept: read once
-        rows, _ = await self.store.read_with(lambda conn: prov.health_rows(conn, None, now - window_ms))
+        rows, _ = await self.store.read_with(lambda ledger: prov.health_rows(ledger, None, now - window_ms))
         book.add(rows)
         return book.health(now, name=name), breakers
 
@@ -1194,9 +1192,9 @@ class Engine:
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> prov.Breaker | None:
-            known = prov.breakers(tx.conn).get(provider.name)
+            known = prov.breakers(tx).get(provider.name)
             if known is not None and known.state != "closed":
-                return prov.record_probe(tx.conn, provider.name, result.state == "ok", now,
+                return prov.record_probe(tx, provider.name, result.state == "ok", now,
                                          f"{result.state}, {result.detail}")
             return None
 
@@ -1332,10 +1330,10 @@ class Engine:
         """Keep a routing decision for the ledger. It is written with the next operation this
         engine sends (a routed call's hold follows at once, so it is committed before that call
         is settled), or, if none comes within DECISION_WAIT_S, on its own."""
-        self._decision_rows.append((now, request_id or "route_" + secrets.token_hex(8), principal, decision.mode,
-                                    decision.requested, decision.chosen, decision.applied,
-                                    round(decision.score.value, 4), decision.requested_cost or 0,
-                                    decision.chosen_cost or 0, decision.reason))
+        self._decision_rows.append(routing.Recorded(
+            now, request_id or "route_" + secrets.token_hex(8), principal, decision.mode, decision.requested,
+            decision.chosen, decision.applied, round(decision.score.value, 4), decision.requested_cost or 0,
+            decision.chosen_cost or 0, decision.reason))
         if self._decision_flush is None:
             self._decision_flush = asyncio.create_task(self._flush_decisions())
 
@@ -1345,7 +1343,7 @@ class Engine:
 
         def carried(tx: LedgerTx) -> Any:
             try:
-                tx.conn.executemany(_INSERT_DECISION, rows)
+                tx.routing.record(rows)
                 return op(tx)
             except BaseException:  # undone with the operation: they go with a later one
                 loop.call_soon_threadsafe(self._requeue_decisions, rows)
@@ -1353,7 +1351,7 @@ class Engine:
 
         return carried
 
-    def _requeue_decisions(self, rows: list[tuple[Any, ...]]) -> None:
+    def _requeue_decisions(self, rows: list[routing.Recorded]) -> None:
         self._decision_rows[:0] = rows
         if self._decision_flush is None:
             self._decision_flush = asyncio.create_task(self._flush_decisions())
@@ -1380,45 +1378,24 @@ class Engine:
 
     async def routing_decisions(self, limit: int = 100) -> list[routing.Recorded]:
         await self._decisions_written()
-        rows = await self._tx(lambda tx: tx.conn.execute(
-            "SELECT ts_ms, request_id, principal, mode, requested, chosen, applied, score, requested_cost, "
-            "chosen_cost, reason FROM routing_decisions ORDER BY id DESC LIMIT ?", (limit,)).fetchall())
-        return [routing.Recorded(*r) for r in rows]
+        return await self._tx(lambda tx: tx.routing.newest(limit))  # type: ignore[no-any-return]
 
     async def routing_summary(self, since_ms: int) -> routing.Summary:
         """How often routing changed the model since ``since_ms``, and what that saved (applied,
         under enforced) or would have saved (suggest and dry_run)."""
         await self._decisions_written()
-        row = await self._tx(lambda tx: tx.conn.execute(
-            "SELECT count(*), coalesce(sum(chosen != requested), 0), "
-            "coalesce(sum(CASE WHEN mode = 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
-            "THEN requested_cost - chosen_cost ELSE 0 END), 0), "
-            "coalesce(sum(CASE WHEN mode != 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
-            "THEN requested_cost - chosen_cost ELSE 0 END), 0) FROM routing_decisions WHERE ts_ms >= ?",
-            (since_ms,)).fetchone())
-        return routing.Summary(*(int(v) for v in row))
+        return await self._tx(lambda tx: tx.routing.summary(since_ms))  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ gateways
 
     async def gateway_heartbeat(self, status: GatewayStatus) -> None:
         """A gateway says it is alive (every few seconds) with its counters; ``stopped_ms`` when it ends."""
-        await self._tx(lambda tx: tx.conn.execute(
-            "INSERT INTO gateways (id, address, pid, started_ms, seen_ms, stopped_ms, requests, errors, "
-            "requests_last_min, errors_last_min) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-            "seen_ms = excluded.seen_ms, stopped_ms = excluded.stopped_ms, requests = excluded.requests, "
-            "errors = excluded.errors, requests_last_min = excluded.requests_last_min, "
-            "errors_last_min = excluded.errors_last_min",
-            (status.id, status.address, status.pid, status.started_ms, status.seen_ms, status.stopped_ms,
-             status.requests, status.errors, status.requests_last_min, status.errors_last_min)), sync=False)
+        await self._tx(lambda tx: tx.gateways.heartbeat(status), sync=False)
 
     async def gateways(self, seen_within_ms: int = 15_000) -> list[GatewayStatus]:
         """The gateways running on this ledger: heard from recently and not stopped."""
         since = self.now_ms() - seen_within_ms
-        rows = await self._tx(lambda tx: tx.conn.execute(
-            "SELECT id, address, pid, started_ms, seen_ms, stopped_ms, requests, errors, requests_last_min, "
-            "errors_last_min FROM gateways WHERE seen_ms >= ? AND stopped_ms IS NULL ORDER BY started_ms",
-            (since,)).fetchall())
-        return [GatewayStatus(*r) for r in rows]
+        return await self._tx(lambda tx: tx.gateways.running(since))  # type: ignore[no-any-return]
 
 
     # ------------------------------------------------------------------ governed clients
@@ -1446,20 +1423,6 @@ class Engine:
         transport = governed(self, _caller(principal, team, workspace, session, agent), provider=provider,
                              routing_mode=routing_mode)
         return module.AsyncClient(transport=transport, **client_options)
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayStatus:
-    id: str
-    address: str
-    pid: int
-    started_ms: int
-    seen_ms: int
-    stopped_ms: int | None
-    requests: int
-    errors: int
-    requests_last_min: int
-    errors_last_min: int
 
 
 def _caller(principal: str, team: str, workspace: str, session: str, agent: str) -> Any:

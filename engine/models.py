@@ -147,6 +147,22 @@ class SettledCall:
         return f"{name} ({pid})" if name and pid and name != pid else pid or name
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayStatus:
+    """A gateway's heartbeat as the ledger keeps it: where it listens, since when, its counters."""
+
+    id: str
+    address: str
+    pid: int
+    started_ms: int
+    seen_ms: int
+    stopped_ms: int | None
+    requests: int
+    errors: int
+    requests_last_min: int
+    errors_last_min: int
+
+
 EVENT_FIELDS: Final = tuple(UsageEvent.__dataclass_fields__)
 _REQUIRED: Final = ("request_id", "provider", "model")
 _TEXT_FIELDS: Final = ("request_id", "provider", "model", "workspace", "team", "principal", "token_id",

@@ -21,18 +21,19 @@ new events are added). The breaker opens when, over that span, at least
 
 from __future__ import annotations
 
-import json
 import re
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import httpx
 
 from engine.models import FieldError
 from engine.pricing import ModelPrice
+
+if TYPE_CHECKING:
+    from engine.ledger import LedgerView
 
 KINDS: Final = ("openai-compatible", "anthropic")
 VENDORS: Final = ("openai", "anthropic", "gemini", "mistral")
@@ -159,38 +160,27 @@ def build_provider(*, name: str, kind: str, base_url: str, credential: str = "",
     return Provider(name, kind, url, ref, vendor, chosen, enabled, now_ms, actor)
 
 
-_COLUMNS: Final = "name, kind, base_url, credential, vendor, models, enabled, created_ms, created_by"
-
-
-def _provider(row: tuple[Any, ...]) -> Provider:
-    name, kind, url, credential, vendor, models, enabled, created, by = row
-    return Provider(name, kind, url, credential, vendor, tuple(json.loads(models)), bool(enabled), created, by)
-
-
-def add(conn: sqlite3.Connection, provider: Provider) -> None:
-    if conn.execute("SELECT 1 FROM providers WHERE name = ?", (provider.name,)).fetchone():
+def add(ledger: LedgerView, provider: Provider) -> None:
+    if ledger.providers.exists(provider.name):
         raise FieldError("name", f"a provider named {provider.name} exists; remove it first")
-    conn.execute(f"INSERT INTO providers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (provider.name, provider.kind, provider.base_url, provider.credential, provider.vendor,
-                  json.dumps(list(provider.models)), int(provider.enabled), provider.created_ms, provider.created_by))
+    ledger.providers.insert(provider)
 
 
-def get(conn: sqlite3.Connection, name: str) -> Provider:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM providers WHERE name = ?", (name.strip().lower(),)).fetchone()
-    if row is None:
+def get(ledger: LedgerView, name: str) -> Provider:
+    provider = ledger.providers.get(name.strip().lower())
+    if provider is None:
         raise FieldError("provider", f"no provider named {name!r}")
-    return _provider(row)
-
-
-def remove(conn: sqlite3.Connection, name: str) -> Provider:
-    provider = get(conn, name)
-    conn.execute("DELETE FROM providers WHERE name = ?", (provider.name,))
-    conn.execute("DELETE FROM provider_breakers WHERE provider = ?", (provider.name,))
     return provider
 
 
-def listing(conn: sqlite3.Connection) -> list[Provider]:
-    return [_provider(r) for r in conn.execute(f"SELECT {_COLUMNS} FROM providers ORDER BY name")]
+def remove(ledger: LedgerView, name: str) -> Provider:
+    provider = get(ledger, name)
+    ledger.providers.remove(provider.name)
+    return provider
+
+
+def listing(ledger: LedgerView) -> list[Provider]:
+    return ledger.providers.listing()
 
 
 # ----------------------------------------------------------------------------- catalog
@@ -316,25 +306,11 @@ async def test_connection(provider: Provider, secret: str | None, *, timeout_s: 
 #: (provider, model, second, failed, latency_ms, calls): the window's calls grouped so that a
 #: busy minute is a few hundred rows, not one per call.
 HealthRow = tuple[str, str, int, int, int, int]
-_HEALTH_SELECT: Final = (
-    "SELECT s.provider, s.model, e.ts_ms / 1000, e.status = 'error', e.latency_ms, count(*) "
-    "FROM usage_events e JOIN series s ON s.id = e.series_id WHERE {where} AND e.status != 'blocked' "
-    "GROUP BY 1, 2, 3, 4, 5")
 
 
-def health_rows(conn: sqlite3.Connection, after_id: int | None, since_ms: int) -> tuple[list[HealthRow], int]:
-    """The calls since ``since_ms`` up to the last event now, and that event's id: all of them
-    (``after_id`` None: a process starting, one grouped read of the window), or only those
-    appended after event ``after_id`` (a refresh: the new ones, by the primary key). No
-    transaction is needed: ids are given in commit order (one writer at a time), so every event
-    up to the last id read is committed and seen by the next statement."""
-    last = int(conn.execute("SELECT max(id) FROM usage_events").fetchall()[0][0] or 0)
-    if after_id is None:
-        rows = conn.execute(_HEALTH_SELECT.format(where="e.ts_ms >= ? AND e.id <= ?"), (since_ms, last)).fetchall()
-    else:  # ``+e.ts_ms``: walk the new ids, never the timestamp index
-        rows = conn.execute(_HEALTH_SELECT.format(where="e.id > ? AND e.id <= ? AND +e.ts_ms >= ?"),
-                            (after_id, last, since_ms)).fetchall()
-    return rows, last
+def health_rows(ledger: LedgerView, after_id: int | None, since_ms: int) -> tuple[list[HealthRow], int]:
+    """The calls since ``since_ms`` and the last event's id (``Providers.health_rows``)."""
+    return ledger.providers.health_rows(after_id, since_ms)
 
 
 class HealthBook:
@@ -416,16 +392,14 @@ class HealthBook:
         return out
 
 
-def breakers(conn: sqlite3.Connection) -> dict[str, Breaker]:
-    return {r[0]: Breaker(r[0], r[1], r[2], r[3])
-            for r in conn.execute("SELECT provider, state, since_ms, reason FROM provider_breakers")}
+def breakers(ledger: LedgerView) -> dict[str, Breaker]:
+    return ledger.providers.breakers()
 
 
-def _set_breaker(conn: sqlite3.Connection, provider: str, state: BreakerState, now_ms: int, reason: str) -> Breaker:
-    conn.execute("INSERT INTO provider_breakers (provider, state, since_ms, reason) VALUES (?, ?, ?, ?) "
-                 "ON CONFLICT (provider) DO UPDATE SET state = excluded.state, since_ms = excluded.since_ms, "
-                 "reason = excluded.reason", (provider, state, now_ms, reason))
-    return Breaker(provider, state, now_ms, reason)
+def _set_breaker(ledger: LedgerView, provider: str, state: BreakerState, now_ms: int, reason: str) -> Breaker:
+    breaker = Breaker(provider, state, now_ms, reason)
+    ledger.providers.set_breaker(breaker)
+    return breaker
 
 
 def judge_breakers(current: dict[str, Breaker], book: HealthBook, now_ms: int,
@@ -450,13 +424,13 @@ def judge_breakers(current: dict[str, Breaker], book: HealthBook, now_ms: int,
     return changes
 
 
-def save_breakers(conn: sqlite3.Connection, changes: list[Breaker]) -> None:
+def save_breakers(ledger: LedgerView, changes: list[Breaker]) -> None:
     for b in changes:
-        _set_breaker(conn, b.provider, b.state, b.since_ms, b.reason)
+        ledger.providers.set_breaker(b)
 
 
-def record_probe(conn: sqlite3.Connection, provider: str, ok: bool, now_ms: int, detail: str) -> Breaker:
+def record_probe(ledger: LedgerView, provider: str, ok: bool, now_ms: int, detail: str) -> Breaker:
     """A probe's outcome: success closes the breaker, failure (re)opens it for another cool-down."""
     if ok:
-        return _set_breaker(conn, provider, "closed", now_ms, f"probe succeeded: {detail}")
-    return _set_breaker(conn, provider, "open", now_ms, f"probe failed: {detail}")
+        return _set_breaker(ledger, provider, "closed", now_ms, f"probe succeeded: {detail}")
+    return _set_breaker(ledger, provider, "open", now_ms, f"probe failed: {detail}")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import secrets
-import sqlite3
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from engine.models import FieldError
+
+if TYPE_CHECKING:
+    from engine.ledger import LedgerView
 
 PREFIX: Final = "bgt_"
 LOOKUP_CHARS: Final = 8
@@ -94,20 +95,6 @@ class Token:
         return out
 
 
-_COLUMNS: Final = ("id, prefix, name, workspace, principal, team, scopes, rpm, tpm, created_ms, created_by, "
-                   "expires_ms, last_used_ms, revoked_ms, rotated_from, replaced_by")
-
-
-_LOOKUP: Final = f"SELECT {_COLUMNS}, hash FROM api_tokens WHERE prefix >= ? ORDER BY prefix LIMIT 1"
-
-
-def _token(row: tuple[Any, ...]) -> Token:
-    (tid, prefix, name, workspace, principal, team, scopes, rpm, tpm, created, by, expires, used, revoked,
-     rotated_from, replaced_by) = row
-    return Token(tid, prefix, name, workspace, principal, team, tuple(json.loads(scopes)), rpm, tpm, created, by,
-                 expires, used, revoked, rotated_from, replaced_by)
-
-
 def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
@@ -131,7 +118,7 @@ def parse_limit(text: str, field_name: str) -> int | None:
     return int(text)
 
 
-def create(conn: sqlite3.Connection, *, name: str, principal: str, team: str = "", workspace: str = "default",
+def create(ledger: LedgerView, *, name: str, principal: str, team: str = "", workspace: str = "default",
            scopes: tuple[str, ...], rpm: int | None, tpm: int | None, expires_ms: int | None, now_ms: int,
            actor: str, rotated_from: str | None = None) -> tuple[Token, str]:
     """A new token and its secret (the only time the secret exists outside the caller)."""
@@ -147,54 +134,51 @@ def create(conn: sqlite3.Connection, *, name: str, principal: str, team: str = "
     while True:
         secret = PREFIX + secrets.token_urlsafe(SECRET_BYTES)
         prefix = secret[len(PREFIX):len(PREFIX) + LOOKUP_CHARS]
-        if conn.execute("SELECT 1 FROM api_tokens WHERE prefix = ?", (prefix,)).fetchone() is None:
+        if not ledger.tokens.prefix_taken(prefix):
             break
-    token_id = "tok_" + secrets.token_hex(6)
-    conn.execute(f"INSERT INTO api_tokens ({_COLUMNS}, hash) VALUES ({', '.join('?' * 17)})",
-                 (token_id, prefix, name.strip(), workspace, principal.strip(), team.strip(), json.dumps(list(scopes)),
-                  rpm, tpm, now_ms, actor, expires_ms, None, None, rotated_from, None, digest(secret)))
-    return get(conn, token_id), secret
+    token = Token("tok_" + secrets.token_hex(6), prefix, name.strip(), workspace, principal.strip(), team.strip(),
+                  tuple(scopes), rpm, tpm, now_ms, actor, expires_ms, None, None, rotated_from, None)
+    ledger.tokens.insert(token, digest(secret))
+    return token, secret
 
 
-def get(conn: sqlite3.Connection, token_id: str) -> Token:
+def get(ledger: LedgerView, token_id: str) -> Token:
     """By id (``tok_…``) or by the public ``bgt_`` prefix, never one mistaken for the other."""
     if token_id.startswith(PREFIX):
-        row = conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE prefix = ?",
-                           (token_id[len(PREFIX):len(PREFIX) + LOOKUP_CHARS],)).fetchone()
+        token = ledger.tokens.by_prefix(token_id[len(PREFIX):len(PREFIX) + LOOKUP_CHARS])
     else:
-        row = conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
-    if row is None:
+        token = ledger.tokens.by_id(token_id)
+    if token is None:
         raise FieldError("token", f"no token {token_id}")
-    return _token(row)
+    return token
 
 
-def all_tokens(conn: sqlite3.Connection) -> list[Token]:
-    return [_token(r) for r in conn.execute(f"SELECT {_COLUMNS} FROM api_tokens ORDER BY created_ms, id")]
+def all_tokens(ledger: LedgerView) -> list[Token]:
+    return ledger.tokens.listing()
 
 
-def revoke(conn: sqlite3.Connection, token_id: str, now_ms: int, actor: str) -> tuple[Token, Token]:
-    before = get(conn, token_id)
+def revoke(ledger: LedgerView, token_id: str, now_ms: int, actor: str) -> tuple[Token, Token]:
+    before = get(ledger, token_id)
     if before.revoked_ms is not None:
         raise FieldError("token", f"{before.id} is already revoked")
-    conn.execute("UPDATE api_tokens SET revoked_ms = ?, revoked_by = ? WHERE id = ?", (now_ms, actor, before.id))
-    return before, get(conn, before.id)
+    ledger.tokens.revoke(before.id, now_ms, actor)
+    return before, get(ledger, before.id)
 
 
-def rotate(conn: sqlite3.Connection, token_id: str, now_ms: int, actor: str) -> tuple[Token, Token, str]:
+def rotate(ledger: LedgerView, token_id: str, now_ms: int, actor: str) -> tuple[Token, Token, str]:
     """Revoke the token and issue a new one with the same grants, linked both ways."""
-    old = get(conn, token_id)
+    old = get(ledger, token_id)
     if old.revoked_ms is not None:
         raise FieldError("token", f"{old.id} is revoked; create a new token instead")
     expires = old.expires_ms if old.expires_ms is None or old.expires_ms > now_ms else None
-    new, secret = create(conn, name=old.name, principal=old.principal, team=old.team, workspace=old.workspace,
+    new, secret = create(ledger, name=old.name, principal=old.principal, team=old.team, workspace=old.workspace,
                          scopes=old.scopes, rpm=old.rpm, tpm=old.tpm, expires_ms=expires, now_ms=now_ms, actor=actor,
                          rotated_from=old.id)
-    conn.execute("UPDATE api_tokens SET revoked_ms = ?, revoked_by = ?, replaced_by = ? WHERE id = ?",
-                 (now_ms, actor, new.id, old.id))
-    return get(conn, old.id), new, secret
+    ledger.tokens.revoke(old.id, now_ms, actor, replaced_by=new.id)
+    return get(ledger, old.id), new, secret
 
 
-def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str | None = None, *,
+def authenticate(ledger: LedgerView, secret: str, now_ms: int, scope: str | None = None, *,
                  touch: bool = True) -> Token:
     """The token a presented secret belongs to, or TokenRefused saying why (never echoing the secret)."""
     if not secret.startswith(PREFIX) or len(secret) < len(PREFIX) + LOOKUP_CHARS + 8:
@@ -203,14 +187,13 @@ def authenticate(conn: sqlite3.Connection, secret: str, now_ms: int, scope: str 
     prefix = secret[len(PREFIX):len(PREFIX) + LOOKUP_CHARS]
     # One real row whatever the prefix (see the module docstring): the same work for an unknown
     # prefix as for a known one.
-    row = conn.execute(_LOOKUP, (prefix,)).fetchone() or conn.execute(_LOOKUP, ("",)).fetchone()
-    stored = bytes(row[-1]) if row is not None else _DUMMY
-    match = hmac.compare_digest(presented, stored)
-    if row is None or not match or row[1] != prefix:
+    stored = ledger.tokens.lookup(prefix)
+    match = hmac.compare_digest(presented, stored.digest if stored is not None else _DUMMY)
+    if stored is None or not match or stored.token.prefix != prefix:
         raise TokenRefused("wrong", "invalid token")
-    token = admit(_token(row[:-1]), now_ms, scope)
+    token = admit(stored.token, now_ms, scope)
     if touch:
-        conn.execute("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?", (now_ms, token.id))
+        ledger.tokens.used(token.id, now_ms)
     return token
 
 
@@ -227,7 +210,6 @@ def admit(token: Token, now_ms: int, scope: str | None = None) -> Token:
     return token
 
 
-def touch(conn: sqlite3.Connection, last_used: dict[str, int]) -> None:
+def touch(ledger: LedgerView, last_used: dict[str, int]) -> None:
     """Record tokens' last use in one statement (a gateway batches them)."""
-    conn.executemany("UPDATE api_tokens SET last_used_ms = max(coalesce(last_used_ms, 0), ?) WHERE id = ?",
-                     [(ts, token_id) for token_id, ts in last_used.items()])
+    ledger.tokens.used_last(last_used)

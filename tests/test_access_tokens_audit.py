@@ -12,6 +12,7 @@ from engine.access import MATRIX, PERMISSIONS, ROLES, AccessDenied, allowed
 from engine.budgets import build_policy
 from engine.clock import FrozenClock
 from engine.engine import Engine
+from engine.ledger import LedgerView
 from engine.models import FieldError
 from engine.tokens import TokenRefused
 from tests.conftest import NOW_MS
@@ -129,8 +130,8 @@ def test_a_wrong_token_takes_as_long_however_much_of_it_matches(tmp_path: Path) 
                  "principal TEXT, team TEXT, scopes TEXT, rpm INT, tpm INT, created_ms INT, created_by TEXT, "
                  "expires_ms INT, last_used_ms INT, revoked_ms INT, revoked_by TEXT, rotated_from TEXT, "
                  "replaced_by TEXT)")
-    _, secret = tokens.create(conn, name="t", principal="p", scopes=("chat",), rpm=None, tpm=None, expires_ms=None,
-                              now_ms=0, actor="a")
+    _, secret = tokens.create(LedgerView(conn), name="t", principal="p", scopes=("chat",), rpm=None, tpm=None,
+                              expires_ms=None, now_ms=0, actor="a")
     compared: list[tuple[int, int]] = []
     real = tokens.hmac.compare_digest
 
@@ -142,7 +143,7 @@ def test_a_wrong_token_takes_as_long_however_much_of_it_matches(tmp_path: Path) 
     try:
         for presented in (secret[:-1] + "x", secret[:12] + "x" * (len(secret) - 12), "bgt_" + "y" * 43):
             with pytest.raises(TokenRefused):
-                tokens.authenticate(conn, presented, 0)
+                tokens.authenticate(LedgerView(conn), presented, 0)
     finally:
         tokens.hmac.compare_digest = real  # type: ignore[assignment]
     # every refusal compared two full SHA-256 digests: no early exit on a shared prefix

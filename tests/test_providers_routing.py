@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -306,8 +307,9 @@ async def test_a_routed_calls_decision_is_recorded_with_the_next_write_or_on_its
         await engine.record(event(1))  # the next write carries it
         await engine.route(_ask("hi"), principal="alice", model=MID, request_id="alone")
         await asyncio.sleep(0.3)  # no write follows: it goes on its own
-        rows = await engine.store.read_with(
-            lambda conn: conn.execute("SELECT request_id, chosen FROM routing_decisions ORDER BY id").fetchall())
+        with sqlite3.connect(db_path) as conn:  # the file itself, as another reader sees it
+            rows = conn.execute("SELECT request_id, chosen FROM routing_decisions ORDER BY id").fetchall()
+        conn.close()
         assert rows == [("rides", CHEAP), ("alone", CHEAP)]
         await engine.route(_ask("hi"), principal="alice", model=MID, request_id="at-close")
     async with await Engine.open(db_path, clock=clock) as engine:

@@ -10,6 +10,7 @@ import pytest
 
 from engine import tokens
 from engine.engine import Engine
+from engine.ledger import LedgerView
 from tests.conftest import NOW_MS
 
 
@@ -25,7 +26,7 @@ def _steps(conn: sqlite3.Connection, secret: str) -> int:
     conn.set_progress_handler(count, 1)
     try:
         with pytest.raises(tokens.TokenRefused) as refused:
-            tokens.authenticate(conn, secret, NOW_MS, touch=False)
+            tokens.authenticate(LedgerView(conn), secret, NOW_MS, touch=False)
     finally:
         conn.set_progress_handler(None, 1)
     assert refused.value.reason == "wrong" and str(refused.value) == "invalid token"
@@ -44,6 +45,6 @@ async def test_a_known_prefix_with_a_wrong_secret_takes_the_steps_of_an_unknown_
     try:
         _steps(conn, unknown)  # the connection reads the schema once
         assert _steps(conn, wrong) == _steps(conn, unknown)
-        assert tokens.authenticate(conn, secret, NOW_MS, touch=False).id == made[0][0].id
+        assert tokens.authenticate(LedgerView(conn), secret, NOW_MS, touch=False).id == made[0][0].id
     finally:
         conn.close()

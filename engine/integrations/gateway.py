@@ -43,7 +43,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
-from engine.engine import Engine, GatewayStatus
+from engine.engine import Engine
 from engine.integrations import contract
 from engine.integrations.governor import (
     Caller,
@@ -56,7 +56,7 @@ from engine.integrations.governor import (
     usage_of,
 )
 from engine.integrations.http11 import Http11Transport
-from engine.models import FieldError, Usage
+from engine.models import FieldError, GatewayStatus, Usage
 from engine.providers import Provider
 from engine.tokens import Token, TokenRefused, admit, digest
 from engine.vault import VaultError

@@ -13,6 +13,7 @@ connection on its own thread), ``writer`` (group commit), ``tx`` (the transactio
 
 from engine.ledger.errors import LedgerRefusing, SchemaTooNewError, StoreError, refusal
 from engine.ledger.protocol import Ledger, Transaction
+from engine.ledger.repos import LedgerView
 from engine.ledger.results import (
     TIMELINE_FIELDS,
     BreakdownRow,
@@ -35,6 +36,7 @@ __all__ = [
     "Ledger",
     "LedgerRefusing",
     "LedgerTx",
+    "LedgerView",
     "Metric",
     "RecordResult",
     "SQLiteStore",

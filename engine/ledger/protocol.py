@@ -22,9 +22,10 @@ transaction, one round trip to commit. ``now_ms`` is the database's clock there 
 transaction's ``now()``), so a gateway whose clock is off can neither overspend nor expire
 another's holds early; SQLite answers from the clock it is given.
 
-Not yet in the interface: ``SQLiteStore.read_with`` and ``bulk_record``'s ``journal`` hand a
-SQLite connection to the domain modules (tokens, members, approvals, audit, providers) whose SQL
-is moving into repositories; they join it as a read view and a ``Transaction`` once it has.
+The domain modules (tokens, members, approvals, audit, providers) reach their rows through a
+``LedgerView`` (``read_with``'s argument; a transaction is one too): repositories with plain values
+in and typed records out. The SQLite store builds them on its connection; a PostgreSQL store
+supplies repositories with the same methods on its own.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
+from engine.ledger.repos import LedgerView
 from engine.ledger.results import (
     AlertRow,
     BreakdownRow,
@@ -146,8 +148,13 @@ class Ledger(Protocol):
         """Append events in one transaction: all or none."""
 
     async def bulk_record(self, events: Iterable[UsageEvent], *, chunk: int = ..., atomic: bool = False,
-                          prepare: Callable[[UsageEvent], object] | None = None) -> tuple[int, int]:
-        """Append a large stream in chunks (or one transaction, ``atomic``); (recorded, duplicates)."""
+                          prepare: Callable[[UsageEvent], object] | None = None,
+                          journal: Callable[[LedgerView, int, int], None] | None = None) -> tuple[int, int]:
+        """Append a large stream in chunks (or one transaction, ``atomic``); (recorded, duplicates).
+        ``journal(view, recorded, duplicates)`` runs last in each transaction, before its commit."""
+
+    async def read_with(self, fn: Callable[[LedgerView], T]) -> T:
+        """Run ``fn`` on the ledger's records as a read sees them (never waits for the writer)."""
 
     async def flush(self) -> None:
         """Wait until every pending record and operation is committed."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from engine.clock import Clock, SystemClock
 from engine.ledger.errors import StoreError
 from engine.ledger.reads import Reads
+from engine.ledger.repos import LedgerView
 from engine.ledger.repos.prices import Prices
 from engine.ledger.results import TIMELINE_FIELDS, BreakdownRow, Metric, RecordResult, TimelinePoint, Totals
 from engine.ledger.rollups import TEMP_TABLES
@@ -122,7 +123,7 @@ class SQLiteStore:
 
     def bulk_record(self, events: Iterable[UsageEvent], *, chunk: int = BULK_CHUNK, atomic: bool = False,
                     prepare: Callable[[UsageEvent], object] | None = None,
-                    journal: Callable[[sqlite3.Connection, int, int], None] | None = None
+                    journal: Callable[[LedgerView, int, int], None] | None = None
                     ) -> Coroutine[Any, Any, tuple[int, int]]:
         """Append a large stream; returns (recorded, duplicates) (``GroupWriter.bulk_record``)."""
         return self._writes.bulk_record(events, chunk=chunk, atomic=atomic, prepare=prepare, journal=journal)
@@ -203,9 +204,9 @@ class SQLiteStore:
         matching ``where``, oldest first, streamed on the reader's thread (for backtests)."""
         return await self._reader.run(self._reads.fold_usage, start_ms, end_ms, where, fn)
 
-    async def read_with(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` on the read connection (never waits for the writer)."""
-        return await self._reader.run(fn, self._reader.conn)
+    async def read_with(self, fn: Callable[[LedgerView], T]) -> T:
+        """Run ``fn`` on the ledger's records as the read connection sees them (never waits for the writer)."""
+        return await self._reader.run(lambda: fn(LedgerView(self._reader.conn)))
 
     async def load_prices(self) -> list[str]:
         return await self._reader.run(lambda: Prices(self._reader.conn).specs())

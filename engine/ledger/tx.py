@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from engine.ledger.repos import LedgerView
 from engine.ledger.repos.alerts import Alerts
 from engine.ledger.repos.decisions import Decisions
 from engine.ledger.repos.events import Events
@@ -39,13 +40,14 @@ if TYPE_CHECKING:
     from engine.ledger.writer import GroupWriter
 
 
-class LedgerTx:
+class LedgerTx(LedgerView):
     """What a group-committed operation may do inside the writer's transaction."""
 
     def __init__(self, writer: GroupWriter, conn: sqlite3.Connection, fresh: dict[tuple[str, ...], int],
                  quiet: bool = False) -> None:
+        super().__init__(conn)  # the repositories of the domain modules: tx.tokens, tx.approvals, ...
         self._writer = writer
-        self.conn = conn  # the domain modules' SQL goes through it until it moves into repositories
+        self.conn = conn
         # Nothing was written to the ledger since this store's last operation batch, by another
         # connection or by this one outside a batch: what that batch left in memory is current.
         self.quiet = quiet

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from engine.ledger.errors import StoreError
+from engine.ledger.repos import LedgerView
 from engine.ledger.repos.events import Events
 from engine.ledger.results import RecordResult
 from engine.ledger.schema import BUSY_TIMEOUT_MS
@@ -307,14 +308,14 @@ class GroupWriter:
 
     async def bulk_record(self, events: Iterable[UsageEvent], *, chunk: int = BULK_CHUNK, atomic: bool = False,
                           prepare: Callable[[UsageEvent], object] | None = None,
-                          journal: Callable[[sqlite3.Connection, int, int], None] | None = None) -> tuple[int, int]:
+                          journal: Callable[[LedgerView, int, int], None] | None = None) -> tuple[int, int]:
         """Append a large stream; returns (recorded, duplicates).
 
         Each chunk of ``chunk`` events is one transaction, so a long import does not hold
         the write lock against live traffic for its whole length; ``atomic`` makes the
         whole stream one transaction instead (all or nothing). ``prepare`` (pricing) runs on
         the writer's thread just before each chunk is written: Python work on two threads
-        at once would only fight over the GIL. ``journal(conn, recorded, duplicates)`` runs
+        at once would only fight over the GIL. ``journal(view, recorded, duplicates)`` runs
         last in each transaction, before its commit (with that transaction's counts); if it
         raises, that transaction is undone and the error raised.
         """
@@ -341,7 +342,7 @@ class GroupWriter:
                         self._bulk_chunk_sync, batch, fresh, atomic, prepare, journal))
                 if atomic:
                     if journal is not None:
-                        await run(journal, self.conn, recorded, duplicates)
+                        await run(journal, LedgerView(self.conn), recorded, duplicates)
                     await run(self._commit_sync, fresh)
             except BaseException:
                 if pending is not None:
@@ -386,7 +387,7 @@ class GroupWriter:
 
     def _bulk_chunk_sync(self, events: list[UsageEvent], fresh: dict[tuple[str, ...], int],
                          in_transaction: bool, prepare: Callable[[UsageEvent], object] | None,
-                         journal: Callable[[sqlite3.Connection, int, int], None] | None) -> tuple[int, int]:
+                         journal: Callable[[LedgerView, int, int], None] | None) -> tuple[int, int]:
         conn = self.conn
         appending = Events(conn, self.series, fresh)
         if prepare is not None:
@@ -400,7 +401,7 @@ class GroupWriter:
             try:
                 inserted, _ = appending.append(events, want_ids=False)
                 if journal is not None:
-                    journal(conn, inserted, len(events) - inserted)
+                    journal(LedgerView(conn), inserted, len(events) - inserted)
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback_sync()

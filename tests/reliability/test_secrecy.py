@@ -17,6 +17,7 @@ import pytest
 
 from engine.engine import Engine
 from engine.integrations.gateway import create_app
+from engine.ledger import LedgerTx
 from tests.asgi_servers import FakeOpenAI, serve
 from tui.app import BudgeteerApp
 
@@ -101,8 +102,8 @@ def test_no_secret_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 async def test_the_journal_refuses_a_record_with_a_secret_field(engine: Engine) -> None:
     from engine import audit
 
-    def op(tx: object) -> None:
-        audit.append(tx.conn, 1, "me", "x", "y", None, {"name": "t", "secret": "bgt_abc"})  # type: ignore[attr-defined]
+    def op(tx: LedgerTx) -> None:
+        audit.append(tx, 1, "me", "x", "y", None, {"name": "t", "secret": "bgt_abc"})
 
     with pytest.raises(ValueError, match="secrets never enter the journal"):
         await engine.store.transact(op)

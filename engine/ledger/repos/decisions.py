@@ -1,10 +1,14 @@
-"""Budget decisions kept for review: the would-block verdicts of dry_run and suggest policies."""
+"""Decisions kept for review: the would-block verdicts of dry_run and suggest budget policies
+(``budget_decisions``), and every model a call was routed to with the saving estimated
+(``routing_decisions``)."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from engine.ledger.results import BudgetDecision
+from engine.routing import Recorded, Summary
 
 
 class Decisions:
@@ -23,3 +27,34 @@ class Decisions:
         return [BudgetDecision(int(t), str(r), str(p), str(d), str(m)) for t, r, p, d, m in self.conn.execute(
             "SELECT ts_ms, request_id, policy_id, decision, mode FROM budget_decisions ORDER BY id DESC LIMIT ?",
             (limit,))]
+
+
+class RoutingDecisions:
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def record(self, decisions: Sequence[Recorded]) -> None:
+        self.conn.executemany(
+            "INSERT INTO routing_decisions (ts_ms, request_id, principal, mode, requested, chosen, applied, "
+            "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(d.ts_ms, d.request_id, d.principal, d.mode, d.requested, d.chosen, d.applied, d.score,
+              d.requested_cost, d.chosen_cost, d.reason) for d in decisions])
+
+    def newest(self, limit: int) -> list[Recorded]:
+        return [Recorded(*r) for r in self.conn.execute(
+            "SELECT ts_ms, request_id, principal, mode, requested, chosen, applied, score, requested_cost, "
+            "chosen_cost, reason FROM routing_decisions ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def summary(self, since_ms: int) -> Summary:
+        """How often routing changed the model since ``since_ms``, and what that saved (applied,
+        under enforced) or would have saved (suggest and dry_run)."""
+        row = self.conn.execute(
+            "SELECT count(*), coalesce(sum(chosen != requested), 0), "
+            "coalesce(sum(CASE WHEN mode = 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
+            "THEN requested_cost - chosen_cost ELSE 0 END), 0), "
+            "coalesce(sum(CASE WHEN mode != 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
+            "THEN requested_cost - chosen_cost ELSE 0 END), 0) FROM routing_decisions WHERE ts_ms >= ?",
+            (since_ms,)).fetchone()
+        return Summary(*(int(v) for v in row))
