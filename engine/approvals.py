@@ -24,6 +24,7 @@ from typing import Any, Final, Literal
 from engine.clock import format_span, iso
 from engine.models import FieldError
 from engine.money import format_usd
+from engine.rules import Policy
 
 Status = Literal["pending", "approved", "denied", "expired", "cancelled"]
 STATUSES: Final = ("pending", "approved", "denied", "expired", "cancelled")
@@ -75,8 +76,6 @@ class OverrideRequest:
 
     def format_amount(self, amount: int) -> str:
         """An amount in the request's policy unit, as the policy itself writes it."""
-        from engine.budgets import Policy  # budgets imports this module
-
         return Policy.from_json(self.policy).format_amount(amount)
 
     def describe(self, now_ms: int) -> list[str]:

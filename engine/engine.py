@@ -16,7 +16,7 @@ import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +50,9 @@ from engine.budgets import (
 )
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms, period_range
+from engine.integrations import otlp
+from engine.integrations.governor import Caller
+from engine.integrations.transport import transports
 from engine.ledger import (
     TIMELINE_FIELDS,
     BreakdownRow,
@@ -72,6 +75,7 @@ from engine.pricing import (
     uncached_costs,
     worst_cost_nanos,
 )
+from engine.services.calls import CallRequest
 from engine.spill import SUFFIX as SPILL_SUFFIX
 from engine.spill import Spilled, SpillJournal
 from engine.tokens import Token
@@ -83,7 +87,6 @@ _INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal
 DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to ride with
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
 RETRY_WRITES_S = (0.2, 5.0)  # while the ledger refuses writes: the first wait before trying again, and the longest
-RETRY_AFTER_S = 2  # what a call refused meanwhile is told to wait (Retry-After)
 MAX_RECENT_CALLS = 10_000  # the most calls one read of the ledger's tail returns
 log = logging.getLogger("budgeteer")
 T = TypeVar("T")
@@ -111,29 +114,6 @@ def _cheapest_first(indices: list[int], rank: Callable[[int], tuple[int, str]]) 
         first = min(indices, key=rank)
         yield first
         yield from sorted((i for i in indices if i != first), key=rank)
-
-
-@dataclass(frozen=True, slots=True)
-class CallRequest:
-    """A model call about to be made, as the budgets see it."""
-
-    principal: str
-    model: str
-    provider: str = ""
-    team: str = ""
-    workspace: str = "default"
-    token_id: str = ""
-    session: str = ""
-    agent: str = ""
-    input_tokens: int = 0
-    max_tokens: int | None = None
-    request_id: str = field(default_factory=lambda: "req_" + secrets.token_hex(8))
-    choices: int = 1  # the request's n: each choice may use all of the output
-
-    def context(self) -> dict[str, str]:
-        return {"workspace": self.workspace, "team": self.team, "principal": self.principal,
-                "token": self.token_id, "session": self.session, "agent": self.agent,
-                "provider": self.provider, "model": self.model}
 
 
 def default_db_path() -> Path:
@@ -348,8 +328,6 @@ class Engine:
         return await self._ingest_otlp(payload, lambda events: self.import_usage(events, atomic=True, source=source))
 
     async def _ingest_otlp(self, payload: Any, write: Callable[[list[UsageEvent]], Awaitable[tuple[int, int]]]) -> Any:
-        from engine.integrations import otlp
-
         events, report = otlp.read(payload, known=lambda model, vendor: self.prices.resolve(model, vendor) is not None)
         if events:
             report.accepted, report.duplicates = await write(events)
@@ -1429,19 +1407,15 @@ class Engine:
         """An httpx client whose transport governs every model call (for ``openai.OpenAI(http_client=...)``
         or ``anthropic.Anthropic(http_client=...)``); it keeps its own engine on this ledger. SDKs built
         on httpx2 (anthropic 2 and later) want ``module=httpx2``."""
-        from engine.integrations.transport import transports
-
         sync, _ = transports(module)
         transport = sync(self.path, self.clock, _caller(principal, team, workspace, session, agent),
-                         provider=provider, routing_mode=routing_mode)
+                         provider=provider, routing_mode=routing_mode, open_engine=type(self).open)
         return module.Client(transport=transport, **client_options)
 
     def httpx_async_client(self, *, principal: str, team: str = "", workspace: str = "default", session: str = "",
                            agent: str = "", provider: str | None = None, routing_mode: str = "off",
                            module: Any = httpx, **client_options: Any) -> Any:
         """The async counterpart, governed by this engine on its event loop."""
-        from engine.integrations.transport import transports
-
         _, governed = transports(module)
         transport = governed(self, _caller(principal, team, workspace, session, agent), provider=provider,
                              routing_mode=routing_mode)
@@ -1463,8 +1437,6 @@ class GatewayStatus:
 
 
 def _caller(principal: str, team: str, workspace: str, session: str, agent: str) -> Any:
-    from engine.integrations.governor import Caller
-
     if not principal.strip():
         raise FieldError("principal", "is empty; a governed client acts for someone")
     return Caller(principal=principal, team=team, workspace=workspace, session=session, agent=agent)
