@@ -53,11 +53,7 @@ from engine.ledger import (
     Totals,
 )
 from engine.models import FieldError, SettledCall, UsageEvent
-from engine.pricing import (
-    ModelPrice,
-    PriceBook,
-    bundled_prices,
-)
+from engine.pricing import ModelPrice, PriceBook, bundled_prices
 from engine.services.alerts import AlertService
 from engine.services.approvals import ApprovalService
 from engine.services.audit import AuditService

@@ -6,27 +6,18 @@ delegate here."""
 
 from __future__ import annotations
 
-import logging
 import secrets
 from functools import partial
-from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
 from engine.alerts import WEBHOOK_KINDS, Alert, deliver, forecast_message, redact_url
-from engine.budgets import (
-    window_bounds,
-)
-from engine.ledger import (
-    LedgerTx,
-)
+from engine.budgets import window_bounds
+from engine.ledger import LedgerTx
 from engine.models import FieldError
 from engine.services.core import Changed, Core, Journal, Service
 from engine.services.policies import PolicyService
-
-log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class AlertService(Service):

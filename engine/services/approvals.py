@@ -6,21 +6,14 @@ delegate here."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from typing import TypeVar
 
 from engine import access, approvals
 from engine.approvals import OverrideRequest
-from engine.ledger import (
-    LedgerTx,
-)
+from engine.ledger import LedgerTx
 from engine.models import FieldError
 from engine.services.core import Changed, Core, Journal, Service
 from engine.services.policies import PolicyService
-
-log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class ApprovalService(Service):

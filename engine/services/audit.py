@@ -7,7 +7,6 @@ delegate here."""
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
 
 import httpx
 
@@ -17,7 +16,6 @@ from engine.clock import HOUR_MS
 from engine.services.core import Core, Service
 
 log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class AuditService(Service):

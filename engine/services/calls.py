@@ -17,25 +17,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from engine.budgets import (
-    DEFAULT_MAX_OUTPUT_TOKENS,
-    Authorization,
-    CallCost,
-    Evaluation,
-)
-from engine.ledger import (
-    LedgerRefusing,
-    LedgerTx,
-    RecordResult,
-    refusal,
-)
+from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, CallCost, Evaluation
+from engine.ledger import LedgerRefusing, LedgerTx, RecordResult, refusal
 from engine.models import UsageEvent
-from engine.pricing import (
-    ModelPrice,
-    worst_cost_nanos,
-)
+from engine.pricing import ModelPrice, worst_cost_nanos
 from engine.services.core import Core, Service
 from engine.services.usage import UsageService
 from engine.spill import SUFFIX as SPILL_SUFFIX
@@ -69,7 +56,6 @@ class CallRequest:
 
 RETRY_WRITES_S = (0.2, 5.0)  # while the ledger refuses writes: the first wait before trying again, and the longest
 log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class _Lazy:

@@ -14,23 +14,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from engine import providers as prov
 from engine import routing
-from engine.budgets import (
-    CallCost,
-)
-from engine.ledger import (
-    LedgerTx,
-)
+from engine.budgets import CallCost
+from engine.ledger import LedgerTx
 from engine.models import FieldError
-from engine.pricing import (
-    ModelPrice,
-    parse_litellm,
-    uncached_cost_nanos,
-    uncached_costs,
-)
+from engine.pricing import ModelPrice, parse_litellm, uncached_cost_nanos, uncached_costs
 from engine.services.core import Changed, Core, Journal, Service
 from engine.services.gateways import GatewayService
 
@@ -38,7 +29,6 @@ _INSERT_DECISION = ("INSERT INTO routing_decisions (ts_ms, request_id, principal
                     "score, requested_cost, chosen_cost, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 DECISION_WAIT_S = 0.05  # how long a routing decision waits for an operation to ride with
 log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 def _cheapest_first(indices: list[int], rank: Callable[[int], tuple[int, str]]) -> Iterator[int]:

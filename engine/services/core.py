@@ -10,7 +10,6 @@ is a ``Service``, whose ``_tx``, ``_change`` and ``now_ms`` are the core's.
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from engine.models import FieldError
 from engine.pricing import PriceBook
 from engine.vault import Vault
 
-log = logging.getLogger("budgeteer")
 T = TypeVar("T")
 Op = Callable[[LedgerTx], Any]
 

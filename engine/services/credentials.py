@@ -7,18 +7,13 @@ delegate here."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from engine import vault as vault_mod
 from engine.services.core import Core, Journal, Service
 from engine.vault import Vault
-
-log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class CredentialService(Service):

@@ -11,18 +11,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from engine import providers as prov
-from engine.ledger import (
-    LedgerTx,
-)
+from engine.ledger import LedgerTx
 from engine.services.core import Changed, Core, Journal, Service
 from engine.services.credentials import CredentialService
 
 HEALTH_REFRESH_S = 1.0  # how old provider health may be before a call starts a refresh (in the background)
 log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class GatewayService(Service):

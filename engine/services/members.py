@@ -5,17 +5,9 @@ delegate here."""
 
 from __future__ import annotations
 
-import logging
-from typing import TypeVar
-
 from engine import access
-from engine.ledger import (
-    LedgerTx,
-)
+from engine.ledger import LedgerTx
 from engine.services.core import Changed, Core, Journal, Service
-
-log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class MemberService(Service):

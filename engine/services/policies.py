@@ -7,9 +7,7 @@ delegate here."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable
-from typing import TypeVar
 
 from engine.budgets import (
     CONTEXT_COLUMNS,
@@ -25,15 +23,10 @@ from engine.budgets import (
 )
 from engine.budgets import backtest as replay
 from engine.clock import HOUR_MS
-from engine.ledger import (
-    LedgerTx,
-)
+from engine.ledger import LedgerTx
 from engine.models import ROLLUP_DIMENSIONS, FieldError
 from engine.services.core import Changed, Core, Journal, Service
 from engine.services.usage import UsageService
-
-log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class PolicyService(Service):

@@ -5,22 +5,15 @@ delegate here."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TypeVar
 
 from engine import tokens
 from engine.clock import period_range
-from engine.ledger import (
-    LedgerTx,
-)
+from engine.ledger import LedgerTx
 from engine.services.core import Changed, Core, Journal, Service
 from engine.services.usage import UsageService
 from engine.tokens import Token
-
-log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class TokenService(Service):

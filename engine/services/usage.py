@@ -6,26 +6,16 @@ delegate here."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from engine.clock import period_range
 from engine.integrations import otlp
-from engine.ledger import (
-    TIMELINE_FIELDS,
-    BreakdownRow,
-    Metric,
-    RecordResult,
-    TimelinePoint,
-    Totals,
-)
+from engine.ledger import TIMELINE_FIELDS, BreakdownRow, Metric, RecordResult, TimelinePoint, Totals
 from engine.models import STATUSES, FieldError, SettledCall, UsageEvent
 from engine.services.core import Core, Journal, Service
 
 MAX_RECENT_CALLS = 10_000  # the most calls one read of the ledger's tail returns
-log = logging.getLogger("budgeteer")
-T = TypeVar("T")
 
 
 class UsageService(Service):
