@@ -563,3 +563,15 @@ def _caller(principal: str, team: str, workspace: str, session: str, agent: str)
     if not principal.strip():
         raise FieldError("principal", "is empty; a governed client acts for someone")
     return Caller(principal=principal, team=team, workspace=workspace, session=session, agent=agent)
+
+
+def _document_delegations() -> None:
+    """Each delegation reads as its service's method does (``help(Engine.record)``)."""
+    for service in (UsageService, CallService, PolicyService, ApprovalService, TokenService, MemberService,
+                    AuditService, AlertService, CredentialService, GatewayService, CatalogService):
+        for name, method in vars(service).items():
+            if not name.startswith("_") and callable(delegation := vars(Engine).get(name)) and method.__doc__:
+                delegation.__doc__ = method.__doc__
+
+
+_document_delegations()

@@ -226,20 +226,20 @@ class CallService(Service):
             return len(taken.records) - len(keep)
 
     async def _replay_one(self, record: Spilled) -> None:
-        if record.hold_id is not None and await self._tx(partial(self._replay_hold, record)):
+        if record.hold_id is not None and await self._tx(partial(self._replay_hold, record.hold_id, record)):
             return
         if record.event is not None:  # no hold, or closed already: a repeat writes nothing
             await self.store.record(record.event)
 
-    def _replay_hold(self, record: Spilled, tx: LedgerTx) -> bool:
+    def _replay_hold(self, hold_id: str, record: Spilled, tx: LedgerTx) -> bool:
         """Close the record's hold if it still waits for it (or expired waiting): True if done so."""
-        state = tx.hold_state(record.hold_id)  # type: ignore[arg-type]
+        state = tx.hold_state(hold_id)
         if record.event is None:
             if state == "held":
-                self.budgets.release(tx, record.hold_id)  # type: ignore[arg-type]
+                self.budgets.release(tx, hold_id)
             return True
         if state in ("held", "expired"):
-            self.budgets.settle(tx, record.hold_id, record.event)  # type: ignore[arg-type]
+            self.budgets.settle(tx, hold_id, record.event)
             return True
         return False
 
