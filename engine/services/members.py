@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from engine import access
 from engine.ledger import LedgerTx
-from engine.services.core import Changed, Core, Journal, Service
+from engine.services.core import Changed, Journal, Service
 
 
 class MemberService(Service):
-    def __init__(self, core: Core) -> None:
-        super().__init__(core)
-
     async def members(self) -> list[access.Member]:
         return await self._tx(lambda tx: access.members(tx.conn))
 

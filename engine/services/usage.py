@@ -13,15 +13,12 @@ from engine.clock import period_range
 from engine.integrations import otlp
 from engine.ledger import TIMELINE_FIELDS, BreakdownRow, Metric, RecordResult, TimelinePoint, Totals
 from engine.models import STATUSES, FieldError, SettledCall, UsageEvent
-from engine.services.core import Core, Journal, Service
+from engine.services.core import Journal, Service
 
 MAX_RECENT_CALLS = 10_000  # the most calls one read of the ledger's tail returns
 
 
 class UsageService(Service):
-    def __init__(self, core: Core) -> None:
-        super().__init__(core)
-
     def priced(self, event: UsageEvent) -> UsageEvent:
         """Settle the event's cost in place and return it: the provider's if given, else from
         the price table of the event's own day, else marked ``unpriced`` (never a silent $0)."""
