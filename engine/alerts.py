@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from engine.budgets import Forecast, Policy
+from engine.forecasts import Forecast
 from engine.models import UsageEvent
+from engine.rules import Policy
 
 RETRY_DELAYS_S: Final = (0.5, 2.0, 8.0)
 WEBHOOK_KINDS: Final = ("generic", "slack")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from engine.clock import format_span, iso
 from engine.models import FieldError
 from engine.money import format_usd
+from engine.rules import Policy
 
 if TYPE_CHECKING:
     from engine.ledger import LedgerView
@@ -77,8 +78,6 @@ class OverrideRequest:
 
     def format_amount(self, amount: int) -> str:
         """An amount in the request's policy unit, as the policy itself writes it."""
-        from engine.budgets import Policy  # budgets imports this module
-
         return Policy.from_json(self.policy).format_amount(amount)
 
     def describe(self, now_ms: int) -> list[str]:

@@ -8,20 +8,24 @@ matrix for every role, on a real ledger file."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import inspect
 import json
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engine import access, audit
 from engine.access import MATRIX, Permission
 from engine.budgets import build_policy
 from engine.clock import FrozenClock
 from engine.engine import CallRequest, Engine
+from engine.services.core import Core
 from tests.conftest import NOW_MS, event
 from tests.test_otlp import payload, span
 from tui.cli import main
@@ -294,6 +298,57 @@ async def test_a_ledger_without_members_lets_anyone_change_anything_and_still_jo
     journal = await _journal(engine)
     await call()
     assert [a for _, a, _ in (await _journal(engine))[len(journal):]] == actions
+
+
+@pytest.mark.parametrize("method", list(CHANGES))
+async def test_every_change_is_checked_and_journaled_inside_the_one_path(
+        engine: Engine, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Structurally: each change's permission check and every journal entry it appends happen
+    inside ``Core.applied``, once per transaction, never by a method's own hand (a check outside
+    it is only the early one of ``Core.permitted``, before a long or interactive step)."""
+    permission, actions, setup = CHANGES[method]
+    engine.actor = OWNER
+    await engine.set_member(OWNER, "owner")
+    call = await setup(engine, OWNER)
+    depth = threading.local()  # the writer's thread runs the transaction
+    seen: list[tuple[str, str, bool]] = []
+    applied, require, append = Core.applied, access.require, audit.append
+
+    def in_applied(self: Core, *args: Any, **kwargs: Any) -> Any:
+        depth.n = getattr(depth, "n", 0) + 1
+        try:
+            return applied(self, *args, **kwargs)
+        finally:
+            depth.n -= 1
+
+    def checked(conn: Any, user: str, perm: Permission) -> None:
+        seen.append(("require", perm, getattr(depth, "n", 0) > 0))
+        require(conn, user, perm)
+
+    def journaled(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(("append", args[2], getattr(depth, "n", 0) > 0))
+        return append(conn, *args, **kwargs)
+
+    monkeypatch.setattr(Core, "applied", in_applied)
+    monkeypatch.setattr(access, "require", checked)
+    monkeypatch.setattr(audit, "append", journaled)
+    await call()
+    assert [(kind, what) for kind, what, inside in seen if inside] == [("require", permission)] + [
+        ("append", a) for a in actions]
+    assert {(kind, what) for kind, what, inside in seen if not inside} <= {("require", permission)}
+
+
+def test_only_the_one_path_checks_permissions_and_appends_to_the_journal() -> None:
+    """No engine module but engine/services/core.py calls ``access.require`` or ``audit.append``:
+    a new change cannot check or journal by hand."""
+    root = Path(__file__).parent.parent / "engine"
+    callers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(f := node.func, ast.Attribute) and isinstance(
+                    f.value, ast.Name) and (f.value.id, f.attr) in (("access", "require"), ("audit", "append")):
+                callers.add(f"{path.relative_to(root.parent)}: {f.value.id}.{f.attr}")
+    assert callers == {"engine/services/core.py: access.require", "engine/services/core.py: audit.append"}
 
 
 async def test_a_priced_call_pays_for_no_member_lookup(engine: Engine) -> None:

@@ -267,7 +267,7 @@ async def test_routed_calls_never_read_raw_events_and_share_one_health_refresh(
         await engine.route(_ask("hi"), principal="alice", model=CHEAP)  # the process's first: loads the window
         # Health as a call finds it a while later: due for a refresh (``_breaker_cache`` was the
         # 5-second cache of the code before, which each stale caller refilled by a scan).
-        engine._health_at = -1e9
+        engine.services.gateways._health_at = -1e9
         engine._breaker_cache = None  # type: ignore[attr-defined]
         await engine.record_many([event(1000 + i, provider="openai", model=CHEAP, ts_ms=NOW_MS - 1000 + i)
                                   for i in range(3)])

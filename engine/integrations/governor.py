@@ -20,17 +20,20 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import providers as prov
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, HoldError
-from engine.engine import RETRY_AFTER_S, CallRequest, Engine
 from engine.integrations.contract import MAX_TOKENS
 from engine.ledger import LedgerRefusing
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
 from engine.ratelimits import Limit, RateLimiter
+from engine.services.calls import RETRY_AFTER_S, CallRequest
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
 
 log = logging.getLogger("budgeteer")
 

@@ -311,11 +311,11 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
         """The sync transport: its own engine on the same ledger, on a private loop thread."""
 
         def __init__(self, db: Any, clock: Any, caller: Caller, *, provider: str | None = None,
-                     routing_mode: str = "off", inner: Any = None) -> None:
-            from engine.engine import Engine
-
+                     routing_mode: str = "off", inner: Any = None,
+                     open_engine: Callable[..., Coroutine[Any, Any, Engine]]) -> None:
+            """``open_engine``: ``Engine.open``, passed in (the engine imports this module)."""
             self.loop = _LoopThread()
-            self.engine = self.loop.run(Engine.open(db, clock=clock))
+            self.engine = self.loop.run(open_engine(db, clock=clock))
             self.governor = Governor(self.engine, routing_mode=routing_mode, resolve_providers=False)
             self.call = _Call(caller, provider)
             self.inner = inner or h.HTTPTransport()

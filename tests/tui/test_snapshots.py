@@ -16,12 +16,15 @@ import pytest
 from textual.widgets import Input
 
 from engine import approvals as approvals_module
-from engine import engine as engine_module
 from engine import tokens as tokens_module
 from engine import vault as vault_module
 from engine.clock import FrozenClock
 from engine.demo import demo_policies, generate_demo, populate
 from engine.engine import Engine
+from engine.services import alerts as alerts_service
+from engine.services import calls as calls_service
+from engine.services import catalog as catalog_service
+from engine.services import core as core_service
 from tests.conftest import isolated_home
 from tui.app import BudgeteerApp
 
@@ -106,7 +109,8 @@ def full_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     routing decisions, the journal), two days of history, with seeded ids."""
     path = tmp_path_factory.mktemp("full-demo") / "demo.db"
     seeded = _SeededSecrets(18)
-    modules = [m for m in (engine_module, approvals_module, tokens_module, vault_module) if hasattr(m, "secrets")]
+    modules = [m for m in (core_service, calls_service, alerts_service, catalog_service, approvals_module,
+                           tokens_module, vault_module) if hasattr(m, "secrets")]
     saved = [m.secrets for m in modules]
 
     async def build() -> None:

@@ -1,0 +1,42 @@
+"""Members and roles: who may do what on this ledger.
+
+A service of ``Engine`` (``engine.services.core``): the engine's methods of the same names
+delegate here."""
+
+from __future__ import annotations
+
+from engine import access
+from engine.ledger import LedgerTx
+from engine.services.core import Changed, Journal, Service
+
+
+class MemberService(Service):
+    async def members(self) -> list[access.Member]:
+        return await self._tx(lambda tx: access.members(tx))
+
+    async def role(self, user: str | None = None) -> access.Role | None:
+        """The user's role; None when not a member. On a ledger without members everyone is an owner."""
+        def op(tx: LedgerTx) -> access.Role | None:
+            return "owner" if access.single_user(tx) else access.role_of(tx, user or self.actor)
+
+        return await self._tx(op)
+
+    async def may(self, permission: access.Permission) -> bool:
+        return access.allowed(await self.role(), permission)
+
+    async def set_member(self, user: str, role: str) -> access.Member:
+        parsed = access.parse_role(role)
+        now = self.now_ms()
+
+        def op(tx: LedgerTx) -> Changed[access.Member]:
+            before, after = access.set_member(tx, self.actor, user, parsed, now)
+            return after, Journal(f"member:{after.user}", before.as_dict() if before else None, after.as_dict())
+
+        return await self._change("manage_members", "member.set", op)
+
+    async def remove_member(self, user: str) -> access.Member:
+        def op(tx: LedgerTx) -> Changed[access.Member]:
+            before = access.remove_member(tx, self.actor, user)
+            return before, Journal(f"member:{user}", before.as_dict(), None)
+
+        return await self._change("manage_members", "member.remove", op)
