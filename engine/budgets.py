@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine import approvals
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.errors import Refused
 from engine.ledger import ClosedHold, LedgerTx, RecordResult
 from engine.models import FieldError, UsageEvent, unique_hex
 from engine.money import MoneyError, format_amount, format_usd, parse_usd
@@ -444,8 +445,11 @@ DEFAULT_HOLD_TTL_MS: Final = 10 * MINUTE_MS
 EXPIRY_CHECK_MS: Final = 1_000  # how often decision batches look for holds past their time to live
 
 
-class HoldError(ValueError):
+class HoldError(Refused, ValueError):
     """A hold that cannot be settled or released as asked (unknown, or already closed)."""
+
+    http_status = 409
+    code = "hold_closed"
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, Protocol
 import aiosqlite
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.errors import LedgerUnavailable
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 
 #: At most this many events go into one group-committed transaction.
@@ -40,7 +41,7 @@ WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024  # bytes of log file kept when the log 
 BUSY_TIMEOUT_MS: Final = 30_000
 
 
-class StoreError(RuntimeError):
+class StoreError(LedgerUnavailable, RuntimeError):
     """The ledger cannot be opened or written; the message says why in one sentence."""
 
 
