@@ -172,21 +172,34 @@ def _open_hold_ids(db: Path) -> list[str]:
         return [row[0] for row in conn.execute("SELECT id FROM holds WHERE state = 'held'")]
 
 
+def _releasing_provider(db: Path) -> Starlette:
+    """An OpenAI-compatible provider that, before it answers, has another process (an engine
+    of its own on the ledger) release the one open hold: the call's."""
+    fake = FakeOpenAI()
+
+    async def release_then_answer(request: Request) -> Response:
+        [hold] = _open_hold_ids(db)
+        async with await Engine.open(db, actor="someone-else") as other:
+            await other.release(hold)
+        return await fake.chat(request)
+
+    return Starlette(routes=[Route("/v1/chat/completions", release_then_answer, methods=["POST"])])
+
+
+def _closed_under_the_call(refused: openai.APIStatusError) -> None:
+    """The answer to a call whose hold was closed under it: 409, the HoldError's own sentence."""
+    assert refused.status_code == 409
+    assert isinstance(refused.body, dict)
+    assert refused.body["code"] == "hold_closed" and refused.body["type"] == "invalid_request_error"
+    assert refused.body["message"].startswith("hold ") and refused.body["message"].endswith(" is already released")
+
+
 def test_a_hold_closed_under_a_call_reaches_the_caller_in_words_not_as_a_gateway_failure(
         db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Another process releases the call's hold while the provider answers: settling it is a
     HoldError, which the caller used to get as 500 "the gateway failed on this request". It
     is now the error's own sentence, 409, and the operator's log says it in one line."""
-    fake = FakeOpenAI()
-
-    async def release_then_answer(request: Request) -> Response:
-        [hold] = _open_hold_ids(db_path)
-        async with await Engine.open(db_path, actor="someone-else") as other:
-            await other.release(hold)
-        return await fake.chat(request)
-
-    provider = Starlette(routes=[Route("/v1/chat/completions", release_then_answer, methods=["POST"])])
-    with serve(provider) as upstream:
+    with serve(_releasing_provider(db_path)) as upstream:
         secret = _with_provider(db_path, f"{upstream}/v1", ["gpt-4o-mini"])
 
         async def policy() -> None:  # a budget, so the call is held
@@ -198,14 +211,33 @@ def test_a_hold_closed_under_a_call_reaches_the_caller_in_words_not_as_a_gateway
               openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client,
               pytest.raises(openai.APIStatusError) as refused):
             client.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]
-    assert refused.value.status_code == 409
-    assert isinstance(refused.value.body, dict)
-    assert refused.value.body["code"] == "hold_closed" and refused.value.body["type"] == "invalid_request_error"
-    assert refused.value.body["message"].startswith("hold ") and refused.value.body["message"].endswith(
-        " is already released")
+    _closed_under_the_call(refused.value)
     [line] = [r for r in caplog.records if r.name == "budgeteer.gateway"]
     assert "HoldError: hold " in line.getMessage() and line.exc_info is None
     assert _open_hold_ids(db_path) == []
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+async def test_the_governed_transport_answers_a_hold_closed_under_its_call_as_the_gateway_does(
+        db_path: Path, client: str) -> None:
+    """The same call through the governed transport: the HoldError escaped raw out of the SDK's
+    call, where a program expects the SDK's own errors; it is now the SDK's 409, as at the gateway."""
+    with serve(_releasing_provider(db_path)) as upstream:
+        async with await Engine.open(db_path) as engine:
+            await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="10"))
+            if client == "sync":
+                http = engine.httpx_client(principal="alice")
+                with (openai.OpenAI(base_url=f"{upstream}/v1", api_key="sk-p", http_client=http, max_retries=0) as sdk,
+                      pytest.raises(openai.APIStatusError) as refused):
+                    sdk.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]
+            else:
+                http = engine.httpx_async_client(principal="alice")
+                async with openai.AsyncOpenAI(base_url=f"{upstream}/v1", api_key="sk-p", http_client=http,
+                                              max_retries=0) as asdk:
+                    with pytest.raises(openai.APIStatusError) as refused:
+                        await asdk.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]
+            _closed_under_the_call(refused.value)
+            assert await engine.open_holds() == 0
 
 
 async def test_a_shutdown_releases_every_open_call_even_one_whose_hold_expired(db_path: Path) -> None:

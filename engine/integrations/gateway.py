@@ -411,10 +411,12 @@ class Gateway:
             return await self._forward(request, kind, body, raw, ticket, provider)
         except BudgeteerError as exc:  # a refusal, bad input, a token refused, the ledger unavailable...
             refusal = refusal_of(exc)
-            self._count(refusal.status >= 500)
+            failed = refusal.status >= 500
             if ticket is not None and refusal is not exc:  # not the governor's: after the hold, given back
+                failed = True
                 log_failure(f"POST {request.url.path}", exc)
                 await self._abort(ticket)
+            self._count(failed)
             return error(refusal, kind)
         except ClientDisconnect:  # the caller left before its request arrived whole
             return Response(status_code=499)

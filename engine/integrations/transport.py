@@ -249,7 +249,11 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             finally:
                 await response.aclose()
             usage = _usage(content)
-            await self.governor.finish(ticket, usage, estimated=usage is None)
+            try:
+                await self.governor.finish(ticket, usage, estimated=usage is None)
+            except BudgeteerError as exc:  # its hold closed under it (HoldError): answered as the gateway does
+                await self.governor.abort(ticket)
+                return self.call.refused(exc, request)
             return h.Response(response.status_code, headers=response.headers, content=content,
                                   extensions=response.extensions, request=request)
 
@@ -365,7 +369,11 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             finally:
                 response.close()
             usage = _usage(content)
-            self.loop.run(self.governor.finish(ticket, usage, estimated=usage is None))
+            try:
+                self.loop.run(self.governor.finish(ticket, usage, estimated=usage is None))
+            except BudgeteerError as exc:  # its hold closed under it (HoldError): answered as the gateway does
+                self.loop.run(self.governor.abort(ticket))
+                return self.call.refused(exc, request)
             return h.Response(response.status_code, headers=response.headers, content=content,
                                   extensions=response.extensions, request=request)
 
