@@ -68,6 +68,10 @@ ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 4
                     429: "rate_limit_error", 504: "timeout_error"}
 
 
+#: OpenAI's error type by status, where it is not ``invalid_request_error`` (``api_error`` from 500).
+OPENAI_ERRORS = {403: "permission_error", 429: "rate_limit_error"}
+
+
 def refusal_of(exc: errors.BudgeteerError) -> Refused:
     """Any Budgeteer error as the answer the gateway and the governed transport send: its
     ``http_status``, its sentence as the message, its ``code``, the field it names as the
@@ -80,13 +84,6 @@ def refusal_of(exc: errors.BudgeteerError) -> Refused:
     status = exc.http_status
     kind = "api_error" if status >= 500 else OPENAI_ERRORS.get(status, "invalid_request_error")
     return Refused(status, str(exc), kind, exc.code, getattr(exc, "field", None))
-
-
-OPENAI_ERRORS = {403: "permission_error", 429: "rate_limit_error"}
-
-
-def bad_request(field_name: str, reason: str) -> Refused:
-    return Refused(400, f"{field_name}: {reason}", "invalid_request_error", "invalid_value", field_name)
 
 
 def ledger_unavailable(reason: str) -> Refused:
@@ -266,7 +263,7 @@ class Governor:
         started = time.perf_counter()
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
-            raise bad_request("model", "is required and must be a string")
+            raise FieldError("model", "is required and must be a string")
         tokens, cap = request_tokens(kind, body)
         if self.engine.refusing is not None:
             raise ledger_unavailable(self.engine.refusing)
