@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
+from engine.errors import Refused
 from engine.models import FieldError
 
 if TYPE_CHECKING:
@@ -39,8 +40,10 @@ MATRIX: Final[dict[Role, frozenset[Permission]]] = {
 DEFAULT_WORKSPACE: Final = "default"
 
 
-class AccessDenied(Exception):
+class AccessDenied(Refused):
     """An action the identity's role does not allow; the message names what is missing."""
+
+    code = "permission_denied"
 
     def __init__(self, user: str, role: str | None, permission: str, detail: str = "") -> None:
         who = f"{user} ({role})" if role else f"{user} (not a member)"

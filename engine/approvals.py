@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from engine.clock import format_span, iso
+from engine.errors import Refused
 from engine.models import FieldError
 from engine.money import format_usd
 from engine.rules import Policy
@@ -35,8 +36,11 @@ DEFAULT_GRANT_MS: Final = 3_600_000
 UNDO_WINDOW_MS: Final = 10_000
 
 
-class ApprovalError(Exception):
+class ApprovalError(Refused):
     """A decision that cannot be made (already decided, own request, ...); says why."""
+
+    http_status = 409
+    code = "approval_conflict"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from typing import Any, Final
 from engine import approvals
 from engine.alerts import crossed, crossing_message, overshoot_message
 from engine.clock import MINUTE_MS
+from engine.errors import Refused
 from engine.ledger import ClosedHold, LedgerTx, RecordResult
 from engine.models import UsageEvent, unique_hex
 from engine.rules import METRICS, CallCost, Evaluation, Outcome, Policy, decide, outcome, window_bounds
@@ -27,8 +28,11 @@ EXPIRY_CHECK_MS: Final = 1_000  # how often decision batches look for holds past
 ALERTED_KEPT: Final = 10_000  # alerts a budget book remembers as stored (a rolling policy makes one a window)
 
 
-class HoldError(ValueError):
+class HoldError(Refused, ValueError):
     """A hold that cannot be settled or released as asked (unknown, or already closed)."""
+
+    http_status = 409
+    code = "hold_closed"
 
 
 @dataclass(slots=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from engine.errors import BadInput
+
 _id_prefix = ""
 _id_counter = itertools.count()
 
@@ -59,13 +61,9 @@ MAX_COST_NANOS: Final = 10**17  # $100M for one call: anything above is a unit m
 DEFAULT_WORKSPACE: Final = "default"
 
 
-class FieldError(ValueError):
-    """Bad input: ``field`` is what was wrong, ``reason`` why, in words for the operator."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}")
+#: Bad input naming its field: the hierarchy's ``BadInput`` (exit status 2, HTTP 400), by the
+#: name the engine has always raised it under.
+FieldError = BadInput
 
 
 @dataclass(slots=True, frozen=True)
@@ -283,7 +281,7 @@ def validate_event(raw: dict[str, Any]) -> UsageEvent:
 
 
 def _cost_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    from engine.money import MoneyError, parse_usd
+    from engine.money import parse_usd
 
     source = raw.get("cost_source") or None
     if source is not None and source not in COST_SOURCES:
@@ -294,10 +292,7 @@ def _cost_fields(raw: dict[str, Any]) -> dict[str, Any]:
         if isinstance(raw["cost_nanos"], float):
             raise FieldError("cost_nanos", "must be an integer count of nano-dollars, not a float")
     elif raw.get("cost_usd") not in (None, ""):
-        try:
-            cost = parse_usd(raw["cost_usd"], "cost_usd")
-        except MoneyError as exc:
-            raise FieldError(exc.field, exc.reason) from None
+        cost = parse_usd(raw["cost_usd"], "cost_usd")  # a MoneyError: bad input naming cost_usd
         if cost > MAX_COST_NANOS:
             raise FieldError("cost_usd", "is implausibly large for one call")
     if cost is None:

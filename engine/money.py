@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+from engine.errors import BadInput
+
 NANOS_PER_USD = 1_000_000_000
 NANOS_PER_CENT = 10_000_000
 #: Rates are kept as femto-dollars per token (1e-15 USD), which is the same number
@@ -21,13 +23,8 @@ _AMOUNT = re.compile(
 _GROUPED = re.compile(r"^[0-9]{1,3}(?:,[0-9]{3})*$")
 
 
-class MoneyError(ValueError):
-    """An amount that cannot be accepted; the message says why, in one sentence."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}")
+class MoneyError(BadInput):
+    """An amount that cannot be accepted: ``field`` names it, ``reason`` says why."""
 
 
 def parse_usd(text: str | int | Decimal, field: str = "amount") -> int:

@@ -18,12 +18,15 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final
 
+from engine.errors import EXIT_USAGE, BudgeteerError
 from engine.models import Usage, UsageEvent
 from engine.money import FEMTOS_PER_NANO, MoneyError, cost_from_femtos, rate_to_femtos
 
 
-class PricingError(ValueError):
-    """A price file that cannot be read as a whole."""
+class PricingError(BudgeteerError, ValueError):
+    """A price file that cannot be read as a whole: bad input, with no one field to name."""
+
+    exit_status, http_status, code = EXIT_USAGE, 400, "invalid_value"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from engine.errors import Refused
 from engine.models import FieldError
 
 if TYPE_CHECKING:
@@ -33,10 +34,17 @@ TokenState = Literal["active", "expired", "revoked"]
 Refusal = Literal["malformed", "unknown", "wrong", "expired", "revoked", "scope"]
 
 
-class TokenRefused(Exception):
+class TokenRefused(Refused):
+    """A token that does not admit the call: 403 when it lacks the scope, else 401."""
+
+    http_status = 401
+    code = "invalid_api_key"
+
     def __init__(self, reason: Refusal, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+        if reason == "scope":
+            self.http_status, self.code = 403, "missing_scope"
 
 
 def limits_text(rpm: int | None, tpm: int | None) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
 from engine.audit import KEY_REF_PREFIX
+from engine.errors import BudgeteerError
 from engine.models import FieldError
 
 SERVICE: Final = "budgeteer"
@@ -48,7 +49,7 @@ SCRYPT_P: Final = 1
 BackendName = Literal["keyring", "file"]
 
 
-class VaultError(Exception):
+class VaultError(BudgeteerError):
     """The vault cannot do what was asked (wrong passphrase, no such reference, unreadable
     file...); the message says why and never contains a secret."""
 

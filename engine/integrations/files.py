@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, Literal, TextIO
 
 from engine.clock import iso
+from engine.errors import EXIT_USAGE, BudgeteerError
 from engine.models import EVENT_FIELDS, FieldError, UsageEvent, validate_event
 from engine.money import format_usd_plain
 
@@ -37,8 +38,10 @@ MAX_REPORTED_ERRORS: Final = 1000
 PROGRESS_EVERY: Final = 5000  # events between two calls of a progress callback
 
 
-class ImportFileError(ValueError):
+class ImportFileError(BudgeteerError, ValueError):
     """The file as a whole cannot be read (missing, not text, no header...)."""
+
+    exit_status, http_status, code = EXIT_USAGE, 400, "invalid_value"
 
 
 @dataclass(slots=True, frozen=True)

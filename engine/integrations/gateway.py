@@ -44,6 +44,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
 from engine.engine import Engine
+from engine.errors import BadInput, BudgeteerError
 from engine.integrations import contract
 from engine.integrations.governor import (
     Caller,
@@ -52,13 +53,13 @@ from engine.integrations.governor import (
     StreamMeter,
     Ticket,
     ask_usage,
-    bad_request,
+    refusal_of,
     usage_of,
 )
 from engine.integrations.http11 import Http11Transport
-from engine.models import FieldError, GatewayStatus, Usage
+from engine.models import GatewayStatus, Usage
 from engine.providers import Provider
-from engine.tokens import Token, TokenRefused, admit, digest
+from engine.tokens import Token, admit, digest
 from engine.vault import VaultError
 
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
@@ -89,12 +90,16 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
-class CallerLeft(Exception):
-    """The caller hung up before the provider answered."""
+class CallerLeft(BudgeteerError):
+    """The caller hung up before the provider answered (answered 499, to no one)."""
+
+    http_status, code = 499, "caller_left"
 
 
-def error(refusal: Refused, kind: str = "") -> JSONResponse:
-    """A refusal in OpenAI's error shape; in Anthropic's on its Messages API (``kind`` messages)."""
+def error(exc: BudgeteerError, kind: str = "") -> JSONResponse:
+    """An error as ``refusal_of`` answers it, in OpenAI's error shape; in Anthropic's on its
+    Messages API (``kind`` messages)."""
+    refusal = refusal_of(exc)
     body = refusal.anthropic_body() if kind == "messages" else refusal.body()
     return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
 
@@ -264,19 +269,14 @@ class Gateway:
         else:
             raise Refused(401, "Missing API token: send Authorization: Bearer bgt_...", "invalid_request_error",
                           "invalid_api_key")
-        try:
-            key = digest(presented)
-            cached = self.tokens.get(key)
-            if cached is None or time.monotonic() - cached[0] > TOKEN_CACHE_S:
-                if len(self.tokens) > 10_000:
-                    self.tokens.clear()
-                cached = (time.monotonic(), await self.engine.authenticate(presented, touch=False))
-                self.tokens[key] = cached
-            token = admit(cached[1], self.engine.now_ms(), scope)
-        except TokenRefused as exc:
-            status = 403 if exc.reason == "scope" else 401
-            raise Refused(status, str(exc), "permission_error" if status == 403 else "invalid_request_error",
-                          "missing_scope" if status == 403 else "invalid_api_key") from None
+        key = digest(presented)  # a token refused (TokenRefused) is answered by its http_status
+        cached = self.tokens.get(key)
+        if cached is None or time.monotonic() - cached[0] > TOKEN_CACHE_S:
+            if len(self.tokens) > 10_000:
+                self.tokens.clear()
+            cached = (time.monotonic(), await self.engine.authenticate(presented, touch=False))
+            self.tokens[key] = cached
+        token = admit(cached[1], self.engine.now_ms(), scope)
         self.last_used[token.id] = self.engine.now_ms()  # written with the next heartbeat
         return Caller(principal=token.principal, team=token.team, workspace=token.workspace, token_id=token.id,
                       session=request.headers.get("x-budgeteer-session", "")[:200],
@@ -295,12 +295,9 @@ class Gateway:
                               "invalid_request_error", "body_too_large", "body")
             chunks.append(chunk)
         raw = b"".join(chunks)
-        try:
-            body = contract.loads(raw)
-        except FieldError as exc:
-            raise bad_request(exc.field, exc.reason) from None
+        body = contract.loads(raw)  # bad JSON: a BadInput, answered 400 naming the field
         if not isinstance(body, dict):
-            raise bad_request("body", "must be a JSON object")
+            raise BadInput("body", "must be a JSON object")
         return body, raw
 
     async def _upstream_headers(self, provider: Provider) -> list[tuple[bytes, bytes]]:
@@ -363,8 +360,8 @@ class Gateway:
         assert self.engine is not None
         try:
             await self._caller(request, "models")
-        except Refused as refusal:
-            return error(refusal)
+        except BudgeteerError as exc:
+            return error(exc)
         assert self.governor is not None
         served = await self.governor.served()
         return JSONResponse({"object": "list", "data": [
@@ -384,11 +381,8 @@ class Gateway:
             body = await otlp.read_body(request.stream(), request.headers.get("content-encoding"), self.max_body,
                                         request.headers.get("content-length"))
             report = await self.engine.ingest_otlp(otlp.decode(body, media))
-        except Refused as refusal:
-            return error(refusal)
-        except otlp.OtlpError as exc:
-            code = {413: "body_too_large", 415: "unsupported_media_type"}.get(exc.status, "invalid_value")
-            return error(Refused(exc.status, str(exc), "invalid_request_error", code, "body"))
+        except BudgeteerError as exc:  # OtlpError's statuses: 400, 413 too large, 415 not OTLP's media type
+            return error(exc)
         except ClientDisconnect:
             return Response(status_code=499)
         return Response(otlp.export_response(report, media), media_type=media)
@@ -408,18 +402,21 @@ class Gateway:
         try:
             caller = await self._caller(request, SCOPES[kind])
             body, raw = await self._body(request)
-            try:
-                contract.check(kind, body)
-            except FieldError as exc:
-                raise bad_request(exc.field, exc.reason) from None
+            contract.check(kind, body)
             if kind == "messages":  # Anthropic's Messages API, to an anthropic provider, never rerouted
                 ticket, provider = await self.governor.begin(caller, "chat", body, route=False,
                                                              provider_kind="anthropic")
             else:
                 ticket, provider = await self.governor.begin(caller, kind, body)
             return await self._forward(request, kind, body, raw, ticket, provider)
-        except Refused as refusal:
-            self._count(refusal.status >= 500)
+        except BudgeteerError as exc:  # a refusal, bad input, a token refused, the ledger unavailable...
+            refusal = refusal_of(exc)
+            failed = refusal.status >= 500
+            if ticket is not None and refusal is not exc:  # not the governor's: after the hold, given back
+                failed = True
+                log_failure(f"POST {request.url.path}", exc)
+                await self._abort(ticket)
+            self._count(failed)
             return error(refusal, kind)
         except ClientDisconnect:  # the caller left before its request arrived whole
             return Response(status_code=499)

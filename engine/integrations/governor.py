@@ -9,12 +9,14 @@
    the provider's health).
 
 Refusals are ``Refused`` with the HTTP status and OpenAI-shaped error body the gateway
-sends, and the transport turns into a response the SDKs raise as theirs.
+sends, and the transport turns into a response the SDKs raise as theirs; ``refusal_of`` makes
+one of any other Budgeteer error (bad input, a refused token, a ledger refusing writes...).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -22,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from engine import errors
 from engine import providers as prov
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, HoldError
 from engine.integrations.contract import MAX_TOKENS
-from engine.ledger import LedgerRefusing
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
@@ -40,14 +42,20 @@ log = logging.getLogger("budgeteer")
 KINDS = ("chat", "embeddings", "responses")
 
 
-class Refused(Exception):
-    """A call Budgeteer will not make: the status, and OpenAI's error shape."""
+class Refused(errors.Refused):
+    """A call Budgeteer will not make, as its HTTP answer: the status (``http_status``), and
+    OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.http_status, self.message, self.type, self.param = status, message, type_, param
+        self.code = code  # type: ignore[assignment]  # OpenAI's bodies may have none
         self.headers = dict(headers or {})
+
+    @property
+    def status(self) -> int:
+        return self.http_status
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -63,8 +71,22 @@ ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 4
                     429: "rate_limit_error", 504: "timeout_error"}
 
 
-def bad_request(field_name: str, reason: str) -> Refused:
-    return Refused(400, f"{field_name}: {reason}", "invalid_request_error", "invalid_value", field_name)
+#: OpenAI's error type by status, where it is not ``invalid_request_error`` (``api_error`` from 500).
+OPENAI_ERRORS = {403: "permission_error", 429: "rate_limit_error"}
+
+
+def refusal_of(exc: errors.BudgeteerError) -> Refused:
+    """Any Budgeteer error as the answer the gateway and the governed transport send: its
+    ``http_status``, its sentence as the message, its ``code``, the field it names as the
+    ``param``, OpenAI's error type for the status; a ledger that cannot take the call asks for a
+    retry (``ledger_unavailable``)."""
+    if isinstance(exc, Refused):
+        return exc
+    if isinstance(exc, errors.LedgerUnavailable):
+        return ledger_unavailable(str(exc))
+    status = exc.http_status
+    kind = "api_error" if status >= 500 else OPENAI_ERRORS.get(status, "invalid_request_error")
+    return Refused(status, str(exc), kind, exc.code, getattr(exc, "field", None))
 
 
 def ledger_unavailable(reason: str) -> Refused:
@@ -238,16 +260,14 @@ class Governor:
     async def begin(self, caller: Caller, kind: str, body: Mapping[str, Any], *, provider: str = "",
                     route: bool = True, provider_kind: str | None = None) -> tuple[Ticket, prov.Provider | None]:
         """Rate limits, routing, authorization; the ticket and the provider to forward to
-        (None when ``resolve_providers`` is off: the caller knows where the call goes)."""
+        (None when ``resolve_providers`` is off: the caller knows where the call goes). A call
+        not made raises a Budgeteer error: ``refusal_of`` is its answer."""
         self.requests += 1
         started = time.perf_counter()
         model = body.get("model")
         if not isinstance(model, str) or not model.strip():
-            raise bad_request("model", "is required and must be a string")
-        try:
-            tokens, cap = request_tokens(kind, body)
-        except FieldError as exc:
-            raise bad_request(exc.field, exc.reason) from None
+            raise FieldError("model", "is required and must be a string")
+        tokens, cap = request_tokens(kind, body)
         if self.engine.refusing is not None:
             raise ledger_unavailable(self.engine.refusing)
         choices = body.get("n")
@@ -266,15 +286,12 @@ class Governor:
         request_id = "bgt-" + unique_hex()
         applied = model
         if route and kind == "chat" and self.routing_mode in ("suggest", "dry_run", "enforced"):
-            try:
-                decision = await self.engine.route(body, principal=caller.principal, model=model,
-                                                   mode=self.routing_mode, team=caller.team,
-                                                   workspace=caller.workspace, token_id=caller.token_id,
-                                                   session=caller.session, agent=caller.agent, max_tokens=cap,
-                                                   request_id=request_id, input_tokens=tokens)
-                applied = decision.applied
-            except FieldError as exc:
-                raise bad_request(exc.field, exc.reason) from None
+            decision = await self.engine.route(body, principal=caller.principal, model=model,
+                                               mode=self.routing_mode, team=caller.team,
+                                               workspace=caller.workspace, token_id=caller.token_id,
+                                               session=caller.session, agent=caller.agent, max_tokens=cap,
+                                               request_id=request_id, input_tokens=tokens)
+            applied = decision.applied
         target = await self.provider_for(applied, provider_kind) if self.resolve_providers else None
         if self.resolve_providers and target is None:
             if applied != model and (target := await self.provider_for(model, provider_kind)) is not None:
@@ -282,14 +299,11 @@ class Governor:
             else:
                 raise Refused(404, f"The model `{model}` is not served by any registered provider",
                               "invalid_request_error", "model_not_found", "model")
-        try:
-            auth = await self.engine.authorize(CallRequest(
-                principal=caller.principal, model=applied, provider=target.name if target else provider,
-                team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
-                agent=caller.agent, input_tokens=prompt_bound(body), max_tokens=cap,  # no cap: the model's most
-                choices=choices, request_id=request_id))
-        except LedgerRefusing as exc:
-            raise ledger_unavailable(str(exc)) from None
+        auth = await self.engine.authorize(CallRequest(  # a ledger refusing writes: LedgerRefusing, a 503
+            principal=caller.principal, model=applied, provider=target.name if target else provider,
+            team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
+            agent=caller.agent, input_tokens=prompt_bound(body), max_tokens=cap,  # no cap: the model's most
+            choices=choices, request_id=request_id))
         if not auth.allowed:
             refusal = self._budget_refusal(auth)
             await self._record_refusal(caller, request_id, model, applied, target.name if target else provider, auth,
@@ -399,13 +413,15 @@ class Governor:
                 pass
 
     async def release_all(self) -> int:
-        """At shutdown: release the holds of calls still under way; how many there were."""
+        """At shutdown: release the holds of calls still under way; how many there were. A hold
+        closed already (expired under a call longer than its time to live) has nothing to give back."""
         tickets = list(self.open.values())
         for ticket in tickets:
             ticket.settled = True
             self.open.pop(ticket.request_id, None)
             if ticket.hold_id:
-                await self.engine.settle_call(ticket.hold_id, None)
+                with contextlib.suppress(HoldError):
+                    await self.engine.settle_call(ticket.hold_id, None)
         return len(tickets)
 
 

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.errors import EXIT_USAGE, BudgeteerError
 from engine.integrations import contract
 from engine.models import FieldError, UsageEvent, validate_event
 
@@ -69,23 +70,23 @@ USAGE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 JSON, PROTOBUF = "application/json", "application/x-protobuf"
 
 
-class OtlpError(ValueError):
-    """The payload as a whole is not OTLP traces; says what is wrong. ``status``: the HTTP
-    answer it calls for."""
+class OtlpError(BudgeteerError, ValueError):
+    """The payload as a whole is not OTLP traces; says what is wrong (of the body: ``field``)."""
 
-    status = 400
+    exit_status, http_status, code = EXIT_USAGE, 400, "invalid_value"
+    field = "body"
 
 
 class OtlpUnsupported(OtlpError):
     """A content type or content encoding that is not OTLP/HTTP's."""
 
-    status = 415
+    http_status, code = 415, "unsupported_media_type"
 
 
 class OtlpTooLarge(OtlpError):
     """A body past the size limit, as sent or once inflated."""
 
-    status = 413
+    http_status, code = 413, "body_too_large"
 
 
 @dataclass

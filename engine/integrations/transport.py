@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from engine.integrations.governor import Caller, Governor, Refused, StreamMeter, Ticket, ask_usage, usage_of
+from engine.errors import BudgeteerError
+from engine.integrations.governor import Caller, Governor, StreamMeter, Ticket, ask_usage, refusal_of, usage_of
 from engine.models import Usage
 
 if TYPE_CHECKING:
@@ -183,6 +184,12 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             return ticket
 
         @staticmethod
+        def refused(exc: BudgeteerError, request: Any) -> Any:
+            """A call not made, answered as the gateway answers it (``refusal_of``)."""
+            refusal = refusal_of(exc)
+            return h.Response(refusal.status, json=refusal.body(), headers=refusal.headers, request=request)
+
+        @staticmethod
         def rewritten(request: Any, kind: str, body: dict[str, Any], ticket: Ticket) -> Any:
             """The request as sent: the model the governor settled on, usage asked for in streams."""
             changed = dict(body)
@@ -214,8 +221,8 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             kind, body = prepared
             try:
                 ticket = await self.call.begin(self.governor, request, kind, body)
-            except Refused as refusal:
-                return h.Response(refusal.status, json=refusal.body(), headers=refusal.headers, request=request)
+            except BudgeteerError as exc:
+                return self.call.refused(exc, request)
             try:
                 response = await self.inner.handle_async_request(self.call.rewritten(request, kind, body, ticket))
             except (h.ReadTimeout, asyncio.CancelledError):  # sent; no answer in time, or the caller stopped waiting
@@ -242,7 +249,11 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             finally:
                 await response.aclose()
             usage = _usage(content)
-            await self.governor.finish(ticket, usage, estimated=usage is None)
+            try:
+                await self.governor.finish(ticket, usage, estimated=usage is None)
+            except BudgeteerError as exc:  # its hold closed under it (HoldError): answered as the gateway does
+                await self.governor.abort(ticket)
+                return self.call.refused(exc, request)
             return h.Response(response.status_code, headers=response.headers, content=content,
                                   extensions=response.extensions, request=request)
 
@@ -330,8 +341,8 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             kind, body = prepared
             try:
                 ticket = self.loop.run(self.call.begin(self.governor, request, kind, body))
-            except Refused as refusal:
-                return h.Response(refusal.status, json=refusal.body(), headers=refusal.headers, request=request)
+            except BudgeteerError as exc:
+                return self.call.refused(exc, request)
             try:
                 response = self.inner.handle_request(self.call.rewritten(request, kind, body, ticket))
             except h.ReadTimeout:  # sent, and no answer in time
@@ -358,7 +369,11 @@ def _build(h: Any) -> tuple[type[Any], type[Any]]:
             finally:
                 response.close()
             usage = _usage(content)
-            self.loop.run(self.governor.finish(ticket, usage, estimated=usage is None))
+            try:
+                self.loop.run(self.governor.finish(ticket, usage, estimated=usage is None))
+            except BudgeteerError as exc:  # its hold closed under it (HoldError): answered as the gateway does
+                self.loop.run(self.governor.abort(ticket))
+                return self.call.refused(exc, request)
             return h.Response(response.status_code, headers=response.headers, content=content,
                                   extensions=response.extensions, request=request)
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
+from engine.errors import LedgerUnavailable
 
-class StoreError(RuntimeError):
+
+class StoreError(LedgerUnavailable, RuntimeError):
     """The ledger cannot be opened or written; the message says why in one sentence."""
 
 

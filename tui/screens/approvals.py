@@ -13,11 +13,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Static, Tab, Tabs
 
-from engine.access import AccessDenied
-from engine.approvals import UNDO_WINDOW_MS, ApprovalError, OverrideRequest
+from engine.approvals import UNDO_WINDOW_MS, OverrideRequest
 from engine.budgets import Outcome, parse_amount
 from engine.clock import format_duration, format_span, iso, parse_duration_ms
-from engine.models import FieldError
+from engine.errors import BudgeteerError
 from engine.money import format_usd_plain
 from tui.screens.base import DataScreen
 from tui.screens.form import Field, FormModal
@@ -229,7 +228,7 @@ class ApprovalsScreen(DataScreen):
             return
         try:
             request = await engine.undo_decision(target)
-        except (ApprovalError, AccessDenied, FieldError) as exc:
+        except BudgeteerError as exc:
             self.notify(str(exc), title="Not undone", severity="error")
             return
         self.last_decided = None

@@ -13,10 +13,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
-from engine.access import AccessDenied
 from engine.budgets import Forecast, Outcome, Policy
 from engine.clock import DAY_MS, MINUTE_MS, iso
-from engine.models import FieldError
+from engine.errors import BudgeteerError
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.message import MessageModal
@@ -200,7 +199,7 @@ class BudgetsScreen(DataScreen):
         """Run an engine change; a refusal (a missing permission, a clash) is a notice, not a crash."""
         try:
             await change
-        except (AccessDenied, FieldError) as exc:
+        except BudgeteerError as exc:
             self.notify(str(exc), title="Not changed", severity="error")
             return
         self.notify(done)

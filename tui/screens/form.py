@@ -1,9 +1,9 @@
 """A modal of one-line fields whose answer is checked by the engine before it closes.
 
 ``submit`` receives the fields' values and does the work (an approval, a new token...).
-A refusal stays in the form: a FieldError shows under the field it names and takes the
-cursor there, any other refusal (a missing permission, a request already decided) shows
-at the bottom; the form closes with the submit's result only when it succeeded.
+A refusal stays in the form: bad input (``BadInput``) shows under the field it names and takes
+the cursor there, any other Budgeteer error (a missing permission, a request already decided)
+shows at the bottom; the form closes with the submit's result only when it succeeded.
 """
 
 from __future__ import annotations
@@ -19,12 +19,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from engine.access import AccessDenied
-from engine.approvals import ApprovalError
-from engine.models import FieldError
-from engine.vault import VaultError
-
-REFUSALS = (FieldError, AccessDenied, ApprovalError, VaultError)
+from engine.errors import BadInput, BudgeteerError
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +68,12 @@ class FormModal(ModalScreen[Any]):
     def values(self) -> dict[str, str]:
         return {f.name: self.query_one(f"#f-{f.name}", Input).value.strip() for f in self.fields}
 
-    def show_refusal(self, exc: Exception) -> None:
-        """A FieldError under its field (and the cursor there); anything else at the bottom."""
-        field = exc.field if isinstance(exc, FieldError) else ""
+    def show_refusal(self, exc: BudgeteerError) -> None:
+        """Bad input under its field (and the cursor there); anything else at the bottom."""
+        field = exc.field if isinstance(exc, BadInput) else ""
         known = field in {f.name for f in self.fields}
         message = self.query_one(f"#e-{field}" if known else "#e-other", Static)
-        message.update(str(exc) if not isinstance(exc, FieldError) else f"{exc.field}: {exc.reason}")
+        message.update(str(exc))
         message.display = True
         if known:
             box = self.query_one(f"#f-{field}", Input)
@@ -93,7 +88,7 @@ class FormModal(ModalScreen[Any]):
             error.display = False
         try:
             result = await self.submit(self.values())
-        except REFUSALS as exc:
+        except BudgeteerError as exc:
             self.show_refusal(exc)
             return
         self.dismiss(result)

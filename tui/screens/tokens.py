@@ -13,9 +13,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from engine.access import AccessDenied
 from engine.clock import format_span, iso, parse_duration_ms
-from engine.models import FieldError
+from engine.errors import BudgeteerError
 from engine.money import format_usd
 from engine.tokens import PREFIX, SCOPES, Token, parse_limit
 from tui.screens.base import DataScreen
@@ -196,7 +195,7 @@ class TokensScreen(DataScreen):
                 return
             try:
                 result = await change()
-            except (AccessDenied, FieldError) as exc:
+            except BudgeteerError as exc:
                 self.notify(str(exc), title=refused, severity="error")
                 return
             done(result)

@@ -12,11 +12,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
-from engine.access import AccessDenied
 from engine.clock import iso
-from engine.models import FieldError
+from engine.errors import BudgeteerError
 from engine.providers import Provider
-from engine.vault import Entry, Status, VaultError
+from engine.vault import Entry, Status
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.form import Field, FormModal
@@ -155,7 +154,7 @@ class VaultScreen(DataScreen):
                     return
                 try:
                     await engine.vault_remove(entry.ref)
-                except (VaultError, AccessDenied, FieldError) as exc:
+                except BudgeteerError as exc:
                     self.notify(str(exc), title="Not removed", severity="error")
                     return
                 self.notify(f"Removed vault:{entry.ref}")
@@ -180,7 +179,7 @@ class VaultScreen(DataScreen):
             for name in names:
                 try:
                     result = await engine.test_connection(name)
-                except (VaultError, FieldError) as exc:
+                except BudgeteerError as exc:
                     self.notify(str(exc), title=f"{name}: not tested", severity="error")
                     continue
                 self.notify(f"{result.state} in {result.latency_ms} ms: {result.detail}", title=name,
