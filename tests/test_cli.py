@@ -199,10 +199,10 @@ def test_budgeteer_db_names_the_demo_ledger_as_db_does(tmp_path: Path, monkeypat
 
 def test_demo_open_opens_the_dashboard_on_the_new_ledger(monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import tui.cli
+    import tui.cli.dashboard
 
     opened: list[Path | None] = []
-    monkeypatch.setattr(tui.cli, "_run_dashboard", lambda path, *rest: opened.append(path) or 0)
+    monkeypatch.setattr(tui.cli.dashboard, "run_dashboard", lambda path, *rest: opened.append(path) or 0)
     code, _, _ = run(capsys, "demo", "--days", "1", "--open")
     assert code == 0
     assert opened == [Path(os.environ["BUDGETEER_HOME"]) / "demo.db"]
