@@ -220,6 +220,16 @@ def test_the_installed_script_reports_errors_without_a_traceback(tmp_path: Path)
     assert (tmp_path / "env.db").exists()  # BUDGETEER_DB chose the ledger
 
 
+def test_python_dash_m_reports_a_gateway_flag_as_the_script_does(tmp_path: Path) -> None:
+    # The gateway's command lived in a module that imported tui.cli back: under ``python -m
+    # tui.cli`` that was a second copy of the module, whose UsageError the first did not catch
+    # ("unexpected error: UsageError", exit 1). One package, one UsageError: exit 2 and the sentence.
+    done = subprocess.run([sys.executable, "-m", "tui.cli", "--db", str(tmp_path / "l.db"), "gateway", "--port",
+                           "70000"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "budgeteer: --port must be between 1 and 65535 (got 70000)"
+
+
 def test_policies_are_added_listed_edited_checked_and_removed(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "l.db")

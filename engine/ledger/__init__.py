@@ -5,6 +5,7 @@ store (``SQLiteStore``, ``Engine.open``'s default), the transaction handed to a 
 (``LedgerTx``), the typed results of reads, and the ledger's errors.
 """
 
+from engine.ledger.files import remove_ledger
 from engine.ledger.sqlite import (
     SCHEMA_VERSION,
     TIMELINE_FIELDS,
@@ -41,4 +42,5 @@ __all__ = [
     "Totals",
     "range_segments",
     "refusal",
+    "remove_ledger",
 ]

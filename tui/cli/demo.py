@@ -10,6 +10,7 @@ from typing import Any
 
 from engine.clock import DAY_MS, MINUTE_MS
 from engine.engine import Engine, default_db_path
+from engine.ledger import remove_ledger
 from engine.money import format_usd
 from tui.cli.common import EXIT_OK, UsageError, now_clock, progress_bar
 
@@ -37,8 +38,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             if count:
                 raise UsageError(f"{named_by} {path} already holds {count:,} events; the demo writes only to a "
                                  "fresh ledger (choose another --db, or add --replace to start it over)")
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        remove_ledger(path)
     clock = now_clock()
     started = time.perf_counter()
     async with await Engine.open(path, clock=clock, durable=False) as engine:
