@@ -1046,8 +1046,7 @@ class Engine:
     def vault(self) -> Vault:
         """The credential vault beside this ledger (``BUDGETEER_VAULT_FILE`` moves its file)."""
         if self._vault is None:
-            path = Path(os.environ.get("BUDGETEER_VAULT_FILE") or self.path.with_name("vault.json")).expanduser()
-            self._vault = Vault(path, self.vault_passphrase)
+            self._vault = Vault(vault_mod.vault_path(self.path), self.vault_passphrase)
         return self._vault
 
     async def vault_unlock(self, passphrase: str) -> None:

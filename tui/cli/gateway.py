@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engine.engine import default_db_path
-from engine.vault import Vault
+from engine.vault import Vault, vault_path
 from tui.cli.common import EXIT_OK, UsageError, now_clock
 
 
 def _gateway_passphrase(db: Path) -> Callable[[], str] | None:
     """A locked file vault's passphrase, asked once at the terminal before serving and checked
     (a wrong one stops here, not at the first call); None when the environment gives it."""
-    path = Path(os.environ.get("BUDGETEER_VAULT_FILE") or db.with_name("vault.json")).expanduser()
+    path = vault_path(db)
     vault = Vault(path)
     if not vault.needs_passphrase or not path.exists() or not sys.stdin.isatty():
         return None
