@@ -23,7 +23,7 @@ from engine import approvals
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.ledger import ClosedHold, LedgerTx, RecordResult
 from engine.models import FieldError, UsageEvent, unique_hex
-from engine.money import MoneyError, format_amount, format_usd, parse_usd
+from engine.money import MoneyError, format_amount, format_usd, format_usd_plain, parse_usd
 
 Metric = Literal["usd", "tokens", "requests"]
 Mode = Literal["enforced", "dry_run", "suggest"]
@@ -308,6 +308,33 @@ def build_policy(*, scope: str, metric: str, window: str, hard: str | int, soft:
         window=parsed_window, hard=hard_amount, soft=soft_amount, thresholds=levels, mode=mode, action=action,
         enabled=enabled, created_by=actor, created_ms=now_ms, updated_by=actor, updated_ms=now_ms,
     )
+
+
+#: What an edit may change: build_policy's fields.
+EDITABLE: Final = ("scope", "metric", "window", "hard", "soft", "mode", "action", "tz", "name", "thresholds",
+                   "enabled")
+
+
+def edited_policy(old: Policy, changes: Mapping[str, Any], *, actor: str = "", now_ms: int = 0) -> Policy:
+    """``old`` with ``changes`` (build_policy's fields as a person typed them; a field absent or
+    None keeps its value), validated as build_policy validates: the same id and creation, updated
+    by ``actor`` at ``now_ms``. A new metric keeps neither limit: the hard one must be given again.
+    The command line's ``policy edit`` and the dashboard's policy form both edit through here."""
+    for name in changes:
+        if name not in EDITABLE:
+            raise FieldError(name, f"is not a field of a policy (one of {', '.join(EDITABLE)})")
+    given = {name: value for name, value in changes.items() if value is not None}
+    metric = given.get("metric", old.metric)
+    same_unit = metric == old.metric
+    amount = format_usd_plain if old.metric == "usd" else str
+    current: dict[str, Any] = {
+        "scope": str(old.scope), "metric": old.metric, "window": str(old.window), "tz": old.window.tz,
+        "hard": amount(old.hard) if same_unit else "",
+        "soft": amount(old.soft) if old.soft is not None and same_unit else None,
+        "mode": old.mode, "action": old.action, "name": old.name, "thresholds": old.thresholds,
+        "enabled": old.enabled}
+    policy = build_policy(**{**current, **given}, actor=actor, now_ms=now_ms, policy_id=old.id)
+    return replace(policy, created_by=old.created_by, created_ms=old.created_ms)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from typing import Any
 
-from engine.budgets import Outcome, Overshoot, build_policy
+from engine.budgets import EDITABLE, Outcome, Overshoot, build_policy, edited_policy
 from engine.clock import iso
 from engine.engine import Engine, local_identity
-from engine.money import format_percent, format_usd_plain
+from engine.money import format_percent
 from tui.cli.common import EXIT_OK, Parser, UsageError, dump_json, open_engine, progress_bar, table
 
 
@@ -92,21 +91,12 @@ async def cmd_policy_show(args: argparse.Namespace) -> int:
 
 
 async def cmd_policy_edit(args: argparse.Namespace) -> int:
+    # An empty flag keeps the field, as an absent one does; an empty --soft removes the soft limit.
+    changes: dict[str, Any] = {name: getattr(args, name) or None for name in EDITABLE if name != "enabled"}
+    changes["soft"] = args.soft
+    changes["enabled"] = None if args.enabled is None else args.enabled == "yes"
     async with await open_engine(args) as engine:
-        old = await engine.policy(args.id)
-        fmt_amount = (lambda n: format_usd_plain(n)) if old.metric == "usd" else str
-        metric = args.metric or old.metric
-        keep_amounts = metric == old.metric
-        policy = build_policy(
-            scope=args.scope or str(old.scope), metric=metric, window=args.window or str(old.window),
-            hard=args.hard or (fmt_amount(old.hard) if keep_amounts else ""),
-            soft=args.soft if args.soft is not None else (
-                fmt_amount(old.soft) if old.soft is not None and keep_amounts else None),
-            mode=args.mode or old.mode, action=args.action or old.action, tz=args.tz or old.window.tz,
-            name=args.name or old.name, thresholds=args.thresholds or old.thresholds,
-            enabled=old.enabled if args.enabled is None else args.enabled == "yes",
-            actor=local_identity(), now_ms=engine.now_ms(), policy_id=old.id)
-        policy = replace(policy, created_by=old.created_by, created_ms=old.created_ms)
+        policy = edited_policy(await engine.policy(args.id), changes, actor=local_identity(), now_ms=engine.now_ms())
         await engine.update_policy(policy)
     print(dump_json(policy.to_json()) if args.json else f"Updated policy {policy.id}: {policy.name}.")
     return EXIT_OK
