@@ -44,6 +44,8 @@ from engine.budgets import (
     Outcome,
     Overshoot,
     Policy,
+    Scope,
+    Window,
     consumption_series,
     forecast,
     window_bounds,
@@ -469,6 +471,17 @@ class Engine:
             return out
 
         return await self._tx(op)  # type: ignore[no-any-return]
+
+    async def spend_forecast(self, lookback_ms: int = HOUR_MS) -> Forecast:
+        """All spend this calendar month (UTC), forecast as ``forecasts`` forecasts a dollar budget
+        per month on everything, with no limit: the burn per hour over the last ``lookback_ms``
+        and the spend at the month's end at that pace (the dashboard's "Burn, month-end")."""
+        now = self.now_ms()
+        month = await self.totals(*period_range("month", now))
+        recent = await self.totals(now - lookback_ms, now + 1)
+        everything = Policy(id="", name="all spend", scope=Scope(), metric="usd", window=Window("month"),
+                            hard=2**63 - 1)  # no limit: the most a ledger's integer holds
+        return forecast(everything, month.cost_nanos, recent.cost_nanos, lookback_ms, now)
 
     async def backtest(self, policy: Policy, start_ms: int, end_ms: int) -> Backtest:
         """Replay [start, end) of the ledger against a draft policy (nothing is stored)."""
