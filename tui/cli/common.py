@@ -1,6 +1,7 @@
 """What every command group shares: exit codes, the two errors a command raises, the parser
-class, human tables and JSON, the engine opened for ``--db``, periods in words, JSON files read,
-and the progress bar.
+class, human tables and JSON, the engine opened for ``--db`` (and the vault's passphrase asked
+at a terminal), periods in words, JSON files read, and the progress bar. The groups import this
+module and never each other (an import-linter contract).
 
 The progress bar is drawn on standard error for the longer work (demo, import, export, backtest,
 screenshots), only when stderr is a terminal and the output is for people. Piped, redirected or
@@ -10,6 +11,7 @@ with ``--json``, nothing at all is written. The bar goes away when the work is d
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -23,6 +25,7 @@ from engine.clock import FrozenClock
 from engine.engine import Engine
 from engine.errors import BudgeteerError
 from engine.models import FieldError, parse_timestamp_ms
+from engine.vault import VaultError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, errors.EXIT_FAILURE, errors.EXIT_USAGE
 
@@ -86,6 +89,27 @@ def now_clock() -> FrozenClock | None:
 
 async def open_engine(args: argparse.Namespace) -> Engine:
     return await Engine.open(args.db, clock=now_clock())
+
+
+def _ask_passphrase(engine: Engine) -> None:
+    """At a terminal, the file vault's passphrase is asked for (twice for a new vault)."""
+    if os.environ.get("BUDGETEER_VAULT_PASSPHRASE") or not sys.stdin.isatty():
+        return
+
+    def ask() -> str:
+        first = getpass.getpass("Vault passphrase: ")
+        if not engine.vault().path.exists() and getpass.getpass("Again, to confirm (a new vault): ") != first:
+            raise VaultError("the two passphrases differ; nothing was stored")
+        return first
+
+    engine.vault_passphrase = ask
+
+
+async def vault_engine(args: argparse.Namespace) -> Engine:
+    """The engine for ``--db``, whose file vault asks for its passphrase at a terminal."""
+    engine = await open_engine(args)
+    _ask_passphrase(engine)
+    return engine
 
 
 def read_json_file(path: Path, what: str) -> Any:

@@ -10,8 +10,7 @@ from engine.clock import iso
 from engine.money import format_usd
 from engine.providers import served as served_models
 from engine.routing import MODES, cause
-from tui.cli.common import EXIT_OK, Failure, Parser, UsageError, dump_json, open_engine, table
-from tui.cli.vault import vault_engine
+from tui.cli.common import EXIT_OK, Failure, Parser, UsageError, dump_json, open_engine, table, vault_engine
 
 
 async def cmd_provider_add(args: argparse.Namespace) -> int:

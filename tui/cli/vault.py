@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 from typing import Any
 
 from engine.clock import iso
-from engine.engine import Engine
-from engine.vault import VaultError
-from tui.cli.common import EXIT_OK, Parser, dump_json, open_engine, table
-
-
-def _ask_passphrase(engine: Engine) -> None:
-    """At a terminal, the file vault's passphrase is asked for (twice for a new vault)."""
-    if os.environ.get("BUDGETEER_VAULT_PASSPHRASE") or not sys.stdin.isatty():
-        return
-
-    def ask() -> str:
-        first = getpass.getpass("Vault passphrase: ")
-        if not engine.vault().path.exists() and getpass.getpass("Again, to confirm (a new vault): ") != first:
-            raise VaultError("the two passphrases differ; nothing was stored")
-        return first
-
-    engine.vault_passphrase = ask
-
-
-async def vault_engine(args: argparse.Namespace) -> Engine:
-    engine = await open_engine(args)
-    _ask_passphrase(engine)
-    return engine
+from tui.cli.common import EXIT_OK, Parser, dump_json, open_engine, table, vault_engine
 
 
 def _read_secret(ref: str) -> str:
