@@ -311,6 +311,9 @@ class Engine:
     async def overshoots(self, since_ms: int = 0) -> list[Overshoot]:
         return await self.services.policies.overshoots(since_ms)
 
+    async def spend_forecast(self, lookback_ms: int = HOUR_MS) -> Forecast:
+        return await self.services.policies.spend_forecast(lookback_ms)
+
     async def forecasts(self, lookback_ms: int = HOUR_MS) -> list[Forecast]:
         return await self.services.policies.forecasts(lookback_ms)
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.models import FieldError
-from engine.money import MoneyError, format_amount, format_usd, parse_usd
+from engine.money import MoneyError, format_amount, format_usd, format_usd_plain, parse_usd
 
 Metric = Literal["usd", "tokens", "requests"]
 Mode = Literal["enforced", "dry_run", "suggest"]
@@ -382,6 +382,34 @@ class Evaluation:
     def as_dict(self) -> dict[str, Any]:
         return {"decision": self.decision, "deciding_policy": self.deciding.policy.id if self.deciding else None,
                 "outcomes": [o.as_dict() for o in self.outcomes]}
+
+
+#: What an edit may change: build_policy's fields.
+EDITABLE: Final = ("scope", "metric", "window", "hard", "soft", "mode", "action", "tz", "name", "thresholds",
+                   "enabled")
+
+
+def edited_policy(old: Policy, changes: Mapping[str, Any], *, actor: str = "", now_ms: int = 0) -> Policy:
+    """``old`` with ``changes`` (build_policy's fields as a person typed them; a field absent or
+    None keeps its value), validated as build_policy validates: the same id and creation, updated
+    by ``actor`` at ``now_ms``. A new metric keeps neither limit: the hard one must be given again.
+    The command line's ``policy edit`` and the dashboard's policy form both edit through here."""
+    for name in changes:
+        if name not in EDITABLE:
+            raise FieldError(name, f"is not a field of a policy (one of {', '.join(EDITABLE)})")
+    given = {name: value for name, value in changes.items() if value is not None}
+    metric = given.get("metric", old.metric)
+    same_unit = metric == old.metric
+    amount = format_usd_plain if old.metric == "usd" else str
+    current: dict[str, Any] = {
+        "scope": str(old.scope), "metric": old.metric, "window": str(old.window), "tz": old.window.tz,
+        "hard": amount(old.hard) if same_unit else "",
+        "soft": amount(old.soft) if old.soft is not None and same_unit else None,
+        "mode": old.mode, "action": old.action, "name": old.name, "thresholds": old.thresholds,
+        "enabled": old.enabled}
+    policy = build_policy(**{**current, **given}, actor=actor, now_ms=now_ms, policy_id=old.id)
+    return replace(policy, created_by=old.created_by, created_ms=old.created_ms)
+
 
 
 def applicable(policies: Iterable[Policy], call: Mapping[str, str]) -> list[Policy]:

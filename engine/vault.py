@@ -285,6 +285,12 @@ def keyring_verdict() -> tuple[Any | None, str]:
     return keyring, f"the operating system's keyring works ({name})"
 
 
+def vault_path(ledger: Path) -> Path:
+    """Where the file vault of the ledger at ``ledger`` is: ``BUDGETEER_VAULT_FILE``, else
+    ``vault.json`` beside the ledger."""
+    return Path(os.environ.get("BUDGETEER_VAULT_FILE") or ledger.with_name("vault.json")).expanduser()
+
+
 class Vault:
     """The vault in use: the keyring when one works, else the encrypted file (or what
     ``BUDGETEER_VAULT_BACKEND`` forces)."""

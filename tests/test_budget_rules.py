@@ -14,6 +14,7 @@ from engine.budgets import (
     applicable,
     build_policy,
     decide,
+    edited_policy,
     outcome,
     parse_scope,
     parse_window,
@@ -159,6 +160,42 @@ def test_a_valid_policy_keeps_exactly_what_was_asked() -> None:
     assert p.thresholds == (50, 80, 100)
     assert (p.mode, p.action, p.window.tz, p.created_by) == ("dry_run", "approval_required", "Europe/Paris", "alice")
     assert Policy.from_json(p.to_json()) == p
+
+
+def test_an_edit_changes_what_is_given_and_keeps_the_rest_and_the_creation() -> None:
+    old = build_policy(scope="team:ml", metric="usd", window="month", hard="500", soft="400.25", name="ML",
+                       tz="Europe/Paris", thresholds=[10, 90], mode="dry_run", actor="alice", now_ms=5)
+    new = edited_policy(old, {"hard": "$600", "soft": None, "enabled": False}, actor="bob", now_ms=9)
+    assert new == Policy(id=old.id, name="ML", scope=old.scope, metric="usd", window=old.window,
+                         hard=600_000_000_000, soft=400_250_000_000, thresholds=(10, 90), mode="dry_run",
+                         action="block", enabled=False, created_by="alice", created_ms=5, updated_by="bob",
+                         updated_ms=9)
+    assert edited_policy(old, {}, actor="alice", now_ms=5) == old
+
+
+def test_an_edit_takes_empty_text_as_typed() -> None:
+    old = build_policy(scope="team:ml", metric="usd", window="month", hard="500", soft="400", name="ML")
+    new = edited_policy(old, {"soft": "", "name": ""})
+    assert (new.soft, new.name) == (None, "team:ml usd per month")  # no soft limit; the default name
+    with pytest.raises(FieldError) as info:
+        edited_policy(old, {"scope": ""})
+    assert info.value.field == "scope"
+
+
+def test_a_new_metric_keeps_neither_limit() -> None:
+    old = build_policy(scope="global", metric="usd", window="day", hard="500", soft="400")
+    with pytest.raises(FieldError) as info:
+        edited_policy(old, {"metric": "tokens"})  # $500 is no count of tokens
+    assert info.value.field == "hard"
+    new = edited_policy(old, {"metric": "tokens", "hard": "1,000,000"})
+    assert (new.metric, new.hard, new.soft) == ("tokens", 1_000_000, None)
+
+
+def test_an_edit_refuses_a_field_a_policy_does_not_have() -> None:
+    old = build_policy(scope="global", metric="usd", window="day", hard="5")
+    with pytest.raises(FieldError) as info:
+        edited_policy(old, {"created_by": "mallory"})
+    assert info.value.field == "created_by"
 
 
 # ------------------------------------------------------------------ hierarchy and modes

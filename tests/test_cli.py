@@ -199,10 +199,10 @@ def test_budgeteer_db_names_the_demo_ledger_as_db_does(tmp_path: Path, monkeypat
 
 def test_demo_open_opens_the_dashboard_on_the_new_ledger(monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import tui.cli
+    import tui.cli.dashboard
 
     opened: list[Path | None] = []
-    monkeypatch.setattr(tui.cli, "_run_dashboard", lambda path, *rest: opened.append(path) or 0)
+    monkeypatch.setattr(tui.cli.dashboard, "run_dashboard", lambda path, *rest: opened.append(path) or 0)
     code, _, _ = run(capsys, "demo", "--days", "1", "--open")
     assert code == 0
     assert opened == [Path(os.environ["BUDGETEER_HOME"]) / "demo.db"]
@@ -218,6 +218,16 @@ def test_the_installed_script_reports_errors_without_a_traceback(tmp_path: Path)
                           env=env, timeout=60)
     assert done.returncode == 0 and json.loads(done.stdout)["totals"]["requests"] == 0
     assert (tmp_path / "env.db").exists()  # BUDGETEER_DB chose the ledger
+
+
+def test_python_dash_m_reports_a_gateway_flag_as_the_script_does(tmp_path: Path) -> None:
+    # The gateway's command lived in a module that imported tui.cli back: under ``python -m
+    # tui.cli`` that was a second copy of the module, whose UsageError the first did not catch
+    # ("unexpected error: UsageError", exit 1). One package, one UsageError: exit 2 and the sentence.
+    done = subprocess.run([sys.executable, "-m", "tui.cli", "--db", str(tmp_path / "l.db"), "gateway", "--port",
+                           "70000"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "budgeteer: --port must be between 1 and 65535 (got 70000)"
 
 
 def test_policies_are_added_listed_edited_checked_and_removed(tmp_path: Path,

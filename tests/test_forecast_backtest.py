@@ -95,6 +95,23 @@ async def test_engine_forecast_uses_the_last_hour_of_the_ledger(engine: Engine) 
     assert f.limit_at_ms == NOW_MS + 9 * HOUR_MS
 
 
+async def test_the_month_end_spend_is_forecast_as_a_monthly_budget_on_everything(engine: Engine) -> None:
+    # $5 earlier this month (and $9 last month, not counted), $2 in the last hour: NOW_MS is
+    # 2026-11-18 12:00 UTC, 300 hours before December, so the month ends at $7 + 300 x $2.
+    await engine.record_many([UsageEvent(ts_ms=ts, request_id=f"s{i}", provider="openai", model="gpt-4o",
+                                         cost_nanos=cost * DOLLAR, cost_source="provider")
+                              for i, (ts, cost) in enumerate([(_ms("2026-10-30T10:00"), 9),
+                                                              (_ms("2026-11-02T10:00"), 5),
+                                                              (NOW_MS - 20 * MINUTE_MS, 2)])])
+    spend = await engine.spend_forecast()
+    assert (spend.consumed, spend.burn_per_hour, spend.projected) == (7 * DOLLAR, 2 * DOLLAR, 607 * DOLLAR)
+    assert spend.window_end_ms == _ms("2026-12-01T00:00") and spend.limit_at_ms is None and not spend.overrun
+    # The same figures as a budget on everything gets from the engine's own forecast.
+    await engine.add_policy(build_policy(scope="global", metric="usd", window="month", hard="1000000"))
+    (budget,) = await engine.forecasts()
+    assert (budget.consumed, budget.burn_per_hour, budget.projected) == (7 * DOLLAR, 2 * DOLLAR, 607 * DOLLAR)
+
+
 async def test_a_policy_timeline_restarts_with_each_calendar_window(engine: Engine) -> None:
     """Drawn against its limits, a daily policy climbs through the day and starts again at
     midnight; its last point is what the evaluator holds it at now."""

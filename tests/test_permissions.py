@@ -33,7 +33,7 @@ from tui.cli import main
 #: Reads: nothing an operator changes (some keep derived state current, as expiring requests).
 READS = {
     "open", "close", "totals", "timeline", "breakdown", "usage_report", "event_count", "data_version", "policies",
-    "policy", "policy_status", "forecasts", "backtest", "policy_timeline", "check", "open_holds",
+    "policy", "policy_status", "forecasts", "spend_forecast", "backtest", "policy_timeline", "check", "open_holds",
     "open_override_requests", "override_requests", "override_request", "tokens", "members", "role", "may",
     "audit_entries", "verify_audit", "would_blocks", "alerts", "webhooks", "deliveries", "vault_status",
     "vault_entries", "credential", "providers", "provider", "catalog", "provider_health", "routing_decisions",

@@ -18,7 +18,7 @@ from keyring.backends import fail
 from engine.clock import FrozenClock
 from engine.engine import Engine
 from engine.models import FieldError
-from engine.vault import Vault, VaultError, fingerprint, keyring_verdict
+from engine.vault import Vault, VaultError, fingerprint, keyring_verdict, vault_path
 
 SECRET = "sk-proj-TESTSECRET-9f8e7d6c5b4a3f2e1d0c"
 
@@ -144,6 +144,17 @@ def test_no_keyring_means_the_file_and_says_why(tmp_path: Path, monkeypatch: pyt
             Vault(tmp_path / "vault.json")
     finally:
         keyring.set_keyring(before)
+
+
+async def test_the_vault_file_is_beside_the_ledger_unless_budgeteer_vault_file_moves_it(
+        db_path: Path, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One rule for the engine and the gateway's passphrase prompt (which had its own copy).
+    assert vault_path(db_path) == db_path.with_name("vault.json")
+    monkeypatch.setenv("HOME", str(db_path.parent / "home"))
+    monkeypatch.setenv("BUDGETEER_VAULT_FILE", "~/secrets/vault.json")
+    assert vault_path(db_path) == db_path.parent / "home" / "secrets" / "vault.json"
+    async with await Engine.open(db_path, clock=clock) as engine:
+        assert engine.vault().path == vault_path(db_path)
 
 
 def test_keyrings_alt_plaintext_is_never_used(memory_keyring: MemoryKeyring) -> None:

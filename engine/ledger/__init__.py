@@ -12,6 +12,7 @@ connection on its own thread), ``writer`` (group commit), ``tx`` (the transactio
 """
 
 from engine.ledger.errors import LedgerRefusing, SchemaTooNewError, StoreError, refusal
+from engine.ledger.files import remove_ledger
 from engine.ledger.protocol import Ledger, Transaction
 from engine.ledger.repos import LedgerView
 from engine.ledger.results import (
@@ -47,4 +48,5 @@ __all__ = [
     "Transaction",
     "range_segments",
     "refusal",
+    "remove_ledger",
 ]

@@ -7,9 +7,7 @@ delegate here."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 from engine import vault as vault_mod
 from engine.services.core import Core, Journal, Service
@@ -26,8 +24,7 @@ class CredentialService(Service):
     def vault(self) -> Vault:
         """The credential vault beside this ledger (``BUDGETEER_VAULT_FILE`` moves its file)."""
         if self._vault is None:
-            path = Path(os.environ.get("BUDGETEER_VAULT_FILE") or self.store.path.with_name("vault.json")).expanduser()
-            self._vault = Vault(path, self.vault_passphrase)
+            self._vault = Vault(vault_mod.vault_path(self.store.path), self.vault_passphrase)
         return self._vault
 
     async def vault_unlock(self, passphrase: str) -> None:

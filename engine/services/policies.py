@@ -17,12 +17,14 @@ from engine.budgets import (
     Outcome,
     Overshoot,
     Policy,
+    Scope,
+    Window,
     consumption_series,
     forecast,
     window_bounds,
 )
 from engine.budgets import backtest as replay
-from engine.clock import HOUR_MS
+from engine.clock import HOUR_MS, period_range
 from engine.ledger import LedgerTx
 from engine.ledger.results import BudgetDecision
 from engine.models import ROLLUP_DIMENSIONS, FieldError
@@ -82,6 +84,17 @@ class PolicyService(Service):
         """Calls settled above their hold on a policy since ``since_ms``, oldest first."""
         rows = await self._tx(lambda tx: tx.overshoots(since_ms))
         return [Overshoot(*row) for row in rows]
+
+    async def spend_forecast(self, lookback_ms: int = HOUR_MS) -> Forecast:
+        """All spend this calendar month (UTC), forecast as ``forecasts`` forecasts a dollar budget
+        per month on everything, with no limit: the burn per hour over the last ``lookback_ms``
+        and the spend at the month's end at that pace (the dashboard's "Burn, month-end")."""
+        now = self.now_ms()
+        month = await self.usage.totals(*period_range("month", now))
+        recent = await self.usage.totals(now - lookback_ms, now + 1)
+        everything = Policy(id="", name="all spend", scope=Scope(), metric="usd", window=Window("month"),
+                            hard=2**63 - 1)  # no limit: the most a ledger's integer holds
+        return forecast(everything, month.cost_nanos, recent.cost_nanos, lookback_ms, now)
 
     async def forecasts(self, lookback_ms: int = HOUR_MS) -> list[Forecast]:
         """Each policy's burn rate over the last ``lookback_ms`` and where it leads."""

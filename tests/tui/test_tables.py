@@ -24,7 +24,7 @@ from engine.money import format_usd
 from engine.tokens import PREFIX
 from tests.conftest import event, isolated_home
 from tui.app import BudgeteerApp
-from tui.cli import svg_keep_spaces
+from tui.cli.dashboard import svg_keep_spaces
 from tui.screens.budgets import BudgetsScreen
 from tui.screens.message import MessageModal
 from tui.screens.usage import period_bounds

@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
-from engine.budgets import Outcome, Window, window_bounds
+from engine.budgets import Outcome
 from engine.clock import DAY_MS, HOUR_MS, iso, period_range
 from engine.ledger import BreakdownRow, TimelinePoint, Totals
 from engine.money import format_usd, format_usd_compact
@@ -88,16 +88,14 @@ class OverviewScreen(DataScreen):
         status = await engine.policy_status()
         forecasts = {f.policy.id: f for f in await engine.forecasts()}
         month = await engine.totals(*period_range("month", now))
-        last_hour = await engine.totals(now - HOUR_MS, now + 1)
-        _, month_end = window_bounds(Window("month"), now)
-        projected = month.cost_nanos + last_hour.cost_nanos * (month_end - now) // HOUR_MS  # at the last hour's pace
+        spend = await engine.spend_forecast()  # this month at the last hour's pace
         return OverviewData(
             today=await engine.totals(*period_range("today", now)),
             month=month,
             last_30d=await engine.totals(now - 30 * DAY_MS, now + 1),
             last_24h=await engine.totals(now - DAY_MS, now + 1),
-            burn_per_hour=last_hour.cost_nanos,
-            month_forecast=projected,
+            burn_per_hour=spend.burn_per_hour,
+            month_forecast=spend.projected,
             budgets=sorted(status, key=lambda o: -(o.consumed + o.held) / max(o.policy.hard, 1))[:8],
             forecasts=forecasts,
             timeline=await engine.timeline(now - DAY_MS, now + 1, HOUR_MS),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import ClassVar
 
 from textual import on
@@ -12,7 +11,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
-from engine.budgets import ACTIONS, MODES, Policy, build_policy
+from engine.budgets import ACTIONS, MODES, Policy, build_policy, edited_policy
 from engine.models import FieldError
 from engine.money import format_usd_plain
 
@@ -87,15 +86,14 @@ class PolicyForm(ModalScreen[Policy | None]):
         """The policy the form describes, or None with the refusal shown under its field."""
         for error in self.query(".field-error"):
             error.display = False
+        values = {name: self._value(name) for name, _, _ in self.FIELDS}
+        values.update(tz=values["tz"] or "UTC", mode=str(self.query_one("#f-mode", Select).value),
+                      action=str(self.query_one("#f-action", Select).value))
         try:
-            policy = build_policy(
-                scope=self._value("scope"), metric=self._value("metric"), window=self._value("window"),
-                hard=self._value("hard"), soft=self._value("soft") or None, tz=self._value("tz") or "UTC",
-                name=self._value("name") or None, mode=str(self.query_one("#f-mode", Select).value),
-                action=str(self.query_one("#f-action", Select).value),
-                thresholds=self.policy.thresholds if self.policy else None,
-                enabled=self.policy.enabled if self.policy else True, actor=self.actor, now_ms=self.now_ms,
-                policy_id=self.policy.id if self.policy else None)
+            if self.policy is None:
+                policy = build_policy(**values, actor=self.actor, now_ms=self.now_ms)
+            else:  # every field the form shows, as typed; the rest (thresholds, on or off) kept
+                policy = edited_policy(self.policy, values, actor=self.actor, now_ms=self.now_ms)
         except FieldError as exc:
             known = exc.field in {n for n, _, _ in self.FIELDS}
             message = self.query_one(f"#e-{exc.field}" if known else "#e-other", Static)
@@ -114,8 +112,6 @@ class PolicyForm(ModalScreen[Policy | None]):
         policy = self._draft()
         if policy is None:
             return
-        if self.policy is not None:
-            policy = replace(policy, created_by=self.policy.created_by, created_ms=self.policy.created_ms)
         self.dismiss(policy)
 
     @on(Button.Pressed, "#cancel")

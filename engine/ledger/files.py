@@ -1,0 +1,18 @@
+"""A SQLite ledger is three files: the database, its write-ahead log (``-wal``, where the
+latest writes may still be) and the log's shared-memory index (``-shm``). They go together:
+removing a ledger removes all three, so that nothing of it is left beside the next database
+made under its name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: What SQLite adds to the database's name for each of its files (WAL mode).
+SUFFIXES = ("", "-wal", "-shm")
+
+
+def remove_ledger(path: Path | str) -> None:
+    """Delete the ledger at ``path`` with its ``-wal`` and ``-shm`` (those missing are no error).
+    Nothing may hold it open: a process writing to it would go on writing to deleted files."""
+    for suffix in SUFFIXES:
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
