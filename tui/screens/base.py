@@ -67,6 +67,7 @@ class DataScreen(ReportsFailures, Screen[None]):
         super().__init__()
         self._loader: Worker[None] | None = None
         self._shown: Any = None  # the data on screen, as the last read returned it
+        self._status_text = ""
 
     @property
     def bapp(self) -> Host:
@@ -86,9 +87,13 @@ class DataScreen(ReportsFailures, Screen[None]):
         yield KeysFooter()
 
     def show_status(self, text: str) -> None:
-        """The app's state (updated when, paused, the ledger unreadable) on this screen's status line."""
+        """The app's state (updated when, paused, the ledger unreadable) on this screen's status line.
+        The same text again is left alone: an update lays the screen out again, and the app says
+        "updated 0 s ago" after every read, a frame after the read's own paint."""
         for status in self.query("#status").results(Static):  # none yet in the instant of a mode switch
-            status.update(text)
+            if text != self._status_text:
+                status.update(text)
+                self._status_text = text
 
     def body(self) -> ComposeResult:
         raise NotImplementedError
