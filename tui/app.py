@@ -5,27 +5,42 @@ Screens (number keys, or the command palette): 1 overview, 2 usage, 3 budgets,
 Data is read through ``Engine`` in workers; the current screen reads again a refresh
 interval after its last read ended, never piling polls up, and not while paused or while
 a modal is open. New override requests are announced on any screen.
+
+Screens tell the app what happened by messages (``tui.messages``): a read done or ended, a
+change made, a piece of work failed; the app keeps the status line and the poll, and its one
+handler, ``_work_failed``, turns any failed work into a notice (never a crash, never a traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-from textual import work
+from textual import on, work
 from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.command import CommandInput, CommandPalette
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Input, Static, TextArea
+from textual.widgets import Input, TextArea
 
 from engine.clock import Clock
 from engine.engine import Engine, default_db_path, local_identity
 from engine.ledger import StoreError
+from tui.messages import (
+    READS,
+    LedgerChanged,
+    LedgerRead,
+    ReadEnded,
+    ReportsFailures,
+    StatusOutdated,
+    WorkFailed,
+    in_words,
+)
 from tui.palette import Palette, binding_rank, key_label
 from tui.screens.alerts import AlertsScreen
 from tui.screens.approvals import ApprovalsScreen
@@ -53,9 +68,10 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
     "calls": ("0", "Calls, live: each call as it is recorded, who, model, tokens, cost, status, the policy "
                    "that blocked it"),
 }
+log = logging.getLogger("budgeteer")
 
 
-class BudgeteerApp(App[None]):
+class BudgeteerApp(ReportsFailures, App[None]):
     CSS_PATH = "budgeteer.tcss"
     # Screens get -narrow below 110 columns (an 80x24 terminal: panes stack in a column),
     # -medium below 150 (gauges and names shorten), -wide from 150.
@@ -211,12 +227,48 @@ class BudgeteerApp(App[None]):
         # Kept as a union: a request undone back to pending was announced already.
         self.known_requests = (self.known_requests or set()) | ids
 
+    # ---- what screens tell the app
+
+    @on(LedgerRead)
     def mark_updated(self) -> None:
         self.error = None
         self.updated_ms = self.engine.now_ms() if self.engine else None
         self.update_status()
 
-    def ledger_error(self, exc: Exception) -> None:
+    @on(ReadEnded)
+    def _read_ended(self) -> None:
+        self.arm_poll()  # the next poll: a full interval after this read ended
+
+    @on(LedgerChanged)
+    def _ledger_changed(self) -> None:
+        """What is on screen reads again (other screens read when shown)."""
+        screen = self.data_screen()
+        if screen is not None:
+            screen.reload()
+
+    @on(StatusOutdated)
+    def _status_outdated(self) -> None:
+        self.update_status()
+
+    @on(WorkFailed)
+    def _work_failed(self, failure: WorkFailed) -> None:
+        """The one place a failure of the dashboard's work becomes words. An error Budgeteer raises
+        on purpose is its own sentence; anything else is an unexpected error, with a log line (its
+        type and message, no traceback). A read that fails also shows in the status line until a
+        read succeeds, and its notice is not repeated at every poll."""
+        exc = failure.error
+        words = in_words(exc)
+        if words is None:
+            words = f"unexpected error: {type(exc).__name__}: {exc}"
+            log.error("dashboard: %s failed with an unexpected error: %s: %s", failure.group, type(exc).__name__, exc)
+        if failure.group == READS:
+            seen = self.error
+            self.ledger_error(exc)
+            if self.error == seen:
+                return
+        self.notify(words, title=failure.title, severity="error", timeout=10)
+
+    def ledger_error(self, exc: BaseException) -> None:
         self.error = f"The ledger cannot be read: {exc}"
         self.update_status()
 
@@ -232,9 +284,7 @@ class BudgeteerApp(App[None]):
             age = max(0, (self.engine.now_ms() - self.updated_ms) // 1000)
             state = "[b]paused[/b] (p resumes)" if self.paused else f"live, every {self.refresh_seconds:g} s"
             text = f"updated {age} s ago · {state}"
-        for status in screen.query("#status"):
-            if isinstance(status, Static):
-                status.update(text)
+        screen.show_status(text)
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused

@@ -98,6 +98,4 @@ class AlertsScreen(DataScreen):
         engine = await self.permitted("ack_alerts", "alerts")
         if engine is None:
             return
-        await engine.ack_alert(alert.id)
-        self.notify(f"Acknowledged alert {alert.id}")
-        self.reload()
+        self.change(lambda: engine.ack_alert(alert.id), f"Acknowledged alert {alert.id}", "Not acknowledged")

@@ -16,8 +16,8 @@ from textual.widgets import Static, Tab, Tabs
 from engine.approvals import UNDO_WINDOW_MS, OverrideRequest
 from engine.budgets import Outcome, parse_amount
 from engine.clock import format_duration, format_span, iso, parse_duration_ms
-from engine.errors import BudgeteerError
 from engine.money import format_usd_plain
+from tui.messages import LedgerChanged
 from tui.screens.base import DataScreen
 from tui.screens.form import Field, FormModal
 from tui.widgets.gauge import gauge
@@ -213,9 +213,9 @@ class ApprovalsScreen(DataScreen):
                 else f"denied for {request.requester}")
         self.notify(f"{request.id} {what}. u undoes it for {UNDO_WINDOW_MS // 1000} s.",
                     title=request.status.capitalize())
-        self.reload()
+        self.post_message(LedgerChanged())
 
-    async def action_undo(self) -> None:
+    def action_undo(self) -> None:
         """Undo this dashboard's last decision, or, in the history tab, the selected one."""
         engine = self.bapp.engine
         selected = self._selected()
@@ -226,14 +226,13 @@ class ApprovalsScreen(DataScreen):
         if self.bapp.read_only:
             self.notify("Read-only mode: decisions are off", severity="warning")
             return
-        try:
-            request = await engine.undo_decision(target)
-        except BudgeteerError as exc:
-            self.notify(str(exc), title="Not undone", severity="error")
-            return
-        self.last_decided = None
-        self.notify(f"{request.id} is pending again", title="Undone")
-        self.reload()
+
+        def undone(request: OverrideRequest) -> None:
+            self.last_decided = None
+            self.notify(f"{request.id} is pending again", title="Undone")
+
+        decided = target
+        self.change(lambda: engine.undo_decision(decided), undone, "Not undone")
 
 
 def _cut(text: str, width: int) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Input, Static
@@ -16,6 +16,7 @@ from textual.widgets import Input, Static
 from engine.audit import AuditEntry
 from engine.clock import iso
 from engine.vault import VaultError
+from tui.messages import LOOKS
 from tui.screens.base import DataScreen
 from tui.widgets.vim_table import VimTable
 
@@ -85,7 +86,12 @@ class AuditScreen(DataScreen):
                   json.dumps(entry.after, indent=2)]
         return (f"Audit entry {entry.id}", "\n".join(lines))
 
-    async def action_verify(self) -> None:
+    def action_verify(self) -> None:
+        self._verify()
+
+    @work(exclusive=True, group=LOOKS, description="Journal not verified", exit_on_error=False)
+    async def _verify(self) -> None:
+        """The whole chain checked in a worker (a long journal takes a while; keys keep working)."""
         engine = self.bapp.engine
         if engine is None:
             return

@@ -4,8 +4,8 @@ that follows the cursor on a terminal 140 columns or wider, in a modal on ``ente
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -18,6 +18,16 @@ from textual.widgets import DataTable, Header, Input, Static
 from textual.worker import Worker
 
 from engine.access import AccessDenied
+from tui.messages import (
+    CHANGES,
+    READS,
+    LedgerChanged,
+    LedgerRead,
+    ReadEnded,
+    ReportsFailures,
+    StatusOutdated,
+    WorkFailed,
+)
 from tui.palette import ScreenActions
 from tui.screens.message import MessageModal
 from tui.widgets.footer import KeysFooter
@@ -27,14 +37,23 @@ from tui.widgets.vim_table import VimTable
 if TYPE_CHECKING:
     from engine.access import Permission
     from engine.engine import Engine
-    from tui.app import BudgeteerApp
 
+T = TypeVar("T")
 #: From this many columns a screen with details shows them in a pane beside its table.
 DETAILS_PANE_MIN_WIDTH = 140
 
 
-class DataScreen(Screen[None]):
-    """A screen that reads a snapshot from the Engine, off the main thread of input."""
+class Host(Protocol):
+    """What a screen reads from the app it runs in (the app's own state goes by messages)."""
+
+    engine: Engine | None
+    read_only: bool
+    actor: str
+
+
+class DataScreen(ReportsFailures, Screen[None]):
+    """A screen that reads a snapshot from the Engine, off the main thread of input; it changes
+    the ledger in workers too (``change``), and says what happened by messages to the app."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "filter", "Filter", id="screen.filter"),
@@ -48,10 +67,11 @@ class DataScreen(Screen[None]):
         super().__init__()
         self._loader: Worker[None] | None = None
         self._shown: Any = None  # the data on screen, as the last read returned it
+        self._status_text = ""
 
     @property
-    def bapp(self) -> BudgeteerApp:
-        return self.app  # type: ignore[return-value]
+    def bapp(self) -> Host:
+        return cast("Host", self.app)
 
     def compose(self) -> ComposeResult:
         yield Header(icon="$")  # Textual's ⭘ is missing from the screenshots' SVG font
@@ -65,6 +85,15 @@ class DataScreen(Screen[None]):
         yield Input(placeholder="filter rows (esc clears)", id="filter")
         yield Static("", id="status")
         yield KeysFooter()
+
+    def show_status(self, text: str) -> None:
+        """The app's state (updated when, paused, the ledger unreadable) on this screen's status line.
+        The same text again is left alone: an update lays the screen out again, and the app says
+        "updated 0 s ago" after every read, a frame after the read's own paint."""
+        for status in self.query("#status").results(Static):  # none yet in the instant of a mode switch
+            if text != self._status_text:
+                status.update(text)
+                self._status_text = text
 
     def body(self) -> ComposeResult:
         raise NotImplementedError
@@ -101,18 +130,40 @@ class DataScreen(Screen[None]):
 
     async def permitted(self, permission: Permission, what: str) -> Engine | None:
         """The engine, when this identity may change ``what`` from here: not in read-only mode
-        and holding ``permission``; otherwise a notice saying why (the matrix's own words)."""
+        and holding ``permission``; otherwise a notice saying why (the matrix's own words).
+        A quick look at the ledger before a form or a question opens (keys typed right after
+        this one go to it); a ledger that cannot answer is reported like a failed worker."""
         engine = self.bapp.engine
         if engine is None:
             return None
         if self.bapp.read_only:
             self.notify(f"Read-only mode: {what} cannot be changed here", severity="warning")
             return None
-        if not await engine.may(permission):
-            self.notify(str(AccessDenied(engine.actor, await engine.role(), permission)), title="Not allowed",
-                        severity="error")
+        try:
+            if not await engine.may(permission):
+                self.notify(str(AccessDenied(engine.actor, await engine.role(), permission)), title="Not allowed",
+                            severity="error")
+                return None
+        except Exception as exc:  # the app's one handler says it in words
+            self.post_message(WorkFailed(exc, "Not allowed", CHANGES))
             return None
         return engine
+
+    def change(self, work: Callable[[], Awaitable[T]], done: Callable[[T], object] | str,
+               refused: str = "Not changed") -> Worker[None]:
+        """Change the ledger in a worker: ``work`` makes the change, then ``done`` (a notice, or a
+        callback given the result) and the screen reads again. A refusal or any failure is the
+        app's notice titled ``refused``; keys keep working meanwhile. Changes are never cancelled
+        by a later one (a cancelled change could be made and not said): each runs to its end."""
+        async def run() -> None:
+            result = await work()
+            if isinstance(done, str):
+                self.notify(done)
+            else:
+                done(result)
+            self.post_message(LedgerChanged())
+
+        return self.run_worker(run(), group=CHANGES, description=refused, exit_on_error=False)
 
     def on_screen_suspend(self) -> None:
         """Hidden, a screen keeps its data, not its rendered lines: its tables' rendered rows
@@ -126,7 +177,7 @@ class DataScreen(Screen[None]):
 
     def on_screen_resume(self) -> None:
         self.reload()
-        self.bapp.update_status()
+        self.post_message(StatusOutdated())
 
     @property
     def loading_data(self) -> bool:
@@ -156,16 +207,15 @@ class DataScreen(Screen[None]):
             return True
         return False
 
-    @work(exclusive=True, group="screen-load")
+    @work(exclusive=True, group=READS, description="Not read", exit_on_error=False)
     async def _load(self, poll: bool = False) -> None:
+        """Read and show; a read that fails (a ledger that cannot be read is a state, not a crash)
+        is the app's to report, in the status line, by the worker's failure."""
         engine = self.bapp.engine
         try:
             if engine is None:
                 return
             data = await self.load(engine)
-        except Exception as exc:  # a ledger that cannot be read is a state, not a crash
-            self.bapp.ledger_error(exc)
-        else:
             # Tables refilled and the plot redrawn every 2 s for nothing cost the app most of its
             # CPU between keys; what a key changed (a tab, a period, the size) is always shown.
             try:
@@ -175,10 +225,10 @@ class DataScreen(Screen[None]):
                     self.show_details()
             except NoMatches:  # the screen's widgets were removed while it read: the app is quitting
                 return
-            self.bapp.mark_updated()
+            self.post_message(LedgerRead())
         finally:
             if self.is_current:  # the next poll: a full interval after this read ended
-                self.bapp.arm_poll()
+                self.post_message(ReadEnded())
 
     async def load(self, engine: Engine) -> Any:
         raise NotImplementedError

@@ -4,18 +4,17 @@ against its limits; add, edit, remove, and backtest a policy from here."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Static
 
 from engine.budgets import Forecast, Outcome, Policy
 from engine.clock import DAY_MS, MINUTE_MS, iso
-from engine.errors import BudgeteerError
+from tui.messages import BACKTESTS
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.message import MessageModal
@@ -195,39 +194,36 @@ class BudgetsScreen(DataScreen):
             self.app.push_screen(PolicyForm(policy, actor=self.bapp.actor, now_ms=self.bapp.engine.now_ms()),
                                  self._saved_edit)
 
-    async def _change(self, change: Awaitable[object], done: str) -> None:
-        """Run an engine change; a refusal (a missing permission, a clash) is a notice, not a crash."""
-        try:
-            await change
-        except BudgeteerError as exc:
-            self.notify(str(exc), title="Not changed", severity="error")
-            return
-        self.notify(done)
-        self.reload()
+    def _saved_new(self, policy: Policy | None) -> None:
+        if policy is not None and (engine := self.bapp.engine) is not None:
+            self.change(lambda: engine.add_policy(policy), f"Added {policy.name}")
 
-    async def _saved_new(self, policy: Policy | None) -> None:
-        if policy is not None and self.bapp.engine is not None:
-            await self._change(self.bapp.engine.add_policy(policy), f"Added {policy.name}")
-
-    async def _saved_edit(self, policy: Policy | None) -> None:
-        if policy is not None and self.bapp.engine is not None:
-            await self._change(self.bapp.engine.update_policy(policy), f"Saved {policy.name}")
+    def _saved_edit(self, policy: Policy | None) -> None:
+        if policy is not None and (engine := self.bapp.engine) is not None:
+            self.change(lambda: engine.update_policy(policy), f"Saved {policy.name}")
 
     def action_delete(self) -> None:
         policy = self._selected()
         if policy is None or not self._writable():
             return
 
-        async def answer(yes: bool | None) -> None:
-            if yes and self.bapp.engine is not None:
-                await self._change(self.bapp.engine.remove_policy(policy.id), f"Removed {policy.name}")
+        def answer(yes: bool | None) -> None:
+            if yes and (engine := self.bapp.engine) is not None:
+                self.change(lambda: engine.remove_policy(policy.id), f"Removed {policy.name}")
 
         self.app.push_screen(ConfirmModal(f"Remove the policy {policy.name!r}?"), answer)
 
-    async def action_backtest(self) -> None:
+    def action_backtest(self) -> None:
         policy = self._selected()
+        if policy is not None:
+            self._backtest(policy)
+
+    @work(exclusive=True, group=BACKTESTS, description="Not backtested", exit_on_error=False)
+    async def _backtest(self, policy: Policy) -> None:
+        """The last 30 days replayed against the policy, in a worker: keys work while it runs (up
+        to a second on a large ledger) and a newer backtest replaces it."""
         engine = self.bapp.engine
-        if policy is None or engine is None:
+        if engine is None:
             return
         now = engine.now_ms()
         result = await engine.backtest(policy, now - 30 * DAY_MS, now + 1)

@@ -18,8 +18,10 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
+from textual.worker import Worker
 
 from engine.errors import BadInput, BudgeteerError
+from tui.messages import CHANGES, ReportsFailures
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +33,7 @@ class Field:
     password: bool = False  # typed characters are not shown (a secret, a passphrase)
 
 
-class FormModal(ModalScreen[Any]):
+class FormModal(ReportsFailures, ModalScreen[Any]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel", id="form.cancel"),
         Binding("ctrl+s", "save", "Save", id="form.save"),
@@ -42,6 +44,7 @@ class FormModal(ModalScreen[Any]):
         super().__init__()
         self.title_text, self.fields, self.submit, self.intro = title, fields, submit, intro
         self.save_label = save_label
+        self._saving: Worker[None] | None = None
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="modal form"):
@@ -83,11 +86,19 @@ class FormModal(ModalScreen[Any]):
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#save")
-    async def action_save(self) -> None:
+    def action_save(self) -> None:
+        if self._saving is not None and not self._saving.is_finished:
+            return  # enter pressed twice: the first submit is under way, and is never cancelled
         for error in self.query(".field-error"):
             error.display = False
+        self._saving = self.run_worker(self._save(self.values()), group=CHANGES,
+                                       description=f"Not done: {self.title_text}", exit_on_error=False)
+
+    async def _save(self, values: dict[str, str]) -> None:
+        """The submit in a worker: keys work while the engine answers; anything but a refusal is
+        the app's notice, and the form stays open with what was typed."""
         try:
-            result = await self.submit(self.values())
+            result = await self.submit(values)
         except BudgeteerError as exc:
             self.show_refusal(exc)
             return

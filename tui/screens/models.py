@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.markup import escape
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -19,6 +19,7 @@ from engine.models import FieldError
 from engine.money import format_usd
 from engine.providers import Breaker, CatalogModel, Health
 from engine.routing import Decision, Recorded, Summary, cause
+from tui.messages import LOOKS
 from tui.screens.base import DataScreen
 from tui.widgets.vim_table import VimTable, right, short
 
@@ -165,9 +166,14 @@ class ModelsScreen(DataScreen):
         self.query_one("#explain", Input).focus()
 
     @on(Input.Submitted, "#explain")
-    async def _explain(self, event: Input.Submitted) -> None:
+    def _explain_submitted(self, event: Input.Submitted) -> None:
+        self._explain(event.value)
+
+    @work(exclusive=True, group=LOOKS, description="Not explained", exit_on_error=False)
+    async def _explain(self, value: str) -> None:
+        """The prompt scored and routed in a worker; a newer prompt replaces one still being explained."""
         engine = self.bapp.engine
-        text = event.value.strip()
+        text = value.strip()
         if engine is None or not text:
             return
         requested = DEFAULT_REQUESTED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
@@ -14,9 +14,10 @@ from textual.widgets import Button, Input, Label, Select, Static
 from engine.budgets import ACTIONS, MODES, Policy, build_policy, edited_policy
 from engine.models import FieldError
 from engine.money import format_usd_plain
+from tui.messages import BACKTESTS, ReportsFailures
 
 
-class PolicyForm(ModalScreen[Policy | None]):
+class PolicyForm(ReportsFailures, ModalScreen[Policy | None]):
     """Add or edit a policy; a refusal shows under the field it names."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -119,11 +120,16 @@ class PolicyForm(ModalScreen[Policy | None]):
         self.dismiss(None)
 
     @on(Button.Pressed, "#backtest")
-    async def action_backtest(self) -> None:
+    def action_backtest(self) -> None:
         """Replay the last 30 days against the policy as drafted, before saving it."""
         policy = self._draft()
+        if policy is not None:
+            self._backtest(policy)
+
+    @work(exclusive=True, group=BACKTESTS, description="Not backtested", exit_on_error=False)
+    async def _backtest(self, policy: Policy) -> None:
         engine = getattr(self.app, "engine", None)
-        if policy is None or engine is None:
+        if engine is None:
             return
         now = engine.now_ms()
         result = await engine.backtest(policy, now - 30 * 86_400_000, now + 1)

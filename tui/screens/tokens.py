@@ -14,9 +14,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from engine.clock import format_span, iso, parse_duration_ms
-from engine.errors import BudgeteerError
 from engine.money import format_usd
 from engine.tokens import PREFIX, SCOPES, Token, parse_limit
+from tui.messages import LedgerChanged
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.form import Field, FormModal
@@ -173,7 +173,7 @@ class TokensScreen(DataScreen):
             token, secret = result
             self.app.push_screen(SecretModal(token, secret, "New token"))
             self.query_one("#tokens-table", VimTable).select(token.id)
-            self.reload()
+            self.post_message(LedgerChanged())
 
     async def _live(self, refusal: str) -> tuple[Engine, Token] | None:
         """The selected token, if not revoked (else ``refusal`` as a notice), and the engine
@@ -190,16 +190,9 @@ class TokensScreen(DataScreen):
     def _confirmed(self, question: str, change: Callable[[], Awaitable[T]], refused: str,
                    done: Callable[[T], None]) -> None:
         """Ask, then make the change; a refusal is a notice titled ``refused``."""
-        async def answer(yes: bool | None) -> None:
-            if not yes:
-                return
-            try:
-                result = await change()
-            except BudgeteerError as exc:
-                self.notify(str(exc), title=refused, severity="error")
-                return
-            done(result)
-            self.reload()
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.change(change, done, refused)
 
         self.app.push_screen(ConfirmModal(question), answer)
 

@@ -16,6 +16,7 @@ from engine.clock import iso
 from engine.errors import BudgeteerError
 from engine.providers import Provider
 from engine.vault import Entry, Status
+from tui.messages import LOOKS, LedgerChanged
 from tui.screens.base import DataScreen
 from tui.screens.confirm import ConfirmModal
 from tui.screens.form import Field, FormModal
@@ -94,16 +95,16 @@ class VaultScreen(DataScreen):
         if engine is None:
             return
         if not engine.vault().needs_passphrase:
-            self.run_worker(then())
+            self._run(then)
             return
 
         async def submit(values: dict[str, str]) -> bool:
             await engine.vault_unlock(values["passphrase"])
             return True
 
-        async def unlocked(ok: bool | None) -> None:
+        def unlocked(ok: bool | None) -> None:
             if ok:
-                await then()
+                self._run(then)
 
         new = not engine.vault().path.exists()
         self.app.push_screen(FormModal(
@@ -111,6 +112,9 @@ class VaultScreen(DataScreen):
                                        password=True)], submit, save_label="Unlock",
             intro=("A new vault file: this passphrase will encrypt it. " if new else "")
             + f"The file vault at {engine.vault().path} is locked."), unlocked)
+
+    def _run(self, then: Callable[[], Awaitable[None]]) -> None:
+        self.run_worker(then(), group=LOOKS, description="Vault", exit_on_error=False)
 
     def action_unlock(self) -> None:
         async def done() -> None:
@@ -140,7 +144,7 @@ class VaultScreen(DataScreen):
         if entry is not None:
             self.notify(f"Stored vault:{entry.ref} ({entry.fingerprint})")
             self.query_one("#vault-table", VimTable).select(entry.ref)
-            self.reload()
+            self.post_message(LedgerChanged())
 
     async def action_remove(self) -> None:
         entry = self._selected()
@@ -149,16 +153,9 @@ class VaultScreen(DataScreen):
             return
 
         async def remove() -> None:
-            async def answer(yes: bool | None) -> None:
-                if not yes:
-                    return
-                try:
-                    await engine.vault_remove(entry.ref)
-                except BudgeteerError as exc:
-                    self.notify(str(exc), title="Not removed", severity="error")
-                    return
-                self.notify(f"Removed vault:{entry.ref}")
-                self.reload()
+            def answer(yes: bool | None) -> None:
+                if yes:
+                    self.change(lambda: engine.vault_remove(entry.ref), f"Removed vault:{entry.ref}", "Not removed")
 
             self.app.push_screen(ConfirmModal(f"Remove vault:{entry.ref} ({entry.fingerprint})? Providers using it "
                                               "will fail to authenticate."), answer)
