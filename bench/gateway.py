@@ -130,10 +130,17 @@ def _transport_added(db: Path, provider_url: str, calls: int) -> tuple[float, fl
     return out[0], out[1]
 
 
+UPSTREAM = "default"  # the gateway's client to providers (--upstream): its default unless named
+PROTOCOL = "gateway"  # what serves the gateway (--protocol): the gateway's own uvicorn protocol unless named
+
+
 def _start_gateway(db: Path, port: int, routing: str | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """``budgeteer gateway`` on 127.0.0.1: with default flags unless ``routing`` is given."""
+    """``budgeteer gateway`` on 127.0.0.1: with default flags unless ``routing`` is given; its
+    upstream client and server protocol swapped for the ones named (``_serve``) if they are."""
     flags = ["--routing", routing] if routing else []
-    process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
+    launcher = ["tui.cli"] if (UPSTREAM, PROTOCOL) == ("default", "gateway") else \
+        ["bench.gateway", "--serve", UPSTREAM, PROTOCOL]
+    process = subprocess.Popen([sys.executable, "-m", *launcher, "--db", str(db), "gateway", "--port", str(port),
                                 *flags], env=env, stdout=subprocess.DEVNULL)
     _wait(f"http://127.0.0.1:{port}/healthz")
     return process
@@ -153,6 +160,10 @@ def _label(routing: str | None) -> str:
     return "default flags" if routing is None else f"--routing {routing}"
 
 
+def _variant() -> str:
+    return f"upstream {UPSTREAM}, protocol {PROTOCOL}"
+
+
 def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) -> None:
     """The provider answers at once; ``connections`` callers for ``seconds`` each against the
     provider directly (the reference), the gateway with default flags, and the gateway with
@@ -163,8 +174,8 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
     rows = []
     try:
         _wait(f"{provider_url}/v1/models")
-        print(f"{os.cpu_count()} cores; sustained: {connections} connections for {seconds:.0f} s each; the provider "
-              f"answers at once and serves {_served()}; 3 hard budgets on every governed call")
+        print(f"{os.cpu_count()} cores; {_variant()}; sustained: {connections} connections for {seconds:.0f} s "
+              f"each; the provider answers at once and serves {_served()}; 3 hard budgets on every governed call")
         direct = asyncio.run(wire.load_for("127.0.0.1", pport, wire.post(PATH, ASK, {}, f"127.0.0.1:{pport}"),
                                            connections, seconds))
         rows.append(("provider, direct", direct, None, 0))
@@ -202,7 +213,39 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
         print(f"ledger check, {name}: {events:,} events for {len(run.latencies):,} answered calls; {holds} holds open")
 
 
+def _serve(upstream: str, protocol: str, argv: list[str]) -> None:
+    """``budgeteer gateway`` itself (``argv``: its command line), its upstream client and the
+    uvicorn protocol it is served with swapped for the bench's comparisons: ``protocol`` is
+    ``gateway`` (its own), ``uncoalesced`` (its own without CoalescedWrites: uvicorn's two
+    sends per answer) or ``uvicorn`` (uvicorn's HttpToolsProtocol as it is: no head limits)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from engine.integrations import gateway
+    from tui.cli import main as cli
+
+    if upstream != "default":
+        gateway.UPSTREAM = upstream
+
+    class Uncoalesced(gateway.GatewayHttpProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            HttpToolsProtocol.connection_made(self, transport)
+            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+
+        def on_response_complete(self) -> None:
+            HttpToolsProtocol.on_response_complete(self)
+
+    served: dict[str, type[HttpToolsProtocol]] = {"uncoalesced": Uncoalesced, "uvicorn": HttpToolsProtocol}
+    if protocol in served:
+        with_limits = gateway.GatewayHttpProtocol.with_limits.__func__  # type: ignore[attr-defined]
+        base = served[protocol]
+        gateway.GatewayHttpProtocol.with_limits = classmethod(  # type: ignore[method-assign,assignment]
+            lambda cls, limits: with_limits(base, limits) if base is Uncoalesced else base)
+    raise SystemExit(cli(argv))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:
+        _serve(sys.argv[2], sys.argv[3], sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="calls per measurement")
     parser.add_argument("--routing", default=None,
@@ -214,9 +257,16 @@ def main() -> None:
     parser.add_argument("--catalog", choices=("vendor", "one"), default="vendor",
                         help="the provider serves every OpenAI model of the price table (vendor, as `provider add "
                              "--vendor openai`; routing weighs them all) or gpt-4o-mini alone (one)")
+    parser.add_argument("--upstream", choices=("default", "http11", "aiohttp"), default="default",
+                        help="the gateway's client to providers: its own default, the home-made HTTP/1.1 pool "
+                             "(http11) or aiohttp's client (aiohttp)")
+    parser.add_argument("--protocol", choices=("gateway", "uncoalesced", "uvicorn"), default="gateway",
+                        help="what serves the gateway: its own uvicorn protocol (gateway), the same without write "
+                             "coalescing (uncoalesced) or uvicorn's httptools protocol as it is (uvicorn: no limits "
+                             "on a request's head)")
     args = parser.parse_args()
-    global CATALOG
-    CATALOG = args.catalog
+    global CATALOG, UPSTREAM, PROTOCOL
+    CATALOG, UPSTREAM, PROTOCOL = args.catalog, args.upstream, args.protocol
     env = {**os.environ, "BUDGETEER_VAULT_PASSPHRASE": "bench", "BUDGETEER_VAULT_BACKEND": "file"}
     os.environ.update({k: env[k] for k in ("BUDGETEER_VAULT_PASSPHRASE", "BUDGETEER_VAULT_BACKEND")})
     try:
@@ -238,8 +288,8 @@ def main() -> None:
             procs.append(_start_gateway(db, gport, args.routing, env))
             auth = {"authorization": f"Bearer {secret}"}
             answered = 0
-            print(f"{os.cpu_count()} cores; gateway with {_label(args.routing)}; the provider serves {_served()}; "
-                  "3 hard budgets on every call")
+            print(f"{os.cpu_count()} cores; {_variant()}; gateway with {_label(args.routing)}; "
+                  f"the provider serves {_served()}; 3 hard budgets on every call")
             print(f"latency: the provider answers each call in 20-80 ms (seeded); {args.requests:,} calls a row")
             print(f"{'connections':>11}  {'direct p50':>10}  {'gateway p50':>11}  {'added p50':>9}  {'added p99':>9}"
                   f"  {'calls/s':>7}  failures")

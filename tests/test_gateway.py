@@ -56,7 +56,7 @@ def _vault(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def gateway(db_path: Path, provider: tuple[FakeOpenAI, str]) -> Iterator[tuple[str, str]]:
+def gateway(db_path: Path, provider: tuple[FakeOpenAI, str], upstream: str) -> Iterator[tuple[str, str]]:
     _fake, url = provider
     secret = _with_provider(db_path, f"{url}/v1", ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"])
     with serve(create_app(db_path, routing_mode="suggest", max_body=64 * 1024, upstream_timeout=2.0)) as base:
@@ -266,7 +266,7 @@ def test_the_anthropic_sdk_through_the_gateway(db_path: Path) -> None:
     assert _open_holds(db_path) == 0
 
 
-def test_the_provider_down_is_a_502_and_the_hold_goes_back(db_path: Path) -> None:
+def test_the_provider_down_is_a_502_and_the_hold_goes_back(db_path: Path, upstream: str) -> None:
     secret = _with_provider(db_path, f"{closed_port_url()}/v1", ["gpt-4o-mini"], name="down")
     with (serve(create_app(db_path)) as base,
           openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client,
@@ -388,8 +388,8 @@ def test_a_graceful_shutdown_releases_the_holds_of_calls_under_way(
     assert _open_holds(db_path) == 0  # released at shutdown, not left to block anyone
 
 
-async def test_a_stream_cut_before_its_first_chunk_is_still_settled(db_path: Path,
-                                                                   provider: tuple[FakeOpenAI, str]) -> None:
+async def test_a_stream_cut_before_its_first_chunk_is_still_settled(db_path: Path, provider: tuple[FakeOpenAI, str],
+                                                                   upstream: str) -> None:
     from starlette.requests import ClientDisconnect
 
     from engine.integrations.gateway import Gateway, RelayResponse

@@ -56,6 +56,7 @@ from engine.integrations.governor import (
     usage_of,
 )
 from engine.integrations.http11 import Http11Transport
+from engine.integrations.upstream import AiohttpUpstream
 from engine.models import FieldError, Usage
 from engine.providers import Provider
 from engine.tokens import Token, TokenRefused, admit, digest
@@ -70,6 +71,9 @@ SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", 
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
 T = TypeVar("T")
+UPSTREAMS: dict[str, type[Http11Transport] | type[AiohttpUpstream]] = {"http11": Http11Transport,
+                                                                       "aiohttp": AiohttpUpstream}
+UPSTREAM = "http11"  # the client to providers (``bench.gateway --upstream`` measures each; the tests run both)
 log = logging.getLogger("budgeteer.gateway")
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
 # The provider-specific request headers of a client's that go on with its call, to a provider
@@ -137,7 +141,7 @@ class Gateway:
         self.fetching: dict[str, asyncio.Future[str]] = {}  # credential reference -> its decryption under way
         self.tokens: dict[bytes, tuple[float, Token]] = {}  # secret digest -> (read at, token), for a second
         self.anchoring: asyncio.Task[None] | None = None  # posting the audit anchor (once a day)
-        self.transport: Http11Transport | None = None
+        self.transport: Http11Transport | AiohttpUpstream | None = None
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
                          "pool": upstream_timeout}
         self.urls: dict[str, httpx.URL] = {}
@@ -197,7 +201,7 @@ class Gateway:
         # on the lean HTTP/1.1 transport, called without an httpx.AsyncClient around it: httpx's
         # own transport cost more than half the gateway's CPU, its client (URL merging, cookies,
         # auth and redirect handling the gateway never uses) a fifth of the rest.
-        self.transport = Http11Transport(max_connections=1000)
+        self.transport = UPSTREAMS[UPSTREAM](max_connections=1000)
         self.started_ms = self.engine.now_ms()
         await self._warm()
         beat = asyncio.create_task(self._heartbeat())
