@@ -308,11 +308,14 @@ def main() -> None:
             for connections in (50, 200):
                 asks = _asks(args.requests * 2, 0, delays=False)
                 _, direct_wall, _ = _run(pport, asks, {}, connections)
+                cpu = _cpu_s(procs[1].pid)
                 through, wall, failed = _run(gport, asks, auth, connections)
+                cpu = _cpu_s(procs[1].pid) - cpu
                 answered += len(asks) - failed
                 print(f"{connections:>11} connections: {len(asks) / wall:>6,.0f} governed calls/s "
                       f"(direct {len(asks) / direct_wall:,.0f}/s, {direct_wall / wall:.0%}), "
-                      f"p50 {statistics.median(through):.1f} ms, {failed} failures")
+                      f"p50 {statistics.median(through):.1f} ms, gateway CPU {cpu * 1000 / len(asks):.2f} ms a call, "
+                      f"{failed} failures")
             plain_ms, governed_ms = _transport_added(db, provider_url, TRANSPORT_CALLS)
             print(f"transport: {plain_ms:.2f} ms a call plain, {governed_ms:.2f} ms governed "
                   f"(+{governed_ms - plain_ms:.2f} ms)")

@@ -530,6 +530,76 @@ async def test_a_complete_answer_is_on_the_wire_before_the_turn_that_wrote_it_en
     assert seen and seen[0].startswith(b"HTTP/1.1 200 OK\r\n") and seen[0].endswith(b"\r\n\r\nok")
 
 
+# uvicorn's HttpToolsProtocol.data_received as GatewayHttpProtocol._feed copies it (uvicorn 0.54).
+UVICORN_DATA_RECEIVED = """
+def data_received(self, data: bytes) -> None:
+    self._unset_keepalive_if_required()
+
+    try:
+        self.parser.feed_data(data)
+    except httptools.HttpParserError:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
+        return
+    except httptools.HttpParserUpgrade:
+        if self._should_upgrade():
+            self.handle_websocket_upgrade()
+        else:
+            self._unsupported_upgrade_warning()
+"""
+
+
+def test_the_uvicorn_internals_the_gateway_protocol_relies_on_are_as_it_was_written_for() -> None:
+    """The tripwire of GatewayHttpProtocol, a subclass of uvicorn's HttpToolsProtocol (not a
+    public API): a uvicorn whose internals moved fails here, by name, rather than in a limit
+    that silently stops holding. On failure, re-read uvicorn's protocol against the subclass
+    (its _feed is uvicorn's data_received with the limits added), then move the pin."""
+    import ast
+    import inspect
+    import textwrap
+    import tomllib
+    from importlib.metadata import version
+
+    import httptools
+    from packaging.requirements import Requirement
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+    from uvicorn.server import ServerState
+
+    from engine.integrations.gateway import GatewayHttpProtocol
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    (pin,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "uvicorn"]
+    assert pin.specifier.contains(version("uvicorn")), f"uvicorn {version('uvicorn')} is not the pinned {pin}"
+    upper = [s for s in pin.specifier if s.operator == "<"]
+    assert upper, f"uvicorn must have an upper bound in pyproject (its internals are read): {pin}"
+
+    def shape(source: str) -> str:
+        return ast.dump(ast.parse(textwrap.dedent(source)))
+
+    assert shape(inspect.getsource(HttpToolsProtocol.data_received)) == shape(UVICORN_DATA_RECEIVED), \
+        "uvicorn's HttpToolsProtocol.data_received changed: GatewayHttpProtocol._feed is a copy of it"
+    for name in ("_unset_keepalive_if_required", "_should_upgrade", "handle_websocket_upgrade",
+                 "_unsupported_upgrade_warning", "on_header", "on_headers_complete", "on_message_complete",
+                 "on_response_complete", "connection_made", "connection_lost"):
+        assert callable(getattr(HttpToolsProtocol, name, None)), f"uvicorn's HttpToolsProtocol has no {name}"
+        own = getattr(GatewayHttpProtocol, name)
+        if own is not getattr(HttpToolsProtocol, name):  # overridden: the signature must still fit uvicorn's
+            assert inspect.signature(own).parameters.keys() == \
+                inspect.signature(getattr(HttpToolsProtocol, name)).parameters.keys(), name
+    # what the subclass reads and sets on a connection, and the writes CoalescedWrites gathers
+    protocol = GatewayHttpProtocol(config=Config(lambda *_: None, lifespan="off"), server_state=ServerState(),
+                                   app_state={}, _loop=asyncio.new_event_loop())
+    assert isinstance(protocol.parser, httptools.HttpRequestParser)
+    assert protocol.timeout_keep_alive == GatewayHttpProtocol.limits.keep_alive_s
+    assert protocol.cycle is None and hasattr(protocol, "loop") and hasattr(protocol, "transport")
+    assert "response_complete" in inspect.getsource(RequestResponseCycle.__init__)
+    assert "self.transport.write(" in inspect.getsource(RequestResponseCycle.send), \
+        "uvicorn no longer writes an answer through transport.write: CoalescedWrites gathers nothing"
+    protocol.loop.close()
+
+
 def test_provider_keys_are_decrypted_before_serving_and_first_calls_at_once_all_answer(
         db_path: Path, provider: tuple[FakeOpenAI, str]) -> None:
     """A file vault's first decryption derives its key (scrypt, a fifth of a second): the
