@@ -25,9 +25,16 @@ governed deployment.
   routing off (each on a fresh ledger): calls/s and their share of the direct rate, p50, p99,
   the maximum latency, the longest stretch with no answer at all, and the gateway's CPU per call.
 
-The gateway runs with its default flags unless ``--routing`` says otherwise.
+The gateway runs with its default flags unless ``--routing`` says otherwise, and as
+``budgeteer gateway`` serves it unless ``--upstream`` (its client to providers: ``http11``, the
+default, or ``aiohttp``) or ``--protocol`` (``uvicorn``: uvicorn's own httptools protocol, without
+the gateway's limits on a request's head; ``uncoalesced``: the gateway's protocol without
+``CoalescedWrites``) swaps a part, for comparisons. The throughput rows print the gateway's CPU
+per call, the figure that moves least when other processes share the cores: compare variants in
+alternating runs.
 
     python -m bench.gateway [--requests 3000] [--routing off] [--sustained 60]
+                            [--upstream http11|aiohttp] [--protocol gateway|uvicorn|uncoalesced]
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ httpx's objects) and ``aclose``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -48,9 +49,15 @@ def _as_httpx(head: bool) -> Iterator[None]:
         raise httpx.ConnectError(f"TLS with {exc.host}:{exc.port} failed ({exc.strerror or exc})") from None
     except aiohttp.ClientConnectorError as exc:  # refused, no such host
         raise httpx.ConnectError(f"could not connect to {exc.host}:{exc.port} ({exc.strerror or exc})") from None
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionResetError):
         raise httpx.RemoteProtocolError("the server closed the connection " + (
             "without sending an answer" if head else "before the answer's end")) from None
+    except aiohttp.ClientOSError as exc:
+        if exc.errno in (errno.ECONNRESET, errno.EPIPE):  # the server hung up: as a close, not as a fault
+            raise httpx.RemoteProtocolError("the server closed the connection " + (
+                "without sending an answer" if head else "before the answer's end")) from None
+        error = httpx.WriteError if head else httpx.ReadError
+        raise error(f"the connection failed ({exc.strerror or exc.__class__.__name__})") from None
     except aiohttp.ClientResponseError as exc:
         raise httpx.RemoteProtocolError(f"the server's answer is not valid HTTP/1.1 ({exc.message})") from None
     except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
