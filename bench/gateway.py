@@ -27,14 +27,13 @@ governed deployment.
 
 The gateway runs with its default flags unless ``--routing`` says otherwise, and as
 ``budgeteer gateway`` serves it unless ``--upstream`` (its client to providers: ``http11``, the
-default, or ``aiohttp``) or ``--protocol`` (``uvicorn``: uvicorn's own httptools protocol, without
-the gateway's limits on a request's head; ``uncoalesced``: the gateway's protocol without
-``CoalescedWrites``) swaps a part, for comparisons. The throughput rows print the gateway's CPU
+default, or ``aiohttp``) or ``--protocol uvicorn`` (uvicorn's own httptools protocol, without the
+gateway's limits on a request's head) swaps a part, for comparisons. The throughput rows print the gateway's CPU
 per call, the figure that moves least when other processes share the cores: compare variants in
 alternating runs.
 
     python -m bench.gateway [--requests 3000] [--routing off] [--sustained 60]
-                            [--upstream http11|aiohttp] [--protocol gateway|uvicorn|uncoalesced]
+                            [--upstream http11|aiohttp] [--protocol gateway|uvicorn]
 """
 
 from __future__ import annotations
@@ -223,8 +222,7 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
 def _serve(upstream: str, protocol: str, argv: list[str]) -> None:
     """``budgeteer gateway`` itself (``argv``: its command line), its upstream client and the
     uvicorn protocol it is served with swapped for the bench's comparisons: ``protocol`` is
-    ``gateway`` (its own), ``uncoalesced`` (its own without CoalescedWrites: uvicorn's two
-    sends per answer) or ``uvicorn`` (uvicorn's HttpToolsProtocol as it is: no head limits)."""
+    ``gateway`` (its own) or ``uvicorn`` (uvicorn's HttpToolsProtocol as it is: no head limits)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from engine.integrations import gateway
@@ -232,21 +230,9 @@ def _serve(upstream: str, protocol: str, argv: list[str]) -> None:
 
     if upstream != "default":
         gateway.UPSTREAM = upstream
-
-    class Uncoalesced(gateway.GatewayHttpProtocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            HttpToolsProtocol.connection_made(self, transport)
-            self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
-
-        def on_response_complete(self) -> None:
-            HttpToolsProtocol.on_response_complete(self)
-
-    served: dict[str, type[HttpToolsProtocol]] = {"uncoalesced": Uncoalesced, "uvicorn": HttpToolsProtocol}
-    if protocol in served:
-        with_limits = gateway.GatewayHttpProtocol.with_limits.__func__  # type: ignore[attr-defined]
-        base = served[protocol]
+    if protocol == "uvicorn":
         gateway.GatewayHttpProtocol.with_limits = classmethod(  # type: ignore[method-assign,assignment]
-            lambda cls, limits: with_limits(base, limits) if base is Uncoalesced else base)
+            lambda cls, limits: HttpToolsProtocol)
     raise SystemExit(cli(argv))
 
 
@@ -267,10 +253,9 @@ def main() -> None:
     parser.add_argument("--upstream", choices=("default", "http11", "aiohttp"), default="default",
                         help="the gateway's client to providers: its own default, the home-made HTTP/1.1 pool "
                              "(http11) or aiohttp's client (aiohttp)")
-    parser.add_argument("--protocol", choices=("gateway", "uncoalesced", "uvicorn"), default="gateway",
-                        help="what serves the gateway: its own uvicorn protocol (gateway), the same without write "
-                             "coalescing (uncoalesced) or uvicorn's httptools protocol as it is (uvicorn: no limits "
-                             "on a request's head)")
+    parser.add_argument("--protocol", choices=("gateway", "uvicorn"), default="gateway",
+                        help="what serves the gateway: its own uvicorn protocol (gateway) or uvicorn's httptools "
+                             "protocol as it is (uvicorn: no limits on a request's head)")
     args = parser.parse_args()
     global CATALOG, UPSTREAM, PROTOCOL
     CATALOG, UPSTREAM, PROTOCOL = args.catalog, args.upstream, args.protocol

@@ -16,7 +16,7 @@ import pytest
 
 from engine.budgets import build_policy
 from engine.engine import Engine
-from engine.integrations.gateway import CoalescedWrites, create_app
+from engine.integrations.gateway import create_app
 from engine.models import SettledCall
 from tests.asgi_servers import FakeAnthropic, FakeOpenAI, post_all, serve
 from tests.fake_servers import closed_port_url
@@ -459,41 +459,10 @@ def test_the_callers_body_goes_upstream_as_sent_and_the_answer_comes_back_as_sen
     assert fake.requests[-1]["headers"]["content-length"] == str(len(raw))  # the very bytes, not re-encoded
 
 
-async def test_writes_made_in_one_loop_turn_leave_in_one_send_and_close_sends_what_is_pending() -> None:
-    """The gateway's server writes an answer's head and body in one send (uvicorn makes two)."""
-    received: list[bytes] = []
-    ended = asyncio.Event()
-
-    class Sink(asyncio.Protocol):
-        def data_received(self, data: bytes) -> None:
-            received.append(data)
-
-        def eof_received(self) -> None:
-            ended.set()
-
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(Sink, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-    coalesced = CoalescedWrites(transport)
-    coalesced.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
-    coalesced.write(b"body")
-    assert coalesced.get_write_buffer_size() == 42 and not received  # nothing sent in this turn
-    while not received:
-        await asyncio.sleep(0.01)
-    assert received == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"]
-    coalesced.write(b"last")
-    coalesced.close()  # sends what is pending, then closes
-    await asyncio.wait_for(ended.wait(), 5)
-    assert b"".join(received[1:]) == b"last"
-    server.close()
-    await server.wait_closed()
-
-
 async def test_a_complete_answer_is_on_the_wire_before_the_turn_that_wrote_it_ends() -> None:
-    """The coalesced writes of an answer leave when it is complete, not a loop turn later: the
-    app below, right after its last send, reads the answer from the client's socket while
-    blocking the loop; the read times out if the sending waited for the loop."""
+    """An answer leaves when it is complete, not a loop turn later: the app below, right after
+    its last send, reads the answer from the client's socket while blocking the loop; the read
+    times out if the sending waited for the loop."""
     import socket
 
     from uvicorn.config import Config
@@ -588,15 +557,13 @@ def test_the_uvicorn_internals_the_gateway_protocol_relies_on_are_as_it_was_writ
         if own is not getattr(HttpToolsProtocol, name):  # overridden: the signature must still fit uvicorn's
             assert inspect.signature(own).parameters.keys() == \
                 inspect.signature(getattr(HttpToolsProtocol, name)).parameters.keys(), name
-    # what the subclass reads and sets on a connection, and the writes CoalescedWrites gathers
+    # what the subclass reads and sets on a connection
     protocol = GatewayHttpProtocol(config=Config(lambda *_: None, lifespan="off"), server_state=ServerState(),
                                    app_state={}, _loop=asyncio.new_event_loop())
     assert isinstance(protocol.parser, httptools.HttpRequestParser)
     assert protocol.timeout_keep_alive == GatewayHttpProtocol.limits.keep_alive_s
     assert protocol.cycle is None and hasattr(protocol, "loop") and hasattr(protocol, "transport")
     assert "response_complete" in inspect.getsource(RequestResponseCycle.__init__)
-    assert "self.transport.write(" in inspect.getsource(RequestResponseCycle.send), \
-        "uvicorn no longer writes an answer through transport.write: CoalescedWrites gathers nothing"
     protocol.loop.close()
 
 

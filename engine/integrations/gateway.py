@@ -644,53 +644,6 @@ class RelayResponse(StreamingResponse):
                 await asyncio.shield(self.abandoned())
 
 
-class CoalescedWrites:
-    """A transport whose writes made in one turn of the event loop leave in one send.
-
-    uvicorn writes a response's head and its body separately: two sends, two packets, and
-    often a second wake-up of the client for every answer. Everything else is the wrapped
-    transport's own; closing sends what is pending first."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def writelines(self, lines: Any) -> None:
-        for data in lines:
-            self.write(data)
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._pending.clear()
-        self._transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
     """What a connection may send and how long it may take before the gateway reads a request
@@ -711,10 +664,9 @@ class _TooManyHeaders(Exception):
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol, its writes coalesced per loop turn (``CoalescedWrites``)
-    and sent as soon as an answer is complete, and a request's head bounded by ``limits``
-    (its size, its number of headers, the time it takes to arrive): httptools, uvicorn's
-    fast parser, bounds none of them. Its data_received is uvicorn's own with the limits
+    """uvicorn's HTTP/1.1 protocol with a request's head bounded by ``limits`` (its size, its
+    number of headers, the time it takes to arrive): httptools, uvicorn's fast parser, bounds
+    none of them. Its data_received is uvicorn's own with the limits
     added (uvicorn's version is pinned in pyproject: this reads its protocol's internals)."""
 
     limits: ClassVar[HttpLimits] = HttpLimits()
@@ -733,7 +685,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
+        super().connection_made(transport)
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -827,12 +779,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.loop.call_later(LINGER_S, self.transport.close)
         else:
             self.transport.close()
-
-    def on_response_complete(self) -> None:
-        # The whole answer is written: it leaves now, not after whatever else this turn of the
-        # loop has to run (0.1 ms of added latency at 50 connections).
-        self.transport._flush()  # type: ignore[attr-defined]
-        super().on_response_complete()
 
 
 def create_app(db: Path, **options: Any) -> Gateway:
