@@ -95,9 +95,10 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 def upstream_client(name: str) -> Http11Transport | AiohttpUpstream:
     """The gateway's client to providers, by name: ``http11``, the home-made pool (the default:
-    it costs the gateway a quarter less CPU a call than aiohttp's client in alternating runs,
-    README "Performance"), or ``aiohttp`` (engine.integrations.upstream, the same interface), which
-    ``bench.gateway --upstream aiohttp`` measures it against and the tests run beside it."""
+    in alternating runs it cost the gateway a fifth less CPU a call than aiohttp's client and
+    served half as many calls again, README "Performance"), or ``aiohttp``
+    (engine.integrations.upstream, the same interface), which ``bench.gateway --upstream
+    aiohttp`` measures it against and the tests run beside it."""
     if name == "aiohttp":  # imported only when asked for: aiohttp is a test and bench dependency
         from engine.integrations.upstream import AiohttpUpstream
 
