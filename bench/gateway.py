@@ -25,9 +25,15 @@ governed deployment.
   routing off (each on a fresh ledger): calls/s and their share of the direct rate, p50, p99,
   the maximum latency, the longest stretch with no answer at all, and the gateway's CPU per call.
 
-The gateway runs with its default flags unless ``--routing`` says otherwise.
+The gateway runs with its default flags unless ``--routing`` says otherwise, and as
+``budgeteer gateway`` serves it unless ``--upstream`` (its client to providers: ``http11``, the
+default, or ``aiohttp``) or ``--protocol uvicorn`` (uvicorn's own httptools protocol, without the
+gateway's limits on a request's head) swaps a part, for comparisons. The throughput rows print the gateway's CPU
+per call, the figure that moves least when other processes share the cores: compare variants in
+alternating runs.
 
     python -m bench.gateway [--requests 3000] [--routing off] [--sustained 60]
+                            [--upstream http11|aiohttp] [--protocol gateway|uvicorn]
 """
 
 from __future__ import annotations
@@ -130,10 +136,17 @@ def _transport_added(db: Path, provider_url: str, calls: int) -> tuple[float, fl
     return out[0], out[1]
 
 
+UPSTREAM = "default"  # the gateway's client to providers (--upstream): its default unless named
+PROTOCOL = "gateway"  # what serves the gateway (--protocol): the gateway's own uvicorn protocol unless named
+
+
 def _start_gateway(db: Path, port: int, routing: str | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """``budgeteer gateway`` on 127.0.0.1: with default flags unless ``routing`` is given."""
+    """``budgeteer gateway`` on 127.0.0.1: with default flags unless ``routing`` is given; its
+    upstream client and server protocol swapped for the ones named (``_serve``) if they are."""
     flags = ["--routing", routing] if routing else []
-    process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
+    launcher = ["tui.cli"] if (UPSTREAM, PROTOCOL) == ("default", "gateway") else \
+        ["bench.gateway", "--serve", UPSTREAM, PROTOCOL]
+    process = subprocess.Popen([sys.executable, "-m", *launcher, "--db", str(db), "gateway", "--port", str(port),
                                 *flags], env=env, stdout=subprocess.DEVNULL)
     _wait(f"http://127.0.0.1:{port}/healthz")
     return process
@@ -153,6 +166,10 @@ def _label(routing: str | None) -> str:
     return "default flags" if routing is None else f"--routing {routing}"
 
 
+def _variant() -> str:
+    return f"upstream {UPSTREAM}, protocol {PROTOCOL}"
+
+
 def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) -> None:
     """The provider answers at once; ``connections`` callers for ``seconds`` each against the
     provider directly (the reference), the gateway with default flags, and the gateway with
@@ -163,8 +180,8 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
     rows = []
     try:
         _wait(f"{provider_url}/v1/models")
-        print(f"{os.cpu_count()} cores; sustained: {connections} connections for {seconds:.0f} s each; the provider "
-              f"answers at once and serves {_served()}; 3 hard budgets on every governed call")
+        print(f"{os.cpu_count()} cores; {_variant()}; sustained: {connections} connections for {seconds:.0f} s "
+              f"each; the provider answers at once and serves {_served()}; 3 hard budgets on every governed call")
         direct = asyncio.run(wire.load_for("127.0.0.1", pport, wire.post(PATH, ASK, {}, f"127.0.0.1:{pport}"),
                                            connections, seconds))
         rows.append(("provider, direct", direct, None, 0))
@@ -202,7 +219,26 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
         print(f"ledger check, {name}: {events:,} events for {len(run.latencies):,} answered calls; {holds} holds open")
 
 
+def _serve(upstream: str, protocol: str, argv: list[str]) -> None:
+    """``budgeteer gateway`` itself (``argv``: its command line), its upstream client and the
+    uvicorn protocol it is served with swapped for the bench's comparisons: ``protocol`` is
+    ``gateway`` (its own) or ``uvicorn`` (uvicorn's HttpToolsProtocol as it is: no head limits)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from engine.integrations import gateway
+    from tui.cli import main as cli
+
+    if upstream != "default":
+        gateway.UPSTREAM = upstream
+    if protocol == "uvicorn":
+        gateway.GatewayHttpProtocol.with_limits = classmethod(  # type: ignore[method-assign,assignment]
+            lambda cls, limits: HttpToolsProtocol)
+    raise SystemExit(cli(argv))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:
+        _serve(sys.argv[2], sys.argv[3], sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="calls per measurement")
     parser.add_argument("--routing", default=None,
@@ -214,9 +250,15 @@ def main() -> None:
     parser.add_argument("--catalog", choices=("vendor", "one"), default="vendor",
                         help="the provider serves every OpenAI model of the price table (vendor, as `provider add "
                              "--vendor openai`; routing weighs them all) or gpt-4o-mini alone (one)")
+    parser.add_argument("--upstream", choices=("default", "http11", "aiohttp"), default="default",
+                        help="the gateway's client to providers: its own default, the home-made HTTP/1.1 pool "
+                             "(http11) or aiohttp's client (aiohttp)")
+    parser.add_argument("--protocol", choices=("gateway", "uvicorn"), default="gateway",
+                        help="what serves the gateway: its own uvicorn protocol (gateway) or uvicorn's httptools "
+                             "protocol as it is (uvicorn: no limits on a request's head)")
     args = parser.parse_args()
-    global CATALOG
-    CATALOG = args.catalog
+    global CATALOG, UPSTREAM, PROTOCOL
+    CATALOG, UPSTREAM, PROTOCOL = args.catalog, args.upstream, args.protocol
     env = {**os.environ, "BUDGETEER_VAULT_PASSPHRASE": "bench", "BUDGETEER_VAULT_BACKEND": "file"}
     os.environ.update({k: env[k] for k in ("BUDGETEER_VAULT_PASSPHRASE", "BUDGETEER_VAULT_BACKEND")})
     try:
@@ -238,8 +280,8 @@ def main() -> None:
             procs.append(_start_gateway(db, gport, args.routing, env))
             auth = {"authorization": f"Bearer {secret}"}
             answered = 0
-            print(f"{os.cpu_count()} cores; gateway with {_label(args.routing)}; the provider serves {_served()}; "
-                  "3 hard budgets on every call")
+            print(f"{os.cpu_count()} cores; {_variant()}; gateway with {_label(args.routing)}; "
+                  f"the provider serves {_served()}; 3 hard budgets on every call")
             print(f"latency: the provider answers each call in 20-80 ms (seeded); {args.requests:,} calls a row")
             print(f"{'connections':>11}  {'direct p50':>10}  {'gateway p50':>11}  {'added p50':>9}  {'added p99':>9}"
                   f"  {'calls/s':>7}  failures")
@@ -258,11 +300,14 @@ def main() -> None:
             for connections in (50, 200):
                 asks = _asks(args.requests * 2, 0, delays=False)
                 _, direct_wall, _ = _run(pport, asks, {}, connections)
+                cpu = _cpu_s(procs[1].pid)
                 through, wall, failed = _run(gport, asks, auth, connections)
+                cpu = _cpu_s(procs[1].pid) - cpu
                 answered += len(asks) - failed
                 print(f"{connections:>11} connections: {len(asks) / wall:>6,.0f} governed calls/s "
                       f"(direct {len(asks) / direct_wall:,.0f}/s, {direct_wall / wall:.0%}), "
-                      f"p50 {statistics.median(through):.1f} ms, {failed} failures")
+                      f"p50 {statistics.median(through):.1f} ms, gateway CPU {cpu * 1000 / len(asks):.2f} ms a call, "
+                      f"{failed} failures")
             plain_ms, governed_ms = _transport_added(db, provider_url, TRANSPORT_CALLS)
             print(f"transport: {plain_ms:.2f} ms a call plain, {governed_ms:.2f} ms governed "
                   f"(+{governed_ms - plain_ms:.2f} ms)")

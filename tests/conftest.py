@@ -97,3 +97,13 @@ def event(n: int = 0, **overrides: object) -> UsageEvent:
     }
     values.update(overrides)
     return UsageEvent(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["http11", "aiohttp"])
+def upstream(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The gateway's client to providers (``engine.integrations.gateway.UPSTREAM``): a test
+    that takes it runs with each."""
+    from engine.integrations import gateway
+
+    monkeypatch.setattr(gateway, "UPSTREAM", request.param)
+    return str(request.param)

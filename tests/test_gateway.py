@@ -16,7 +16,7 @@ import pytest
 
 from engine.budgets import build_policy
 from engine.engine import Engine
-from engine.integrations.gateway import CoalescedWrites, create_app
+from engine.integrations.gateway import create_app
 from engine.models import SettledCall
 from tests.asgi_servers import FakeAnthropic, FakeOpenAI, post_all, serve
 from tests.fake_servers import closed_port_url
@@ -56,7 +56,7 @@ def _vault(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def gateway(db_path: Path, provider: tuple[FakeOpenAI, str]) -> Iterator[tuple[str, str]]:
+def gateway(db_path: Path, provider: tuple[FakeOpenAI, str], upstream: str) -> Iterator[tuple[str, str]]:
     _fake, url = provider
     secret = _with_provider(db_path, f"{url}/v1", ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"])
     with serve(create_app(db_path, routing_mode="suggest", max_body=64 * 1024, upstream_timeout=2.0)) as base:
@@ -266,7 +266,7 @@ def test_the_anthropic_sdk_through_the_gateway(db_path: Path) -> None:
     assert _open_holds(db_path) == 0
 
 
-def test_the_provider_down_is_a_502_and_the_hold_goes_back(db_path: Path) -> None:
+def test_the_provider_down_is_a_502_and_the_hold_goes_back(db_path: Path, upstream: str) -> None:
     secret = _with_provider(db_path, f"{closed_port_url()}/v1", ["gpt-4o-mini"], name="down")
     with (serve(create_app(db_path)) as base,
           openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client,
@@ -388,8 +388,8 @@ def test_a_graceful_shutdown_releases_the_holds_of_calls_under_way(
     assert _open_holds(db_path) == 0  # released at shutdown, not left to block anyone
 
 
-async def test_a_stream_cut_before_its_first_chunk_is_still_settled(db_path: Path,
-                                                                   provider: tuple[FakeOpenAI, str]) -> None:
+async def test_a_stream_cut_before_its_first_chunk_is_still_settled(db_path: Path, provider: tuple[FakeOpenAI, str],
+                                                                   upstream: str) -> None:
     from starlette.requests import ClientDisconnect
 
     from engine.integrations.gateway import Gateway, RelayResponse
@@ -459,41 +459,10 @@ def test_the_callers_body_goes_upstream_as_sent_and_the_answer_comes_back_as_sen
     assert fake.requests[-1]["headers"]["content-length"] == str(len(raw))  # the very bytes, not re-encoded
 
 
-async def test_writes_made_in_one_loop_turn_leave_in_one_send_and_close_sends_what_is_pending() -> None:
-    """The gateway's server writes an answer's head and body in one send (uvicorn makes two)."""
-    received: list[bytes] = []
-    ended = asyncio.Event()
-
-    class Sink(asyncio.Protocol):
-        def data_received(self, data: bytes) -> None:
-            received.append(data)
-
-        def eof_received(self) -> None:
-            ended.set()
-
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(Sink, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-    coalesced = CoalescedWrites(transport)
-    coalesced.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
-    coalesced.write(b"body")
-    assert coalesced.get_write_buffer_size() == 42 and not received  # nothing sent in this turn
-    while not received:
-        await asyncio.sleep(0.01)
-    assert received == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"]
-    coalesced.write(b"last")
-    coalesced.close()  # sends what is pending, then closes
-    await asyncio.wait_for(ended.wait(), 5)
-    assert b"".join(received[1:]) == b"last"
-    server.close()
-    await server.wait_closed()
-
-
 async def test_a_complete_answer_is_on_the_wire_before_the_turn_that_wrote_it_ends() -> None:
-    """The coalesced writes of an answer leave when it is complete, not a loop turn later: the
-    app below, right after its last send, reads the answer from the client's socket while
-    blocking the loop; the read times out if the sending waited for the loop."""
+    """An answer leaves when it is complete, not a loop turn later: the app below, right after
+    its last send, reads the answer from the client's socket while blocking the loop; the read
+    times out if the sending waited for the loop."""
     import socket
 
     from uvicorn.config import Config
@@ -528,6 +497,74 @@ async def test_a_complete_answer_is_on_the_wire_before_the_turn_that_wrote_it_en
     client.close()
     server.close()
     assert seen and seen[0].startswith(b"HTTP/1.1 200 OK\r\n") and seen[0].endswith(b"\r\n\r\nok")
+
+
+# uvicorn's HttpToolsProtocol.data_received as GatewayHttpProtocol._feed copies it (uvicorn 0.54).
+UVICORN_DATA_RECEIVED = """
+def data_received(self, data: bytes) -> None:
+    self._unset_keepalive_if_required()
+
+    try:
+        self.parser.feed_data(data)
+    except httptools.HttpParserError:
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
+        return
+    except httptools.HttpParserUpgrade:
+        if self._should_upgrade():
+            self.handle_websocket_upgrade()
+        else:
+            self._unsupported_upgrade_warning()
+"""
+
+
+def test_the_uvicorn_internals_the_gateway_protocol_relies_on_are_as_it_was_written_for() -> None:
+    """The tripwire of GatewayHttpProtocol, a subclass of uvicorn's HttpToolsProtocol (not a
+    public API): a uvicorn whose internals moved fails here, by name, rather than in a limit
+    that silently stops holding. On failure, re-read uvicorn's protocol against the subclass
+    (its _feed is uvicorn's data_received with the limits added), then move the pin."""
+    import ast
+    import inspect
+    import textwrap
+    import tomllib
+    from importlib.metadata import version
+
+    import httptools
+    from packaging.requirements import Requirement
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+    from uvicorn.server import ServerState
+
+    from engine.integrations.gateway import GatewayHttpProtocol
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    (pin,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "uvicorn"]
+    assert pin.specifier.contains(version("uvicorn")), f"uvicorn {version('uvicorn')} is not the pinned {pin}"
+    upper = [s for s in pin.specifier if s.operator == "<"]
+    assert upper, f"uvicorn must have an upper bound in pyproject (its internals are read): {pin}"
+
+    def shape(source: str) -> str:
+        return ast.dump(ast.parse(textwrap.dedent(source)))
+
+    assert shape(inspect.getsource(HttpToolsProtocol.data_received)) == shape(UVICORN_DATA_RECEIVED), \
+        "uvicorn's HttpToolsProtocol.data_received changed: GatewayHttpProtocol._feed is a copy of it"
+    for name in ("_unset_keepalive_if_required", "_should_upgrade", "handle_websocket_upgrade",
+                 "_unsupported_upgrade_warning", "on_header", "on_headers_complete", "on_message_complete",
+                 "on_response_complete", "connection_made", "connection_lost"):
+        assert callable(getattr(HttpToolsProtocol, name, None)), f"uvicorn's HttpToolsProtocol has no {name}"
+        own = getattr(GatewayHttpProtocol, name)
+        if own is not getattr(HttpToolsProtocol, name):  # overridden: the signature must still fit uvicorn's
+            assert inspect.signature(own).parameters.keys() == \
+                inspect.signature(getattr(HttpToolsProtocol, name)).parameters.keys(), name
+    # what the subclass reads and sets on a connection
+    protocol = GatewayHttpProtocol(config=Config(lambda *_: None, lifespan="off"), server_state=ServerState(),
+                                   app_state={}, _loop=asyncio.new_event_loop())
+    assert isinstance(protocol.parser, httptools.HttpRequestParser)
+    assert protocol.timeout_keep_alive == GatewayHttpProtocol.limits.keep_alive_s
+    assert protocol.cycle is None and hasattr(protocol, "loop") and hasattr(protocol, "transport")
+    assert "response_complete" in inspect.getsource(RequestResponseCycle.__init__)
+    protocol.loop.close()
 
 
 def test_provider_keys_are_decrypted_before_serving_and_first_calls_at_once_all_answer(

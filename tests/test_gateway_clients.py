@@ -54,7 +54,7 @@ def fake_claude() -> Iterator[tuple[FakeAnthropic, str]]:
 
 
 @pytest.fixture
-def openai_vendor(db_path: Path, fake_openai: tuple[FakeOpenAI, str]) -> Iterator[openai.OpenAI]:
+def openai_vendor(db_path: Path, fake_openai: tuple[FakeOpenAI, str], upstream: str) -> Iterator[openai.OpenAI]:
     """The openai SDK on a gateway whose one provider was added with ``--vendor openai`` (no --models)."""
     _fake, url = fake_openai
     secret = _register(db_path, name="oa", kind="openai", base_url=f"{url}/v1", vendor="openai")
@@ -63,7 +63,8 @@ def openai_vendor(db_path: Path, fake_openai: tuple[FakeOpenAI, str]) -> Iterato
 
 
 @pytest.fixture
-def claude_vendor(db_path: Path, fake_claude: tuple[FakeAnthropic, str]) -> Iterator[anthropic.Anthropic]:
+def claude_vendor(db_path: Path, fake_claude: tuple[FakeAnthropic, str],
+                  upstream: str) -> Iterator[anthropic.Anthropic]:
     _fake, url = fake_claude
     secret = _register(db_path, name="claude", kind="anthropic", base_url=f"{url}/v1", vendor="anthropic")
     with serve(create_app(db_path, upstream_timeout=5.0)) as base:

@@ -1,4 +1,7 @@
-"""The lean HTTP/1.1 pool (engine.integrations.http11) as an httpx transport, against real
+"""The gateway's clients to providers as httpx transports: the lean HTTP/1.1 pool
+(engine.integrations.http11) and, through the same tests wherever they say what a client
+must do rather than how this pool does it, aiohttp's (engine.integrations.upstream: the
+alternative ``bench.gateway --upstream aiohttp`` measures it against). Against real
 servers on 127.0.0.1: uvicorn for well-behaved answers, and small raw asyncio servers in the
 test's own loop for those uvicorn will not give (no length, garbage, a close mid-body,
 silence, 100 Continue, TLS with a self-signed certificate). The raw servers count their
@@ -39,6 +42,7 @@ from starlette.routing import Route
 
 from engine.integrations import http11
 from engine.integrations.http11 import Http11Transport
+from engine.integrations.upstream import AiohttpUpstream
 from tests.asgi_servers import free_port, serve
 
 # ---- uvicorn: the well-behaved server
@@ -211,31 +215,56 @@ async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
 
 @dataclass
 class Pool:
-    transport: Http11Transport
+    transport: Http11Transport | AiohttpUpstream
     client: httpx.AsyncClient
+    origins: set[str] = field(default_factory=set)  # aiohttp's: every one it has held a connection to
 
 
-@pytest.fixture
-async def pools() -> AsyncIterator[Callable[..., Pool]]:
-    """Pools made by the test; afterwards none has a connection in use (each open one is idle),
-    and after aclose() none is open."""
+HTTP11_ONLY = "how the home-made pool does it (its socket pausing, its wait queue, its errors' words)"
+
+
+@pytest.fixture(params=["http11", "aiohttp"])
+async def pools(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Pool]]:
+    """Pools made by the test, of either client; afterwards none has a connection in use (each
+    open one is idle), and after aclose() none is open."""
     made: list[Pool] = []
+    if request.param == "aiohttp" and request.node.get_closest_marker("http11_only"):
+        pytest.skip(HTTP11_ONLY)
 
     def make(**options: Any) -> Pool:
-        transport = Http11Transport(**options)
+        transport = Http11Transport(**options) if request.param == "http11" else AiohttpUpstream(**options)
         made.append(Pool(transport, httpx.AsyncClient(transport=transport, timeout=5)))
         return made[-1]
 
     yield make
     for pool in made:
-        stats = pool.transport.stats()
+        stats = _stats(pool)
         await pool.client.aclose()
         assert all(s["open"] == s["idle"] for s in stats.values()), f"connections left in use: {stats}"
-        assert all(s == {"open": 0, "idle": 0} for s in pool.transport.stats().values()), pool.transport.stats()
+        assert all(s == {"open": 0, "idle": 0} for s in _stats(pool).values()), _stats(pool)
+
+
+def _stats(pool: Pool) -> dict[str, dict[str, int]]:
+    """Connections open and idle per origin: the pool's own count, or what aiohttp's connector
+    holds (idle ones still connected; those in use)."""
+    if isinstance(pool.transport, Http11Transport):
+        return pool.transport.stats()
+    connector: Any = pool.transport.connector
+    out: dict[str, dict[str, int]] = {origin: {"open": 0, "idle": 0} for origin in pool.origins}
+    for key, idle in connector._conns.items():  # aiohttp's internals: for this test's eyes only
+        counts = out.setdefault(f"{'https' if key.is_ssl else 'http'}://{key.host}:{key.port}", {"open": 0, "idle": 0})
+        alive = sum(1 for protocol, _ in idle if protocol.is_connected())
+        counts["open"] += alive
+        counts["idle"] += alive
+    for key, busy in connector._acquired_per_host.items():
+        counts = out.setdefault(f"{'https' if key.is_ssl else 'http'}://{key.host}:{key.port}", {"open": 0, "idle": 0})
+        counts["open"] += len(busy)
+    pool.origins.update(out)
+    return out
 
 
 def opened(pool: Pool, origin: str) -> dict[str, int]:
-    return pool.transport.stats().get(origin, {"open": 0, "idle": 0})
+    return _stats(pool).get(origin, {"open": 0, "idle": 0})
 
 
 # ---- well-behaved exchanges
@@ -302,6 +331,7 @@ async def test_200_concurrent_requests_never_use_more_than_max_connections(pools
         assert opened(pool, server.origin) == {"open": 10, "idle": 10}
 
 
+@pytest.mark.http11_only
 async def test_a_caller_waits_for_a_busy_pool_only_up_to_the_pool_timeout(pools: Callable[..., Pool]) -> None:
     pool = pools(max_connections=1)
     gate, arrived = asyncio.Event(), asyncio.Event()
@@ -325,6 +355,7 @@ async def test_a_caller_waits_for_a_busy_pool_only_up_to_the_pool_timeout(pools:
         assert server.accepts == 1
 
 
+@pytest.mark.http11_only
 async def test_a_caller_cancelled_just_as_it_was_woken_passes_the_free_connection_on(
         pools: Callable[..., Pool]) -> None:
     """The next caller in line gets the connection rather than waiting beside it until its pool
@@ -344,6 +375,7 @@ async def test_a_caller_cancelled_just_as_it_was_woken_passes_the_free_connectio
 
 # ---- bodies: streamed, large, unknown length
 
+@pytest.mark.http11_only
 async def test_a_streamed_answer_arrives_in_pieces_as_they_are_sent(web: str, pools: Callable[..., Pool]) -> None:
     pool = pools()
     GATES["pieces"] = gate = threading.Event()
@@ -366,6 +398,7 @@ async def test_an_sse_stream_read_by_lines_arrives_whole(web: str, pools: Callab
     assert opened(pool, web) == {"open": 1, "idle": 1}
 
 
+@pytest.mark.http11_only
 async def test_a_5_mb_answer_read_slowly_arrives_byte_identical(web: str, pools: Callable[..., Pool]) -> None:
     """The reader lags: the socket is paused with the answer half read, resumed as it catches up."""
     pool = pools()
@@ -383,6 +416,7 @@ async def test_a_5_mb_answer_read_slowly_arrives_byte_identical(web: str, pools:
     assert opened(pool, web) == {"open": 1, "idle": 1}
 
 
+@pytest.mark.http11_only
 async def test_an_answer_closed_unread_while_the_socket_was_paused_leaves_the_connection_readable(
         pools: Callable[..., Pool], monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole answer arrived, the socket paused at its end, the caller closed it unread: the
@@ -438,6 +472,7 @@ async def test_a_large_request_body_arrives_whole(web: str, pools: Callable[...,
     assert opened(pool, web) == {"open": 1, "idle": 1}
 
 
+@pytest.mark.http11_only
 async def test_a_server_that_reads_no_body_is_a_write_timeout(pools: Callable[..., Pool]) -> None:
     pool = pools()
     stop = asyncio.Event()
@@ -454,6 +489,7 @@ async def test_a_server_that_reads_no_body_is_a_write_timeout(pools: Callable[..
         assert opened(pool, server.origin) == {"open": 0, "idle": 0}
 
 
+@pytest.mark.http11_only
 async def test_a_server_hanging_up_during_the_upload_is_a_write_error(pools: Callable[..., Pool]) -> None:
     pool = pools()
 
@@ -754,7 +790,7 @@ async def test_aclose_closes_the_connections_and_refuses_later_requests(pools: C
         await asyncio.gather(pool.client.get(f"{server.url}/"), pool.client.get(f"{server.url}/"))
         assert opened(pool, server.origin) == {"open": 2, "idle": 2} and server.open == 2
         await pool.transport.aclose()
-        assert pool.transport.stats() == {server.origin: {"open": 0, "idle": 0}}
+        assert _stats(pool) == {server.origin: {"open": 0, "idle": 0}}
         await until(lambda: server.open == 0)  # the server saw both closed
         with pytest.raises(httpx.ConnectError, match="closed"):
             await pool.client.get(f"{server.url}/")
@@ -763,6 +799,7 @@ async def test_aclose_closes_the_connections_and_refuses_later_requests(pools: C
         assert server.accepts == 2
 
 
+@pytest.mark.http11_only
 async def test_aclose_ends_the_wait_of_a_caller_waiting_for_a_connection(pools: Callable[..., Pool]) -> None:
     pool = pools(max_connections=1)
     async with raw_server(keep_alive()) as server:
@@ -774,7 +811,7 @@ async def test_aclose_ends_the_wait_of_a_caller_waiting_for_a_connection(pools: 
             for caller in waiting:
                 with pytest.raises(httpx.ConnectError, match="closed"):
                     await asyncio.wait_for(caller, 2)
-        assert pool.transport.stats() == {server.origin: {"open": 0, "idle": 0}}
+        assert _stats(pool) == {server.origin: {"open": 0, "idle": 0}}
         assert server.accepts == 1
 
 

@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httptools
 import httpx
@@ -62,6 +62,9 @@ from engine.providers import Provider
 from engine.tokens import Token, admit, digest
 from engine.vault import VaultError
 
+if TYPE_CHECKING:
+    from engine.integrations.upstream import AiohttpUpstream
+
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 HEARTBEAT_S = 2.0
 KEY_CACHE_S = 60.0  # a provider key is decrypted again after this long (a rotated key is picked up)
@@ -71,6 +74,7 @@ SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", 
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
 T = TypeVar("T")
+UPSTREAM = "http11"  # the client to providers: http11 or aiohttp (``upstream_client``)
 log = logging.getLogger("budgeteer.gateway")
 PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "responses": "/responses", "messages": "/messages"}
 # The provider-specific request headers of a client's that go on with its call, to a provider
@@ -88,6 +92,19 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def upstream_client(name: str) -> Http11Transport | AiohttpUpstream:
+    """The gateway's client to providers, by name: ``http11``, the home-made pool (the default:
+    in alternating runs it cost the gateway a fifth less CPU a call than aiohttp's client and
+    served half as many calls again, README "Performance"), or ``aiohttp``
+    (engine.integrations.upstream, the same interface), which ``bench.gateway --upstream
+    aiohttp`` measures it against and the tests run beside it."""
+    if name == "aiohttp":  # imported only when asked for: aiohttp is a test and bench dependency
+        from engine.integrations.upstream import AiohttpUpstream
+
+        return AiohttpUpstream(max_connections=1000)
+    return Http11Transport(max_connections=1000)
 
 
 class CallerLeft(BudgeteerError):
@@ -142,7 +159,7 @@ class Gateway:
         self.fetching: dict[str, asyncio.Future[str]] = {}  # credential reference -> its decryption under way
         self.tokens: dict[bytes, tuple[float, Token]] = {}  # secret digest -> (read at, token), for a second
         self.anchoring: asyncio.Task[None] | None = None  # posting the audit anchor (once a day)
-        self.transport: Http11Transport | None = None
+        self.transport: Http11Transport | AiohttpUpstream | None = None
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
                          "pool": upstream_timeout}
         self.urls: dict[str, httpx.URL] = {}
@@ -202,7 +219,7 @@ class Gateway:
         # on the lean HTTP/1.1 transport, called without an httpx.AsyncClient around it: httpx's
         # own transport cost more than half the gateway's CPU, its client (URL merging, cookies,
         # auth and redirect handling the gateway never uses) a fifth of the rest.
-        self.transport = Http11Transport(max_connections=1000)
+        self.transport = upstream_client(UPSTREAM)
         self.started_ms = self.engine.now_ms()
         await self._warm()
         beat = asyncio.create_task(self._heartbeat())
@@ -625,53 +642,6 @@ class RelayResponse(StreamingResponse):
                 await asyncio.shield(self.abandoned())
 
 
-class CoalescedWrites:
-    """A transport whose writes made in one turn of the event loop leave in one send.
-
-    uvicorn writes a response's head and its body separately: two sends, two packets, and
-    often a second wake-up of the client for every answer. Everything else is the wrapped
-    transport's own; closing sends what is pending first."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def writelines(self, lines: Any) -> None:
-        for data in lines:
-            self.write(data)
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._pending.clear()
-        self._transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
     """What a connection may send and how long it may take before the gateway reads a request
@@ -692,10 +662,9 @@ class _TooManyHeaders(Exception):
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol, its writes coalesced per loop turn (``CoalescedWrites``)
-    and sent as soon as an answer is complete, and a request's head bounded by ``limits``
-    (its size, its number of headers, the time it takes to arrive): httptools, uvicorn's
-    fast parser, bounds none of them. Its data_received is uvicorn's own with the limits
+    """uvicorn's HTTP/1.1 protocol with a request's head bounded by ``limits`` (its size, its
+    number of headers, the time it takes to arrive): httptools, uvicorn's fast parser, bounds
+    none of them. Its data_received is uvicorn's own with the limits
     added (uvicorn's version is pinned in pyproject: this reads its protocol's internals)."""
 
     limits: ClassVar[HttpLimits] = HttpLimits()
@@ -714,7 +683,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescedWrites(transport))  # type: ignore[arg-type]
+        super().connection_made(transport)
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -808,12 +777,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.loop.call_later(LINGER_S, self.transport.close)
         else:
             self.transport.close()
-
-    def on_response_complete(self) -> None:
-        # The whole answer is written: it leaves now, not after whatever else this turn of the
-        # loop has to run (0.1 ms of added latency at 50 connections).
-        self.transport._flush()  # type: ignore[attr-defined]
-        super().on_response_complete()
 
 
 def create_app(db: Path, **options: Any) -> Gateway:
