@@ -220,16 +220,11 @@ class Pool:
     origins: set[str] = field(default_factory=set)  # aiohttp's: every one it has held a connection to
 
 
-HTTP11_ONLY = "how the home-made pool does it (its socket pausing, its wait queue, its errors' words)"
-
-
 @pytest.fixture(params=["http11", "aiohttp"])
 async def pools(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Pool]]:
     """Pools made by the test, of either client; afterwards none has a connection in use (each
     open one is idle), and after aclose() none is open."""
     made: list[Pool] = []
-    if request.param == "aiohttp" and request.node.get_closest_marker("http11_only"):
-        pytest.skip(HTTP11_ONLY)
 
     def make(**options: Any) -> Pool:
         transport = Http11Transport(**options) if request.param == "http11" else AiohttpUpstream(**options)
