@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any
 
 from engine.clock import period_range
-from engine.integrations import otlp
 from engine.ledger import TIMELINE_FIELDS, BreakdownRow, LedgerView, Metric, RecordResult, TimelinePoint, Totals
 from engine.models import STATUSES, FieldError, SettledCall, UsageEvent
 from engine.services.core import Journal, Service
@@ -64,6 +63,8 @@ class UsageService(Service):
         return await self._ingest_otlp(payload, lambda events: self.import_usage(events, atomic=True, source=source))
 
     async def _ingest_otlp(self, payload: Any, write: Callable[[list[UsageEvent]], Awaitable[tuple[int, int]]]) -> Any:
+        from engine.integrations import otlp  # its contract (pydantic) only for an OTLP payload, as engine._caller
+
         events, report = otlp.read(payload, known=lambda model, vendor: self.prices.resolve(model, vendor) is not None)
         if events:
             report.accepted, report.duplicates = await write(events)
