@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sqlite3
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from engine.ledger.schema import SQLITE_VERSION
 
 BENCHES = (
     ("Ledger", "bench.ledger", [], ["--events", "200000"]),
@@ -48,7 +49,7 @@ def machine() -> list[str]:
     return [f"- when: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- CPU: {cpu}, {os.cpu_count()} cores; memory {memory} GiB",
             f"- OS: {platform.platform()}",
-            f"- Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
+            f"- Python {platform.python_version()}, SQLite {SQLITE_VERSION}",
             f"- CPU check (`sum(range(5_000_000))`, best of 5, lower is faster): {cpu_check():.3f} s"]
 
 
