@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.models import FieldError
-from engine.money import MoneyError, format_amount, format_usd, format_usd_plain, parse_usd
+from engine.money import format_amount, format_usd, format_usd_plain, parse_usd
 
 Metric = Literal["usd", "tokens", "requests"]
 Mode = Literal["enforced", "dry_run", "suggest"]
@@ -261,10 +261,7 @@ class Policy:
 def parse_amount(value: str | int, metric: str, field_name: str) -> int:
     """A limit in the metric's unit: dollars (``12.50``, ``$12.50``) for usd, a count otherwise."""
     if metric == "usd":
-        try:
-            return parse_usd(value if isinstance(value, (str, int)) else str(value), field_name)
-        except MoneyError as exc:
-            raise FieldError(exc.field, exc.reason) from None
+        return parse_usd(value if isinstance(value, (str, int)) else str(value), field_name)  # MoneyError: a BadInput
     text = str(value).strip().replace(",", "").replace("_", "")
     if not text.isdigit():
         if text.startswith("-") and text[1:].isdigit():
