@@ -39,16 +39,18 @@ from engine.budgets import (
     Overshoot,
     Policy,
 )
-from engine.clock import HOUR_MS, Clock, SystemClock, parse_duration_ms
+from engine.clock import HOUR_MS, Clock, parse_duration_ms
 from engine.ledger import (
     TIMELINE_FIELDS,
     BreakdownRow,
     LedgerRefusing,
     Metric,
     RecordResult,
-    SQLiteStore,
+    Store,
     TimelinePoint,
     Totals,
+    is_dsn,
+    open_ledger,
 )
 from engine.ledger.results import BudgetDecision, Delivery
 from engine.models import FieldError, GatewayStatus, SettledCall, UsageEvent
@@ -76,13 +78,28 @@ __all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Service
            "local_identity"]
 
 
-def default_db_path() -> Path:
-    """``BUDGETEER_DB``, else ``$BUDGETEER_HOME/ledger.db``, else the user data directory."""
-    if os.environ.get("BUDGETEER_DB"):
-        return Path(os.environ["BUDGETEER_DB"]).expanduser()
+def home_dir() -> Path:
+    """Where this machine keeps Budgeteer's files: ``$BUDGETEER_HOME``, else the user data directory."""
     if os.environ.get("BUDGETEER_HOME"):
-        return Path(os.environ["BUDGETEER_HOME"]).expanduser() / LEDGER_FILENAME
-    return Path(platformdirs.user_data_dir("budgeteer", appauthor=False)) / LEDGER_FILENAME
+        return Path(os.environ["BUDGETEER_HOME"]).expanduser()
+    return Path(platformdirs.user_data_dir("budgeteer", appauthor=False))
+
+
+def default_db_path() -> Path:
+    """``BUDGETEER_DB`` when it names a file, else ``$BUDGETEER_HOME/ledger.db``, else the user data directory's."""
+    if os.environ.get("BUDGETEER_DB") and not is_dsn(os.environ["BUDGETEER_DB"]):
+        return Path(os.environ["BUDGETEER_DB"]).expanduser()
+    return home_dir() / LEDGER_FILENAME
+
+
+def ledger_location(db: str | Path | None = None) -> str | Path:
+    """The ledger ``db`` names (``--db``), else ``BUDGETEER_DB``'s, else the default file: a
+    PostgreSQL database's address (``postgresql://user@host:port/db``) or an SQLite file."""
+    if db is not None and str(db):
+        return str(db) if is_dsn(str(db)) else Path(db).expanduser()
+    if is_dsn(os.environ.get("BUDGETEER_DB", "")):
+        return os.environ["BUDGETEER_DB"]
+    return default_db_path()
 
 
 def local_identity() -> str:
@@ -130,7 +147,7 @@ class Engine:
     transaction as the change itself (``Core.change``).
     """
 
-    def __init__(self, store: SQLiteStore, prices: PriceBook, clock: Clock, actor: str | None = None) -> None:
+    def __init__(self, store: Store, prices: PriceBook, clock: Clock, actor: str | None = None) -> None:
         self.store = store
         self.prices = prices
         self.clock = clock
@@ -183,10 +200,12 @@ class Engine:
     @classmethod
     async def open(cls, db: str | Path | None = None, *, clock: Clock | None = None,
                    durable: bool = True, sync_interval_s: float = 0.0, actor: str | None = None) -> Engine:
-        """Open the ledger at ``db`` (the user data directory's by default); ``durable`` and
-        ``sync_interval_s`` as in ``SQLiteStore.open``."""
-        store = await SQLiteStore.open(Path(db) if db else default_db_path(), durable=durable,
-                                       sync_interval_s=sync_interval_s)
+        """Open the ledger at ``db``: an SQLite file (the user data directory's by default) or a
+        PostgreSQL database (``postgresql://user@host:port/db``); ``durable`` and
+        ``sync_interval_s`` as in ``SQLiteStore.open``. The clock is ``clock`` if given, else the
+        store's: the system's for SQLite, the database's for PostgreSQL."""
+        store = await open_ledger(ledger_location(db), home=home_dir(), durable=durable,
+                                  sync_interval_s=sync_interval_s)
         try:
             prices = PriceBook()
             prices.extend(bundled_prices().all_versions())
@@ -194,7 +213,7 @@ class Engine:
         except BaseException:
             await store.close()
             raise
-        engine = cls(store, prices, clock or SystemClock(), actor)
+        engine = cls(store, prices, clock or store.clock, actor)
         if engine.spill.pending():  # settlements a process before this one could not write
             try:
                 replayed = await engine.replay_spill()
@@ -207,7 +226,14 @@ class Engine:
 
     @property
     def path(self) -> Path:
+        """Where this machine keeps the ledger's files: the SQLite file; for PostgreSQL, the local
+        name its spill journal and vault sit beside."""
         return self.store.path
+
+    @property
+    def location(self) -> str:
+        """What opens this ledger again: its file, or its database's address."""
+        return self.store.location
 
     async def close(self) -> None:
         for transport in list(self.transports):
@@ -549,7 +575,7 @@ class Engine:
         from engine.integrations.transport import transports  # see _caller
 
         sync, _ = transports(module)
-        transport = sync(self.path, self.clock, _caller(principal, team, workspace, session, agent),
+        transport = sync(self.location, self.clock, _caller(principal, team, workspace, session, agent),
                          provider=provider, routing_mode=routing_mode, open_engine=type(self).open)
         return module.Client(transport=transport, **client_options)
 

@@ -8,11 +8,14 @@ the typed results of reads, and the ledger's errors.
 Inside: ``schema`` (migrations, connecting), ``rollups`` (the rollup SQL), ``worker`` (a
 connection on its own thread), ``writer`` (group commit), ``tx`` (the transaction), ``reads``
 (the dashboard's reads), ``repos`` (one repository per record kind), ``sqlite`` (the store),
-``protocol`` (the interface), ``results`` and ``errors``.
+``protocol`` (the interface), ``results`` and ``errors``; ``store`` (what both backends share) and
+``pg`` (the PostgreSQL ledger).
 """
 
+from pathlib import Path
+
 from engine.ledger.errors import LedgerRefusing, SchemaTooNewError, StoreError, refusal
-from engine.ledger.files import remove_ledger
+from engine.ledger.files import is_dsn, remove_ledger
 from engine.ledger.protocol import Ledger, Transaction
 from engine.ledger.repos import LedgerView
 from engine.ledger.results import (
@@ -27,6 +30,7 @@ from engine.ledger.results import (
 from engine.ledger.rollups import range_segments
 from engine.ledger.schema import SCHEMA_VERSION
 from engine.ledger.sqlite import SQLiteStore
+from engine.ledger.store import Store
 from engine.ledger.tx import LedgerTx
 
 __all__ = [
@@ -42,11 +46,25 @@ __all__ = [
     "RecordResult",
     "SQLiteStore",
     "SchemaTooNewError",
+    "Store",
     "StoreError",
     "TimelinePoint",
     "Totals",
     "Transaction",
+    "is_dsn",
+    "open_ledger",
     "range_segments",
     "refusal",
     "remove_ledger",
 ]
+
+
+async def open_ledger(location: str | Path, *, home: Path, durable: bool = True,
+                      sync_interval_s: float = 0.0) -> Store:
+    """The ledger at ``location``: a PostgreSQL database (``postgresql://user@host:port/db``) or
+    an SQLite file. ``home``: where this machine keeps a PostgreSQL ledger's local files."""
+    if is_dsn(location):
+        from engine.ledger.pg.store import PostgresStore
+
+        return await PostgresStore.open(str(location), home=home)
+    return await SQLiteStore.open(Path(location), durable=durable, sync_interval_s=sync_interval_s)

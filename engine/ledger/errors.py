@@ -39,7 +39,32 @@ def refusal(exc: BaseException) -> str | None:
     if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) is not None:
         reason = _REFUSALS.get(exc.sqlite_errorcode & 0xFF)
         return f"{reason} ({exc})" if reason else None
+    if type(exc).__module__.startswith("asyncpg"):  # PostgreSQL: the server or the way to it
+        reason = _pg_refusal(exc)
+        if reason:
+            return reason
+    if isinstance(exc, ConnectionError | TimeoutError):  # PostgreSQL's server cannot be reached
+        return f"the ledger's database cannot be reached ({exc.strerror or exc.__class__.__name__})"
     if isinstance(exc, OSError) and exc.errno is not None:  # the log's fsync, or a file of the ledger
         return f"an I/O error ({exc.strerror or exc})"
     return None
 
+
+
+#: PostgreSQL's classes of errors (SQLSTATE's first two characters) by which a ledger refuses
+#: writes for now: resources, the server shutting down or starting, the connection.
+_PG_REFUSALS: Final = {
+    "08": "the connection to the ledger's database failed", "53": "the ledger's database is out of resources",
+    "57": "the ledger's database is shutting down or starting", "58": "the ledger's database had a system error",
+    "40": "the ledger's database rolled a transaction back", "25": "the ledger's database is read-only",
+}
+
+
+def _pg_refusal(exc: BaseException) -> str | None:
+    state = str(getattr(exc, "sqlstate", "") or "")
+    if state[:2] in _PG_REFUSALS:
+        return f"{_PG_REFUSALS[state[:2]]} ({state})"
+    name = type(exc).__name__
+    if name in ("ConnectionDoesNotExistError", "InterfaceError", "InternalClientError", "ConnectionFailureError"):
+        return "the connection to the ledger's database was lost"
+    return None

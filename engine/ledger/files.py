@@ -16,3 +16,8 @@ def remove_ledger(path: Path | str) -> None:
     Nothing may hold it open: a process writing to it would go on writing to deleted files."""
     for suffix in SUFFIXES:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def is_dsn(location: object) -> bool:
+    """Whether ``location`` names a PostgreSQL database (``postgresql://...``) rather than a file."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))

@@ -8,11 +8,11 @@ one hop); it never waits for the writer (WAL: a reader sees the last commit).
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.ledger.dbapi import Connection
 from engine.ledger.results import TIMELINE_FIELDS, BreakdownRow, Metric, TimelinePoint, Totals
 from engine.ledger.rollups import (
     ORDER,
@@ -47,7 +47,7 @@ def _row_event(r: Sequence[Any]) -> UsageEvent:
 class Reads:
     """The usage reads, on one connection (the store's reader)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def schema_version(self) -> int:
@@ -68,7 +68,7 @@ class Reads:
         if not sql:
             return Totals()
         outer = ", ".join(f"sum(c{i})" for i in range(len(SUM_COLUMNS)))
-        row = self._fetchone(f"SELECT {outer} FROM ({sql})", args)
+        row = self._fetchone(f"SELECT {outer} FROM ({sql}) AS segments", args)
         return Totals.from_row(row) if row else Totals()
 
     def timeline(self, start_ms: int, end_ms: int, bucket_ms: int,

@@ -6,11 +6,11 @@ session, which no rollup keeps)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.ledger.dbapi import Connection
 from engine.ledger.schema import ROLLUP_TABLES, SUM_COLUMNS
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 
@@ -21,17 +21,29 @@ ORDER: Final[Mapping[str, str]] = {  # columns of a per-series segment select, b
     "errors": "sum(r.c1)",
 }
 
+def count_sql(condition: str) -> str:
+    """How many rows meet ``condition``, in SQL both SQLite and PostgreSQL take (PostgreSQL
+    does not sum a comparison)."""
+    return f"sum(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
+_count = count_sql
 #: Each rollup column (SUM_COLUMNS) as a sum over raw events.
 _EVENT_SUMS: Final = (
-    "count(*)", "sum(status = 'error')", "sum(status = 'blocked')", "sum(input_tokens)",
+    "count(*)", _count("status = 'error'"), _count("status = 'blocked'"), "sum(input_tokens)",
     "sum(cached_input_tokens)", "sum(cache_write_tokens)", "sum(output_tokens)", "sum(reasoning_tokens)",
-    "sum(cost_nanos)", "sum(cost_source = 'unpriced')", "sum(cost_source = 'estimated')", "sum(latency_ms)",
+    "sum(cost_nanos)", _count("cost_source = 'unpriced'"), _count("cost_source = 'estimated'"), "sum(latency_ms)",
     "sum(cache_write_1h_tokens)",
 )
 #: Columns of usage_events only (no rollup has them): reads by them sum raw events.
 EVENT_DIMENSIONS: Final = ("agent", "session")
 #: Every dimension the usage reads group and filter by.
 READ_DIMENSIONS: Final = (*ROLLUP_DIMENSIONS, *EVENT_DIMENSIONS)
+
+
+def _added(table: str) -> str:
+    """An upsert's sums: the row's (named by its table: PostgreSQL would not know which ``c``) plus the new."""
+    return ", ".join(f"{c} = rollup_{table}.{c} + excluded.{c}" for c in SUM_COLUMNS)
 
 
 def _rollup_statements() -> tuple[tuple[str, bool], ...]:
@@ -44,11 +56,9 @@ def _rollup_statements() -> tuple[tuple[str, bool], ...]:
     event_sums = _EVENT_SUMS
     columns = ", ".join(SUM_COLUMNS)
     resum = ", ".join(f"sum({c})" for c in SUM_COLUMNS)
-    update = ", ".join(f"{c} = {c} + excluded.{c}" for c in SUM_COLUMNS)
-
     def upsert(table: str, select: str) -> str:
         return (f"INSERT INTO rollup_{table} (bucket_ms, series_id, {columns}) {select} "
-                f"ON CONFLICT (bucket_ms, series_id) DO UPDATE SET {update}")
+                f"ON CONFLICT (bucket_ms, series_id) DO UPDATE SET {_added(table)}")
 
     return (
         (f"INSERT INTO temp.batch_minute SELECT ts_ms - ts_ms % {MINUTE_MS}, series_id, "
@@ -69,7 +79,7 @@ SMALL_BATCH: Final = 16  # up to this many new events fold into the rollups from
 _UPSERT_ROLLUP: Final = {
     name: f"INSERT INTO rollup_{name} (bucket_ms, series_id, {', '.join(SUM_COLUMNS)}) VALUES "
           f"({', '.join('?' * (2 + len(SUM_COLUMNS)))}) ON CONFLICT (bucket_ms, series_id) DO UPDATE SET "
-          + ", ".join(f"{c} = {c} + excluded.{c}" for c in SUM_COLUMNS)
+          + _added(name)
     for name in ROLLUP_TABLES
 }
 
@@ -82,7 +92,7 @@ def _sums(e: UsageEvent) -> list[int]:
             e.cache_write_1h_tokens]
 
 
-def fold_small(conn: sqlite3.Connection, events: list[UsageEvent], series_ids: list[int]) -> None:
+def fold_small(conn: Connection, events: list[UsageEvent], series_ids: list[int]) -> None:
     """Fold a few new events into every rollup (a settlement's one event, mostly)."""
     for table, size in ROLLUP_TABLES.items():
         buckets: dict[tuple[int, int], list[int]] = {}

@@ -10,10 +10,10 @@ operations as methods of its own (``protocol.Transaction`` lists them).
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.repos import LedgerView
 from engine.ledger.repos.alerts import Alerts
 from engine.ledger.repos.decisions import Decisions
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 class LedgerTx(LedgerView):
     """What a group-committed operation may do inside the writer's transaction."""
 
-    def __init__(self, writer: GroupWriter, conn: sqlite3.Connection, fresh: dict[tuple[str, ...], int],
+    def __init__(self, writer: GroupWriter, conn: Connection, fresh: dict[tuple[str, ...], int],
                  quiet: bool = False) -> None:
         super().__init__(conn)  # the repositories of the domain modules: tx.tokens, tx.approvals, ...
         self._writer = writer
@@ -111,6 +111,8 @@ class LedgerTx(LedgerView):
     def probe_write(self) -> None:
         """Write the schema version as it is: a real write (a page of the log) that changes
         nothing, to learn whether the ledger takes writes again."""
+        if getattr(self.conn, "dialect", "sqlite") == "postgresql":
+            return  # the batch's first statement (the write lock) was a real write already
         version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
         self.conn.execute(f"PRAGMA user_version = {version}")
 

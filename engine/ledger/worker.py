@@ -10,32 +10,38 @@ driver's private queue is reached into.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
 
-class Worker:
+class _Closing(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closing)
+
+
+class Worker(Generic[C]):
     """``conn`` is used on this worker's thread; a writer's (made with ``any_thread``) also on
     the event loop's, when its owner knows the thread is idle (the writer's lock)."""
 
     def __init__(self, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._connection: sqlite3.Connection | None = None
+        self._connection: C | None = None
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> C:
         if self._connection is None:
             raise RuntimeError("the connection is closed")
         return self._connection
 
     @classmethod
-    async def open(cls, name: str, connect: Callable[[], sqlite3.Connection]) -> Worker:
+    async def open(cls, name: str, connect: Callable[[], C]) -> Worker[C]:
         """A worker whose connection ``connect`` makes, on the worker's own thread."""
-        worker = cls(name)
+        worker: Worker[C] = cls(name)
         try:
             worker._connection = await worker.run(connect)
         except BaseException:

@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.errors import StoreError
 from engine.ledger.repos import LedgerView
 from engine.ledger.repos.events import Events
@@ -43,7 +44,7 @@ TxOp = Callable[[LedgerTx], Any]
 class GroupWriter:
     """The store's writes, on the writer connection (``writer``); ``reader`` checkpoints the log."""
 
-    def __init__(self, path: Path, writer: Worker, reader: Worker, durable: bool = True,
+    def __init__(self, path: Path, writer: Worker[Any], reader: Worker[Any], durable: bool = True,
                  sync_interval_s: float = 0.0) -> None:
         self.path = path
         self._worker = writer
@@ -75,9 +76,14 @@ class GroupWriter:
         self._hooks: list[tuple[Callable[[LedgerTx], None], Callable[[], None]]] = []
         self._end_hooks: list[Callable[[LedgerTx], None]] = []
 
+    #: A small batch may run on the event loop's thread (SQLite: a connection's calls are
+    #: plain function calls there; a PostgreSQL connection's need its worker's own loop).
+    inline = True
+
     @property
-    def conn(self) -> sqlite3.Connection:
-        return self._worker.conn
+    def conn(self) -> Connection:
+        conn: Connection = self._worker.conn
+        return conn
 
     async def close(self) -> None:
         """Commit what is pending, fsync what was deferred, checkpoint what this store wrote."""
@@ -153,7 +159,7 @@ class GroupWriter:
                     # than its work. If another process holds the ledger, or the batch is large,
                     # it runs on the writer's thread, which may wait without stalling the loop.
                     results = None
-                    if len(ops) <= INLINE_BATCH:
+                    if self.inline and len(ops) <= INLINE_BATCH:
                         try:
                             results = self._ops_sync(ops, sync, wait=False)
                         except _Busy:
@@ -230,18 +236,12 @@ class GroupWriter:
         results: list[tuple[bool, Any]] = []
         deferred = sync and self.sync_interval_s > 0
         self._synchronous(sync and not deferred, wait)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
-                raise _Busy from None
-            raise
+        before, after = self._begin(conn, wait)
         seen, self._seen, self._policies_saved = self._seen, None, False
         try:
-            # data_version moves when another connection commits; self.commits when this store
-            # writes outside a batch (record, bulk_record).
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            tx.quiet = seen == (version, self.commits)
+            # The ledger's version moves when another connection commits; self.commits when
+            # this store writes outside a batch (record, bulk_record).
+            tx.quiet = seen == (before, self.commits)
             for begin, _ in self._hooks:
                 begin(tx)
             if len(ops) == 1:  # no savepoint: if it fails, the batch is undone whole (below), which is the same
@@ -266,10 +266,27 @@ class GroupWriter:
             raise
         self.series.update(fresh)
         self.commits += 1
-        self._seen = None if self._policies_saved else (version, self.commits)
+        self._seen = None if self._policies_saved else (after, self.commits)
         if deferred:
             self._deferred += 1
         return results
+
+    def _begin(self, conn: Connection, wait: bool = True) -> tuple[int, int]:
+        """Begin a write transaction holding the ledger's write lock; the ledger's version
+        before and after this transaction (SQLite's data_version, which a connection's own
+        commits leave alone). ``wait=False``: raise _Busy at once if another connection holds it."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                raise _Busy from None
+            raise
+        try:
+            version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        except BaseException:
+            self._rollback_sync()
+            raise
+        return version, version
 
     def _synchronous(self, sync: bool, wait: bool = True) -> None:
         """Wherever the writer runs: whether the next commit waits for the disk (a durable
@@ -326,7 +343,7 @@ class GroupWriter:
         async with self._write_lock:
             if atomic:
                 await run(self._synchronous, True)
-                await run(self.conn.execute, "BEGIN IMMEDIATE")
+                await run(self._begin, self.conn)
             pending: asyncio.Future[tuple[int, int]] | None = None
             try:
                 while True:
@@ -367,7 +384,7 @@ class GroupWriter:
         conn = self.conn
         fresh: dict[tuple[str, ...], int] = {}
         self._synchronous(True)
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             _, new_ids = Events(conn, self.series, fresh).append(events)
             conn.execute("COMMIT")
@@ -397,7 +414,7 @@ class GroupWriter:
             inserted, _ = appending.append(events, want_ids=False)
         else:
             self._synchronous(True)
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             try:
                 inserted, _ = appending.append(events, want_ids=False)
                 if journal is not None:

@@ -21,7 +21,7 @@ from engine import vault as vault_mod
 from engine.alerts import RETRY_DELAYS_S
 from engine.budgets import BudgetBook
 from engine.clock import Clock
-from engine.ledger import LedgerTx, LedgerView, SQLiteStore
+from engine.ledger import LedgerTx, LedgerView, Store
 from engine.models import FieldError
 from engine.pricing import PriceBook
 from engine.vault import Vault
@@ -56,7 +56,7 @@ class Core:
     raised, after its commit; ``vault`` is the credential vault (the journal's chain key is in
     it). The engine sets the three when it wires its services."""
 
-    def __init__(self, store: SQLiteStore, prices: PriceBook, clock: Clock, budgets: BudgetBook, actor: str) -> None:
+    def __init__(self, store: Store, prices: PriceBook, clock: Clock, budgets: BudgetBook, actor: str) -> None:
         self.store = store
         self.prices = prices
         self.clock = clock
@@ -157,7 +157,7 @@ class Service:
         self.core = core
 
     @property
-    def store(self) -> SQLiteStore:
+    def store(self) -> Store:
         return self.core.store
 
     @property

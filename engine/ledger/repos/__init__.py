@@ -9,9 +9,9 @@ through a ``LedgerView``: a transaction (``LedgerTx`` is one) or what
 
 from __future__ import annotations
 
-import sqlite3
 from functools import cached_property
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.repos.approvals import Approvals
 from engine.ledger.repos.audit import AuditJournal
 from engine.ledger.repos.decisions import RoutingDecisions
@@ -25,7 +25,7 @@ class LedgerView:
     """The ledger's records through their repositories, on one connection; each repository is
     made when first used (a transaction or a read mostly needs one or two)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._connection = conn
 
     @cached_property

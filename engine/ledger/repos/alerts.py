@@ -3,16 +3,16 @@ their hold), the webhooks alerts are delivered to, and the log of those deliveri
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.results import AlertRow, Delivery, OvershootRow, Webhook
 
 
 class Alerts:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def raise_once(self, policy_id: str, window_start_ms: int, kind: str, threshold: int, now_ms: int,

@@ -4,11 +4,11 @@ the rows behind ``engine.approvals``, which keeps the state machine and its rule
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
 from engine.approvals import OverrideRequest
+from engine.ledger.dbapi import Connection
 
 _COLUMNS: Final = ("id, subject, policy_id, policy_snapshot, requester, amount, duration_ms, reason, evaluation, "
                    "status, created_ms, expires_ms, decided_by, decided_ms, decision_reason, granted, "
@@ -26,7 +26,7 @@ def _request(row: Sequence[Any]) -> OverrideRequest:
 class Approvals:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def get(self, request_id: str) -> OverrideRequest | None:
@@ -123,9 +123,15 @@ class Approvals:
 
     def metrics(self, request_ids: Sequence[Any]) -> dict[str, str]:
         """The metric of each request's policy (``usd`` when its snapshot names none), by id."""
-        return {str(r[0]): str(r[1]) for r in self.conn.execute(
-            "SELECT id, coalesce(json_extract(policy_snapshot, '$.metric'), 'usd') FROM override_requests "
-            "WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(list(request_ids)),))}
+        ids = [str(i) for i in request_ids]
+        metrics: dict[str, str] = {}
+        for start in range(0, len(ids), 500):  # within either database's limit on parameters
+            chunk = ids[start:start + 500]
+            for request_id, snapshot in self.conn.execute(
+                    f"SELECT id, policy_snapshot FROM override_requests WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk):
+                metrics[str(request_id)] = str(json.loads(snapshot).get("metric") or "usd")
+        return metrics
 
     def hold_takes(self, hold_id: str, request_id: str | None, amount: int) -> None:
         """What a call's hold took from a grant (``request_id``), remembered on the hold."""

@@ -4,9 +4,10 @@ The journal is append-only: there is no statement here that changes or removes a
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from typing import Final, NamedTuple
+
+from engine.ledger.dbapi import Connection
 
 _ENTRY: Final = "SELECT id, ts_ms, actor, action, subject, before, after, prev_hash, hash FROM audit_journal"
 
@@ -28,7 +29,7 @@ class AuditRow(NamedTuple):
 class AuditJournal:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def ledger_id(self) -> str:
@@ -60,7 +61,7 @@ class AuditJournal:
 
     def in_order(self) -> Iterator[AuditRow]:
         """Every entry in the order it was written (read as the caller goes)."""
-        for row in self.conn.execute(_ENTRY + " ORDER BY rowid"):
+        for row in self.conn.execute(_ENTRY + " ORDER BY id"):
             yield AuditRow(*row)
 
     def claim_anchor_post(self, day: int, now_ms: int, entry: int, digest: str) -> bool:

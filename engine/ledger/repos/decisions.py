@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.results import BudgetDecision
 from engine.routing import Recorded, Summary
 
@@ -14,7 +14,7 @@ from engine.routing import Recorded, Summary
 class Decisions:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def record(self, ts_ms: int, request_id: str, policy_id: str, decision: str, mode: str) -> None:
@@ -32,7 +32,7 @@ class Decisions:
 class RoutingDecisions:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def record(self, decisions: Sequence[Recorded]) -> None:
@@ -51,7 +51,7 @@ class RoutingDecisions:
         """How often routing changed the model since ``since_ms``, and what that saved (applied,
         under enforced) or would have saved (suggest and dry_run)."""
         row = self.conn.execute(
-            "SELECT count(*), coalesce(sum(chosen != requested), 0), "
+            "SELECT count(*), coalesce(sum(CASE WHEN chosen != requested THEN 1 ELSE 0 END), 0), "
             "coalesce(sum(CASE WHEN mode = 'enforced' AND chosen != requested AND requested_cost > chosen_cost "
             "THEN requested_cost - chosen_cost ELSE 0 END), 0), "
             "coalesce(sum(CASE WHEN mode != 'enforced' AND chosen != requested AND requested_cost > chosen_cost "

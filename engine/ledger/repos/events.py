@@ -9,12 +9,12 @@ budget book loads its counters from.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping
 from typing import Any, Final
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.results import EventRow, MinuteSums, UsageSums
-from engine.ledger.rollups import ROLLUP_STATEMENTS, SMALL_BATCH, filter_sql, fold_small, segments_sql
+from engine.ledger.rollups import ROLLUP_STATEMENTS, SMALL_BATCH, count_sql, filter_sql, fold_small, segments_sql
 from engine.ledger.schema import DIMS_SQL, EVENT_COLUMNS
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 
@@ -48,6 +48,7 @@ _INSERT_SERIES: Final = (
     f"INSERT INTO series ({DIMS_SQL}) VALUES ({', '.join('?' * len(ROLLUP_DIMENSIONS))}) "
     f"ON CONFLICT ({DIMS_SQL}) DO NOTHING"
 )
+_UNBLOCKED: Final = count_sql("e.status != 'blocked'")
 _FIND_SERIES: Final = "SELECT id FROM series WHERE " + " AND ".join(f"{d} = ?" for d in ROLLUP_DIMENSIONS)
 
 
@@ -58,7 +59,7 @@ class Events:
 
     __slots__ = ("appended_id", "conn", "fresh", "series")
 
-    def __init__(self, conn: sqlite3.Connection, series: dict[tuple[str, ...], int],
+    def __init__(self, conn: Connection, series: dict[tuple[str, ...], int],
                  fresh: dict[tuple[str, ...], int]) -> None:
         self.conn = conn
         self.series = series
@@ -86,18 +87,22 @@ class Events:
             cursor = conn.execute(_INSERT_EVENT, _event_row(events[0], series_ids[0]))
             inserted = cursor.rowcount
             self.appended_id = int(cursor.lastrowid or 0) if inserted else 0
+            if not inserted:
+                return 0, set() if want_ids else None
+            lo, hi = self.appended_id - 1, self.appended_id  # (lo, hi]: the new rows' ids
         else:
-            before = conn.total_changes
+            # One writer at a time (SQLite's write lock, PostgreSQL's ledger lock): the new rows
+            # are the ones past the last id before the insert. Not hi - inserted: PostgreSQL
+            # spends a sequence value on a duplicate too, so ids may skip.
+            lo = self.max_id()
             conn.executemany(_INSERT_EVENT, map(_event_row, events, series_ids))
-            inserted = conn.total_changes - before
-        if not inserted:
-            return 0, set() if want_ids else None
+            inserted, hi = conn.execute("SELECT count(*), coalesce(max(id), ?) FROM usage_events WHERE id > ?",
+                                        (lo, lo)).fetchone()
+            if not inserted:
+                return 0, set() if want_ids else None
         if inserted == len(events) <= SMALL_BATCH and all(e.ts_ms >= 0 for e in events):  # SQL's % truncates
             fold_small(conn, events, series_ids)
             return inserted, None
-        # The new rows' ids are consecutive (an append-only table, one writer): they end at the last.
-        hi = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        lo = hi - inserted
         for sql, ranged in ROLLUP_STATEMENTS:
             conn.execute(sql, (lo, hi) if ranged else ())
         if inserted == len(events) or not want_ids:
@@ -139,7 +144,7 @@ class Events:
         # c0 requests, c2 blocked, c3 input, c6 output, c8 cost
         row = self.conn.execute(
             f"SELECT coalesce(sum(c8), 0), coalesce(sum(c3) + sum(c6), 0), coalesce(sum(c0) - sum(c2), 0) "
-            f"FROM ({sql})", args).fetchone()
+            f"FROM ({sql}) AS segments", args).fetchone()
         return UsageSums(int(row[0]), int(row[1]), int(row[2]))
 
     def minute_sums(self, start_ms: int, end_ms: int, where: Mapping[str, str],
@@ -153,7 +158,7 @@ class Events:
                 clauses.append(f"{'e' if column in ('session', 'agent') else 's'}.{column} = ?")
                 params.append(value)
             sql = ("SELECT e.ts_ms - e.ts_ms % 60000 AS m, sum(e.cost_nanos), sum(e.input_tokens + e.output_tokens), "
-                   "sum(e.status != 'blocked') FROM usage_events e JOIN series s ON s.id = e.series_id "
+                   f"{_UNBLOCKED} FROM usage_events e JOIN series s ON s.id = e.series_id "
                    f"WHERE {' AND '.join(clauses)} GROUP BY m")
             rows = self.conn.execute(sql, params).fetchall()
         else:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sqlite3
-
+from engine.ledger.dbapi import Connection
 from engine.models import GatewayStatus
 
 
 class Gateways:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def heartbeat(self, s: GatewayStatus) -> None:

@@ -7,10 +7,10 @@ is held is also a row of ``hold_journal``, in order: how other processes learn o
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Final
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.results import ClosedHold, JournalRow
 
 _JOURNAL_ROW: Final = "INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) VALUES (?, ?, ?, ?, ?)"
@@ -22,7 +22,7 @@ class Holds:
 
     __slots__ = ("conn", "last_journal_id")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.last_journal_id = 0
 

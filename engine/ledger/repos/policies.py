@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sqlite3
-
+from engine.ledger.dbapi import Connection
 from engine.ledger.results import PoliciesVersion
 
 
 class Policies:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def specs(self) -> list[str]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
+
+from engine.ledger.dbapi import Connection
 
 
 class Prices:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def save(self, rows: Sequence[tuple[str, str, int, str, str, str, int]]) -> None:

@@ -5,10 +5,10 @@ which keeps the registry's rules, the health book and the breakers' judgement.""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
+from engine.ledger.dbapi import Connection
 from engine.providers import Breaker, HealthRow, Provider
 
 _COLUMNS: Final = "name, kind, base_url, credential, vendor, models, enabled, created_ms, created_by"
@@ -27,7 +27,7 @@ def _provider(row: Sequence[Any]) -> Provider:
 class Providers:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def get(self, name: str) -> Provider | None:

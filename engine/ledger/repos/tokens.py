@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
+from engine.ledger.dbapi import Connection
 from engine.tokens import Token
 
 _COLUMNS: Final = ("id, prefix, name, workspace, principal, team, scopes, rpm, tpm, created_ms, created_by, "
@@ -32,7 +32,7 @@ def _token(row: Sequence[Any]) -> Token:
 class Tokens:
     __slots__ = ("conn",)
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def prefix_taken(self, prefix: str) -> bool:
@@ -75,6 +75,10 @@ class Tokens:
 
     def used_last(self, last_used: Mapping[str, int], *, keep_later: bool = True) -> None:
         """Each token's last use in one statement; ``keep_later``: a later use already written stays."""
-        sql = ("UPDATE api_tokens SET last_used_ms = max(coalesce(last_used_ms, 0), ?) WHERE id = ?" if keep_later
-               else "UPDATE api_tokens SET last_used_ms = ? WHERE id = ?")
-        self.conn.executemany(sql, [(ts, token_id) for token_id, ts in last_used.items()])
+        if keep_later:
+            self.conn.executemany("UPDATE api_tokens SET last_used_ms = ? WHERE id = ? "
+                                  "AND coalesce(last_used_ms, 0) < ?",
+                                  [(ts, token_id, ts) for token_id, ts in last_used.items()])
+        else:
+            self.conn.executemany("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?",
+                                  [(ts, token_id) for token_id, ts in last_used.items()])

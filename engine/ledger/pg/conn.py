@@ -1,0 +1,207 @@
+"""A PostgreSQL connection that the ledger's SQL runs on as it runs on ``sqlite3``.
+
+Each ``PgConnection`` is an asyncpg connection on an event loop of its own, in the one thread
+of a ``Worker``: a repository's ``conn.execute(sql, params)`` runs the statement to the end
+there (``loop.run_until_complete``) and returns a cursor, so a whole operation batch, the budget
+book's decision included, stays the plain synchronous code it is on SQLite, with no await
+between reading the counters and writing the hold. The event loop of the application never
+waits on it: it hands the batch to the worker's thread in one hop, as with SQLite.
+
+Each statement is translated once (and remembered): ``?`` placeholders become ``$1, $2, ...``,
+``temp.`` becomes ``pg_temp.``, ``instr`` becomes ``strpos``, ``BEGIN IMMEDIATE`` becomes
+``BEGIN``, and an INSERT into a table with a generated id returns the id (``lastrowid``).
+Sums come back as integers (PostgreSQL sums bigints into numerics). A connection lost outside
+a transaction is made again on the next statement; lost inside one, the transaction fails
+(its operations are refused, never half-applied) and the next one connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import asyncpg  # type: ignore[import-untyped]
+
+#: Tables whose rows get a generated integer id: an INSERT into one returns it (``lastrowid``).
+SERIAL_TABLES: Final = frozenset({
+    "usage_events", "series", "hold_journal", "alerts", "budget_decisions", "webhook_deliveries", "audit_journal",
+    "routing_decisions", "overshoots",
+})
+CONNECT_TIMEOUT_S: Final = 5.0
+_INSERT_INTO: Final = re.compile(r"^\s*INSERT\s+INTO\s+([A-Za-z_][A-Za-z_0-9.]*)", re.IGNORECASE)
+_TEMP: Final = re.compile(r"\btemp\.", re.IGNORECASE)
+_INSTR: Final = re.compile(r"\binstr\(", re.IGNORECASE)
+_STATUS_COUNT: Final = re.compile(r"(\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: str
+    rows: bool  # the statement returns rows (SELECT, WITH, RETURNING)
+    sums: bool  # it may return numerics that are integers (sum)
+    begin: bool  # it starts a transaction
+    ends: bool  # it ends one (COMMIT, ROLLBACK, but not ROLLBACK TO)
+
+
+_translated: dict[str, Statement] = {}
+
+
+def translate(sql: str) -> Statement:
+    """The statement as PostgreSQL takes it (remembered: the ledger's SQL is a few hundred texts)."""
+    found = _translated.get(sql)
+    if found is not None:
+        return found
+    out: list[str] = []
+    number = 0
+    quote: str | None = None
+    for ch in sql:
+        if quote is not None:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "?":
+            number += 1
+            out.append(f"${number}")
+            continue
+        out.append(ch)
+    text = _INSTR.sub("strpos(", _TEMP.sub("pg_temp.", "".join(out)))
+    head = text.lstrip().split(None, 1)[0].upper() if text.strip() else ""
+    if text.strip().upper() == "BEGIN IMMEDIATE":
+        text = "BEGIN"
+    rows = head in ("SELECT", "WITH", "VALUES") or " RETURNING " in text.upper()
+    insert = _INSERT_INTO.match(text)
+    if not rows and insert is not None and insert.group(1).lower() in SERIAL_TABLES:
+        text += " RETURNING id"
+        rows = True
+    words = text.strip().upper().split()
+    found = Statement(text, rows, "SUM(" in text.upper().replace(" ", ""), head in ("BEGIN", "START"),
+                      head in ("COMMIT", "END") or (head == "ROLLBACK" and "TO" not in words))
+    if len(_translated) < 10_000:
+        _translated[sql] = found
+    return found
+
+
+def _plain(value: Any) -> Any:
+    if type(value) is Decimal and value == value.to_integral_value():
+        return int(value)
+    return value
+
+
+class PgCursor:
+    """What a statement returned, as a ``sqlite3.Cursor`` offers it."""
+
+    __slots__ = ("_rows", "lastrowid", "rowcount")
+
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int, lastrowid: int | None) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+
+class PgConnection:
+    """An asyncpg connection driven synchronously from its worker's thread (see the module)."""
+
+    dialect: Final = "postgresql"
+
+    def __init__(self, dsn: str, setup: Callable[[PgConnection], None] | None = None) -> None:
+        self.dsn = dsn
+        self._setup = setup
+        self._loop = asyncio.new_event_loop()
+        self._pg: asyncpg.Connection | None = None
+        self._in_tx = False
+        self._connect()
+
+    def _connect(self) -> None:
+        import asyncpg
+
+        self._pg = self._loop.run_until_complete(asyncpg.connect(
+            self.dsn, timeout=CONNECT_TIMEOUT_S, server_settings={"application_name": "budgeteer"}))
+        if self._setup is not None:
+            self._setup(self)
+
+    @property
+    def raw(self) -> asyncpg.Connection:
+        """The asyncpg connection (made again if it was lost)."""
+        if self._pg is None or self._pg.is_closed():
+            if self._in_tx:
+                from engine.ledger.errors import LedgerRefusing
+
+                raise LedgerRefusing("the connection to the database was lost in the middle of a transaction")
+            self._connect()
+        assert self._pg is not None
+        return self._pg
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine of this connection's to the end (on its worker's thread)."""
+        return self._loop.run_until_complete(coro)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_tx
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
+        statement = translate(sql)
+        if statement.ends:
+            if self._pg is None or self._pg.is_closed():  # nothing left to end: it went with the connection
+                self._in_tx = False
+                return PgCursor([], -1, None)
+            try:
+                status = self.run(self._pg.execute(statement.sql))
+            finally:
+                self._in_tx = False
+            return PgCursor([], _count(status), None)
+        conn = self.raw
+        if statement.begin:
+            self.run(conn.execute(statement.sql))
+            self._in_tx = True
+            return PgCursor([], -1, None)
+        if statement.rows:
+            records = self.run(conn.fetch(statement.sql, *parameters))
+            rows = [tuple(map(_plain, r)) for r in records] if statement.sums else [tuple(r) for r in records]
+            last = int(rows[-1][0]) if rows and " RETURNING id" in statement.sql[-13:] else None
+            return PgCursor(rows, len(rows), last)
+        if parameters:
+            status = self.run(conn.execute(statement.sql, *parameters))
+        else:
+            status = self.run(conn.execute(statement.sql))
+        return PgCursor([], _count(status), None)
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> PgCursor:
+        statement = translate(sql)
+        rows = [tuple(r) for r in parameters]
+        if rows:
+            text = statement.sql.removesuffix(" RETURNING id")
+            self.run(self.raw.executemany(text, rows))
+        return PgCursor([], -1, None)
+
+    def close(self) -> None:
+        try:
+            if self._pg is not None and not self._pg.is_closed():
+                try:
+                    self.run(asyncio.wait_for(self._pg.close(), CONNECT_TIMEOUT_S))
+                except Exception:  # a connection that cannot say goodbye is dropped all the same
+                    self._pg.terminate()
+        finally:
+            self._pg = None
+            self._loop.close()
+
+
+def _count(status: str | None) -> int:
+    """The row count of a command's status (``UPDATE 3``, ``INSERT 0 1``), or -1."""
+    match = _STATUS_COUNT.search(status or "")
+    return int(match.group(1)) if match else -1

@@ -1,0 +1,193 @@
+"""The PostgreSQL ledger: one ledger for several gateways, dashboards and hosts.
+
+The same parts as the SQLite store (``store.Store``): a group-commit writer and a reader, each an
+asyncpg connection driven from a thread of its own (``conn.PgConnection``), the same repositories
+and the same SQL. What differs:
+
+- **One writer at a time, across machines.** Every writing transaction begins by raising the
+  counter of ``ledger_version``'s one row: the row lock is the ledger's write lock, held to the
+  commit, so batches of different processes run one after another exactly as SQLite's do on
+  one machine. A decision therefore reads every hold and every settlement committed before it
+  (the budget book's ``begin`` hook folds them in) and no other process can commit between that
+  read and its own hold. Ids are given under the lock, so "every row after the last id I saw"
+  misses nothing. There is one lock, so there is no order to get wrong and no deadlock.
+- **The database's clock.** The same statement returns the database's time; ``now_ms`` is the
+  local clock corrected by the difference last measured, so windows, hold expiry and grants are
+  judged by one clock for every gateway, whatever its own clock says.
+- **Group commit per process** as on SQLite: a batch is one transaction, one commit.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote, urlsplit
+
+from engine.clock import Clock
+from engine.ledger.dbapi import Connection
+from engine.ledger.errors import StoreError
+from engine.ledger.pg.conn import PgConnection
+from engine.ledger.pg.schema import NOW_MS_SQL, TEMP_TABLES, migrate, schema_version
+from engine.ledger.reads import Reads
+from engine.ledger.store import Store
+from engine.ledger.worker import Worker
+from engine.ledger.writer import GroupWriter
+
+if TYPE_CHECKING:
+    from engine.ledger.protocol import Ledger
+
+#: The first statement of every writing transaction: the write lock, the version, the time.
+BEGIN_WRITE: Final = f"UPDATE ledger_version SET n = n + 1 RETURNING n, {NOW_MS_SQL}"
+
+
+def redacted(dsn: str) -> str:
+    """The address without its password (for messages and logs)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+
+
+def local_name(dsn: str, home: Path) -> Path:
+    """Where this machine keeps what belongs to the ledger at ``dsn`` (its spill journal, its
+    vault): a name made of the user, host, port and database, never the password."""
+    parts = urlsplit(dsn)
+    database = unquote(parts.path.lstrip("/")) or (parts.username or "postgres")
+    name = f"{parts.username or ''}@{parts.hostname or 'localhost'}-{parts.port or 5432}-{database}"
+    return home / "postgresql" / re.sub(r"[^A-Za-z0-9@._-]", "_", name)
+
+
+class DatabaseClock:
+    """The database's clock, read from the local one: the difference between the two is
+    measured when the store opens and again at every write batch's first statement."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def observe(self, database_ms: int, sent_ns: int, received_ns: int) -> None:
+        """The database said ``database_ms`` somewhere between sending and receiving."""
+        self.offset_ms = database_ms - (sent_ns + received_ns) // 2_000_000
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+
+class PgGroupWriter(GroupWriter):
+    """The group-commit writer on PostgreSQL: every batch on the writer's thread, behind the
+    ledger's write lock (``BEGIN_WRITE``); no log of its own to sync or checkpoint."""
+
+    inline = False
+
+    def __init__(self, path: Path, writer: Worker[Any], reader: Worker[Any], clock: DatabaseClock) -> None:
+        super().__init__(path, writer, reader, durable=True, sync_interval_s=0.0)
+        self.clock = clock
+
+    def _begin(self, conn: Connection, wait: bool = True) -> tuple[int, int]:
+        conn.execute("BEGIN")
+        try:
+            sent = time.time_ns()
+            version, database_ms = conn.execute(BEGIN_WRITE).fetchone()
+            self.clock.observe(int(database_ms), sent, time.time_ns())
+        except BaseException:
+            self._rollback_sync()
+            raise
+        return int(version) - 1, int(version)
+
+    def _synchronous(self, sync: bool, wait: bool = True) -> None:
+        """Durability is the server's (``synchronous_commit``)."""
+
+    def _wrote(self, count: int) -> None:
+        """Nothing to checkpoint: the server keeps its own log."""
+
+    async def _checkpoint(self) -> None:
+        return None
+
+
+class PgReads(Reads):
+    def schema_version(self) -> int:
+        return schema_version(self.conn)  # type: ignore[arg-type]
+
+    def data_version(self) -> int:
+        """The ledger's write counter: it moves with every writing transaction of any process."""
+        return int(self.conn.execute("SELECT n FROM ledger_version").fetchone()[0])
+
+
+def _setup(conn: PgConnection) -> None:
+    """What each new connection (and each one made again) needs: the rollups' scratch tables."""
+    for sql in TEMP_TABLES:
+        conn.execute(sql)
+
+
+def _open_writer(dsn: str, where: str) -> PgConnection:
+    """The writer's connection, the schema migrated first (on the writer's thread)."""
+    conn = PgConnection(dsn)
+    try:
+        migrate(conn, where)
+        _setup(conn)
+    except BaseException:
+        conn.close()
+        raise
+    conn._setup = _setup
+    return conn
+
+
+def _now_ms(conn: PgConnection) -> tuple[int, int, int]:
+    sent = time.time_ns()
+    value = int(conn.execute(f"SELECT {NOW_MS_SQL}").fetchone()[0])
+    return value, sent, time.time_ns()
+
+
+class PostgresStore(Store):
+    """The PostgreSQL ledger. Open with ``await PostgresStore.open(dsn)``."""
+
+    def __init__(self, dsn: str, path: Path, writer: Worker[Any], reader: Worker[Any], clock: Clock,
+                 database_clock: DatabaseClock) -> None:
+        super().__init__(path, writer, reader, PgGroupWriter(path, writer, reader, database_clock),
+                         PgReads(reader.conn), clock)
+        self.dsn = dsn
+
+    @property
+    def location(self) -> str:
+        return self.dsn
+
+    @classmethod
+    async def open(cls, dsn: str, *, home: Path, clock: Clock | None = None) -> PostgresStore:
+        """Open (creating the schema if the database is empty) the ledger at ``dsn``; ``home``:
+        the folder of this machine's files for it. ``clock``: a clock that overrides the
+        database's (tests); by default ``now_ms`` is the database's time."""
+        where = redacted(dsn)
+        database_clock = DatabaseClock()
+        try:
+            writer = await Worker.open("ledger-pg-writer", partial(_open_writer, dsn, where))
+        except (OSError, TimeoutError) as exc:
+            raise StoreError(f"cannot reach the ledger's database at {where}: {exc}") from None
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot open the ledger's database at {where}: {_reason(exc)}") from None
+        try:
+            database_clock.observe(*await writer.run(_now_ms, writer.conn))
+            reader = await Worker.open("ledger-pg-reader", partial(PgConnection, dsn))
+        except BaseException:
+            await writer.close()
+            raise
+        path = local_name(dsn, home)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            await writer.close()
+            await reader.close()
+            raise StoreError(f"cannot create the folder {path.parent} for the ledger's local files: "
+                             f"{exc.strerror}") from None
+        return cls(dsn, path, writer, reader, clock or database_clock, database_clock)
+
+
+def _reason(exc: BaseException) -> str:
+    """A driver's error in one line, never with the password (asyncpg does not print it)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text
+
+
+if TYPE_CHECKING:  # mypy holds the store to the interface
+    def _implements(store: PostgresStore) -> Ledger:
+        return store
