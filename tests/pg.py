@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import glob
 import os
 import pwd
+import queue
 import shutil
 import signal
 import socket
@@ -65,6 +67,8 @@ SETTINGS = {
     "log_min_messages": "warning",
     "log_line_prefix": "'%m [%p] '",
 }
+
+T = TypeVar("T")
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0
@@ -155,6 +159,40 @@ def _clean_env() -> dict[str, str]:
 
 class ClusterError(RuntimeError):
     pass
+
+
+class _Spawner:
+    """Starts the servers from one thread that lives as long as the process.
+
+    The parent-death signal fires when the *thread* that forked the server ends, not the
+    process: a server started from a short-lived thread (``asyncio.to_thread(cluster.restart)``
+    in a test under load) would be killed when the executor retired that thread."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _serve(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def run(self, job: Callable[[], T]) -> T:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="postgres-spawner", daemon=True)
+                self._thread.start()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+
+_SPAWNER = _Spawner()
 
 
 class Cluster:
@@ -261,10 +299,10 @@ class Cluster:
         try:
             # Its own session: a Ctrl-C at the terminal reaches pytest, whose finalizer stops
             # the server, rather than the server first.
-            self.proc = subprocess.Popen(
-                self._command(str(self.bindir / "postgres"), "-D", str(self.data_dir), pdeathsig=True),
-                cwd=self.base, env=_clean_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+            command = self._command(str(self.bindir / "postgres"), "-D", str(self.data_dir), pdeathsig=True)
+            self.proc = _SPAWNER.run(lambda: subprocess.Popen(
+                command, cwd=self.base, env=_clean_env(), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True))
         finally:
             log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -410,9 +448,6 @@ def start_cluster(bindir: Path | None = None, *, label: str = "", settings: Mapp
         cluster.stop()
         raise
     return cluster
-
-
-T = TypeVar("T")
 
 
 def _in_thread(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
