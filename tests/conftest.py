@@ -129,16 +129,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL server of this worker's own, started the first time a test asks for it and
-    stopped (its folder removed) at the end of the session. Without PostgreSQL's binaries the
-    test is skipped, saying what is missing; in CI (CI=true) it fails instead."""
+def pg_bindir() -> Path:
+    """The folder of PostgreSQL's binaries. Without them the test is skipped, saying what is
+    missing; in CI (CI=true) it fails instead."""
     found = pg.availability()
     if found.action == "fail":
         pytest.fail(found.reason, pytrace=False)
-    if found.action == "skip":
+    if found.action == "skip" or found.bindir is None:
         pytest.skip(found.reason)
-    cluster = pg.start_cluster(found.bindir, label=os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    return found.bindir
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(pg_bindir: Path) -> Iterator[Cluster]:
+    """A PostgreSQL server of this worker's own, started the first time a test asks for it and
+    stopped (its folder removed) at the end of the session (atexit too, and with the process if
+    it is killed)."""
+    cluster = pg.start_cluster(pg_bindir, label=os.environ.get("PYTEST_XDIST_WORKER", "main"))
     try:
         yield cluster
     finally:
@@ -163,7 +170,7 @@ _PG_PROPERTY = "postgresql"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if "pg_cluster" in getattr(item, "fixturenames", ()):
+    if "pg_bindir" in getattr(item, "fixturenames", ()):
         item.user_properties.append((_PG_PROPERTY, True))
 
 
@@ -175,7 +182,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _TALLY.add(report)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Iterator[None]:
+    """After the short summary (the skips' reasons), just above the closing count."""
+    yield
     line = _TALLY.summary()
     if line is not None:
         terminalreporter.write_line(line, yellow=bool(_TALLY.skipped or _TALLY.failed), bold=True)

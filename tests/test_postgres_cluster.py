@@ -145,11 +145,8 @@ async def test_stopped_it_refuses_connections_and_started_again_it_has_the_data(
     assert [r["x"] for r in await _fetch(postgres_dsn, "SELECT x FROM kept")] == [7]
 
 
-def test_stop_leaves_no_server_and_no_folder() -> None:
-    found = pg.availability()
-    if found.bindir is None:
-        pytest.skip(found.reason)
-    cluster = pg.start_cluster(found.bindir, label="stop-test")
+def test_stop_leaves_no_server_and_no_folder(pg_bindir: Path) -> None:
+    cluster = pg.start_cluster(pg_bindir, label="stop-test")
     assert cluster.proc is not None
     pid = cluster.proc.pid
     assert _alive(pid) and cluster.base.is_dir()
@@ -158,13 +155,10 @@ def test_stop_leaves_no_server_and_no_folder() -> None:
     cluster.stop()  # twice (the finalizer, then atexit): nothing happens
 
 
-def test_a_killed_test_process_takes_its_server_with_it(tmp_path: Path) -> None:
+def test_a_killed_test_process_takes_its_server_with_it(pg_bindir: Path) -> None:
     """SIGKILL runs no finalizer and no atexit: the parent-death signal stops the server."""
-    found = pg.availability()
-    if found.bindir is None:
-        pytest.skip(found.reason)
     script = ("import sys, time; from tests import pg; "
-              f"c = pg.start_cluster(pg.Path({str(found.bindir)!r}), label='killed'); "
+              f"c = pg.start_cluster(pg.Path({str(pg_bindir)!r}), label='killed'); "
               "print(c.proc.pid, c.base, flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
