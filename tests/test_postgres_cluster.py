@@ -175,6 +175,17 @@ def test_a_killed_test_process_takes_its_server_with_it(pg_bindir: Path) -> None
     assert Path(base) in pg.sweep_stale()
 
 
+def test_clusters_go_to_dev_shm_only_when_it_has_room(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(pg, "SHM", tmp_path)
+    monkeypatch.setattr(pg, "SHM_ROOM", 1)
+    assert pg.base_parent() == tmp_path
+    monkeypatch.setattr(pg, "SHM_ROOM", 1 << 62)  # more than any disk
+    assert pg.base_parent() == Path(pg.tempfile.gettempdir())
+    monkeypatch.setattr(pg, "SHM", tmp_path / "absent")
+    monkeypatch.setattr(pg, "SHM_ROOM", 1)
+    assert pg.base_parent() == Path(pg.tempfile.gettempdir())
+
+
 # -- run, skip or fail
 
 
