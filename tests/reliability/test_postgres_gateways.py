@@ -28,7 +28,6 @@ import asyncpg
 import httpx
 import pytest
 
-from engine.budgets import build_policy
 from engine.engine import Engine
 from tests.asgi_servers import FakeOpenAI, serve
 from tests.reliability import start_gateway
@@ -292,7 +291,7 @@ def test_postgresql_restarted_under_load(postgres_dsn: str, pg_cluster: object, 
     assert set(codes["during"]) <= {200, 503}, sorted(set(codes["during"]))
     assert codes["after"] and set(codes["after"]) == {200}  # no gateway restarted by hand
     assert retry_after and "" not in retry_after
-    ids, _, open_holds = asyncio.run(_ledger(postgres_dsn))
+    ids, _, _ = asyncio.run(_ledger(postgres_dsn))
     assert len(ids) == len(set(ids))  # exactly once
     missing = set(answered) - set(ids)
     assert not missing, f"{len(missing)} answered calls are not in the ledger"
