@@ -189,10 +189,16 @@ def pg_cluster(pg_bindir: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def postgres_dsn(pg_cluster: Cluster) -> Iterator[str]:
+def postgres_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
     """A new, empty database on the worker's cluster, for this test alone: its dsn
     (postgresql://postgres@127.0.0.1:PORT/NAME). Dropped after the test. A test that stopped
-    the server (a restart under load that failed half-way, say) leaves it running again."""
+    the server (a restart under load that failed half-way, say) leaves it running again.
+
+    It marks the test as a PostgreSQL one before asking for the cluster (which may skip), so the
+    closing line counts it even when a parametrized fixture asks for this one at run time
+    (``request.getfixturevalue("postgres_dsn")``), where the test's fixture names do not show it."""
+    _mark_postgres(request.node)
+    pg_cluster: Cluster = request.getfixturevalue("pg_cluster")
     pg_cluster.start()  # nothing when it runs
     dsn = pg.fresh_database(pg_cluster.dsn)
     yield dsn
@@ -205,9 +211,14 @@ def postgres_dsn(pg_cluster: Cluster) -> Iterator[str]:
 _PG_PROPERTY = "postgresql"
 
 
+def _mark_postgres(item: pytest.Item) -> None:
+    if (_PG_PROPERTY, True) not in item.user_properties:
+        item.user_properties.append((_PG_PROPERTY, True))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if "pg_bindir" in getattr(item, "fixturenames", ()):
-        item.user_properties.append((_PG_PROPERTY, True))
+        _mark_postgres(item)
 
 
 _TALLY = pg.Tally()
