@@ -50,6 +50,7 @@ from engine.ledger import (
     TimelinePoint,
     Totals,
     is_dsn,
+    local_name,
     open_ledger,
 )
 from engine.ledger.results import BudgetDecision, Delivery
@@ -75,7 +76,7 @@ LEDGER_FILENAME = "ledger.db"
 log = logging.getLogger("budgeteer")
 
 __all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Services", "default_db_path",
-           "local_identity"]
+           "ledger_location", "local_identity", "local_path"]
 
 
 def home_dir() -> Path:
@@ -90,6 +91,12 @@ def default_db_path() -> Path:
     if os.environ.get("BUDGETEER_DB") and not is_dsn(os.environ["BUDGETEER_DB"]):
         return Path(os.environ["BUDGETEER_DB"]).expanduser()
     return home_dir() / LEDGER_FILENAME
+
+
+def local_path(location: str | Path) -> Path:
+    """Where this machine keeps the files of the ledger at ``location`` (its vault, its spill
+    journal sit beside it): the SQLite file itself, or a local name for a PostgreSQL ledger."""
+    return local_name(str(location), home_dir()) if is_dsn(str(location)) else Path(location)
 
 
 def ledger_location(db: str | Path | None = None) -> str | Path:

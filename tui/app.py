@@ -30,7 +30,7 @@ from textual.widgets import Input, TextArea
 
 from engine.clock import Clock
 from engine.engine import Engine, default_db_path, local_identity
-from engine.ledger import StoreError
+from engine.ledger import StoreError, redacted
 from tui.messages import (
     READS,
     LedgerChanged,
@@ -109,7 +109,7 @@ class BudgeteerApp(ReportsFailures, App[None]):
         Binding("escape", "leave_input", "Leave the box", priority=True, id="app.leave"),
     ]
 
-    def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0,
+    def __init__(self, db_path: Path | str, clock: Clock | None = None, refresh_seconds: float = 2.0,
                  label: str | None = None, read_only: bool = False, theme: str | None = None) -> None:
         super().__init__()
         if theme:
@@ -117,7 +117,7 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.db_path = db_path
         self.clock = clock
         self.refresh_seconds = refresh_seconds
-        self.label = label or str(db_path)
+        self.label = label or redacted(db_path)
         self.read_only = read_only
         self.actor = local_identity()
         self.engine: Engine | None = None

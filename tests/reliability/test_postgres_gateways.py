@@ -247,7 +247,7 @@ def test_postgresql_restarted_under_load(postgres_dsn: str, pg_cluster: object, 
     ports = [_port() for _ in range(2)]
     gateways = [start_gateway(postgres_dsn, port, env) for port in ports]
     answered: list[str] = []
-    codes: dict[str, list[int]] = {"before": [], "during": [], "after": []}
+    codes: dict[str, list[int]] = {"before": [], "during": [], "after": [], "done": []}
     phase = "before"
     retry_after: set[str] = set()
     try:

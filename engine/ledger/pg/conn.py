@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
+from engine.ledger.errors import LedgerRefusing, unreachable
+
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
 
@@ -129,7 +131,7 @@ class PgConnection:
     def _connect(self) -> None:
         import asyncpg
 
-        self._pg = self._loop.run_until_complete(asyncpg.connect(
+        self._pg = self.run(asyncpg.connect(
             self.dsn, timeout=CONNECT_TIMEOUT_S, server_settings={"application_name": "budgeteer"}))
         if self._setup is not None:
             self._setup(self)
@@ -139,16 +141,21 @@ class PgConnection:
         """The asyncpg connection (made again if it was lost)."""
         if self._pg is None or self._pg.is_closed():
             if self._in_tx:
-                from engine.ledger.errors import LedgerRefusing
-
                 raise LedgerRefusing("the connection to the database was lost in the middle of a transaction")
             self._connect()
         assert self._pg is not None
         return self._pg
 
     def run(self, coro: Any) -> Any:
-        """Run a coroutine of this connection's to the end (on its worker's thread)."""
-        return self._loop.run_until_complete(coro)
+        """Run a coroutine of this connection's to the end (on its worker's thread). A server that
+        cannot be reached for now (down, restarting, the connection lost) raises LedgerRefusing,
+        which every caller takes as "try again later": a gateway answers 503, a settlement spills."""
+        try:
+            return self._loop.run_until_complete(coro)
+        except Exception as exc:
+            if (why := unreachable(exc)) is not None:
+                raise LedgerRefusing(why) from None
+            raise
 
     @property
     def in_transaction(self) -> bool:
