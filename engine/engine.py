@@ -187,6 +187,16 @@ class Engine:
         """Why the ledger refuses writes, while it does."""
         return self.services.calls.refusing
 
+    def allow_while_down(self, nanos: int | None) -> None:
+        """Admit calls up to ``nanos`` of spend from this process while the ledger cannot be
+        written (None, the default: refuse them); see ``CallService.allow_while_down``."""
+        self.services.calls.allow_while_down(nanos)
+
+    @property
+    def admits_while_down(self) -> bool:
+        """Whether calls are admitted (against the allowance) while the ledger refuses writes."""
+        return self.services.calls.down_allowance is not None
+
     @property
     def vault_passphrase(self) -> Callable[[], str] | None:
         """Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset."""
