@@ -3,7 +3,7 @@
 The command line, the dashboard and the integrations all go through an ``Engine``;
 none of them touches SQL or builds a store of its own. Each public method is a one-line
 delegation to a service of ``engine.services`` (usage, calls, policies, approvals, tokens,
-members, audit, alerts, catalog, credentials, gateways), all built on one ``Core``: the
+members, audit, alerts, catalog, credentials, gateways, ledgers), all built on one ``Core``: the
 store, the clock, who acts, and the one path of every change (``Core.change``).
 """
 
@@ -43,6 +43,7 @@ from engine.clock import HOUR_MS, Clock, parse_duration_ms
 from engine.ledger import (
     TIMELINE_FIELDS,
     BreakdownRow,
+    CopyReport,
     LedgerRefusing,
     Metric,
     RecordResult,
@@ -63,6 +64,7 @@ from engine.services.catalog import CatalogService
 from engine.services.core import Core
 from engine.services.credentials import CredentialService
 from engine.services.gateways import GatewayService
+from engine.services.ledgers import LedgerService
 from engine.services.members import MemberService
 from engine.services.policies import PolicyService
 from engine.services.tokens import TokenService
@@ -123,6 +125,7 @@ class Services:
     credentials: CredentialService
     gateways: GatewayService
     catalog: CatalogService
+    ledgers: LedgerService
 
     @classmethod
     def build(cls, core: Core) -> Services:
@@ -136,7 +139,7 @@ class Services:
         gateways.providers_changed = catalog.forget
         return cls(usage, CallService(core, usage), policies, ApprovalService(core, policies),
                    TokenService(core, usage), MemberService(core), AuditService(core), alerts, credentials, gateways,
-                   catalog)
+                   catalog, LedgerService(core, credentials))
 
 
 class Engine:
@@ -447,6 +450,12 @@ class Engine:
 
     async def remove_member(self, user: str) -> access.Member:
         return await self.services.members.remove_member(user)
+
+    # ------------------------------------------------------------------ moving the ledger (LedgerService)
+
+    async def copy_ledger(self, to: str | Path, *,
+                          progress: Callable[[int, int, str], None] | None = None) -> CopyReport:
+        return await self.services.ledgers.copy_ledger(to, home_dir(), progress)
 
     # ------------------------------------------------------------------ audit journal (AuditService)
 

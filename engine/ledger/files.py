@@ -21,3 +21,15 @@ def remove_ledger(path: Path | str) -> None:
 def is_dsn(location: object) -> bool:
     """Whether ``location`` names a PostgreSQL database (``postgresql://...``) rather than a file."""
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def shown_location(location: object) -> str:
+    """A ledger's location as messages, logs and the journal show it: a database's address
+    without its password (in the address or as a ``password=`` parameter), a file's path."""
+    import re
+
+    text = str(location)
+    if not is_dsn(text):
+        return text
+    text = re.sub(r"(://[^:/@?#]*):[^/?#]*@", r"\1:***@", text)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", text, flags=re.IGNORECASE)
