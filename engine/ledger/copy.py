@@ -239,10 +239,12 @@ def _holdings(conn: Any) -> dict[str, int]:
 def _refuse_unless_empty(conn: Any, where: str) -> None:
     held = _holdings(conn)
     if held:
-        what = ", ".join(f"{count:,} {name.replace('_', ' ')} rows" if name != "usage_events"
-                         else f"{count:,} events" for name, count in held.items())
-        raise FieldError("TO", f"the ledger at {where} is not empty ({what}); a ledger is copied only into an "
-                               "empty one (a new file, or an empty database): nothing was written")
+        events = held.pop("usage_events", 0)
+        others = sum(held.values())
+        what = " and ".join(part for part in (f"{events:,} events" if events else "",
+                                              f"{others:,} other rows" if others else "") if part)
+        raise FieldError("TO", f"the ledger at {where} is not empty (it holds {what}); a ledger is copied only "
+                               "into an empty one (a new file, or an empty database): nothing was written")
 
 
 async def check_target(location: str | Path) -> bool:
