@@ -235,10 +235,15 @@ async def test_sqlite_to_postgresql_to_sqlite_is_exact(source_db: Path, postgres
     assert len(postgres_rows(postgres_dsn)["usage_events"]) == first.events + 1
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "target" / "copy.db")
+@pytest.fixture(params=["sqlite", "sqlite-opened", "postgresql"])
+async def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new file, an empty ledger file opened once already, or an empty database."""
+    if request.param.startswith("sqlite"):
+        path = tmp_path / "target" / "copy.db"
+        if request.param == "sqlite-opened":
+            async with await Engine.open(path, clock=FrozenClock(NOW_MS)):
+                pass
+        return str(path)
     return with_password(request.getfixturevalue("postgres_dsn"))
 
 
@@ -280,12 +285,13 @@ async def test_a_failure_midway_leaves_the_target_empty(source_db: Path, target:
         real(conn, table, rows)
 
     monkeypatch.setattr(copy_mod, "_write", failing)
+    existed = Path(target).exists()
     with pytest.raises(RuntimeError, match="the disk went away"):
         await copy(source_db, target)
     assert calls > 2
     assert holdings(target) == {}
     if not target.startswith("postgresql://"):
-        assert not Path(target).exists()  # the file the copy made is gone with it
+        assert Path(target).exists() == existed  # a file the copy made is gone with it, one it found stays
     monkeypatch.setattr(copy_mod, "_write", real)
     report = await copy(source_db, target)  # and the target takes a copy afterwards
     assert holdings(target)["usage_events"] == report.events
