@@ -315,26 +315,51 @@ async def test_a_driver_error_midway_is_one_sentence_and_rolls_back(source_db: P
 
 async def test_only_who_may_manage_members_copies(source_db: Path, tmp_path: Path) -> None:
     target = tmp_path / "copy.db"
-    with pytest.raises(AccessDenied, match="vera [(]viewer[)] lacks the manage_members permission"):
+    with pytest.raises(AccessDenied, match=r"vera [(]viewer[)] lacks the manage_members permission"):
         await copy(source_db, target, actor=VIEWER)
     assert not target.exists()
 
 
 async def test_the_same_ledger_and_nonsense_are_refused_by_name(source_db: Path, tmp_path: Path) -> None:
-    with pytest.raises(BadInput, match="^TO: .* is the ledger being copied [(]FROM[)]"):
+    with pytest.raises(BadInput, match=r"^TO: .* is the ledger being copied [(]FROM[)]"):
         await copy(source_db, source_db)
     (tmp_path / "folder").mkdir()
-    with pytest.raises(BadInput, match="^TO: .* is a folder"):
+    with pytest.raises(BadInput, match=r"^TO: .* is a folder"):
         await copy(source_db, tmp_path / "folder")
     (tmp_path / "text.db").write_text("not a database at all, " * 100)
-    with pytest.raises(BadInput, match="^TO: "):
+    with pytest.raises(BadInput, match=r"^TO: "):
         await copy(source_db, tmp_path / "text.db")
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+async def test_what_is_written_to_the_source_meanwhile_is_not_copied(source_db: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source is read as one snapshot: an event another process appends to it in the middle
+    of the copy is not in the copy, and the copy is whole (its counts checked before the commit)."""
+    work = tmp_path / "busy.db"
+    await copy(source_db, work)  # a source of this test's own, to write to
+    real, wrote = copy_mod._write, []
+
+    def meanwhile(conn: Any, table: Any, rows: list[tuple[Any, ...]]) -> None:
+        if table.name == "usage_events" and not wrote:
+            other = sqlite3.connect(work)  # another writer of the source, as a gateway would be
+            try:
+                other.execute("INSERT INTO usage_events (ts_ms, request_id, series_id, session, agent, input_tokens, "
+                              "cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_nanos, "
+                              "cost_source, latency_ms, status) SELECT ts_ms + 1, 'written-meanwhile', series_id, "
+                              "session, agent, 1, 0, 0, 1, 0, 1000, cost_source, 5, status FROM usage_events "
+                              "ORDER BY id DESC LIMIT 1")
+                other.commit()
+            finally:
+                other.close()
+            wrote.append(True)
+        real(conn, table, rows)
+
+    monkeypatch.setattr(copy_mod, "_write", meanwhile)
+    before = sqlite_rows(work)
+    report = await copy(work, tmp_path / "snapshot.db")
+    assert wrote and report.events == len(before["usage_events"])
+    assert sqlite_rows(tmp_path / "snapshot.db")["usage_events"] == before["usage_events"]
+    assert len(sqlite_rows(work)["usage_events"]) == report.events + 1
 
 
 async def _cli(fn: Callable[[], int]) -> int:
