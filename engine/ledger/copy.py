@@ -214,8 +214,12 @@ def _page(conn: Connection, table: _Table, after: Sequence[Any] | None, limit: i
 
 
 def _end_read(conn: Any) -> None:
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
+    """End the source's read transaction (a connection lost meanwhile has nothing left to end)."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except Exception:  # the copy's own outcome, or its error, is what the caller hears
+        return
 
 
 # ------------------------------------------------------------------------------ the target

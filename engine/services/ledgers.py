@@ -32,11 +32,11 @@ class LedgerService(Service):
         text = str(to).strip()
         if not text:
             raise FieldError("TO", "is empty; give a ledger file or a postgresql:// address")
-        target: str | Path = text if is_dsn(text) else Path(text).expanduser()
+        target: str | Path = text if is_dsn(text) else Path(text).expanduser().absolute()
         if _same(self.store.location, target):
             raise FieldError("TO", f"{shown_location(target)} is the ledger being copied (FROM); name another")
         await self._permitted("manage_members")
-        source = self.store.location
+        source = self.store.location if is_dsn(self.store.location) else str(self.store.path.absolute())
         where_from, where_to = shown_location(source), shown_location(target)
 
         async def prepare() -> None:
@@ -51,7 +51,7 @@ class LedgerService(Service):
             self.core.applied(ledger, "manage_members", "ledger.copy",
                               lambda: (None, Journal(f"ledger:{report.ledger_id}", None, after)))
 
-        report, _ = await copy_ledger(self.store.path if not is_dsn(source) else source, target, home=home,
+        report, _ = await copy_ledger(source, target, home=home,
                                       prepare=prepare, finish=finish, progress=progress)
         return report
 
