@@ -14,8 +14,7 @@ import concurrent.futures
 import json
 import os
 import sqlite3
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -54,7 +53,9 @@ def _admin(dsn: str, sql: str) -> None:
 
 
 @pytest.fixture
-def postgres_dsn() -> Iterator[str]:
+def postgres_dsn() -> Any:  # self-contained: deleting this block leaves nothing unused
+    import uuid
+
     admin = os.environ.get("PGTEST_ADMIN")
     if not admin:
         pytest.skip("PGTEST_ADMIN (a PostgreSQL server's admin dsn) is not set")
