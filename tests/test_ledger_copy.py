@@ -236,6 +236,46 @@ async def test_sqlite_to_postgresql_to_sqlite_is_exact(source_db: Path, postgres
     assert len(postgres_rows(postgres_dsn)["usage_events"]) == first.events + 1
 
 
+async def test_postgresql_to_postgresql(source_db: Path, postgres_dsn: str) -> None:
+    """Between two databases of one server (the second made beside the fixture's): the same rows,
+    the sequences set past the copied ids on the second too."""
+    import uuid
+
+    name = f"copy_second_{uuid.uuid4().hex[:12]}"
+    admin = urlunsplit(urlsplit(postgres_dsn)._replace(path="/postgres"))
+    second = urlunsplit(urlsplit(postgres_dsn)._replace(path=f"/{name}"))
+    run_admin(admin, f'CREATE DATABASE "{name}"')
+    try:
+        await copy(source_db, postgres_dsn)
+        report = await copy(with_password(postgres_dsn), with_password(second))
+        first_rows, second_rows = postgres_rows(postgres_dsn), postgres_rows(second)
+        assert {t: r for t, r in second_rows.items() if t != "audit_journal"} == \
+            {t: r for t, r in first_rows.items() if t != "audit_journal"}
+        assert len(second_rows["audit_journal"]) == len(first_rows["audit_journal"]) + 1
+        assert report.events == len(first_rows["usage_events"])
+        assert (await verify(second)).ok
+        async with await Engine.open(second, clock=FrozenClock(NOW_MS), actor=OWNER) as engine:
+            await engine.record(event(77_777, request_id="next-on-the-second"))
+            await engine.add_webhook("https://hooks.example.org/second")
+            assert (await engine.verify_audit()).ok
+    finally:
+        run_admin(admin, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def run_admin(dsn: str, sql: str) -> None:
+    async def run() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
 @pytest.fixture(params=["sqlite", "sqlite-opened", "postgresql"])
 async def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A new file, an empty ledger file opened once already, or an empty database."""
