@@ -370,6 +370,13 @@ async def test_the_same_ledger_and_nonsense_are_refused_by_name(source_db: Path,
     (tmp_path / "text.db").write_text("not a database at all, " * 100)
     with pytest.raises(BadInput, match=r"^TO: "):
         await copy(source_db, tmp_path / "text.db")
+    other = sqlite3.connect(tmp_path / "other.db")  # an SQLite database, not a ledger
+    other.execute("CREATE TABLE notes (body TEXT)")
+    other.commit()
+    other.close()
+    with pytest.raises(BadInput, match=r"^TO: .* is an SQLite database but not a Budgeteer ledger$"):
+        await copy(source_db, tmp_path / "other.db")
+    assert sqlite3.connect(tmp_path / "other.db").execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
 
 
 async def test_what_is_written_to_the_source_meanwhile_is_not_copied(source_db: Path, tmp_path: Path,

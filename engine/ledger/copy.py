@@ -62,9 +62,6 @@ COPIED_TABLES: Final = (
 )
 #: Each backend's own bookkeeping of its schema and its writers, never copied.
 OWN_TABLES: Final = frozenset({"schema_migrations", "ledger_version"})
-#: Tables whose id is generated (PostgreSQL: an identity column whose sequence is set after the copy).
-ID_TABLES: Final = ("series", "usage_events", "hold_journal", "alerts", "webhook_deliveries", "budget_decisions",
-                    "audit_journal", "routing_decisions", "overshoots")
 #: Rows read and written at a time.
 BATCH: Final = 5000
 
@@ -317,7 +314,9 @@ def _finish_target(conn: Any, restore: list[str], plan: list[_Table], report: Co
     for sql in restore:
         conn.execute(sql)
     if _postgres(conn):
-        for name in ID_TABLES:
+        from engine.ledger.pg.conn import SERIAL_TABLES  # the tables whose id is an identity column
+
+        for name in sorted(SERIAL_TABLES):
             conn.execute(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), "
                          f"coalesce((SELECT max(id) FROM {name}), 0) + 1, false)")
     for table in plan:
@@ -359,7 +358,10 @@ async def copy_ledger(source: str | Path, target: str | Path, *, home: Path,
     try:
         from engine.ledger import open_ledger  # creates the target at the current schema (a file, or the tables)
 
-        store = await open_ledger(target, home=home, durable=True)
+        try:
+            store = await open_ledger(target, home=home, durable=True)
+        except StoreError as exc:  # not a ledger, not reachable, of a newer Budgeteer
+            raise FieldError("TO", str(exc)) from None
         await store.close()
         if prepare is not None:
             await prepare()
