@@ -463,6 +463,25 @@ async def test_the_journal_key_travels_to_another_vault_and_not_elsewhere(source
     assert not (await verify(target)).ok  # the chain is keyed: without its key it does not verify
 
 
+async def test_a_locked_vault_or_another_key_for_the_ledger_is_refused(source_db: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import audit
+    from engine.vault import Vault
+
+    monkeypatch.delenv("BUDGETEER_VAULT_PASSPHRASE")  # the source's vault holds the key: it must be read
+    with pytest.raises(BadInput, match=r"^vault: holds the audit journal's key and is locked"):
+        await copy(source_db, tmp_path / "locked" / "copy.db")
+    assert not (tmp_path / "locked" / "copy.db").exists()
+    monkeypatch.setenv("BUDGETEER_VAULT_PASSPHRASE", PASSPHRASE)
+    async with await Engine.open(source_db, clock=FrozenClock(NOW_MS)) as engine:
+        ledger_id = (await engine.audit_anchor()).ledger  # type: ignore[union-attr]
+    other = audit.ChainKey(b"k" * 32, 1)
+    Vault(tmp_path / "taken" / "vault.json").backend.set(audit.key_ref(ledger_id), other.to_secret(), NOW_MS)
+    with pytest.raises(BadInput, match=r"^TO: the vault .* already holds another audit journal key"):
+        await copy(source_db, tmp_path / "taken" / "copy.db")
+    assert not (tmp_path / "taken" / "copy.db").exists()
+
+
 @pytest.fixture
 async def empty_source(tmp_path: Path) -> AsyncIterator[Path]:
     path = tmp_path / "empty.db"
