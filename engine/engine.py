@@ -3,7 +3,7 @@
 The command line, the dashboard and the integrations all go through an ``Engine``;
 none of them touches SQL or builds a store of its own. Each public method is a one-line
 delegation to a service of ``engine.services`` (usage, calls, policies, approvals, tokens,
-members, audit, alerts, catalog, credentials, gateways), all built on one ``Core``: the
+members, audit, alerts, catalog, credentials, gateways, ledgers), all built on one ``Core``: the
 store, the clock, who acts, and the one path of every change (``Core.change``).
 """
 
@@ -43,6 +43,7 @@ from engine.clock import HOUR_MS, Clock, parse_duration_ms
 from engine.ledger import (
     TIMELINE_FIELDS,
     BreakdownRow,
+    CopyReport,
     LedgerRefusing,
     Metric,
     RecordResult,
@@ -50,9 +51,9 @@ from engine.ledger import (
     TimelinePoint,
     Totals,
     is_dsn,
-    local_name,
     open_ledger,
 )
+from engine.ledger import local_path as ledger_files_path
 from engine.ledger.results import BudgetDecision, Delivery
 from engine.models import FieldError, GatewayStatus, SettledCall, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices
@@ -64,6 +65,7 @@ from engine.services.catalog import CatalogService
 from engine.services.core import Core
 from engine.services.credentials import CredentialService
 from engine.services.gateways import GatewayService
+from engine.services.ledgers import LedgerService
 from engine.services.members import MemberService
 from engine.services.policies import PolicyService
 from engine.services.tokens import TokenService
@@ -94,9 +96,9 @@ def default_db_path() -> Path:
 
 
 def local_path(location: str | Path) -> Path:
-    """Where this machine keeps the files of the ledger at ``location`` (its vault, its spill
-    journal sit beside it): the SQLite file itself, or a local name for a PostgreSQL ledger."""
-    return local_name(str(location), home_dir()) if is_dsn(str(location)) else Path(location)
+    """Where this machine keeps the files of the ledger at ``location`` (``engine.ledger.local_path``
+    under this machine's ``home_dir``)."""
+    return ledger_files_path(location, home=home_dir())
 
 
 def ledger_location(db: str | Path | None = None) -> str | Path:
@@ -130,6 +132,7 @@ class Services:
     credentials: CredentialService
     gateways: GatewayService
     catalog: CatalogService
+    ledgers: LedgerService
 
     @classmethod
     def build(cls, core: Core) -> Services:
@@ -143,7 +146,7 @@ class Services:
         gateways.providers_changed = catalog.forget
         return cls(usage, CallService(core, usage), policies, ApprovalService(core, policies),
                    TokenService(core, usage), MemberService(core), AuditService(core), alerts, credentials, gateways,
-                   catalog)
+                   catalog, LedgerService(core, credentials))
 
 
 class Engine:
@@ -464,6 +467,12 @@ class Engine:
 
     async def remove_member(self, user: str) -> access.Member:
         return await self.services.members.remove_member(user)
+
+    # ------------------------------------------------------------------ moving the ledger (LedgerService)
+
+    async def copy_ledger(self, to: str | Path, *,
+                          progress: Callable[[int, int, str], None] | None = None) -> CopyReport:
+        return await self.services.ledgers.copy_ledger(to, home_dir(), progress)
 
     # ------------------------------------------------------------------ audit journal (AuditService)
 

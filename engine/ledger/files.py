@@ -26,8 +26,13 @@ def is_dsn(location: object) -> bool:
 
 
 def redacted(location: object) -> str:
-    """A ledger's location for messages and logs: a database address without its password."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", str(location))
+    """A ledger's location as messages, logs and the journal show it: a database's address
+    without its password (in the address or as a ``password=`` parameter), a file's path."""
+    text = str(location)
+    if not is_dsn(text):
+        return text
+    text = re.sub(r"(://[^:/@?#]*):[^/?#]*@", r"\1:***@", text)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 def local_name(dsn: str, home: Path) -> Path:

@@ -3,7 +3,7 @@ class, human tables and JSON, the engine opened for ``--db`` (and the vault's pa
 at a terminal), periods in words, JSON files read, and the progress bar. The groups import this
 module and never each other (an import-linter contract).
 
-The progress bar is drawn on standard error for the longer work (demo, import, export, backtest,
+The progress bar is drawn on standard error for the longer work (demo, import, export, backtest, ledger copy,
 screenshots), only when stderr is a terminal and the output is for people. Piped, redirected or
 with ``--json``, nothing at all is written. The bar goes away when the work is done.
 """

@@ -21,6 +21,7 @@ from tui.cli import (
     demo,
     events,
     gateway,
+    ledger,
     members,
     policy,
     pricing,
@@ -33,7 +34,7 @@ from tui.cli.common import EXIT_FAILURE, EXIT_OK, Parser, UsageError
 
 #: The command groups, in the order ``budgeteer --help`` lists their commands.
 GROUPS = (demo, dashboard, usage, events, policy, alerts, approvals, tokens, members, audit, gateway, vault,
-          providers, check, pricing)
+          providers, check, pricing, ledger)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -126,7 +126,11 @@ class PgConnection:
         self._loop = asyncio.new_event_loop()
         self._pg: asyncpg.Connection | None = None
         self._in_tx = False
-        self._connect()
+        try:
+            self._connect()
+        except BaseException:  # no connection: the loop (and its self-pipe's sockets) go too
+            self._loop.close()
+            raise
 
     def _connect(self) -> None:
         import asyncpg
