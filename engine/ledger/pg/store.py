@@ -15,10 +15,15 @@ and the same SQL. What differs:
   local clock corrected by the difference last measured, so windows, hold expiry and grants are
   judged by one clock for every gateway, whatever its own clock says.
 - **Group commit per process** as on SQLite: a batch is one transaction, one commit.
+- **Changes pushed.** A transaction that changes a policy, a token, an approval, prices, a
+  provider or a member notifies the channel ``budgeteer`` (``engine.ledger.changes``); each store
+  listens on a connection of its own on the application's event loop (``listen.Listener``) and
+  hands each kind to its subscribers (``Store.on_change``) within milliseconds of the commit.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from functools import partial
@@ -30,6 +35,7 @@ from engine.clock import Clock
 from engine.ledger.dbapi import Connection
 from engine.ledger.errors import StoreError
 from engine.ledger.pg.conn import PgConnection
+from engine.ledger.pg.listen import Listener
 from engine.ledger.pg.schema import NOW_MS_SQL, TEMP_TABLES, migrate, schema_version
 from engine.ledger.reads import Reads
 from engine.ledger.store import Store
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
 
 #: The first statement of every writing transaction: the write lock, the version, the time.
 BEGIN_WRITE: Final = f"UPDATE ledger_version SET n = n + 1 RETURNING n, {NOW_MS_SQL}"
+log = logging.getLogger("budgeteer")
 
 
 def redacted(dsn: str) -> str:
@@ -145,10 +152,19 @@ class PostgresStore(Store):
         super().__init__(path, writer, reader, PgGroupWriter(path, writer, reader, database_clock),
                          PgReads(reader.conn), clock)
         self.dsn = dsn
+        self.listener = Listener(dsn, redacted(dsn), self._changed)
 
     @property
     def location(self) -> str:
         return self.dsn
+
+    @property
+    def notifies(self) -> bool:
+        return self.listener.listening
+
+    async def close(self) -> None:
+        await self.listener.close()
+        await super().close()
 
     @classmethod
     async def open(cls, dsn: str, *, home: Path, clock: Clock | None = None) -> PostgresStore:
@@ -179,7 +195,18 @@ class PostgresStore(Store):
             await reader.close()
             raise StoreError(f"cannot create the folder {path.parent} for the ledger's local files: "
                              f"{exc.strerror}") from None
-        return cls(dsn, path, writer, reader, clock or database_clock, database_clock)
+        store = cls(dsn, path, writer, reader, clock or database_clock, database_clock)
+        # Listening from the start: a change committed after this store read what it keeps
+        # reaches it. A listener that cannot connect yet goes on trying in the background.
+        try:
+            listening = await store.listener.start()
+        except BaseException:
+            await store.close()
+            raise
+        if not listening:
+            log.warning("not listening for ledger changes at %s yet (retrying): changes other processes "
+                        "make reach this one at its next read", where)
+        return store
 
 
 def _reason(exc: BaseException) -> str:
