@@ -90,11 +90,15 @@ class ChangeService(Service):
         try:
             while True:
                 self._prices_again = False
-                try:
-                    specs = await self.store.load_prices()
+                for attempt in (1, 2):  # a connection found lost by the first is made again by the second
+                    try:
+                        specs = await self.store.load_prices()
+                    except Exception as exc:  # kept as they were; the next change or reconnection tries again
+                        if attempt == 2:
+                            log.warning("price versions not read again: %s: %s", type(exc).__name__, exc)
+                        continue
                     self.prices.extend(ModelPrice.from_json(json.loads(spec)) for spec in specs)
-                except Exception as exc:  # kept as they were; the next change or reconnection tries again
-                    log.warning("price versions not read again: %s: %s", type(exc).__name__, exc)
+                    break
                 self.catalog.forget()
                 if not self._prices_again:
                     break

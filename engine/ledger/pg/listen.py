@@ -43,7 +43,6 @@ class Listener:
         self.where = where  # the address without its password, for the log
         self._deliver = deliver
         self._task: asyncio.Task[None] | None = None
-        self._conn: asyncpg.Connection | None = None
         self._listening = asyncio.Event()
         self.connects = 0  # connections made (the first and every one after a loss)
         self._late = False  # the first connection came after start() stopped waiting for it
@@ -104,7 +103,6 @@ class Listener:
                 continue
             lost = asyncio.Event()
             conn.add_termination_listener(partial(_set, lost))
-            self._conn = conn
             try:
                 await conn.add_listener(CHANNEL, self._notified)
                 self.connects += 1
@@ -121,7 +119,6 @@ class Listener:
                 log.debug("listening for ledger changes at %s: %s", self.where, exc)
             finally:
                 self._listening.clear()
-                self._conn = None
                 if not conn.is_closed():
                     conn.terminate()
             log.warning("lost the connection listening for ledger changes at %s; reconnecting", self.where)
