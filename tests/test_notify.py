@@ -285,3 +285,33 @@ async def test_the_listener_reconnects_after_the_server_restarts(pg_cluster: Any
         async with await Engine.open(postgres_dsn) as one:
             await one.add_policy(build_policy(scope="global", metric="usd", window="day", hard="1"))
         await heard.wait_for(changes.POLICY)
+
+
+# ---- the dashboard: a pushed change is read with the timer's refresh effectively off
+
+
+async def test_the_dashboard_reads_a_pushed_change_with_its_timer_off(postgres_dsn: str) -> None:
+    from tui.app import BudgeteerApp
+    from tui.screens.budgets import BudgetsScreen
+
+    async with await Engine.open(postgres_dsn) as one:
+        await one.add_policy(build_policy(scope="global", metric="usd", window="day", hard="10", name="First",
+                                          policy_id="first"))
+        app = BudgeteerApp(db_path=postgres_dsn, refresh_seconds=3600)  # type: ignore[arg-type]
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.press("3")
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.05)
+            screen = app.screen
+            assert isinstance(screen, BudgetsScreen) and set(screen.policies) == {"first"}
+            assert app.engine is not None and app.engine.notifies
+            await one.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="5", name="Second",
+                                              policy_id="second"))
+
+            async def shown() -> bool:
+                await pilot.pause(0.02)
+                return set(screen.policies) == {"first", "second"}
+
+            await _until(shown, WITHIN_S, "the dashboard shows the policy another process added")
+            app.update_status()
+            assert "live, on change and every 3600 s" in screen._status_text
