@@ -38,10 +38,10 @@ class Listener:
     """``LISTEN`` on the ledger's channel at ``dsn``, each notification's payload handed to
     ``deliver`` on the event loop that started it (``start``)."""
 
-    def __init__(self, dsn: str, where: str, deliver: Callable[[str], None]) -> None:
+    def __init__(self, dsn: str, where: str, deliver: Callable[[str], None] | None = None) -> None:
         self.dsn = dsn
         self.where = where  # the address without its password, for the log
-        self._deliver = deliver
+        self.deliver = deliver  # None: what arrives is dropped (while the store is still opening)
         self._task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self.connects = 0  # connections made (the first and every one after a loss)
@@ -53,13 +53,19 @@ class Listener:
         """Connected and listening now."""
         return self._listening.is_set()
 
+    def start_soon(self) -> None:
+        """Start connecting, in the background (on the running event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-listener")
+
     async def start(self, wait_s: float = CONNECT_TIMEOUT_S) -> bool:
         """Start listening, waiting up to ``wait_s`` for the first connection; True when it
-        listens. If it does not yet, it goes on trying in the background."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-listener")
+        listens. If it does not yet, it goes on trying in the background, and says ``ANY`` once
+        it does (what was committed meanwhile was not heard)."""
+        self.start_soon()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._listening.wait(), wait_s)
-        self._late = not self.listening  # changes may be missed until it listens: it will say so
+        self._late = not self.listening
         return self.listening
 
     async def wait_listening(self, timeout_s: float) -> bool:
@@ -80,8 +86,10 @@ class Listener:
         self._hand(payload)
 
     def _hand(self, kind: str) -> None:
+        if self.deliver is None:
+            return
         try:
-            self._deliver(kind)
+            self.deliver(kind)
         except Exception as exc:  # a subscriber's failure is its own; the listener goes on
             log.warning("a subscriber to the ledger's changes failed on %r: %s: %s", kind, type(exc).__name__, exc)
 

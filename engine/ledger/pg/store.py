@@ -148,11 +148,12 @@ class PostgresStore(Store):
     """The PostgreSQL ledger. Open with ``await PostgresStore.open(dsn)``."""
 
     def __init__(self, dsn: str, path: Path, writer: Worker[Any], reader: Worker[Any], clock: Clock,
-                 database_clock: DatabaseClock) -> None:
+                 database_clock: DatabaseClock, listener: Listener | None = None) -> None:
         super().__init__(path, writer, reader, PgGroupWriter(path, writer, reader, database_clock),
                          PgReads(reader.conn), clock)
         self.dsn = dsn
-        self.listener = Listener(dsn, redacted(dsn), self._changed)
+        self.listener = listener or Listener(dsn, redacted(dsn))
+        self.listener.deliver = self._changed
 
     @property
     def location(self) -> str:
@@ -181,25 +182,30 @@ class PostgresStore(Store):
             raise
         except Exception as exc:
             raise StoreError(f"cannot open the ledger's database at {where}: {_reason(exc)}") from None
+        # Listening from the start: a change committed after this store read what it keeps
+        # reaches it. It connects while the reader does (what it hears before the store exists
+        # concerns nothing read yet).
+        listener = Listener(dsn, where)
+        listener.start_soon()
         try:
             database_clock.observe(*await writer.run(_now_ms, writer.conn))
             reader = await Worker.open("ledger-pg-reader", partial(PgConnection, dsn))
         except BaseException:
+            await listener.close()
             await writer.close()
             raise
         path = local_name(dsn, home)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
+            await listener.close()
             await writer.close()
             await reader.close()
             raise StoreError(f"cannot create the folder {path.parent} for the ledger's local files: "
                              f"{exc.strerror}") from None
-        store = cls(dsn, path, writer, reader, clock or database_clock, database_clock)
-        # Listening from the start: a change committed after this store read what it keeps
-        # reaches it. A listener that cannot connect yet goes on trying in the background.
-        try:
-            listening = await store.listener.start()
+        store = cls(dsn, path, writer, reader, clock or database_clock, database_clock, listener)
+        try:  # a listener that cannot connect yet goes on trying in the background
+            listening = await listener.start()
         except BaseException:
             await store.close()
             raise
