@@ -322,3 +322,46 @@ async def test_the_dashboard_reads_a_pushed_change_with_its_timer_off(postgres_d
             await _until(shown, WITHIN_S, "the dashboard shows the policy another process added")
             app.update_status()
             assert "live, on change and every 3600 s" in screen._status_text
+
+
+async def test_a_change_heard_during_a_read_is_read_again_after_it(db_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read under way may have read before the change: the dashboard reads once more when it
+    ends (the change delivered by hand, as the ledger's listener would, on an SQLite file)."""
+    from tui.app import BudgeteerApp
+    from tui.screens.budgets import BudgetsScreen
+
+    load = BudgetsScreen.load
+    slow = asyncio.Event()
+
+    async def slow_load(self: BudgetsScreen, engine: Engine) -> Any:
+        data = await load(self, engine)
+        if slow.is_set():
+            slow.clear()
+            await asyncio.sleep(0.5)  # the change is committed and heard while this read ends
+        return data
+
+    monkeypatch.setattr(BudgetsScreen, "load", slow_load)
+    async with await Engine.open(db_path) as one:
+        await one.add_policy(build_policy(scope="global", metric="usd", window="day", hard="10", name="First",
+                                          policy_id="first"))
+        app = BudgeteerApp(db_path=db_path, refresh_seconds=3600)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await pilot.press("3")
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.05)
+            screen = app.screen
+            assert isinstance(screen, BudgetsScreen) and set(screen.policies) == {"first"}
+            slow.set()
+            await pilot.press("r")  # a read that has read already and ends in half a second
+            await pilot.pause(0.05)
+            assert screen.loading_data
+            await one.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="5", name="Second",
+                                              policy_id="second"))
+            app._ledger_notified(changes.POLICY)
+
+            async def shown() -> bool:
+                await pilot.pause(0.02)
+                return set(screen.policies) == {"first", "second"}
+
+            await _until(shown, 3, "the change heard during a read is on screen after it")
