@@ -20,6 +20,7 @@ import pytest
 
 from engine.budgets import build_policy
 from engine.engine import CallRequest, Engine
+from engine.integrations.governor import Governor
 from engine.ledger import changes, open_ledger
 from engine.ledger.pg.store import PostgresStore
 from engine.tokens import Token
@@ -210,11 +211,15 @@ async def test_a_price_version_and_a_provider_reach_a_running_engine(postgres_ds
         await heard.wait_for(changes.PRICE)  # told once the price book has read the ledger again
         price = other.price_for("acme-large")
         assert price is not None and price.input == 1_000 * 1_000_000  # $1e-6 a token in femto-dollars
+        governor = Governor(other)
         assert [m for m in await other.catalog(max_age_s=3600) if m.provider == "acme-cloud"] == []
+        assert await governor.registered(max_age_s=3600) == []
         await one.add_provider(name="acme-cloud", kind="openai", base_url="https://acme.example/v1",
                                models=["acme-large"])
         await heard.wait_for(changes.PROVIDER)
         assert [m.model for m in await other.catalog(max_age_s=3600) if m.provider == "acme-cloud"] == ["acme-large"]
+        assert [p.name for p in await governor.registered(max_age_s=3600)] == ["acme-cloud"]
+        assert [p.name for p in (await governor.served()).get("acme-large", [])] == ["acme-cloud"]
 
 
 async def test_an_override_request_and_its_approval_are_announced(postgres_dsn: str) -> None:
