@@ -3,7 +3,7 @@
 The command line, the dashboard and the integrations all go through an ``Engine``;
 none of them touches SQL or builds a store of its own. Each public method is a one-line
 delegation to a service of ``engine.services`` (usage, calls, policies, approvals, tokens,
-members, audit, alerts, catalog, credentials, gateways, ledgers), all built on one ``Core``: the
+members, audit, alerts, catalog, credentials, gateways, ledgers, changes), all built on one ``Core``: the
 store, the clock, who acts, and the one path of every change (``Core.change``).
 """
 
@@ -62,6 +62,7 @@ from engine.services.approvals import ApprovalService
 from engine.services.audit import AuditService
 from engine.services.calls import CallRequest, CallService
 from engine.services.catalog import CatalogService
+from engine.services.changes import ChangeService
 from engine.services.core import Core
 from engine.services.credentials import CredentialService
 from engine.services.gateways import GatewayService
@@ -133,6 +134,7 @@ class Services:
     gateways: GatewayService
     catalog: CatalogService
     ledgers: LedgerService
+    changes: ChangeService
 
     @classmethod
     def build(cls, core: Core) -> Services:
@@ -146,7 +148,7 @@ class Services:
         gateways.providers_changed = catalog.forget
         return cls(usage, CallService(core, usage), policies, ApprovalService(core, policies),
                    TokenService(core, usage), MemberService(core), AuditService(core), alerts, credentials, gateways,
-                   catalog, LedgerService(core, credentials))
+                   catalog, LedgerService(core, credentials), ChangeService(core, catalog))
 
 
 class Engine:
@@ -261,6 +263,7 @@ class Engine:
         await self.services.calls.close()
         await self.services.gateways.close()
         await self.services.catalog.close()
+        await self.services.changes.close()
         if self.core.deliveries:
             await asyncio.wait(self.core.deliveries, timeout=30)
         await self.store.close()
@@ -274,6 +277,16 @@ class Engine:
 
     def now_ms(self) -> int:
         return self.clock.now_ms()
+
+    # ------------------------------------------------------------------ changes other processes made (ChangeService)
+
+    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        return self.services.changes.on_change(callback)
+
+    @property
+    def notifies(self) -> bool:
+        """Changes of other processes are pushed to this engine as they commit (PostgreSQL)."""
+        return self.services.changes.notifies
 
     # ------------------------------------------------------------------ usage: recording and reading (UsageService)
 
@@ -631,7 +644,7 @@ def _caller(principal: str, team: str, workspace: str, session: str, agent: str)
 def _document_delegations() -> None:
     """Each delegation reads as its service's method does (``help(Engine.record)``)."""
     for service in (UsageService, CallService, PolicyService, ApprovalService, TokenService, MemberService,
-                    AuditService, AlertService, CredentialService, GatewayService, CatalogService):
+                    AuditService, AlertService, CredentialService, GatewayService, CatalogService, ChangeService):
         for name, method in vars(service).items():
             if not name.startswith("_") and callable(delegation := vars(Engine).get(name)) and method.__doc__:
                 delegation.__doc__ = method.__doc__

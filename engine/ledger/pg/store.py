@@ -15,10 +15,15 @@ and the same SQL. What differs:
   local clock corrected by the difference last measured, so windows, hold expiry and grants are
   judged by one clock for every gateway, whatever its own clock says.
 - **Group commit per process** as on SQLite: a batch is one transaction, one commit.
+- **Changes pushed.** A transaction that changes a policy, a token, an approval, prices, a
+  provider or a member notifies the channel ``budgeteer`` (``engine.ledger.changes``); each store
+  listens on a connection of its own on the application's event loop (``listen.Listener``) and
+  hands each kind to its subscribers (``Store.on_change``) within milliseconds of the commit.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from pathlib import Path
@@ -29,6 +34,7 @@ from engine.ledger.dbapi import Connection
 from engine.ledger.errors import StoreError
 from engine.ledger.files import local_name, redacted
 from engine.ledger.pg.conn import PgConnection
+from engine.ledger.pg.listen import Listener
 from engine.ledger.pg.schema import NOW_MS_SQL, TEMP_TABLES, migrate, schema_version
 from engine.ledger.reads import Reads
 from engine.ledger.store import Store
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 
 #: The first statement of every writing transaction: the write lock, the version, the time.
 BEGIN_WRITE: Final = f"UPDATE ledger_version SET n = n + 1 RETURNING n, {NOW_MS_SQL}"
+log = logging.getLogger("budgeteer")
 
 
 class DatabaseClock:
@@ -126,14 +133,24 @@ class PostgresStore(Store):
     """The PostgreSQL ledger. Open with ``await PostgresStore.open(dsn)``."""
 
     def __init__(self, dsn: str, path: Path, writer: Worker[Any], reader: Worker[Any], clock: Clock,
-                 database_clock: DatabaseClock) -> None:
+                 database_clock: DatabaseClock, listener: Listener | None = None) -> None:
         super().__init__(path, writer, reader, PgGroupWriter(path, writer, reader, database_clock),
                          PgReads(reader.conn), clock)
         self.dsn = dsn
+        self.listener = listener or Listener(dsn, redacted(dsn))
+        self.listener.deliver = self._changed
 
     @property
     def location(self) -> str:
         return self.dsn
+
+    @property
+    def notifies(self) -> bool:
+        return self.listener.listening
+
+    async def close(self) -> None:
+        await self.listener.close()
+        await super().close()
 
     @classmethod
     async def open(cls, dsn: str, *, home: Path, clock: Clock | None = None) -> PostgresStore:
@@ -150,21 +167,37 @@ class PostgresStore(Store):
             raise
         except Exception as exc:
             raise StoreError(f"cannot open the ledger's database at {where}: {_reason(exc)}") from None
+        # Listening from the start: a change committed after this store read what it keeps
+        # reaches it. It connects while the reader does (what it hears before the store exists
+        # concerns nothing read yet).
+        listener = Listener(dsn, where)
+        listener.start_soon()
         try:
             database_clock.observe(*await writer.run(_now_ms, writer.conn))
             reader = await Worker.open("ledger-pg-reader", partial(PgConnection, dsn))
         except BaseException:
+            await listener.close()
             await writer.close()
             raise
         path = local_name(dsn, home)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
+            await listener.close()
             await writer.close()
             await reader.close()
             raise StoreError(f"cannot create the folder {path.parent} for the ledger's local files: "
                              f"{exc.strerror}") from None
-        return cls(dsn, path, writer, reader, clock or database_clock, database_clock)
+        store = cls(dsn, path, writer, reader, clock or database_clock, database_clock, listener)
+        try:  # a listener that cannot connect yet goes on trying in the background
+            listening = await listener.start()
+        except BaseException:
+            await store.close()
+            raise
+        if not listening:
+            log.warning("not listening for ledger changes at %s yet (retrying): changes other processes "
+                        "make reach this one at its next read", where)
+        return store
 
 
 def _reason(exc: BaseException) -> str:
