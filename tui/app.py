@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from textual import on, work
 from textual.app import App, ScreenStackError, SystemCommand
@@ -30,7 +31,7 @@ from textual.widgets import Input, TextArea
 
 from engine.clock import Clock
 from engine.engine import Engine, default_db_path, local_identity
-from engine.ledger import StoreError
+from engine.ledger import StoreError, is_dsn
 from tui.messages import (
     READS,
     LedgerChanged,
@@ -71,6 +72,17 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
 log = logging.getLogger("budgeteer")
 
 
+def shown_location(location: Path | str) -> str:
+    """The ledger as the title bar shows it: a file, or a database's address without its password."""
+    if not is_dsn(location):
+        return str(location)
+    parts = urlsplit(str(location))
+    if parts.password is None:
+        return str(location)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 class BudgeteerApp(ReportsFailures, App[None]):
     CSS_PATH = "budgeteer.tcss"
     # Screens get -narrow below 110 columns (an 80x24 terminal: panes stack in a column),
@@ -109,7 +121,7 @@ class BudgeteerApp(ReportsFailures, App[None]):
         Binding("escape", "leave_input", "Leave the box", priority=True, id="app.leave"),
     ]
 
-    def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0,
+    def __init__(self, db_path: Path | str, clock: Clock | None = None, refresh_seconds: float = 2.0,
                  label: str | None = None, read_only: bool = False, theme: str | None = None) -> None:
         super().__init__()
         if theme:
@@ -117,8 +129,10 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.db_path = db_path
         self.clock = clock
         self.refresh_seconds = refresh_seconds
-        self.label = label or str(db_path)
+        self.label = label or shown_location(db_path)
         self.read_only = read_only
+        # Who the dashboard acts as: the engine's operator identity once it is open (on
+        # PostgreSQL the database role connected as, whatever BUDGETEER_USER says).
         self.actor = local_identity()
         self.engine: Engine | None = None
         self.fatal_error: str | None = None
@@ -147,11 +161,14 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.sub_title = self.label + ("  (read-only)" if self.read_only else "")
         self.load_keymap(default_db_path().parent / "keymap.json")
         try:
-            self.engine = await Engine.open(self.db_path, clock=self.clock, actor=self.actor)
+            self.engine = await Engine.open(self.db_path, clock=self.clock)
         except StoreError as exc:
             self.fatal_error = str(exc)
             self.exit()
             return
+        self.actor = self.engine.actor
+        if self.engine.identity_notice:
+            self.notify(self.engine.identity_notice, title="Who is acting", severity="warning", timeout=15)
         await self.switch_mode("overview")
         self._watch_requests()
         self.arm_poll()

@@ -39,6 +39,10 @@ class Store:
         self._writes = writes
         self._reads = reads
         self.clock = clock
+        #: The database role this process connects as (PostgreSQL's ``session_user``, read once
+        #: at open): who the command line and the dashboard act as there. None on SQLite, whose
+        #: file has no notion of who opens it.
+        self.session_user: str | None = None
 
     @property
     def location(self) -> str:

@@ -24,12 +24,18 @@ class MemberService(Service):
     async def may(self, permission: access.Permission) -> bool:
         return access.allowed(await self.role(), permission)
 
+    @property
+    def verified(self) -> bool:
+        """The actor is the database role this process connects as (PostgreSQL), which the
+        server checked; not so on SQLite, nor for an actor code named otherwise."""
+        return self.store.session_user is not None and self.actor == self.store.session_user
+
     async def set_member(self, user: str, role: str) -> access.Member:
         parsed = access.parse_role(role)
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> Changed[access.Member]:
-            before, after = access.set_member(tx, self.actor, user, parsed, now)
+            before, after = access.set_member(tx, self.actor, user, parsed, now, verified=self.verified)
             return after, Journal(f"member:{after.user}", before.as_dict() if before else None, after.as_dict())
 
         return await self._change("manage_members", "member.set", op)

@@ -9,7 +9,6 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from engine.errors import BudgeteerError
@@ -77,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _normalise_dates(args)
         handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int] | int] | None = getattr(args, "handler", None)
         if handler is None:
-            return dashboard.run_dashboard(Path(args.db) if args.db else None, args.refresh, args.read_only,
+            return dashboard.run_dashboard(args.db or None, args.refresh, args.read_only,
                                            args.theme)
         done = handler(args)  # a coroutine runs in its own event loop; the gateway runs uvicorn's
         code = done if isinstance(done, int) else asyncio.run(done)

@@ -131,6 +131,11 @@ def _open_writer(dsn: str, where: str) -> PgConnection:
     return conn
 
 
+def _session_user(conn: PgConnection) -> str:
+    """The role this connection logged in as (not ``current_user``, which SET ROLE changes)."""
+    return str(conn.execute("SELECT session_user").fetchone()[0])
+
+
 def _now_ms(conn: PgConnection) -> tuple[int, int, int]:
     sent = time.time_ns()
     value = int(conn.execute(f"SELECT {NOW_MS_SQL}").fetchone()[0])
@@ -167,6 +172,7 @@ class PostgresStore(Store):
             raise StoreError(f"cannot open the ledger's database at {where}: {_reason(exc)}") from None
         try:
             database_clock.observe(*await writer.run(_now_ms, writer.conn))
+            session_user = await writer.run(_session_user, writer.conn)
             reader = await Worker.open("ledger-pg-reader", partial(PgConnection, dsn))
         except BaseException:
             await writer.close()
@@ -179,7 +185,9 @@ class PostgresStore(Store):
             await reader.close()
             raise StoreError(f"cannot create the folder {path.parent} for the ledger's local files: "
                              f"{exc.strerror}") from None
-        return cls(dsn, path, writer, reader, clock or database_clock, database_clock)
+        store = cls(dsn, path, writer, reader, clock or database_clock, database_clock)
+        store.session_user = session_user
+        return store
 
 
 def _reason(exc: BaseException) -> str:
