@@ -1,0 +1,197 @@
+"""Who is acting (issue 20): on PostgreSQL, the database role the operator connects as
+(``session_user``), whatever ``BUDGETEER_USER`` says; on SQLite, ``BUDGETEER_USER`` (else the
+login name). Real roles on a real server: CREATE ROLE ... LOGIN, connected to as
+``postgresql://ROLE@127.0.0.1:PORT/DB`` (trust authentication on the loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from engine.engine import Engine
+from tui.cli import main
+
+POLICY = ["policy", "add", "--scope", "team:ml", "--metric", "usd", "--window", "day", "--hard", "1", "--json"]
+
+
+# ---- TEMPORARY (lead: delete at merge; tests/conftest.py's postgres_dsn from the pgfixture branch replaces it).
+# PGTEST_ADMIN=postgresql://postgres@127.0.0.1:PORT/postgres names a running cluster; each test gets a fresh database.
+@pytest.fixture
+def postgres_dsn() -> Iterator[str]:
+    admin = os.environ.get("PGTEST_ADMIN")
+    if not admin:
+        pytest.skip("PGTEST_ADMIN is unset: no PostgreSQL cluster to test against")
+    name = "t_" + uuid.uuid4().hex[:12]
+    _admin(admin, f"CREATE DATABASE {name}")
+    parts = urlsplit(admin)
+    yield urlunsplit(parts._replace(path="/" + name))
+    _admin(admin, f"DROP DATABASE {name} WITH (FORCE)")
+# ---- END TEMPORARY
+
+
+def _admin(dsn: str, *statements: str) -> None:
+    """Run statements as the superuser of ``dsn`` (the fixture's database: postgres@...)."""
+    import asyncpg  # type: ignore[import-untyped]  # only engine.ledger imports the driver; tests may
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def as_role(dsn: str, role: str) -> str:
+    """``dsn`` connected to as ``role`` instead (no password: trust on the loopback)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Three login roles of this test's own (roles are the cluster's: a suffix keeps tests apart),
+    each granted what the README's "Who is acting" gives an operator, on a ledger the fixture's
+    superuser created."""
+
+    alice: str
+    vera: str
+    mallory: str
+    dsn: str
+
+    def dsn_of(self, role: str) -> str:
+        return as_role(self.dsn, role)
+
+
+@pytest.fixture
+def roles(postgres_dsn: str) -> Iterator[Roles]:
+    suffix = uuid.uuid4().hex[:6]
+    names = Roles(f"alice_{suffix}", f"vera_{suffix}", f"mallory_{suffix}", postgres_dsn)
+    people = (names.alice, names.vera, names.mallory)
+    asyncio.run(_create_ledger(postgres_dsn))
+    _admin(postgres_dsn, *(f"CREATE ROLE {r} LOGIN" for r in people),
+           *(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {r}" for r in people),
+           *(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {r}" for r in people))
+    yield names
+    _admin(postgres_dsn, *(f"DROP OWNED BY {r}" for r in people), *(f"DROP ROLE {r}" for r in people))
+
+
+async def _create_ledger(dsn: str) -> None:
+    async with await Engine.open(dsn):  # the schema, made by the database's owner
+        pass
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _journal(capsys: pytest.CaptureFixture[str], db: str) -> list[tuple[str, str]]:
+    code, out, err = run(capsys, "--db", db, "audit", "list", "--json")
+    assert code == 0, err
+    return [(e["actor"], e["action"]) for e in reversed(json.loads(out))]
+
+
+def test_on_postgresql_the_journal_names_the_role_connected_as_whatever_budgeteer_user_says(
+        roles: Roles, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = roles.dsn_of(roles.alice)
+    code, _, err = run(capsys, "--db", alice, "member", "set", roles.alice, "owner")
+    assert code == 0 and err == ""
+    monkeypatch.setenv("BUDGETEER_USER", roles.mallory)
+    code, out, err = run(capsys, "--db", alice, *POLICY)
+    assert code == 0, err
+    assert err == (f"budgeteer: warning: BUDGETEER_USER={roles.mallory} is ignored on a PostgreSQL ledger: you act "
+                   f"as {roles.alice}, the database role you connect as\n")
+    policy = json.loads(out)
+    assert policy["created_by"] == roles.alice
+    monkeypatch.setenv("BUDGETEER_USER", roles.alice)  # the role's own name: nothing to say
+    code, out, err = run(capsys, "--db", alice, "member", "list")
+    assert code == 0 and err == "" and f"You are {roles.alice} (owner)." in out
+    monkeypatch.delenv("BUDGETEER_USER")
+    monkeypatch.setenv("BUDGETEER_ACTOR", roles.mallory)
+    code, _, err = run(capsys, "--db", alice, "policy", "edit", policy["id"], "--hard", "2")
+    assert code == 0 and f"BUDGETEER_ACTOR={roles.mallory} is ignored" in err
+    assert _journal(capsys, alice) == [(roles.alice, "member.set"), (roles.alice, "policy.add"),
+                                       (roles.alice, "policy.edit")]
+
+
+def test_a_viewer_role_cannot_change_a_policy_even_claiming_to_be_an_owner(
+        roles: Roles, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, vera = roles.dsn_of(roles.alice), roles.dsn_of(roles.vera)
+    assert run(capsys, "--db", alice, "member", "set", roles.alice, "owner")[0] == 0
+    assert run(capsys, "--db", alice, "member", "set", roles.vera, "viewer")[0] == 0
+    code, out, err = run(capsys, "--db", vera, *POLICY)
+    assert (code, out) == (1, "")
+    assert err == f"budgeteer: {roles.vera} (viewer) lacks the edit_policies permission\n"
+    monkeypatch.setenv("BUDGETEER_USER", roles.alice)  # on SQLite this would make vera the owner
+    code, out, err = run(capsys, "--db", vera, *POLICY)
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-1] == f"budgeteer: {roles.vera} (viewer) lacks the edit_policies permission"
+    code, out, _ = run(capsys, "--db", vera, "policy", "list", "--json")  # reading is a viewer's right
+    assert code == 0 and json.loads(out) == []
+    # A role that is not a member is refused as itself, not as whoever it claims to be.
+    code, _, err = run(capsys, "--db", roles.dsn_of(roles.mallory), *POLICY)
+    assert code == 1 and err.endswith(f"budgeteer: {roles.mallory} (not a member) lacks the edit_policies "
+                                      "permission\n")
+    monkeypatch.delenv("BUDGETEER_USER")
+    assert _journal(capsys, alice) == [(roles.alice, "member.set"), (roles.alice, "member.set")]
+
+
+def test_budgeteer_user_still_names_who_acts_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    db = str(tmp_path / "l.db")
+    monkeypatch.setenv("BUDGETEER_USER", "mallory")
+    code, out, err = run(capsys, "--db", db, *POLICY)
+    assert code == 0 and err == "" and json.loads(out)["created_by"] == "mallory"
+    monkeypatch.setenv("BUDGETEER_USER", "olivia")
+    assert run(capsys, "--db", db, "member", "set", "olivia", "owner")[0] == 0
+    assert run(capsys, "--db", db, "member", "set", "vera", "viewer")[0] == 0
+    monkeypatch.setenv("BUDGETEER_USER", "vera")
+    code, _, err = run(capsys, "--db", db, *POLICY)
+    assert code == 1 and err == "budgeteer: vera (viewer) lacks the edit_policies permission\n"
+    monkeypatch.setenv("BUDGETEER_USER", "olivia")  # a file cannot tell who opens it: a courtesy, not a lock
+    assert run(capsys, "--db", db, *POLICY)[0] == 0
+    assert _journal(capsys, db) == [("mallory", "policy.add"), ("olivia", "member.set"), ("olivia", "member.set"),
+                                    ("olivia", "policy.add")]
+
+
+def test_the_first_owner_of_a_postgresql_ledger_is_the_role_that_adds_it(
+        roles: Roles, capsys: pytest.CaptureFixture[str]) -> None:
+    alice = roles.dsn_of(roles.alice)
+    code, out, err = run(capsys, "--db", alice, "member", "list")
+    assert code == 0 and f"Add the first owner with: budgeteer member set {roles.alice} owner" in out
+    code, _, err = run(capsys, "--db", alice, "member", "set", roles.vera, "owner")
+    assert code == 2
+    assert err == (f"budgeteer: user: the first owner must be you, {roles.alice} (the database role you connect "
+                   f"as): you could not act as {roles.vera} afterwards; add yourself first, then {roles.vera}\n")
+    code, _, err = run(capsys, "--db", alice, "member", "set", roles.alice, "viewer")
+    assert code == 2 and "the first member must be an owner" in err
+    assert run(capsys, "--db", alice, "member", "set", roles.alice, "owner")[0] == 0
+    assert run(capsys, "--db", alice, "member", "set", roles.vera, "owner")[0] == 0  # then anyone, as on SQLite
+    code, out, _ = run(capsys, "--db", alice, "member", "list", "--json")
+    assert {(m["user"], m["role"], m["added_by"]) for m in json.loads(out)} == {
+        (roles.alice, "owner", roles.alice), (roles.vera, "owner", roles.alice)}
+
+
+async def test_code_that_names_its_actor_keeps_it_on_postgresql(roles: Roles,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway acts as ``gateway`` (a token's principal is the call's, not the actor): the rule
+    is about the operator's identity, which only the command line and the dashboard leave unnamed."""
+    monkeypatch.setenv("BUDGETEER_USER", roles.mallory)
+    async with await Engine.open(roles.dsn_of(roles.alice), actor="gateway") as engine:
+        assert (engine.actor, engine.identity_notice) == ("gateway", None)
+    async with await Engine.open(roles.dsn_of(roles.alice)) as engine:
+        assert engine.actor == roles.alice
+        assert engine.identity_notice is not None and roles.mallory in engine.identity_notice
