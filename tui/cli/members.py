@@ -41,7 +41,8 @@ async def cmd_member_rm(args: argparse.Namespace) -> int:
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("member", parents=[common], help="workspace members and roles",
-                       description="Roles: owner, admin, operator, viewer. You act as BUDGETEER_USER (or your login).")
+                       description="Roles: owner, admin, operator, viewer. You act as BUDGETEER_USER (or your "
+                                   "login) on an SQLite ledger, as the database role you connect as on PostgreSQL.")
     msub = p.add_subparsers(dest="member_command", parser_class=Parser, metavar="ACTION", required=True)
     q = msub.add_parser("list", parents=[common], help="members and their roles")
     q.add_argument("--json", action="store_true", help="print JSON")

@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from engine.ledger.errors import StoreError
 
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
@@ -33,6 +36,8 @@ SERIAL_TABLES: Final = frozenset({
     "routing_decisions", "overshoots",
 })
 CONNECT_TIMEOUT_S: Final = 5.0
+#: SQLSTATE of a statement the role has no privilege for (a grant missing).
+INSUFFICIENT_PRIVILEGE: Final = "42501"
 _INSERT_INTO: Final = re.compile(r"^\s*INSERT\s+INTO\s+([A-Za-z_][A-Za-z_0-9.]*)", re.IGNORECASE)
 _TEMP: Final = re.compile(r"\btemp\.", re.IGNORECASE)
 _INSTR: Final = re.compile(r"\binstr\(", re.IGNORECASE)
@@ -155,6 +160,20 @@ class PgConnection:
         return self._in_tx
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
+        try:
+            return self._execute(sql, parameters)
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                raise self._denied(exc) from None
+            raise
+
+    def _denied(self, exc: BaseException) -> StoreError:
+        """A statement the role may not run: a sentence naming the role and what it lacks."""
+        role = urlsplit(self.dsn).username or "this process connects as"
+        return StoreError(f"the database role {role} lacks a privilege the ledger needs ({exc}); an administrator "
+                          "grants it (the README's \"Who is acting\" lists the grants)")
+
+    def _execute(self, sql: str, parameters: Sequence[Any]) -> PgCursor:
         statement = translate(sql)
         if statement.ends:
             if self._pg is None or self._pg.is_closed():  # nothing left to end: it went with the connection
@@ -186,7 +205,12 @@ class PgConnection:
         rows = [tuple(r) for r in parameters]
         if rows:
             text = statement.sql.removesuffix(" RETURNING id")
-            self.run(self.raw.executemany(text, rows))
+            try:
+                self.run(self.raw.executemany(text, rows))
+            except Exception as exc:
+                if getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                    raise self._denied(exc) from None
+                raise
         return PgCursor([], -1, None)
 
     def close(self) -> None:
