@@ -8,15 +8,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import openai
 import pytest
 
+from engine.budgets import build_policy
 from engine.engine import Engine
+from engine.integrations.gateway import create_app
+from tests.asgi_servers import FakeOpenAI, serve
 from tui.cli import main
 
 POLICY = ["policy", "add", "--scope", "team:ml", "--metric", "usd", "--window", "day", "--hard", "1", "--json"]
@@ -195,3 +200,95 @@ async def test_code_that_names_its_actor_keeps_it_on_postgresql(roles: Roles,
     async with await Engine.open(roles.dsn_of(roles.alice)) as engine:
         assert engine.actor == roles.alice
         assert engine.identity_notice is not None and roles.mallory in engine.identity_notice
+
+
+# ---- the README's grants, as written there
+
+
+def _readme_grants() -> str:
+    """The SQL block of the README's "Who is acting"."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("#### Who is acting"):]
+    return section[section.index("```sql") + len("```sql"):section.index("```", section.index("```sql") + 6)]
+
+
+def _grants_for(sql: str, people: str, gateway: str) -> list[str]:
+    statements = [s.strip() for s in re.sub(r"--[^\n]*", "", sql).split(";") if s.strip()]
+    return [s.replace("alice, vera", people).replace(" TO gateway", f" TO {gateway}") for s in statements]
+
+
+def _refused(dsn: str, statement: str) -> str:
+    import asyncpg
+
+    async def run() -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(statement)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            return str(exc)
+        finally:
+            await conn.close()
+        return "done"
+
+    return asyncio.run(run())
+
+
+def test_a_gateway_role_with_the_readme_grants_governs_calls_and_can_change_no_policy(
+        postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    gateway, person = f"gw_{suffix}", f"olga_{suffix}"
+    fake = FakeOpenAI()
+
+    async def prepare(url: str) -> str:
+        async with await Engine.open(postgres_dsn) as engine:  # the owner (here the fixture's superuser)
+            await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="100"))
+            await engine.add_policy(build_policy(scope="principal:q", metric="usd", window="day", hard="0.000001",
+                                                 action="approval_required"))
+            await engine.add_provider(name="fake", kind="openai", base_url=f"{url}/v1", models=["gpt-4o-mini"])
+            _, secret = await engine.create_token(name="t", principal="p", team="ml")
+            _, other = await engine.create_token(name="q", principal="q", team="ml")
+            return f"{secret} {other}"
+
+    _admin(postgres_dsn, f"CREATE ROLE {gateway} LOGIN", f"CREATE ROLE {person} LOGIN")
+    try:
+        with serve(fake.app()) as url:
+            secret, other = asyncio.run(prepare(url)).split()
+            _admin(postgres_dsn, *_grants_for(_readme_grants(), person, gateway))
+            with (serve(create_app(as_role(postgres_dsn, gateway), upstream_timeout=5.0)) as base,
+                  openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client,
+                  openai.OpenAI(base_url=f"{base}/v1", api_key=other, max_retries=0) as asker):
+                reply = client.chat.completions.create(model="gpt-4o-mini",
+                                                       messages=[{"role": "user", "content": "hi"}])
+                assert reply.choices[0].message.content == FakeOpenAI.REPLY
+                stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                        messages=[{"role": "user", "content": "hi"}])
+                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == FakeOpenAI.REPLY
+                with pytest.raises(openai.APIStatusError) as refused:
+                    asker.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+                assert refused.value.status_code == 402 and "override request" in refused.value.message
+
+        async def after() -> tuple[int, int, int, list[bool]]:
+            async with await Engine.open(postgres_dsn) as engine:
+                events = [e async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
+                return (len(events), await engine.open_holds(), len(await engine.override_requests()),
+                        [t.last_used_ms is not None for t in await engine.tokens()])
+
+        assert asyncio.run(after()) == (3, 0, 1, [True, True])
+        # Its login cannot change what decides a call, nor write the journal, even past Budgeteer.
+        as_gateway = as_role(postgres_dsn, gateway)
+        for statement in ("UPDATE policies SET deleted = 1", "DELETE FROM members",
+                          "UPDATE api_tokens SET revoked_ms = NULL",
+                          "INSERT INTO audit_journal (id, ts_ms, actor, action, subject, prev_hash, hash) "
+                          "VALUES (999, 0, 'x', 'x', 'x', 'x', 'x')"):
+            assert _refused(as_gateway, statement).startswith("permission denied for table"), statement
+        # Through Budgeteer, a role missing a grant is told so in one sentence.
+        code, out, err = run(capsys, "--db", as_gateway, *POLICY)
+        assert (code, out) == (1, "")
+        assert err.startswith(f"budgeteer: the database role {gateway} lacks a privilege the ledger needs "
+                              "(permission denied for table ")
+        # A person with the people's grants works as the matrix says (a single-user ledger: anything).
+        code, out, err = run(capsys, "--db", as_role(postgres_dsn, person), *POLICY)
+        assert code == 0, err
+    finally:
+        _admin(postgres_dsn, f"DROP OWNED BY {gateway}", f"DROP OWNED BY {person}", f"DROP ROLE {gateway}",
+               f"DROP ROLE {person}")
