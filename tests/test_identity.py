@@ -292,3 +292,28 @@ def test_a_gateway_role_with_the_readme_grants_governs_calls_and_can_change_no_p
     finally:
         _admin(postgres_dsn, f"DROP OWNED BY {gateway}", f"DROP OWNED BY {person}", f"DROP ROLE {gateway}",
                f"DROP ROLE {person}")
+
+
+async def test_the_dashboard_acts_as_the_role_and_says_once_that_budgeteer_user_is_ignored(
+        roles: Roles, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tui.app import BudgeteerApp
+
+    monkeypatch.setenv("BUDGETEER_USER", roles.mallory)
+    app = BudgeteerApp(db_path=roles.dsn_of(roles.alice), refresh_seconds=3600)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.05)
+        assert app.engine is not None and (app.actor, app.engine.actor) == (roles.alice, roles.alice)
+        notes = [(str(n.title), str(n.message)) for n in app._notifications]
+        assert notes.count(("Who is acting", f"BUDGETEER_USER={roles.mallory} is ignored on a PostgreSQL ledger: you "
+                                             f"act as {roles.alice}, the database role you connect as")) == 1
+        assert app.sub_title == roles.dsn_of(roles.alice)
+
+
+def test_the_title_bar_shows_a_database_address_without_its_password() -> None:
+    from tui.app import shown_location
+
+    assert shown_location("postgresql://alice:s3cret@db.example:5432/ledger") == (
+        "postgresql://alice:***@db.example:5432/ledger")
+    assert shown_location("postgresql://alice@db/ledger") == "postgresql://alice@db/ledger"
+    assert shown_location(Path("/tmp/l.db")) == "/tmp/l.db"
