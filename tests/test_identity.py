@@ -19,9 +19,11 @@ import openai
 import pytest
 
 from engine.budgets import build_policy
-from engine.engine import Engine
+from engine.clock import FrozenClock
+from engine.engine import CallRequest, Engine
 from engine.integrations.gateway import create_app
 from tests.asgi_servers import FakeOpenAI, serve
+from tests.conftest import event
 from tui.cli import main
 
 POLICY = ["policy", "add", "--scope", "team:ml", "--metric", "usd", "--window", "day", "--hard", "1", "--json"]
@@ -212,9 +214,15 @@ def _readme_grants() -> str:
     return section[section.index("```sql") + len("```sql"):section.index("```", section.index("```sql") + 6)]
 
 
-def _grants_for(sql: str, people: str, gateway: str) -> list[str]:
+def _grants_for(sql: str, *, people: str, viewer: str, gateway: str) -> list[str]:
+    """The README's statements, its example roles (alice, olga; vera; gateway) replaced by this test's."""
     statements = [s.strip() for s in re.sub(r"--[^\n]*", "", sql).split(";") if s.strip()]
-    return [s.replace("alice, vera", people).replace(" TO gateway", f" TO {gateway}") for s in statements]
+    names = {" TO alice, olga": f" TO {people}", " TO vera": f" TO {viewer}", " TO gateway": f" TO {gateway}"}
+    out = []
+    for statement in statements:
+        [grantee] = [k for k in names if statement.endswith(k)]
+        out.append(statement.replace(grantee, names[grantee]))
+    return out
 
 
 def _refused(dsn: str, statement: str) -> str:
@@ -236,7 +244,7 @@ def _refused(dsn: str, statement: str) -> str:
 def test_a_gateway_role_with_the_readme_grants_governs_calls_and_can_change_no_policy(
         postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     suffix = uuid.uuid4().hex[:6]
-    gateway, person = f"gw_{suffix}", f"olga_{suffix}"
+    gateway, person, viewer = f"gw_{suffix}", f"olga_{suffix}", f"vera_{suffix}"
     fake = FakeOpenAI()
 
     async def prepare(url: str) -> str:
@@ -249,11 +257,11 @@ def test_a_gateway_role_with_the_readme_grants_governs_calls_and_can_change_no_p
             _, other = await engine.create_token(name="q", principal="q", team="ml")
             return f"{secret} {other}"
 
-    _admin(postgres_dsn, f"CREATE ROLE {gateway} LOGIN", f"CREATE ROLE {person} LOGIN")
+    _admin(postgres_dsn, *(f"CREATE ROLE {r} LOGIN" for r in (gateway, person, viewer)))
     try:
         with serve(fake.app()) as url:
             secret, other = asyncio.run(prepare(url)).split()
-            _admin(postgres_dsn, *_grants_for(_readme_grants(), person, gateway))
+            _admin(postgres_dsn, *_grants_for(_readme_grants(), people=person, viewer=viewer, gateway=gateway))
             with (serve(create_app(as_role(postgres_dsn, gateway), upstream_timeout=5.0)) as base,
                   openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0) as client,
                   openai.OpenAI(base_url=f"{base}/v1", api_key=other, max_retries=0) as asker):
@@ -290,8 +298,56 @@ def test_a_gateway_role_with_the_readme_grants_governs_calls_and_can_change_no_p
         code, out, err = run(capsys, "--db", as_role(postgres_dsn, person), *POLICY)
         assert code == 0, err
     finally:
-        _admin(postgres_dsn, f"DROP OWNED BY {gateway}", f"DROP OWNED BY {person}", f"DROP ROLE {gateway}",
-               f"DROP ROLE {person}")
+        _admin(postgres_dsn, *(f"DROP OWNED BY {r}" for r in (gateway, person, viewer)),
+               *(f"DROP ROLE {r}" for r in (gateway, person, viewer)))
+
+
+def test_a_viewer_role_with_the_readme_grants_reads_everything_and_the_server_keeps_it_from_changing_anything(
+        postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    owner, viewer = f"olivia_{suffix}", f"vera_{suffix}"
+    _admin(postgres_dsn, *(f"CREATE ROLE {r} LOGIN" for r in (owner, viewer)))
+
+    async def prepare() -> None:
+        async with await Engine.open(as_role(postgres_dsn, owner)) as engine:  # a people's role, as the README
+            await engine.set_member(owner, "owner")
+            await engine.set_member(viewer, "viewer")
+            await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="1",
+                                                 thresholds=[50]))
+            now = engine.now_ms()
+            for n in range(3):  # $0.90 of $1: the 50 % alert is due
+                await engine.record(event(n, ts_ms=now - 1000 + n, cost_nanos=300_000_000))
+            await engine.create_token(name="ci", principal="p")
+        # A hold left by a call of a day ago (a clock set back a day): the next transaction of any
+        # process, the viewer's included, closes it as expired.
+        async with await Engine.open(as_role(postgres_dsn, owner), clock=FrozenClock(now - 86_400_000)) as engine:
+            authorized = await engine.authorize(CallRequest(principal="p", team="ml", model="gpt-4o-mini",
+                                                            input_tokens=10, max_tokens=10))
+            assert authorized.allowed and await engine.open_holds() == 1
+
+    try:
+        asyncio.run(_create_ledger(postgres_dsn))
+        _admin(postgres_dsn, *_grants_for(_readme_grants(), people=owner, viewer=viewer, gateway=owner))
+        asyncio.run(prepare())
+        as_viewer = as_role(postgres_dsn, viewer)
+        for argv in (["policy", "list"], ["member", "list"], ["alerts", "list"], ["token", "list"],
+                     ["approvals", "list"], ["usage"], ["audit", "list"], ["audit", "verify"]):
+            code, out, err = run(capsys, "--db", as_viewer, *argv)
+            assert code == 0 and err == "", (argv, err)
+            assert argv != ["alerts", "list"] or "50%" in out, out
+        code, _, err = run(capsys, "--db", as_viewer, *POLICY)
+        assert code == 1 and err == f"budgeteer: {viewer} (viewer) lacks the edit_policies permission\n"
+        async def holds() -> int:
+            async with await Engine.open(as_role(postgres_dsn, owner)) as engine:
+                return await engine.open_holds()
+
+        assert asyncio.run(holds()) == 0
+        for statement in ("UPDATE policies SET deleted = 1", f"UPDATE members SET role = 'owner' WHERE \"user\" = "
+                          f"'{viewer}'", "UPDATE api_tokens SET revoked_ms = 1", "DELETE FROM usage_events"):
+            assert _refused(as_viewer, statement).startswith("permission denied for table"), statement
+    finally:
+        _admin(postgres_dsn, *(f"DROP OWNED BY {r}" for r in (owner, viewer)),
+               *(f"DROP ROLE {r}" for r in (owner, viewer)))
 
 
 async def test_the_dashboard_acts_as_the_role_and_says_once_that_budgeteer_user_is_ignored(
