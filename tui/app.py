@@ -30,7 +30,7 @@ from textual.timer import Timer
 from textual.widgets import Input, TextArea
 
 from engine.clock import Clock
-from engine.engine import Engine, default_db_path, local_identity
+from engine.engine import Engine, default_db_path
 from engine.ledger import StoreError, is_dsn
 from tui.messages import (
     READS,
@@ -131,9 +131,9 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.refresh_seconds = refresh_seconds
         self.label = label or shown_location(db_path)
         self.read_only = read_only
-        # Who the dashboard acts as: the engine's operator identity once it is open (on
+        # Who the dashboard acts as: the engine's operator identity, set when it opens (on
         # PostgreSQL the database role connected as, whatever BUDGETEER_USER says).
-        self.actor = local_identity()
+        self.actor = ""
         self.engine: Engine | None = None
         self.fatal_error: str | None = None
         self.paused = False
