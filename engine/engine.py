@@ -477,6 +477,9 @@ class Engine:
     async def set_member(self, user: str, role: str) -> access.Member:
         return await self.services.members.set_member(user, role)
 
+    async def member_notice(self, user: str) -> str | None:
+        return await self.services.members.member_notice(user)
+
     async def remove_member(self, user: str) -> access.Member:
         return await self.services.members.remove_member(user)
 

@@ -164,7 +164,7 @@ def test_budgeteer_user_still_names_who_acts_on_sqlite(tmp_path: Path, capsys: p
     assert code == 0 and err == "" and json.loads(out)["created_by"] == "mallory"
     monkeypatch.setenv("BUDGETEER_USER", "olivia")
     assert run(capsys, "--db", db, "member", "set", "olivia", "owner")[0] == 0
-    assert run(capsys, "--db", db, "member", "set", "vera", "viewer")[0] == 0
+    assert run(capsys, "--db", db, "member", "set", "vera", "viewer") == (0, "vera is now viewer.\n", "")  # no roles
     monkeypatch.setenv("BUDGETEER_USER", "vera")
     code, _, err = run(capsys, "--db", db, *POLICY)
     assert code == 1 and err == "budgeteer: vera (viewer) lacks the edit_policies permission\n"
@@ -186,7 +186,13 @@ def test_the_first_owner_of_a_postgresql_ledger_is_the_role_that_adds_it(
     code, _, err = run(capsys, "--db", alice, "member", "set", roles.alice, "viewer")
     assert code == 2 and "the first member must be an owner" in err
     assert run(capsys, "--db", alice, "member", "set", roles.alice, "owner")[0] == 0
-    assert run(capsys, "--db", alice, "member", "set", roles.vera, "owner")[0] == 0  # then anyone, as on SQLite
+    code, _, err = run(capsys, "--db", alice, "member", "set", roles.vera, "owner")  # then anyone, as on SQLite
+    assert code == 0 and err == ""
+    code, out, err = run(capsys, "--db", alice, "member", "set", f"vear_{roles.alice}", "viewer")  # misspelt: said
+    assert (code, out) == (0, f"vear_{roles.alice} is now viewer.\n")
+    assert err == (f"budgeteer: warning: user: vear_{roles.alice} is no login role of this database, so nobody acts "
+                   f"as vear_{roles.alice} until the role exists (CREATE ROLE \"vear_{roles.alice}\" LOGIN)\n")
+    assert run(capsys, "--db", alice, "member", "rm", f"vear_{roles.alice}")[0] == 0
     code, out, _ = run(capsys, "--db", alice, "member", "list", "--json")
     assert {(m["user"], m["role"], m["added_by"]) for m in json.loads(out)} == {
         (roles.alice, "owner", roles.alice), (roles.vera, "owner", roles.alice)}

@@ -174,6 +174,11 @@ class Store:
         matching ``where``, oldest first, streamed on the reader's thread (for backtests)."""
         return await self._reader.run(self._reads.fold_usage, start_ms, end_ms, where, fn)
 
+    async def login_role_exists(self, name: str) -> bool | None:
+        """Whether the database has a login role ``name`` (PostgreSQL, where members are roles);
+        None where nobody logs in (SQLite)."""
+        return None
+
     async def read_with(self, fn: Callable[[LedgerView], T]) -> T:
         """Run ``fn`` on the ledger's records as the read connection sees them (never waits for the writer)."""
         return await self._reader.run(lambda: fn(LedgerView(self._reader.conn)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from engine.clock import iso
@@ -28,7 +29,10 @@ async def cmd_member_list(args: argparse.Namespace) -> int:
 async def cmd_member_set(args: argparse.Namespace) -> int:
     async with await open_engine(args) as engine:
         member = await engine.set_member(args.user, args.role)
+        notice = await engine.member_notice(member.user)
     print(f"{member.user} is now {member.role}.")
+    if notice:
+        print(f"budgeteer: warning: {notice}", file=sys.stderr)
     return EXIT_OK
 
 

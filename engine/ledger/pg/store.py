@@ -136,6 +136,10 @@ def _session_user(conn: PgConnection) -> str:
     return str(conn.execute("SELECT session_user").fetchone()[0])
 
 
+def _login_role(conn: PgConnection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = ? AND rolcanlogin", (name,)).fetchone() is not None
+
+
 def _now_ms(conn: PgConnection) -> tuple[int, int, int]:
     sent = time.time_ns()
     value = int(conn.execute(f"SELECT {NOW_MS_SQL}").fetchone()[0])
@@ -154,6 +158,9 @@ class PostgresStore(Store):
     @property
     def location(self) -> str:
         return self.dsn
+
+    async def login_role_exists(self, name: str) -> bool | None:
+        return await self._reader.run(_login_role, self._reader.conn, name)
 
     @classmethod
     async def open(cls, dsn: str, *, home: Path, clock: Clock | None = None) -> PostgresStore:
