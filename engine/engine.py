@@ -50,6 +50,7 @@ from engine.ledger import (
     TimelinePoint,
     Totals,
     is_dsn,
+    local_name,
     open_ledger,
 )
 from engine.ledger.results import BudgetDecision, Delivery
@@ -75,7 +76,7 @@ LEDGER_FILENAME = "ledger.db"
 log = logging.getLogger("budgeteer")
 
 __all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Services", "claimed_identity",
-           "default_db_path", "local_identity", "operator_identity"]
+           "default_db_path", "ledger_location", "local_identity", "local_path", "operator_identity"]
 
 
 def home_dir() -> Path:
@@ -90,6 +91,12 @@ def default_db_path() -> Path:
     if os.environ.get("BUDGETEER_DB") and not is_dsn(os.environ["BUDGETEER_DB"]):
         return Path(os.environ["BUDGETEER_DB"]).expanduser()
     return home_dir() / LEDGER_FILENAME
+
+
+def local_path(location: str | Path) -> Path:
+    """Where this machine keeps the files of the ledger at ``location`` (its vault, its spill
+    journal sit beside it): the SQLite file itself, or a local name for a PostgreSQL ledger."""
+    return local_name(str(location), home_dir()) if is_dsn(str(location)) else Path(location)
 
 
 def ledger_location(db: str | Path | None = None) -> str | Path:
@@ -208,6 +215,16 @@ class Engine:
     def refusing(self) -> str | None:
         """Why the ledger refuses writes, while it does."""
         return self.services.calls.refusing
+
+    def allow_while_down(self, nanos: int | None) -> None:
+        """Admit calls up to ``nanos`` of spend from this process while the ledger cannot be
+        written (None, the default: refuse them); see ``CallService.allow_while_down``."""
+        self.services.calls.allow_while_down(nanos)
+
+    @property
+    def admits_while_down(self) -> bool:
+        """Whether calls are admitted (against the allowance) while the ledger refuses writes."""
+        return self.services.calls.down_allowance is not None
 
     @property
     def vault_passphrase(self) -> Callable[[], str] | None:

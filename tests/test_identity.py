@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -29,19 +28,6 @@ from tui.cli import main
 POLICY = ["policy", "add", "--scope", "team:ml", "--metric", "usd", "--window", "day", "--hard", "1", "--json"]
 
 
-# ---- TEMPORARY (lead: delete at merge; tests/conftest.py's postgres_dsn from the pgfixture branch replaces it).
-# PGTEST_ADMIN=postgresql://postgres@127.0.0.1:PORT/postgres names a running cluster; each test gets a fresh database.
-@pytest.fixture
-def postgres_dsn() -> Iterator[str]:
-    admin = os.environ.get("PGTEST_ADMIN")
-    if not admin:
-        pytest.skip("PGTEST_ADMIN is unset: no PostgreSQL cluster to test against")
-    name = "t_" + uuid.uuid4().hex[:12]
-    _admin(admin, f"CREATE DATABASE {name}")
-    parts = urlsplit(admin)
-    yield urlunsplit(parts._replace(path="/" + name))
-    _admin(admin, f"DROP DATABASE {name} WITH (FORCE)")
-# ---- END TEMPORARY
 
 
 def _admin(dsn: str, *statements: str) -> None:
@@ -370,12 +356,3 @@ async def test_the_dashboard_acts_as_the_role_and_says_once_that_budgeteer_user_
         assert notes.count(("Who is acting", f"BUDGETEER_USER={roles.mallory} is ignored on a PostgreSQL ledger: you "
                                              f"act as {roles.alice}, the database role you connect as")) == 1
         assert app.sub_title == roles.dsn_of(roles.alice)
-
-
-def test_the_title_bar_shows_a_database_address_without_its_password() -> None:
-    from tui.app import shown_location
-
-    assert shown_location("postgresql://alice:s3cret@db.example:5432/ledger") == (
-        "postgresql://alice:***@db.example:5432/ledger")
-    assert shown_location("postgresql://alice@db/ledger") == "postgresql://alice@db/ledger"
-    assert shown_location(Path("/tmp/l.db")) == "/tmp/l.db"

@@ -351,6 +351,7 @@ def test_only_the_one_path_checks_permissions_and_appends_to_the_journal() -> No
     assert callers == {"engine/services/core.py: access.require", "engine/services/core.py: audit.append"}
 
 
+@pytest.mark.sqlite_only  # counts the statements SQLite's writer runs
 async def test_a_priced_call_pays_for_no_member_lookup(engine: Engine) -> None:
     """The gateway's hot path (authorize, settle) checks no member: the token was checked."""
     engine.actor = OWNER

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import urlsplit, urlunsplit
 
 from textual import on, work
 from textual.app import App, ScreenStackError, SystemCommand
@@ -31,7 +30,7 @@ from textual.widgets import Input, TextArea
 
 from engine.clock import Clock
 from engine.engine import Engine, default_db_path
-from engine.ledger import StoreError, is_dsn
+from engine.ledger import StoreError, redacted
 from tui.messages import (
     READS,
     LedgerChanged,
@@ -70,17 +69,6 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
                    "that blocked it"),
 }
 log = logging.getLogger("budgeteer")
-
-
-def shown_location(location: Path | str) -> str:
-    """The ledger as the title bar shows it: a file, or a database's address without its password."""
-    if not is_dsn(location):
-        return str(location)
-    parts = urlsplit(str(location))
-    if parts.password is None:
-        return str(location)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class BudgeteerApp(ReportsFailures, App[None]):
@@ -129,7 +117,7 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.db_path = db_path
         self.clock = clock
         self.refresh_seconds = refresh_seconds
-        self.label = label or shown_location(db_path)
+        self.label = label or redacted(db_path)
         self.read_only = read_only
         # Who the dashboard acts as: the engine's operator identity, set when it opens (on
         # PostgreSQL the database role connected as, whatever BUDGETEER_USER says).

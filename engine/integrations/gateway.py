@@ -44,7 +44,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
 from engine.engine import Engine
-from engine.errors import BadInput, BudgeteerError
+from engine.errors import BadInput, BudgeteerError, LedgerUnavailable
 from engine.integrations import contract
 from engine.integrations.governor import (
     Caller,
@@ -143,8 +143,9 @@ class Gateway:
     def __init__(self, db: Path, *, clock: Clock | None = None, routing_mode: str = "suggest",
                  max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "",
                  vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S,
-                 limits: HttpLimits | None = None) -> None:
+                 limits: HttpLimits | None = None, down_allowance: int | None = None) -> None:
         self.db, self.clock, self.routing_mode = db, clock, routing_mode
+        self.down_allowance = down_allowance  # --when-ledger-down allow: nano-dollars (None: refuse)
         self.sync_interval_s = sync_interval_s
         self.max_body, self.upstream_timeout, self.address = max_body, upstream_timeout, address
         self.vault_passphrase = vault_passphrase
@@ -214,6 +215,7 @@ class Gateway:
         self.engine = await Engine.open(self.db, clock=self.clock, actor="gateway",
                                         sync_interval_s=self.sync_interval_s)
         self.engine.vault_passphrase = self.vault_passphrase
+        self.engine.allow_while_down(self.down_allowance)
         self.governor = Governor(self.engine, routing_mode=self.routing_mode)
         # A pool as wide as the load a gateway takes (httpx's default of 100 makes callers queue),
         # on the lean HTTP/1.1 transport, called without an httpx.AsyncClient around it: httpx's
@@ -291,7 +293,13 @@ class Gateway:
         if cached is None or time.monotonic() - cached[0] > TOKEN_CACHE_S:
             if len(self.tokens) > 10_000:
                 self.tokens.clear()
-            cached = (time.monotonic(), await self.engine.authenticate(presented, touch=False))
+            try:
+                cached = (time.monotonic(), await self.engine.authenticate(presented, touch=False))
+            except LedgerUnavailable:
+                # The ledger cannot be read: a token this gateway knew stays known while it admits
+                # calls against its allowance (it could not learn of a revocation meanwhile either).
+                if cached is None or not self.engine.admits_while_down:
+                    raise
             self.tokens[key] = cached
         token = admit(cached[1], self.engine.now_ms(), scope)
         self.last_used[token.id] = self.engine.now_ms()  # written with the next heartbeat

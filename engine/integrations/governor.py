@@ -268,7 +268,7 @@ class Governor:
         if not isinstance(model, str) or not model.strip():
             raise FieldError("model", "is required and must be a string")
         tokens, cap = request_tokens(kind, body)
-        if self.engine.refusing is not None:
+        if self.engine.refusing is not None and not self.engine.admits_while_down:
             raise ledger_unavailable(self.engine.refusing)
         choices = body.get("n")
         choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1 else 1

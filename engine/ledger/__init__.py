@@ -15,7 +15,7 @@ connection on its own thread), ``writer`` (group commit), ``tx`` (the transactio
 from pathlib import Path
 
 from engine.ledger.errors import LedgerRefusing, SchemaTooNewError, StoreError, refusal
-from engine.ledger.files import is_dsn, remove_ledger
+from engine.ledger.files import is_dsn, local_name, redacted, remove_ledger
 from engine.ledger.protocol import Ledger, Transaction
 from engine.ledger.repos import LedgerView
 from engine.ledger.results import (
@@ -52,8 +52,10 @@ __all__ = [
     "Totals",
     "Transaction",
     "is_dsn",
+    "local_name",
     "open_ledger",
     "range_segments",
+    "redacted",
     "refusal",
     "remove_ledger",
 ]

@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from engine.ledger.errors import StoreError
+from engine.ledger.errors import LedgerRefusing, StoreError, unreachable
 
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
@@ -134,7 +134,7 @@ class PgConnection:
     def _connect(self) -> None:
         import asyncpg
 
-        self._pg = self._loop.run_until_complete(asyncpg.connect(
+        self._pg = self.run(asyncpg.connect(
             self.dsn, timeout=CONNECT_TIMEOUT_S, server_settings={"application_name": "budgeteer"}))
         if self._setup is not None:
             self._setup(self)
@@ -144,28 +144,28 @@ class PgConnection:
         """The asyncpg connection (made again if it was lost)."""
         if self._pg is None or self._pg.is_closed():
             if self._in_tx:
-                from engine.ledger.errors import LedgerRefusing
-
                 raise LedgerRefusing("the connection to the database was lost in the middle of a transaction")
             self._connect()
         assert self._pg is not None
         return self._pg
 
     def run(self, coro: Any) -> Any:
-        """Run a coroutine of this connection's to the end (on its worker's thread)."""
-        return self._loop.run_until_complete(coro)
+        """Run a coroutine of this connection's to the end (on its worker's thread). A server that
+        cannot be reached for now (down, restarting, the connection lost) raises LedgerRefusing,
+        which every caller takes as "try again later": a gateway answers 503, a settlement spills.
+        A statement the role has no privilege for raises a StoreError that names the role."""
+        try:
+            return self._loop.run_until_complete(coro)
+        except Exception as exc:
+            if (why := unreachable(exc)) is not None:
+                raise LedgerRefusing(why) from None
+            if getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                raise self._denied(exc) from None
+            raise
 
     @property
     def in_transaction(self) -> bool:
         return self._in_tx
-
-    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
-        try:
-            return self._execute(sql, parameters)
-        except Exception as exc:
-            if getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
-                raise self._denied(exc) from None
-            raise
 
     def _denied(self, exc: BaseException) -> StoreError:
         """A statement the role may not run: a sentence naming the role and what it lacks."""
@@ -173,7 +173,7 @@ class PgConnection:
         return StoreError(f"the database role {role} lacks a privilege the ledger needs ({exc}); an administrator "
                           "grants it (the README's \"Who is acting\" lists the grants)")
 
-    def _execute(self, sql: str, parameters: Sequence[Any]) -> PgCursor:
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
         statement = translate(sql)
         if statement.ends:
             if self._pg is None or self._pg.is_closed():  # nothing left to end: it went with the connection
@@ -205,12 +205,7 @@ class PgConnection:
         rows = [tuple(r) for r in parameters]
         if rows:
             text = statement.sql.removesuffix(" RETURNING id")
-            try:
-                self.run(self.raw.executemany(text, rows))
-            except Exception as exc:
-                if getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
-                    raise self._denied(exc) from None
-                raise
+            self.run(self.raw.executemany(text, rows))
         return PgCursor([], -1, None)
 
     def close(self) -> None:

@@ -19,16 +19,15 @@ and the same SQL. What differs:
 
 from __future__ import annotations
 
-import re
 import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote, urlsplit
 
 from engine.clock import Clock
 from engine.ledger.dbapi import Connection
 from engine.ledger.errors import StoreError
+from engine.ledger.files import local_name, redacted
 from engine.ledger.pg.conn import PgConnection
 from engine.ledger.pg.schema import NOW_MS_SQL, TEMP_TABLES, migrate, schema_version
 from engine.ledger.reads import Reads
@@ -41,20 +40,6 @@ if TYPE_CHECKING:
 
 #: The first statement of every writing transaction: the write lock, the version, the time.
 BEGIN_WRITE: Final = f"UPDATE ledger_version SET n = n + 1 RETURNING n, {NOW_MS_SQL}"
-
-
-def redacted(dsn: str) -> str:
-    """The address without its password (for messages and logs)."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
-
-
-def local_name(dsn: str, home: Path) -> Path:
-    """Where this machine keeps what belongs to the ledger at ``dsn`` (its spill journal, its
-    vault): a name made of the user, host, port and database, never the password."""
-    parts = urlsplit(dsn)
-    database = unquote(parts.path.lstrip("/")) or (parts.username or "postgres")
-    name = f"{parts.username or ''}@{parts.hostname or 'localhost'}-{parts.port or 5432}-{database}"
-    return home / "postgresql" / re.sub(r"[^A-Za-z0-9@._-]", "_", name)
 
 
 class DatabaseClock:
