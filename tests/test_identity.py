@@ -356,3 +356,25 @@ async def test_the_dashboard_acts_as_the_role_and_says_once_that_budgeteer_user_
         assert notes.count(("Who is acting", f"BUDGETEER_USER={roles.mallory} is ignored on a PostgreSQL ledger: you "
                                              f"act as {roles.alice}, the database role you connect as")) == 1
         assert app.sub_title == roles.dsn_of(roles.alice)
+
+
+def test_the_command_line_and_the_dashboard_never_name_their_actor() -> None:
+    """They act as the operator: the engine decides who that is (the role on PostgreSQL), so no
+    module of tui passes ``actor=`` to ``Engine.open``, sets ``engine.actor`` or asks
+    ``local_identity()``, whose BUDGETEER_USER PostgreSQL does not honour."""
+    import ast
+
+    found = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "tui").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "open"
+                    and any(k.arg == "actor" for k in node.keywords)):
+                found.append(f"{path.name}:{node.lineno} Engine.open(actor=...)")
+            if isinstance(node, ast.Name | ast.alias) and getattr(node, "id", getattr(node, "name", "")) in (
+                    "local_identity", "claimed_identity"):
+                found.append(f"{path.name}:{node.lineno} local_identity")
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "actor"
+                                                    and not (isinstance(t.value, ast.Name) and t.value.id == "self")
+                                                    for t in node.targets):
+                found.append(f"{path.name}:{node.lineno} engine.actor = ...")
+    assert found == []
