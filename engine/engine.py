@@ -78,8 +78,8 @@ from engine.vault import Vault
 LEDGER_FILENAME = "ledger.db"
 log = logging.getLogger("budgeteer")
 
-__all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Services", "default_db_path",
-           "ledger_location", "local_identity", "local_path"]
+__all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Services", "claimed_identity",
+           "default_db_path", "ledger_location", "local_identity", "local_path", "operator_identity"]
 
 
 def home_dir() -> Path:
@@ -113,9 +113,31 @@ def ledger_location(db: str | Path | None = None) -> str | Path:
 
 
 def local_identity() -> str:
-    """Who this process acts as: ``BUDGETEER_USER``, else the login name."""
-    return (os.environ.get("BUDGETEER_USER") or os.environ.get("BUDGETEER_ACTOR") or os.environ.get("USER")
-            or os.environ.get("USERNAME") or "local")
+    """Who this process acts as on an SQLite ledger: ``BUDGETEER_USER``, else the login name."""
+    return claimed_identity() or os.environ.get("USER") or os.environ.get("USERNAME") or "local"
+
+
+def claimed_identity() -> str | None:
+    """The identity the environment claims (``BUDGETEER_USER``, else ``BUDGETEER_ACTOR``), if any."""
+    return os.environ.get("BUDGETEER_USER") or os.environ.get("BUDGETEER_ACTOR") or None
+
+
+def operator_identity(store: Store) -> tuple[str, str | None]:
+    """Who an operator's process (the command line, the dashboard) acts as on ``store``, and what
+    to tell them when the environment asked for someone else.
+
+    On PostgreSQL it is the database role the process connects as (``session_user``): the
+    server checked that login, so ``BUDGETEER_USER`` is not honoured there (a claim it ignores
+    is named in the notice, once). On SQLite it is ``local_identity()``: nothing can check who
+    opens a file, so the identity is whatever the environment says."""
+    if store.session_user is None:
+        return local_identity(), None
+    claimed = claimed_identity()
+    if claimed is None or claimed == store.session_user:
+        return store.session_user, None
+    name = "BUDGETEER_USER" if os.environ.get("BUDGETEER_USER") else "BUDGETEER_ACTOR"
+    return store.session_user, (f"{name}={claimed} is ignored on a PostgreSQL ledger: you act as "
+                                f"{store.session_user}, the database role you connect as")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +176,19 @@ class Services:
 class Engine:
     """A ledger with its prices. Open with ``async with await Engine.open(path) as engine``.
 
-    Changes are made as ``actor`` (the local identity unless given), checked against the
-    permission matrix of ``engine.access`` and written to the audit journal in the same
-    transaction as the change itself (``Core.change``).
+    Changes are made as ``actor``, checked against the permission matrix of ``engine.access``
+    and written to the audit journal in the same transaction as the change itself
+    (``Core.change``). Unless code names one (the gateway acts as ``gateway``), the actor is the
+    operator's identity (``operator_identity``): the database role on PostgreSQL, the local
+    identity on SQLite; ``identity_notice`` says when the environment asked for someone else.
     """
 
     def __init__(self, store: Store, prices: PriceBook, clock: Clock, actor: str | None = None) -> None:
+        #: Set when BUDGETEER_USER named someone the ledger does not let this process be (on
+        #: PostgreSQL): the command line prints it on stderr, the dashboard shows it once.
+        self.identity_notice: str | None = None
+        if actor is None:
+            actor, self.identity_notice = operator_identity(store)
         self.store = store
         self.prices = prices
         self.clock = clock
@@ -167,7 +196,7 @@ class Engine:
         self.budgets = BudgetBook(clock.now_ms, pending_ttl_ms=parse_duration_ms(pending, "BUDGETEER_APPROVAL_TTL")
                                   if pending else approvals.DEFAULT_PENDING_TTL_MS)
         store.add_transaction_hooks(self.budgets.begin, self.budgets.abort, self.budgets.end)
-        self.core = Core(store, prices, clock, self.budgets, actor or local_identity())
+        self.core = Core(store, prices, clock, self.budgets, actor)
         self.services = Services.build(self.core)
         # Governed async transports made from this engine: their streams still open are settled
         # before it closes (a caller may leave one unfinished and never close its client).
@@ -225,7 +254,10 @@ class Engine:
         """Open the ledger at ``db``: an SQLite file (the user data directory's by default) or a
         PostgreSQL database (``postgresql://user@host:port/db``); ``durable`` and
         ``sync_interval_s`` as in ``SQLiteStore.open``. The clock is ``clock`` if given, else the
-        store's: the system's for SQLite, the database's for PostgreSQL."""
+        store's: the system's for SQLite, the database's for PostgreSQL. ``actor``: who the code
+        opening it acts as (the gateway: ``gateway``); the command line and the dashboard name
+        none, and act as the operator (``operator_identity``: on PostgreSQL the database role
+        connected as, whatever ``BUDGETEER_USER`` says)."""
         store = await open_ledger(ledger_location(db), home=home_dir(), durable=durable,
                                   sync_interval_s=sync_interval_s)
         try:
@@ -477,6 +509,9 @@ class Engine:
 
     async def set_member(self, user: str, role: str) -> access.Member:
         return await self.services.members.set_member(user, role)
+
+    async def member_notice(self, user: str) -> str | None:
+        return await self.services.members.member_notice(user)
 
     async def remove_member(self, user: str) -> access.Member:
         return await self.services.members.remove_member(user)

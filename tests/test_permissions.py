@@ -38,7 +38,7 @@ READS = {
     "open_override_requests", "override_requests", "override_request", "tokens", "members", "role", "may",
     "audit_entries", "verify_audit", "would_blocks", "alerts", "webhooks", "deliveries", "vault_status",
     "vault_entries", "credential", "providers", "provider", "catalog", "provider_health", "routing_decisions",
-    "routing_summary", "gateways", "audit_anchor", "overshoots", "recent_calls",
+    "routing_summary", "gateways", "audit_anchor", "overshoots", "recent_calls", "member_notice",
 }
 #: Writes that are no operator's change, with the reason they are not held to the matrix.
 RUNTIME = {

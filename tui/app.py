@@ -31,7 +31,7 @@ from textual.timer import Timer
 from textual.widgets import Input, TextArea
 
 from engine.clock import Clock
-from engine.engine import Engine, default_db_path, local_identity
+from engine.engine import Engine, default_db_path
 from engine.ledger import StoreError, redacted
 from tui.messages import (
     READS,
@@ -124,7 +124,9 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.refresh_seconds = refresh_seconds
         self.label = label or redacted(db_path)
         self.read_only = read_only
-        self.actor = local_identity()
+        # Who the dashboard acts as: the engine's operator identity, set when it opens (on
+        # PostgreSQL the database role connected as, whatever BUDGETEER_USER says).
+        self.actor = ""
         self.engine: Engine | None = None
         self.fatal_error: str | None = None
         self.paused = False
@@ -154,12 +156,15 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.sub_title = self.label + ("  (read-only)" if self.read_only else "")
         self.load_keymap(default_db_path().parent / "keymap.json")
         try:
-            self.engine = await Engine.open(self.db_path, clock=self.clock, actor=self.actor)
+            self.engine = await Engine.open(self.db_path, clock=self.clock)
         except StoreError as exc:
             self.fatal_error = str(exc)
             self.exit()
             return
         self.engine.on_change(self._ledger_notified)
+        self.actor = self.engine.actor
+        if self.engine.identity_notice:
+            self.notify(self.engine.identity_notice, title="Who is acting", severity="warning", timeout=15)
         await self.switch_mode("overview")
         self._watch_requests()
         self.arm_poll()

@@ -42,6 +42,10 @@ class Store:
         self._reads = reads
         self.clock = clock
         self._subscribers: list[Callable[[str], None]] = []
+        #: The database role this process connects as (PostgreSQL's ``session_user``, read once
+        #: at open): who the command line and the dashboard act as there. None on SQLite, whose
+        #: file has no notion of who opens it.
+        self.session_user: str | None = None
 
     @property
     def location(self) -> str:
@@ -203,6 +207,11 @@ class Store:
         """Run ``fn`` over (ts_ms, cost_nanos, tokens, status) of raw events in [start, end)
         matching ``where``, oldest first, streamed on the reader's thread (for backtests)."""
         return await self._reader.run(self._reads.fold_usage, start_ms, end_ms, where, fn)
+
+    async def login_role_exists(self, name: str) -> bool | None:
+        """Whether the database has a login role ``name`` (PostgreSQL, where members are roles);
+        None where nobody logs in (SQLite)."""
+        return None
 
     async def read_with(self, fn: Callable[[LedgerView], T]) -> T:
         """Run ``fn`` on the ledger's records as the read connection sees them (never waits for the writer)."""

@@ -88,7 +88,12 @@ def now_clock() -> FrozenClock | None:
 
 
 async def open_engine(args: argparse.Namespace) -> Engine:
-    return await Engine.open(args.db, clock=now_clock())
+    """The engine for ``--db``, acting as the operator (on PostgreSQL the database role connected
+    as: a BUDGETEER_USER it does not honour is said on stderr, once, before the command's output)."""
+    engine = await Engine.open(args.db, clock=now_clock())
+    if engine.identity_notice:
+        print(f"budgeteer: warning: {engine.identity_notice}", file=sys.stderr)
+    return engine
 
 
 def _ask_passphrase(engine: Engine) -> None:

@@ -123,6 +123,15 @@ def _open_writer(dsn: str, where: str) -> PgConnection:
     return conn
 
 
+def _session_user(conn: PgConnection) -> str:
+    """The role this connection logged in as (not ``current_user``, which SET ROLE changes)."""
+    return str(conn.execute("SELECT session_user").fetchone()[0])
+
+
+def _login_role(conn: PgConnection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = ? AND rolcanlogin", (name,)).fetchone() is not None
+
+
 def _now_ms(conn: PgConnection) -> tuple[int, int, int]:
     sent = time.time_ns()
     value = int(conn.execute(f"SELECT {NOW_MS_SQL}").fetchone()[0])
@@ -152,6 +161,9 @@ class PostgresStore(Store):
         await self.listener.close()
         await super().close()
 
+    async def login_role_exists(self, name: str) -> bool | None:
+        return await self._reader.run(_login_role, self._reader.conn, name)
+
     @classmethod
     async def open(cls, dsn: str, *, home: Path, clock: Clock | None = None) -> PostgresStore:
         """Open (creating the schema if the database is empty) the ledger at ``dsn``; ``home``:
@@ -174,6 +186,7 @@ class PostgresStore(Store):
         listener.start_soon()
         try:
             database_clock.observe(*await writer.run(_now_ms, writer.conn))
+            session_user = await writer.run(_session_user, writer.conn)
             reader = await Worker.open("ledger-pg-reader", partial(PgConnection, dsn))
         except BaseException:
             await listener.close()
@@ -189,6 +202,7 @@ class PostgresStore(Store):
             raise StoreError(f"cannot create the folder {path.parent} for the ledger's local files: "
                              f"{exc.strerror}") from None
         store = cls(dsn, path, writer, reader, clock or database_clock, database_clock, listener)
+        store.session_user = session_user
         try:  # a listener that cannot connect yet goes on trying in the background
             listening = await listener.start()
         except BaseException:
