@@ -527,6 +527,12 @@ class Engine:
     async def audit_entries(self, limit: int = 200, text: str = "") -> list[audit.AuditEntry]:
         return await self.services.audit.audit_entries(limit, text)
 
+    async def export_audit_key(self) -> str:
+        return await self.services.audit.export_audit_key()
+
+    async def import_audit_key(self, text: str) -> int:
+        return await self.services.audit.import_audit_key(text)
+
     async def verify_audit(self, anchor: audit.Anchor | None = None) -> audit.Verification:
         return await self.services.audit.verify_audit(anchor)
 
