@@ -91,7 +91,9 @@ def test_a_thousand_calls_over_three_gateways_never_pass_one_hard_budget(
     limit = 2_000_000  # $0.002: about 300 calls' worth
     secret = asyncio.run(_prepare(postgres_dsn, provider, "0.002"))  # type: ignore[arg-type]
     ports = [_port() for _ in range(3)]
-    gateways = [start_gateway(postgres_dsn, port, env) for port in ports]
+    # A minute for a request's head to arrive, not 10 s: on a starved 2-core machine the client's
+    # own process may open a connection and write the request seconds apart (then 408, unanswered).
+    gateways = [start_gateway(postgres_dsn, port, env, subprocess.DEVNULL, "--header-timeout", "60") for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     answered: list[str] = []
     codes: list[int] = []
@@ -102,7 +104,7 @@ def test_a_thousand_calls_over_three_gateways_never_pass_one_hard_budget(
                 async def one(i: int) -> None:
                     async with gate:
                         r = await _post(client, urls[i % 3], secret)
-                    codes.append(0 if r is None else r.status_code)  # 0: no answer (a starved machine's timeout)
+                    codes.append(0 if r is None else r.status_code)  # 0: no answer
                     if r is not None and r.status_code == 200:
                         answered.append(r.headers["x-budgeteer-request-id"])
 
@@ -118,7 +120,7 @@ def test_a_thousand_calls_over_three_gateways_never_pass_one_hard_budget(
     finally:
         _stop(*gateways)
     assert set(codes) <= {0, 200, 402}, sorted(set(codes))
-    assert codes.count(0) < 10, f"{codes.count(0)} calls got no answer"
+    assert codes.count(0) == 0, f"{codes.count(0)} calls got no answer"
     assert codes.count(402) >= 3  # the budget did bind
     ids, made, open_holds = asyncio.run(_ledger(postgres_dsn))
     worst = asyncio.run(_worst_case(postgres_dsn))
