@@ -55,6 +55,7 @@ from engine.ledger import (
 from engine.ledger.results import BudgetDecision, Delivery
 from engine.models import FieldError, GatewayStatus, SettledCall, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices
+from engine.ratelimits import Limit, RateDecision
 from engine.services.alerts import AlertService
 from engine.services.approvals import ApprovalService
 from engine.services.audit import AuditService
@@ -361,6 +362,12 @@ class Engine:
 
     async def check(self, call: CallRequest) -> Evaluation:
         return await self.services.calls.check(call)
+
+    async def take_rate(self, limits: list[Limit]) -> RateDecision:
+        return await self.services.calls.take_rate(limits)
+
+    async def adjust_rate(self, key: str, kind: str, delta: int) -> None:
+        return await self.services.calls.adjust_rate(key, kind, delta)
 
     async def settle(self, hold_id: str, event: UsageEvent) -> RecordResult:
         return await self.services.calls.settle(hold_id, event)

@@ -1,6 +1,7 @@
 """One governed model call, the same for the gateway and the in-process transport:
 
-1. rate limits (the token's rpm and tpm, sliding window);
+1. rate limits (the token's rpm and tpm, sliding window, in the ledger: exact across every
+   gateway on it; a token without limits never touches them);
 2. routing (the chat request is scored; ``enforced`` rewrites the model);
 3. authorize: a hold of the call's worst case on every policy, all or none;
 4. (the caller forwards the call to the provider);
@@ -31,7 +32,7 @@ from engine.integrations.contract import MAX_TOKENS
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
-from engine.ratelimits import Limit, RateLimiter
+from engine.ratelimits import Limit
 from engine.services.calls import RETRY_AFTER_S, CallRequest
 
 if TYPE_CHECKING:
@@ -214,11 +215,9 @@ class Governor:
     """Begin, then finish or fail, each call; tracks the calls under way so a shutdown can
     release what it cannot settle."""
 
-    def __init__(self, engine: Engine, *, routing_mode: str = "suggest", limiter: RateLimiter | None = None,
-                 resolve_providers: bool = True) -> None:
+    def __init__(self, engine: Engine, *, routing_mode: str = "suggest", resolve_providers: bool = True) -> None:
         self.engine = engine
         self.routing_mode = routing_mode
-        self.limiter = limiter or RateLimiter()
         self.resolve_providers = resolve_providers
         self.open: dict[str, Ticket] = {}
         self._providers: tuple[float, list[prov.Provider]] | None = None
@@ -273,11 +272,10 @@ class Governor:
         choices = body.get("n")
         choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1 else 1
         output = choices * (cap if cap is not None else (0 if kind == "embeddings" else DEFAULT_MAX_OUTPUT_TOKENS))
-        now = self.engine.now_ms()
         limits = self._rate_limits(caller, tokens + output)
         rate_headers: dict[str, str] = {}
-        if limits:
-            verdict = self.limiter.take(limits, now)
+        if limits:  # in the ledger, under its write lock: no gateway on it can take the same capacity
+            verdict = await self.engine.take_rate(limits)
             rate_headers = verdict.headers
             if not verdict.allowed:
                 what = verdict.limit.kind if verdict.limit else "requests"
@@ -382,11 +380,10 @@ class Governor:
             tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
         # Written, or spilled if the ledger refuses it: the call was answered, it is never lost.
         await self.engine.settle_call(ticket.hold_id, event)
-        limits = self._rate_limits(ticket.caller, 0)
-        if any(limit.kind == "tokens" for limit in limits):
+        if ticket.caller.tpm:  # the estimate taken before the call, corrected in the ledger's log
             actual = used.input_tokens + used.output_tokens
-            self.limiter.adjust(f"token:{ticket.caller.token_id or ticket.caller.principal}", "tokens",
-                                actual - ticket.input_estimate - ticket.max_output, self.engine.now_ms())
+            await self.engine.adjust_rate(f"token:{ticket.caller.token_id or ticket.caller.principal}", "tokens",
+                                          actual - ticket.input_estimate - ticket.max_output)
 
     async def fail(self, ticket: Ticket) -> None:
         """The provider failed: nothing was used; the hold goes back, the failure counts for health."""

@@ -362,6 +362,24 @@ CREATE TABLE audit_anchor_posts (
     hash TEXT NOT NULL
 );
 """,
+    # Rate limits shared by every process on the ledger (engine.ratelimits): what each key took,
+    # a row per take, and the sum of each key's rows, so that a window is read at a constant
+    # cost. Tables only added: older processes are unaffected (they keep their limits in memory).
+    """
+CREATE TABLE rate_log (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    amount INTEGER NOT NULL
+);
+CREATE INDEX rate_log_window ON rate_log (key, kind, ts_ms);
+CREATE TABLE rate_totals (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    PRIMARY KEY (key, kind)
+) WITHOUT ROWID;
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -19,10 +19,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from engine import ratelimits
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, CallCost, Evaluation
 from engine.ledger import LedgerRefusing, LedgerTx, RecordResult, refusal
 from engine.models import UsageEvent
 from engine.pricing import ModelPrice, worst_cost_nanos
+from engine.ratelimits import Limit, RateDecision
 from engine.services.core import Core, Service
 from engine.services.usage import UsageService
 from engine.spill import SUFFIX as SPILL_SUFFIX
@@ -77,6 +79,7 @@ class CallService(Service):
         self.refusing: str | None = None  # why the ledger refuses writes, while it does
         self._retry_writes: asyncio.Task[None] | None = None
         self._replaying = asyncio.Lock()
+        self.rate_refusals = ratelimits.Refusals()  # request-limit refusals nothing can overturn yet
 
     def worst_case(self, call: CallRequest) -> CallCost:
         """The most a call can cost: its input bound (``pricing.prompt_bound``) plus
@@ -119,6 +122,40 @@ class CallService(Service):
                 raise
             self._refused(why)
             raise LedgerRefusing(why) from None
+
+    async def take_rate(self, limits: list[Limit]) -> RateDecision:
+        """Take a call's rate limits (its token's rpm and tpm) from the ledger's log, all or none,
+        in a group-committed operation under the ledger's write lock: exact across every process
+        on the ledger (``ratelimits.take``), at the store's time. A refusal of a request limit is
+        remembered until its retry time (``ratelimits.Refusals``): the same token is refused again
+        meanwhile without a transaction. LedgerRefusing while the ledger refuses writes."""
+        if not limits:
+            return RateDecision(True, None, 0, 0, 0)
+        if (known := self.rate_refusals.refusal(limits, self.now_ms())) is not None:
+            return known
+        if self.refusing is not None:
+            raise LedgerRefusing(self.refusing)
+        try:
+            decision: RateDecision = await self._tx(lambda tx: ratelimits.take(tx, limits, self.now_ms()), sync=False)
+        except Exception as exc:
+            if (why := refusal(exc)) is None:
+                raise
+            self._refused(why)
+            raise LedgerRefusing(why) from None
+        if not decision.allowed:
+            self.rate_refusals.remember(decision, self.now_ms())
+        return decision
+
+    async def adjust_rate(self, key: str, kind: str, delta: int) -> None:
+        """Correct what a call took from a rate limit once its true amount is known (its tokens,
+        estimated before the call): the correction joins the ledger's log. Never raises: the
+        call was answered; a correction the ledger refuses is lost, and said."""
+        if not delta or self.refusing is not None:
+            return
+        try:
+            await self._tx(lambda tx: ratelimits.adjust(tx, key, kind, delta, self.now_ms()), sync=False)
+        except Exception as exc:
+            log.warning("the rate limit %s (%s) was not corrected by %+d: %s", key, kind, delta, exc)
 
     def _cheaper_models(self, call: CallRequest, cost: CallCost) -> list[tuple[str, str, CallCost]]:
         """Models of the same kind whose worst case is cheaper, the dearest first (the closest to

@@ -297,6 +297,23 @@ CREATE TABLE audit_anchor_posts (
     hash TEXT NOT NULL
 );
 """,
+    # Rate limits shared by every gateway on the ledger (engine.ratelimits): what each key took,
+    # a row per take, and the sum of each key's rows, so that a window is read at a constant cost.
+    """
+CREATE TABLE rate_log (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    amount BIGINT NOT NULL
+);
+CREATE INDEX rate_log_window ON rate_log (key, kind, ts_ms);
+CREATE TABLE rate_totals (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    total BIGINT NOT NULL,
+    PRIMARY KEY (key, kind)
+);
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
