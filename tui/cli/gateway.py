@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.engine import default_db_path
+from engine.engine import ledger_location
 from engine.vault import Vault, vault_path
 from tui.cli.common import EXIT_OK, UsageError, now_clock
 
@@ -49,9 +49,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     limits = HttpLimits(header_bytes=args.max_header_bytes, headers=args.max_headers,
                         header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive)
     mode = args.routing if args.routing == "off" else parse_mode(args.routing)
-    db = Path(args.db) if args.db else default_db_path()
+    db = ledger_location(args.db)  # a file, or a PostgreSQL database's address (kept whole: not a Path)
     app = create_app(db, clock=now_clock(), routing_mode=mode, max_body=args.max_body,
-                     address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(db),
+                     address=f"{args.host}:{args.port}",
+                     vault_passphrase=_gateway_passphrase(db) if isinstance(db, Path) else None,
                      sync_interval_s=args.sync_interval, limits=limits)
     print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
