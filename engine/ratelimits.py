@@ -106,8 +106,8 @@ def _ledger_verdicts(ledger: LedgerView, limits: Sequence[Limit], now_ms: int, w
                      backlog: list[tuple[Limit, int]]) -> Iterator[RateDecision]:
     cutoff = now_ms - window_ms
     rates = ledger.rates
-    for limit in limits:
-        window = rates.window(limit.key, limit.kind, cutoff)
+    for limit, window in zip(limits, rates.windows([(limit.key, limit.kind) for limit in limits], cutoff),
+                             strict=True):
         backlog.append((limit, window.expired))
 
         def entries(limit: Limit = limit) -> Iterator[tuple[int, int]]:

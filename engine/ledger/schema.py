@@ -363,8 +363,9 @@ CREATE TABLE audit_anchor_posts (
 );
 """,
     # Rate limits shared by every process on the ledger (engine.ratelimits): what each key took,
-    # a row per take, and the sum of each key's rows, so that a window is read at a constant
-    # cost. Tables only added: older processes are unaffected (they keep their limits in memory).
+    # a row per take, and the sum of each key's rows (kept by triggers: a take is one INSERT),
+    # so that a window is read at a constant cost. Tables only added: older processes are
+    # unaffected (they keep their limits in memory).
     """
 CREATE TABLE rate_log (
     key TEXT NOT NULL,
@@ -379,6 +380,15 @@ CREATE TABLE rate_totals (
     total INTEGER NOT NULL,
     PRIMARY KEY (key, kind)
 ) WITHOUT ROWID;
+CREATE TRIGGER rate_log_added AFTER INSERT ON rate_log
+BEGIN
+    INSERT INTO rate_totals (key, kind, total) VALUES (new.key, new.kind, new.amount)
+    ON CONFLICT (key, kind) DO UPDATE SET total = total + excluded.total;
+END;
+CREATE TRIGGER rate_log_removed AFTER DELETE ON rate_log
+BEGIN
+    UPDATE rate_totals SET total = total - old.amount WHERE key = old.key AND kind = old.kind;
+END;
 """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -22,6 +22,7 @@ import pytest
 
 from engine.clock import FrozenClock
 from engine.engine import Engine
+from engine.integrations.gateway import create_app
 from tests.asgi_servers import FakeOpenAI, serve
 from tests.reliability import start_gateway
 
@@ -145,3 +146,28 @@ def test_tpm_over_two_gateways_holds_across_them(ledger: str, provider: str, env
     used = sum(i + o for i, o in calls)
     assert used <= 1_000  # one limit for both gateways (each alone would have let about 1,000 through)
     assert window == used  # every estimate corrected to what the provider counted
+
+
+def test_a_token_without_limits_never_touches_the_rate_log(ledger: str, provider: str, env: dict[str, str]) -> None:
+    _free_id, free = asyncio.run(_prepare(ledger, provider))
+
+    async def limited_token() -> tuple[str, str]:
+        async with await Engine.open(ledger, clock=FrozenClock(NOW_MS)) as engine:
+            token, secret = await engine.create_token(name="limited", principal="load", rpm=10)
+            return token.id, secret
+
+    limited_id, limited = asyncio.run(limited_token())
+
+    async def keys() -> list[tuple[str, str]]:
+        async with await Engine.open(ledger, clock=FrozenClock(NOW_MS)) as engine:
+            return await engine.store.transact(lambda tx: tx.rates.keys())
+
+    with serve(create_app(ledger, routing_mode="off", clock=FrozenClock(NOW_MS))) as base, \
+            httpx.Client(timeout=30) as http:
+        for _ in range(3):
+            assert http.post(f"{base}/v1/chat/completions", json=ASK,
+                             headers={"authorization": f"Bearer {free}"}).status_code == 200
+        assert asyncio.run(keys()) == []
+        assert http.post(f"{base}/v1/chat/completions", json=ASK,
+                         headers={"authorization": f"Bearer {limited}"}).status_code == 200
+        assert asyncio.run(keys()) == [(f"token:{limited_id}", "requests")]
