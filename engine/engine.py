@@ -363,6 +363,13 @@ class Engine:
     async def check(self, call: CallRequest) -> Evaluation:
         return await self.services.calls.check(call)
 
+    async def authorize_limited(self, call: CallRequest,
+                                limits: list[Limit]) -> tuple[RateDecision, Authorization | None]:
+        return await self.services.calls.authorize_limited(call, limits)
+
+    def rate_refusal(self, limits: list[Limit]) -> RateDecision | None:
+        return self.services.calls.rate_refusals.refusal(limits, self.now_ms())
+
     async def take_rate(self, limits: list[Limit]) -> RateDecision:
         return await self.services.calls.take_rate(limits)
 

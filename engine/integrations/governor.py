@@ -1,9 +1,10 @@
 """One governed model call, the same for the gateway and the in-process transport:
 
-1. rate limits (the token's rpm and tpm, sliding window, in the ledger: exact across every
-   gateway on it; a token without limits never touches them);
+1. a refusal of the token's rate limits this process remembers (nothing can overturn it yet);
 2. routing (the chat request is scored; ``enforced`` rewrites the model);
-3. authorize: a hold of the call's worst case on every policy, all or none;
+3. in one ledger operation: the token's rpm and tpm (sliding window, in the ledger: exact across
+   every gateway on it; a token without limits never touches them), then a hold of the call's
+   worst case on every policy, all or none;
 4. (the caller forwards the call to the provider);
 5. settle from the usage the provider reported, or an estimate marked as such when a
    stream was cut off; a call that failed releases its hold (recorded as an error for
@@ -32,7 +33,7 @@ from engine.integrations.contract import MAX_TOKENS
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
-from engine.ratelimits import Limit
+from engine.ratelimits import Limit, RateDecision
 from engine.services.calls import RETRY_AFTER_S, CallRequest
 
 if TYPE_CHECKING:
@@ -274,13 +275,8 @@ class Governor:
         output = choices * (cap if cap is not None else (0 if kind == "embeddings" else DEFAULT_MAX_OUTPUT_TOKENS))
         limits = self._rate_limits(caller, tokens + output)
         rate_headers: dict[str, str] = {}
-        if limits:  # in the ledger, under its write lock: no gateway on it can take the same capacity
-            verdict = await self.engine.take_rate(limits)
-            rate_headers = verdict.headers
-            if not verdict.allowed:
-                what = verdict.limit.kind if verdict.limit else "requests"
-                raise Refused(429, f"rate limit reached: {what} per minute for this token", "rate_limit_error",
-                              "rate_limit_exceeded", None, rate_headers)
+        if limits and (known := self.engine.rate_refusal(limits)) is not None:
+            raise self._rate_refusal(known)  # remembered: nothing can overturn it yet, no need to route
         request_id = "bgt-" + unique_hex()
         applied = model
         if route and kind == "chat" and self.routing_mode in ("suggest", "dry_run", "enforced"):
@@ -297,11 +293,19 @@ class Governor:
             else:
                 raise Refused(404, f"The model `{model}` is not served by any registered provider",
                               "invalid_request_error", "model_not_found", "model")
-        auth = await self.engine.authorize(CallRequest(  # a ledger refusing writes: LedgerRefusing, a 503
+        # The token's rate limits (in the ledger, under its write lock: no gateway on it can take
+        # the same capacity) and the hold, in one operation. A ledger refusing writes:
+        # LedgerRefusing, a 503.
+        verdict, authorized = await self.engine.authorize_limited(CallRequest(
             principal=caller.principal, model=applied, provider=target.name if target else provider,
             team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
             agent=caller.agent, input_tokens=prompt_bound(body), max_tokens=cap,  # no cap: the model's most
-            choices=choices, request_id=request_id))
+            choices=choices, request_id=request_id), limits)
+        if limits:
+            rate_headers = verdict.headers
+        if authorized is None:
+            raise self._rate_refusal(verdict)
+        auth = authorized
         if not auth.allowed:
             refusal = self._budget_refusal(auth)
             await self._record_refusal(caller, request_id, model, applied, target.name if target else provider, auth,
@@ -320,6 +324,12 @@ class Governor:
             raise
         self.open[request_id] = ticket
         return ticket, target
+
+    @staticmethod
+    def _rate_refusal(verdict: RateDecision) -> Refused:
+        what = verdict.limit.kind if verdict.limit else "requests"
+        return Refused(429, f"rate limit reached: {what} per minute for this token", "rate_limit_error",
+                       "rate_limit_exceeded", None, verdict.headers)
 
     async def _record_refusal(self, caller: Caller, request_id: str, requested: str, model: str, provider: str,
                               auth: Authorization, started: float) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -109,19 +109,42 @@ class CallService(Service):
     async def authorize(self, call: CallRequest) -> Authorization:
         """Check every applicable policy and, if the call may go, hold its worst case on all of them.
         LedgerRefusing while the ledger refuses writes (``settle_call``): no call starts then."""
+        _, auth = await self.authorize_limited(call, ())
+        assert auth is not None  # no limit to refuse it
+        return auth
+
+    async def authorize_limited(self, call: CallRequest,
+                                limits: Sequence[Limit]) -> tuple[RateDecision, Authorization | None]:
+        """``authorize``, the call's rate limits taken first in the same operation (one
+        transaction, under the ledger's write lock, as ``take_rate``): (the rate decision, the
+        authorization), the authorization None when a rate limit refused the call (then no
+        policy was asked and nothing held). A request-limit refusal the process remembers
+        answers at once (``ratelimits.Refusals``)."""
+        allowed = RateDecision(True, None, 0, 0, 0)
+        if limits and (known := self.rate_refusals.refusal(limits, self.now_ms())) is not None:
+            return known, None
         if self.refusing is not None:
             raise LedgerRefusing(self.refusing)
         cost = self.worst_case(call)
         context = self._context(call)
         alternatives = _Lazy(lambda: self._cheaper_models(call, cost))  # worked out only for a downgrade
+
+        def op(tx: LedgerTx) -> tuple[RateDecision, Authorization | None]:
+            decision = ratelimits.take(tx, limits, self.now_ms()) if limits else allowed
+            if not decision.allowed:
+                return decision, None
+            return decision, self.budgets.authorize(tx, context, cost, call.request_id, alternatives)
+
         try:
-            return await self._tx(
-                lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives), sync=False)
+            decision, auth = await self._tx(op, sync=False)
         except Exception as exc:
             if (why := refusal(exc)) is None:
                 raise
             self._refused(why)
             raise LedgerRefusing(why) from None
+        if not decision.allowed:
+            self.rate_refusals.remember(decision, self.now_ms())
+        return decision, auth
 
     async def take_rate(self, limits: list[Limit]) -> RateDecision:
         """Take a call's rate limits (its token's rpm and tpm) from the ledger's log, all or none,
