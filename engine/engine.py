@@ -370,9 +370,6 @@ class Engine:
     def rate_refusal(self, limits: list[Limit]) -> RateDecision | None:
         return self.services.calls.rate_refusals.refusal(limits, self.now_ms())
 
-    async def take_rate(self, limits: list[Limit]) -> RateDecision:
-        return await self.services.calls.take_rate(limits)
-
     async def adjust_rate(self, key: str, kind: str, delta: int) -> None:
         return await self.services.calls.adjust_rate(key, kind, delta)
 

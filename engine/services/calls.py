@@ -116,7 +116,7 @@ class CallService(Service):
     async def authorize_limited(self, call: CallRequest,
                                 limits: Sequence[Limit]) -> tuple[RateDecision, Authorization | None]:
         """``authorize``, the call's rate limits taken first in the same operation (one
-        transaction, under the ledger's write lock, as ``take_rate``): (the rate decision, the
+        transaction, under the ledger's write lock, ``ratelimits.take``): (the rate decision, the
         authorization), the authorization None when a rate limit refused the call (then no
         policy was asked and nothing held). A request-limit refusal the process remembers
         answers at once (``ratelimits.Refusals``)."""
@@ -145,29 +145,6 @@ class CallService(Service):
         if not decision.allowed:
             self.rate_refusals.remember(decision, self.now_ms())
         return decision, auth
-
-    async def take_rate(self, limits: list[Limit]) -> RateDecision:
-        """Take a call's rate limits (its token's rpm and tpm) from the ledger's log, all or none,
-        in a group-committed operation under the ledger's write lock: exact across every process
-        on the ledger (``ratelimits.take``), at the store's time. A refusal of a request limit is
-        remembered until its retry time (``ratelimits.Refusals``): the same token is refused again
-        meanwhile without a transaction. LedgerRefusing while the ledger refuses writes."""
-        if not limits:
-            return RateDecision(True, None, 0, 0, 0)
-        if (known := self.rate_refusals.refusal(limits, self.now_ms())) is not None:
-            return known
-        if self.refusing is not None:
-            raise LedgerRefusing(self.refusing)
-        try:
-            decision: RateDecision = await self._tx(lambda tx: ratelimits.take(tx, limits, self.now_ms()), sync=False)
-        except Exception as exc:
-            if (why := refusal(exc)) is None:
-                raise
-            self._refused(why)
-            raise LedgerRefusing(why) from None
-        if not decision.allowed:
-            self.rate_refusals.remember(decision, self.now_ms())
-        return decision
 
     async def adjust_rate(self, key: str, kind: str, delta: int) -> None:
         """Correct what a call took from a rate limit once its true amount is known (its tokens,
