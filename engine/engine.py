@@ -376,8 +376,9 @@ class Engine:
     async def settle(self, hold_id: str, event: UsageEvent) -> RecordResult:
         return await self.services.calls.settle(hold_id, event)
 
-    async def settle_call(self, hold_id: str | None, event: UsageEvent | None) -> bool:
-        return await self.services.calls.settle_call(hold_id, event)
+    async def settle_call(self, hold_id: str | None, event: UsageEvent | None,
+                          rate: tuple[str, str, int] | None = None) -> bool:
+        return await self.services.calls.settle_call(hold_id, event, rate)
 
     async def replay_spill(self, *, probe: bool = False) -> int:
         return await self.services.calls.replay_spill(probe=probe)

@@ -388,12 +388,14 @@ class Governor:
             reasoning_tokens=used.reasoning_tokens, latency_ms=round((time.perf_counter() - ticket.started) * 1000),
             status=status, cost_source="estimated" if estimated else "computed",
             tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
-        # Written, or spilled if the ledger refuses it: the call was answered, it is never lost.
-        await self.engine.settle_call(ticket.hold_id, event)
+        rate = None
         if ticket.caller.tpm:  # the estimate taken before the call, corrected in the ledger's log
-            actual = used.input_tokens + used.output_tokens
-            await self.engine.adjust_rate(f"token:{ticket.caller.token_id or ticket.caller.principal}", "tokens",
-                                          actual - ticket.input_estimate - ticket.max_output)
+            delta = used.input_tokens + used.output_tokens - ticket.input_estimate - ticket.max_output
+            if delta:
+                rate = (f"token:{ticket.caller.token_id or ticket.caller.principal}", "tokens", delta)
+        # Written, or spilled if the ledger refuses it: the call was answered, it is never lost.
+        # The rate correction goes in the same operation.
+        await self.engine.settle_call(ticket.hold_id, event, rate)
 
     async def fail(self, ticket: Ticket) -> None:
         """The provider failed: nothing was used; the hold goes back, the failure counts for health."""

@@ -180,18 +180,28 @@ class CallService(Service):
         return await self._tx(
             lambda tx: self.budgets.evaluate(tx, context, cost, self.now_ms()))
 
-    async def settle(self, hold_id: str, event: UsageEvent) -> RecordResult:
-        """Post the call's actual usage to the ledger and release its hold, at once."""
+    async def settle(self, hold_id: str, event: UsageEvent,
+                     rate: tuple[str, str, int] | None = None) -> RecordResult:
+        """Post the call's actual usage to the ledger and release its hold, at once; ``rate``
+        (key, kind, delta): a rate limit's correction, in the same operation (``adjust_rate``)."""
         priced = self.usage.priced(event)
-        return await self._tx(
-            lambda tx: self.budgets.settle(tx, hold_id, priced))
 
-    async def settle_call(self, hold_id: str | None, event: UsageEvent | None) -> bool:
+        def op(tx: LedgerTx) -> RecordResult:
+            if rate is not None:
+                ratelimits.adjust(tx, *rate, self.now_ms())
+            return self.budgets.settle(tx, hold_id, priced)
+
+        return await self._tx(op)
+
+    async def settle_call(self, hold_id: str | None, event: UsageEvent | None,
+                          rate: tuple[str, str, int] | None = None) -> bool:
         """Settle a call that was made: ``settle`` (or ``record`` when it had no hold), or with
         ``event`` None release its hold. If the ledger refuses the write (``store.refusal``), or
         has refused writes and not yet taken one again, the settlement goes to the spill journal
         instead, to be replayed once the ledger takes writes: the caller's answer never waits
-        for the disk to come back. True when written to the ledger now."""
+        for the disk to come back. True when written to the ledger now. ``rate`` (key, kind,
+        delta): a rate limit's correction, written with the settlement (``adjust_rate``); one the
+        ledger refuses is lost, never spilled."""
         priced = self.usage.priced(event) if event is not None else None
         if self.refusing is None:
             try:
@@ -199,9 +209,12 @@ class CallService(Service):
                     if hold_id:
                         await self.release(hold_id)
                 elif hold_id:
-                    await self.settle(hold_id, priced)
+                    await self.settle(hold_id, priced, rate)
+                    rate = None
                 else:
                     await self.usage.record(priced)
+                if rate is not None:
+                    await self.adjust_rate(*rate)
                 return True
             except Exception as exc:
                 if (why := refusal(exc)) is None:
