@@ -32,8 +32,11 @@ gateway's limits on a request's head) swaps a part, for comparisons. The through
 per call, the figure that moves least when other processes share the cores: compare variants in
 alternating runs.
 
+The bench token has no rate limit unless ``--rpm``/``--tpm`` give it one (set high enough not to
+refuse, they measure what a limited token's call costs: its take in the ledger's rate log).
+
     python -m bench.gateway [--requests 3000] [--routing off] [--sustained 60]
-                            [--upstream http11|aiohttp] [--protocol gateway|uvicorn]
+                            [--upstream http11|aiohttp] [--protocol gateway|uvicorn] [--rpm N] [--tpm N]
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ async def _ledger(db: Path) -> tuple[int, int]:
         return await engine.event_count(), await engine.open_holds()
 
 
+#: The bench token's rpm and tpm (``--rpm``, ``--tpm``): None, no limit (its calls never touch the
+#: rate log); set, each call is also taken from the ledger's rate log (ratelimits.take).
+LIMITS: tuple[int | None, int | None] = (None, None)
 CATALOG = "vendor"  # how the provider is registered: every OpenAI model ("vendor") or gpt-4o-mini alone ("one")
 
 
@@ -110,7 +116,8 @@ async def _prepare(db: Path, provider_url: str) -> str:
         await engine.vault_set("bench", "sk-bench-not-a-real-key")
         await engine.add_provider(name="fake", kind="openai", base_url=f"{provider_url}/v1", credential="vault:bench",
                                   **({"vendor": "openai"} if CATALOG == "vendor" else {"models": ["gpt-4o-mini"]}))
-        _token, secret = await engine.create_token(name="bench", principal="bench", team="perf")
+        _token, secret = await engine.create_token(name="bench", principal="bench", team="perf", rpm=LIMITS[0],
+                                                   tpm=LIMITS[1])
         return secret
 
 
@@ -166,6 +173,12 @@ def _label(routing: str | None) -> str:
     return "default flags" if routing is None else f"--routing {routing}"
 
 
+def _limits() -> str:
+    """The bench token's rate limits, as the header line says them."""
+    said = [f"{name} {value:,}" for name, value in zip(("rpm", "tpm"), LIMITS, strict=True) if value]
+    return f"the token's rate limits: {' and '.join(said)}" if said else "a token without rate limits"
+
+
 def _variant() -> str:
     return f"upstream {UPSTREAM}, protocol {PROTOCOL}"
 
@@ -181,7 +194,8 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
     try:
         _wait(f"{provider_url}/v1/models")
         print(f"{os.cpu_count()} cores; {_variant()}; sustained: {connections} connections for {seconds:.0f} s "
-              f"each; the provider answers at once and serves {_served()}; 3 hard budgets on every governed call")
+              f"each; the provider answers at once and serves {_served()}; 3 hard budgets on every governed call; "
+              f"{_limits()}")
         direct = asyncio.run(wire.load_for("127.0.0.1", pport, wire.post(PATH, ASK, {}, f"127.0.0.1:{pport}"),
                                            connections, seconds))
         rows.append(("provider, direct", direct, None, 0))
@@ -256,9 +270,13 @@ def main() -> None:
     parser.add_argument("--protocol", choices=("gateway", "uvicorn"), default="gateway",
                         help="what serves the gateway: its own uvicorn protocol (gateway) or uvicorn's httptools "
                              "protocol as it is (uvicorn: no limits on a request's head)")
+    parser.add_argument("--rpm", type=int, default=None,
+                        help="the bench token's requests per minute (default none); set it high enough not to refuse "
+                             "to measure what a limited token's call costs")
+    parser.add_argument("--tpm", type=int, default=None, help="the bench token's tokens per minute (default none)")
     args = parser.parse_args()
-    global CATALOG, UPSTREAM, PROTOCOL
-    CATALOG, UPSTREAM, PROTOCOL = args.catalog, args.upstream, args.protocol
+    global CATALOG, UPSTREAM, PROTOCOL, LIMITS
+    CATALOG, UPSTREAM, PROTOCOL, LIMITS = args.catalog, args.upstream, args.protocol, (args.rpm, args.tpm)
     env = {**os.environ, "BUDGETEER_VAULT_PASSPHRASE": "bench", "BUDGETEER_VAULT_BACKEND": "file"}
     os.environ.update({k: env[k] for k in ("BUDGETEER_VAULT_PASSPHRASE", "BUDGETEER_VAULT_BACKEND")})
     try:
@@ -281,7 +299,7 @@ def main() -> None:
             auth = {"authorization": f"Bearer {secret}"}
             answered = 0
             print(f"{os.cpu_count()} cores; {_variant()}; gateway with {_label(args.routing)}; "
-                  f"the provider serves {_served()}; 3 hard budgets on every call")
+                  f"the provider serves {_served()}; 3 hard budgets on every call; {_limits()}")
             print(f"latency: the provider answers each call in 20-80 ms (seeded); {args.requests:,} calls a row")
             print(f"{'connections':>11}  {'direct p50':>10}  {'gateway p50':>11}  {'added p50':>9}  {'added p99':>9}"
                   f"  {'calls/s':>7}  failures")

@@ -57,6 +57,7 @@ from engine.ledger import local_path as ledger_files_path
 from engine.ledger.results import BudgetDecision, Delivery
 from engine.models import FieldError, GatewayStatus, SettledCall, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices
+from engine.ratelimits import Limit, RateDecision
 from engine.services.alerts import AlertService
 from engine.services.approvals import ApprovalService
 from engine.services.audit import AuditService
@@ -427,11 +428,22 @@ class Engine:
     async def check(self, call: CallRequest) -> Evaluation:
         return await self.services.calls.check(call)
 
+    async def authorize_limited(self, call: CallRequest,
+                                limits: list[Limit]) -> tuple[RateDecision, Authorization | None]:
+        return await self.services.calls.authorize_limited(call, limits)
+
+    def rate_refusal(self, limits: list[Limit]) -> RateDecision | None:
+        return self.services.calls.rate_refusals.refusal(limits, self.now_ms())
+
+    async def adjust_rate(self, key: str, kind: str, delta: int) -> None:
+        return await self.services.calls.adjust_rate(key, kind, delta)
+
     async def settle(self, hold_id: str, event: UsageEvent) -> RecordResult:
         return await self.services.calls.settle(hold_id, event)
 
-    async def settle_call(self, hold_id: str | None, event: UsageEvent | None) -> bool:
-        return await self.services.calls.settle_call(hold_id, event)
+    async def settle_call(self, hold_id: str | None, event: UsageEvent | None,
+                          rate: tuple[str, str, int] | None = None) -> bool:
+        return await self.services.calls.settle_call(hold_id, event, rate)
 
     async def replay_spill(self, *, probe: bool = False) -> int:
         return await self.services.calls.replay_spill(probe=probe)

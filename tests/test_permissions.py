@@ -50,6 +50,8 @@ RUNTIME = {
     "bulk_record": "the same, in bulk (an operator's import is import_usage)",
     "ingest_otlp": "the gateway's /v1/traces, for a token scoped for it (an operator's file is import_otlp)",
     "authorize": "a call's hold, on the hot path: no member lookup",
+    "authorize_limited": "a call's rate limits and hold, in one operation, on the hot path",
+    "adjust_rate": "the same, corrected once the call's tokens are known",
     "settle": "a call's usage and the release of its hold",
     "release": "the hold of a failed call",
     "expire_holds": "upkeep: holds past their time to live",

@@ -1,8 +1,10 @@
 """One governed model call, the same for the gateway and the in-process transport:
 
-1. rate limits (the token's rpm and tpm, sliding window);
+1. a refusal of the token's rate limits this process remembers (nothing can overturn it yet);
 2. routing (the chat request is scored; ``enforced`` rewrites the model);
-3. authorize: a hold of the call's worst case on every policy, all or none;
+3. in one ledger operation: the token's rpm and tpm (sliding window, in the ledger: exact across
+   every gateway on it; a token without limits never touches them), then a hold of the call's
+   worst case on every policy, all or none;
 4. (the caller forwards the call to the provider);
 5. settle from the usage the provider reported, or an estimate marked as such when a
    stream was cut off; a call that failed releases its hold (recorded as an error for
@@ -32,7 +34,7 @@ from engine.ledger import changes
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
-from engine.ratelimits import Limit, RateLimiter
+from engine.ratelimits import Limit, RateDecision
 from engine.services.calls import RETRY_AFTER_S, CallRequest
 
 if TYPE_CHECKING:
@@ -215,11 +217,9 @@ class Governor:
     """Begin, then finish or fail, each call; tracks the calls under way so a shutdown can
     release what it cannot settle."""
 
-    def __init__(self, engine: Engine, *, routing_mode: str = "suggest", limiter: RateLimiter | None = None,
-                 resolve_providers: bool = True) -> None:
+    def __init__(self, engine: Engine, *, routing_mode: str = "suggest", resolve_providers: bool = True) -> None:
         self.engine = engine
         self.routing_mode = routing_mode
-        self.limiter = limiter or RateLimiter()
         self.resolve_providers = resolve_providers
         self.open: dict[str, Ticket] = {}
         self._providers: tuple[float, list[prov.Provider]] | None = None
@@ -288,16 +288,10 @@ class Governor:
         choices = body.get("n")
         choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1 else 1
         output = choices * (cap if cap is not None else (0 if kind == "embeddings" else DEFAULT_MAX_OUTPUT_TOKENS))
-        now = self.engine.now_ms()
         limits = self._rate_limits(caller, tokens + output)
         rate_headers: dict[str, str] = {}
-        if limits:
-            verdict = self.limiter.take(limits, now)
-            rate_headers = verdict.headers
-            if not verdict.allowed:
-                what = verdict.limit.kind if verdict.limit else "requests"
-                raise Refused(429, f"rate limit reached: {what} per minute for this token", "rate_limit_error",
-                              "rate_limit_exceeded", None, rate_headers)
+        if limits and (known := self.engine.rate_refusal(limits)) is not None:
+            raise self._rate_refusal(known)  # remembered: nothing can overturn it yet, no need to route
         request_id = "bgt-" + unique_hex()
         applied = model
         if route and kind == "chat" and self.routing_mode in ("suggest", "dry_run", "enforced"):
@@ -314,11 +308,19 @@ class Governor:
             else:
                 raise Refused(404, f"The model `{model}` is not served by any registered provider",
                               "invalid_request_error", "model_not_found", "model")
-        auth = await self.engine.authorize(CallRequest(  # a ledger refusing writes: LedgerRefusing, a 503
+        # The token's rate limits (in the ledger, under its write lock: no gateway on it can take
+        # the same capacity) and the hold, in one operation. A ledger refusing writes:
+        # LedgerRefusing, a 503.
+        verdict, authorized = await self.engine.authorize_limited(CallRequest(
             principal=caller.principal, model=applied, provider=target.name if target else provider,
             team=caller.team, workspace=caller.workspace, token_id=caller.token_id, session=caller.session,
             agent=caller.agent, input_tokens=prompt_bound(body), max_tokens=cap,  # no cap: the model's most
-            choices=choices, request_id=request_id))
+            choices=choices, request_id=request_id), limits)
+        if limits:
+            rate_headers = verdict.headers
+        if authorized is None:
+            raise self._rate_refusal(verdict)
+        auth = authorized
         if not auth.allowed:
             refusal = self._budget_refusal(auth)
             await self._record_refusal(caller, request_id, model, applied, target.name if target else provider, auth,
@@ -337,6 +339,12 @@ class Governor:
             raise
         self.open[request_id] = ticket
         return ticket, target
+
+    @staticmethod
+    def _rate_refusal(verdict: RateDecision) -> Refused:
+        what = verdict.limit.kind if verdict.limit else "requests"
+        return Refused(429, f"rate limit reached: {what} per minute for this token", "rate_limit_error",
+                       "rate_limit_exceeded", None, verdict.headers)
 
     async def _record_refusal(self, caller: Caller, request_id: str, requested: str, model: str, provider: str,
                               auth: Authorization, started: float) -> None:
@@ -395,13 +403,14 @@ class Governor:
             reasoning_tokens=used.reasoning_tokens, latency_ms=round((time.perf_counter() - ticket.started) * 1000),
             status=status, cost_source="estimated" if estimated else "computed",
             tags={"requested_model": ticket.requested_model} if ticket.requested_model != ticket.model else {})
+        rate = None
+        if ticket.caller.tpm:  # the estimate taken before the call, corrected in the ledger's log
+            delta = used.input_tokens + used.output_tokens - ticket.input_estimate - ticket.max_output
+            if delta:
+                rate = (f"token:{ticket.caller.token_id or ticket.caller.principal}", "tokens", delta)
         # Written, or spilled if the ledger refuses it: the call was answered, it is never lost.
-        await self.engine.settle_call(ticket.hold_id, event)
-        limits = self._rate_limits(ticket.caller, 0)
-        if any(limit.kind == "tokens" for limit in limits):
-            actual = used.input_tokens + used.output_tokens
-            self.limiter.adjust(f"token:{ticket.caller.token_id or ticket.caller.principal}", "tokens",
-                                actual - ticket.input_estimate - ticket.max_output, self.engine.now_ms())
+        # The rate correction goes in the same operation.
+        await self.engine.settle_call(ticket.hold_id, event, rate)
 
     async def fail(self, ticket: Ticket) -> None:
         """The provider failed: nothing was used; the hold goes back, the failure counts for health."""

@@ -362,6 +362,34 @@ CREATE TABLE audit_anchor_posts (
     hash TEXT NOT NULL
 );
 """,
+    # Rate limits shared by every process on the ledger (engine.ratelimits): what each key took,
+    # a row per take, and the sum of each key's rows (kept by triggers: a take is one INSERT),
+    # so that a window is read at a constant cost. Tables only added: older processes are
+    # unaffected (they keep their limits in memory).
+    """
+CREATE TABLE rate_log (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    amount INTEGER NOT NULL
+);
+CREATE INDEX rate_log_window ON rate_log (key, kind, ts_ms);
+CREATE TABLE rate_totals (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    PRIMARY KEY (key, kind)
+) WITHOUT ROWID;
+CREATE TRIGGER rate_log_added AFTER INSERT ON rate_log
+BEGIN
+    INSERT INTO rate_totals (key, kind, total) VALUES (new.key, new.kind, new.amount)
+    ON CONFLICT (key, kind) DO UPDATE SET total = total + excluded.total;
+END;
+CREATE TRIGGER rate_log_removed AFTER DELETE ON rate_log
+BEGIN
+    UPDATE rate_totals SET total = total - old.amount WHERE key = old.key AND kind = old.kind;
+END;
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

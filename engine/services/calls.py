@@ -13,16 +13,18 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from engine import ratelimits
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, CallCost, Evaluation
 from engine.ledger import LedgerRefusing, LedgerTx, RecordResult, refusal
 from engine.models import FieldError, UsageEvent
 from engine.pricing import ModelPrice, worst_cost_nanos
+from engine.ratelimits import Limit, RateDecision
 from engine.services.core import Core, Service
 from engine.services.usage import UsageService
 from engine.spill import SUFFIX as SPILL_SUFFIX
@@ -85,6 +87,7 @@ class CallService(Service):
         self.down_allowance: int | None = None
         self.down_spent = 0  # what calls admitted while the ledger refused writes may cost (held, then actual)
         self._down_holds: dict[str, int] = {}  # local hold id -> its worst case, for calls admitted so
+        self.rate_refusals = ratelimits.Refusals()  # request-limit refusals nothing can overturn yet
 
     def allow_while_down(self, nanos: int | None) -> None:
         """``--when-ledger-down allow``: while the ledger cannot be written, admit calls up to
@@ -138,19 +141,54 @@ class CallService(Service):
     async def authorize(self, call: CallRequest) -> Authorization:
         """Check every applicable policy and, if the call may go, hold its worst case on all of them.
         LedgerRefusing while the ledger refuses writes (``settle_call``): no call starts then."""
+        _, auth = await self.authorize_limited(call, ())
+        assert auth is not None  # no limit to refuse it
+        return auth
+
+    async def authorize_limited(self, call: CallRequest,
+                                limits: Sequence[Limit]) -> tuple[RateDecision, Authorization | None]:
+        """``authorize``, the call's rate limits taken first in the same operation (one
+        transaction, under the ledger's write lock, ``ratelimits.take``): (the rate decision, the
+        authorization), the authorization None when a rate limit refused the call (then no
+        policy was asked and nothing held). A request-limit refusal the process remembers
+        answers at once (``ratelimits.Refusals``)."""
+        allowed = RateDecision(True, None, 0, 0, 0)
+        if limits and (known := self.rate_refusals.refusal(limits, self.now_ms())) is not None:
+            return known, None
         if self.refusing is not None:
-            return self._authorize_down(call, self.refusing)
+            return allowed, self._authorize_down(call, self.refusing)
         cost = self.worst_case(call)
         context = self._context(call)
         alternatives = _Lazy(lambda: self._cheaper_models(call, cost))  # worked out only for a downgrade
+
+        def op(tx: LedgerTx) -> tuple[RateDecision, Authorization | None]:
+            decision = ratelimits.take(tx, limits, self.now_ms()) if limits else allowed
+            if not decision.allowed:
+                return decision, None
+            return decision, self.budgets.authorize(tx, context, cost, call.request_id, alternatives)
+
         try:
-            return await self._tx(
-                lambda tx: self.budgets.authorize(tx, context, cost, call.request_id, alternatives), sync=False)
+            decision, auth = await self._tx(op, sync=False)
         except Exception as exc:
             if (why := refusal(exc)) is None:
                 raise
             self._refused(why)
-            return self._authorize_down(call, why)
+            # No rate limit can be read meanwhile either: an admitted call is bounded by the allowance.
+            return allowed, self._authorize_down(call, why)
+        if not decision.allowed:
+            self.rate_refusals.remember(decision, self.now_ms())
+        return decision, auth
+
+    async def adjust_rate(self, key: str, kind: str, delta: int) -> None:
+        """Correct what a call took from a rate limit once its true amount is known (its tokens,
+        estimated before the call): the correction joins the ledger's log. Never raises: the
+        call was answered; a correction the ledger refuses is lost, and said."""
+        if not delta or self.refusing is not None:
+            return
+        try:
+            await self._tx(lambda tx: ratelimits.adjust(tx, key, kind, delta, self.now_ms()), sync=False)
+        except Exception as exc:
+            log.warning("the rate limit %s (%s) was not corrected by %+d: %s", key, kind, delta, exc)
 
     def _cheaper_models(self, call: CallRequest, cost: CallCost) -> list[tuple[str, str, CallCost]]:
         """Models of the same kind whose worst case is cheaper, the dearest first (the closest to
@@ -175,18 +213,28 @@ class CallService(Service):
         return await self._tx(
             lambda tx: self.budgets.evaluate(tx, context, cost, self.now_ms()))
 
-    async def settle(self, hold_id: str, event: UsageEvent) -> RecordResult:
-        """Post the call's actual usage to the ledger and release its hold, at once."""
+    async def settle(self, hold_id: str, event: UsageEvent,
+                     rate: tuple[str, str, int] | None = None) -> RecordResult:
+        """Post the call's actual usage to the ledger and release its hold, at once; ``rate``
+        (key, kind, delta): a rate limit's correction, in the same operation (``adjust_rate``)."""
         priced = self.usage.priced(event)
-        return await self._tx(
-            lambda tx: self.budgets.settle(tx, hold_id, priced))
 
-    async def settle_call(self, hold_id: str | None, event: UsageEvent | None) -> bool:
+        def op(tx: LedgerTx) -> RecordResult:
+            if rate is not None:
+                ratelimits.adjust(tx, *rate, self.now_ms())
+            return self.budgets.settle(tx, hold_id, priced)
+
+        return await self._tx(op)
+
+    async def settle_call(self, hold_id: str | None, event: UsageEvent | None,
+                          rate: tuple[str, str, int] | None = None) -> bool:
         """Settle a call that was made: ``settle`` (or ``record`` when it had no hold), or with
         ``event`` None release its hold. If the ledger refuses the write (``store.refusal``), or
         has refused writes and not yet taken one again, the settlement goes to the spill journal
         instead, to be replayed once the ledger takes writes: the caller's answer never waits
-        for the disk to come back. True when written to the ledger now."""
+        for the disk to come back. True when written to the ledger now. ``rate`` (key, kind,
+        delta): a rate limit's correction, written with the settlement (``adjust_rate``); one the
+        ledger refuses is lost, never spilled."""
         priced = self.usage.priced(event) if event is not None else None
         if hold_id is not None and hold_id in self._down_holds:  # admitted while the ledger was down
             worst = self._down_holds.pop(hold_id)
@@ -200,9 +248,12 @@ class CallService(Service):
                     if hold_id:
                         await self.release(hold_id)
                 elif hold_id:
-                    await self.settle(hold_id, priced)
+                    await self.settle(hold_id, priced, rate)
+                    rate = None
                 else:
                     await self.usage.record(priced)
+                if rate is not None:
+                    await self.adjust_rate(*rate)
                 return True
             except Exception as exc:
                 if (why := refusal(exc)) is None:

@@ -13,7 +13,8 @@ import httpx
 
 def start_gateway(db: Path | str, port: int, env: dict[str, str],
                   output: int | IO[bytes] = subprocess.DEVNULL, *options: str) -> subprocess.Popen[bytes]:
-    """``budgeteer gateway --routing off`` (and ``options``) on 127.0.0.1:``port``, once it answers /healthz."""
+    """``budgeteer gateway --routing off`` (and ``options``) on 127.0.0.1:``port`` (``db``: an SQLite
+    file or a PostgreSQL dsn), once it answers /healthz."""
     process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
                                 "--routing", "off", *options], env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30

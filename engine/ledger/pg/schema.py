@@ -301,6 +301,37 @@ CREATE TABLE audit_anchor_posts (
     hash TEXT NOT NULL
 );
 """,
+    # Rate limits shared by every gateway on the ledger (engine.ratelimits): what each key took,
+    # a row per take, and the sum of each key's rows (kept by a trigger: a take is one INSERT, one
+    # round trip), so that a window is read at a constant cost.
+    """
+CREATE TABLE rate_log (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    amount BIGINT NOT NULL
+);
+CREATE INDEX rate_log_window ON rate_log (key, kind, ts_ms);
+CREATE TABLE rate_totals (
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    total BIGINT NOT NULL,
+    PRIMARY KEY (key, kind)
+);
+CREATE FUNCTION rate_log_total() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO rate_totals (key, kind, total) VALUES (NEW.key, NEW.kind, NEW.amount)
+        ON CONFLICT (key, kind) DO UPDATE SET total = rate_totals.total + excluded.total;
+    ELSE
+        UPDATE rate_totals SET total = rate_totals.total - OLD.amount
+        WHERE rate_totals.key = OLD.key AND rate_totals.kind = OLD.kind;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER rate_log_total AFTER INSERT OR DELETE ON rate_log
+FOR EACH ROW EXECUTE FUNCTION rate_log_total();
+""",
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -18,6 +18,7 @@ from engine.ledger.repos.decisions import RoutingDecisions
 from engine.ledger.repos.gateways import Gateways
 from engine.ledger.repos.members import Members
 from engine.ledger.repos.providers import Providers
+from engine.ledger.repos.rates import RateLog
 from engine.ledger.repos.tokens import Tokens
 
 
@@ -58,6 +59,12 @@ class LedgerView:
         """Gateway heartbeats."""
         return Gateways(self._connection)
 
+    @cached_property
+    def rates(self) -> RateLog:
+        """Rate-limit windows (inside a write transaction only: reading one prunes nothing, but
+        a take must be decided under the ledger's write lock)."""
+        return RateLog(self._connection)
+
 
 __all__ = ["Approvals", "AuditJournal", "Gateways", "LedgerView", "Members", "Providers",
-           "RoutingDecisions", "Tokens"]
+           "RateLog", "RoutingDecisions", "Tokens"]
