@@ -60,8 +60,9 @@ COPIED_TABLES: Final = (
     "budget_decisions", "members", "api_tokens", "audit_journal", "audit_anchor_posts", "providers",
     "provider_breakers", "routing_decisions", "gateways", "overshoots",
 )
-#: Each backend's own bookkeeping of its schema and its writers, never copied.
-OWN_TABLES: Final = frozenset({"schema_migrations", "ledger_version"})
+#: Each backend's own bookkeeping of its schema and its writers, never copied; and the rate
+#: limits' sliding windows (a minute long), which start empty on the copy as after a restart.
+OWN_TABLES: Final = frozenset({"schema_migrations", "ledger_version", "rate_log", "rate_totals"})
 #: Rows read and written at a time.
 BATCH: Final = 5000
 
