@@ -140,7 +140,7 @@ def log_failure(where: str, exc: BaseException) -> None:
 
 
 class Gateway:
-    def __init__(self, db: Path, *, clock: Clock | None = None, routing_mode: str = "suggest",
+    def __init__(self, db: Path | str, *, clock: Clock | None = None, routing_mode: str = "suggest",
                  max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "",
                  vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S,
                  limits: HttpLimits | None = None) -> None:
@@ -779,6 +779,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def create_app(db: Path, **options: Any) -> Gateway:
+def create_app(db: Path | str, **options: Any) -> Gateway:
     """The gateway as an ASGI application (``app.app`` is its Starlette part)."""
     return Gateway(db, **options)

@@ -9,15 +9,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.engine import default_db_path
+from engine.engine import home_dir, ledger_location
+from engine.ledger import is_dsn
 from engine.vault import Vault, vault_path
 from tui.cli.common import EXIT_OK, UsageError, now_clock
 
 
-def _gateway_passphrase(db: Path) -> Callable[[], str] | None:
+def _gateway_passphrase(db: Path | str) -> Callable[[], str] | None:
     """A locked file vault's passphrase, asked once at the terminal before serving and checked
     (a wrong one stops here, not at the first call); None when the environment gives it."""
-    path = vault_path(db)
+    if is_dsn(db):  # a PostgreSQL ledger's vault is a local file beside its local name
+        from engine.ledger.pg.store import local_name
+
+        db = local_name(str(db), home_dir())
+    path = vault_path(Path(db))
     vault = Vault(path)
     if not vault.needs_passphrase or not path.exists() or not sys.stdin.isatty():
         return None
@@ -49,11 +54,16 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     limits = HttpLimits(header_bytes=args.max_header_bytes, headers=args.max_headers,
                         header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive)
     mode = args.routing if args.routing == "off" else parse_mode(args.routing)
-    db = Path(args.db) if args.db else default_db_path()
+    db = ledger_location(args.db)  # a file, or a PostgreSQL database's address
     app = create_app(db, clock=now_clock(), routing_mode=mode, max_body=args.max_body,
                      address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(db),
                      sync_interval_s=args.sync_interval, limits=limits)
-    print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {db} (routing: {mode}); ctrl+c stops")
+    shown = db
+    if is_dsn(db):
+        from engine.ledger.pg.store import redacted
+
+        shown = redacted(str(db))
+    print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {shown} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
                 timeout_keep_alive=args.keep_alive, access_log=False, http=app.http_protocol)
     return EXIT_OK
