@@ -1,4 +1,5 @@
-"""Shared fixtures: a real SQLite ledger in a temporary folder and a frozen clock.
+"""Shared fixtures: a real SQLite ledger in a temporary folder and a frozen clock; a throwaway
+PostgreSQL cluster (tests/pg.py), started only when a test asks for one.
 
 The developer's own environment (BUDGETEER_DB, BUDGETEER_HOME, BUDGETEER_NOW) is kept
 out of every test.
@@ -16,9 +17,11 @@ import pytest
 
 from engine.clock import FrozenClock
 from engine.models import UsageEvent
+from tests import pg
 
 if TYPE_CHECKING:
     from engine.engine import Engine
+    from tests.pg import Cluster
 
 #: 2026-11-18 12:00:00 UTC, a Wednesday.
 NOW_MS = 1_795_003_200_000
@@ -120,3 +123,69 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+# -- PostgreSQL (issue 20): one throwaway cluster per xdist worker, a fresh database per test.
+
+
+@pytest.fixture(scope="session")
+def pg_bindir() -> Path:
+    """The folder of PostgreSQL's binaries. Without them the test is skipped, saying what is
+    missing; in CI (CI=true) it fails instead."""
+    found = pg.availability()
+    if found.action == "fail":
+        pytest.fail(found.reason, pytrace=False)
+    if found.action == "skip" or found.bindir is None:
+        pytest.skip(found.reason)
+    return found.bindir
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(pg_bindir: Path) -> Iterator[Cluster]:
+    """A PostgreSQL server of this worker's own, started the first time a test asks for it and
+    stopped (its folder removed) at the end of the session (atexit too, and with the process if
+    it is killed)."""
+    cluster = pg.start_cluster(pg_bindir, label=os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_dsn(pg_cluster: Cluster) -> Iterator[str]:
+    """A new, empty database on the worker's cluster, for this test alone: its dsn
+    (postgresql://postgres@127.0.0.1:PORT/NAME). Dropped after the test. A test that stopped
+    the server (a restart under load that failed half-way, say) leaves it running again."""
+    pg_cluster.start()  # nothing when it runs
+    dsn = pg.fresh_database(pg_cluster.dsn)
+    yield dsn
+    pg_cluster.start()
+    pg.drop_database(pg_cluster.dsn, dsn)
+
+
+#: The user property that marks a test report as one of a PostgreSQL test (it travels from the
+#: xdist workers to the controller with the report).
+_PG_PROPERTY = "postgresql"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "pg_bindir" in getattr(item, "fixturenames", ()):
+        item.user_properties.append((_PG_PROPERTY, True))
+
+
+_TALLY = pg.Tally()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if (_PG_PROPERTY, True) in report.user_properties:
+        _TALLY.add(report)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> Iterator[None]:
+    """After the short summary (the skips' reasons), just above the closing count."""
+    yield
+    line = _TALLY.summary()
+    if line is not None:
+        terminalreporter.write_line(line, yellow=bool(_TALLY.skipped or _TALLY.failed), bold=True)

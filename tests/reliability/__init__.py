@@ -11,7 +11,7 @@ from typing import IO
 import httpx
 
 
-def start_gateway(db: Path, port: int, env: dict[str, str],
+def start_gateway(db: Path | str, port: int, env: dict[str, str],
                   output: int | IO[bytes] = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     """``budgeteer gateway --routing off`` on 127.0.0.1:``port``, once it answers /healthz."""
     process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
