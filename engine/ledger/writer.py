@@ -247,15 +247,18 @@ class GroupWriter:
             if len(ops) == 1:  # no savepoint: if it fails, the batch is undone whole (below), which is the same
                 results.append((True, ops[0](tx)))
             else:
+                released = True  # no savepoint is open
                 for op in ops:
-                    conn.execute("SAVEPOINT op")
+                    self._savepoint(conn, released)
                     try:
                         results.append((True, op(tx)))
-                        conn.execute("RELEASE op")
+                        released = False
                     except Exception as exc:  # this op alone is undone; the others go on
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
+                        self._undo_op(conn)
+                        released = True
                         results.append((False, exc))
+                if not released:
+                    self._release(conn)
             for end in self._end_hooks:
                 end(tx)
             conn.execute("COMMIT")
@@ -270,6 +273,22 @@ class GroupWriter:
         if deferred:
             self._deferred += 1
         return results
+
+    def _savepoint(self, conn: Connection, released: bool) -> None:
+        """Before each operation of a batch: release the previous one's savepoint (unless
+        ``released``) and open the next."""
+        if not released:
+            conn.execute("RELEASE op")
+        conn.execute("SAVEPOINT op")
+
+    def _undo_op(self, conn: Connection) -> None:
+        """An operation failed: undo it alone, and close its savepoint."""
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+
+    def _release(self, conn: Connection) -> None:
+        """After the batch's last operation (the end hooks and the commit follow)."""
+        conn.execute("RELEASE op")
 
     def _begin(self, conn: Connection, wait: bool = True) -> tuple[int, int]:
         """Begin a write transaction holding the ledger's write lock; the ledger's version

@@ -93,6 +93,20 @@ class PgGroupWriter(GroupWriter):
             raise
         return int(version) - 1, int(version)
 
+    # Each statement is a round trip to the server, so the savepoints of a batch's operations
+    # go in as few as they can: the previous operation's RELEASE with the next SAVEPOINT (one
+    # simple query), and none after the last (the COMMIT releases it). 2 round trips an
+    # operation become 1.
+
+    def _savepoint(self, conn: Connection, released: bool) -> None:
+        conn.execute("SAVEPOINT op" if released else "RELEASE op; SAVEPOINT op")
+
+    def _undo_op(self, conn: Connection) -> None:
+        conn.execute("ROLLBACK TO op; RELEASE op")
+
+    def _release(self, conn: Connection) -> None:
+        """The commit that follows releases it."""
+
     def _synchronous(self, sync: bool, wait: bool = True) -> None:
         """Durability is the server's (``synchronous_commit``)."""
 
