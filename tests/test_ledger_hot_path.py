@@ -1,0 +1,117 @@
+"""The write hot path of a governed call (hold, then settlement), on both ledgers.
+
+On PostgreSQL every statement is a round trip to the server, so the hot path there runs in
+fewer statements than on SQLite (engine/ledger/pg/store.py, repos/holds.py, repos/events.py):
+a batch's savepoints share round trips, a hold and its journal rows are one statement, a
+settlement's event and its three rollups one, the closing of its hold and its journal rows
+one. These tests hold both ledgers to the same results, and PostgreSQL to its round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from engine.budgets import build_policy
+from engine.clock import DAY_MS, FrozenClock
+from engine.engine import CallRequest, Engine
+from engine.ledger import LedgerTx
+from engine.models import UsageEvent
+from tests.conftest import NOW_MS
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Any, clock: FrozenClock) -> AsyncIterator[Engine]:
+    """An engine on a fresh SQLite file, or on a fresh PostgreSQL database."""
+    where = tmp_path / "ledger.db" if request.param == "sqlite" else request.getfixturevalue("postgres_dsn")
+    engine = await Engine.open(where, clock=clock)
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+def _call(n: int) -> CallRequest:
+    return CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=100, max_tokens=100,
+                       request_id=f"req-{n}")
+
+
+def _usage(n: int, cost: int, ts: int = NOW_MS) -> UsageEvent:
+    return UsageEvent(ts_ms=ts, request_id=f"req-{n}", provider="openai", model="gpt-4o-mini", team="ml",
+                      principal="alice", input_tokens=100, output_tokens=10 + n, cost_nanos=cost,
+                      cost_source="provider")
+
+
+async def test_settlements_in_batches_fold_into_every_rollup_and_close_their_holds(ledger: Engine) -> None:
+    """Twenty calls held and settled concurrently (so in shared batches): the rollups of every
+    size sum what the raw events sum, a repeated settlement's event is not folded twice, no
+    hold is left and the hold journal nets to nothing."""
+    policy = await ledger.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    calls = [_call(n) for n in range(20)]
+    holds = await asyncio.gather(*(ledger.authorize(c) for c in calls))
+    assert all(h.allowed and h.hold_id for h in holds)
+    worst = holds[0].cost.usd
+    assert ledger.budgets.held(policy.id) == 20 * worst
+    costs = [1_000 * (n + 1) for n in range(20)]
+    await asyncio.gather(*(ledger.settle(h.hold_id or "", _usage(n, costs[n])) for n, h in enumerate(holds)))
+    duplicate = await ledger.record(_usage(3, costs[3]))  # the same request id again: a duplicate
+    assert duplicate.duplicate
+    assert await ledger.open_holds() == 0 and ledger.budgets.held(policy.id) == 0
+    day = NOW_MS - NOW_MS % DAY_MS
+    for start, end in ((day, day + DAY_MS), (NOW_MS - NOW_MS % 3_600_000, NOW_MS + 60_000),
+                       (NOW_MS - NOW_MS % 60_000, NOW_MS + 1)):
+        totals = await ledger.totals(start, end)  # from the coarsest rollups covering the range
+        assert (totals.cost_nanos, totals.requests, totals.output_tokens) == (sum(costs), 20,
+                                                                              sum(10 + n for n in range(20)))
+    status = {o.policy.id: o for o in await ledger.policy_status()}
+    assert (status[policy.id].consumed, status[policy.id].held) == (sum(costs), 0)
+    journal = await ledger.store.transact(lambda tx: tx.journal_since(0))
+    assert {row.policy_id for row in journal} == {policy.id} and len(journal) == 40
+    assert sum(row.delta for row in journal) == 0 and sorted(row.delta for row in journal)[-1] == worst
+    assert [row.id for row in journal] == sorted({row.id for row in journal})
+
+
+async def test_a_failing_operation_is_undone_alone_in_its_batch(ledger: Engine) -> None:
+    """Three operations in one batch, the middle one failing after it wrote: its write is
+    undone, the others' are committed."""
+    def op(n: int, fail: bool, tx: LedgerTx) -> int:
+        tx.record_decision(NOW_MS, f"req-{n}", "pol_x", "would_block", "shadow")
+        if fail:
+            raise ValueError(f"operation {n} fails")
+        return n
+
+    results = await asyncio.gather(*(ledger.store.transact(lambda tx, n=n: op(n, n == 1, tx)) for n in range(3)),
+                                   return_exceptions=True)
+    assert results[0] == 0 and results[2] == 2 and isinstance(results[1], ValueError)
+    decisions = await ledger.store.transact(lambda tx: tx.decisions(10))
+    assert sorted(d.request_id for d in decisions) == ["req-0", "req-2"]
+
+
+@pytest.mark.parametrize("ledger", ["postgresql"], indirect=True)
+async def test_a_calls_writes_take_five_round_trips_on_postgresql(ledger: Engine,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of n holds sends 2n + 3 statements (BEGIN, the write lock, a savepoint and the
+    hold per operation, COMMIT), a batch of n settlements 3n + 3: five round trips a call."""
+    from engine.ledger.pg.conn import PgConnection
+
+    await ledger.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    await ledger.settle((await ledger.authorize(_call(99))).hold_id or "", _usage(99, 1))  # series, expiry: made
+    sent: list[str] = []
+    execute = PgConnection.execute
+
+    def counted(self: PgConnection, sql: str, parameters: Any = (), /) -> Any:
+        if self is ledger.store._writer.conn:
+            sent.append(sql)
+        return execute(self, sql, parameters)
+
+    monkeypatch.setattr(PgConnection, "execute", counted)
+    n = 8
+    holds = await asyncio.gather(*(ledger.authorize(_call(i)) for i in range(n)))
+    assert len(sent) == 2 * n + 3, sent
+    sent.clear()
+    await asyncio.gather(*(ledger.settle(h.hold_id or "", _usage(i, 1_000)) for i, h in enumerate(holds)))
+    assert len(sent) == 3 * n + 3, sent
+    assert await ledger.open_holds() == 0 and await ledger.event_count() == n + 1
