@@ -39,7 +39,10 @@ def _call(n: int) -> CallRequest:
                        request_id=f"req-{n}")
 
 
-def _usage(n: int, cost: int, ts: int = NOW_MS) -> UsageEvent:
+TS = NOW_MS + 125_000  # within the day, the hour and a minute that NOW_MS does not start
+
+
+def _usage(n: int, cost: int, ts: int = TS) -> UsageEvent:
     return UsageEvent(ts_ms=ts, request_id=f"req-{n}", provider="openai", model="gpt-4o-mini", team="ml",
                       principal="alice", input_tokens=100, output_tokens=10 + n, cost_nanos=cost,
                       cost_source="provider")
@@ -60,9 +63,9 @@ async def test_settlements_in_batches_fold_into_every_rollup_and_close_their_hol
     duplicate = await ledger.record(_usage(3, costs[3]))  # the same request id again: a duplicate
     assert duplicate.duplicate
     assert await ledger.open_holds() == 0 and ledger.budgets.held(policy.id) == 0
-    day = NOW_MS - NOW_MS % DAY_MS
-    for start, end in ((day, day + DAY_MS), (NOW_MS - NOW_MS % 3_600_000, NOW_MS + 60_000),
-                       (NOW_MS - NOW_MS % 60_000, NOW_MS + 1)):
+    day = TS - TS % DAY_MS
+    hour = TS - TS % 3_600_000
+    for start, end in ((day, day + DAY_MS), (hour, hour + 2 * 3_600_000), (TS - TS % 60_000, TS + 1)):
         totals = await ledger.totals(start, end)  # from the coarsest rollups covering the range
         assert (totals.cost_nanos, totals.requests, totals.output_tokens) == (sum(costs), 20,
                                                                               sum(10 + n for n in range(20)))
