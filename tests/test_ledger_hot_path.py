@@ -90,14 +90,37 @@ async def test_a_failing_operation_is_undone_alone_in_its_batch(ledger: Engine) 
                                    return_exceptions=True)
     assert results[0] == 0 and results[2] == 2 and isinstance(results[1], ValueError)
     decisions = await ledger.store.transact(lambda tx: tx.decisions(10))
-    assert sorted(d.request_id for d in decisions) == ["req-0", "req-2"]
+    assert sorted(d.request_id for d in decisions) == ["req-0", "req-2"]  # once each
+
+
+async def test_a_failing_operation_is_run_once(ledger: Engine) -> None:
+    """On PostgreSQL a batch runs without savepoints and again with them if an operation fails:
+    the failed one is not run again (what it did outside the transaction, it does once), the
+    others give the results of the run that is committed."""
+    runs: list[int] = []
+
+    def op(n: int, tx: LedgerTx) -> int:
+        runs.append(n)
+        tx.record_decision(NOW_MS, f"req-{n}", "pol_x", "would_block", "shadow")
+        if n in (1, 3):
+            raise ValueError(f"operation {n} fails")
+        return n * 10
+
+    results = await asyncio.gather(*(ledger.store.transact(lambda tx, n=n: op(n, tx)) for n in range(5)),
+                                   return_exceptions=True)
+    assert [r if isinstance(r, int) else str(r) for r in results] == [
+        0, "operation 1 fails", 20, "operation 3 fails", 40]
+    assert runs.count(1) == 1 and runs.count(3) == 1
+    decisions = await ledger.store.transact(lambda tx: tx.decisions(10))
+    assert sorted(d.request_id for d in decisions) == ["req-0", "req-2", "req-4"]
 
 
 @pytest.mark.parametrize("ledger", ["postgresql"], indirect=True)
-async def test_a_calls_writes_take_five_round_trips_on_postgresql(ledger: Engine,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch of n holds sends 2n + 3 statements (BEGIN, the write lock, a savepoint and the
-    hold per operation, COMMIT), a batch of n settlements 3n + 3: five round trips a call."""
+async def test_a_calls_writes_take_three_round_trips_on_postgresql(ledger: Engine,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of n holds sends n + 3 statements (BEGIN, the write lock, a hold per operation,
+    COMMIT; no savepoints when no operation fails), a batch of n settlements 2n + 3: three
+    round trips a call."""
     from engine.ledger.pg.conn import PgConnection
 
     await ledger.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
@@ -113,8 +136,8 @@ async def test_a_calls_writes_take_five_round_trips_on_postgresql(ledger: Engine
     monkeypatch.setattr(PgConnection, "execute", counted)
     n = 8
     holds = await asyncio.gather(*(ledger.authorize(_call(i)) for i in range(n)))
-    assert len(sent) == 2 * n + 3, sent
+    assert len(sent) == n + 3, sent
     sent.clear()
     await asyncio.gather(*(ledger.settle(h.hold_id or "", _usage(i, 1_000)) for i, h in enumerate(holds)))
-    assert len(sent) == 3 * n + 3, sent
+    assert len(sent) == 2 * n + 3, sent
     assert await ledger.open_holds() == 0 and await ledger.event_count() == n + 1

@@ -227,9 +227,30 @@ class GroupWriter:
             return
         self.checkpoints += 1
 
+    #: Run a batch's operations without a savepoint each first, and only if one fails undo the
+    #: batch and run it again with savepoints (``_ops_sync``): for a database where each
+    #: statement is a round trip (PostgreSQL); SQLite's savepoints cost next to nothing.
+    optimistic = False
+
     def _ops_sync(self, ops: list[TxOp], sync: bool = True, wait: bool = True) -> list[tuple[bool, Any]]:
         """One operation batch in one transaction; ``wait=False`` raises _Busy at once, and
-        starts nothing, if another connection holds the ledger's write lock."""
+        starts nothing, if another connection holds the ledger's write lock.
+
+        ``optimistic``: the operations run with no savepoint between them; if one fails, the
+        whole batch is undone (the abort hooks reset what memory kept of it) and run again with
+        a savepoint for each operation, but the failed one, whose error is its result: it
+        failed after the same operations as it follows again, so that is what it would have
+        done. It is not run twice (what it did outside the transaction on failing, it did once)."""
+        failed: _OpFailed | None = None
+        if self.optimistic and len(ops) > 1:
+            try:
+                return self._batch_sync(ops, sync, wait, savepoints=False)
+            except _OpFailed as failure:
+                failed = failure
+        return self._batch_sync(ops, sync, wait, savepoints=True, failed=failed)
+
+    def _batch_sync(self, ops: list[TxOp], sync: bool, wait: bool, *, savepoints: bool,
+                    failed: _OpFailed | None = None) -> list[tuple[bool, Any]]:
         conn = self.conn
         fresh: dict[tuple[str, ...], int] = {}
         tx = LedgerTx(self, conn, fresh)
@@ -246,9 +267,18 @@ class GroupWriter:
                 begin(tx)
             if len(ops) == 1:  # no savepoint: if it fails, the batch is undone whole (below), which is the same
                 results.append((True, ops[0](tx)))
+            elif not savepoints:
+                for index, op in enumerate(ops):
+                    try:
+                        results.append((True, op(tx)))
+                    except Exception as exc:  # the batch is undone (below) and run again with savepoints
+                        raise _OpFailed(index, exc) from exc
             else:
                 released = True  # no savepoint is open
-                for op in ops:
+                for index, op in enumerate(ops):
+                    if failed is not None and index == failed.index:
+                        results.append((False, failed.error))
+                        continue
                     self._savepoint(conn, released)
                     try:
                         results.append((True, op(tx)))
@@ -476,3 +506,12 @@ def _fsync(path: Path) -> None:
 
 class _Busy(Exception):
     """Another connection holds the ledger's write lock."""
+
+
+class _OpFailed(Exception):
+    """An operation of an optimistic batch failed (``GroupWriter._ops_sync``)."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error

@@ -77,6 +77,7 @@ class PgGroupWriter(GroupWriter):
     ledger's write lock (``BEGIN_WRITE``); no log of its own to sync or checkpoint."""
 
     inline = False
+    optimistic = True  # no savepoint per operation unless one fails (GroupWriter._ops_sync)
 
     def __init__(self, path: Path, writer: Worker[Any], reader: Worker[Any], clock: DatabaseClock) -> None:
         super().__init__(path, writer, reader, durable=True, sync_interval_s=0.0)
@@ -93,10 +94,10 @@ class PgGroupWriter(GroupWriter):
             raise
         return int(version) - 1, int(version)
 
-    # Each statement is a round trip to the server, so the savepoints of a batch's operations
-    # go in as few as they can: the previous operation's RELEASE with the next SAVEPOINT (one
-    # simple query), and none after the last (the COMMIT releases it). 2 round trips an
-    # operation become 1.
+    # Each statement is a round trip to the server, so a batch's operations run with no
+    # savepoint unless one of them fails (``optimistic``), and then their savepoints go in as
+    # few round trips as they can: the previous operation's RELEASE with the next SAVEPOINT
+    # (one simple query), and none after the last (the COMMIT releases it).
 
     def _savepoint(self, conn: Connection, released: bool) -> None:
         conn.execute("SAVEPOINT op" if released else "RELEASE op; SAVEPOINT op")
