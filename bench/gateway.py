@@ -25,6 +25,14 @@ governed deployment.
   routing off (each on a fresh ledger): calls/s and their share of the direct rate, p50, p99,
   the maximum latency, the longest stretch with no answer at all, and the gateway's CPU per call.
 
+- **PostgreSQL.** ``--db postgresql://user@host:port/db``: one gateway on SQLite, one and two
+  on PostgreSQL (scratch databases made on that server and dropped; the bench never starts a
+  server), in the same run (``--rounds`` alternates them), one hard policy every call is held and
+  settled against, the instant provider; calls/s beside the provider called directly, p50/p99,
+  CPU per call, and the gateway's commits, operations and statements per batch and the time a
+  batch holds the writer (counted by ``_instrument`` inside the gateway). The README's
+  "PostgreSQL capacity" gives the figures and the model they fit.
+
 The gateway runs with its default flags unless ``--routing`` says otherwise, and as
 ``budgeteer gateway`` serves it unless ``--upstream`` (its client to providers: ``http11``, the
 default, or ``aiohttp``) or ``--protocol uvicorn`` (uvicorn's own httptools protocol, without the
@@ -34,6 +42,7 @@ alternating runs.
 
     python -m bench.gateway [--requests 3000] [--routing off] [--sustained 60]
                             [--upstream http11|aiohttp] [--protocol gateway|uvicorn]
+                            [--db postgresql://... [--rounds 2] [--connections 50]]
 """
 
 from __future__ import annotations
