@@ -20,6 +20,7 @@ from engine.clock import DAY_MS, FrozenClock
 from engine.engine import CallRequest, Engine
 from engine.ledger import LedgerTx
 from engine.models import UsageEvent
+from engine.routing import Recorded
 from tests.conftest import NOW_MS
 
 
@@ -141,3 +142,48 @@ async def test_a_calls_writes_take_three_round_trips_on_postgresql(ledger: Engin
     await asyncio.gather(*(ledger.settle(h.hold_id or "", _usage(i, 1_000)) for i, h in enumerate(holds)))
     assert len(sent) == 2 * n + 3, sent
     assert await ledger.open_holds() == 0 and await ledger.event_count() == n + 1
+
+
+def _decision(request_id: str) -> Recorded:
+    return Recorded(NOW_MS, request_id, "alice", "suggest", "gpt-4o", "gpt-4o-mini", "gpt-4o", 0.5, 100, 10, "cheaper")
+
+
+async def test_a_routing_decision_is_written_with_its_operation_or_not_at_all(
+        ledger: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A routed call's decision row rides with the call's hold (on PostgreSQL, a part of the
+    hold's own statement: no round trip of its own); an operation that writes nothing after it
+    still writes it; an operation that fails after it leaves no row."""
+    def routed(n: int, tx: LedgerTx) -> int:
+        tx.routing.record([_decision(f"req-{n}")])
+        if n in (0, 2):  # the second one fails in the database (hold_0 is taken): its transaction aborts
+            return tx.open_hold("hold_0", f"req-{n}", NOW_MS, NOW_MS + 60_000, "{}", [("pol_x", 5)])
+        return n
+
+    results = await asyncio.gather(*(ledger.store.transact(lambda tx, n=n: routed(n, tx)) for n in range(3)),
+                                   return_exceptions=True)
+    assert isinstance(results[0], int) and results[1] == 1 and isinstance(results[2], Exception), results
+    kept = await ledger.store.transact(lambda tx: tx.routing.newest(10))
+    assert sorted(d.request_id for d in kept) == ["req-0", "req-1"]
+    alone = await ledger.store.transact(lambda tx: routed(1, tx))  # a batch of one: flushed before its commit
+    assert alone == 1 and len(await ledger.store.transact(lambda tx: tx.routing.newest(10))) == 3
+    if "postgresql" not in ledger.location:
+        return
+    from engine.ledger.pg.conn import PgConnection
+
+    sent: list[str] = []
+    execute = PgConnection.execute
+
+    def counted(self: PgConnection, sql: str, parameters: Any = (), /) -> Any:
+        sent.append(sql)
+        return execute(self, sql, parameters)
+
+    monkeypatch.setattr(PgConnection, "execute", counted)
+    await ledger.store.transact(lambda tx: tx.open_hold("hold_a", "req-a", NOW_MS, NOW_MS + 60_000, "{}",
+                                                        [("pol_x", 5)]))
+    plain = len(sent)
+    sent.clear()
+    await ledger.store.transact(lambda tx: (tx.routing.record([_decision("req-b")]),
+                                            tx.open_hold("hold_b", "req-b", NOW_MS, NOW_MS + 60_000, "{}",
+                                                         [("pol_x", 5)])))
+    assert len(sent) == plain, sent  # the decision went with the hold
+    assert "req-b" in {d.request_id for d in await ledger.store.transact(lambda tx: tx.routing.newest(10))}

@@ -99,6 +99,11 @@ class PgGroupWriter(GroupWriter):
     # few round trips as they can: the previous operation's RELEASE with the next SAVEPOINT
     # (one simple query), and none after the last (the COMMIT releases it).
 
+    def _ops_sync(self, ops: list[Any], sync: bool = True, wait: bool = True) -> list[tuple[bool, Any]]:
+        """As GroupWriter's, each operation ending with its deferred write sent (``PgConnection.defer``),
+        so that if that fails, it is the operation's failure."""
+        return super()._ops_sync([partial(_flushed, op) for op in ops], sync, wait)
+
     def _savepoint(self, conn: Connection, released: bool) -> None:
         conn.execute("SAVEPOINT op" if released else "RELEASE op; SAVEPOINT op")
 
@@ -116,6 +121,12 @@ class PgGroupWriter(GroupWriter):
 
     async def _checkpoint(self) -> None:
         return None
+
+
+def _flushed(op: Any, tx: Any) -> Any:
+    result = op(tx)
+    tx.conn.flush()
+    return result
 
 
 class PgReads(Reads):
