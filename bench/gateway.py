@@ -422,7 +422,7 @@ def compare(dsn: str, requests: int, connections: int, rounds: int, env: dict[st
 
 
 def _redacted(dsn: str) -> str:
-    from engine.ledger.pg.store import redacted
+    from engine.ledger import redacted
 
     return redacted(dsn)
 

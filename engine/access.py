@@ -3,7 +3,9 @@
 A ledger with no members is a single-user ledger: whoever runs Budgeteer on it may do
 everything (that is how a fresh install and the demo work). The first member added must
 be an owner; from then on every action of the dashboard and the command line is checked
-against the matrix for the local identity (``BUDGETEER_USER``, else the login name).
+against the matrix for the operator's identity: on SQLite the local identity
+(``BUDGETEER_USER``, else the login name), on PostgreSQL the database role connected as,
+who must then be the first owner themselves (``set_member``'s ``verified``).
 """
 
 from __future__ import annotations
@@ -97,16 +99,21 @@ def require(ledger: LedgerView, user: str, permission: Permission, workspace: st
 
 
 def set_member(ledger: LedgerView, actor: str, user: str, role: Role, now_ms: int,
-               workspace: str = DEFAULT_WORKSPACE) -> tuple[Member | None, Member]:
+               workspace: str = DEFAULT_WORKSPACE, *, verified: bool = False) -> tuple[Member | None, Member]:
     """Add a member or change a role; returns (before, after). The caller has checked
     manage_members; besides, only owners make owners, the first member is an owner, and the
-    last owner is never demoted."""
+    last owner is never demoted. ``verified``: the actor is an identity the server checked (a
+    PostgreSQL role), which cannot act as anyone else: the first owner must then be the actor
+    (a first owner named otherwise, or misspelt, would lock the actor out, perhaps everyone)."""
     user = user.strip()
     if not user:
         raise FieldError("user", "is empty")
     first = single_user(ledger)
     if first and role != "owner":
         raise FieldError("role", "the first member must be an owner (otherwise nobody could manage members)")
+    if first and verified and user != actor:
+        raise FieldError("user", f"the first owner must be you, {actor} (the database role you connect as): "
+                                 f"you could not act as {user} afterwards; add yourself first, then {user}")
     if not first and role == "owner" and role_of(ledger, actor, workspace) != "owner":
         raise AccessDenied(actor, role_of(ledger, actor, workspace), "manage_members",
                            f"only an owner can make {user} an owner")

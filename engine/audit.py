@@ -186,6 +186,17 @@ def head(ledger: LedgerView) -> Anchor | None:
     return Anchor(ledger_id(ledger), *newest) if newest else None
 
 
+def keyed_elsewhere(ledger: LedgerView) -> bool:
+    """Whether the newest entry was chained under a key (its hash is not its plain SHA-256):
+    a process whose vault holds no key must not start a chain of its own after it (another
+    machine on a shared ledger made the key; it must be carried here: ``import_key``)."""
+    newest = ledger.audit.newest(1)
+    if not newest:
+        return False
+    e = newest[0]
+    return entry_hash(e.id, e.ts_ms, e.actor, e.action, e.subject, e.before, e.after, e.prev_hash) != e.hash
+
+
 def claim_anchor_post(ledger: LedgerView, day: int, now_ms: int, anchor: Anchor) -> bool:
     """True for the first process to claim ``day`` (days since 1970, UTC) for posting an anchor."""
     return ledger.audit.claim_anchor_post(day, now_ms, anchor.entry, anchor.hash)

@@ -158,6 +158,14 @@ class BudgetBook:
             self.expire(tx)
         self.end(tx)  # crossings from what others wrote are visible to this batch's operations
 
+    def forget(self) -> None:
+        """Another process changed a policy (``engine.ledger.changes``): the next batch reads
+        every policy again, and until then routing's advice asks the ledger rather than the
+        counters in memory (``evaluate_in_memory``). Called on the event loop; a batch running
+        meanwhile on the writer's thread read the change already (it was committed before that
+        batch took the write lock), so at worst the policies are read once more."""
+        self._stale = True
+
     def expire(self, tx: LedgerTx) -> None:
         """Close every hold past its time to live now."""
         now = self._now()

@@ -3,7 +3,7 @@
 The command line, the dashboard and the integrations all go through an ``Engine``;
 none of them touches SQL or builds a store of its own. Each public method is a one-line
 delegation to a service of ``engine.services`` (usage, calls, policies, approvals, tokens,
-members, audit, alerts, catalog, credentials, gateways), all built on one ``Core``: the
+members, audit, alerts, catalog, credentials, gateways, ledgers, changes), all built on one ``Core``: the
 store, the clock, who acts, and the one path of every change (``Core.change``).
 """
 
@@ -43,6 +43,7 @@ from engine.clock import HOUR_MS, Clock, parse_duration_ms
 from engine.ledger import (
     TIMELINE_FIELDS,
     BreakdownRow,
+    CopyReport,
     LedgerRefusing,
     Metric,
     RecordResult,
@@ -52,6 +53,7 @@ from engine.ledger import (
     is_dsn,
     open_ledger,
 )
+from engine.ledger import local_path as ledger_files_path
 from engine.ledger.results import BudgetDecision, Delivery
 from engine.models import FieldError, GatewayStatus, SettledCall, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices
@@ -60,9 +62,11 @@ from engine.services.approvals import ApprovalService
 from engine.services.audit import AuditService
 from engine.services.calls import CallRequest, CallService
 from engine.services.catalog import CatalogService
+from engine.services.changes import ChangeService
 from engine.services.core import Core
 from engine.services.credentials import CredentialService
 from engine.services.gateways import GatewayService
+from engine.services.ledgers import LedgerService
 from engine.services.members import MemberService
 from engine.services.policies import PolicyService
 from engine.services.tokens import TokenService
@@ -74,8 +78,8 @@ from engine.vault import Vault
 LEDGER_FILENAME = "ledger.db"
 log = logging.getLogger("budgeteer")
 
-__all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Services", "default_db_path",
-           "local_identity"]
+__all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Services", "claimed_identity",
+           "default_db_path", "ledger_location", "local_identity", "local_path", "operator_identity"]
 
 
 def home_dir() -> Path:
@@ -92,6 +96,12 @@ def default_db_path() -> Path:
     return home_dir() / LEDGER_FILENAME
 
 
+def local_path(location: str | Path) -> Path:
+    """Where this machine keeps the files of the ledger at ``location`` (``engine.ledger.local_path``
+    under this machine's ``home_dir``)."""
+    return ledger_files_path(location, home=home_dir())
+
+
 def ledger_location(db: str | Path | None = None) -> str | Path:
     """The ledger ``db`` names (``--db``), else ``BUDGETEER_DB``'s, else the default file: a
     PostgreSQL database's address (``postgresql://user@host:port/db``) or an SQLite file."""
@@ -103,9 +113,31 @@ def ledger_location(db: str | Path | None = None) -> str | Path:
 
 
 def local_identity() -> str:
-    """Who this process acts as: ``BUDGETEER_USER``, else the login name."""
-    return (os.environ.get("BUDGETEER_USER") or os.environ.get("BUDGETEER_ACTOR") or os.environ.get("USER")
-            or os.environ.get("USERNAME") or "local")
+    """Who this process acts as on an SQLite ledger: ``BUDGETEER_USER``, else the login name."""
+    return claimed_identity() or os.environ.get("USER") or os.environ.get("USERNAME") or "local"
+
+
+def claimed_identity() -> str | None:
+    """The identity the environment claims (``BUDGETEER_USER``, else ``BUDGETEER_ACTOR``), if any."""
+    return os.environ.get("BUDGETEER_USER") or os.environ.get("BUDGETEER_ACTOR") or None
+
+
+def operator_identity(store: Store) -> tuple[str, str | None]:
+    """Who an operator's process (the command line, the dashboard) acts as on ``store``, and what
+    to tell them when the environment asked for someone else.
+
+    On PostgreSQL it is the database role the process connects as (``session_user``): the
+    server checked that login, so ``BUDGETEER_USER`` is not honoured there (a claim it ignores
+    is named in the notice, once). On SQLite it is ``local_identity()``: nothing can check who
+    opens a file, so the identity is whatever the environment says."""
+    if store.session_user is None:
+        return local_identity(), None
+    claimed = claimed_identity()
+    if claimed is None or claimed == store.session_user:
+        return store.session_user, None
+    name = "BUDGETEER_USER" if os.environ.get("BUDGETEER_USER") else "BUDGETEER_ACTOR"
+    return store.session_user, (f"{name}={claimed} is ignored on a PostgreSQL ledger: you act as "
+                                f"{store.session_user}, the database role you connect as")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +155,8 @@ class Services:
     credentials: CredentialService
     gateways: GatewayService
     catalog: CatalogService
+    ledgers: LedgerService
+    changes: ChangeService
 
     @classmethod
     def build(cls, core: Core) -> Services:
@@ -136,18 +170,25 @@ class Services:
         gateways.providers_changed = catalog.forget
         return cls(usage, CallService(core, usage), policies, ApprovalService(core, policies),
                    TokenService(core, usage), MemberService(core), AuditService(core), alerts, credentials, gateways,
-                   catalog)
+                   catalog, LedgerService(core, credentials), ChangeService(core, catalog))
 
 
 class Engine:
     """A ledger with its prices. Open with ``async with await Engine.open(path) as engine``.
 
-    Changes are made as ``actor`` (the local identity unless given), checked against the
-    permission matrix of ``engine.access`` and written to the audit journal in the same
-    transaction as the change itself (``Core.change``).
+    Changes are made as ``actor``, checked against the permission matrix of ``engine.access``
+    and written to the audit journal in the same transaction as the change itself
+    (``Core.change``). Unless code names one (the gateway acts as ``gateway``), the actor is the
+    operator's identity (``operator_identity``): the database role on PostgreSQL, the local
+    identity on SQLite; ``identity_notice`` says when the environment asked for someone else.
     """
 
     def __init__(self, store: Store, prices: PriceBook, clock: Clock, actor: str | None = None) -> None:
+        #: Set when BUDGETEER_USER named someone the ledger does not let this process be (on
+        #: PostgreSQL): the command line prints it on stderr, the dashboard shows it once.
+        self.identity_notice: str | None = None
+        if actor is None:
+            actor, self.identity_notice = operator_identity(store)
         self.store = store
         self.prices = prices
         self.clock = clock
@@ -155,7 +196,7 @@ class Engine:
         self.budgets = BudgetBook(clock.now_ms, pending_ttl_ms=parse_duration_ms(pending, "BUDGETEER_APPROVAL_TTL")
                                   if pending else approvals.DEFAULT_PENDING_TTL_MS)
         store.add_transaction_hooks(self.budgets.begin, self.budgets.abort, self.budgets.end)
-        self.core = Core(store, prices, clock, self.budgets, actor or local_identity())
+        self.core = Core(store, prices, clock, self.budgets, actor)
         self.services = Services.build(self.core)
         # Governed async transports made from this engine: their streams still open are settled
         # before it closes (a caller may leave one unfinished and never close its client).
@@ -180,6 +221,16 @@ class Engine:
         """Why the ledger refuses writes, while it does."""
         return self.services.calls.refusing
 
+    def allow_while_down(self, nanos: int | None) -> None:
+        """Admit calls up to ``nanos`` of spend from this process while the ledger cannot be
+        written (None, the default: refuse them); see ``CallService.allow_while_down``."""
+        self.services.calls.allow_while_down(nanos)
+
+    @property
+    def admits_while_down(self) -> bool:
+        """Whether calls are admitted (against the allowance) while the ledger refuses writes."""
+        return self.services.calls.down_allowance is not None
+
     @property
     def vault_passphrase(self) -> Callable[[], str] | None:
         """Asked when the file vault needs its passphrase and BUDGETEER_VAULT_PASSPHRASE is unset."""
@@ -203,7 +254,10 @@ class Engine:
         """Open the ledger at ``db``: an SQLite file (the user data directory's by default) or a
         PostgreSQL database (``postgresql://user@host:port/db``); ``durable`` and
         ``sync_interval_s`` as in ``SQLiteStore.open``. The clock is ``clock`` if given, else the
-        store's: the system's for SQLite, the database's for PostgreSQL."""
+        store's: the system's for SQLite, the database's for PostgreSQL. ``actor``: who the code
+        opening it acts as (the gateway: ``gateway``); the command line and the dashboard name
+        none, and act as the operator (``operator_identity``: on PostgreSQL the database role
+        connected as, whatever ``BUDGETEER_USER`` says)."""
         store = await open_ledger(ledger_location(db), home=home_dir(), durable=durable,
                                   sync_interval_s=sync_interval_s)
         try:
@@ -241,6 +295,7 @@ class Engine:
         await self.services.calls.close()
         await self.services.gateways.close()
         await self.services.catalog.close()
+        await self.services.changes.close()
         if self.core.deliveries:
             await asyncio.wait(self.core.deliveries, timeout=30)
         await self.store.close()
@@ -254,6 +309,16 @@ class Engine:
 
     def now_ms(self) -> int:
         return self.clock.now_ms()
+
+    # ------------------------------------------------------------------ changes other processes made (ChangeService)
+
+    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        return self.services.changes.on_change(callback)
+
+    @property
+    def notifies(self) -> bool:
+        """Changes of other processes are pushed to this engine as they commit (PostgreSQL)."""
+        return self.services.changes.notifies
 
     # ------------------------------------------------------------------ usage: recording and reading (UsageService)
 
@@ -445,13 +510,28 @@ class Engine:
     async def set_member(self, user: str, role: str) -> access.Member:
         return await self.services.members.set_member(user, role)
 
+    async def member_notice(self, user: str) -> str | None:
+        return await self.services.members.member_notice(user)
+
     async def remove_member(self, user: str) -> access.Member:
         return await self.services.members.remove_member(user)
+
+    # ------------------------------------------------------------------ moving the ledger (LedgerService)
+
+    async def copy_ledger(self, to: str | Path, *,
+                          progress: Callable[[int, int, str], None] | None = None) -> CopyReport:
+        return await self.services.ledgers.copy_ledger(to, home_dir(), progress)
 
     # ------------------------------------------------------------------ audit journal (AuditService)
 
     async def audit_entries(self, limit: int = 200, text: str = "") -> list[audit.AuditEntry]:
         return await self.services.audit.audit_entries(limit, text)
+
+    async def export_audit_key(self) -> str:
+        return await self.services.audit.export_audit_key()
+
+    async def import_audit_key(self, text: str) -> int:
+        return await self.services.audit.import_audit_key(text)
 
     async def verify_audit(self, anchor: audit.Anchor | None = None) -> audit.Verification:
         return await self.services.audit.verify_audit(anchor)
@@ -605,7 +685,7 @@ def _caller(principal: str, team: str, workspace: str, session: str, agent: str)
 def _document_delegations() -> None:
     """Each delegation reads as its service's method does (``help(Engine.record)``)."""
     for service in (UsageService, CallService, PolicyService, ApprovalService, TokenService, MemberService,
-                    AuditService, AlertService, CredentialService, GatewayService, CatalogService):
+                    AuditService, AlertService, CredentialService, GatewayService, CatalogService, ChangeService):
         for name, method in vars(service).items():
             if not name.startswith("_") and callable(delegation := vars(Engine).get(name)) and method.__doc__:
                 delegation.__doc__ = method.__doc__

@@ -8,10 +8,10 @@ out of every test.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,6 +21,7 @@ from tests import pg
 
 if TYPE_CHECKING:
     from engine.engine import Engine
+    from engine.ledger import Store
     from tests.pg import Cluster
 
 #: 2026-11-18 12:00:00 UTC, a Wednesday.
@@ -71,11 +72,42 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "ledger.db"
 
 
+#: The ledger's backends: a test that takes ``ledger_at`` (``engine`` and ``open_store`` do) runs on each.
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+def ledger_at(request: pytest.FixtureRequest, db_path: Path) -> Path | str:
+    """Where the test's ledger is: an SQLite file, and (the same test again) a fresh database on
+    the worker's PostgreSQL cluster, which skips (or, in CI, fails) without PostgreSQL."""
+    if request.param == "sqlite":
+        return db_path
+    request.node.user_properties.append((_PG_PROPERTY, True))
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
 @pytest.fixture
-async def engine(db_path: Path, clock: FrozenClock) -> AsyncIterator[Engine]:
+async def open_store(ledger_at: Path | str, tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Store]]]:
+    """``await open_store()``: a store on the test's ledger (each backend in turn), closed after the test."""
+    from engine.ledger import open_ledger
+
+    stores: list[Store] = []
+
+    async def opened(**options: Any) -> Store:
+        store = await open_ledger(ledger_at, home=tmp_path / "home", **options)
+        stores.append(store)
+        return store
+
+    yield opened
+    for store in stores:
+        await store.close()
+
+
+@pytest.fixture
+async def engine(ledger_at: Path | str, clock: FrozenClock) -> AsyncIterator[Engine]:
     from engine.engine import Engine
 
-    eng = await Engine.open(db_path, clock=clock)
+    eng = await Engine.open(ledger_at, clock=clock)
     try:
         yield eng
     finally:
@@ -114,12 +146,16 @@ def upstream(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test marked http11_only (how the home-made pool does it: its socket pausing, its wait
-    queue, its errors' words) is not collected against aiohttp's client, rather than skipped:
-    a skip in this suite means something needed is missing."""
+    queue, its errors' words) is not collected against aiohttp's client, nor one marked
+    sqlite_only (how the SQLite file does it: its log, its statements) against PostgreSQL,
+    rather than skipped: a skip in this suite means something needed is missing."""
     kept, dropped = [], []
     for item in items:
-        on_aiohttp = "aiohttp" in getattr(getattr(item, "callspec", None), "params", {}).values()
-        (dropped if on_aiohttp and item.get_closest_marker("http11_only") else kept).append(item)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_aiohttp = "aiohttp" in params.values()
+        on_postgres = params.get("ledger_at") == "postgresql"
+        (dropped if (on_aiohttp and item.get_closest_marker("http11_only"))
+         or (on_postgres and item.get_closest_marker("sqlite_only")) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
@@ -153,10 +189,16 @@ def pg_cluster(pg_bindir: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def postgres_dsn(pg_cluster: Cluster) -> Iterator[str]:
+def postgres_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
     """A new, empty database on the worker's cluster, for this test alone: its dsn
     (postgresql://postgres@127.0.0.1:PORT/NAME). Dropped after the test. A test that stopped
-    the server (a restart under load that failed half-way, say) leaves it running again."""
+    the server (a restart under load that failed half-way, say) leaves it running again.
+
+    It marks the test as a PostgreSQL one before asking for the cluster (which may skip), so the
+    closing line counts it even when a parametrized fixture asks for this one at run time
+    (``request.getfixturevalue("postgres_dsn")``), where the test's fixture names do not show it."""
+    _mark_postgres(request.node)
+    pg_cluster: Cluster = request.getfixturevalue("pg_cluster")
     pg_cluster.start()  # nothing when it runs
     dsn = pg.fresh_database(pg_cluster.dsn)
     yield dsn
@@ -169,9 +211,14 @@ def postgres_dsn(pg_cluster: Cluster) -> Iterator[str]:
 _PG_PROPERTY = "postgresql"
 
 
+def _mark_postgres(item: pytest.Item) -> None:
+    if (_PG_PROPERTY, True) not in item.user_properties:
+        item.user_properties.append((_PG_PROPERTY, True))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if "pg_bindir" in getattr(item, "fixturenames", ()):
-        item.user_properties.append((_PG_PROPERTY, True))
+        _mark_postgres(item)
 
 
 _TALLY = pg.Tally()

@@ -16,6 +16,7 @@ from engine.ledger import LedgerView
 from engine.models import FieldError
 from engine.tokens import TokenRefused
 from tests.conftest import NOW_MS
+from tests.sql import ledger_bytes, raw_sql
 
 # The matrix as the issue states it, written out independently of engine.access.
 EXPECTED = {
@@ -78,11 +79,11 @@ async def test_only_owners_make_owners_and_the_last_owner_stays(engine: Engine) 
     assert await engine.role("olivia") == "viewer"
 
 
-async def test_a_token_secret_is_shown_once_and_stored_only_as_a_digest(engine: Engine, db_path: Path) -> None:
+async def test_a_token_secret_is_shown_once_and_stored_only_as_a_digest(engine: Engine, ledger_at: Path | str) -> None:
     token, secret = await engine.create_token(name="ci", principal="alice", scopes=["chat"], rpm=60, tpm=10_000)
     assert secret.startswith("bgt_") and len(secret) >= 4 + 43  # 32 random bytes, URL-safe base64
     assert token.prefix == secret[4:12]
-    raw = db_path.read_bytes() + Path(str(db_path) + "-wal").read_bytes()
+    raw = ledger_bytes(ledger_at)
     assert secret.encode() not in raw and secret[12:].encode() not in raw
     assert "secret" not in token.as_dict() and "hash" not in token.as_dict()
     assert (await engine.authenticate(secret, "chat")).id == token.id
@@ -150,7 +151,7 @@ def test_a_wrong_token_takes_as_long_however_much_of_it_matches(tmp_path: Path) 
     assert compared == [(32, 32)] * 3
 
 
-async def test_every_change_is_journaled_and_tampering_is_named(engine: Engine, db_path: Path) -> None:
+async def test_every_change_is_journaled_and_tampering_is_named(engine: Engine, ledger_at: Path | str) -> None:
     policy = build_policy(scope="global", metric="usd", window="day", hard="5", name="Daily", now_ms=NOW_MS)
     await engine.add_policy(policy)
     token, secret = await engine.create_token(name="ci", principal="alice")
@@ -162,11 +163,8 @@ async def test_every_change_is_journaled_and_tampering_is_named(engine: Engine, 
     assert secret not in journal and secret[4:] not in journal
     assert (await engine.verify_audit()).ok
 
-    conn = sqlite3.connect(db_path)
-    conn.executescript("DROP TRIGGER audit_journal_no_update; DROP TRIGGER audit_journal_no_delete;")
-    conn.execute("UPDATE audit_journal SET after = replace(after, 'Daily', 'Weekly') WHERE id = 1")
-    conn.commit()
-    conn.close()
+    raw_sql(ledger_at, "UPDATE audit_journal SET after = replace(after, 'Daily', 'Weekly') WHERE id = 1",
+            past_guards=True)
     result = await engine.verify_audit()
     assert not result.ok and result.entry_id == 1 and "entry 1 was edited" in result.problem
 
@@ -177,16 +175,12 @@ async def test_every_change_is_journaled_and_tampering_is_named(engine: Engine, 
     ("UPDATE audit_journal SET id = 99 WHERE id = 2; UPDATE audit_journal SET id = 2 WHERE id = 3; "
      "UPDATE audit_journal SET id = 3 WHERE id = 99", 2, "entry 2 was edited"),  # two entries swapped
 ])
-async def test_a_deleted_or_moved_entry_is_named(engine: Engine, db_path: Path, sql: str, named: int,
+async def test_a_deleted_or_moved_entry_is_named(engine: Engine, ledger_at: Path | str, sql: str, named: int,
                                                  words: str) -> None:
     for n in range(4):
         await engine.add_policy(build_policy(scope=f"team:t{n}", metric="usd", window="day", hard="5",
                                              now_ms=NOW_MS))
-    conn = sqlite3.connect(db_path)
-    conn.executescript("DROP TRIGGER audit_journal_no_update; DROP TRIGGER audit_journal_no_delete;")
-    conn.executescript(sql)
-    conn.commit()
-    conn.close()
+    raw_sql(ledger_at, sql, past_guards=True)
     result = await engine.verify_audit()
     assert not result.ok and result.entry_id == named and words in result.problem
 

@@ -45,6 +45,7 @@ async def test_each_threshold_fires_once_per_window_and_again_in_the_next(engine
     assert [(a.kind, a.threshold) for a in fresh] == [("threshold", 50)]
 
 
+@pytest.mark.sqlite_only  # counts the statements SQLite's writer runs
 async def test_a_policy_past_its_thresholds_does_not_write_its_alerts_again_on_every_call(engine: Engine) -> None:
     await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
     await engine.record(_spend(1, 8.5))  # past 50 % and 80 %: one alert, for 80 %

@@ -20,6 +20,7 @@ from engine.engine import Engine
 from engine.models import FieldError
 from engine.vault import Vault, VaultError
 from tests.conftest import NOW_MS
+from tests.sql import guard_error, raw_sql
 from tests.test_alerts import FakeWebhook
 from tests.test_cli import run
 
@@ -53,14 +54,12 @@ def _rechain(db: Path, edit_id: int, key: bytes | None) -> None:
     conn.close()
 
 
-async def test_the_journal_refuses_update_and_delete(engine: Engine, db_path: Path) -> None:
+async def test_the_journal_refuses_update_and_delete(engine: Engine, ledger_at: Path | str) -> None:
     await _changes(engine, 2)
-    conn = sqlite3.connect(db_path)
-    with pytest.raises(sqlite3.IntegrityError, match="append-only: an entry cannot be changed"):
-        conn.execute("UPDATE audit_journal SET actor = 'mallory' WHERE id = 1")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only: an entry cannot be removed"):
-        conn.execute("DELETE FROM audit_journal WHERE id = 2")
-    conn.close()
+    with pytest.raises(guard_error(), match="append-only: an entry cannot be changed"):
+        raw_sql(ledger_at, "UPDATE audit_journal SET actor = 'mallory' WHERE id = 1")
+    with pytest.raises(guard_error(), match="append-only: an entry cannot be removed"):
+        raw_sql(ledger_at, "DELETE FROM audit_journal WHERE id = 2")
     assert (await engine.verify_audit()).ok
 
 
@@ -171,7 +170,7 @@ async def test_the_anchor_is_posted_to_the_webhooks_once_a_day(engine: Engine, c
         head = await engine.audit_anchor()
         assert head is not None and await engine.post_audit_anchor()
         assert not await engine.post_audit_anchor()
-        async with await Engine.open(engine.path, clock=clock) as other:  # another process, the same day
+        async with await Engine.open(engine.location, clock=clock) as other:  # another process, the same day
             assert not await other.post_audit_anchor()
         clock.advance(DAY_MS)
         assert await engine.post_audit_anchor()

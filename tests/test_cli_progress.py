@@ -77,6 +77,8 @@ def test_piped_or_json_the_long_commands_write_nothing_on_stderr(tmp_path: Path)
     backtest = _piped("--db", db, "policy", "backtest", "--scope", "global", "--metric", "usd", "--window", "day",
                       "--hard", "5", "--period", "7d")
     assert backtest.returncode == 0 and backtest.stderr == b"" and b"would have blocked" in backtest.stdout
+    copied = _piped("ledger", "copy", db, str(tmp_path / "copy.db"))
+    assert copied.returncode == 0 and copied.stderr == b"" and b"Copied the ledger" in copied.stdout
 
 
 def test_a_terminal_gets_a_progress_bar_and_json_still_gets_none(tmp_path: Path) -> None:
@@ -91,6 +93,10 @@ def test_a_terminal_gets_a_progress_bar_and_json_still_gets_none(tmp_path: Path)
     code, seen = _on_a_terminal("--db", db, "policy", "backtest", "--scope", "global", "--metric", "usd", "--window",
                                 "day", "--hard", "5", "--period", "7d")
     assert code == 0 and b"Backtesting draft" in seen
+    code, seen = _on_a_terminal("ledger", "copy", db, str(tmp_path / "copy.db"))
+    assert code == 0 and b"Copying" in seen and BAR in seen
+    code, seen = _on_a_terminal("ledger", "copy", db, str(tmp_path / "copy2.db"), "--json")
+    assert code == 0 and seen == b""
     # --json is for scripts: not a byte on the terminal, even with stderr on one.
     code, seen = _on_a_terminal("--db", str(tmp_path / "j.db"), "import", events, "--json")
     assert code == 0 and seen == b""

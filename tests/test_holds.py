@@ -237,7 +237,7 @@ async def test_spend_written_between_decisions_counts_at_the_next_one(engine: En
     await engine.record(_event("outside-a-batch", cost=999_500_000))  # $0.9995: record(), not a batch
     assert not (await engine.authorize(alice)).allowed
     assert (await engine.authorize(carol)).allowed
-    other = await Engine.open(engine.path, clock=engine.clock)  # another connection spends carol's dollar
+    other = await Engine.open(engine.location, clock=engine.clock)  # another connection spends carol's dollar
     await other.record(_event("from-elsewhere", principal="carol", cost=999_500_000))
     await other.close()
     assert not (await engine.authorize(carol)).allowed
@@ -280,7 +280,7 @@ async def test_a_settlement_counts_spend_another_connection_wrote_while_the_call
     call = CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=1000, max_tokens=1000)
     auth = await engine.authorize(call)
     assert auth.hold_id
-    other = await Engine.open(engine.path, clock=engine.clock)
+    other = await Engine.open(engine.location, clock=engine.clock)
     await other.record(_event("elsewhere", cost=600_000_000))
     await other.close()
     await engine.settle(auth.hold_id, _event(call.request_id, cost=300_000_000))

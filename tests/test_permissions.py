@@ -2,7 +2,8 @@
 the same transaction (issue 17, finding 1: a viewer or a non-member priced gpt-4o at $0).
 
 Every public coroutine of ``Engine`` is classified here as a read, a runtime write (made for
-a token-authenticated call or as upkeep, never an operator's change) or a change, and an
+a token-authenticated call or as upkeep, never an operator's change), a change, or a change
+journaled on another ledger (a copy's, on its target), and an
 unclassified one fails: a new method has to be placed, and a change is then held to the
 matrix for every role, on a real ledger file."""
 
@@ -37,7 +38,7 @@ READS = {
     "open_override_requests", "override_requests", "override_request", "tokens", "members", "role", "may",
     "audit_entries", "verify_audit", "would_blocks", "alerts", "webhooks", "deliveries", "vault_status",
     "vault_entries", "credential", "providers", "provider", "catalog", "provider_health", "routing_decisions",
-    "routing_summary", "gateways", "audit_anchor", "overshoots", "recent_calls",
+    "routing_summary", "gateways", "audit_anchor", "overshoots", "recent_calls", "member_notice",
 }
 #: Writes that are no operator's change, with the reason they are not held to the matrix.
 RUNTIME = {
@@ -59,6 +60,11 @@ RUNTIME = {
     "route": "a call's routing decision",
     "gateway_heartbeat": "a gateway says it is alive",
     "vault_unlock": "this process's passphrase; nothing stored changes",
+}
+#: Changes journaled on another ledger than the engine's, each held to the matrix by its own tests.
+ELSEWHERE = {
+    "copy_ledger": "the copy's entry goes on the target, after the copied chain (tests/test_ledger_copy.py: "
+                   "manage_members, and the entry)",
 }
 
 DOLLAR = 1_000_000_000
@@ -237,7 +243,7 @@ def _vault_passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_public_engine_coroutine_is_classified() -> None:
     public = {name for name, fn in inspect.getmembers(Engine)
               if not name.startswith("_") and inspect.iscoroutinefunction(fn)}
-    listed = [READS, set(RUNTIME), set(CHANGES)]
+    listed = [READS, set(RUNTIME), set(CHANGES), set(ELSEWHERE)]
     assert not (unclassified := public - set().union(*listed)), (
         f"classify {sorted(unclassified)} in tests/test_permissions.py: a read, a runtime write, "
         "or a change held to the matrix and journaled")
@@ -351,6 +357,7 @@ def test_only_the_one_path_checks_permissions_and_appends_to_the_journal() -> No
     assert callers == {"engine/services/core.py: access.require", "engine/services/core.py: audit.append"}
 
 
+@pytest.mark.sqlite_only  # counts the statements SQLite's writer runs
 async def test_a_priced_call_pays_for_no_member_lookup(engine: Engine) -> None:
     """The gateway's hot path (authorize, settle) checks no member: the token was checked."""
     engine.actor = OWNER

@@ -96,6 +96,38 @@ async def test_each_test_gets_its_own_database(postgres_dsn: str, turn: int) -> 
         await conn.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The shape of a fixture over both ledgers: PostgreSQL's database asked for at run time."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_dsn"))
+    return str(tmp_path / "ledger.db")
+
+
+def test_a_database_asked_for_at_run_time_marks_the_test(backend: str, request: pytest.FixtureRequest) -> None:
+    """The closing line counts a test whose PostgreSQL database a parametrized fixture asked for
+    at run time, not only one that names the fixtures."""
+    on_postgres = backend.startswith("postgresql://")
+    assert (("postgresql", True) in request.node.user_properties) == on_postgres
+
+
+async def test_a_crash_loses_nothing_committed_synchronously(postgres_dsn: str, pg_cluster: Cluster) -> None:
+    """Immediate shutdown, then a start that recovers from the WAL: a transaction committed with
+    synchronous_commit on (off by default here, for speed) is there afterwards."""
+    conn = await asyncpg.connect(postgres_dsn, timeout=30)
+    try:
+        await conn.execute("CREATE TABLE kept (x int)")
+        async with conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = on")
+            await conn.execute("INSERT INTO kept VALUES (3)")
+    finally:
+        await conn.close()
+    await asyncio.to_thread(pg_cluster.crash)
+    assert not pg_cluster.running
+    await asyncio.to_thread(pg_cluster.start)
+    assert [r["x"] for r in await _fetch(postgres_dsn, "SELECT x FROM kept")] == [3]
+
+
 async def test_fresh_databases_are_distinct(pg_cluster: Cluster) -> None:
     first, second = pg.fresh_database(pg_cluster.dsn), pg.fresh_database(pg_cluster.dsn)
     try:

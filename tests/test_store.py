@@ -8,6 +8,7 @@ import sqlite3
 import sys
 import threading
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.clock import DAY_MS, HOUR_MS, MINUTE_MS
-from engine.ledger import SCHEMA_VERSION, SchemaTooNewError, SQLiteStore, StoreError, Totals, range_segments
+from engine.ledger import (
+    SCHEMA_VERSION,
+    SchemaTooNewError,
+    SQLiteStore,
+    Store,
+    StoreError,
+    Totals,
+    is_dsn,
+    range_segments,
+)
 from engine.ledger import writer as store_module
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 from tests.conftest import NOW_MS, event
+from tests.sql import guard_error, raw_sql
+
+#: ``await open_store()``: a store on the test's ledger, of each backend in turn (conftest).
+OpenStore = Callable[..., Awaitable[Store]]
 
 
 async def test_ledger_uses_wal_and_records_its_schema_version(db_path: Path) -> None:
@@ -58,8 +72,8 @@ async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
         await SQLiteStore.open(path)
 
 
-async def test_writing_the_same_request_twice_is_a_duplicate_not_a_double_charge(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_writing_the_same_request_twice_is_a_duplicate_not_a_double_charge(open_store: OpenStore) -> None:
+    store = await open_store()
     first = await store.record(event(1))
     again = await store.record(event(1, cost_nanos=999_999_999))
     assert (first.duplicate, again.duplicate) == (False, True)
@@ -70,28 +84,26 @@ async def test_writing_the_same_request_twice_is_a_duplicate_not_a_double_charge
     await store.close()
 
 
-async def test_a_repeat_inside_one_batch_is_reported_as_duplicate(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_a_repeat_inside_one_batch_is_reported_as_duplicate(open_store: OpenStore) -> None:
+    store = await open_store()
     results = await store.record_many([event(1), event(2), event(1)])
     assert [r.duplicate for r in results] == [False, False, True]
     assert (await store.totals(0, NOW_MS + DAY_MS)).requests == 2
     await store.close()
 
 
-async def test_usage_events_are_append_only(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_usage_events_are_append_only(open_store: OpenStore, ledger_at: Path | str) -> None:
+    store = await open_store()
     await store.record(event(1))
     await store.close()
-    conn = sqlite3.connect(db_path)
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        conn.execute("UPDATE usage_events SET cost_nanos = 0")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        conn.execute("DELETE FROM usage_events")
-    conn.close()
+    with pytest.raises(guard_error(), match="append-only"):
+        raw_sql(ledger_at, "UPDATE usage_events SET cost_nanos = 0")
+    with pytest.raises(guard_error(), match="append-only"):
+        raw_sql(ledger_at, "DELETE FROM usage_events")
 
 
-async def test_a_batch_with_a_bad_event_writes_nothing(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_a_batch_with_a_bad_event_writes_nothing(open_store: OpenStore) -> None:
+    store = await open_store()
     await store.record(event(0))
     with pytest.raises(ValueError, match="integer nano-dollar cost"):
         await store.record_many([event(1), event(2, cost_nanos=0.5)])
@@ -103,8 +115,8 @@ async def test_a_batch_with_a_bad_event_writes_nothing(db_path: Path) -> None:
     await store.close()
 
 
-async def test_an_atomic_bulk_write_is_all_or_nothing(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_an_atomic_bulk_write_is_all_or_nothing(open_store: OpenStore) -> None:
+    store = await open_store()
     events = [event(i) for i in range(10)] + [event(99, cost_nanos=None)]
     with pytest.raises(ValueError):
         await store.bulk_record(events, chunk=3, atomic=True)
@@ -116,26 +128,23 @@ async def test_an_atomic_bulk_write_is_all_or_nothing(db_path: Path) -> None:
     await store.close()
 
 
-async def test_200_concurrent_records_share_transactions_and_survive_reopen(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_200_concurrent_records_share_transactions_and_survive_reopen(open_store: OpenStore) -> None:
+    store = await open_store()
     results = await asyncio.gather(*(store.record(event(i, principal=f"p{i % 7}")) for i in range(200)))
     assert all(not r.duplicate for r in results)
     assert store.commits < 200  # group commit: far fewer transactions than calls
     await store.close()
-    reopened = await SQLiteStore.open(db_path)
+    reopened = await open_store()
     assert await reopened.event_count() == 200
     totals = await reopened.totals(0, NOW_MS + DAY_MS)
     assert (totals.requests, totals.cost_nanos) == (200, 200 * 270_000)
     await reopened.close()
 
 
-async def test_record_returns_only_after_commit_visible_to_another_connection(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_record_returns_only_after_commit_visible_to_another_connection(open_store: OpenStore) -> None:
+    store, other = await open_store(), await open_store()
     await store.record(event(5))
-    conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT count(*) FROM usage_events").fetchone()[0] == 1
-    conn.close()
-    await store.close()
+    assert await other.event_count() == 1
 
 
 async def _synchronous(store: SQLiteStore) -> int:
@@ -376,8 +385,8 @@ async def test_small_batches_and_large_ones_fold_into_identical_rollups(tmp_path
         assert sum(r[2] for r in rows[0]) == 150  # requests: each request id counted once
 
 
-async def test_timeline_buckets_sum_to_the_totals(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_timeline_buckets_sum_to_the_totals(open_store: OpenStore) -> None:
+    store = await open_store()
     events = [event(i, ts_ms=NOW_MS - DAY_MS + i * 7 * MINUTE_MS, model=("a", "b")[i % 2]) for i in range(200)]
     await store.record_many(events)
     start, end = NOW_MS - DAY_MS, NOW_MS + MINUTE_MS
@@ -392,10 +401,10 @@ async def test_timeline_buckets_sum_to_the_totals(db_path: Path) -> None:
     await store.close()
 
 
-async def test_reads_group_and_filter_by_agent_and_session(db_path: Path) -> None:
+async def test_reads_group_and_filter_by_agent_and_session(open_store: OpenStore) -> None:
     """agent and session are columns of raw events only: breakdown, timeline and totals sum the
     events themselves, and agree with the rollup reads they sit beside."""
-    store = await SQLiteStore.open(db_path)
+    store = await open_store()
     events = [event(i, ts_ms=NOW_MS - DAY_MS + i * 7 * MINUTE_MS, agent=("ra", "rb", "")[i % 3],
                     session=f"s{i % 4}", team=("ml", "web")[i % 2]) for i in range(120)]
     await store.record_many(events)
@@ -413,8 +422,8 @@ async def test_reads_group_and_filter_by_agent_and_session(db_path: Path) -> Non
     await store.close()
 
 
-async def test_breakdown_orders_by_the_metric_asked(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_breakdown_orders_by_the_metric_asked(open_store: OpenStore) -> None:
+    store = await open_store()
     await store.record_many([
         event(1, principal="big-spender", cost_nanos=10**10, input_tokens=10, output_tokens=0),
         event(2, principal="chatty", cost_nanos=1, input_tokens=10**6, output_tokens=0),
@@ -428,10 +437,10 @@ async def test_breakdown_orders_by_the_metric_asked(db_path: Path) -> None:
     await store.close()
 
 
-async def test_reads_name_a_bad_dimension(db_path: Path) -> None:
+async def test_reads_name_a_bad_dimension(open_store: OpenStore) -> None:
     from engine.models import FieldError
 
-    store = await SQLiteStore.open(db_path)
+    store = await open_store()
     with pytest.raises(FieldError, match="by: must be one of"):
         await store.breakdown(0, 1, "colour")
     with pytest.raises(FieldError, match="filter: cannot filter by 'x; DROP TABLE'"):
@@ -439,8 +448,8 @@ async def test_reads_name_a_bad_dimension(db_path: Path) -> None:
     await store.close()
 
 
-async def test_events_read_back_exactly_as_written(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_events_read_back_exactly_as_written(open_store: OpenStore) -> None:
+    store = await open_store()
     original = event(7, session="s-1", agent="planner", tags={"env": "prod"}, cached_input_tokens=300,
                      reasoning_tokens=50, status="error")
     await store.record(original)
@@ -449,8 +458,8 @@ async def test_events_read_back_exactly_as_written(db_path: Path) -> None:
     await store.close()
 
 
-async def test_iter_events_pages_through_many_events_in_time_order(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_iter_events_pages_through_many_events_in_time_order(open_store: OpenStore) -> None:
+    store = await open_store()
     events = [event(i, ts_ms=NOW_MS - (i % 50) * 1000) for i in range(1200)]
     await store.record_many(events)
     seen = [e async for e in store.iter_events(NOW_MS - 30_000, NOW_MS + 1, batch=100)]
@@ -460,15 +469,17 @@ async def test_iter_events_pages_through_many_events_in_time_order(db_path: Path
     await store.close()
 
 
-async def test_two_processes_writing_one_ledger_lose_nothing(db_path: Path) -> None:
-    store = await SQLiteStore.open(db_path)
+async def test_two_processes_writing_one_ledger_lose_nothing(open_store: OpenStore, ledger_at: Path | str,
+                                                             tmp_path: Path) -> None:
+    store = await open_store()
     await store.close()
     script = (
         "import asyncio, sys\n"
-        "from engine.ledger import SQLiteStore\n"
+        "from pathlib import Path\n"
+        "from engine.ledger import open_ledger\n"
         "from engine.models import UsageEvent\n"
         "async def main(tag):\n"
-        f"    s = await SQLiteStore.open({str(db_path)!r})\n"
+        f"    s = await open_ledger({str(ledger_at)!r}, home=Path({str(tmp_path / 'home')!r}))\n"
         f"    await asyncio.gather(*(s.record(UsageEvent(ts_ms={NOW_MS} + i, request_id=f'{{tag}}-{{i}}', "
         "provider='openai', model='m', principal=tag, cost_nanos=7)) for i in range(300)))\n"
         "    await s.close()\n"
@@ -476,7 +487,7 @@ async def test_two_processes_writing_one_ledger_lose_nothing(db_path: Path) -> N
     )
     procs = [await asyncio.create_subprocess_exec(sys.executable, "-c", script, tag) for tag in ("p1", "p2")]
     assert [await p.wait() for p in procs] == [0, 0]
-    store = await SQLiteStore.open(db_path)
+    store = await open_store()
     assert await store.event_count() == 600
     totals = await store.totals(NOW_MS, NOW_MS + MINUTE_MS)
     assert (totals.requests, totals.cost_nanos) == (600, 4200)
@@ -485,7 +496,7 @@ async def test_two_processes_writing_one_ledger_lose_nothing(db_path: Path) -> N
     await store.close()
 
 
-async def test_recent_calls_read_the_ledgers_tail_after_a_cursor(db_path: Path) -> None:
+async def test_recent_calls_read_the_ledgers_tail_after_a_cursor(ledger_at: Path | str) -> None:
     """The live Calls screen's read: the newest calls first, only those after the last one it
     holds, a call recorded late with an older time included (a cursor on time would skip it),
     and a search by the primary key from the end, never a scan of a large ledger."""
@@ -494,7 +505,7 @@ async def test_recent_calls_read_the_ledgers_tail_after_a_cursor(db_path: Path) 
     from engine.ledger.reads import RECENT_EVENTS_OF_STATUS_SQL, RECENT_EVENTS_SQL
     from engine.models import FieldError
 
-    async with await Engine.open(db_path, clock=FrozenClock(NOW_MS)) as engine:
+    async with await Engine.open(ledger_at, clock=FrozenClock(NOW_MS)) as engine:
         await engine.record_many([event(i) for i in range(5)])
         first = await engine.recent_calls(limit=3)
         assert [c.event.request_id for c in first] == ["req-4", "req-3", "req-2"]
@@ -511,7 +522,9 @@ async def test_recent_calls_read_the_ledgers_tail_after_a_cursor(db_path: Path) 
             with pytest.raises(FieldError) as exc:
                 await engine.recent_calls(**bad)  # type: ignore[arg-type]
             assert exc.value.field == field
-    conn = sqlite3.connect(db_path)
+    if is_dsn(ledger_at):
+        return  # the query plan below is SQLite's
+    conn = sqlite3.connect(ledger_at)
     for sql, params in ((RECENT_EVENTS_SQL, (0, 10)), (RECENT_EVENTS_OF_STATUS_SQL, (0, "blocked", 10))):
         plan = " ".join(str(r[3]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
         assert "SCAN" not in plan and "USING INTEGER PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan

@@ -4,7 +4,9 @@ Screens (number keys, or the command palette): 1 overview, 2 usage, 3 budgets,
 4 alerts, 5 approvals, 6 tokens, 7 audit journal, 8 models, 9 vault, 0 calls (live).
 Data is read through ``Engine`` in workers; the current screen reads again a refresh
 interval after its last read ended, never piling polls up, and not while paused or while
-a modal is open. New override requests are announced on any screen.
+a modal is open. On a ledger that pushes its changes (PostgreSQL) it also reads as soon as
+another process commits a change of policies, tokens, approvals, prices, providers or members,
+at most every ``WAKE_S``. New override requests are announced on any screen.
 
 Screens tell the app what happened by messages (``tui.messages``): a read done or ended, a
 change made, a piece of work failed; the app keeps the status line and the poll, and its one
@@ -29,8 +31,8 @@ from textual.timer import Timer
 from textual.widgets import Input, TextArea
 
 from engine.clock import Clock
-from engine.engine import Engine, default_db_path, local_identity
-from engine.ledger import StoreError
+from engine.engine import Engine, default_db_path
+from engine.ledger import StoreError, redacted
 from tui.messages import (
     READS,
     LedgerChanged,
@@ -69,6 +71,9 @@ SCREENS: dict[str, tuple[str, str]] = {  # mode -> (key, description)
                    "that blocked it"),
 }
 log = logging.getLogger("budgeteer")
+#: A change pushed by the ledger is read this long after it arrives, with every other change
+#: that arrives meanwhile: a burst of changes costs one read, and at most four a second.
+WAKE_S = 0.25
 
 
 class BudgeteerApp(ReportsFailures, App[None]):
@@ -109,7 +114,7 @@ class BudgeteerApp(ReportsFailures, App[None]):
         Binding("escape", "leave_input", "Leave the box", priority=True, id="app.leave"),
     ]
 
-    def __init__(self, db_path: Path, clock: Clock | None = None, refresh_seconds: float = 2.0,
+    def __init__(self, db_path: Path | str, clock: Clock | None = None, refresh_seconds: float = 2.0,
                  label: str | None = None, read_only: bool = False, theme: str | None = None) -> None:
         super().__init__()
         if theme:
@@ -117,9 +122,11 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.db_path = db_path
         self.clock = clock
         self.refresh_seconds = refresh_seconds
-        self.label = label or str(db_path)
+        self.label = label or redacted(db_path)
         self.read_only = read_only
-        self.actor = local_identity()
+        # Who the dashboard acts as: the engine's operator identity, set when it opens (on
+        # PostgreSQL the database role connected as, whatever BUDGETEER_USER says).
+        self.actor = ""
         self.engine: Engine | None = None
         self.fatal_error: str | None = None
         self.paused = False
@@ -128,6 +135,8 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.known_requests: set[str] | None = None  # pending override requests already announced
         self.watching = False
         self._poll_timer: Timer | None = None
+        self._wake_timer: Timer | None = None  # a read of pushed changes, soon
+        self._wake_after_read = False  # a change came while a read was under way: read again after it
 
     def load_keymap(self, path: Path) -> None:
         """A user keymap: a JSON object of binding id -> keys (``{"app.quit": "ctrl+q"}``)."""
@@ -147,11 +156,15 @@ class BudgeteerApp(ReportsFailures, App[None]):
         self.sub_title = self.label + ("  (read-only)" if self.read_only else "")
         self.load_keymap(default_db_path().parent / "keymap.json")
         try:
-            self.engine = await Engine.open(self.db_path, clock=self.clock, actor=self.actor)
+            self.engine = await Engine.open(self.db_path, clock=self.clock)
         except StoreError as exc:
             self.fatal_error = str(exc)
             self.exit()
             return
+        self.engine.on_change(self._ledger_notified)
+        self.actor = self.engine.actor
+        if self.engine.identity_notice:
+            self.notify(self.engine.identity_notice, title="Who is acting", severity="warning", timeout=15)
         await self.switch_mode("overview")
         self._watch_requests()
         self.arm_poll()
@@ -196,6 +209,24 @@ class BudgeteerApp(ReportsFailures, App[None]):
         if not screen.reload(poll=True):  # a read still under way arms the next poll when it ends
             self.arm_poll()
 
+    def _ledger_notified(self, _kind: str) -> None:
+        """A process committed a change (the ledger pushed it, ``Engine.on_change``): read within
+        ``WAKE_S``, with whatever else arrives meanwhile."""
+        if self._wake_timer is None and self.is_running:
+            self._wake_timer = self.set_timer(WAKE_S, self._wake, name="wake")
+
+    def _wake(self) -> None:
+        """Read what is shown again, and look for override requests, as a poll does (a poll that
+        finds the same data leaves the screen alone); the timer's poll goes on as it was."""
+        self._wake_timer = None
+        if self.paused:
+            return
+        self._watch_requests()
+        screen = self.data_screen()
+        if screen is not None and not screen.reload(poll=True):
+            # A read under way may have begun before the change: one more when it ends.
+            self._wake_after_read = True
+
     def _watch_requests(self) -> None:
         """Announce override requests opened since the last look, by this process or another,
         whatever screen is showing (a modal included). One look at a time: a look still
@@ -238,6 +269,9 @@ class BudgeteerApp(ReportsFailures, App[None]):
     @on(ReadEnded)
     def _read_ended(self) -> None:
         self.arm_poll()  # the next poll: a full interval after this read ended
+        if self._wake_after_read:
+            self._wake_after_read = False
+            self._ledger_notified("*")
 
     @on(LedgerChanged)
     def _ledger_changed(self) -> None:
@@ -282,7 +316,8 @@ class BudgeteerApp(ReportsFailures, App[None]):
             text = "loading…"
         else:
             age = max(0, (self.engine.now_ms() - self.updated_ms) // 1000)
-            state = "[b]paused[/b] (p resumes)" if self.paused else f"live, every {self.refresh_seconds:g} s"
+            pushed = "on change and " if self.engine.notifies else ""
+            state = "[b]paused[/b] (p resumes)" if self.paused else f"live, {pushed}every {self.refresh_seconds:g} s"
             text = f"updated {age} s ago · {state}"
         screen.show_status(text)
 

@@ -44,7 +44,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.clock import Clock
 from engine.engine import Engine
-from engine.errors import BadInput, BudgeteerError
+from engine.errors import BadInput, BudgeteerError, LedgerUnavailable
 from engine.integrations import contract
 from engine.integrations.governor import (
     Caller,
@@ -57,6 +57,7 @@ from engine.integrations.governor import (
     usage_of,
 )
 from engine.integrations.http11 import Http11Transport
+from engine.ledger import changes
 from engine.models import GatewayStatus, Usage
 from engine.providers import Provider
 from engine.tokens import Token, admit, digest
@@ -70,6 +71,7 @@ HEARTBEAT_S = 2.0
 KEY_CACHE_S = 60.0  # a provider key is decrypted again after this long (a rotated key is picked up)
 SYNC_INTERVAL_S = 0.1  # settlements reach the disk within this long (they survive a crash at once)
 TOKEN_CACHE_S = 1.0  # a token is read again after this long: a revocation reaches a running gateway within it
+# (on PostgreSQL at once: the revocation's notification empties the cache, Gateway._ledger_changed)
 SCOPES = {"chat": "chat", "embeddings": "embeddings", "responses": "responses", "messages": "chat"}
 CALLS = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/responses": "responses",
          "/v1/messages": "messages"}
@@ -143,8 +145,9 @@ class Gateway:
     def __init__(self, db: Path | str, *, clock: Clock | None = None, routing_mode: str = "suggest",
                  max_body: int = DEFAULT_MAX_BODY, upstream_timeout: float = 120.0, address: str = "",
                  vault_passphrase: Callable[[], str] | None = None, sync_interval_s: float = SYNC_INTERVAL_S,
-                 limits: HttpLimits | None = None) -> None:
+                 limits: HttpLimits | None = None, down_allowance: int | None = None) -> None:
         self.db, self.clock, self.routing_mode = db, clock, routing_mode
+        self.down_allowance = down_allowance  # --when-ledger-down allow: nano-dollars (None: refuse)
         self.sync_interval_s = sync_interval_s
         self.max_body, self.upstream_timeout, self.address = max_body, upstream_timeout, address
         self.vault_passphrase = vault_passphrase
@@ -158,6 +161,7 @@ class Gateway:
         self.keys: dict[str, tuple[float, str]] = {}  # credential reference -> (read at, key), for a minute
         self.fetching: dict[str, asyncio.Future[str]] = {}  # credential reference -> its decryption under way
         self.tokens: dict[bytes, tuple[float, Token]] = {}  # secret digest -> (read at, token), for a second
+        self.tokens_dropped = 0  # how often a change of tokens emptied the cache (a read begun before is not kept)
         self.anchoring: asyncio.Task[None] | None = None  # posting the audit anchor (once a day)
         self.transport: Http11Transport | AiohttpUpstream | None = None
         self.timeouts = {"connect": 10.0, "read": upstream_timeout, "write": upstream_timeout,
@@ -214,7 +218,9 @@ class Gateway:
         self.engine = await Engine.open(self.db, clock=self.clock, actor="gateway",
                                         sync_interval_s=self.sync_interval_s)
         self.engine.vault_passphrase = self.vault_passphrase
+        self.engine.allow_while_down(self.down_allowance)
         self.governor = Governor(self.engine, routing_mode=self.routing_mode)
+        self.engine.on_change(self._ledger_changed)
         # A pool as wide as the load a gateway takes (httpx's default of 100 makes callers queue),
         # on the lean HTTP/1.1 transport, called without an httpx.AsyncClient around it: httpx's
         # own transport cost more than half the gateway's CPU, its client (URL merging, cookies,
@@ -271,6 +277,15 @@ class Gateway:
             print(f"budgeteer gateway: the audit anchor was not posted: {exc.__class__.__name__}: {exc}",
                   file=sys.stderr)
 
+    def _ledger_changed(self, kind: str) -> None:
+        """Another process (or this one) committed a change (PostgreSQL's notifications,
+        ``Engine.on_change``): tokens are read again at their next use, provider keys too."""
+        if kind in (changes.TOKEN, changes.ANY):
+            self.tokens.clear()
+            self.tokens_dropped += 1
+        if kind in (changes.PROVIDER, changes.ANY):
+            self.keys.clear()
+
     def _count(self, failed: bool) -> None:
         self.recent.append((time.monotonic(), failed))
 
@@ -291,8 +306,16 @@ class Gateway:
         if cached is None or time.monotonic() - cached[0] > TOKEN_CACHE_S:
             if len(self.tokens) > 10_000:
                 self.tokens.clear()
-            cached = (time.monotonic(), await self.engine.authenticate(presented, touch=False))
-            self.tokens[key] = cached
+            dropped = self.tokens_dropped
+            try:
+                cached = (time.monotonic(), await self.engine.authenticate(presented, touch=False))
+            except LedgerUnavailable:
+                # The ledger cannot be read: a token this gateway knew stays known while it admits
+                # calls against its allowance (it could not learn of a revocation meanwhile either).
+                if cached is None or not self.engine.admits_while_down:
+                    raise
+            if dropped == self.tokens_dropped:  # else read before a change it may not show: not kept
+                self.tokens[key] = cached
         token = admit(cached[1], self.engine.now_ms(), scope)
         self.last_used[token.id] = self.engine.now_ms()  # written with the next heartbeat
         return Caller(principal=token.principal, team=token.team, workspace=token.workspace, token_id=token.id,

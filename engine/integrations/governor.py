@@ -28,6 +28,7 @@ from engine import errors
 from engine import providers as prov
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, HoldError
 from engine.integrations.contract import MAX_TOKENS
+from engine.ledger import changes
 from engine.models import FieldError, Usage, UsageEvent, unique_hex
 from engine.money import format_usd_plain
 from engine.pricing import estimate_message_tokens, estimate_tokens, prompt_bound
@@ -225,12 +226,26 @@ class Governor:
         self._served: tuple[list[prov.Provider], dict[str, list[prov.Provider]]] | None = None
         self.requests = 0
         self.errors = 0
+        self._providers_dropped = 0  # how often a change emptied _providers
         engine.spill.reserve()  # room for settlements the ledger may refuse on a full disk
+        engine.on_change(self._ledger_changed)
+
+    def _ledger_changed(self, kind: str) -> None:
+        """A provider or price changed (PostgreSQL's notifications, ``Engine.on_change``): the
+        providers, and the models each serves, are read again at the next call."""
+        if kind in (changes.PROVIDER, changes.PRICE, changes.ANY):
+            self._providers = None
+            self._providers_dropped += 1
 
     async def registered(self, max_age_s: float = 5.0) -> list[prov.Provider]:
-        """The registered providers, read again every few seconds (another process may add one)."""
+        """The registered providers, read again every few seconds (another process may add one;
+        on PostgreSQL its notification drops them at once)."""
         if self._providers is None or time.monotonic() - self._providers[0] > max_age_s:
-            self._providers = (time.monotonic(), await self.engine.providers())
+            dropped = self._providers_dropped
+            read = (time.monotonic(), await self.engine.providers())
+            if dropped != self._providers_dropped:  # read before a change it may not show: used, not kept
+                return read[1]
+            self._providers = read
         return self._providers[1]
 
     async def served(self) -> dict[str, list[prov.Provider]]:
@@ -268,7 +283,7 @@ class Governor:
         if not isinstance(model, str) or not model.strip():
             raise FieldError("model", "is required and must be a string")
         tokens, cap = request_tokens(kind, body)
-        if self.engine.refusing is not None:
+        if self.engine.refusing is not None and not self.engine.admits_while_down:
             raise ledger_unavailable(self.engine.refusing)
         choices = body.get("n")
         choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1 else 1

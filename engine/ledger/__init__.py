@@ -9,13 +9,14 @@ Inside: ``schema`` (migrations, connecting), ``rollups`` (the rollup SQL), ``wor
 connection on its own thread), ``writer`` (group commit), ``tx`` (the transaction), ``reads``
 (the dashboard's reads), ``repos`` (one repository per record kind), ``sqlite`` (the store),
 ``protocol`` (the interface), ``results`` and ``errors``; ``store`` (what both backends share) and
-``pg`` (the PostgreSQL ledger).
+``pg`` (the PostgreSQL ledger); ``copy`` (a ledger copied into an empty one, across backends).
 """
 
 from pathlib import Path
 
+from engine.ledger.copy import COPIED_TABLES, CopyReport, check_target, copy_ledger
 from engine.ledger.errors import LedgerRefusing, SchemaTooNewError, StoreError, refusal
-from engine.ledger.files import is_dsn, remove_ledger
+from engine.ledger.files import is_dsn, local_name, redacted, remove_ledger
 from engine.ledger.protocol import Ledger, Transaction
 from engine.ledger.repos import LedgerView
 from engine.ledger.results import (
@@ -34,10 +35,12 @@ from engine.ledger.store import Store
 from engine.ledger.tx import LedgerTx
 
 __all__ = [
+    "COPIED_TABLES",
     "SCHEMA_VERSION",
     "TIMELINE_FIELDS",
     "BreakdownRow",
     "ClosedHold",
+    "CopyReport",
     "Ledger",
     "LedgerRefusing",
     "LedgerTx",
@@ -51,9 +54,14 @@ __all__ = [
     "TimelinePoint",
     "Totals",
     "Transaction",
+    "check_target",
+    "copy_ledger",
     "is_dsn",
+    "local_name",
+    "local_path",
     "open_ledger",
     "range_segments",
+    "redacted",
     "refusal",
     "remove_ledger",
 ]
@@ -68,3 +76,9 @@ async def open_ledger(location: str | Path, *, home: Path, durable: bool = True,
 
         return await PostgresStore.open(str(location), home=home)
     return await SQLiteStore.open(Path(location), durable=durable, sync_interval_s=sync_interval_s)
+
+
+def local_path(location: str | Path, *, home: Path) -> Path:
+    """Where this machine keeps the files of the ledger at ``location`` (its vault and spill
+    journal sit beside it): the SQLite file itself; for PostgreSQL, a local name under ``home``."""
+    return local_name(str(location), home) if is_dsn(location) else Path(location)

@@ -39,12 +39,8 @@ def refusal(exc: BaseException) -> str | None:
     if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) is not None:
         reason = _REFUSALS.get(exc.sqlite_errorcode & 0xFF)
         return f"{reason} ({exc})" if reason else None
-    if type(exc).__module__.startswith("asyncpg"):  # PostgreSQL: the server or the way to it
-        reason = _pg_refusal(exc)
-        if reason:
-            return reason
-    if isinstance(exc, ConnectionError | TimeoutError):  # PostgreSQL's server cannot be reached
-        return f"the ledger's database cannot be reached ({exc.strerror or exc.__class__.__name__})"
+    if (reason := unreachable(exc)) is not None:
+        return reason
     if isinstance(exc, OSError) and exc.errno is not None:  # the log's fsync, or a file of the ledger
         return f"an I/O error ({exc.strerror or exc})"
     return None
@@ -58,6 +54,18 @@ _PG_REFUSALS: Final = {
     "57": "the ledger's database is shutting down or starting", "58": "the ledger's database had a system error",
     "40": "the ledger's database rolled a transaction back", "25": "the ledger's database is read-only",
 }
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why PostgreSQL's server cannot take a statement for now (down, starting, shutting down,
+    the connection lost, out of resources), when ``exc`` says so; None for any other error."""
+    if type(exc).__module__.startswith("asyncpg"):
+        return _pg_refusal(exc)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return f"the ledger's database cannot be reached ({exc.strerror or exc.__class__.__name__})"
+    if isinstance(exc, OSError) and exc.errno is not None and type(exc) is OSError:  # e.g. no route to the host
+        return f"the ledger's database cannot be reached ({exc.strerror})"
+    return None
 
 
 def _pg_refusal(exc: BaseException) -> str | None:

@@ -139,6 +139,17 @@ class Ledger(Protocol):
     def policies_saved(self) -> bool:
         """This store changed a policy that no batch has read back yet."""
 
+    # ---- changes other processes made (engine.ledger.changes)
+
+    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(kind)`` on the event loop when a transaction of any process commits a
+        change of ``kind`` (``changes.KINDS``; ``changes.ANY`` after a gap); what unsubscribes.
+        PostgreSQL pushes them (LISTEN/NOTIFY); SQLite never calls it."""
+
+    @property
+    def notifies(self) -> bool:
+        """Changes are pushed to this store as they commit (listening now)."""
+
     # ---- recording usage
 
     async def record(self, event: UsageEvent) -> RecordResult:

@@ -8,6 +8,7 @@ its connections, migrates its schema and hands them over.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from engine.ledger.writer import BULK_CHUNK, GroupWriter
 from engine.models import UsageEvent
 
 T = TypeVar("T")
+log = logging.getLogger("budgeteer")
 
 
 class Store:
@@ -39,6 +41,11 @@ class Store:
         self._writes = writes
         self._reads = reads
         self.clock = clock
+        self._subscribers: list[Callable[[str], None]] = []
+        #: The database role this process connects as (PostgreSQL's ``session_user``, read once
+        #: at open): who the command line and the dashboard act as there. None on SQLite, whose
+        #: file has no notion of who opens it.
+        self.session_user: str | None = None
 
     @property
     def location(self) -> str:
@@ -54,6 +61,37 @@ class Store:
 
     def now_ms(self) -> int:
         return self.clock.now_ms()
+
+    # ---- changes other processes made (engine.ledger.changes)
+
+    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(kind)`` on the event loop whenever a transaction of any process
+        commits a change of ``kind`` (``changes.KINDS``; ``changes.ANY``: anything may have
+        changed, the store having missed what was sent for a while). Returns what unsubscribes.
+        Only a store that ``notifies`` ever calls it: SQLite sends nothing, and its readers
+        notice changes by reading (the budget book's version check, the dashboard's timer)."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    @property
+    def notifies(self) -> bool:
+        """Changes are pushed to this store as they are committed (listening now)."""
+        return False
+
+    def _changed(self, kind: str) -> None:
+        """Hand ``kind`` to every subscriber (on the event loop); one that fails is logged, the
+        others still hear of it."""
+        for callback in list(self._subscribers):
+            try:
+                callback(kind)
+            except Exception as exc:
+                log.warning("a subscriber to the ledger's changes failed on %r: %s: %s", kind,
+                            type(exc).__name__, exc)
 
     # ---- what the writer counts (for tests and benchmarks)
 
@@ -169,6 +207,11 @@ class Store:
         """Run ``fn`` over (ts_ms, cost_nanos, tokens, status) of raw events in [start, end)
         matching ``where``, oldest first, streamed on the reader's thread (for backtests)."""
         return await self._reader.run(self._reads.fold_usage, start_ms, end_ms, where, fn)
+
+    async def login_role_exists(self, name: str) -> bool | None:
+        """Whether the database has a login role ``name`` (PostgreSQL, where members are roles);
+        None where nobody logs in (SQLite)."""
+        return None
 
     async def read_with(self, fn: Callable[[LedgerView], T]) -> T:
         """Run ``fn`` on the ledger's records as the read connection sees them (never waits for the writer)."""

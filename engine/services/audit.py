@@ -6,6 +6,7 @@ delegate here."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import httpx
@@ -13,6 +14,7 @@ import httpx
 from engine import audit
 from engine.alerts import post_json, redact_url
 from engine.clock import HOUR_MS
+from engine.models import FieldError
 from engine.services.core import Core, Service
 
 log = logging.getLogger("budgeteer")
@@ -30,8 +32,38 @@ class AuditService(Service):
         """Walk the chain (keyed entries under the vault's key: VaultError if it cannot be read),
         and with an ``anchor`` check that its entry is still there, unchanged."""
         key = await self.store.read_with(lambda ledger: self.core._audit_key(ledger, create=False))
+        if key is None and await self.store.read_with(audit.keyed_elsewhere):
+            raise FieldError("vault", "holds no key for this ledger's audit journal, which another machine keyed: "
+                                      "carry it here ('budgeteer audit key export' there, 'budgeteer audit key "
+                                      "import' here) to verify the chain")
         verified: audit.Verification = await self.store.read_with(lambda ledger: audit.verify(ledger, key, anchor))
         return verified
+
+    async def export_audit_key(self) -> str:
+        """The journal's chain key, as text to carry to another machine's vault (a secret: the
+        caller writes it where the operator asked, never to a log). Needs manage_members."""
+        await self.core.permitted("manage_members")
+        key = await self.store.read_with(lambda ledger: self.core._audit_key(ledger, create=False))
+        if key is None:
+            raise FieldError("audit", "this machine's vault holds no key for this ledger's journal")
+        return key.to_secret()
+
+    async def import_audit_key(self, text: str) -> int:
+        """Keep ``text`` (``export_audit_key``'s) as this ledger's chain key in this machine's
+        vault, once it verifies the journal; how many entries it verified."""
+        await self.core.permitted("manage_members")
+        try:
+            key = audit.ChainKey.from_secret(text.strip())
+        except ValueError:
+            raise FieldError("key", "is not an audit journal key exported by 'budgeteer audit key export'") from None
+        checked: audit.Verification = await self.store.read_with(lambda ledger: audit.verify(ledger, key))
+        if not checked.ok:
+            raise FieldError("key", f"does not verify this ledger's journal ({checked.problem}); nothing was kept")
+        ledger_id: str = await self.store.read_with(audit.ledger_id)
+        await asyncio.to_thread(self.core.vault().backend.set, audit.key_ref(ledger_id), key.to_secret(),
+                                self.now_ms())
+        self.core._chain_key = None
+        return checked.entries
 
     async def audit_anchor(self) -> audit.Anchor | None:
         """The journal's head (None while it is empty), for the operator to keep elsewhere."""

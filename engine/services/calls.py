@@ -21,13 +21,15 @@ from typing import Any
 
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, CallCost, Evaluation
 from engine.ledger import LedgerRefusing, LedgerTx, RecordResult, refusal
-from engine.models import UsageEvent
+from engine.models import FieldError, UsageEvent
 from engine.pricing import ModelPrice, worst_cost_nanos
 from engine.services.core import Core, Service
 from engine.services.usage import UsageService
 from engine.spill import SUFFIX as SPILL_SUFFIX
 from engine.spill import Spilled, SpillJournal
 
+#: The prefix of a hold made in memory alone, for a call admitted while the ledger refused writes.
+DOWN_HOLD_PREFIX = "down-"
 RETRY_AFTER_S = 2  # what a call refused meanwhile is told to wait (Retry-After)
 
 
@@ -77,6 +79,36 @@ class CallService(Service):
         self.refusing: str | None = None  # why the ledger refuses writes, while it does
         self._retry_writes: asyncio.Task[None] | None = None
         self._replaying = asyncio.Lock()
+        # While the ledger refuses writes: None refuses every new call (fail closed); a number of
+        # nano-dollars lets this process admit calls whose worst cases, then their actual costs,
+        # add up to no more than it, until the ledger takes writes again (``allow_while_down``).
+        self.down_allowance: int | None = None
+        self.down_spent = 0  # what calls admitted while the ledger refused writes may cost (held, then actual)
+        self._down_holds: dict[str, int] = {}  # local hold id -> its worst case, for calls admitted so
+
+    def allow_while_down(self, nanos: int | None) -> None:
+        """``--when-ledger-down allow``: while the ledger cannot be written, admit calls up to
+        ``nanos`` of spend from this process (their settlements spill and are replayed once it
+        is back); None: refuse them (503), the default."""
+        if nanos is not None and (type(nanos) is not int or nanos < 0):
+            raise FieldError("allowance", "must be a whole, non-negative number of nano-dollars")
+        self.down_allowance = nanos
+
+    def _authorize_down(self, call: CallRequest, reason: str) -> Authorization:
+        """A call while the ledger refuses writes: refused (LedgerRefusing, a 503), or, with an
+        allowance, admitted against it alone: no policy can be read or held meanwhile, so the
+        allowance is what bounds the spend (each gateway's, for the length of the outage)."""
+        cost = self.worst_case(call)
+        allowance = self.down_allowance
+        if allowance is None:
+            raise LedgerRefusing(reason)
+        if not cost.priced or self.down_spent + cost.usd > allowance:
+            raise LedgerRefusing(f"{reason}; this gateway's allowance while the ledger is down "
+                                 f"(${allowance / 1e9:.2f}) is spent")
+        hold_id = f"{DOWN_HOLD_PREFIX}{secrets.token_hex(8)}"
+        self._down_holds[hold_id] = cost.usd
+        self.down_spent += cost.usd
+        return Authorization(Evaluation("allow"), hold_id, cost, call.request_id)
 
     def worst_case(self, call: CallRequest) -> CallCost:
         """The most a call can cost: its input bound (``pricing.prompt_bound``) plus
@@ -107,7 +139,7 @@ class CallService(Service):
         """Check every applicable policy and, if the call may go, hold its worst case on all of them.
         LedgerRefusing while the ledger refuses writes (``settle_call``): no call starts then."""
         if self.refusing is not None:
-            raise LedgerRefusing(self.refusing)
+            return self._authorize_down(call, self.refusing)
         cost = self.worst_case(call)
         context = self._context(call)
         alternatives = _Lazy(lambda: self._cheaper_models(call, cost))  # worked out only for a downgrade
@@ -118,7 +150,7 @@ class CallService(Service):
             if (why := refusal(exc)) is None:
                 raise
             self._refused(why)
-            raise LedgerRefusing(why) from None
+            return self._authorize_down(call, why)
 
     def _cheaper_models(self, call: CallRequest, cost: CallCost) -> list[tuple[str, str, CallCost]]:
         """Models of the same kind whose worst case is cheaper, the dearest first (the closest to
@@ -156,6 +188,12 @@ class CallService(Service):
         instead, to be replayed once the ledger takes writes: the caller's answer never waits
         for the disk to come back. True when written to the ledger now."""
         priced = self.usage.priced(event) if event is not None else None
+        if hold_id is not None and hold_id in self._down_holds:  # admitted while the ledger was down
+            worst = self._down_holds.pop(hold_id)
+            self.down_spent += (priced.cost_nanos or 0 if priced is not None else 0) - worst
+            hold_id = None  # nothing was held in the ledger: the usage is recorded, or spilled
+            if priced is None:
+                return self.refusing is None
         if self.refusing is None:
             try:
                 if priced is None:
@@ -195,6 +233,7 @@ class CallService(Service):
                 log.warning("replaying the spill journal failed: %s", exc)
                 continue
             self.refusing = None
+            self.down_spent = sum(self._down_holds.values())  # what was spent meanwhile is in the ledger now
             log.warning("ledger writable again, replayed %d settlements", replayed)
             return
 
@@ -258,6 +297,9 @@ class CallService(Service):
 
     async def release(self, hold_id: str) -> None:
         """Give back the hold of a call that failed."""
+        if hold_id in self._down_holds:  # held in memory alone, while the ledger was down
+            self.down_spent -= self._down_holds.pop(hold_id)
+            return
         await self._tx(lambda tx: self.budgets.release(tx, hold_id), sync=False)
 
     async def expire_holds(self) -> None:

@@ -42,6 +42,7 @@ class CatalogService(Service):
         super().__init__(core)
         self.gateways = gateways
         self._catalog_cache: tuple[float, list[prov.CatalogModel]] | None = None
+        self._forgotten = 0  # how often the catalog was forgotten (a read begun before is not kept)
         # the cached catalog's prices and each model's first place in it (for routing)
         self._catalog_index: tuple[list[ModelPrice], dict[str, int]] = ([], {})
         self._shortlists: dict[tuple[frozenset[str], int, frozenset[str]], routing.Shortlist] = {}
@@ -86,7 +87,11 @@ class CatalogService(Service):
         """The models calls can go to (kept for a few seconds: a gateway asks on every call)."""
         if (fresh := self._catalog_if_fresh(max_age_s)) is not None:
             return fresh
-        found = prov.catalog(self.prices.models(self.now_ms()), await self.gateways.providers())
+        forgotten = self._forgotten
+        registered = await self.gateways.providers()
+        found = prov.catalog(self.prices.models(self.now_ms()), registered)
+        if forgotten != self._forgotten:  # providers read before a change they may not show
+            return found
         self._catalog_cache = (time.monotonic(), found)
         self._catalog_index = ([m.price for m in found], {m.model: i for i, m in reversed(list(enumerate(found)))})
         self._shortlists = {}
@@ -274,8 +279,9 @@ class CatalogService(Service):
         return await self._tx(lambda tx: tx.routing.summary(since_ms))
 
     def forget(self) -> None:
-        """The providers changed: the catalog is read again at its next use."""
+        """The providers or prices changed: the catalog is read again at its next use."""
         self._catalog_cache = None
+        self._forgotten += 1
 
     def carry(self, op: Callable[[LedgerTx], Any]) -> Callable[[LedgerTx], Any]:
         """``op``, taking along the routing decisions not yet written (``Core.carry``)."""

@@ -24,12 +24,26 @@ class MemberService(Service):
     async def may(self, permission: access.Permission) -> bool:
         return access.allowed(await self.role(), permission)
 
+    @property
+    def verified(self) -> bool:
+        """The actor is the database role this process connects as (PostgreSQL), which the
+        server checked; not so on SQLite, nor for an actor code named otherwise."""
+        return self.store.session_user is not None and self.actor == self.store.session_user
+
+    async def member_notice(self, user: str) -> str | None:
+        """What to tell whoever made ``user`` a member when nobody can act as them: on
+        PostgreSQL a member is a login role, and ``user`` is none (yet, or misspelt)."""
+        if await self.store.login_role_exists(user) is not False:
+            return None
+        return (f"user: {user} is no login role of this database, so nobody acts as {user} until the role "
+                f"exists (CREATE ROLE \"{user}\" LOGIN)")
+
     async def set_member(self, user: str, role: str) -> access.Member:
         parsed = access.parse_role(role)
         now = self.now_ms()
 
         def op(tx: LedgerTx) -> Changed[access.Member]:
-            before, after = access.set_member(tx, self.actor, user, parsed, now)
+            before, after = access.set_member(tx, self.actor, user, parsed, now, verified=self.verified)
             return after, Journal(f"member:{after.user}", before.as_dict() if before else None, after.as_dict())
 
         return await self._change("manage_members", "member.set", op)

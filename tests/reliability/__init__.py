@@ -12,10 +12,10 @@ import httpx
 
 
 def start_gateway(db: Path | str, port: int, env: dict[str, str],
-                  output: int | IO[bytes] = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    """``budgeteer gateway --routing off`` on 127.0.0.1:``port``, once it answers /healthz."""
+                  output: int | IO[bytes] = subprocess.DEVNULL, *options: str) -> subprocess.Popen[bytes]:
+    """``budgeteer gateway --routing off`` (and ``options``) on 127.0.0.1:``port``, once it answers /healthz."""
     process = subprocess.Popen([sys.executable, "-m", "tui.cli", "--db", str(db), "gateway", "--port", str(port),
-                                "--routing", "off"], env=env, stdout=output, stderr=subprocess.STDOUT)
+                                "--routing", "off", *options], env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

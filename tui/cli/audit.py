@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,23 @@ async def cmd_audit_anchor(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_audit_key(args: argparse.Namespace) -> int:
+    async with await open_engine(args) as engine:
+        if args.key_action == "export":
+            text = await engine.export_audit_key()
+        else:
+            if sys.stdin.isatty():
+                raise UsageError("audit key import reads the key from stdin: "
+                                 "budgeteer audit key import < key.json")
+            checked = await engine.import_audit_key(sys.stdin.read())
+    if args.key_action == "export":
+        print(text)  # a secret, asked for: to a file, or to the other machine's 'audit key import'
+    else:
+        print(f"Kept the audit journal's key in this machine's vault: it verifies all {checked:,} entries.",
+              file=sys.stderr)
+    return EXIT_OK
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("audit", parents=[common], help="the audit journal: list, verify, anchor",
                        description="Every change and decision, each entry chained to the one before by a hash "
@@ -69,3 +87,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     q = usub.add_parser("anchor", parents=[common],
                         help="print the head (ledger, entry id, hash) as JSON, to keep somewhere else")
     q.set_defaults(handler=cmd_audit_anchor)
+    q = usub.add_parser("key", parents=[common],
+                        help="carry the journal's chain key between machines sharing a PostgreSQL ledger",
+                        description="export prints the key (a secret) to stdout; import reads it from stdin and "
+                                    "keeps it in this machine's vault once it verifies the journal.")
+    q.add_argument("key_action", choices=("export", "import"), metavar="export|import")
+    q.set_defaults(handler=cmd_audit_key)

@@ -3,7 +3,7 @@ class, human tables and JSON, the engine opened for ``--db`` (and the vault's pa
 at a terminal), periods in words, JSON files read, and the progress bar. The groups import this
 module and never each other (an import-linter contract).
 
-The progress bar is drawn on standard error for the longer work (demo, import, export, backtest,
+The progress bar is drawn on standard error for the longer work (demo, import, export, backtest, ledger copy,
 screenshots), only when stderr is a terminal and the output is for people. Piped, redirected or
 with ``--json``, nothing at all is written. The bar goes away when the work is done.
 """
@@ -88,7 +88,12 @@ def now_clock() -> FrozenClock | None:
 
 
 async def open_engine(args: argparse.Namespace) -> Engine:
-    return await Engine.open(args.db, clock=now_clock())
+    """The engine for ``--db``, acting as the operator (on PostgreSQL the database role connected
+    as: a BUDGETEER_USER it does not honour is said on stderr, once, before the command's output)."""
+    engine = await Engine.open(args.db, clock=now_clock())
+    if engine.identity_notice:
+        print(f"budgeteer: warning: {engine.identity_notice}", file=sys.stderr)
+    return engine
 
 
 def _ask_passphrase(engine: Engine) -> None:

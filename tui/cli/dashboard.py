@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.clock import FrozenClock
-from engine.engine import Engine, default_db_path
+from engine.engine import Engine, ledger_location
 from tui.cli.common import EXIT_OK, Failure, UsageError, now_clock, progress_bar
 
 
@@ -25,11 +25,11 @@ def _theme(name: str | None) -> str | None:
     return name
 
 
-def run_dashboard(path: Path | None, refresh: float = 2.0, read_only: bool = False,
+def run_dashboard(path: str | Path | None, refresh: float = 2.0, read_only: bool = False,
                   theme: str | None = None) -> int:
     from tui.app import BudgeteerApp
 
-    db = path or default_db_path()
+    db = ledger_location(path)
     if refresh < 0.2 or refresh > 3600:
         raise UsageError(f"--refresh must be between 0.2 and 3600 seconds (got {refresh:g})")
     app = BudgeteerApp(db_path=db, clock=now_clock(), refresh_seconds=refresh, read_only=read_only,

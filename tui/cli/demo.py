@@ -9,19 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from engine.clock import DAY_MS, MINUTE_MS
-from engine.engine import Engine, default_db_path
-from engine.ledger import remove_ledger
+from engine.engine import Engine, default_db_path, ledger_location
+from engine.ledger import is_dsn, redacted, remove_ledger
 from engine.money import format_usd
 from tui.cli.common import EXIT_OK, UsageError, now_clock, progress_bar
 
 
-def _demo_path(args: argparse.Namespace) -> tuple[Path, str | None]:
+def _demo_path(args: argparse.Namespace) -> tuple[Path | str, str | None]:
     """The ledger --db or BUDGETEER_DB names, as for every command, and which of them named it;
     with neither, demo.db beside the default ledger, never the ledger itself."""
     if args.db:
-        return Path(args.db), "--db"
+        return ledger_location(args.db), "--db"
     if os.environ.get("BUDGETEER_DB"):
-        return default_db_path(), "BUDGETEER_DB"
+        return ledger_location(), "BUDGETEER_DB"
     return default_db_path().with_name("demo.db"), None
 
 
@@ -31,7 +31,13 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     if args.days < 1 or args.days > 400:
         raise UsageError(f"--days must be between 1 and 400 (got {args.days})")
     path, named_by = _demo_path(args)
-    if path.exists():
+    if is_dsn(path):  # a database is never dropped by the demo: it writes only into an empty one
+        async with await Engine.open(path) as probe:
+            count = await probe.event_count()
+        if count:
+            raise UsageError(f"{named_by} {redacted(path)} already holds {count:,} events; the demo writes only to a "
+                             "fresh ledger (choose another database; --replace does not empty a PostgreSQL ledger)")
+    elif Path(path).exists():
         if named_by and not args.replace:
             async with await Engine.open(path) as probe:
                 count = await probe.event_count()
@@ -48,11 +54,11 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - started
         month = await engine.totals(end_ms - args.days * DAY_MS, end_ms + MINUTE_MS)
     print(f"Wrote a demo ledger of {total:,} events over {args.days} days "
-          f"({format_usd(month.cost_nanos)} of spend) to {path} in {elapsed:.1f} s.")
+          f"({format_usd(month.cost_nanos)} of spend) to {redacted(path)} in {elapsed:.1f} s.")
     if args.open:
         args.open_after = path  # the dashboard runs its own event loop, after this one ends
     else:
-        print(f"Open it with: budgeteer --db {path}")
+        print(f"Open it with: budgeteer --db {redacted(path)}")
     return EXIT_OK
 
 

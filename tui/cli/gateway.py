@@ -9,20 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.engine import home_dir, ledger_location
-from engine.ledger import is_dsn
+from engine.engine import ledger_location, local_path
+from engine.ledger import redacted
+from engine.money import parse_usd
 from engine.vault import Vault, vault_path
 from tui.cli.common import EXIT_OK, UsageError, now_clock
 
 
-def _gateway_passphrase(db: Path | str) -> Callable[[], str] | None:
+def _gateway_passphrase(db: Path) -> Callable[[], str] | None:
     """A locked file vault's passphrase, asked once at the terminal before serving and checked
     (a wrong one stops here, not at the first call); None when the environment gives it."""
-    if is_dsn(db):  # a PostgreSQL ledger's vault is a local file beside its local name
-        from engine.ledger.pg.store import local_name
-
-        db = local_name(str(db), home_dir())
-    path = vault_path(Path(db))
+    path = vault_path(db)
     vault = Vault(path)
     if not vault.needs_passphrase or not path.exists() or not sys.stdin.isatty():
         return None
@@ -54,16 +51,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     limits = HttpLimits(header_bytes=args.max_header_bytes, headers=args.max_headers,
                         header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive)
     mode = args.routing if args.routing == "off" else parse_mode(args.routing)
-    db = ledger_location(args.db)  # a file, or a PostgreSQL database's address
+    allowance = parse_usd(args.down_allowance, "--down-allowance") if args.when_ledger_down == "allow" else None
+    db = ledger_location(args.db)
     app = create_app(db, clock=now_clock(), routing_mode=mode, max_body=args.max_body,
-                     address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(db),
-                     sync_interval_s=args.sync_interval, limits=limits)
-    shown = db
-    if is_dsn(db):
-        from engine.ledger.pg.store import redacted
-
-        shown = redacted(str(db))
-    print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {shown} (routing: {mode}); ctrl+c stops")
+                     address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(local_path(db)),
+                     sync_interval_s=args.sync_interval, limits=limits, down_allowance=allowance)
+    print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {redacted(db)} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
                 timeout_keep_alive=args.keep_alive, access_log=False, http=app.http_protocol)
     return EXIT_OK
@@ -88,4 +81,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                         "then 408 and the connection closed (default 10)")
     p.add_argument("--keep-alive", type=float, default=75.0, metavar="SECONDS",
                    help="an idle connection between requests is closed after this long (default 75)")
+    p.add_argument("--when-ledger-down", choices=("refuse", "allow"), default="refuse",
+                   help="while the ledger cannot be written (its database down or failing over): refuse new calls "
+                        "with 503 and Retry-After (default), or allow them up to --down-allowance of spend from "
+                        "this gateway; answered calls are kept in the spill journal and replayed either way")
+    p.add_argument("--down-allowance", default="1.00", metavar="USD",
+                   help="with --when-ledger-down allow: the most this gateway lets calls spend while the ledger "
+                        "cannot be written, counted at their worst case until settled (default 1.00)")
     p.set_defaults(handler=cmd_gateway)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from engine.clock import iso
@@ -28,7 +29,10 @@ async def cmd_member_list(args: argparse.Namespace) -> int:
 async def cmd_member_set(args: argparse.Namespace) -> int:
     async with await open_engine(args) as engine:
         member = await engine.set_member(args.user, args.role)
+        notice = await engine.member_notice(member.user)
     print(f"{member.user} is now {member.role}.")
+    if notice:
+        print(f"budgeteer: warning: {notice}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -41,7 +45,8 @@ async def cmd_member_rm(args: argparse.Namespace) -> int:
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("member", parents=[common], help="workspace members and roles",
-                       description="Roles: owner, admin, operator, viewer. You act as BUDGETEER_USER (or your login).")
+                       description="Roles: owner, admin, operator, viewer. You act as BUDGETEER_USER (or your "
+                                   "login) on an SQLite ledger, as the database role you connect as on PostgreSQL.")
     msub = p.add_subparsers(dest="member_command", parser_class=Parser, metavar="ACTION", required=True)
     q = msub.add_parser("list", parents=[common], help="members and their roles")
     q.add_argument("--json", action="store_true", help="print JSON")

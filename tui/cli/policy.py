@@ -8,7 +8,7 @@ from typing import Any
 
 from engine.budgets import EDITABLE, Outcome, Overshoot, build_policy, edited_policy
 from engine.clock import iso
-from engine.engine import Engine, local_identity
+from engine.engine import Engine
 from engine.money import format_percent
 from tui.cli.common import EXIT_OK, Parser, UsageError, dump_json, open_engine, progress_bar, table
 
@@ -42,7 +42,7 @@ async def cmd_policy_add(args: argparse.Namespace) -> int:
     async with await open_engine(args) as engine:
         policy = build_policy(scope=args.scope, metric=args.metric, window=args.window, hard=args.hard, soft=args.soft,
                               mode=args.mode, action=args.action, tz=args.tz, name=args.name,
-                              thresholds=args.thresholds, actor=local_identity(), now_ms=engine.now_ms())
+                              thresholds=args.thresholds, actor=engine.actor, now_ms=engine.now_ms())
         await engine.add_policy(policy)
     if args.json:
         print(dump_json(policy.to_json()))
@@ -96,7 +96,7 @@ async def cmd_policy_edit(args: argparse.Namespace) -> int:
     changes["soft"] = args.soft
     changes["enabled"] = None if args.enabled is None else args.enabled == "yes"
     async with await open_engine(args) as engine:
-        policy = edited_policy(await engine.policy(args.id), changes, actor=local_identity(), now_ms=engine.now_ms())
+        policy = edited_policy(await engine.policy(args.id), changes, actor=engine.actor, now_ms=engine.now_ms())
         await engine.update_policy(policy)
     print(dump_json(policy.to_json()) if args.json else f"Updated policy {policy.id}: {policy.name}.")
     return EXIT_OK

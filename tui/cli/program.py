@@ -9,7 +9,6 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from engine.errors import BudgeteerError
@@ -22,6 +21,7 @@ from tui.cli import (
     demo,
     events,
     gateway,
+    ledger,
     members,
     policy,
     pricing,
@@ -34,7 +34,7 @@ from tui.cli.common import EXIT_FAILURE, EXIT_OK, Parser, UsageError
 
 #: The command groups, in the order ``budgeteer --help`` lists their commands.
 GROUPS = (demo, dashboard, usage, events, policy, alerts, approvals, tokens, members, audit, gateway, vault,
-          providers, check, pricing)
+          providers, check, pricing, ledger)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _normalise_dates(args)
         handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int] | int] | None = getattr(args, "handler", None)
         if handler is None:
-            return dashboard.run_dashboard(Path(args.db) if args.db else None, args.refresh, args.read_only,
+            return dashboard.run_dashboard(args.db or None, args.refresh, args.read_only,
                                            args.theme)
         done = handler(args)  # a coroutine runs in its own event loop; the gateway runs uvicorn's
         code = done if isinstance(done, int) else asyncio.run(done)

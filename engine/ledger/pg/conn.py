@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from engine.ledger.errors import LedgerRefusing, StoreError, unreachable
 
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
@@ -33,6 +36,8 @@ SERIAL_TABLES: Final = frozenset({
     "routing_decisions", "overshoots",
 })
 CONNECT_TIMEOUT_S: Final = 5.0
+#: SQLSTATE of a statement the role has no privilege for (a grant missing).
+INSUFFICIENT_PRIVILEGE: Final = "42501"
 _INSERT_INTO: Final = re.compile(r"^\s*INSERT\s+INTO\s+([A-Za-z_][A-Za-z_0-9.]*)", re.IGNORECASE)
 _TEMP: Final = re.compile(r"\btemp\.", re.IGNORECASE)
 _INSTR: Final = re.compile(r"\binstr\(", re.IGNORECASE)
@@ -125,12 +130,16 @@ class PgConnection:
         self._pg: asyncpg.Connection | None = None
         self._in_tx = False
         self._deferred: tuple[str, list[Any]] | None = None  # a write sent with the next statement (defer)
-        self._connect()
+        try:
+            self._connect()
+        except BaseException:  # no connection: the loop (and its self-pipe's sockets) go too
+            self._loop.close()
+            raise
 
     def _connect(self) -> None:
         import asyncpg
 
-        self._pg = self._loop.run_until_complete(asyncpg.connect(
+        self._pg = self.run(asyncpg.connect(
             self.dsn, timeout=CONNECT_TIMEOUT_S, server_settings={"application_name": "budgeteer"}))
         if self._setup is not None:
             self._setup(self)
@@ -140,20 +149,34 @@ class PgConnection:
         """The asyncpg connection (made again if it was lost)."""
         if self._pg is None or self._pg.is_closed():
             if self._in_tx:
-                from engine.ledger.errors import LedgerRefusing
-
                 raise LedgerRefusing("the connection to the database was lost in the middle of a transaction")
             self._connect()
         assert self._pg is not None
         return self._pg
 
     def run(self, coro: Any) -> Any:
-        """Run a coroutine of this connection's to the end (on its worker's thread)."""
-        return self._loop.run_until_complete(coro)
+        """Run a coroutine of this connection's to the end (on its worker's thread). A server that
+        cannot be reached for now (down, restarting, the connection lost) raises LedgerRefusing,
+        which every caller takes as "try again later": a gateway answers 503, a settlement spills.
+        A statement the role has no privilege for raises a StoreError that names the role."""
+        try:
+            return self._loop.run_until_complete(coro)
+        except Exception as exc:
+            if (why := unreachable(exc)) is not None:
+                raise LedgerRefusing(why) from None
+            if getattr(exc, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                raise self._denied(exc) from None
+            raise
 
     @property
     def in_transaction(self) -> bool:
         return self._in_tx
+
+    def _denied(self, exc: BaseException) -> StoreError:
+        """A statement the role may not run: a sentence naming the role and what it lacks."""
+        role = urlsplit(self.dsn).username or "this process connects as"
+        return StoreError(f"the database role {role} lacks a privilege the ledger needs ({exc}); an administrator "
+                          "grants it (the README's \"Who is acting\" lists the grants)")
 
     def defer(self, sql: str, parameters: Sequence[Any], /) -> None:
         """A write whose result nobody reads (an INSERT ... VALUES): sent as a part of the next

@@ -29,10 +29,13 @@ MIGRATION_LOCK: Final = 0x42756467  # "Budg"
 NOW_MS_SQL: Final = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 
 
-def _append_only(table: str, message: str) -> str:
+def _append_only(table: str, changed: str, removed: str | None = None) -> str:
     return f"""
 CREATE FUNCTION {table}_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN RAISE EXCEPTION '{message}'; END $$;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN RAISE EXCEPTION '{changed}'; END IF;
+    RAISE EXCEPTION '{removed or changed}';
+END $$;
 CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table}
 FOR EACH ROW EXECUTE FUNCTION {table}_append_only();
 """
@@ -226,7 +229,8 @@ CREATE TABLE audit_journal (
     hash TEXT NOT NULL
 );
 """
-    + _append_only("audit_journal", "the audit journal is append-only: an entry cannot be changed or removed")
+    + _append_only("audit_journal", "the audit journal is append-only: an entry cannot be changed",
+                   "the audit journal is append-only: an entry cannot be removed")
     + f"""
 CREATE TABLE providers (
     name TEXT PRIMARY KEY,
@@ -288,7 +292,7 @@ CREATE TABLE ledger_identity (
 );
 INSERT INTO ledger_identity (id, ledger_id) VALUES (1, substr(md5(random()::text || clock_timestamp()::text), 1, 16));
 """
-    + _append_only("ledger_identity", "the ledger id cannot be changed or removed")
+    + _append_only("ledger_identity", "the ledger id cannot be changed", "the ledger id cannot be removed")
     + """
 CREATE TABLE audit_anchor_posts (
     day BIGINT PRIMARY KEY,

@@ -9,8 +9,8 @@ from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 from engine.ledger.errors import StoreError
+from engine.ledger.files import redacted
 from engine.ledger.pg.conn import CONNECT_TIMEOUT_S
-from engine.ledger.pg.store import redacted
 
 _NAME: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 

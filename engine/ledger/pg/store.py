@@ -15,21 +15,26 @@ and the same SQL. What differs:
   local clock corrected by the difference last measured, so windows, hold expiry and grants are
   judged by one clock for every gateway, whatever its own clock says.
 - **Group commit per process** as on SQLite: a batch is one transaction, one commit.
+- **Changes pushed.** A transaction that changes a policy, a token, an approval, prices, a
+  provider or a member notifies the channel ``budgeteer`` (``engine.ledger.changes``); each store
+  listens on a connection of its own on the application's event loop (``listen.Listener``) and
+  hands each kind to its subscribers (``Store.on_change``) within milliseconds of the commit.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote, urlsplit
 
 from engine.clock import Clock
 from engine.ledger.dbapi import Connection
 from engine.ledger.errors import StoreError
+from engine.ledger.files import local_name, redacted
 from engine.ledger.pg.conn import PgConnection
+from engine.ledger.pg.listen import Listener
 from engine.ledger.pg.schema import NOW_MS_SQL, TEMP_TABLES, migrate, schema_version
 from engine.ledger.reads import Reads
 from engine.ledger.store import Store
@@ -41,20 +46,7 @@ if TYPE_CHECKING:
 
 #: The first statement of every writing transaction: the write lock, the version, the time.
 BEGIN_WRITE: Final = f"UPDATE ledger_version SET n = n + 1 RETURNING n, {NOW_MS_SQL}"
-
-
-def redacted(dsn: str) -> str:
-    """The address without its password (for messages and logs)."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
-
-
-def local_name(dsn: str, home: Path) -> Path:
-    """Where this machine keeps what belongs to the ledger at ``dsn`` (its spill journal, its
-    vault): a name made of the user, host, port and database, never the password."""
-    parts = urlsplit(dsn)
-    database = unquote(parts.path.lstrip("/")) or (parts.username or "postgres")
-    name = f"{parts.username or ''}@{parts.hostname or 'localhost'}-{parts.port or 5432}-{database}"
-    return home / "postgresql" / re.sub(r"[^A-Za-z0-9@._-]", "_", name)
+log = logging.getLogger("budgeteer")
 
 
 class DatabaseClock:
@@ -157,6 +149,15 @@ def _open_writer(dsn: str, where: str) -> PgConnection:
     return conn
 
 
+def _session_user(conn: PgConnection) -> str:
+    """The role this connection logged in as (not ``current_user``, which SET ROLE changes)."""
+    return str(conn.execute("SELECT session_user").fetchone()[0])
+
+
+def _login_role(conn: PgConnection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = ? AND rolcanlogin", (name,)).fetchone() is not None
+
+
 def _now_ms(conn: PgConnection) -> tuple[int, int, int]:
     sent = time.time_ns()
     value = int(conn.execute(f"SELECT {NOW_MS_SQL}").fetchone()[0])
@@ -167,14 +168,27 @@ class PostgresStore(Store):
     """The PostgreSQL ledger. Open with ``await PostgresStore.open(dsn)``."""
 
     def __init__(self, dsn: str, path: Path, writer: Worker[Any], reader: Worker[Any], clock: Clock,
-                 database_clock: DatabaseClock) -> None:
+                 database_clock: DatabaseClock, listener: Listener | None = None) -> None:
         super().__init__(path, writer, reader, PgGroupWriter(path, writer, reader, database_clock),
                          PgReads(reader.conn), clock)
         self.dsn = dsn
+        self.listener = listener or Listener(dsn, redacted(dsn))
+        self.listener.deliver = self._changed
 
     @property
     def location(self) -> str:
         return self.dsn
+
+    @property
+    def notifies(self) -> bool:
+        return self.listener.listening
+
+    async def close(self) -> None:
+        await self.listener.close()
+        await super().close()
+
+    async def login_role_exists(self, name: str) -> bool | None:
+        return await self._reader.run(_login_role, self._reader.conn, name)
 
     @classmethod
     async def open(cls, dsn: str, *, home: Path, clock: Clock | None = None) -> PostgresStore:
@@ -191,21 +205,39 @@ class PostgresStore(Store):
             raise
         except Exception as exc:
             raise StoreError(f"cannot open the ledger's database at {where}: {_reason(exc)}") from None
+        # Listening from the start: a change committed after this store read what it keeps
+        # reaches it. It connects while the reader does (what it hears before the store exists
+        # concerns nothing read yet).
+        listener = Listener(dsn, where)
+        listener.start_soon()
         try:
             database_clock.observe(*await writer.run(_now_ms, writer.conn))
+            session_user = await writer.run(_session_user, writer.conn)
             reader = await Worker.open("ledger-pg-reader", partial(PgConnection, dsn))
         except BaseException:
+            await listener.close()
             await writer.close()
             raise
         path = local_name(dsn, home)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
+            await listener.close()
             await writer.close()
             await reader.close()
             raise StoreError(f"cannot create the folder {path.parent} for the ledger's local files: "
                              f"{exc.strerror}") from None
-        return cls(dsn, path, writer, reader, clock or database_clock, database_clock)
+        store = cls(dsn, path, writer, reader, clock or database_clock, database_clock, listener)
+        store.session_user = session_user
+        try:  # a listener that cannot connect yet goes on trying in the background
+            listening = await listener.start()
+        except BaseException:
+            await store.close()
+            raise
+        if not listening:
+            log.warning("not listening for ledger changes at %s yet (retrying): changes other processes "
+                        "make reach this one at its next read", where)
+        return store
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from engine.approvals import OverrideRequest
+from engine.ledger.changes import APPROVAL, announce
 from engine.ledger.dbapi import Connection
 
 _COLUMNS: Final = ("id, subject, policy_id, policy_snapshot, requester, amount, duration_ms, reason, evaluation, "
@@ -62,6 +63,7 @@ class Approvals:
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                            (request_id, subject, policy_id, json.dumps(policy_snapshot), requester, amount,
                             duration_ms, reason, json.dumps(evaluation), now_ms, expires_ms))
+        announce(self.conn, APPROVAL)
 
     def expire(self, now_ms: int) -> list[str]:
         """Pending requests past their time become expired (decided when they expired); their ids."""
@@ -71,34 +73,42 @@ class Approvals:
         if ids:
             self.conn.executemany("UPDATE override_requests SET status = 'expired', decided_ms = expires_ms "
                                    "WHERE id = ?", [(i,) for i in ids])
+            announce(self.conn, APPROVAL)
         return ids
 
     def approve(self, request_id: str, actor: str, now_ms: int, reason: str, granted: int,
                 grant_expires_ms: int) -> bool:
         """Approve a request still pending; False if it was not."""
-        return self.conn.execute(
+        approved = self.conn.execute(
             "UPDATE override_requests SET status = 'approved', decided_by = ?, decided_ms = ?, "
             "decision_reason = ?, granted = ?, grant_expires_ms = ? WHERE id = ? AND status = 'pending'",
             (actor, now_ms, reason, granted, grant_expires_ms, request_id)).rowcount > 0
+        if approved:
+            announce(self.conn, APPROVAL)
+        return approved
 
     def deny(self, request_id: str, actor: str, now_ms: int, reason: str) -> None:
         self.conn.execute("UPDATE override_requests SET status = 'denied', decided_by = ?, decided_ms = ?, "
                            "decision_reason = ? WHERE id = ? AND status = 'pending'",
                            (actor, now_ms, reason, request_id))
+        announce(self.conn, APPROVAL)
 
     def cancel(self, request_id: str, actor: str, now_ms: int) -> None:
         self.conn.execute("UPDATE override_requests SET status = 'cancelled', decided_by = ?, decided_ms = ? "
                            "WHERE id = ?", (actor, now_ms, request_id))
+        announce(self.conn, APPROVAL)
 
     def reopen(self, request_id: str) -> None:
         """Back to pending, with no decision and no grant."""
         self.conn.execute("UPDATE override_requests SET status = 'pending', decided_by = NULL, decided_ms = NULL, "
                            "decision_reason = NULL, granted = NULL, grant_expires_ms = NULL WHERE id = ?",
                            (request_id,))
+        announce(self.conn, APPROVAL)
 
     def set_times(self, request_id: str, created_ms: int, expires_ms: int | None) -> None:
         self.conn.execute("UPDATE override_requests SET created_ms = ?, expires_ms = ? WHERE id = ?",
                            (created_ms, expires_ms, request_id))
+        announce(self.conn, APPROVAL)
 
     # ---- grants
 

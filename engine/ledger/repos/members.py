@@ -4,6 +4,7 @@ permission matrix and the rules of who may make whom what."""
 from __future__ import annotations
 
 from engine.access import Member, Role
+from engine.ledger.changes import MEMBER, announce
 from engine.ledger.dbapi import Connection
 
 
@@ -32,9 +33,11 @@ class Members:
         self.conn.execute("INSERT INTO members (workspace, \"user\", role, added_ms, added_by) VALUES (?, ?, ?, ?, ?) "
                            "ON CONFLICT (workspace, \"user\") DO UPDATE SET role = excluded.role",
                            (workspace, user, role, now_ms, actor))
+        announce(self.conn, MEMBER)
 
     def remove(self, workspace: str, user: str) -> None:
         self.conn.execute("DELETE FROM members WHERE workspace = ? AND \"user\" = ?", (workspace, user))
+        announce(self.conn, MEMBER)
 
     def other_owners(self, workspace: str, user: str) -> int:
         return int(self.conn.execute("SELECT count(*) FROM members WHERE workspace = ? AND role = 'owner' "

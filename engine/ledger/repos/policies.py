@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from engine.ledger.changes import POLICY, announce
 from engine.ledger.dbapi import Connection
 from engine.ledger.results import PoliciesVersion
 
@@ -25,3 +26,4 @@ class Policies:
             "INSERT INTO policies (id, spec, deleted, updated_ms) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
             "SET spec = excluded.spec, deleted = excluded.deleted, updated_ms = excluded.updated_ms",
             (policy_id, spec, int(deleted), now_ms))
+        announce(self.conn, POLICY)

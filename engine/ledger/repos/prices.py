@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from engine.ledger.changes import PRICE, announce
 from engine.ledger.dbapi import Connection
 
 
@@ -20,6 +21,8 @@ class Prices:
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, workspace, effective_from_ms) DO UPDATE SET"
             " provider = excluded.provider, spec = excluded.spec, source = excluded.source,"
             " imported_at_ms = excluded.imported_at_ms", rows)
+        if rows:
+            announce(self.conn, PRICE)
 
     def specs(self) -> list[str]:
         """Every stored version's spec, by model, workspace and date."""

@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
+from engine.ledger.changes import PROVIDER, announce
 from engine.ledger.dbapi import Connection
 from engine.providers import Breaker, HealthRow, Provider
 
@@ -44,11 +45,13 @@ class Providers:
         self.conn.execute(f"INSERT INTO providers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (p.name, p.kind, p.base_url, p.credential, p.vendor, json.dumps(list(p.models)),
                             int(p.enabled), p.created_ms, p.created_by))
+        announce(self.conn, PROVIDER)
 
     def remove(self, name: str) -> None:
         """The provider and its breaker."""
         self.conn.execute("DELETE FROM providers WHERE name = ?", (name,))
         self.conn.execute("DELETE FROM provider_breakers WHERE provider = ?", (name,))
+        announce(self.conn, PROVIDER)
 
     # ---- health and breakers
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
+from engine.ledger.changes import TOKEN, announce
 from engine.ledger.dbapi import Connection
 from engine.tokens import Token
 
@@ -44,6 +45,7 @@ class Tokens:
                            (t.id, t.prefix, t.name, t.workspace, t.principal, t.team, json.dumps(list(t.scopes)),
                             t.rpm, t.tpm, t.created_ms, t.created_by, t.expires_ms, t.last_used_ms, t.revoked_ms,
                             t.rotated_from, t.replaced_by, digest))
+        announce(self.conn, TOKEN)
 
     def by_id(self, token_id: str) -> Token | None:
         row = self.conn.execute(f"SELECT {_COLUMNS} FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
@@ -69,6 +71,7 @@ class Tokens:
         else:
             self.conn.execute("UPDATE api_tokens SET revoked_ms = ?, revoked_by = ?, replaced_by = ? WHERE id = ?",
                                (now_ms, actor, replaced_by, token_id))
+        announce(self.conn, TOKEN)
 
     def used(self, token_id: str, now_ms: int) -> None:
         self.conn.execute("UPDATE api_tokens SET last_used_ms = ? WHERE id = ?", (now_ms, token_id))
