@@ -327,8 +327,10 @@ async def _check(db: Path | str) -> tuple[int, int, list[tuple[int, int, int]]]:
         return await engine.event_count(), await engine.open_holds(), status
 
 
-def _split(asks: list[bytes], parts: int) -> list[list[bytes]]:
-    return [asks[i::parts] for i in range(parts)]
+def _split(ports: list[int], auth: dict[str, str], total: int) -> list[list[bytes]]:
+    """``total`` calls shared out over the gateways at ``ports``, each addressed to its own."""
+    return [[wire.post(PATH, ASK, auth, f"127.0.0.1:{port}")] * len(range(i, total, len(ports)))
+            for i, port in enumerate(ports)]
 
 
 async def _load_over(ports: list[int], asks: list[list[bytes]], connections: int) -> tuple[list[float], float, int]:
@@ -375,13 +377,13 @@ def compare(dsn: str, requests: int, connections: int, rounds: int, env: dict[st
                     procs = [_start_gateway(location, port, None, env, out)
                              for port, out in zip(ports, outs, strict=True)]
                     try:
-                        raw = [wire.post(PATH, ASK, auth, f"127.0.0.1:{ports[0]}")] * requests
-                        warm, _, _ = asyncio.run(_load_over(ports, _split(raw[:200 * gateways], gateways),
+                        warm, _, _ = asyncio.run(_load_over(ports, _split(ports, auth, 200 * gateways),
                                                             connections))  # warm-up, counted in the ledger check
                         before = [_stats(proc, out) for proc, out in zip(procs, outs, strict=True)]
                         _, direct_wall, _ = _run(pport, [ASK] * requests, {}, connections)
                         cpu = sum(_cpu_s(proc.pid) for proc in procs)
-                        through, wall, failed = asyncio.run(_load_over(ports, _split(raw, gateways), connections))
+                        shares = _split(ports, auth, requests)
+                        through, wall, failed = asyncio.run(_load_over(ports, shares, connections))
                         cpu = sum(_cpu_s(proc.pid) for proc in procs) - cpu
                         time.sleep(0.2)  # settlements after the last answer, if any
                         after = [_stats(proc, out) for proc, out in zip(procs, outs, strict=True)]
