@@ -25,6 +25,14 @@ governed deployment.
   routing off (each on a fresh ledger): calls/s and their share of the direct rate, p50, p99,
   the maximum latency, the longest stretch with no answer at all, and the gateway's CPU per call.
 
+- **PostgreSQL.** ``--db postgresql://user@host:port/db``: one gateway on SQLite, one and two
+  on PostgreSQL (scratch databases made on that server and dropped; the bench never starts a
+  server), in the same run (``--rounds`` alternates them), one hard policy every call is held and
+  settled against, the instant provider; calls/s beside the provider called directly, p50/p99,
+  CPU per call, and the gateway's commits, operations and statements per batch and the time a
+  batch holds the writer (counted by ``_instrument`` inside the gateway). The README's
+  "PostgreSQL capacity" gives the figures and the model they fit.
+
 The gateway runs with its default flags unless ``--routing`` says otherwise, and as
 ``budgeteer gateway`` serves it unless ``--upstream`` (its client to providers: ``http11``, the
 default, or ``aiohttp``) or ``--protocol uvicorn`` (uvicorn's own httptools protocol, without the
@@ -37,6 +45,7 @@ refuse, they measure what a limited token's call costs: its take in the ledger's
 
     python -m bench.gateway [--requests 3000] [--routing off] [--sustained 60]
                             [--upstream http11|aiohttp] [--protocol gateway|uvicorn] [--rpm N] [--tpm N]
+                            [--db postgresql://... [--rounds 2] [--connections 50]]
 """
 
 from __future__ import annotations
@@ -53,12 +62,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from bench import wire
 from engine.budgets import build_policy
 from engine.engine import Engine
+from engine.ledger import is_dsn
 
 ASK = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
 PATH = "/v1/chat/completions"
@@ -109,10 +120,12 @@ LIMITS: tuple[int | None, int | None] = (None, None)
 CATALOG = "vendor"  # how the provider is registered: every OpenAI model ("vendor") or gpt-4o-mini alone ("one")
 
 
-async def _prepare(db: Path, provider_url: str) -> str:
+async def _prepare(db: Path | str, provider_url: str,
+                   scopes: tuple[str, ...] = ("workspace:default", "team:perf", "principal:bench"),
+                   hard: str = "1000000") -> str:
     async with await Engine.open(db) as engine:
-        for scope in ("workspace:default", "team:perf", "principal:bench"):
-            await engine.add_policy(build_policy(scope=scope, metric="usd", window="day", hard="1000000"))
+        for scope in scopes:
+            await engine.add_policy(build_policy(scope=scope, metric="usd", window="day", hard=hard))
         await engine.vault_set("bench", "sk-bench-not-a-real-key")
         await engine.add_provider(name="fake", kind="openai", base_url=f"{provider_url}/v1", credential="vault:bench",
                                   **({"vendor": "openai"} if CATALOG == "vendor" else {"models": ["gpt-4o-mini"]}))
@@ -147,12 +160,16 @@ UPSTREAM = "default"  # the gateway's client to providers (--upstream): its defa
 PROTOCOL = "gateway"  # what serves the gateway (--protocol): the gateway's own uvicorn protocol unless named
 
 
-def _start_gateway(db: Path, port: int, routing: str | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _start_gateway(db: Path | str, port: int, routing: str | None, env: dict[str, str],
+                   stats: Path | None = None) -> subprocess.Popen[bytes]:
     """``budgeteer gateway`` on 127.0.0.1: with default flags unless ``routing`` is given; its
-    upstream client and server protocol swapped for the ones named (``_serve``) if they are."""
+    upstream client and server protocol swapped for the ones named (``_serve``) if they are;
+    ``stats``: its ledger writes counted, the counts written there on SIGUSR1 (``_instrument``)."""
     flags = ["--routing", routing] if routing else []
-    launcher = ["tui.cli"] if (UPSTREAM, PROTOCOL) == ("default", "gateway") else \
+    launcher = ["tui.cli"] if (UPSTREAM, PROTOCOL) == ("default", "gateway") and stats is None else \
         ["bench.gateway", "--serve", UPSTREAM, PROTOCOL]
+    if stats is not None:
+        env = {**env, "BENCH_GATEWAY_STATS": str(stats)}
     process = subprocess.Popen([sys.executable, "-m", *launcher, "--db", str(db), "gateway", "--port", str(port),
                                 *flags], env=env, stdout=subprocess.DEVNULL)
     _wait(f"http://127.0.0.1:{port}/healthz")
@@ -233,6 +250,199 @@ def sustained(seconds: float, connections: int, env: dict[str, str], tmp: Path) 
         print(f"ledger check, {name}: {events:,} events for {len(run.latencies):,} answered calls; {holds} holds open")
 
 
+STAT_FIELDS = ("batches", "ops", "record_batches", "events", "statements", "batch_s")
+
+
+def _instrument(out: Path) -> None:
+    """Count the gateway's ledger writes (in its own process): operation batches (each one
+    transaction, one commit) and the operations in them, ``record()`` batches and their events,
+    the statements a batch sends (on PostgreSQL each is a round trip to the server) and the time
+    batches take on the writer's thread (on PostgreSQL: the write lock held, and waited for).
+    On SIGUSR1 the counts so far go to ``out`` (JSON, with a sequence number)."""
+    import json
+    import signal
+    import threading
+
+    from engine.ledger.pg.conn import PgConnection
+    from engine.ledger.writer import GroupWriter
+
+    counts: dict[str, float] = dict.fromkeys(STAT_FIELDS, 0)
+    counts["seq"] = 0
+    local = threading.local()
+    ops_sync, write_sync = GroupWriter._ops_sync, GroupWriter._write_sync
+    execute, executemany = PgConnection.execute, PgConnection.executemany
+
+    def counted_ops(self: GroupWriter, ops: list[Any], sync: bool = True, wait: bool = True) -> Any:
+        local.on, started = True, time.perf_counter()
+        try:
+            results = ops_sync(self, ops, sync, wait)
+        finally:
+            local.on = False
+        counts["batch_s"] += time.perf_counter() - started
+        counts["batches"] += 1
+        counts["ops"] += len(ops)
+        return results
+
+    def counted_write(self: GroupWriter, events: list[Any]) -> Any:
+        local.on = True
+        try:
+            results = write_sync(self, events)
+        finally:
+            local.on = False
+        counts["record_batches"] += 1
+        counts["events"] += len(events)
+        return results
+
+    def counted_execute(self: PgConnection, *args: Any) -> Any:
+        if getattr(local, "on", False):
+            counts["statements"] += 1
+        return execute(self, *args)
+
+    def counted_executemany(self: PgConnection, *args: Any) -> Any:
+        if getattr(local, "on", False):
+            counts["statements"] += 1
+        return executemany(self, *args)
+
+    def dump(*_: Any) -> None:
+        counts["seq"] += 1
+        partial = out.with_suffix(".part")
+        partial.write_text(json.dumps(counts))
+        partial.replace(out)
+
+    GroupWriter._ops_sync = counted_ops  # type: ignore[method-assign]
+    GroupWriter._write_sync = counted_write  # type: ignore[method-assign]
+    PgConnection.execute = counted_execute  # type: ignore[method-assign]
+    PgConnection.executemany = counted_executemany  # type: ignore[method-assign]
+    signal.signal(signal.SIGUSR1, dump)
+
+
+def _stats(process: subprocess.Popen[bytes], out: Path) -> dict[str, float]:
+    """The counts of an instrumented gateway (``_instrument``) now."""
+    import json
+    import signal
+
+    seq = json.loads(out.read_text())["seq"] if out.exists() else 0
+    process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if out.exists() and (found := json.loads(out.read_text()))["seq"] > seq:
+            return {k: float(found[k]) for k in STAT_FIELDS}
+        time.sleep(0.02)
+    raise RuntimeError(f"gateway {process.pid} did not write its counts")
+
+
+HOT_SCOPE = "workspace:default"  # --db: the one hard policy every call is held and settled against
+
+
+async def _check(db: Path | str) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """(events, open holds, (consumed, held, hard) of each policy) of a ledger."""
+    async with await Engine.open(db) as engine:
+        status = [(o.consumed, o.held, o.policy.hard or 0) for o in await engine.policy_status()]
+        return await engine.event_count(), await engine.open_holds(), status
+
+
+def _split(ports: list[int], auth: dict[str, str], total: int) -> list[list[bytes]]:
+    """``total`` calls shared out over the gateways at ``ports``, each addressed to its own."""
+    return [[wire.post(PATH, ASK, auth, f"127.0.0.1:{port}")] * len(range(i, total, len(ports)))
+            for i, port in enumerate(ports)]
+
+
+async def _load_over(ports: list[int], asks: list[list[bytes]], connections: int) -> tuple[list[float], float, int]:
+    """The load split over several gateways at once: each its share of the calls over its
+    share of the connections; (latencies, wall seconds of the whole, failures)."""
+    started = time.perf_counter()
+    runs = await asyncio.gather(*(wire.load("127.0.0.1", port, share, max(1, connections // len(ports)))
+                                  for port, share in zip(ports, asks, strict=True)))
+    wall = time.perf_counter() - started
+    return [t for run in runs for t in run[0]], wall, sum(run[2] for run in runs)
+
+
+def compare(dsn: str, requests: int, connections: int, rounds: int, env: dict[str, str], tmp: Path) -> int:
+    """``--db``: the provider answers at once; ``requests`` calls over ``connections`` through one
+    gateway on SQLite, one on PostgreSQL and two on PostgreSQL (the load split over both), each
+    on a fresh ledger whose one hard policy every call is held and settled against, the
+    provider called directly just before each; ``rounds`` times, alternating. After each run,
+    the ledger is checked. The exit status is 1 if a check fails."""
+    from engine.ledger.pg.scratch import create_database, drop_database
+
+    pport = _port()
+    provider = subprocess.Popen([sys.executable, "-m", "bench.wire", "provider", "--port", str(pport)], env=env)
+    provider_url = f"http://127.0.0.1:{pport}"
+    configs = (("SQLite, 1 gateway", False, 1), ("PostgreSQL, 1 gateway", True, 1), ("PostgreSQL, 2 gateways", True, 2))
+    bad = 0
+    try:
+        _wait(f"{provider_url}/v1/models")
+        print(f"{os.cpu_count()} cores; {_variant()}; the provider answers at once and serves {_served()}; "
+              f"one hard policy ({HOT_SCOPE}, usd per day) on every call; {requests:,} calls over {connections} "
+              f"connections a row; PostgreSQL at {_redacted(dsn)}")
+        print(f"{'':<24}{'calls/s':>8}  {'direct':>7}  {'p50':>7}  {'p99':>7}  {'CPU/call':>8}  {'commits':>7}"
+              f"  {'ops/batch':>9}  {'stmts/batch':>11}  {'ms/batch':>8}  failures")
+        rates: dict[str, list[float]] = {}
+        for round_ in range(rounds):
+            for n, (name, postgres, gateways) in enumerate(configs):
+                database = f"budgeteer_bench_{os.getpid()}_{round_}_{n}"
+                location: Path | str = asyncio.run(create_database(dsn, database)) if postgres \
+                    else tmp / f"{database}.db"
+                try:
+                    secret = asyncio.run(_prepare(location, provider_url, (HOT_SCOPE,)))
+                    auth = {"authorization": f"Bearer {secret}"}
+                    ports = [_port() for _ in range(gateways)]
+                    outs = [tmp / f"{database}-{i}.json" for i in range(gateways)]
+                    procs = [_start_gateway(location, port, None, env, out)
+                             for port, out in zip(ports, outs, strict=True)]
+                    try:
+                        warm, _, _ = asyncio.run(_load_over(ports, _split(ports, auth, 200 * gateways),
+                                                            connections))  # warm-up, counted in the ledger check
+                        before = [_stats(proc, out) for proc, out in zip(procs, outs, strict=True)]
+                        _, direct_wall, _ = _run(pport, [ASK] * requests, {}, connections)
+                        cpu = sum(_cpu_s(proc.pid) for proc in procs)
+                        shares = _split(ports, auth, requests)
+                        through, wall, failed = asyncio.run(_load_over(ports, shares, connections))
+                        cpu = sum(_cpu_s(proc.pid) for proc in procs) - cpu
+                        time.sleep(0.2)  # settlements after the last answer, if any
+                        after = [_stats(proc, out) for proc, out in zip(procs, outs, strict=True)]
+                    finally:
+                        for proc in procs:
+                            proc.terminate()
+                        for proc in procs:
+                            proc.wait(timeout=30)
+                    events, holds, status = asyncio.run(_check(location))
+                finally:
+                    if postgres:
+                        asyncio.run(drop_database(dsn, database))
+                got = {k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in STAT_FIELDS}
+                batches = max(1.0, got["batches"] + got["record_batches"])
+                answered = [t for t in through if not math.isnan(t)]
+                rate = len(answered) / wall
+                rates.setdefault(name, []).append(rate)
+                stmts = f"{got['statements'] / batches:>11.1f}" if postgres else f"{'-':>11}"
+                print(f"{name:<24}{rate:>8,.0f}  {requests / direct_wall:>7,.0f}  {statistics.median(answered):>5.1f}ms"
+                      f"  {_pct(answered, 99):>5.1f}ms  {cpu * 1000 / max(1, len(answered)):>6.2f}ms"
+                      f"  {batches:>7,.0f}  {(got['ops'] + got['events']) / batches:>9.1f}  {stmts}"
+                      f"  {got['batch_s'] * 1000 / batches:>8.2f}  {failed}", flush=True)
+                governed = len(answered) + sum(1 for t in warm if not math.isnan(t))
+                over = [(c, h, limit) for c, h, limit in status if c + h > limit]
+                ok = events == governed and holds == 0 and not over
+                if not ok:
+                    bad += 1
+                print(f"  ledger check: {events:,} events for {governed:,} answered calls (warm-up "
+                      f"included); {holds} holds open; hot policy {status[0][0] / 1e9:.6f} USD spent, "
+                      f"{status[0][1] / 1e9:.6f} held of {status[0][2] / 1e9:,.0f}" + ("" if ok else "  FAILED"))
+        sqlite = statistics.median(rates[configs[0][0]])
+        for name, _, _ in configs[1:]:
+            print(f"{name}: {statistics.median(rates[name]) / sqlite:.0%} of SQLite's calls/s (median of {rounds})")
+    finally:
+        provider.terminate()
+        provider.wait(timeout=30)
+    return 1 if bad else 0
+
+
+def _redacted(dsn: str) -> str:
+    from engine.ledger import redacted
+
+    return redacted(dsn)
+
+
 def _serve(upstream: str, protocol: str, argv: list[str]) -> None:
     """``budgeteer gateway`` itself (``argv``: its command line), its upstream client and the
     uvicorn protocol it is served with swapped for the bench's comparisons: ``protocol`` is
@@ -242,6 +452,8 @@ def _serve(upstream: str, protocol: str, argv: list[str]) -> None:
     from engine.integrations import gateway
     from tui.cli import main as cli
 
+    if os.environ.get("BENCH_GATEWAY_STATS"):
+        _instrument(Path(os.environ["BENCH_GATEWAY_STATS"]))
     if upstream != "default":
         gateway.UPSTREAM = upstream
     if protocol == "uvicorn":
@@ -260,7 +472,7 @@ def main() -> None:
     parser.add_argument("--sustained", type=float, metavar="SECONDS", default=None,
                         help="instead: 50 connections for SECONDS against the provider directly, the gateway with "
                              "default flags and with routing off (60 is the reference run)")
-    parser.add_argument("--connections", type=int, default=50, help="with --sustained: how many (default 50)")
+    parser.add_argument("--connections", type=int, default=50, help="with --sustained or --db: how many (default 50)")
     parser.add_argument("--catalog", choices=("vendor", "one"), default="vendor",
                         help="the provider serves every OpenAI model of the price table (vendor, as `provider add "
                              "--vendor openai`; routing weighs them all) or gpt-4o-mini alone (one)")
@@ -274,6 +486,10 @@ def main() -> None:
                         help="the bench token's requests per minute (default none); set it high enough not to refuse "
                              "to measure what a limited token's call costs")
     parser.add_argument("--tpm", type=int, default=None, help="the bench token's tokens per minute (default none)")
+    parser.add_argument("--db", metavar="DSN", default=None,
+                        help="instead: one gateway on SQLite, one and two on PostgreSQL (postgresql://user@host:port/"
+                             "db: a server the bench makes scratch databases on, never starts) in the same run")
+    parser.add_argument("--rounds", type=int, default=1, help="with --db: how many times to run the three, alternating")
     args = parser.parse_args()
     global CATALOG, UPSTREAM, PROTOCOL, LIMITS
     CATALOG, UPSTREAM, PROTOCOL, LIMITS = args.catalog, args.upstream, args.protocol, (args.rpm, args.tpm)
@@ -285,6 +501,10 @@ def main() -> None:
     except ImportError:
         pass
     with tempfile.TemporaryDirectory() as tmp:
+        if args.db:
+            if not is_dsn(args.db):
+                parser.error(f"--db: {args.db!r} is not a PostgreSQL address (postgresql://user@host:port/db)")
+            raise SystemExit(compare(args.db, args.requests, args.connections, args.rounds, env, Path(tmp)))
         if args.sustained:
             sustained(args.sustained, args.connections, env, Path(tmp))
             return

@@ -84,6 +84,26 @@ _UPSERT_ROLLUP: Final = {
 }
 
 
+def pg_append_one_sql(insert_event: str) -> str:
+    """PostgreSQL: ``insert_event`` (an INSERT ... ON CONFLICT DO NOTHING of one event) and its
+    fold into every rollup, in one statement (one round trip instead of four): each rollup's
+    upsert takes its row from the inserted event's, so a duplicate folds nothing. Parameters:
+    the event's, then ``pg_fold_one_params``. Returns the new event's id, or no row."""
+    columns = ", ".join(SUM_COLUMNS)
+    values = ", ".join("?::bigint" for _ in range(2 + len(SUM_COLUMNS)))
+    parts = [f"new_event AS ({insert_event} RETURNING id)"]
+    parts += [f"fold_{name} AS (INSERT INTO rollup_{name} (bucket_ms, series_id, {columns}) SELECT {values} "
+              f"FROM new_event ON CONFLICT (bucket_ms, series_id) DO UPDATE SET {_added(name)})"
+              for name in ROLLUP_TABLES]
+    return "WITH " + ", ".join(parts) + " SELECT id FROM new_event"
+
+
+def pg_fold_one_params(e: UsageEvent, series_id: int) -> list[int]:
+    """The rollup rows of one event (ts_ms >= 0), for ``pg_append_one_sql``."""
+    sums = _sums(e)
+    return [value for size in ROLLUP_TABLES.values() for value in (e.ts_ms - e.ts_ms % size, series_id, *sums)]
+
+
 def _sums(e: UsageEvent) -> list[int]:
     """One event's contribution to each rollup column (SUM_COLUMNS), as the rollup SQL sums it."""
     return [1, int(e.status == "error"), int(e.status == "blocked"), e.input_tokens, e.cached_input_tokens,

@@ -227,9 +227,30 @@ class GroupWriter:
             return
         self.checkpoints += 1
 
+    #: Run a batch's operations without a savepoint each first, and only if one fails undo the
+    #: batch and run it again with savepoints (``_ops_sync``): for a database where each
+    #: statement is a round trip (PostgreSQL); SQLite's savepoints cost next to nothing.
+    optimistic = False
+
     def _ops_sync(self, ops: list[TxOp], sync: bool = True, wait: bool = True) -> list[tuple[bool, Any]]:
         """One operation batch in one transaction; ``wait=False`` raises _Busy at once, and
-        starts nothing, if another connection holds the ledger's write lock."""
+        starts nothing, if another connection holds the ledger's write lock.
+
+        ``optimistic``: the operations run with no savepoint between them; if one fails, the
+        whole batch is undone (the abort hooks reset what memory kept of it) and run again with
+        a savepoint for each operation, but the failed one, whose error is its result: it
+        failed after the same operations as it follows again, so that is what it would have
+        done. It is not run twice (what it did outside the transaction on failing, it did once)."""
+        failed: _OpFailed | None = None
+        if self.optimistic and len(ops) > 1:
+            try:
+                return self._batch_sync(ops, sync, wait, savepoints=False)
+            except _OpFailed as failure:
+                failed = failure
+        return self._batch_sync(ops, sync, wait, savepoints=True, failed=failed)
+
+    def _batch_sync(self, ops: list[TxOp], sync: bool, wait: bool, *, savepoints: bool,
+                    failed: _OpFailed | None = None) -> list[tuple[bool, Any]]:
         conn = self.conn
         fresh: dict[tuple[str, ...], int] = {}
         tx = LedgerTx(self, conn, fresh)
@@ -246,16 +267,28 @@ class GroupWriter:
                 begin(tx)
             if len(ops) == 1:  # no savepoint: if it fails, the batch is undone whole (below), which is the same
                 results.append((True, ops[0](tx)))
-            else:
-                for op in ops:
-                    conn.execute("SAVEPOINT op")
+            elif not savepoints:
+                for index, op in enumerate(ops):
                     try:
                         results.append((True, op(tx)))
-                        conn.execute("RELEASE op")
+                    except Exception as exc:  # the batch is undone (below) and run again with savepoints
+                        raise _OpFailed(index, exc) from exc
+            else:
+                released = True  # no savepoint is open
+                for index, op in enumerate(ops):
+                    if failed is not None and index == failed.index:
+                        results.append((False, failed.error))
+                        continue
+                    self._savepoint(conn, released)
+                    try:
+                        results.append((True, op(tx)))
+                        released = False
                     except Exception as exc:  # this op alone is undone; the others go on
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
+                        self._undo_op(conn)
+                        released = True
                         results.append((False, exc))
+                if not released:
+                    self._release(conn)
             for end in self._end_hooks:
                 end(tx)
             conn.execute("COMMIT")
@@ -270,6 +303,22 @@ class GroupWriter:
         if deferred:
             self._deferred += 1
         return results
+
+    def _savepoint(self, conn: Connection, released: bool) -> None:
+        """Before each operation of a batch: release the previous one's savepoint (unless
+        ``released``) and open the next."""
+        if not released:
+            conn.execute("RELEASE op")
+        conn.execute("SAVEPOINT op")
+
+    def _undo_op(self, conn: Connection) -> None:
+        """An operation failed: undo it alone, and close its savepoint."""
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+
+    def _release(self, conn: Connection) -> None:
+        """After the batch's last operation (the end hooks and the commit follow)."""
+        conn.execute("RELEASE op")
 
     def _begin(self, conn: Connection, wait: bool = True) -> tuple[int, int]:
         """Begin a write transaction holding the ledger's write lock; the ledger's version
@@ -457,3 +506,12 @@ def _fsync(path: Path) -> None:
 
 class _Busy(Exception):
     """Another connection holds the ledger's write lock."""
+
+
+class _OpFailed(Exception):
+    """An operation of an optimistic batch failed (``GroupWriter._ops_sync``)."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error

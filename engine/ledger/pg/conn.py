@@ -129,6 +129,7 @@ class PgConnection:
         self._loop = asyncio.new_event_loop()
         self._pg: asyncpg.Connection | None = None
         self._in_tx = False
+        self._deferred: tuple[str, list[Any]] | None = None  # a write sent with the next statement (defer)
         try:
             self._connect()
         except BaseException:  # no connection: the loop (and its self-pipe's sockets) go too
@@ -177,7 +178,34 @@ class PgConnection:
         return StoreError(f"the database role {role} lacks a privilege the ledger needs ({exc}); an administrator "
                           "grants it (the README's \"Who is acting\" lists the grants)")
 
+    def defer(self, sql: str, parameters: Sequence[Any], /) -> None:
+        """A write whose result nobody reads (an INSERT ... VALUES): sent as a part of the next
+        statement that returns rows and is not one of the transaction's own (``WITH deferred AS
+        (...) ...``: one round trip for both), or alone by ``flush`` or any other statement.
+        The writer flushes at the end of each operation, so a failure is its operation's."""
+        self.flush()
+        self._deferred = (sql, list(parameters))
+
+    def flush(self) -> None:
+        """Send the deferred write now, if there is one."""
+        if self._deferred is not None:
+            sql, parameters = self._deferred
+            self._deferred = None
+            self.execute(sql, parameters)
+
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
+        if self._deferred is not None:
+            head = sql.lstrip()[:7].upper()
+            if head.startswith("WITH ") or head.startswith("SELECT "):
+                deferred, earlier = self._deferred
+                self._deferred = None
+                sql = (f"WITH deferred AS ({deferred}), {sql.lstrip()[5:]}" if head.startswith("WITH ")
+                       else f"WITH deferred AS ({deferred}) {sql}")
+                parameters = [*earlier, *parameters]
+            elif head.startswith("ROLLBAC"):  # undone with what it undoes (no need to send it)
+                self._deferred = None
+            else:
+                self.flush()
         statement = translate(sql)
         if statement.ends:
             if self._pg is None or self._pg.is_closed():  # nothing left to end: it went with the connection
@@ -205,6 +233,7 @@ class PgConnection:
         return PgCursor([], _count(status), None)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> PgCursor:
+        self.flush()
         statement = translate(sql)
         rows = [tuple(r) for r in parameters]
         if rows:

@@ -69,6 +69,7 @@ class PgGroupWriter(GroupWriter):
     ledger's write lock (``BEGIN_WRITE``); no log of its own to sync or checkpoint."""
 
     inline = False
+    optimistic = True  # no savepoint per operation unless one fails (GroupWriter._ops_sync)
 
     def __init__(self, path: Path, writer: Worker[Any], reader: Worker[Any], clock: DatabaseClock) -> None:
         super().__init__(path, writer, reader, durable=True, sync_interval_s=0.0)
@@ -85,6 +86,25 @@ class PgGroupWriter(GroupWriter):
             raise
         return int(version) - 1, int(version)
 
+    # Each statement is a round trip to the server, so a batch's operations run with no
+    # savepoint unless one of them fails (``optimistic``), and then their savepoints go in as
+    # few round trips as they can: the previous operation's RELEASE with the next SAVEPOINT
+    # (one simple query), and none after the last (the COMMIT releases it).
+
+    def _ops_sync(self, ops: list[Any], sync: bool = True, wait: bool = True) -> list[tuple[bool, Any]]:
+        """As GroupWriter's, each operation ending with its deferred write sent (``PgConnection.defer``),
+        so that if that fails, it is the operation's failure."""
+        return super()._ops_sync([partial(_flushed, op) for op in ops], sync, wait)
+
+    def _savepoint(self, conn: Connection, released: bool) -> None:
+        conn.execute("SAVEPOINT op" if released else "RELEASE op; SAVEPOINT op")
+
+    def _undo_op(self, conn: Connection) -> None:
+        conn.execute("ROLLBACK TO op; RELEASE op")
+
+    def _release(self, conn: Connection) -> None:
+        """The commit that follows releases it."""
+
     def _synchronous(self, sync: bool, wait: bool = True) -> None:
         """Durability is the server's (``synchronous_commit``)."""
 
@@ -93,6 +113,12 @@ class PgGroupWriter(GroupWriter):
 
     async def _checkpoint(self) -> None:
         return None
+
+
+def _flushed(op: Any, tx: Any) -> Any:
+    result = op(tx)
+    tx.conn.flush()
+    return result
 
 
 class PgReads(Reads):

@@ -14,7 +14,16 @@ from typing import Any, Final
 
 from engine.ledger.dbapi import Connection
 from engine.ledger.results import EventRow, MinuteSums, UsageSums
-from engine.ledger.rollups import ROLLUP_STATEMENTS, SMALL_BATCH, count_sql, filter_sql, fold_small, segments_sql
+from engine.ledger.rollups import (
+    ROLLUP_STATEMENTS,
+    SMALL_BATCH,
+    count_sql,
+    filter_sql,
+    fold_small,
+    pg_append_one_sql,
+    pg_fold_one_params,
+    segments_sql,
+)
 from engine.ledger.schema import DIMS_SQL, EVENT_COLUMNS
 from engine.models import ROLLUP_DIMENSIONS, FieldError, UsageEvent
 
@@ -48,6 +57,7 @@ _INSERT_SERIES: Final = (
     f"INSERT INTO series ({DIMS_SQL}) VALUES ({', '.join('?' * len(ROLLUP_DIMENSIONS))}) "
     f"ON CONFLICT ({DIMS_SQL}) DO NOTHING"
 )
+_PG_APPEND_ONE: Final = pg_append_one_sql(_INSERT_EVENT)
 _UNBLOCKED: Final = count_sql("e.status != 'blocked'")
 _FIND_SERIES: Final = "SELECT id FROM series WHERE " + " AND ".join(f"{d} = ?" for d in ROLLUP_DIMENSIONS)
 
@@ -83,6 +93,14 @@ class Events:
             for k in missing:
                 fresh[k] = int(conn.execute(_FIND_SERIES, k).fetchone()[0])
         series_ids = [series.get(k) or fresh[k] for k in keys]
+        if len(events) == 1 and events[0].ts_ms >= 0 and getattr(conn, "dialect", "sqlite") == "postgresql":
+            # A settlement's event on PostgreSQL: inserted and folded in one round trip.
+            row = conn.execute(_PG_APPEND_ONE, (*_event_row(events[0], series_ids[0]),
+                                                *pg_fold_one_params(events[0], series_ids[0]))).fetchone()
+            if row is None:
+                return 0, set() if want_ids else None
+            self.appended_id = int(row[0])
+            return 1, None
         if len(events) == 1:  # a settlement's event: its id is known without asking
             cursor = conn.execute(_INSERT_EVENT, _event_row(events[0], series_ids[0]))
             inserted = cursor.rowcount

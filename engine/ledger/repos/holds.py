@@ -14,17 +14,31 @@ from engine.ledger.dbapi import Connection
 from engine.ledger.results import ClosedHold, JournalRow
 
 _JOURNAL_ROW: Final = "INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) VALUES (?, ?, ?, ?, ?)"
+_INSERT_HOLD: Final = ("INSERT INTO holds (id, request_id, created_ms, expires_ms, state, context, lines) "
+                       "VALUES (?, ?, ?, ?, 'held', ?, ?)")
+#: PostgreSQL, where each statement is a round trip to the server: a hold closed and its
+#: journal rows written in one statement (the journal's rows made from the hold's own lines).
+_PG_CLOSE: Final = (
+    "WITH closed AS (UPDATE holds SET state = ?, closed_ms = ? WHERE id = ? AND state = 'held' "
+    "RETURNING lines, grant_id, grant_amount), "
+    "journal AS (INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) "
+    "SELECT ?::bigint, ?::text, line.value ->> 0, -((line.value ->> 1)::bigint), ?::text "
+    "FROM closed, json_array_elements(closed.lines::json) WITH ORDINALITY AS line (value, n) ORDER BY line.n "
+    "RETURNING id) "
+    "SELECT closed.lines, closed.grant_id, closed.grant_amount, (SELECT max(id) FROM journal) FROM closed"
+)
 
 
 class Holds:
     """Holds inside the writer's transaction; ``last_journal_id`` is the id of the last hold
     journal row written through this object."""
 
-    __slots__ = ("conn", "last_journal_id")
+    __slots__ = ("_postgresql", "conn", "last_journal_id")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.last_journal_id = 0
+        self._postgresql = getattr(conn, "dialect", "sqlite") == "postgresql"
 
     def _journal(self, rows: Sequence[tuple[int, str, str, int, str]]) -> None:
         """Append hold journal rows (ts, hold, policy, delta, reason) in one statement."""
@@ -44,16 +58,29 @@ class Holds:
         for _, amount in lines:
             if type(amount) is not int or amount < 0:
                 raise ValueError(f"hold {hold_id}: an amount must be a non-negative integer, not {amount!r}")
-        self.conn.execute("INSERT INTO holds (id, request_id, created_ms, expires_ms, state, context, lines) "
-                          "VALUES (?, ?, ?, ?, 'held', ?, ?)",
-                          (hold_id, request_id, now_ms, expires_ms, context, json.dumps(lines)))
+        row = (hold_id, request_id, now_ms, expires_ms, context, json.dumps(lines))
+        if 0 < len(lines) <= 500 and self._postgresql:  # the hold and its journal rows in one round trip
+            cursor = self.conn.execute(f"WITH new_hold AS ({_INSERT_HOLD}) {_JOURNAL_ROW}"
+                                       + ", (?, ?, ?, ?, ?)" * (len(lines) - 1) + " RETURNING id",
+                                       [*row, *(v for p, a in lines for v in (now_ms, hold_id, p, a, "hold"))])
+            self.last_journal_id = int(cursor.lastrowid or self.max_journal_id())
+            return self.last_journal_id
+        self.conn.execute(_INSERT_HOLD, row)
         self._journal([(now_ms, hold_id, p, a, "hold") for p, a in lines])
         return self.last_journal_id if lines else self.max_journal_id()
 
     def close(self, hold_id: str, state: str, now_ms: int) -> ClosedHold | None:
         """Close an open hold (settled, released or expired): its lines and grant, or None if
         it was not open (then nothing was written). An UPDATE, then a SELECT of the row it
-        changed: five times quicker than one UPDATE ... RETURNING (11 us against 2)."""
+        changed: five times quicker than one UPDATE ... RETURNING (11 us against 2) on SQLite;
+        on PostgreSQL one statement (``_PG_CLOSE``) does it all, one round trip instead of three."""
+        if self._postgresql:
+            found = self.conn.execute(_PG_CLOSE, (state, now_ms, hold_id, now_ms, hold_id, state)).fetchone()
+            if found is None:
+                return None
+            if found[3] is not None:
+                self.last_journal_id = int(found[3])
+            return ClosedHold([(str(p), int(a)) for p, a in json.loads(found[0])], found[1], int(found[2]))
         if not self.conn.execute("UPDATE holds SET state = ?, closed_ms = ? WHERE id = ? AND state = 'held'",
                                  (state, now_ms, hold_id)).rowcount:
             return None
