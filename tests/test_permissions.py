@@ -67,6 +67,9 @@ RUNTIME = {
 ELSEWHERE = {
     "copy_ledger": "the copy's entry goes on the target, after the copied chain (tests/test_ledger_copy.py: "
                    "manage_members, and the entry)",
+    "export_audit_key": "the journal's key, read from this machine's vault (manage_members; tests/test_audit_hosts.py)",
+    "import_audit_key": "the journal's key, kept in this machine's vault once it verifies the journal "
+                        "(manage_members; tests/test_audit_hosts.py)",
 }
 
 DOLLAR = 1_000_000_000

@@ -33,6 +33,7 @@ def _steps(conn: sqlite3.Connection, secret: str) -> int:
     return steps
 
 
+@pytest.mark.sqlite_only  # counts SQLite's statements
 async def test_a_known_prefix_with_a_wrong_secret_takes_the_steps_of_an_unknown_prefix(
         engine: Engine, db_path: Path) -> None:
     made = [await engine.create_token(name=f"t{i}", principal="alice") for i in range(20)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 import httpx
 
@@ -32,11 +33,11 @@ class AuditService(Service):
         """Walk the chain (keyed entries under the vault's key: VaultError if it cannot be read),
         and with an ``anchor`` check that its entry is still there, unchanged."""
         key = await self.store.read_with(lambda ledger: self.core._audit_key(ledger, create=False))
-        if key is None and await self.store.read_with(audit.keyed_elsewhere):
-            raise FieldError("vault", "holds no key for this ledger's audit journal, which another machine keyed: "
-                                      "carry it here ('budgeteer audit key export' there, 'budgeteer audit key "
-                                      "import' here) to verify the chain")
         verified: audit.Verification = await self.store.read_with(lambda ledger: audit.verify(ledger, key, anchor))
+        if not verified.ok and key is None and await self.store.read_with(audit.keyed_elsewhere):
+            verified = replace(verified, problem=f"{verified.problem}; or the chain is keyed by a key this "
+                               "machine's vault does not hold (another machine's: carry it here with 'budgeteer "
+                               "audit key export' there and 'budgeteer audit key import' here)")
         return verified
 
     async def export_audit_key(self) -> str:

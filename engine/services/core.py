@@ -141,7 +141,7 @@ class Core:
                 key = audit.ChainKey.from_secret(vault.get(ref))
             except ValueError as exc:
                 raise vault_mod.VaultError(str(exc)) from None
-        elif audit.keyed_elsewhere(ledger):  # another machine keyed the chain: never fork it
+        elif create and audit.keyed_elsewhere(ledger):  # another machine keyed the chain: never fork it
             raise FieldError("vault", f"holds no key for the audit journal of ledger {ledger_id}, which another "
                                       "machine keyed: carry it here ('budgeteer audit key export' there, 'budgeteer "
                                       "audit key import' here) before making changes; nothing was changed")
