@@ -114,12 +114,17 @@ class CatalogService(Service):
             self._unhealthy = (breakers, out, frozenset(out))
         _, unhealthy, unhealthy_names = self._unhealthy
         output = max_tokens or routing.DEFAULT_OUTPUT_TOKENS
-        prices, first_at = self._catalog_index
+        cached = self._catalog_cache
+        if cached is not None and cached[1] is catalog:
+            (prices, first_at), shortlists = self._catalog_index, self._shortlists
+        else:  # a catalog read across a change (not kept): its own index, not the kept one's
+            prices, first_at = [m.price for m in catalog], {m.model: i for i, m in reversed(list(enumerate(catalog)))}
+            shortlists = {}
         needed, tier = score.input_tokens + output, score.tier_needed
         requested_at = first_at.get(model)
         key = (score.needs, tier, unhealthy_names)
-        if (short := self._shortlists.get(key)) is None:
-            short = self._shortlists[key] = routing.shortlist(catalog, score.needs, tier, unhealthy)
+        if (short := shortlists.get(key)) is None:
+            short = shortlists[key] = routing.shortlist(catalog, score.needs, tier, unhealthy)
         if record and not self.budgets.tells_models_apart:
             # What a gateway's call takes: no budget can tell the models apart, so the cheapest
             # usable model is chosen from the shortlist, pricing only its frontier and the
