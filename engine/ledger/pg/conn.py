@@ -208,9 +208,13 @@ class PgConnection:
                 self.flush()
         statement = translate(sql)
         if statement.ends:
-            if self._pg is None or self._pg.is_closed():  # nothing left to end: it went with the connection
+            if self._pg is None or self._pg.is_closed():  # the transaction went with the connection
+                committing = self._in_tx and statement.sql.strip().upper().startswith(("COMMIT", "END"))
                 self._in_tx = False
-                return PgCursor([], -1, None)
+                if committing:  # never a commit reported that was not made: its callers spill or retry
+                    raise LedgerRefusing("the connection to the database was lost before the commit: "
+                                         "the transaction was not made")
+                return PgCursor([], -1, None)  # a rollback: nothing left to undo
             try:
                 status = self.run(self._pg.execute(statement.sql))
             finally:

@@ -1,0 +1,59 @@
+"""The PostgreSQL connection the ledger's SQL runs on: a transaction whose connection is lost
+is never reported as committed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import asyncpg
+import pytest
+
+from engine.ledger import LedgerRefusing
+from engine.ledger.pg.conn import PgConnection
+
+
+def _terminate(admin_dsn: str, pid: int) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await conn.close()
+
+    done = threading.Thread(target=asyncio.run, args=(run(),))
+    done.start()
+    done.join()
+
+
+def test_a_commit_after_the_connection_was_lost_is_refused_not_reported_made(postgres_dsn: str) -> None:
+    conn = PgConnection(postgres_dsn)
+    try:
+        conn.execute("CREATE TABLE t (x BIGINT)")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t (x) VALUES (?)", (1,))
+        pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+        _terminate(postgres_dsn, pid)
+        with pytest.raises(LedgerRefusing):
+            # the next statement, or the commit itself, finds the connection gone: refused in words
+            conn.execute("INSERT INTO t (x) VALUES (?)", (2,))
+            conn.execute("COMMIT")
+        conn.execute("ROLLBACK")  # what the writer does then: nothing left to undo, no error
+        assert not conn.in_transaction
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0  # connected again: nothing was made
+    finally:
+        conn.close()
+
+
+def test_a_commit_on_a_connection_lost_between_statements_is_refused(postgres_dsn: str) -> None:
+    conn = PgConnection(postgres_dsn)
+    try:
+        conn.execute("CREATE TABLE t (x BIGINT)")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t (x) VALUES (?)", (1,))
+        conn.run(conn.raw.close())  # the connection goes between the last statement and the commit
+        with pytest.raises(LedgerRefusing, match="before the commit"):
+            conn.execute("COMMIT")
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    finally:
+        conn.close()
