@@ -55,11 +55,16 @@ class _Counter:
             return 0
         return tokens if metric == "tokens" else 1
 
-    def consumed_at(self, now_ms: int) -> int:
+    def consumed_at(self, now_ms: int, *, prune: bool = True) -> int:
+        """What the window holds at ``now_ms``. ``prune=False`` changes nothing: for a look from
+        outside the ledger's transactions (``evaluate_in_memory``, on the event loop), which on
+        PostgreSQL run on the writer's thread at the same time."""
         if self.policy.window.calendar:
             return self.consumed
         cutoff = now_ms - self.policy.window.rolling_ms
         cutoff -= cutoff % MINUTE_MS  # the oldest minute counts whole: never under-count
+        if not prune:
+            return self.rolling_total - sum(v for m, v in list(self.minutes.items()) if m < cutoff)
         # Minutes arrive in order, so the first key is the oldest; a late event's older
         # minute is caught by the same sweep whenever the window moves.
         if self.minutes and next(iter(self.minutes)) < cutoff:
@@ -283,8 +288,8 @@ class BudgetBook:
         for counter in self.counters_for(tx, context, now):
             policy = counter.policy
             bounds = (counter.start_ms, counter.end_ms) if policy.window.calendar else window_bounds(policy.window, now)
-            outcomes.append(outcome(policy, counter.consumed_at(now), counter.held, cost.of(policy.metric), bounds,
-                                    priced=cost.priced))
+            outcomes.append(outcome(policy, counter.consumed_at(now, prune=tx is not None), counter.held,
+                                    cost.of(policy.metric), bounds, priced=cost.priced))
         return decide(outcomes)
 
     def evaluate_in_memory(self, context: Mapping[str, str], cost: CallCost, now: int) -> Evaluation | None:

@@ -285,3 +285,22 @@ def test_short_amounts_fit_a_table_cell() -> None:
     assert tokens.format_short(12_000_000) == "12.0M tok"
     assert tokens.format_short(999) == "999 tok"
     assert requests.format_short(950) == "950 req"
+
+
+def test_a_look_from_outside_the_ledger_changes_no_counter() -> None:
+    """evaluate_in_memory runs on the event loop while, on PostgreSQL, batches run on the writer's
+    thread: its look at a rolling window must not drop minutes or lower the total."""
+    from types import SimpleNamespace
+
+    from engine.book import _Counter
+
+    minute = 60_000
+    policy = SimpleNamespace(window=SimpleNamespace(calendar=False, rolling_ms=10 * minute), metric="usd")
+    counter = _Counter(policy)  # type: ignore[arg-type]
+    for m in range(20):
+        counter.minutes[m * minute] = 5
+        counter.rolling_total += 5
+    now = 20 * minute
+    assert counter.consumed_at(now, prune=False) == 50  # minutes 10..19
+    assert len(counter.minutes) == 20 and counter.rolling_total == 100  # nothing changed
+    assert counter.consumed_at(now) == 50 and len(counter.minutes) == 10  # a batch's look prunes

@@ -57,3 +57,31 @@ def test_a_commit_on_a_connection_lost_between_statements_is_refused(postgres_ds
         assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
     finally:
         conn.close()
+
+
+def test_a_commit_the_database_answers_with_rollback_is_refused(postgres_dsn: str) -> None:
+    """PostgreSQL answers the COMMIT of a transaction an error aborted with ROLLBACK, not an error."""
+    conn = PgConnection(postgres_dsn)
+    try:
+        conn.execute("CREATE TABLE t (x TEXT)")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t (x) VALUES ('kept?')")
+        with pytest.raises(Exception):  # noqa: B017 - any error of the driver's
+            conn.execute("INSERT INTO t (x) VALUES (?)", ("bad\x00",))
+        with pytest.raises(LedgerRefusing, match="rolled the transaction back"):
+            conn.execute("COMMIT")
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
+def test_the_database_clock_leaves_out_the_wait_for_the_write_lock() -> None:
+    """A batch that waited 1.7 s for the lock read the database's clock at the end of the wait: the
+    offset measured is the true one (0 here), not half the wait."""
+    from engine.ledger.pg.store import DatabaseClock
+
+    clock = DatabaseClock()
+    sent = 1_000_000 * 1_000_000  # ns
+    received = sent + 1_702 * 1_000_000  # 1.702 s later: 1.7 s of it waiting, 2 ms of travel
+    clock.observe(database_ms=received // 1_000_000 - 1, sent_ns=sent, received_ns=received, waited_ms=1_700)
+    assert clock.offset_ms == 0

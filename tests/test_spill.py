@@ -4,6 +4,7 @@ replayed into the ledger when the next one opens it, each settlement once, by it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from engine.budgets import build_policy
 from engine.clock import FrozenClock
 from engine.engine import CallRequest, Engine
 from engine.spill import Spilled, SpillJournal
-from tests.conftest import event
+from tests.conftest import NOW_MS, event
 
 
 async def _held_call(db_path: Path, clock: FrozenClock) -> str:
@@ -73,3 +74,32 @@ async def test_a_line_torn_by_a_crash_is_skipped_and_the_next_append_starts_afre
         assert sorted([e.request_id async for e in engine.iter_events(0, clock.now_ms())]) == ["req-1", "req-3"]
     assert "line 2 is not a settlement, skipped" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_settlement_spilled_while_the_ledger_comes_back_is_replayed_too(tmp_path: Path) -> None:
+    """A settlement spilled while the background retry's replay runs (the ledger still counted as
+    refusing) is written once the ledger is back, not left for the next outage."""
+    clock = FrozenClock(NOW_MS)
+    async with await Engine.open(tmp_path / "l.db", clock=clock) as engine:
+        await engine.add_policy(build_policy(scope="global", metric="usd", window="day", hard="10", name="All",
+                                             policy_id="all"))
+        a = await engine.authorize(CallRequest(principal="alice", model="gpt-4o-mini", input_tokens=1000,
+                                               max_tokens=200, request_id="req-a"))
+        b = await engine.authorize(CallRequest(principal="alice", model="gpt-4o-mini", input_tokens=1000,
+                                               max_tokens=200, request_id="req-b"))
+        svc = engine.services.calls
+        svc._refused("simulated outage")            # the ledger refused a write
+        assert await engine.settle_call(a.hold_id, event(1, request_id="req-a")) is False  # spilled
+        slow_one = svc._replay_one
+        async def replay_one(record):                 # the replay takes a moment (a round trip)
+            await asyncio.sleep(0.05)
+            await slow_one(record)
+        svc._replay_one = replay_one  # type: ignore[method-assign]
+        while not svc._replaying.locked():            # wait for the retry's replay to begin
+            await asyncio.sleep(0.005)
+        assert await engine.settle_call(b.hold_id, event(2, request_id="req-b")) is False  # spilled meanwhile
+        await svc._retry_writes
+        assert svc.refusing is None                   # writable again, retry task finished
+        ids = [e.request_id async for e in engine.iter_events(0, clock.now_ms() + 1)]
+        assert sorted(ids) == ["req-a", "req-b"] and not svc.spill.pending()
+        assert await engine.open_holds() == 0

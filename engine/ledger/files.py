@@ -31,7 +31,7 @@ def redacted(location: object) -> str:
     text = str(location)
     if not is_dsn(text):
         return text
-    text = re.sub(r"(://[^:/@?#]*):[^/?#]*@", r"\1:***@", text)
+    text = re.sub(r"(://[^:/@?#]*):.*@", r"\1:***@", text)  # to the last @: a password may hold # / ? or @
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", text, flags=re.IGNORECASE)
 
 

@@ -293,9 +293,11 @@ class GroupWriter:
                 end(tx)
             conn.execute("COMMIT")
         except BaseException:
-            self._rollback_sync()
-            for _, abort in self._hooks:
-                abort()
+            try:
+                self._rollback_sync()
+            finally:  # the book forgets what it folded in, even if the rollback itself failed
+                for _, abort in self._hooks:
+                    abort()
             raise
         self.series.update(fresh)
         self.commits += 1

@@ -284,6 +284,20 @@ class CallService(Service):
                 log.warning("replaying the spill journal failed: %s", exc)
                 continue
             self.refusing = None
+            # What was spilled while that replay ran (refusing was still set) is replayed too, now
+            # that new settlements go to the ledger again: else it would wait for the next outage.
+            try:
+                while self.spill.pending():
+                    more = await self.replay_spill()
+                    replayed += more
+                    if not more:
+                        break
+            except Exception as exc:  # refused again (said, and tried again), or kept in the journal
+                if (why := refusal(exc)) is not None:
+                    self._retry_writes = None  # this task ends: _refused starts the next
+                    self._refused(why)
+                    return
+                log.warning("replaying the spill journal failed: %s", exc)
             self.down_spent = sum(self._down_holds.values())  # what was spent meanwhile is in the ledger now
             log.warning("ledger writable again, replayed %d settlements", replayed)
             return

@@ -219,12 +219,24 @@ class PgConnection:
                 status = self.run(self._pg.execute(statement.sql))
             finally:
                 self._in_tx = False
+            if statement.sql.strip().upper().startswith(("COMMIT", "END")) and status != "COMMIT":
+                # PostgreSQL answers a COMMIT of a failed transaction with ROLLBACK, and no error
+                raise LedgerRefusing(f"the database rolled the transaction back at its commit ({status})")
             return PgCursor([], _count(status), None)
-        conn = self.raw
         if statement.begin:
-            self.run(conn.execute(statement.sql))
+            # The private loop runs only during statements: let it hear of a connection the server
+            # closed while idle (a restart, a failover) first, and begin on a new one then.
+            self._loop.run_until_complete(asyncio.sleep(0))
+            try:
+                self.run(self.raw.execute(statement.sql))
+            except LedgerRefusing:  # lost before anything was done in it: once more, on a new connection
+                if self._pg is not None:
+                    self._pg.terminate()
+                self._pg = None
+                self.run(self.raw.execute(statement.sql))
             self._in_tx = True
             return PgCursor([], -1, None)
+        conn = self.raw
         if statement.rows:
             records = self.run(conn.fetch(statement.sql, *parameters))
             rows = [tuple(map(_plain, r)) for r in records] if statement.sums else [tuple(r) for r in records]

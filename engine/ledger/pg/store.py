@@ -45,7 +45,10 @@ if TYPE_CHECKING:
     from engine.ledger.protocol import Ledger
 
 #: The first statement of every writing transaction: the write lock, the version, the time.
-BEGIN_WRITE: Final = f"UPDATE ledger_version SET n = n + 1 RETURNING n, {NOW_MS_SQL}"
+#: (The third value: how long the statement waited for the lock, in ms, which the clock's
+#: measure of the round trip leaves out.)
+BEGIN_WRITE: Final = (f"UPDATE ledger_version SET n = n + 1 RETURNING n, {NOW_MS_SQL}, "
+                      "(extract(epoch from clock_timestamp() - statement_timestamp()) * 1000)::bigint")
 log = logging.getLogger("budgeteer")
 
 
@@ -56,9 +59,12 @@ class DatabaseClock:
     def __init__(self) -> None:
         self.offset_ms = 0
 
-    def observe(self, database_ms: int, sent_ns: int, received_ns: int) -> None:
-        """The database said ``database_ms`` somewhere between sending and receiving."""
-        self.offset_ms = database_ms - (sent_ns + received_ns) // 2_000_000
+    def observe(self, database_ms: int, sent_ns: int, received_ns: int, waited_ms: int = 0) -> None:
+        """The database said ``database_ms`` between sending and receiving, after waiting
+        ``waited_ms`` of that time (for the write lock) before it read its clock: the clock was
+        read half the rest of the round trip before the answer came."""
+        travel_ns = max(0, received_ns - sent_ns - waited_ms * 1_000_000)
+        self.offset_ms = database_ms - (received_ns - travel_ns // 2) // 1_000_000
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000 + self.offset_ms
@@ -79,8 +85,8 @@ class PgGroupWriter(GroupWriter):
         conn.execute("BEGIN")
         try:
             sent = time.time_ns()
-            version, database_ms = conn.execute(BEGIN_WRITE).fetchone()
-            self.clock.observe(int(database_ms), sent, time.time_ns())
+            version, database_ms, waited_ms = conn.execute(BEGIN_WRITE).fetchone()
+            self.clock.observe(int(database_ms), sent, time.time_ns(), int(waited_ms))
         except BaseException:
             self._rollback_sync()
             raise
