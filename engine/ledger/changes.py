@@ -17,6 +17,8 @@ dashboard reads on its timer.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Final, Literal
 
 from engine.ledger.dbapi import Connection
@@ -36,6 +38,33 @@ KINDS: Final = (POLICY, TOKEN, APPROVAL, PRICE, PROVIDER, MEMBER)
 ANY: Final = "*"
 
 _NOTIFY: Final = f"SELECT pg_notify('{CHANNEL}', ?)"
+log = logging.getLogger("budgeteer")
+
+
+class Subscribers:
+    """Who is told of a change of a kind: the store's listeners, the engine's. Each is told in
+    turn; one that fails is logged and the others still hear of it."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[str], None]] = []
+
+    def add(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Subscribe ``callback``; returns what unsubscribes it."""
+        self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def tell(self, kind: str) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(kind)
+            except Exception as exc:  # one subscriber's failure stops no other
+                log.warning("a subscriber to the ledger's changes failed on %r: %s: %s", kind,
+                            type(exc).__name__, exc)
 
 
 def announce(conn: Connection, kind: Kind) -> None:

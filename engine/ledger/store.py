@@ -8,13 +8,13 @@ its connections, migrates its schema and hands them over.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.clock import Clock
+from engine.ledger.changes import Subscribers
 from engine.ledger.reads import Reads
 from engine.ledger.repos import LedgerView
 from engine.ledger.repos.prices import Prices
@@ -25,7 +25,6 @@ from engine.ledger.writer import BULK_CHUNK, GroupWriter
 from engine.models import UsageEvent
 
 T = TypeVar("T")
-log = logging.getLogger("budgeteer")
 
 
 class Store:
@@ -41,7 +40,7 @@ class Store:
         self._writes = writes
         self._reads = reads
         self.clock = clock
-        self._subscribers: list[Callable[[str], None]] = []
+        self._subscribers = Subscribers()
         #: The database role this process connects as (PostgreSQL's ``session_user``, read once
         #: at open): who the command line and the dashboard act as there. None on SQLite, whose
         #: file has no notion of who opens it.
@@ -70,13 +69,7 @@ class Store:
         changed, the store having missed what was sent for a while). Returns what unsubscribes.
         Only a store that ``notifies`` ever calls it: SQLite sends nothing, and its readers
         notice changes by reading (the budget book's version check, the dashboard's timer)."""
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     @property
     def notifies(self) -> bool:
@@ -86,12 +79,7 @@ class Store:
     def _changed(self, kind: str) -> None:
         """Hand ``kind`` to every subscriber (on the event loop); one that fails is logged, the
         others still hear of it."""
-        for callback in list(self._subscribers):
-            try:
-                callback(kind)
-            except Exception as exc:
-                log.warning("a subscriber to the ledger's changes failed on %r: %s: %s", kind,
-                            type(exc).__name__, exc)
+        self._subscribers.tell(kind)
 
     # ---- what the writer counts (for tests and benchmarks)
 

@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from engine.ledger.changes import ANY, POLICY, PRICE, PROVIDER
+from engine.ledger.changes import ANY, POLICY, PRICE, PROVIDER, Subscribers
 from engine.pricing import ModelPrice
 from engine.services.catalog import CatalogService
 from engine.services.core import Core, Service
@@ -36,7 +36,7 @@ class ChangeService(Service):
     def __init__(self, core: Core, catalog: CatalogService) -> None:
         super().__init__(core)
         self.catalog = catalog
-        self._subscribers: list[Callable[[str], None]] = []
+        self._subscribers = Subscribers()
         self._prices: asyncio.Task[None] | None = None  # the price book being read again
         self._prices_again = False  # and read once more when that is done
         self._price_told = False  # a price change, told to the subscribers once the prices are read
@@ -47,13 +47,7 @@ class ChangeService(Service):
         ``kind`` (a policy, token, approval, price, provider or member; ``"*"``: anything may
         have changed), after this engine has dropped what it kept of it. Only on a ledger that
         pushes its changes (``notifies``: PostgreSQL). Returns what unsubscribes."""
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     @property
     def notifies(self) -> bool:
@@ -73,12 +67,7 @@ class ChangeService(Service):
         self._tell(kind)
 
     def _tell(self, kind: str) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(kind)
-            except Exception as exc:  # one subscriber's failure stops no other
-                log.warning("a subscriber to the ledger's changes failed on %r: %s: %s", kind,
-                            type(exc).__name__, exc)
+        self._subscribers.tell(kind)
 
     def _read_prices(self) -> None:
         if self._prices is not None:
