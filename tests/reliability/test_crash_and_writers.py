@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,7 +27,7 @@ import pytest
 from engine.budgets import DEFAULT_HOLD_TTL_MS, build_policy
 from engine.clock import FrozenClock
 from engine.engine import Engine
-from tests.asgi_servers import FakeOpenAI, post_all, serve
+from tests.asgi_servers import post_all
 from tests.reliability import start_gateway
 
 ASK = {"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
@@ -38,12 +37,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def provider() -> Iterator[str]:
-    with serve(FakeOpenAI().app()) as url:
-        yield url
 
 
 @pytest.fixture

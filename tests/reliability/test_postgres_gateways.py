@@ -21,7 +21,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -29,19 +28,12 @@ import httpx
 import pytest
 
 from engine.engine import Engine
-from tests.asgi_servers import FakeOpenAI, serve
 from tests.reliability import start_gateway
 from tests.reliability.test_crash_and_writers import ASK, _load_until_killed, _port, _prepare
 
 pytestmark = pytest.mark.xdist_group("postgres_gateways")
 
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
-
-
-@pytest.fixture
-def provider() -> Iterator[str]:
-    with serve(FakeOpenAI().app()) as url:
-        yield url
 
 
 @pytest.fixture

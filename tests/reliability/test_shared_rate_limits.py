@@ -23,7 +23,7 @@ import pytest
 from engine.clock import FrozenClock
 from engine.engine import Engine
 from engine.integrations.gateway import create_app
-from tests.asgi_servers import FakeOpenAI, serve
+from tests.asgi_servers import serve
 from tests.reliability import start_gateway
 
 # -- TEMPORARY (branch ratelimit): until branch pgfixture is on main; the lead deletes this line at merge.
@@ -40,18 +40,10 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_dsn"))
-    return str(tmp_path / "ledger.db")
-
-
 @pytest.fixture
-def provider() -> Iterator[str]:
-    with serve(FakeOpenAI().app()) as url:
-        yield url
+def ledger(ledger_at: Path | str) -> str:
+    """The test's ledger, each backend in turn (conftest's ``ledger_at``), as a command line names it."""
+    return str(ledger_at)
 
 
 @pytest.fixture
