@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from engine.ledger.dbapi import Connection
-from engine.ledger.errors import StoreError
+from engine.ledger.errors import StoreError, in_one_line
 from engine.ledger.files import is_dsn, redacted, remove_ledger
 from engine.ledger.repos import LedgerView
 from engine.ledger.worker import Worker
@@ -120,14 +120,7 @@ async def _worker(name: str, location: str | Path, what: str) -> Worker[Any]:
     except StoreError:
         raise
     except Exception as exc:
-        raise StoreError(f"cannot open the ledger {what} {redacted(location)}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    """A driver's error in one line (never a password: drivers do not print it, and the
-    locations in messages are shown without it)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise StoreError(f"cannot open the ledger {what} {redacted(location)}: {in_one_line(exc)}") from None
 
 
 def _postgres(conn: Any) -> bool:
@@ -419,7 +412,8 @@ async def _copy(source: str | Path, target: str | Path, source_shown: str, targe
             await writer.run(_rollback, writer.conn)
             if isinstance(exc, Exception) and not isinstance(exc, StoreError | FieldError) and \
                     type(exc).__module__.split(".")[0] in ("asyncpg", "sqlite3"):
-                raise StoreError(f"copying into {target_shown} failed, nothing was written: {_reason(exc)}") from None
+                raise StoreError(f"copying into {target_shown} failed, nothing was written: "
+                                 f"{in_one_line(exc)}") from None
             raise
         return report, result
     finally:

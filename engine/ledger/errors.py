@@ -76,3 +76,10 @@ def _pg_refusal(exc: BaseException) -> str | None:
     if name in ("ConnectionDoesNotExistError", "InterfaceError", "InternalClientError", "ConnectionFailureError"):
         return "the connection to the ledger's database was lost"
     return None
+
+
+def in_one_line(exc: BaseException) -> str:
+    """A driver's error in one line (never a password: drivers do not print it, and a ledger's
+    location in a message is shown without it)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

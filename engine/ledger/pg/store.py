@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine.clock import Clock
 from engine.ledger.dbapi import Connection
-from engine.ledger.errors import StoreError
+from engine.ledger.errors import StoreError, in_one_line
 from engine.ledger.files import local_name, redacted
 from engine.ledger.pg.conn import PgConnection
 from engine.ledger.pg.listen import Listener
@@ -210,7 +210,7 @@ class PostgresStore(Store):
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(f"cannot open the ledger's database at {where}: {_reason(exc)}") from None
+            raise StoreError(f"cannot open the ledger's database at {where}: {in_one_line(exc)}") from None
         # Listening from the start: a change committed after this store read what it keeps
         # reaches it. It connects while the reader does (what it hears before the store exists
         # concerns nothing read yet).
@@ -244,12 +244,6 @@ class PostgresStore(Store):
             log.warning("not listening for ledger changes at %s yet (retrying): changes other processes "
                         "make reach this one at its next read", where)
         return store
-
-
-def _reason(exc: BaseException) -> str:
-    """A driver's error in one line, never with the password (asyncpg does not print it)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text
 
 
 if TYPE_CHECKING:  # mypy holds the store to the interface
