@@ -53,7 +53,6 @@ from engine.ledger import (
     is_dsn,
     open_ledger,
 )
-from engine.ledger import local_path as ledger_files_path
 from engine.ledger.results import BudgetDecision, Delivery
 from engine.models import FieldError, GatewayStatus, SettledCall, UsageEvent
 from engine.pricing import ModelPrice, PriceBook, bundled_prices
@@ -80,7 +79,7 @@ LEDGER_FILENAME = "ledger.db"
 log = logging.getLogger("budgeteer")
 
 __all__ = ["LEDGER_FILENAME", "CallRequest", "Engine", "GatewayStatus", "Services", "claimed_identity",
-           "default_db_path", "ledger_location", "local_identity", "local_path", "operator_identity"]
+           "default_db_path", "ledger_location", "local_identity", "operator_identity"]
 
 
 def home_dir() -> Path:
@@ -95,12 +94,6 @@ def default_db_path() -> Path:
     if os.environ.get("BUDGETEER_DB") and not is_dsn(os.environ["BUDGETEER_DB"]):
         return Path(os.environ["BUDGETEER_DB"]).expanduser()
     return home_dir() / LEDGER_FILENAME
-
-
-def local_path(location: str | Path) -> Path:
-    """Where this machine keeps the files of the ledger at ``location`` (``engine.ledger.local_path``
-    under this machine's ``home_dir``)."""
-    return ledger_files_path(location, home=home_dir())
 
 
 def ledger_location(db: str | Path | None = None) -> str | Path:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.engine import ledger_location, local_path
-from engine.ledger import redacted
+from engine.engine import home_dir, ledger_location
+from engine.ledger import local_path, redacted
 from engine.money import parse_usd
 from engine.vault import Vault, vault_path
 from tui.cli.common import EXIT_OK, UsageError, now_clock
@@ -54,7 +54,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     allowance = parse_usd(args.down_allowance, "--down-allowance") if args.when_ledger_down == "allow" else None
     db = ledger_location(args.db)
     app = create_app(db, clock=now_clock(), routing_mode=mode, max_body=args.max_body,
-                     address=f"{args.host}:{args.port}", vault_passphrase=_gateway_passphrase(local_path(db)),
+                     address=f"{args.host}:{args.port}",
+                     vault_passphrase=_gateway_passphrase(local_path(db, home=home_dir())),
                      sync_interval_s=args.sync_interval, limits=limits, down_allowance=allowance)
     print(f"budgeteer gateway on http://{args.host}:{args.port}/v1 over {redacted(db)} (routing: {mode}); ctrl+c stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15,
