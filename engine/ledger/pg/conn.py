@@ -51,6 +51,7 @@ class Statement:
     sums: bool  # it may return numerics that are integers (sum)
     begin: bool  # it starts a transaction
     ends: bool  # it ends one (COMMIT, ROLLBACK, but not ROLLBACK TO)
+    commits: bool  # it ends one by committing it
 
 
 _translated: dict[str, Statement] = {}
@@ -86,7 +87,8 @@ def translate(sql: str) -> Statement:
         rows = True
     words = text.strip().upper().split()
     found = Statement(text, rows, "SUM(" in text.upper().replace(" ", ""), head in ("BEGIN", "START"),
-                      head in ("COMMIT", "END") or (head == "ROLLBACK" and "TO" not in words))
+                      head in ("COMMIT", "END") or (head == "ROLLBACK" and "TO" not in words),
+                      head in ("COMMIT", "END"))
     if len(_translated) < 10_000:
         _translated[sql] = found
     return found
@@ -209,7 +211,7 @@ class PgConnection:
         statement = translate(sql)
         if statement.ends:
             if self._pg is None or self._pg.is_closed():  # the transaction went with the connection
-                committing = self._in_tx and statement.sql.strip().upper().startswith(("COMMIT", "END"))
+                committing = self._in_tx and statement.commits
                 self._in_tx = False
                 if committing:  # never a commit reported that was not made: its callers spill or retry
                     raise LedgerRefusing("the connection to the database was lost before the commit: "
@@ -219,7 +221,7 @@ class PgConnection:
                 status = self.run(self._pg.execute(statement.sql))
             finally:
                 self._in_tx = False
-            if statement.sql.strip().upper().startswith(("COMMIT", "END")) and status != "COMMIT":
+            if statement.commits and status != "COMMIT":
                 # PostgreSQL answers a COMMIT of a failed transaction with ROLLBACK, and no error
                 raise LedgerRefusing(f"the database rolled the transaction back at its commit ({status})")
             return PgCursor([], _count(status), None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from engine.ledger.dbapi import Connection
 from engine.ledger.errors import SchemaTooNewError, StoreError
 from engine.ledger.schema import ROLLUP_TABLES, SUM_COLUMNS
 from engine.models import ROLLUP_DIMENSIONS
@@ -341,7 +342,7 @@ TEMP_TABLES: Final = tuple(
     f"{', '.join(f'{c} BIGINT' for c in SUM_COLUMNS)})" for name in ("minute", "hour"))
 
 
-def schema_version(conn: PgConnection) -> int:
+def schema_version(conn: Connection) -> int:
     found = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
     if not found:
         return 0

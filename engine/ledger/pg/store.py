@@ -129,7 +129,7 @@ def _flushed(op: Any, tx: Any) -> Any:
 
 class PgReads(Reads):
     def schema_version(self) -> int:
-        return schema_version(self.conn)  # type: ignore[arg-type]
+        return schema_version(self.conn)
 
     def data_version(self) -> int:
         """The ledger's write counter: it moves with every writing transaction of any process."""
