@@ -23,6 +23,7 @@ from engine import ratelimits
 from engine.budgets import DEFAULT_MAX_OUTPUT_TOKENS, Authorization, CallCost, Evaluation
 from engine.ledger import LedgerRefusing, LedgerTx, RecordResult, refusal
 from engine.models import FieldError, UsageEvent
+from engine.money import format_usd
 from engine.pricing import ModelPrice, worst_cost_nanos
 from engine.ratelimits import Limit, RateDecision
 from engine.services.core import Core, Service
@@ -107,7 +108,7 @@ class CallService(Service):
             raise LedgerRefusing(reason)
         if not cost.priced or self.down_spent + cost.usd > allowance:
             raise LedgerRefusing(f"{reason}; this gateway's allowance while the ledger is down "
-                                 f"(${allowance / 1e9:.2f}) is spent")
+                                 f"({format_usd(allowance)}) is spent")
         hold_id = f"{DOWN_HOLD_PREFIX}{secrets.token_hex(8)}"
         self._down_holds[hold_id] = cost.usd
         self.down_spent += cost.usd
