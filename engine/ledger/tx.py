@@ -109,12 +109,9 @@ class LedgerTx(LedgerView):
         return self._events.appended_id if self._events is not None else 0
 
     def probe_write(self) -> None:
-        """Write the schema version as it is: a real write (a page of the log) that changes
-        nothing, to learn whether the ledger takes writes again."""
-        if getattr(self.conn, "dialect", "sqlite") == "postgresql":
-            return  # the batch's first statement (the write lock) was a real write already
-        version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
-        self.conn.execute(f"PRAGMA user_version = {version}")
+        """A real write that changes nothing, to learn whether the ledger takes writes again
+        (``GroupWriter.probe_write``: each backend's own)."""
+        self._writer.probe_write(self.conn)
 
     # ---- events
 

@@ -339,6 +339,12 @@ class GroupWriter:
             raise
         return version, version
 
+    def probe_write(self, conn: Connection) -> None:
+        """Inside a batch: write the schema version as it is, a real write (a page of the log)
+        that changes nothing."""
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        conn.execute(f"PRAGMA user_version = {version}")
+
     def _synchronous(self, sync: bool, wait: bool = True) -> None:
         """Wherever the writer runs: whether the next commit waits for the disk (a durable
         store's commits do unless the operation said it need not), and whether the next BEGIN

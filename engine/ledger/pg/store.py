@@ -111,6 +111,9 @@ class PgGroupWriter(GroupWriter):
     def _release(self, conn: Connection) -> None:
         """The commit that follows releases it."""
 
+    def probe_write(self, conn: Connection) -> None:
+        """Nothing more: the batch's first statement (the write lock) was a real write already."""
+
     def _synchronous(self, sync: bool, wait: bool = True) -> None:
         """Durability is the server's (``synchronous_commit``)."""
 
