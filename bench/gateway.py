@@ -29,7 +29,7 @@ governed deployment.
   on PostgreSQL (scratch databases made on that server and dropped; the bench never starts a
   server), in the same run (``--rounds`` alternates them), one hard policy every call is held and
   settled against, the instant provider; calls/s beside the provider called directly, p50/p99,
-  CPU per call, and the gateway's commits, operations and statements per batch and the time a
+  CPU per call, and the gateway's commits, operations and round trips to the database per batch and the time a
   batch holds the writer (counted by ``_instrument`` inside the gateway). The README's
   "PostgreSQL capacity" gives the figures and the model they fit.
 
@@ -256,52 +256,39 @@ STAT_FIELDS = ("batches", "ops", "record_batches", "events", "statements", "batc
 def _instrument(out: Path) -> None:
     """Count the gateway's ledger writes (in its own process): operation batches (each one
     transaction, one commit) and the operations in them, ``record()`` batches and their events,
-    the statements a batch sends (on PostgreSQL each is a round trip to the server) and the time
+    the round trips to the server a batch makes (PostgreSQL: a statement, or the statements a pipelined batch sends ahead of one text) and the time
     batches take on the writer's thread (on PostgreSQL: the write lock held, and waited for).
     On SIGUSR1 the counts so far go to ``out`` (JSON, with a sequence number)."""
     import json
     import signal
-    import threading
 
     from engine.ledger.pg.conn import PgConnection
     from engine.ledger.writer import GroupWriter
 
     counts: dict[str, float] = dict.fromkeys(STAT_FIELDS, 0)
     counts["seq"] = 0
-    local = threading.local()
     ops_sync, write_sync = GroupWriter._ops_sync, GroupWriter._write_sync
-    execute, executemany = PgConnection.execute, PgConnection.executemany
+
+    def round_trips(self: GroupWriter) -> int:
+        conn = self.conn
+        return conn.round_trips if isinstance(conn, PgConnection) else 0
 
     def counted_ops(self: GroupWriter, ops: list[Any], sync: bool = True, wait: bool = True) -> Any:
-        local.on, started = True, time.perf_counter()
-        try:
-            results = ops_sync(self, ops, sync, wait)
-        finally:
-            local.on = False
+        started, sent = time.perf_counter(), round_trips(self)
+        results = ops_sync(self, ops, sync, wait)
         counts["batch_s"] += time.perf_counter() - started
+        counts["statements"] += round_trips(self) - sent
         counts["batches"] += 1
         counts["ops"] += len(ops)
         return results
 
     def counted_write(self: GroupWriter, events: list[Any]) -> Any:
-        local.on = True
-        try:
-            results = write_sync(self, events)
-        finally:
-            local.on = False
+        sent = round_trips(self)
+        results = write_sync(self, events)
+        counts["statements"] += round_trips(self) - sent
         counts["record_batches"] += 1
         counts["events"] += len(events)
         return results
-
-    def counted_execute(self: PgConnection, *args: Any) -> Any:
-        if getattr(local, "on", False):
-            counts["statements"] += 1
-        return execute(self, *args)
-
-    def counted_executemany(self: PgConnection, *args: Any) -> Any:
-        if getattr(local, "on", False):
-            counts["statements"] += 1
-        return executemany(self, *args)
 
     def dump(*_: Any) -> None:
         counts["seq"] += 1
@@ -311,8 +298,6 @@ def _instrument(out: Path) -> None:
 
     GroupWriter._ops_sync = counted_ops  # type: ignore[method-assign]
     GroupWriter._write_sync = counted_write  # type: ignore[method-assign]
-    PgConnection.execute = counted_execute  # type: ignore[method-assign]
-    PgConnection.executemany = counted_executemany  # type: ignore[method-assign]
     signal.signal(signal.SIGUSR1, dump)
 
 
@@ -376,7 +361,7 @@ def compare(dsn: str, requests: int, connections: int, rounds: int, env: dict[st
               f"one hard policy ({HOT_SCOPE}, usd per day) on every call; {requests:,} calls over {connections} "
               f"connections a row; PostgreSQL at {_redacted(dsn)}")
         print(f"{'':<24}{'calls/s':>8}  {'direct':>7}  {'p50':>7}  {'p99':>7}  {'CPU/call':>8}  {'commits':>7}"
-              f"  {'ops/batch':>9}  {'stmts/batch':>11}  {'ms/batch':>8}  failures")
+              f"  {'ops/batch':>9}  {'trips/batch':>11}  {'ms/batch':>8}  failures")
         rates: dict[str, list[float]] = {}
         for round_ in range(rounds):
             for n, (name, postgres, gateways) in enumerate(configs):

@@ -14,7 +14,7 @@ from engine import approvals
 from engine.alerts import crossed, crossing_message, overshoot_message
 from engine.clock import MINUTE_MS
 from engine.errors import Refused
-from engine.ledger import ClosedHold, LedgerTx, RecordResult
+from engine.ledger import PENDING_ID, ClosedHold, LedgerTx, RecordResult
 from engine.models import UsageEvent, unique_hex
 from engine.rules import METRICS, CallCost, Evaluation, Outcome, Policy, decide, outcome, window_bounds
 
@@ -26,6 +26,7 @@ CONTEXT_COLUMNS: Final = {"workspace": "workspace", "team": "team", "principal":
 DEFAULT_HOLD_TTL_MS: Final = 10 * MINUTE_MS
 EXPIRY_CHECK_MS: Final = 1_000  # how often decision batches look for holds past their time to live
 ALERTED_KEPT: Final = 10_000  # alerts a budget book remembers as stored (a rolling policy makes one a window)
+OPENED_KEPT: Final = 100_000  # holds a budget book remembers opening (to close them without asking the ledger)
 
 
 class HoldError(Refused, ValueError):
@@ -131,6 +132,11 @@ class BudgetBook:
         self._alerted: set[tuple[str, int, str, int]] = set()  # (policy, window, kind, threshold) stored
         self._batch_mark = 0
         self._expiry_due = 0  # when the next batch looks for holds past their time to live
+        #: Holds this book opened, with no grant, and their lines: closing one, the ledger is
+        #: told what it will find (``LedgerTx.close_hold``'s ``expected``), which lets
+        #: PostgreSQL send the closing ahead with the batch's other writes.
+        self._opened: dict[str, list[tuple[str, int]]] = {}
+        self._opened_now: set[str] = set()  # of those, the ones the running batch opened
         #: Some policy names a model or a provider. Only such a policy can refuse one model and
         #: allow another for the same call: any other counts the same tokens and requests for
         #: every model and fewer dollars for a cheaper one, so it fits the cheapest whenever it
@@ -141,6 +147,7 @@ class BudgetBook:
 
     def begin(self, tx: LedgerTx) -> None:
         self._batch_mark = len(self._raising)
+        self._opened_now.clear()
         now = self._now()
         if self._stale or not tx.quiet:  # else nothing was written since the last batch but by it
             version = tx.policies_version()
@@ -183,7 +190,11 @@ class BudgetBook:
         del self._raising[self._batch_mark:]  # alerts of a rolled-back batch were never stored
 
     def end(self, tx: LedgerTx) -> None:
-        """Store the alerts whose thresholds consumption has now reached (first and last in a batch)."""
+        """Note how far the ledger's events and hold journal now go (this batch wrote them:
+        in a pipelined batch, their ids are known only now), and store the alerts whose
+        thresholds consumption has now reached (first and last in a batch)."""
+        self._last_event = max(self._last_event, tx.last_event_id)
+        self._last_journal = max(self._last_journal, tx.last_journal_id)
         if not self._dirty:
             return
         now = self._now()
@@ -330,6 +341,7 @@ class BudgetBook:
                     allowed, grant_id, amount = granted
                     hold_id = self._hold(tx, allowed, request_id, context, now)
                     approvals.attach_grant(tx, hold_id, grant_id, amount)
+                    self._opened.pop(hold_id, None)  # its closing gives back to the grant: asked of the ledger
                     return Authorization(allowed, hold_id, cost, request_id, grant_id=grant_id)
                 deciding = evaluation.deciding
                 request, _ = approvals.open_request(
@@ -364,8 +376,11 @@ class BudgetBook:
         # The time first: a new hold goes at the end of the ledger's holds, not somewhere within.
         hold_id = f"hold_{max(now, 0):011x}{unique_hex()}"
         lines = [(o.policy.id, o.cost) for o in evaluation.outcomes]
-        self._last_journal = tx.open_hold(hold_id, request_id, now, now + self.hold_ttl_ms,
-                                          json.dumps(dict(context)), lines)
+        tx.open_hold(hold_id, request_id, now, now + self.hold_ttl_ms, json.dumps(dict(context)), lines)
+        if len(self._opened) >= OPENED_KEPT:  # holds others closed (expired): the ledger is asked about all
+            self._opened.clear()
+        self._opened[hold_id] = lines
+        self._opened_now.add(hold_id)
         for policy_id, amount in lines:
             self._counters[policy_id].held += amount
         return hold_id
@@ -390,8 +405,9 @@ class BudgetBook:
                 raise HoldError(f"hold {hold_id} is already {state}")
         else:
             self._overshoots(tx, hold_id, event, closed.lines, actual, now)
-        if tx.appended_id == self._last_event + 1:  # nothing came between: fold the event from here
-            self._fold_event((tx.appended_id, event.ts_ms, event.workspace, event.team, event.principal,
+        appended = tx.appended_id
+        if appended == PENDING_ID or appended == self._last_event + 1:  # nothing came between: fold from here
+            self._fold_event((max(appended, 0), event.ts_ms, event.workspace, event.team, event.principal,
                               event.token_id, event.provider, event.model, event.session, event.agent,
                               event.input_tokens, event.output_tokens, event.cost_nanos or 0, event.status))
         else:
@@ -423,7 +439,10 @@ class BudgetBook:
                actual: dict[str, int] | None = None) -> ClosedHold | None:
         """Close the hold if it is open; give its grant back what the call did not use
         (``actual`` None: all of it, the call did not run)."""
-        closed = tx.close_hold(hold_id, state, now)
+        expected = self._opened.pop(hold_id, None)
+        if hold_id in self._opened_now:  # opened in this batch: its writes may not be sent yet
+            expected = None
+        closed = tx.close_hold(hold_id, state, now, expected)
         if closed is None:
             return None
         if closed.grant_id is not None:
@@ -432,8 +451,6 @@ class BudgetBook:
             counter = self._counters.get(policy_id)
             if counter is not None:
                 counter.held -= amount
-        if closed.lines:
-            self._last_journal = tx.last_journal_id
         return closed
 
     def snapshot(self, tx: LedgerTx) -> list[Outcome]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from engine.budgets import build_policy
-from engine.clock import DAY_MS
+from engine.clock import DAY_MS, FrozenClock
 from engine.engine import CallRequest, Engine
 from engine.ledger import LedgerTx
 from engine.models import UsageEvent
@@ -106,31 +106,56 @@ async def test_a_failing_operation_is_run_once(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("ledger_at", ["postgresql"], indirect=True)
-async def test_a_calls_writes_take_three_round_trips_on_postgresql(engine: Engine,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch of n holds sends n + 3 statements (BEGIN, the write lock, a hold per operation,
-    COMMIT; no savepoints when no operation fails), a batch of n settlements 2n + 3: three
-    round trips a call."""
-    from engine.ledger.pg.conn import PgConnection
+async def test_a_batch_of_calls_takes_the_same_round_trips_whatever_its_size_on_postgresql(engine: Engine) -> None:
+    """Pipelined (PgConnection.queue): a batch of n holds is four round trips to the server
+    (BEGIN, the write lock, the n holds together, COMMIT), a batch of n settlements five (their
+    events together, their holds' closings together), for n = 2, 8 or 32; and the ledger is
+    exact after it."""
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    await engine.settle((await engine.authorize(_call(999))).hold_id or "", _usage(999, 1))  # series, expiry: made
+    conn = engine.store._writer.conn
+    settled = 1
+    for n in (2, 8, 32):
+        calls = [_call(1000 * n + i) for i in range(n)]
+        before = conn.round_trips
+        holds = await asyncio.gather(*(engine.authorize(c) for c in calls))
+        assert all(h.allowed for h in holds) and conn.round_trips - before == 4
+        before = conn.round_trips
+        await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(1000 * n + i, 1_000))
+                               for i, h in enumerate(holds)))
+        assert conn.round_trips - before == 5
+        settled += 1_000 * n
+    assert await engine.open_holds() == 0 and await engine.event_count() == 43
+    status = {o.policy.id: o for o in await engine.policy_status()}
+    assert (status[policy.id].consumed, status[policy.id].held) == (settled, 0)
+    assert engine.budgets.held(policy.id) == 0
 
-    await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
-    await engine.settle((await engine.authorize(_call(99))).hold_id or "", _usage(99, 1))  # series, expiry: made
-    sent: list[str] = []
-    execute = PgConnection.execute
 
-    def counted(self: PgConnection, sql: str, parameters: Any = (), /) -> Any:
-        if self is engine.store._writer.conn:
-            sent.append(sql)
-        return execute(self, sql, parameters)
+@pytest.mark.parametrize("ledger_at", ["postgresql"], indirect=True)
+async def test_a_pipelined_batch_that_meets_the_unforeseen_is_run_again_exactly(engine: Engine,
+                                                                                 clock: FrozenClock) -> None:
+    """A batch sent ahead foretells its results: a settlement's event is new, a hold this
+    process opened is still open. Here one settlement's event is already in the ledger and
+    another process released one hold meanwhile: the batch is run again a statement at a time,
+    and each settlement meets its own outcome (a duplicate; a hold already released, refused
+    and its event undone with it), the others are settled, and what the budget book holds and has
+    consumed is what the ledger says."""
+    from engine.engine import Engine as Other
 
-    monkeypatch.setattr(PgConnection, "execute", counted)
-    n = 8
-    holds = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(n)))
-    assert len(sent) == n + 3, sent
-    sent.clear()
-    await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(i, 1_000)) for i, h in enumerate(holds)))
-    assert len(sent) == 2 * n + 3, sent
-    assert await engine.open_holds() == 0 and await engine.event_count() == n + 1
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    holds = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(6)))
+    await engine.record(_usage(2, 5_000))  # call 2's event, already recorded (a replay, say)
+    async with await Other.open(engine.location, clock=clock) as other:
+        await other.release(holds[4].hold_id or "")
+    results = await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(i, 1_000)) for i, h in enumerate(holds)),
+                                   return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["RecordResult"] * 4 + ["HoldError", "RecordResult"], results
+    assert [r.duplicate for r in results if not isinstance(r, BaseException)] == [False, False, True, False, False]
+    assert await engine.open_holds() == 0 and engine.budgets.held(policy.id) == 0
+    status = {o.policy.id: o for o in await engine.policy_status()}
+    assert status[policy.id].consumed == 4 * 1_000 + 5_000  # call 4's usage is not posted: its hold was released
+    journal = await engine.store.transact(lambda tx: tx.journal_since(0))
+    assert sum(row.delta for row in journal) == 0
 
 
 def _decision(request_id: str) -> Recorded:
@@ -145,12 +170,12 @@ async def test_a_routing_decision_is_written_with_its_operation_or_not_at_all(
     def routed(n: int, tx: LedgerTx) -> int:
         tx.routing.record([_decision(f"req-{n}")])
         if n in (0, 2):  # the second one fails in the database (hold_0 is taken): its transaction aborts
-            return tx.open_hold("hold_0", f"req-{n}", NOW_MS, NOW_MS + 60_000, "{}", [("pol_x", 5)])
+            tx.open_hold("hold_0", f"req-{n}", NOW_MS, NOW_MS + 60_000, "{}", [("pol_x", 5)])
         return n
 
     results = await asyncio.gather(*(engine.store.transact(lambda tx, n=n: routed(n, tx)) for n in range(3)),
                                    return_exceptions=True)
-    assert isinstance(results[0], int) and results[1] == 1 and isinstance(results[2], Exception), results
+    assert results[:2] == [0, 1] and isinstance(results[2], Exception), results
     kept = await engine.store.transact(lambda tx: tx.routing.newest(10))
     assert sorted(d.request_id for d in kept) == ["req-0", "req-1"]
     alone = await engine.store.transact(lambda tx: routed(1, tx))  # a batch of one: flushed before its commit

@@ -20,6 +20,7 @@ from engine.ledger.files import is_dsn, local_name, redacted, remove_ledger
 from engine.ledger.protocol import Ledger, Transaction
 from engine.ledger.repos import LedgerView
 from engine.ledger.results import (
+    PENDING_ID,
     TIMELINE_FIELDS,
     BreakdownRow,
     ClosedHold,
@@ -36,6 +37,7 @@ from engine.ledger.tx import LedgerTx
 
 __all__ = [
     "COPIED_TABLES",
+    "PENDING_ID",
     "SCHEMA_VERSION",
     "TIMELINE_FIELDS",
     "BreakdownRow",

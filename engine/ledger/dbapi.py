@@ -9,7 +9,7 @@ for both backends.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 
@@ -34,3 +34,15 @@ class Connection(Protocol):
 
     @property
     def in_transaction(self) -> bool: ...
+
+
+class Pipeline(Protocol):
+    """A connection that sends writes ahead (``engine.ledger.pg.conn.PgConnection.queue``)."""
+
+    def queue(self, sql: str, parameters: Sequence[Any], /, rows_each: int | None = None,
+              check: Callable[[list[tuple[Any, ...]]], None] | None = None) -> None: ...
+
+
+def pipeline(conn: Connection) -> Pipeline | None:
+    """``conn`` if it sends writes ahead now (PostgreSQL, in a pipelined batch), else None."""
+    return conn if getattr(conn, "pipelining", False) else None  # type: ignore[return-value]

@@ -22,6 +22,12 @@ class LedgerRefusing(StoreError):
     """The ledger refuses writes for now (``refusal`` says why); a later write may succeed."""
 
 
+class PipelineFailed(StoreError):
+    """A write sent ahead in a pipelined batch (PostgreSQL's ``PgConnection.queue``) failed, or
+    came back other than its operation took it to be: the writer undoes the batch and runs it
+    again a statement at a time, where each operation meets its own outcome."""
+
+
 #: The SQLite errors by which a ledger refuses a write for now, with what they mean.
 _REFUSALS: Final = {
     sqlite3.SQLITE_FULL: "the disk is full", sqlite3.SQLITE_IOERR: "an I/O error",

@@ -68,7 +68,12 @@ class Transaction(Protocol):
 
     @property
     def appended_id(self) -> int:
-        """The id of the event the last ``append`` of one new event wrote (0: none, or unknown)."""
+        """The id of the event the last ``append`` of one new event wrote (0: none, or unknown;
+        ``PENDING_ID``: sent ahead, so nothing came between; its id known at the batch's end)."""
+
+    @property
+    def last_event_id(self) -> int:
+        """The highest id of an event this transaction appended (0: none), once sent."""
 
     def probe_write(self) -> None:
         """A write that changes nothing: whether the ledger takes writes again."""
@@ -84,8 +89,9 @@ class Transaction(Protocol):
 
     # holds and their journal
     def open_hold(self, hold_id: str, request_id: str, now_ms: int, expires_ms: int, context: str,
-                  lines: Sequence[tuple[str, int]]) -> int: ...
-    def close_hold(self, hold_id: str, state: str, now_ms: int) -> ClosedHold | None: ...
+                  lines: Sequence[tuple[str, int]]) -> None: ...
+    def close_hold(self, hold_id: str, state: str, now_ms: int,
+                   expected: Sequence[tuple[str, int]] | None = None) -> ClosedHold | None: ...
     def hold_state(self, hold_id: str) -> str | None: ...
     def expired_holds(self, now_ms: int) -> list[str]: ...
     def held_totals(self) -> dict[str, int]: ...

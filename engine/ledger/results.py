@@ -13,6 +13,10 @@ from typing import Any, Final, Literal, NamedTuple
 TIMELINE_FIELDS: Final = ("requests", "errors", "input_tokens", "output_tokens", "cost_nanos")
 
 
+#: ``appended_id`` of an event sent ahead in a pipelined batch: its id is known once the batch's
+#: queued writes are sent; nothing else is written between it and the events before it.
+PENDING_ID: Final = -1
+
 
 @dataclass(slots=True, frozen=True)
 class ClosedHold:

@@ -105,8 +105,14 @@ class LedgerTx(LedgerView):
 
     @property
     def appended_id(self) -> int:
-        """The id of the event the last append() of one event wrote (0: none, or unknown)."""
+        """The id of the event the last append() of one event wrote (0: none, or unknown;
+        ``PENDING_ID``: sent ahead, its id known once the batch's queued writes are sent)."""
         return self._events.appended_id if self._events is not None else 0
+
+    @property
+    def last_event_id(self) -> int:
+        """The highest id of an event this transaction appended (0: none), once sent."""
+        return self._events.last_id if self._events is not None else 0
 
     def probe_write(self) -> None:
         """A real write that changes nothing, to learn whether the ledger takes writes again
@@ -139,11 +145,12 @@ class LedgerTx(LedgerView):
     # ---- holds
 
     def open_hold(self, hold_id: str, request_id: str, now_ms: int, expires_ms: int, context: str,
-                  lines: Sequence[tuple[str, int]]) -> int:
-        return self.holds.open(hold_id, request_id, now_ms, expires_ms, context, lines)
+                  lines: Sequence[tuple[str, int]]) -> None:
+        self.holds.open(hold_id, request_id, now_ms, expires_ms, context, lines)
 
-    def close_hold(self, hold_id: str, state: str, now_ms: int) -> ClosedHold | None:
-        return self.holds.close(hold_id, state, now_ms)
+    def close_hold(self, hold_id: str, state: str, now_ms: int,
+                   expected: Sequence[tuple[str, int]] | None = None) -> ClosedHold | None:
+        return self.holds.close(hold_id, state, now_ms, expected)
 
     def hold_state(self, hold_id: str) -> str | None:
         return self.holds.state(hold_id)

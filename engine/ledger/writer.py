@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from engine.ledger.dbapi import Connection
-from engine.ledger.errors import StoreError
+from engine.ledger.errors import PipelineFailed, StoreError
 from engine.ledger.repos import LedgerView
 from engine.ledger.repos.events import Events
 from engine.ledger.results import RecordResult
@@ -246,7 +246,10 @@ class GroupWriter:
             try:
                 return self._batch_sync(ops, sync, wait, savepoints=False)
             except _OpFailed as failure:
-                failed = failure
+                if not isinstance(failure.error, PipelineFailed):  # else no operation is to blame yet
+                    failed = failure
+            except PipelineFailed:  # a write sent ahead failed, or came back other than foretold
+                pass
         return self._batch_sync(ops, sync, wait, savepoints=True, failed=failed)
 
     def _batch_sync(self, ops: list[TxOp], sync: bool, wait: bool, *, savepoints: bool,
@@ -268,11 +271,16 @@ class GroupWriter:
             if len(ops) == 1:  # no savepoint: if it fails, the batch is undone whole (below), which is the same
                 results.append((True, ops[0](tx)))
             elif not savepoints:
-                for index, op in enumerate(ops):
-                    try:
-                        results.append((True, op(tx)))
-                    except Exception as exc:  # the batch is undone (below) and run again with savepoints
-                        raise _OpFailed(index, exc) from exc
+                self._pipeline(conn, True)
+                try:
+                    for index, op in enumerate(ops):
+                        try:
+                            results.append((True, op(tx)))
+                        except Exception as exc:  # the batch is undone (below) and run again with savepoints
+                            raise _OpFailed(index, exc) from exc
+                    self._send_ahead(conn)  # what was queued, before the end hooks read the ledger
+                finally:
+                    self._pipeline(conn, False)
             else:
                 released = True  # no savepoint is open
                 for index, op in enumerate(ops):
@@ -305,6 +313,13 @@ class GroupWriter:
         if deferred:
             self._deferred += 1
         return results
+
+    def _pipeline(self, conn: Connection, on: bool) -> None:
+        """Whether the operations now running may queue writes (``PgConnection.queue``): only a
+        database where each statement is a round trip does."""
+
+    def _send_ahead(self, conn: Connection) -> None:
+        """Send what the operations queued (raises ``PipelineFailed`` if it is not as foretold)."""
 
     def _savepoint(self, conn: Connection, released: bool) -> None:
         """Before each operation of a batch: release the previous one's savepoint (unless

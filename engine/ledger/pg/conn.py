@@ -13,6 +13,18 @@ Each statement is translated once (and remembered): ``?`` placeholders become ``
 Sums come back as integers (PostgreSQL sums bigints into numerics). A connection lost outside
 a transaction is made again on the next statement; lost inside one, the transaction fails
 (its operations are refused, never half-applied) and the next one connects again.
+
+**Pipelining** (``pipelining``, set by the writer for a batch of several operations): a write
+whose result its operation can foretell (a hold, a settlement's event, the closing of a hold
+this process opened) is queued (``queue``) with what it must return, and the queue goes out
+before the next statement that is not queued, or before the commit: the queued statements of
+one text in one round trip (asyncpg's ``fetchmany``: every execution bound, then one sync),
+texts in the order they were first queued. A batch of a dozen calls then costs six round trips,
+not forty. Writes of different texts may so run in another order than they were queued: the
+writes queued are ones no other queued write reads (new holds, new events, the closing of holds
+opened in an earlier batch; the rollups they add to only add). What comes back other than
+foretold, or an error, raises ``PipelineFailed``: the writer undoes the batch and runs it again
+without pipelining, each operation then meeting its own outcome.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from engine.ledger.errors import LedgerRefusing, StoreError, unreachable
+from engine.ledger.errors import LedgerRefusing, PipelineFailed, StoreError, in_one_line, unreachable
 
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
@@ -94,6 +106,16 @@ def translate(sql: str) -> Statement:
     return found
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A write sent ahead (``PgConnection.queue``)."""
+
+    statement: Statement
+    parameters: list[Any]
+    rows_each: int | None  # the rows it returns (None: not looked at)
+    check: Callable[[list[tuple[Any, ...]]], None] | None  # given them; raises PipelineFailed if not as foretold
+
+
 def _plain(value: Any) -> Any:
     if type(value) is Decimal and value == value.to_integral_value():
         return int(value)
@@ -132,6 +154,10 @@ class PgConnection:
         self._pg: asyncpg.Connection | None = None
         self._in_tx = False
         self._deferred: tuple[str, list[Any]] | None = None  # a write sent with the next statement (defer)
+        #: Queue writes whose results are foretold (see the module); the writer sets it for a batch.
+        self.pipelining = False
+        self._queue: list[_Queued] = []
+        self.round_trips = 0  # statements (or pipelined groups of them) sent to the server (tests, benchmarks)
         try:
             self._connect()
         except BaseException:  # no connection: the loop (and its self-pipe's sockets) go too
@@ -161,6 +187,7 @@ class PgConnection:
         cannot be reached for now (down, restarting, the connection lost) raises LedgerRefusing,
         which every caller takes as "try again later": a gateway answers 503, a settlement spills.
         A statement the role has no privilege for raises a StoreError that names the role."""
+        self.round_trips += 1
         try:
             return self._loop.run_until_complete(coro)
         except Exception as exc:
@@ -181,19 +208,61 @@ class PgConnection:
                           "grants it (the README's \"Who is acting\" lists the grants)")
 
     def defer(self, sql: str, parameters: Sequence[Any], /) -> None:
-        """A write whose result nobody reads (an INSERT ... VALUES): sent as a part of the next
-        statement that returns rows and is not one of the transaction's own (``WITH deferred AS
-        (...) ...``: one round trip for both), or alone by ``flush`` or any other statement.
-        The writer flushes at the end of each operation, so a failure is its operation's."""
+        """A write whose result nobody reads (an INSERT ... VALUES): queued when pipelining;
+        else sent as a part of the next statement that returns rows and is not one of the
+        transaction's own (``WITH deferred AS (...) ...``: one round trip for both), or alone
+        by ``flush`` or any other statement. The writer flushes at the end of each operation
+        that does not pipeline, so a failure is its operation's."""
+        if self.pipelining:
+            self.queue(sql, parameters)
+            return
         self.flush()
         self._deferred = (sql, list(parameters))
 
+    def queue(self, sql: str, parameters: Sequence[Any], /, rows_each: int | None = None,
+              check: Callable[[list[tuple[Any, ...]]], None] | None = None) -> None:
+        """Send a write ahead (``pipelining`` only): it goes out with the other queued writes
+        of its text before the next statement that is not queued. ``rows_each``: the rows it
+        returns; ``check(rows)``: given them, raises ``PipelineFailed`` unless they are what
+        its operation took them to be (and keeps what it needs of them)."""
+        if not self.pipelining:
+            raise RuntimeError("queue() outside a pipelined batch")
+        self._queue.append(_Queued(translate(sql), list(parameters), rows_each, check))
+
     def flush(self) -> None:
-        """Send the deferred write now, if there is one."""
+        """Send the deferred write and the queued ones now, if there are any."""
         if self._deferred is not None:
             sql, parameters = self._deferred
             self._deferred = None
             self.execute(sql, parameters)
+        if self._queue:
+            self._send_queue()
+
+    def _send_queue(self) -> None:
+        """The queued writes, one round trip for each text, each group's results checked."""
+        queue, self._queue = self._queue, []
+        groups: dict[str, list[_Queued]] = {}
+        for queued in queue:
+            groups.setdefault(queued.statement.sql, []).append(queued)
+        for sql, items in groups.items():
+            try:
+                records = self.run(self.raw.fetchmany(sql, [q.parameters for q in items]))
+            except LedgerRefusing:
+                raise
+            except Exception as exc:  # which operation's it was, the batch run again tells
+                raise PipelineFailed(f"a pipelined write failed: {in_one_line(exc)}") from exc
+            counts = [q.rows_each for q in items if q.rows_each is not None]
+            if len(counts) != len(items):  # some are not looked at
+                continue
+            rows = [tuple(r) for r in records]
+            if len(rows) != sum(counts):
+                raise PipelineFailed(f"pipelined writes returned {len(rows)} rows, not {sum(counts)}")
+            at = 0
+            for queued in items:
+                count = queued.rows_each or 0
+                if queued.check is not None:
+                    queued.check(rows[at:at + count])
+                at += count
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
         if self._deferred is not None:
@@ -209,6 +278,11 @@ class PgConnection:
             else:
                 self.flush()
         statement = translate(sql)
+        if self._queue:
+            if statement.ends and not statement.commits:
+                self._queue.clear()  # undone with what it would have written
+            else:
+                self._send_queue()
         if statement.ends:
             if self._pg is None or self._pg.is_closed():  # the transaction went with the connection
                 committing = self._in_tx and statement.commits

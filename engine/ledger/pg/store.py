@@ -102,6 +102,14 @@ class PgGroupWriter(GroupWriter):
         so that if that fails, it is the operation's failure."""
         return super()._ops_sync([partial(_flushed, op) for op in ops], sync, wait)
 
+    def _pipeline(self, conn: Connection, on: bool) -> None:
+        assert isinstance(conn, PgConnection)
+        conn.pipelining = on
+
+    def _send_ahead(self, conn: Connection) -> None:
+        assert isinstance(conn, PgConnection)
+        conn.flush()
+
     def _savepoint(self, conn: Connection, released: bool) -> None:
         conn.execute("SAVEPOINT op" if released else "RELEASE op; SAVEPOINT op")
 
@@ -126,7 +134,8 @@ class PgGroupWriter(GroupWriter):
 
 def _flushed(op: Any, tx: Any) -> Any:
     result = op(tx)
-    tx.conn.flush()
+    if not tx.conn.pipelining:  # a pipelined batch sends what it queued after its last operation
+        tx.conn.flush()
     return result
 
 

@@ -12,8 +12,9 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from engine.ledger.dbapi import Connection
-from engine.ledger.results import EventRow, MinuteSums, UsageSums
+from engine.ledger.dbapi import Connection, pipeline
+from engine.ledger.errors import PipelineFailed
+from engine.ledger.results import PENDING_ID, EventRow, MinuteSums, UsageSums
 from engine.ledger.rollups import (
     ROLLUP_STATEMENTS,
     SMALL_BATCH,
@@ -67,7 +68,7 @@ class Events:
     ids (committed ones only); ``fresh`` gathers the ids this transaction made, which the
     writer adds to the cache once it commits (a rolled-back id must not be reused)."""
 
-    __slots__ = ("appended_id", "conn", "fresh", "series")
+    __slots__ = ("appended_id", "conn", "fresh", "last_id", "series")
 
     def __init__(self, conn: Connection, series: dict[tuple[str, ...], int],
                  fresh: dict[tuple[str, ...], int]) -> None:
@@ -75,6 +76,7 @@ class Events:
         self.series = series
         self.fresh = fresh
         self.appended_id = 0  # the id of the event the last append() of one new event wrote (0: none)
+        self.last_id = 0  # the highest id of an event appended through this object (0: none)
 
     def append(self, events: list[UsageEvent], *, want_ids: bool = True) -> tuple[int, set[str] | None]:
         """Insert events and fold them into the rollups, inside the caller's transaction.
@@ -93,13 +95,22 @@ class Events:
             for k in missing:
                 fresh[k] = int(conn.execute(_FIND_SERIES, k).fetchone()[0])
         series_ids = [series.get(k) or fresh[k] for k in keys]
+        if (ahead := pipeline(conn)) is not None and (len(events) != 1 or events[0].ts_ms < 0):
+            # A settlement's is sent ahead, and the budget book folds it without its id: any
+            # other append in such a batch would come after events of unknown ids.
+            raise PipelineFailed("only a settlement's event is sent ahead")
         if len(events) == 1 and events[0].ts_ms >= 0 and getattr(conn, "dialect", "sqlite") == "postgresql":
-            # A settlement's event on PostgreSQL: inserted and folded in one round trip.
-            row = conn.execute(_PG_APPEND_ONE, (*_event_row(events[0], series_ids[0]),
-                                                *pg_fold_one_params(events[0], series_ids[0]))).fetchone()
+            # A settlement's event on PostgreSQL: inserted and folded in one round trip; in a
+            # pipelined batch sent ahead, taken to be new (a duplicate runs the batch again).
+            parameters = (*_event_row(events[0], series_ids[0]), *pg_fold_one_params(events[0], series_ids[0]))
+            if ahead is not None:
+                ahead.queue(_PG_APPEND_ONE, parameters, rows_each=1, check=self._appended)
+                self.appended_id = PENDING_ID
+                return 1, None
+            row = conn.execute(_PG_APPEND_ONE, parameters).fetchone()
             if row is None:
                 return 0, set() if want_ids else None
-            self.appended_id = int(row[0])
+            self.appended_id = self.last_id = int(row[0])
             return 1, None
         if len(events) == 1:  # a settlement's event: its id is known without asking
             cursor = conn.execute(_INSERT_EVENT, _event_row(events[0], series_ids[0]))
@@ -108,6 +119,7 @@ class Events:
             if not inserted:
                 return 0, set() if want_ids else None
             lo, hi = self.appended_id - 1, self.appended_id  # (lo, hi]: the new rows' ids
+            self.last_id = max(self.last_id, hi)
         else:
             # One writer at a time (SQLite's write lock, PostgreSQL's ledger lock): the new rows
             # are the ones past the last id before the insert. Not hi - inserted: PostgreSQL
@@ -118,6 +130,7 @@ class Events:
                                         (lo, lo)).fetchone()
             if not inserted:
                 return 0, set() if want_ids else None
+            self.last_id = max(self.last_id, int(hi))
         if inserted == len(events) <= SMALL_BATCH and all(e.ts_ms >= 0 for e in events):  # SQL's % truncates
             fold_small(conn, events, series_ids)
             return inserted, None
@@ -127,6 +140,10 @@ class Events:
             return inserted, None
         return inserted, {r[0] for r in conn.execute(
             "SELECT request_id FROM usage_events WHERE id > ? AND id <= ?", (lo, hi))}
+
+    def _appended(self, rows: list[tuple[object, ...]]) -> None:
+        """The id of an event a pipelined statement wrote."""
+        self.last_id = max(self.last_id, int(str(rows[0][0])))
 
     def max_id(self) -> int:
         return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()[0])
