@@ -256,8 +256,9 @@ STAT_FIELDS = ("batches", "ops", "record_batches", "events", "statements", "batc
 def _instrument(out: Path) -> None:
     """Count the gateway's ledger writes (in its own process): operation batches (each one
     transaction, one commit) and the operations in them, ``record()`` batches and their events,
-    the round trips to the server a batch makes (PostgreSQL: a statement, or the statements a pipelined batch sends ahead of one text) and the time
-    batches take on the writer's thread (on PostgreSQL: the write lock held, and waited for).
+    the round trips to the server a batch makes (on PostgreSQL: a statement each, or all the
+    statements of one text a pipelined batch sends ahead) and the time batches take on the
+    writer's thread (on PostgreSQL: the write lock held, and waited for).
     On SIGUSR1 the counts so far go to ``out`` (JSON, with a sequence number)."""
     import json
     import signal

@@ -392,11 +392,11 @@ class BudgetBook:
         Everything that can fail (the append, the close) comes before the counters in memory
         change: a failed operation is rolled back to its savepoint alone, and memory must not
         keep what the ledger does not."""
-        (result,) = tx.append([event])
         now = self._now()
         actual = {"usd": event.cost_nanos or 0, "tokens": event.input_tokens + event.output_tokens,
                   "requests": 0 if event.status == "blocked" else 1}
-        closed = self._close(tx, hold_id, "settled", now, actual)
+        result, closing = tx.settle_hold(event, hold_id, now, self._expected(hold_id))
+        closed = self._closed(tx, hold_id, closing, actual)
         if closed is None:
             state = tx.hold_state(hold_id)
             if state is None:
@@ -435,14 +435,20 @@ class BudgetBook:
             state = tx.hold_state(hold_id)
             raise HoldError(f"hold {hold_id} does not exist" if state is None else f"hold {hold_id} is already {state}")
 
-    def _close(self, tx: LedgerTx, hold_id: str, state: str, now: int,
-               actual: dict[str, int] | None = None) -> ClosedHold | None:
-        """Close the hold if it is open; give its grant back what the call did not use
-        (``actual`` None: all of it, the call did not run)."""
+    def _close(self, tx: LedgerTx, hold_id: str, state: str, now: int) -> ClosedHold | None:
+        """Close the hold if it is open, giving its grant back all it took (the call did not run)."""
+        return self._closed(tx, hold_id, tx.close_hold(hold_id, state, now, self._expected(hold_id)))
+
+    def _expected(self, hold_id: str) -> list[tuple[str, int]] | None:
+        """The lines of a hold this book opened (without a grant) in an earlier batch, which
+        it is closing now: what the ledger will find (``LedgerTx.close_hold``)."""
         expected = self._opened.pop(hold_id, None)
-        if hold_id in self._opened_now:  # opened in this batch: its writes may not be sent yet
-            expected = None
-        closed = tx.close_hold(hold_id, state, now, expected)
+        return None if hold_id in self._opened_now else expected  # this batch's: maybe not sent yet
+
+    def _closed(self, tx: LedgerTx, hold_id: str, closed: ClosedHold | None,
+                actual: dict[str, int] | None = None) -> ClosedHold | None:
+        """A hold just closed (None: it was not open): give its grant back what the call did
+        not use (``actual`` None: all of it) and take it off the counters."""
         if closed is None:
             return None
         if closed.grant_id is not None:

@@ -84,18 +84,24 @@ _UPSERT_ROLLUP: Final = {
 }
 
 
-def pg_append_one_sql(insert_event: str) -> str:
+def pg_append_one_parts(insert_event: str) -> list[str]:
     """PostgreSQL: ``insert_event`` (an INSERT ... ON CONFLICT DO NOTHING of one event) and its
-    fold into every rollup, in one statement (one round trip instead of four): each rollup's
-    upsert takes its row from the inserted event's, so a duplicate folds nothing. Parameters:
-    the event's, then ``pg_fold_one_params``. Returns the new event's id, or no row."""
+    fold into every rollup, as the parts of one statement's WITH (one round trip instead of
+    four): ``new_event`` (the new event's id, or no row), then each rollup's upsert, which
+    takes its row from the inserted event's, so a duplicate folds nothing. Parameters: the
+    event's, then ``pg_fold_one_params``."""
     columns = ", ".join(SUM_COLUMNS)
     values = ", ".join("?::bigint" for _ in range(2 + len(SUM_COLUMNS)))
     parts = [f"new_event AS ({insert_event} RETURNING id)"]
     parts += [f"fold_{name} AS (INSERT INTO rollup_{name} (bucket_ms, series_id, {columns}) SELECT {values} "
               f"FROM new_event ON CONFLICT (bucket_ms, series_id) DO UPDATE SET {_added(name)})"
               for name in ROLLUP_TABLES]
-    return "WITH " + ", ".join(parts) + " SELECT id FROM new_event"
+    return parts
+
+
+def pg_append_one_sql(insert_event: str) -> str:
+    """``pg_append_one_parts`` as a statement: returns the new event's id, or no row."""
+    return "WITH " + ", ".join(pg_append_one_parts(insert_event)) + " SELECT id FROM new_event"
 
 
 def pg_fold_one_params(e: UsageEvent, series_id: int) -> list[int]:

@@ -152,6 +152,17 @@ class LedgerTx(LedgerView):
                    expected: Sequence[tuple[str, int]] | None = None) -> ClosedHold | None:
         return self.holds.close(hold_id, state, now_ms, expected)
 
+    def settle_hold(self, event: UsageEvent, hold_id: str, now_ms: int,
+                    expected: Sequence[tuple[str, int]] | None = None) -> tuple[RecordResult, ClosedHold | None]:
+        """A call's event appended and its hold closed as settled (``close_hold``): on
+        PostgreSQL in one statement."""
+        if not self.events.settles_in_one(event):
+            (result,) = self.append([event])
+            return result, self.close_hold(hold_id, "settled", now_ms, expected)
+        new, closed = self.events.append_closing(event, self.holds, hold_id, "settled", now_ms,
+                                                 None if expected is None else list(expected))
+        return RecordResult(event.request_id, not new, event.cost_nanos or 0, event.cost_source), closed
+
     def hold_state(self, hold_id: str) -> str | None:
         return self.holds.state(hold_id)
 

@@ -14,13 +14,15 @@ from typing import Any, Final
 
 from engine.ledger.dbapi import Connection, pipeline
 from engine.ledger.errors import PipelineFailed
-from engine.ledger.results import PENDING_ID, EventRow, MinuteSums, UsageSums
+from engine.ledger.repos.holds import PG_CLOSE_PARTS, PG_CLOSED, Holds, pg_close_params
+from engine.ledger.results import PENDING_ID, ClosedHold, EventRow, MinuteSums, UsageSums
 from engine.ledger.rollups import (
     ROLLUP_STATEMENTS,
     SMALL_BATCH,
     count_sql,
     filter_sql,
     fold_small,
+    pg_append_one_parts,
     pg_append_one_sql,
     pg_fold_one_params,
     segments_sql,
@@ -59,6 +61,11 @@ _INSERT_SERIES: Final = (
     f"ON CONFLICT ({DIMS_SQL}) DO NOTHING"
 )
 _PG_APPEND_ONE: Final = pg_append_one_sql(_INSERT_EVENT)
+#: A settlement on PostgreSQL: its event appended and folded, and its hold closed, in one
+#: statement; always one row: the new event's id (NULL: a duplicate), then ``PG_CLOSED``
+#: (NULLs: the hold was not open).
+_PG_SETTLE: Final = (f"WITH {', '.join([*pg_append_one_parts(_INSERT_EVENT), *PG_CLOSE_PARTS])} "
+                     f"SELECT (SELECT id FROM new_event), {PG_CLOSED} FROM (SELECT 1) AS one LEFT JOIN closed ON true")
 _UNBLOCKED: Final = count_sql("e.status != 'blocked'")
 _FIND_SERIES: Final = "SELECT id FROM series WHERE " + " AND ".join(f"{d} = ?" for d in ROLLUP_DIMENSIONS)
 
@@ -87,26 +94,14 @@ class Events:
         conn = self.conn
         self.appended_id = 0
         _check_costs(events)
-        keys = [_series_key(e) for e in events]
-        series, fresh = self.series, self.fresh
-        missing = set(keys).difference(series).difference(fresh)
-        if missing:
-            conn.executemany(_INSERT_SERIES, sorted(missing))
-            for k in missing:
-                fresh[k] = int(conn.execute(_FIND_SERIES, k).fetchone()[0])
-        series_ids = [series.get(k) or fresh[k] for k in keys]
-        if (ahead := pipeline(conn)) is not None and (len(events) != 1 or events[0].ts_ms < 0):
-            # A settlement's is sent ahead, and the budget book folds it without its id: any
-            # other append in such a batch would come after events of unknown ids.
+        series_ids = self._series_ids(events)
+        if pipeline(conn) is not None:
+            # A settlement's event is sent ahead (``append_closing``), and the budget book folds
+            # it without its id: any other append in such a batch would follow events of ids unknown.
             raise PipelineFailed("only a settlement's event is sent ahead")
         if len(events) == 1 and events[0].ts_ms >= 0 and getattr(conn, "dialect", "sqlite") == "postgresql":
-            # A settlement's event on PostgreSQL: inserted and folded in one round trip; in a
-            # pipelined batch sent ahead, taken to be new (a duplicate runs the batch again).
+            # One event on PostgreSQL: inserted and folded in one round trip.
             parameters = (*_event_row(events[0], series_ids[0]), *pg_fold_one_params(events[0], series_ids[0]))
-            if ahead is not None:
-                ahead.queue(_PG_APPEND_ONE, parameters, rows_each=1, check=self._appended)
-                self.appended_id = PENDING_ID
-                return 1, None
             row = conn.execute(_PG_APPEND_ONE, parameters).fetchone()
             if row is None:
                 return 0, set() if want_ids else None
@@ -140,6 +135,49 @@ class Events:
             return inserted, None
         return inserted, {r[0] for r in conn.execute(
             "SELECT request_id FROM usage_events WHERE id > ? AND id <= ?", (lo, hi))}
+
+    def _series_ids(self, events: list[UsageEvent]) -> list[int]:
+        """The series id of each event, the ones not seen yet made."""
+        keys = [_series_key(e) for e in events]
+        series, fresh = self.series, self.fresh
+        missing = set(keys).difference(series).difference(fresh)
+        if missing:
+            self.conn.executemany(_INSERT_SERIES, sorted(missing))
+            for k in missing:
+                fresh[k] = int(self.conn.execute(_FIND_SERIES, k).fetchone()[0])
+        return [series.get(k) or fresh[k] for k in keys]
+
+    def settles_in_one(self, event: UsageEvent) -> bool:
+        """``append_closing`` takes this event (PostgreSQL, and a time its rollups' SQL folds)."""
+        return event.ts_ms >= 0 and getattr(self.conn, "dialect", "sqlite") == "postgresql"
+
+    def append_closing(self, event: UsageEvent, holds: Holds, hold_id: str, state: str, now_ms: int,
+                       expected: list[tuple[str, int]] | None) -> tuple[bool, ClosedHold | None]:
+        """PostgreSQL (``settles_in_one``): append a call's event and close its hold in one
+        statement; (whether the event was new, what the closing gave back: None if the hold was
+        not open). ``expected``: as ``Holds.close``'s; in a pipelined batch the statement is
+        then sent ahead, the event taken to be new and the hold as opened."""
+        _check_costs([event])
+        (series_id,) = self._series_ids([event])
+        parameters = (*_event_row(event, series_id), *pg_fold_one_params(event, series_id),
+                      *pg_close_params(hold_id, state, now_ms))
+        if expected is not None and (ahead := pipeline(self.conn)) is not None:
+            lines = [(str(p), int(a)) for p, a in expected]
+
+            def check(rows: list[tuple[object, ...]]) -> None:
+                (row,) = rows
+                if row[0] is None:
+                    raise PipelineFailed(f"the event of {event.request_id} was in the ledger already")
+                self._appended(rows)
+                holds.check_closed(hold_id, lines, row[1:])
+
+            ahead.queue(_PG_SETTLE, parameters, rows_each=1, check=check)
+            self.appended_id = PENDING_ID
+            return True, ClosedHold(lines, None, 0)
+        row = self.conn.execute(_PG_SETTLE, parameters).fetchone()
+        self.appended_id = 0 if row[0] is None else int(row[0])
+        self.last_id = max(self.last_id, self.appended_id)
+        return row[0] is not None, holds.closed(row[1:])
 
     def _appended(self, rows: list[tuple[object, ...]]) -> None:
         """The id of an event a pipelined statement wrote."""

@@ -19,15 +19,22 @@ _INSERT_HOLD: Final = ("INSERT INTO holds (id, request_id, created_ms, expires_m
                        "VALUES (?, ?, ?, ?, 'held', ?, ?)")
 #: PostgreSQL, where each statement is a round trip to the server: a hold closed and its
 #: journal rows written in one statement (the journal's rows made from the hold's own lines).
-_PG_CLOSE: Final = (
-    "WITH closed AS (UPDATE holds SET state = ?, closed_ms = ? WHERE id = ? AND state = 'held' "
-    "RETURNING lines, grant_id, grant_amount), "
+#: Its WITH parts (``closed``, ``journal``); parameters: ``pg_close_params``.
+PG_CLOSE_PARTS: Final = (
+    "closed AS (UPDATE holds SET state = ?, closed_ms = ? WHERE id = ? AND state = 'held' "
+    "RETURNING lines, grant_id, grant_amount)",
     "journal AS (INSERT INTO hold_journal (ts_ms, hold_id, policy_id, delta, reason) "
     "SELECT ?::bigint, ?::text, line.value ->> 0, -((line.value ->> 1)::bigint), ?::text "
     "FROM closed, json_array_elements(closed.lines::json) WITH ORDINALITY AS line (value, n) ORDER BY line.n "
-    "RETURNING id) "
-    "SELECT closed.lines, closed.grant_id, closed.grant_amount, (SELECT max(id) FROM journal) FROM closed"
+    "RETURNING id)",
 )
+#: What the closing gives back (no row: the hold was not open).
+PG_CLOSED: Final = "closed.lines, closed.grant_id, closed.grant_amount, (SELECT max(id) FROM journal)"
+_PG_CLOSE: Final = f"WITH {', '.join(PG_CLOSE_PARTS)} SELECT {PG_CLOSED} FROM closed"
+
+
+def pg_close_params(hold_id: str, state: str, now_ms: int) -> tuple[str, int, str, int, str, str]:
+    return (state, now_ms, hold_id, now_ms, hold_id, state)
 
 
 class Holds:
@@ -89,25 +96,13 @@ class Holds:
         without a grant. In a pipelined batch the closing is then sent ahead and those lines
         returned at once; if the hold turns out otherwise, the batch is run again."""
         if self._postgresql:
-            parameters = (state, now_ms, hold_id, now_ms, hold_id, state)
+            parameters = pg_close_params(hold_id, state, now_ms)
             if expected is not None and (ahead := pipeline(self.conn)) is not None:
                 lines = [(str(p), int(a)) for p, a in expected]
-
-                def check(rows: list[tuple[object, ...]]) -> None:
-                    (row,) = rows
-                    if row[1] is not None or [(str(p), int(a)) for p, a in json.loads(str(row[0]))] != lines:
-                        raise PipelineFailed(f"hold {hold_id} was not as this process opened it")
-                    if row[3] is not None:
-                        self._journaled([(int(str(row[3])),)])
-
-                ahead.queue(_PG_CLOSE, parameters, rows_each=1, check=check)
+                ahead.queue(_PG_CLOSE, parameters, rows_each=1,
+                            check=lambda rows: self.check_closed(hold_id, lines, rows[0]))
                 return ClosedHold(lines, None, 0)
-            found = self.conn.execute(_PG_CLOSE, parameters).fetchone()
-            if found is None:
-                return None
-            if found[3] is not None:
-                self.last_journal_id = int(found[3])
-            return ClosedHold([(str(p), int(a)) for p, a in json.loads(found[0])], found[1], int(found[2]))
+            return self.closed(self.conn.execute(_PG_CLOSE, parameters).fetchone())
         if not self.conn.execute("UPDATE holds SET state = ?, closed_ms = ? WHERE id = ? AND state = 'held'",
                                  (state, now_ms, hold_id)).rowcount:
             return None
@@ -115,6 +110,24 @@ class Holds:
         lines = [(str(p), int(a)) for p, a in json.loads(row[0])]
         self._journal([(now_ms, hold_id, p, -a, state) for p, a in lines])
         return ClosedHold(lines, row[1], int(row[2]))
+
+    def closed(self, row: Sequence[object] | None) -> ClosedHold | None:
+        """PostgreSQL: what the closing returned (``PG_CLOSED``; None or a row of NULLs: the
+        hold was not open)."""
+        if row is None or row[0] is None:
+            return None
+        if row[3] is not None:
+            self.last_journal_id = int(str(row[3]))
+        return ClosedHold([(str(p), int(a)) for p, a in json.loads(str(row[0]))],
+                          None if row[1] is None else str(row[1]), int(str(row[2])))
+
+    def check_closed(self, hold_id: str, lines: list[tuple[str, int]], row: Sequence[object]) -> None:
+        """A closing sent ahead returned ``row`` (``PG_CLOSED``): the hold as it was opened with
+        ``lines``, and no grant, or ``PipelineFailed``."""
+        if row[0] is None or row[1] is not None or [(str(p), int(a)) for p, a in json.loads(str(row[0]))] != lines:
+            raise PipelineFailed(f"hold {hold_id} was not as this process opened it")
+        if row[3] is not None:
+            self._journaled([(int(str(row[3])),)])
 
     def state(self, hold_id: str) -> str | None:
         row = self.conn.execute("SELECT state FROM holds WHERE id = ?", (hold_id,)).fetchone()
