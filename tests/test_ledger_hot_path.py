@@ -201,3 +201,13 @@ async def test_a_routing_decision_is_written_with_its_operation_or_not_at_all(
                                                          [("pol_x", 5)])))
     assert len(sent) == plain, sent  # the decision went with the hold
     assert "req-b" in {d.request_id for d in await engine.store.transact(lambda tx: tx.routing.newest(10))}
+    # In a pipelined batch (several operations) too: five routed holds are four round trips.
+    conn = engine.store._writer.conn
+    before = conn.round_trips
+    await asyncio.gather(*(engine.store.transact(
+        lambda tx, n=n: (tx.routing.record([_decision(f"req-c{n}")]),
+                         tx.open_hold(f"hold_c{n}", f"req-c{n}", NOW_MS, NOW_MS + 60_000, "{}", [("pol_x", 5)])))
+        for n in range(5)))
+    assert conn.round_trips - before == 4
+    kept = {d.request_id for d in await engine.store.transact(lambda tx: tx.routing.newest(20))}
+    assert {f"req-c{n}" for n in range(5)} <= kept

@@ -208,16 +208,42 @@ class PgConnection:
                           "grants it (the README's \"Who is acting\" lists the grants)")
 
     def defer(self, sql: str, parameters: Sequence[Any], /) -> None:
-        """A write whose result nobody reads (an INSERT ... VALUES): queued when pipelining;
-        else sent as a part of the next statement that returns rows and is not one of the
-        transaction's own (``WITH deferred AS (...) ...``: one round trip for both), or alone
-        by ``flush`` or any other statement. The writer flushes at the end of each operation
-        that does not pipeline, so a failure is its operation's."""
-        if self.pipelining:
-            self.queue(sql, parameters)
-            return
-        self.flush()
+        """A write whose result nobody reads (an INSERT ... VALUES): sent as a part of the next
+        statement of its operation that returns rows and is not one of the transaction's own
+        (``WITH deferred AS (...) ...``: one round trip for both), queued with it when that one
+        is queued; else alone, by any other statement or at the end of its operation
+        (``end_operation``), so a failure is its operation's."""
+        self._release_deferred()
         self._deferred = (sql, list(parameters))
+
+    def _release_deferred(self) -> None:
+        """The deferred write goes alone: queued when pipelining, else sent now."""
+        if self._deferred is not None:
+            sql, parameters = self._deferred
+            self._deferred = None
+            if self.pipelining:
+                self._queue.append(_Queued(translate(sql), parameters, None, None))
+            else:
+                self.execute(sql, parameters)
+
+    def _ride(self, sql: str, parameters: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+        """``sql`` with the deferred write as a part of it, if it can take one (WITH, SELECT)."""
+        if self._deferred is not None:
+            head = sql.lstrip()[:7].upper()
+            if head.startswith("WITH ") or head.startswith("SELECT "):
+                deferred, earlier = self._deferred
+                self._deferred = None
+                sql = (f"WITH deferred AS ({deferred}), {sql.lstrip()[5:]}" if head.startswith("WITH ")
+                       else f"WITH deferred AS ({deferred}) {sql}")
+                return sql, [*earlier, *parameters]
+        return sql, parameters
+
+    def end_operation(self) -> None:
+        """An operation of the batch is done: its deferred write goes now (queued when pipelining)."""
+        if self.pipelining:
+            self._release_deferred()
+        else:
+            self.flush()
 
     def queue(self, sql: str, parameters: Sequence[Any], /, rows_each: int | None = None,
               check: Callable[[list[tuple[Any, ...]]], None] | None = None) -> None:
@@ -227,14 +253,12 @@ class PgConnection:
         its operation took them to be (and keeps what it needs of them)."""
         if not self.pipelining:
             raise RuntimeError("queue() outside a pipelined batch")
+        sql, parameters = self._ride(sql, parameters)
         self._queue.append(_Queued(translate(sql), list(parameters), rows_each, check))
 
     def flush(self) -> None:
         """Send the deferred write and the queued ones now, if there are any."""
-        if self._deferred is not None:
-            sql, parameters = self._deferred
-            self._deferred = None
-            self.execute(sql, parameters)
+        self._release_deferred()
         if self._queue:
             self._send_queue()
 
@@ -266,17 +290,12 @@ class PgConnection:
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
         if self._deferred is not None:
-            head = sql.lstrip()[:7].upper()
-            if head.startswith("WITH ") or head.startswith("SELECT "):
-                deferred, earlier = self._deferred
-                self._deferred = None
-                sql = (f"WITH deferred AS ({deferred}), {sql.lstrip()[5:]}" if head.startswith("WITH ")
-                       else f"WITH deferred AS ({deferred}) {sql}")
-                parameters = [*earlier, *parameters]
-            elif head.startswith("ROLLBAC"):  # undone with what it undoes (no need to send it)
-                self._deferred = None
-            else:
-                self.flush()
+            sql, parameters = self._ride(sql, parameters)
+            if self._deferred is not None:
+                if sql.lstrip()[:8].upper() == "ROLLBACK":  # undone with what it undoes (no need to send it)
+                    self._deferred = None
+                else:
+                    self._release_deferred()
         statement = translate(sql)
         if self._queue:
             if statement.ends and not statement.commits:

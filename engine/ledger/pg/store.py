@@ -98,8 +98,8 @@ class PgGroupWriter(GroupWriter):
     # (one simple query), and none after the last (the COMMIT releases it).
 
     def _ops_sync(self, ops: list[Any], sync: bool = True, wait: bool = True) -> list[tuple[bool, Any]]:
-        """As GroupWriter's, each operation ending with its deferred write sent (``PgConnection.defer``),
-        so that if that fails, it is the operation's failure."""
+        """As GroupWriter's, each operation ending with its deferred write sent, or queued
+        (``PgConnection.end_operation``), so that if that fails, it is the operation's failure."""
         return super()._ops_sync([partial(_flushed, op) for op in ops], sync, wait)
 
     def _pipeline(self, conn: Connection, on: bool) -> None:
@@ -134,8 +134,7 @@ class PgGroupWriter(GroupWriter):
 
 def _flushed(op: Any, tx: Any) -> Any:
     result = op(tx)
-    if not tx.conn.pipelining:  # a pipelined batch sends what it queued after its last operation
-        tx.conn.flush()
+    tx.conn.end_operation()
     return result
 
 
