@@ -1,0 +1,55 @@
+"""A second look at the pipelined batch on PostgreSQL (PgConnection.queue): the budget book's
+counters and watermarks stay exact whatever a batch mixes, on both ledgers (conftest's
+``engine`` runs each test on SQLite too, where nothing is pipelined and the same must hold)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.budgets import build_policy
+from engine.clock import FrozenClock
+from engine.engine import CallRequest, Engine
+from engine.models import UsageEvent
+from tests.conftest import NOW_MS
+
+TS = NOW_MS + 125_000
+
+
+def _call(n: int) -> CallRequest:
+    return CallRequest(principal="alice", team="ml", model="gpt-4o-mini", input_tokens=100, max_tokens=100,
+                       request_id=f"req-{n}")
+
+
+def _usage(n: int, cost: int) -> UsageEvent:
+    return UsageEvent(ts_ms=TS, request_id=f"req-{n}", provider="openai", model="gpt-4o-mini", team="ml",
+                      principal="alice", input_tokens=100, output_tokens=10, cost_nanos=cost,
+                      cost_source="provider")
+
+
+async def _consumed(engine: Engine, policy_id: str) -> tuple[int, int]:
+    status = {o.policy.id: o for o in await engine.policy_status()}
+    return status[policy_id].consumed, status[policy_id].held
+
+
+async def test_a_settlement_sent_ahead_then_one_that_is_not_fold_each_event_once(engine: Engine,
+                                                                                  clock: FrozenClock) -> None:
+    """One batch: first settlements of holds this process opened (sent ahead, their events
+    folded before their ids are known), then one of a hold another process opened (not sent
+    ahead: its statement sends the queue first, and its event's id is past theirs). Each
+    event is folded once: the book's consumption is the ledger's, now and in the next batch."""
+    from engine.engine import Engine as Other
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    ours = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(3)))
+    async with await Other.open(engine.location, clock=clock) as other:
+        theirs = await other.authorize(_call(3))
+        assert theirs.hold_id
+    results = await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(i, 1_000 * (i + 1)))
+                                     for i, h in enumerate([*ours, theirs])))
+    assert not any(r.duplicate for r in results)
+    assert await engine.open_holds() == 0
+    assert await _consumed(engine, policy.id) == (10_000, 0)
+    async with await Other.open(engine.location, clock=clock) as fresh:  # the ledger, read anew
+        assert await _consumed(fresh, policy.id) == (10_000, 0)
+    await engine.settle((await engine.authorize(_call(9))).hold_id or "", _usage(9, 5))  # a later batch
+    assert await _consumed(engine, policy.id) == (10_005, 0)
