@@ -53,3 +53,32 @@ async def test_a_settlement_sent_ahead_then_one_that_is_not_fold_each_event_once
         assert await _consumed(fresh, policy.id) == (10_000, 0)
     await engine.settle((await engine.authorize(_call(9))).hold_id or "", _usage(9, 5))  # a later batch
     assert await _consumed(engine, policy.id) == (10_005, 0)
+
+
+async def test_a_settlement_of_an_expired_hold_after_ones_sent_ahead_folds_each_event_once(
+        engine: Engine, clock: FrozenClock) -> None:
+    """One process alone: a hold it expired is settled late (its closing not foretold), in the
+    batch of settlements it sends ahead, after them, and an event already recorded is settled
+    again after them too (a duplicate, not sent ahead either: another process opened its hold).
+    The book's consumption stays the ledger's."""
+    from engine.engine import Engine as Other
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    engine.budgets.hold_ttl_ms = 60_000
+    late = await engine.authorize(_call(0))
+    engine.budgets.hold_ttl_ms = 3_600_000
+    clock.advance(61_000)
+    await engine.expire_holds()
+    ours = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(1, 4)))
+    await engine.record(_usage(5, 700))
+    async with await Other.open(engine.location, clock=clock) as other:
+        theirs = await other.authorize(_call(5))
+    settled = await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(i, 1_000 * (i + 1)))
+                                     for i, h in enumerate([late, *ours])),
+                                   engine.settle(theirs.hold_id or "", _usage(5, 700)))
+    assert [r.duplicate for r in settled] == [False] * 4 + [True]
+    assert await engine.open_holds() == 0
+    expected = 1_000 * (1 + 2 + 3 + 4) + 700
+    assert await _consumed(engine, policy.id) == (expected, 0)
+    async with await Other.open(engine.location, clock=clock) as fresh:
+        assert await _consumed(fresh, policy.id) == (expected, 0)
