@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from engine.budgets import build_policy
 from engine.clock import FrozenClock
 from engine.engine import CallRequest, Engine
@@ -24,6 +26,15 @@ def _usage(n: int, cost: int) -> UsageEvent:
     return UsageEvent(ts_ms=TS, request_id=f"req-{n}", provider="openai", model="gpt-4o-mini", team="ml",
                       principal="alice", input_tokens=100, output_tokens=10, cost_nanos=cost,
                       cost_source="provider")
+
+
+async def _writable(engine: Engine) -> None:
+    """Until the engine, refused a write, has found the ledger writable again (its retry)."""
+    for _ in range(200):
+        if engine.refusing is None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still refusing: {engine.refusing}")
 
 
 async def _consumed(engine: Engine, policy_id: str) -> tuple[int, int]:
@@ -82,3 +93,46 @@ async def test_a_settlement_of_an_expired_hold_after_ones_sent_ahead_folds_each_
     assert await _consumed(engine, policy.id) == (expected, 0)
     async with await Other.open(engine.location, clock=clock) as fresh:
         assert await _consumed(fresh, policy.id) == (expected, 0)
+
+
+@pytest.mark.parametrize("ledger_at", ["postgresql"], indirect=True)
+async def test_a_connection_lost_as_a_pipelined_batch_goes_out_refuses_it_whole(
+        engine: Engine, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str) -> None:
+    """The server drops the connection just as a batch's queued writes go out (holds, then
+    settlements): every operation of the batch is refused (LedgerRefusing, never
+    PipelineFailed), nothing of it is in the ledger or in the book, and the next batch, on a new
+    connection, is exact."""
+    from engine.engine import Engine as Other
+    from engine.ledger import LedgerRefusing
+    from engine.ledger.pg.conn import PgConnection
+    from tests.test_postgres_connection import _terminate
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    send = PgConnection._send_queue
+    lost: list[int] = []
+
+    def dropped(self: PgConnection) -> None:
+        if not lost:
+            lost.append(self.raw.get_server_pid())
+            _terminate(postgres_dsn, lost[0])
+        send(self)
+
+    monkeypatch.setattr(PgConnection, "_send_queue", dropped)
+    refused = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(4)), return_exceptions=True)
+    assert lost and all(isinstance(r, LedgerRefusing) for r in refused), refused
+    assert await engine.open_holds() == 0
+    await _writable(engine)
+    holds = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(4)))
+    lost.clear()
+    refused = await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(i, 1_000)) for i, h in enumerate(holds)),
+                                   return_exceptions=True)
+    assert lost and all(isinstance(r, LedgerRefusing) for r in refused), refused
+    assert await engine.event_count() == 0 and await engine.open_holds() == 4
+    worst = holds[0].cost.usd
+    assert await _consumed(engine, policy.id) == (0, 4 * worst)
+    await _writable(engine)
+    results = await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(i, 1_000)) for i, h in enumerate(holds)))
+    assert not any(r.duplicate for r in results)
+    assert await engine.open_holds() == 0 and await _consumed(engine, policy.id) == (4_000, 0)
+    async with await Other.open(engine.location, clock=clock) as fresh:
+        assert await _consumed(fresh, policy.id) == (4_000, 0)
