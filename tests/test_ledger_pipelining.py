@@ -136,3 +136,32 @@ async def test_a_connection_lost_as_a_pipelined_batch_goes_out_refuses_it_whole(
     assert await engine.open_holds() == 0 and await _consumed(engine, policy.id) == (4_000, 0)
     async with await Other.open(engine.location, clock=clock) as fresh:
         assert await _consumed(fresh, policy.id) == (4_000, 0)
+
+
+@pytest.mark.parametrize("ledger_at", ["postgresql"], indirect=True)
+async def test_routing_decisions_carried_by_an_operation_the_pipeline_fails_in_are_written_once(
+        engine: Engine) -> None:
+    """Routing decisions carried by an operation (``CatalogService.carry``) are put back for a
+    later one if the operation fails. In a pipelined batch an operation can fail only because
+    another's write sent ahead came back unforeseen (PipelineFailed, raised where the queue goes
+    out): then every operation is run again, the carrier too, and its decisions are written by
+    it. They must not be written a second time by the later operation they were put back for."""
+    from engine.routing import Recorded
+
+    await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    hold = await engine.authorize(_call(0))
+    await engine.record(_usage(0, 1_000))  # the settlement's event is in the ledger already: not as foretold
+    catalog = engine.services.catalog
+    decisions = [Recorded(NOW_MS, f"routed-{n}", "alice", "suggest", "gpt-4o", "gpt-4o-mini", "gpt-4o", 0.5,
+                          100, 10, "cheaper") for n in range(2)]
+
+    async def carrier() -> None:
+        catalog._decision_rows = list(decisions)  # two rows: written at once, which sends the queue first
+        await engine.core.tx(lambda tx: None, sync=False)
+
+    settled, _ = await asyncio.gather(engine.settle(hold.hold_id or "", _usage(0, 1_000)), carrier())
+    assert settled.duplicate
+    await asyncio.sleep(0.2)  # a put-back decision's own write (DECISION_WAIT_S)
+    await catalog._decisions_written()
+    kept = [d.request_id for d in await engine.store.transact(lambda tx: tx.routing.newest(20))]
+    assert sorted(kept) == ["routed-0", "routed-1"], kept
