@@ -165,3 +165,50 @@ async def test_routing_decisions_carried_by_an_operation_the_pipeline_fails_in_a
     await catalog._decisions_written()
     kept = [d.request_id for d in await engine.store.transact(lambda tx: tx.routing.newest(20))]
     assert sorted(kept) == ["routed-0", "routed-1"], kept
+
+
+async def test_two_processes_mixing_holds_settlements_releases_and_expiries_keep_exact_books(
+        engine: Engine, clock: FrozenClock) -> None:
+    """Two processes on one ledger, each batch mixing holds, settlements of its own holds and
+    of the other's, releases, a duplicate and an expiry: after every round each book's
+    consumption and holds are what a book read anew from the ledger says. (The duplicate is
+    in the other process's batch: one not as foretold runs the batch again unpipelined.)"""
+    from engine.engine import Engine as Other
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="100"))
+    async with await Other.open(engine.location, clock=clock) as other, \
+            await Other.open(engine.location, clock=clock) as reader:
+        async def exact() -> None:
+            reader.budgets.forget()  # read anew, from the ledger alone
+            truth = await _consumed(reader, policy.id)
+            assert await _consumed(engine, policy.id) == truth
+            assert await _consumed(other, policy.id) == truth
+
+        a = list(await asyncio.gather(*(engine.authorize(_call(i)) for i in range(6))))
+        b = list(await asyncio.gather(*(other.authorize(_call(10 + i)) for i in range(6))))
+        await exact()
+        for round_ in range(3):
+            base = 100 * (round_ + 1)
+            await engine.record(_usage(base + 99, 7))  # a later settlement of this request is a duplicate
+            done = await asyncio.gather(
+                engine.authorize(_call(base)),
+                engine.settle(a[0].hold_id or "", _usage(base + 1, 1_000)),
+                engine.settle(b[0].hold_id or "", _usage(base + 2, 2_000)),
+                engine.release(a[1].hold_id or ""),
+                engine.settle(a[2].hold_id or "", _usage(base + 7, 5_000)),
+                engine.authorize(_call(base + 3)),
+                return_exceptions=True)
+            assert not any(isinstance(r, BaseException) for r in done), done
+            done = await asyncio.gather(
+                other.settle(b[3].hold_id or "", _usage(base + 99, 7)),
+                other.settle(a[3].hold_id or "", _usage(base + 4, 3_000)),
+                other.authorize(_call(base + 5)),
+                other.settle(b[1].hold_id or "", _usage(base + 6, 4_000)),
+                other.release(b[2].hold_id or ""),
+                return_exceptions=True)
+            assert not any(isinstance(r, BaseException) for r in done), done
+            await exact()
+            clock.advance(engine.budgets.hold_ttl_ms + 1)  # what is left open expires, in the next batch
+            a = list(await asyncio.gather(*(engine.authorize(_call(base + 20 + i)) for i in range(6))))
+            b = list(await asyncio.gather(*(other.authorize(_call(base + 30 + i)) for i in range(6))))
+            await exact()
