@@ -212,3 +212,40 @@ async def test_two_processes_mixing_holds_settlements_releases_and_expiries_keep
             a = list(await asyncio.gather(*(engine.authorize(_call(base + 20 + i)) for i in range(6))))
             b = list(await asyncio.gather(*(other.authorize(_call(base + 30 + i)) for i in range(6))))
             await exact()
+
+
+@pytest.mark.parametrize("ledger_at", ["postgresql"], indirect=True)
+async def test_a_connection_lost_as_an_operation_sends_the_queue_refuses_that_operation_alone(
+        engine: Engine, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str) -> None:
+    """The queue goes out first within an operation (a settlement not sent ahead: another
+    process's hold), and the connection is lost then: that operation is refused
+    (LedgerRefusing), the batch is run again on a new connection without it, the others'
+    settlements are committed and reported so, and the books are exact."""
+    from engine.engine import Engine as Other
+    from engine.ledger import LedgerRefusing
+    from engine.ledger.pg.conn import PgConnection
+    from tests.test_postgres_connection import _terminate
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    ours = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(3)))
+    async with await Other.open(engine.location, clock=clock) as other:
+        theirs = await other.authorize(_call(3))
+    send = PgConnection._send_queue
+    lost: list[int] = []
+
+    def dropped(self: PgConnection) -> None:
+        if not lost:  # the first time: within the last operation (the others only queued)
+            lost.append(self.raw.get_server_pid())
+            _terminate(postgres_dsn, lost[0])
+        send(self)
+
+    monkeypatch.setattr(PgConnection, "_send_queue", dropped)
+    results = await asyncio.gather(*(engine.settle(h.hold_id or "", _usage(i, 1_000 * (i + 1)))
+                                     for i, h in enumerate([*ours, theirs])), return_exceptions=True)
+    assert lost
+    assert [type(r).__name__ for r in results] == ["RecordResult"] * 3 + ["LedgerRefusing"], results
+    assert isinstance(results[3], LedgerRefusing)
+    assert await engine.event_count() == 3 and await engine.open_holds() == 1
+    async with await Other.open(engine.location, clock=clock) as fresh:
+        truth = await _consumed(fresh, policy.id)
+    assert truth[0] == 6_000 and await _consumed(engine, policy.id) == truth
