@@ -249,3 +249,48 @@ async def test_a_connection_lost_as_an_operation_sends_the_queue_refuses_that_op
     async with await Other.open(engine.location, clock=clock) as fresh:
         truth = await _consumed(fresh, policy.id)
     assert truth[0] == 6_000 and await _consumed(engine, policy.id) == truth
+
+
+async def test_granted_holds_in_pipelined_batches_keep_the_grant_and_the_books_exact(
+        engine: Engine, clock: FrozenClock) -> None:
+    """A batch mixing settlements sent ahead (holds of a plain policy) with holds taken from an
+    approved grant (never sent ahead: their closing gives back to the grant), settled, released
+    and opened: the grant's use is exact and so is every book."""
+    from engine.engine import Engine as Other
+    from tests.test_approvals import _call as strict_call
+    from tests.test_approvals import _settled, _strict
+
+    strict = await _strict(engine)
+    plain = await engine.add_policy(build_policy(scope="team:ops", metric="usd", window="day", hard="10"))
+    request_id = (await engine.authorize(strict_call())).override_request_id or ""
+    engine.actor = "olga"
+    worst = engine.worst_case(strict_call()).usd
+    await engine.approve(request_id, amount=10 * worst, duration_ms=3_600_000)
+
+    def ops_call(n: int) -> CallRequest:
+        return CallRequest(principal="carol", team="ops", model="gpt-4o", provider="openai", input_tokens=1000,
+                           max_tokens=1000, request_id=f"ops-{n}")
+
+    def ops_usage(n: int, cost: int) -> UsageEvent:
+        return UsageEvent(ts_ms=NOW_MS, request_id=f"ops-{n}", provider="openai", model="gpt-4o", team="ops",
+                          principal="carol", input_tokens=500, output_tokens=100, cost_nanos=cost,
+                          cost_source="provider")
+
+    plain_holds = await asyncio.gather(*(engine.authorize(ops_call(n)) for n in range(3)))
+    granted = await asyncio.gather(*(engine.authorize(strict_call(n=n)) for n in range(1, 4)))
+    assert all(g.allowed and g.grant_id == request_id for g in granted)
+    done = await asyncio.gather(
+        engine.settle(plain_holds[0].hold_id or "", ops_usage(0, 1_000)),
+        engine.settle(granted[0].hold_id or "", _settled("call-alice-1", worst)),
+        engine.authorize(ops_call(3)),
+        engine.settle(plain_holds[1].hold_id or "", ops_usage(1, 2_000)),
+        engine.release(granted[1].hold_id or ""),
+        engine.settle(granted[2].hold_id or "", _settled("call-alice-3", worst // 2)),
+        engine.settle(plain_holds[2].hold_id or "", ops_usage(2, 3_000)),
+        return_exceptions=True)
+    assert not any(isinstance(r, BaseException) for r in done), done
+    assert (await engine.override_request(request_id)).grant_used == worst + worst // 2
+    async with await Other.open(engine.location, clock=clock) as fresh:
+        for policy_id in (strict, plain.id):
+            assert await _consumed(engine, policy_id) == await _consumed(fresh, policy_id)
+    assert (await _consumed(engine, plain.id))[0] == 6_000
