@@ -294,3 +294,59 @@ async def test_granted_holds_in_pipelined_batches_keep_the_grant_and_the_books_e
         for policy_id in (strict, plain.id):
             assert await _consumed(engine, policy_id) == await _consumed(fresh, policy_id)
     assert (await _consumed(engine, plain.id))[0] == 6_000
+
+
+async def test_two_closings_of_one_hold_in_a_batch_meet_in_the_order_they_were_asked(engine: Engine) -> None:
+    """The first closing of a hold this process opened is sent ahead; a second closing of it in
+    the same batch is not (its lines are no longer foretold), so it goes out after the first and
+    meets it: released then settled, the settlement is refused and its event not posted;
+    settled then released, the release is refused. The books stay exact."""
+    from engine.book import HoldError
+    from engine.engine import Engine as Other
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    first, second, bystander = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(3)))
+    results = await asyncio.gather(
+        engine.release(first.hold_id or ""),
+        engine.settle(first.hold_id or "", _usage(0, 1_000)),
+        engine.settle(second.hold_id or "", _usage(1, 2_000)),
+        engine.release(second.hold_id or ""),
+        engine.settle(bystander.hold_id or "", _usage(2, 4_000)),
+        return_exceptions=True)
+    assert results[0] is None and results[3].__class__ is HoldError and results[1].__class__ is HoldError, results
+    assert "released" in str(results[1]) and "settled" in str(results[3])
+    assert await engine.event_count() == 2 and await engine.open_holds() == 0
+    assert await _consumed(engine, policy.id) == (6_000, 0)
+    async with await Other.open(engine.location, clock=engine.clock) as fresh:
+        assert await _consumed(fresh, policy.id) == (6_000, 0)
+
+
+async def test_a_refused_settlement_that_made_a_series_leaves_no_stale_series_id(
+        engine: Engine, clock: FrozenClock) -> None:
+    """A settlement whose event is the first of its series makes the series, then is refused
+    (its hold was released by another process) and undone to its savepoint, the series with it.
+    A later settlement of the same series, in the same batch and after it, must make the series
+    again, not take the undone one's id (a foreign key error reaching the caller, and the id
+    kept for every later event of the series). On PostgreSQL the batch first runs pipelined and
+    fails as not foretold (the hold is not open), then runs again with savepoints: there the
+    refused settlement fails for the first time."""
+    from engine.book import HoldError
+    from engine.engine import Engine as Other
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    released, kept = await asyncio.gather(*(engine.authorize(_call(i)) for i in range(2)))
+    async with await Other.open(engine.location, clock=clock) as other:
+        await other.release(released.hold_id or "")
+
+    def new_series(n: int, cost: int) -> UsageEvent:
+        return UsageEvent(ts_ms=TS, request_id=f"req-{n}", provider="openai", model="gpt-4o-mini", team="ml",
+                          principal="dave", input_tokens=100, output_tokens=10, cost_nanos=cost,
+                          cost_source="provider")
+
+    results = await asyncio.gather(engine.settle(released.hold_id or "", new_series(0, 1_000)),
+                                   engine.settle(kept.hold_id or "", new_series(1, 2_000)),
+                                   return_exceptions=True)
+    assert isinstance(results[0], HoldError) and not isinstance(results[1], BaseException), results
+    later = await engine.authorize(_call(2))
+    assert not (await engine.settle(later.hold_id or "", new_series(2, 4_000))).duplicate  # the series as made
+    assert await _consumed(engine, policy.id) == (6_000, 0)
