@@ -350,3 +350,27 @@ async def test_a_refused_settlement_that_made_a_series_leaves_no_stale_series_id
     later = await engine.authorize(_call(2))
     assert not (await engine.settle(later.hold_id or "", new_series(2, 4_000))).duplicate  # the series as made
     assert await _consumed(engine, policy.id) == (6_000, 0)
+
+
+async def test_rate_limited_calls_among_settlements_sent_ahead_take_exactly_their_limit(
+        engine: Engine, clock: FrozenClock) -> None:
+    """A token's request limit read and taken in each call's operation (statements not sent
+    ahead, so each sends the queue first), in batches with settlements that are: the limit
+    admits exactly its number of calls, and the books stay exact."""
+    from engine.engine import Engine as Other
+    from engine.ratelimits import Limit
+
+    policy = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="10"))
+    limit = [Limit("tok", "requests", 5, 1)]
+    first = await asyncio.gather(*(engine.authorize_limited(_call(i), limit) for i in range(3)))
+    assert all(decision.allowed and auth is not None for decision, auth in first)
+    mixed = await asyncio.gather(
+        *(engine.settle(auth.hold_id or "", _usage(i, 1_000)) for i, (_, auth) in enumerate(first) if auth),
+        *(engine.authorize_limited(_call(10 + i), limit) for i in range(4)))
+    admitted = [auth for _, auth in mixed[3:]]  # type: ignore[misc]
+    assert sum(auth is not None for auth in admitted) == 2
+    await asyncio.gather(*(engine.settle(auth.hold_id or "", _usage(10 + i, 500))
+                           for i, auth in enumerate(admitted) if auth is not None))
+    assert await _consumed(engine, policy.id) == (4_000, 0)
+    async with await Other.open(engine.location, clock=clock) as fresh:
+        assert await _consumed(fresh, policy.id) == (4_000, 0)
