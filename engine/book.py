@@ -137,6 +137,7 @@ class BudgetBook:
         #: PostgreSQL send the closing ahead with the batch's other writes.
         self._opened: dict[str, list[tuple[str, int]]] = {}
         self._opened_now: set[str] = set()  # of those, the ones the running batch opened
+        self._sent_ahead = False  # the running batch folded a settlement's event sent ahead (id unknown)
         #: Some policy names a model or a provider. Only such a policy can refuse one model and
         #: allow another for the same call: any other counts the same tokens and requests for
         #: every model and fewer dollars for a cheaper one, so it fits the cheapest whenever it
@@ -148,6 +149,7 @@ class BudgetBook:
     def begin(self, tx: LedgerTx) -> None:
         self._batch_mark = len(self._raising)
         self._opened_now.clear()
+        self._sent_ahead = False
         now = self._now()
         if self._stale or not tx.quiet:  # else nothing was written since the last batch but by it
             version = tx.policies_version()
@@ -406,6 +408,12 @@ class BudgetBook:
         else:
             self._overshoots(tx, hold_id, event, closed.lines, actual, now)
         appended = tx.appended_id
+        if appended == PENDING_ID:
+            self._sent_ahead = True
+        elif self._sent_ahead:
+            # The events sent ahead earlier in this batch, folded already, went out before this
+            # settlement's statement: their ids, unknown to the watermark, are below this one's.
+            self._last_event = max(self._last_event, appended - 1 if appended > 0 else tx.last_event_id)
         if appended == PENDING_ID or appended == self._last_event + 1:  # nothing came between: fold from here
             self._fold_event((max(appended, 0), event.ts_ms, event.workspace, event.team, event.principal,
                               event.token_id, event.provider, event.model, event.session, event.agent,

@@ -288,11 +288,14 @@ class GroupWriter:
                         results.append((False, failed.error))
                         continue
                     self._savepoint(conn, released)
+                    made = len(fresh)  # series ids so far; fresh only grows, in order
                     try:
                         results.append((True, op(tx)))
                         released = False
                     except Exception as exc:  # this op alone is undone; the others go on
                         self._undo_op(conn)
+                        for key in list(fresh)[made:]:  # the series it made are undone with it
+                            del fresh[key]
                         released = True
                         results.append((False, exc))
                 if not released:

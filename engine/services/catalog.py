@@ -20,6 +20,7 @@ from engine import providers as prov
 from engine import routing
 from engine.budgets import CallCost
 from engine.ledger import LedgerTx
+from engine.ledger.errors import PipelineFailed
 from engine.models import FieldError
 from engine.pricing import ModelPrice, parse_litellm, uncached_cost_nanos, uncached_costs
 from engine.services.core import Changed, Core, Journal, Service
@@ -242,6 +243,8 @@ class CatalogService(Service):
             try:
                 tx.routing.record(rows)
                 return op(tx)
+            except PipelineFailed:  # another's write sent ahead: the batch runs again, and this operation with it
+                raise
             except BaseException:  # undone with the operation: they go with a later one
                 loop.call_soon_threadsafe(self._requeue_decisions, rows)
                 raise
