@@ -95,10 +95,6 @@ class Events:
         self.appended_id = 0
         _check_costs(events)
         series_ids = self._series_ids(events)
-        if pipeline(conn) is not None:
-            # A settlement's event is sent ahead (``append_closing``), and the budget book folds
-            # it without its id: any other append in such a batch would follow events of ids unknown.
-            raise PipelineFailed("only a settlement's event is sent ahead")
         if len(events) == 1 and events[0].ts_ms >= 0 and getattr(conn, "dialect", "sqlite") == "postgresql":
             # One event on PostgreSQL: inserted and folded in one round trip.
             parameters = (*_event_row(events[0], series_ids[0]), *pg_fold_one_params(events[0], series_ids[0]))
