@@ -192,17 +192,3 @@ async def test_a_token_is_named_by_its_id_or_its_public_prefix(engine: Engine) -
     assert (await engine.revoke_token(other.id)).id == other.id
     with pytest.raises(FieldError, match="no token"):
         await engine.revoke_token("bgt_nosuchpx")
-
-
-async def test_a_policy_built_in_code_without_maker_or_time_is_stamped_when_added(engine: Engine,
-                                                                                 clock: FrozenClock) -> None:
-    """``build_policy`` without ``actor`` and ``now_ms`` (a library user's) makes a policy of no
-    maker at 1970: ``add_policy`` stamps it with the engine's actor and the store's time, as the
-    command line and the dashboard stamp theirs; one that says who and when keeps it."""
-    added = await engine.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="5"))
-    kept = await engine.policy(added.id)
-    assert (kept.created_ms, kept.updated_ms) == (clock.now_ms(), clock.now_ms())
-    assert kept.created_by == kept.updated_by == engine.actor != ""
-    told = await engine.add_policy(build_policy(scope="team:ops", metric="usd", window="day", hard="5",
-                                                actor="carol", now_ms=123))
-    assert ((await engine.policy(told.id)).created_by, (await engine.policy(told.id)).created_ms) == ("carol", 123)

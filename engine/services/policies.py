@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import replace
 
 from engine.budgets import (
     CONTEXT_COLUMNS,
@@ -39,19 +38,12 @@ class PolicyService(Service):
         self.usage = usage
 
     async def add_policy(self, policy: Policy) -> Policy:
-        """Store a new policy (its id must be new). One built without a maker or a time (from
-        code: ``build_policy`` without ``actor`` and ``now_ms``) is stamped with this engine's
-        actor and the store's time, as the command line and the dashboard stamp theirs."""
+        """Store a new policy (its id must be new)."""
         def op(tx: LedgerTx) -> Changed[Policy]:
             if any(json.loads(spec)["id"] == policy.id for spec in tx.policy_specs()):
                 raise FieldError("id", f"a policy {policy.id} already exists")
-            now, made = self.now_ms(), policy
-            if not made.created_ms:
-                made = replace(made, created_ms=now, updated_ms=made.updated_ms or now)
-            if not made.created_by:
-                made = replace(made, created_by=self.actor, updated_by=made.updated_by or self.actor)
-            tx.save_policy(made.id, json.dumps(made.to_json()), now)
-            return made, Journal(f"policy:{made.id}", None, made.to_json())
+            tx.save_policy(policy.id, json.dumps(policy.to_json()), self.now_ms())
+            return policy, Journal(f"policy:{policy.id}", None, policy.to_json())
 
         return await self._change("edit_policies", "policy.add", op)
 
