@@ -73,6 +73,17 @@ def _ledger(db: Path) -> list[tuple[str, str, int, int, int, str, str]]:
     return asyncio.run(read())
 
 
+def _settled(db: Path, count: int = 1, within_s: float = 10.0) -> list[tuple[str, str, int, int, int, str, str]]:
+    """The ledger's events (``_ledger``) once ``count`` of them are there. A stream is settled
+    as its relay ends, and a client may stop reading before that: the openai SDK closes the
+    response at ``data: [DONE]``, the anthropic SDK at its last event, so the settlement can
+    still be on its way to the ledger when the client's loop is done."""
+    deadline = time.monotonic() + within_s
+    while len(rows := _ledger(db)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rows
+
+
 def _open_holds(db: Path) -> int:
     async def count() -> int:
         async with await Engine.open(db) as engine:
@@ -111,7 +122,7 @@ def test_streaming_settles_from_the_usage_in_the_last_chunk(gateway: tuple[str, 
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == FakeOpenAI.REPLY
         assert fake.requests[-1]["body"]["stream_options"] == {"include_usage": True}  # asked for by the gateway
-        [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+        [(_m, _p, inp, out, cost, source, _s)] = _settled(db_path)
         assert (inp, out, source) == (10, 7, "computed") and cost > 0
         assert _open_holds(db_path) == 0
 
@@ -126,7 +137,7 @@ def test_a_stream_cut_off_is_settled_from_what_arrived_as_estimated(
                     model="gpt-4o-mini", messages=[{"role": "user", "content": "please #cut"}], stream=True):
                 received.extend(c.delta.content or "" for c in chunk.choices)
         assert "".join(received) == "Hello from"
-        [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+        [(_m, _p, inp, out, cost, source, _s)] = _settled(db_path)
         assert source == "estimated" and cost > 0 and inp > 0 and out > 0  # never $0
         assert _open_holds(db_path) == 0
 
@@ -138,11 +149,7 @@ def test_a_client_that_leaves_mid_stream_is_settled_too(gateway: tuple[str, str]
             json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "#drip"}]}) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # read one line, then hang up
-    for _ in range(100):
-        if _ledger(db_path):
-            break
-        time.sleep(0.05)
-    [(_m, _p, _i, out, cost, source, _s)] = _ledger(db_path)
+    [(_m, _p, _i, out, cost, source, _s)] = _settled(db_path)
     assert source == "estimated" and out > 0 and cost > 0 and _open_holds(db_path) == 0
 
 

@@ -20,7 +20,7 @@ import pytest
 from engine.engine import Engine
 from engine.integrations.gateway import create_app
 from tests.asgi_servers import FakeAnthropic, FakeOpenAI, serve
-from tests.test_gateway import KEY, _ledger, _open_holds, _setup
+from tests.test_gateway import KEY, _ledger, _open_holds, _settled, _setup
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +86,7 @@ def test_a_stream_without_include_usage_has_a_choice_in_every_chunk_and_is_bille
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)  # the everyday loop: no IndexError
     assert text == FakeOpenAI.REPLY and all(chunk.usage is None for chunk in chunks)
     assert fake.requests[-1]["body"]["stream_options"] == {"include_usage": True}  # the ledger still gets it
-    [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+    [(_m, _p, inp, out, cost, source, _s)] = _settled(db_path)
     assert (inp, out, source, cost) == (10, 7, "computed", 10 * 150 + 7 * 600)
     assert _open_holds(db_path) == 0
 
@@ -97,7 +97,7 @@ def test_a_stream_with_include_usage_gets_its_usage_chunk(openai_vendor: openai.
         stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == FakeOpenAI.REPLY
-    [(_m, _p, inp, out, cost, source, _s)] = _ledger(db_path)
+    [(_m, _p, inp, out, cost, source, _s)] = _settled(db_path)
     assert (inp, out, source, cost) == (10, 7, "computed", 10 * 150 + 7 * 600)
 
 
@@ -108,7 +108,7 @@ def test_usage_on_a_chunk_with_choices_is_taken_off_it_when_not_asked_for(
         model="gpt-4o-mini", messages=[{"role": "user", "content": content}], stream=True))
     assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
     assert all(chunk.usage is None for chunk in chunks)
-    [(_m, _p, inp, out, _c, source, _s)] = _ledger(db_path)
+    [(_m, _p, inp, out, _c, source, _s)] = _settled(db_path)
     assert (inp, out, source) == (10 + len(content) // 4, 7, "computed")
 
 
@@ -212,7 +212,7 @@ def test_the_anthropic_sdk_raises_on_a_stream_the_provider_cuts_and_the_call_is_
             model="claude-haiku-4-5", max_tokens=100, messages=[{"role": "user", "content": "hi #cut"}]) as stream:
         received.extend(stream.text_stream)
     assert received == ["Hi from"] and "broke off" in str(cut.value)
-    [(_m, _p, inp, out, cost, source, status)] = _ledger(db_path)
+    [(_m, _p, inp, out, cost, source, status)] = _settled(db_path)
     assert (source, status) == ("estimated", "ok") and inp > 0 and out > 0 and cost > 0
     assert _open_holds(db_path) == 0
 
@@ -256,7 +256,7 @@ def test_an_anthropic_stream_that_ends_without_message_stop_is_an_error_too(db_p
             assert "".join(stream.text_stream) == "Hi from"
     finally:
         listener.close()
-    [(_m, _p, _i, _o, _c, source, _s)] = _ledger(db_path)
+    [(_m, _p, _i, _o, _c, source, _s)] = _settled(db_path)
     assert source == "estimated" and _open_holds(db_path) == 0
 
 
@@ -268,7 +268,7 @@ def test_the_openai_sdk_raises_on_a_stream_the_provider_cuts(openai_vendor: open
             received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == "Hello from" and "broke off" in cut.value.message
     assert not isinstance(cut.value, openai.APIStatusError) or cut.value.status_code != 200
-    assert [r[5] for r in _ledger(db_path)] == ["estimated"]
+    assert [r[5] for r in _settled(db_path)] == ["estimated"]
 
 
 def test_a_raw_client_sees_the_anthropic_error_event(claude_vendor: anthropic.Anthropic) -> None:
