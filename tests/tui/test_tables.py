@@ -94,6 +94,32 @@ async def test_s_sorts_by_value_S_reverses_and_the_cursor_and_sort_survive_a_ref
 
 
 @REFRESH
+async def test_the_cursor_off_the_first_row_leaves_budgets_at_rest(db_path: Path, clock: FrozenClock,
+                                                                   refresh: float) -> None:
+    """Setting the rows again passes the cursor over the first row on its way back to its own;
+    the chart followed that stale highlight, read again, set the rows again, and so on: Budgets
+    read and redrew without end (a core at 100 %) once the cursor left the first row."""
+    await _three_budgets(db_path, clock)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        screen = app.screen
+        table = screen.query_one("#policies", VimTable)
+        table.focus()
+        await pilot.press("j")
+        await _settle(pilot, app)
+        charted = screen.data.charted  # type: ignore[attr-defined]
+        assert charted == table.current_key and table.cursor_row == 1  # the chart follows the cursor
+        shown = []
+        show = screen.show  # type: ignore[attr-defined]
+        screen.show = lambda data: (shown.append(data), show(data))  # type: ignore[attr-defined]
+        for _ in range(10):  # a second at rest: no read shows anything new
+            await asyncio.sleep(0.1)
+        assert shown == [] and table.current_key == charted
+
+
+@REFRESH
 async def test_the_details_pane_follows_the_cursor_at_160_and_enter_opens_a_modal_at_80(
         db_path: Path, clock: FrozenClock, refresh: float) -> None:
     await _three_budgets(db_path, clock)
