@@ -40,6 +40,22 @@ async def _settle(pilot: object, app: BudgeteerApp) -> None:
     await pilot.pause(0.05)  # type: ignore[attr-defined]
 
 
+async def _a_poll_lands(app: BudgeteerApp) -> None:
+    """Wait, with no key and no pause, for the default refresh's next read of the screen shown to
+    end (about refresh_seconds from now), then for its paint: the condition a fixed sleep of the
+    interval and a margin waited for, without the margin."""
+    screen = app.screen
+    before = screen._loader  # type: ignore[attr-defined]
+    for _ in range(int((app.refresh_seconds + 30) / 0.05)):
+        await asyncio.sleep(0.05)
+        loader = screen._loader  # type: ignore[attr-defined]
+        if loader is not before and loader is not None and loader.is_finished:
+            break
+    else:
+        raise AssertionError(f"no refresh of {type(screen).__name__} in {app.refresh_seconds + 30} s")
+    await asyncio.sleep(0.2)  # what it read painted (a frame is 1/60 s)
+
+
 async def _three_budgets(db_path: Path, clock: FrozenClock) -> None:
     """Spent $9, $10 and $100: as text, '$10.00' < '$100.00' < '$9.00'; by value the other way."""
     async with await Engine.open(db_path, clock=clock) as engine:
@@ -81,7 +97,7 @@ async def test_s_sorts_by_value_S_reverses_and_the_cursor_and_sort_survive_a_ref
         await pilot.press("r")  # a refresh sets the rows again
         await _settle(pilot, app)
         if refresh < 60:
-            await asyncio.sleep(refresh + 0.5)
+            await _a_poll_lands(app)
             await _settle(pilot, app)
         assert _column(table, "spent") == ["$9.00", "$10.00", "$100.00"] and table.current_key == picked
         await pilot.press("slash", "a")  # a filter keeps the sort: Alpha, Bravo and Charlie all hold an a
@@ -91,6 +107,32 @@ async def test_s_sorts_by_value_S_reverses_and_the_cursor_and_sort_survive_a_ref
         table.focus()
         await pilot.press("s")  # the next column: soft
         assert "spent ▼" not in str(table.ordered_columns[keys.index("spent")].label)
+
+
+@REFRESH
+async def test_the_cursor_off_the_first_row_leaves_budgets_at_rest(db_path: Path, clock: FrozenClock,
+                                                                   refresh: float) -> None:
+    """Setting the rows again passes the cursor over the first row on its way back to its own;
+    the chart followed that stale highlight, read again, set the rows again, and so on: Budgets
+    read and redrew without end (a core at 100 %) once the cursor left the first row."""
+    await _three_budgets(db_path, clock)
+    app = BudgeteerApp(db_path=db_path, clock=clock, refresh_seconds=refresh)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        await _settle(pilot, app)
+        screen = app.screen
+        table = screen.query_one("#policies", VimTable)
+        table.focus()
+        await pilot.press("j")
+        await _settle(pilot, app)
+        charted = screen.data.charted  # type: ignore[attr-defined]
+        assert charted == table.current_key and table.cursor_row == 1  # the chart follows the cursor
+        shown = []
+        show = screen.show  # type: ignore[attr-defined]
+        screen.show = lambda data: (shown.append(data), show(data))  # type: ignore[attr-defined]
+        for _ in range(10):  # a second at rest: no read shows anything new
+            await asyncio.sleep(0.1)
+        assert shown == [] and table.current_key == charted
 
 
 @REFRESH
@@ -406,7 +448,7 @@ async def test_every_visible_cell_is_the_engines_value(demo_ledger: Path, tmp_pa
         for key in "1234567890":
             await pilot.press(key)
             await _settle(pilot, app)
-            await asyncio.sleep(app.refresh_seconds + 0.6)  # a refresh lands, and no key or pause repaints
+            await _a_poll_lands(app)  # a refresh lands, and no key or pause repaints
             for table in app.screen.query(VimTable):
                 if not table.display or not table.region.width or (key, table.id) in UNCHECKED:
                     continue

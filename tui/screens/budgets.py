@@ -95,7 +95,12 @@ class BudgetsScreen(DataScreen):
 
     @on(DataTable.RowHighlighted, "#policies")
     def _follow(self, event: DataTable.RowHighlighted) -> None:
-        """The chart under the table follows the cursor."""
+        """The chart under the table follows the cursor. A highlight of a row the cursor has left
+        already is stale: setting the rows again passes the cursor over the first row on its way
+        back to its own, and following that one read again, set the rows again, and so on: a
+        read loop at 100 % CPU whenever the cursor was not on the first row."""
+        if event.row_key.value != self.query_one("#policies", VimTable).current_key:
+            return
         if self.data is not None and event.row_key.value != self.data.charted and event.row_key.value in self.policies:
             self.reload(restart=True)
 
