@@ -216,3 +216,34 @@ async def test_a_routing_decision_is_written_with_its_operation_or_not_at_all(
     assert conn.round_trips - before == 4
     kept = {d.request_id for d in await engine.store.transact(lambda tx: tx.routing.newest(20))}
     assert {f"req-c{n}" for n in range(5)} <= kept
+
+
+@pytest.mark.parametrize("ledger_at", ["postgresql"], indirect=True)
+async def test_a_batch_whose_next_is_waiting_begins_it_with_its_commit(engine: Engine) -> None:
+    """Under load the writer's next batch is waiting when one commits: COMMIT AND CHAIN begins
+    its transaction in the same round trip, so the next batch sends no BEGIN (three round trips:
+    the write lock, its writes, COMMIT); the last batch, with nothing waiting, commits plainly
+    and leaves no transaction open. Both batches' writes are in the ledger."""
+    import threading
+
+    conn = engine.store._writer.conn
+    started, gate = threading.Event(), threading.Event()
+
+    def slow(tx: LedgerTx) -> None:  # the first batch, held on the writer's thread until the next waits
+        started.set()
+        gate.wait(30)
+        tx.open_hold("hold_slow", "req-slow", NOW_MS, NOW_MS + 60_000, "{}", [("pol_x", 5)])
+
+    first = asyncio.ensure_future(engine.store.transact(slow))
+    assert await asyncio.to_thread(started.wait, 30)
+    waiting = [asyncio.ensure_future(engine.store.transact(
+        lambda tx, n=n: tx.open_hold(f"hold_{n}", f"req-{n}", NOW_MS, NOW_MS + 60_000, "{}", [("pol_x", 5)])))
+        for n in range(3)]
+    await asyncio.sleep(0)  # they are queued for the next batch
+    sent = conn.round_trips
+    gate.set()
+    await first
+    await asyncio.gather(*waiting)
+    # the first: its hold, COMMIT AND CHAIN; the next: the lock, its three holds together, COMMIT
+    assert conn.round_trips - sent == 5
+    assert not conn.in_transaction and await engine.open_holds() == 4

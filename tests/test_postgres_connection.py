@@ -85,3 +85,37 @@ def test_the_database_clock_leaves_out_the_wait_for_the_write_lock() -> None:
     received = sent + 1_702 * 1_000_000  # 1.702 s later: 1.7 s of it waiting, 2 ms of travel
     clock.observe(database_ms=received // 1_000_000 - 1, sent_ns=sent, received_ns=received, waited_ms=1_700)
     assert clock.offset_ms == 0
+
+
+def test_a_chained_commit_begins_the_next_transaction_and_a_connection_lost_meanwhile_is_made_again(
+        postgres_dsn: str) -> None:
+    """``commit(chain=True)`` (COMMIT AND CHAIN) commits and begins the next transaction in one
+    round trip: the next ``begin`` sends nothing. If the server closed the connection in between
+    (a restart, a failover, an idle-in-transaction timeout), ``begin`` connects again and
+    begins there, as a plain BEGIN does: the batch is not refused."""
+    conn = PgConnection(postgres_dsn)
+    try:
+        conn.execute("CREATE TABLE t (x BIGINT)")
+        conn.begin()
+        conn.execute("INSERT INTO t (x) VALUES (?)", (1,))
+        conn.commit(chain=True)
+        sent = conn.round_trips
+        conn.begin()
+        assert conn.round_trips == sent and conn.in_transaction  # nothing sent: the chain began it
+        conn.execute("INSERT INTO t (x) VALUES (?)", (100,))
+        conn.execute("ROLLBACK")  # a transaction indeed: what it wrote is undone
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+        conn.begin()
+        conn.execute("INSERT INTO t (x) VALUES (?)", (2,))
+        pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+        conn.commit(chain=True)
+        _terminate(postgres_dsn, pid)  # the chained transaction's connection goes while idle
+        conn.begin()
+        assert int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]) != pid
+        conn.execute("INSERT INTO t (x) VALUES (?)", (3,))
+        conn.commit()
+        conn.begin()  # a plain commit chained nothing: this one is a BEGIN
+        assert conn.execute("SELECT sum(x), count(*) FROM t").fetchone() == (6, 3)
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()

@@ -302,7 +302,7 @@ class GroupWriter:
                     self._release(conn)
             for end in self._end_hooks:
                 end(tx)
-            conn.execute("COMMIT")
+            self._commit(conn)
         except BaseException:
             try:
                 self._rollback_sync()
@@ -316,6 +316,10 @@ class GroupWriter:
         if deferred:
             self._deferred += 1
         return results
+
+    def _commit(self, conn: Connection) -> None:
+        """Commit an operation batch."""
+        conn.execute("COMMIT")
 
     def _pipeline(self, conn: Connection, on: bool) -> None:
         """Whether the operations now running may queue writes (``PgConnection.queue``): only a

@@ -158,6 +158,7 @@ class PgConnection:
         self.pipelining = False
         self._queue: list[_Queued] = []
         self.round_trips = 0  # statements (or pipelined groups of them) sent to the server (tests, benchmarks)
+        self._chained = False  # the last commit began the next transaction (commit(chain=True)): nothing in it yet
         try:
             self._connect()
         except BaseException:  # no connection: the loop (and its self-pipe's sockets) go too
@@ -287,6 +288,34 @@ class PgConnection:
                 if queued.check is not None:
                     queued.check(rows[at:at + count])
                 at += count
+
+    def begin(self) -> None:
+        """Begin a transaction; one the last commit began already (``commit(chain=True)``) is
+        taken as it is, unless its connection was closed meanwhile (a restart, a failover):
+        then BEGIN on a new one, as at any BEGIN."""
+        if self._chained:
+            self._chained = False
+            self._loop.run_until_complete(asyncio.sleep(0))  # hear of a connection the server closed
+            if self._pg is not None and not self._pg.is_closed():
+                self._in_tx = True
+                return
+        self.execute("BEGIN")
+
+    def commit(self, *, chain: bool = False) -> None:
+        """COMMIT; ``chain``: and begin the next transaction in the same round trip (COMMIT AND
+        CHAIN), for a writer whose next batch is waiting already. It holds no lock and no
+        snapshot until its first statement."""
+        if not chain:
+            self.execute("COMMIT")
+            return
+        try:
+            self.execute("COMMIT AND CHAIN")
+        except BaseException:  # whatever state that left the session in, the next BEGIN starts afresh
+            if self._pg is not None:
+                self._pg.terminate()
+            self._pg = None
+            raise
+        self._chained = True
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
         if self._deferred is not None:
