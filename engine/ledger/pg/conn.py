@@ -159,6 +159,7 @@ class PgConnection:
         self._queue: list[_Queued] = []
         self.round_trips = 0  # statements (or pipelined groups of them) sent to the server (tests, benchmarks)
         self._chained = False  # the last commit began the next transaction (commit(chain=True)): nothing in it yet
+        self._untouched = False  # in such a transaction, taken by begin(), no statement sent yet
         try:
             self._connect()
         except BaseException:  # no connection: the loop (and its self-pipe's sockets) go too
@@ -292,12 +293,13 @@ class PgConnection:
     def begin(self) -> None:
         """Begin a transaction; one the last commit began already (``commit(chain=True)``) is
         taken as it is, unless its connection was closed meanwhile (a restart, a failover):
-        then BEGIN on a new one, as at any BEGIN."""
+        then BEGIN on a new one, as at any BEGIN. A close not heard of yet is found by the
+        first statement, which then begins on a new connection and is sent once more there."""
         if self._chained:
             self._chained = False
             self._loop.run_until_complete(asyncio.sleep(0))  # hear of a connection the server closed
             if self._pg is not None and not self._pg.is_closed():
-                self._in_tx = True
+                self._in_tx = self._untouched = True
                 return
         self.execute("BEGIN")
 
@@ -332,6 +334,7 @@ class PgConnection:
             else:
                 self._send_queue()
         if statement.ends:
+            self._untouched = False
             if self._pg is None or self._pg.is_closed():  # the transaction went with the connection
                 committing = self._in_tx and statement.commits
                 self._in_tx = False
@@ -360,6 +363,18 @@ class PgConnection:
                 self.run(self.raw.execute(statement.sql))
             self._in_tx = True
             return PgCursor([], -1, None)
+        if self._untouched:
+            self._untouched = False
+            try:
+                return self._send(statement, parameters)
+            except LedgerRefusing:  # nothing was done in it yet: once more, on a new connection
+                if self._pg is not None:
+                    self._pg.terminate()
+                self._pg, self._in_tx = None, False
+                self.execute("BEGIN")
+        return self._send(statement, parameters)
+
+    def _send(self, statement: Statement, parameters: Sequence[Any]) -> PgCursor:
         conn = self.raw
         if statement.rows:
             records = self.run(conn.fetch(statement.sql, *parameters))
