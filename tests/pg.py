@@ -499,37 +499,41 @@ def _with_database(dsn: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
-def fresh_database(admin_dsn: str, *, prefix: str = "test") -> str:
-    """CREATE a new, empty database with a unique name on the server of ``admin_dsn``; its dsn."""
+def _on(dsn: str, fetching: bool, sql: str, args: tuple[Any, ...]) -> Any:
     import asyncpg
 
-    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(admin_dsn, timeout=30)
+    async def run() -> Any:
+        conn = await asyncpg.connect(dsn, timeout=30)
         try:
-            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+            return list(await conn.fetch(sql, *args)) if fetching else await conn.execute(sql, *args)
         finally:
             await conn.close()
 
-    _in_thread(create)
+    return _in_thread(run)
+
+
+def execute(dsn: str, sql: str, *args: Any) -> None:
+    """Run ``sql`` on a connection of its own to ``dsn``, from any thread, whether or not an
+    event loop runs there; without ``args`` it may be several statements."""
+    _on(dsn, False, sql, args)
+
+
+def fetch(dsn: str, sql: str, *args: Any) -> list[Any]:
+    """The rows of one query, as ``execute`` runs it."""
+    rows: list[Any] = _on(dsn, True, sql, args)
+    return rows
+
+
+def fresh_database(admin_dsn: str, *, prefix: str = "test") -> str:
+    """CREATE a new, empty database with a unique name on the server of ``admin_dsn``; its dsn."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    execute(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE template0')
     return _with_database(admin_dsn, name)
 
 
 def drop_database(admin_dsn: str, dsn: str) -> None:
     """DROP the database of ``dsn``, ending any session still on it (a test's leftovers)."""
-    import asyncpg
-
-    name = urlsplit(dsn).path.lstrip("/")
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(admin_dsn, timeout=30)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    _in_thread(drop)
+    execute(admin_dsn, f'DROP DATABASE IF EXISTS "{urlsplit(dsn).path.lstrip("/")}" WITH (FORCE)')
 
 
 class Tally:

@@ -25,14 +25,6 @@ pytestmark = pytest.mark.xdist_group("postgres_cluster")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _fetch(dsn: str, sql: str) -> list[Any]:
-    conn = await asyncpg.connect(dsn, timeout=30)
-    try:
-        return list(await conn.fetch(sql))
-    finally:
-        await conn.close()
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -58,7 +50,7 @@ def _wait_until_gone(pid: int, within_s: float = 60.0) -> bool:
 
 
 async def test_the_cluster_listens_on_loopback_alone_with_the_test_settings(pg_cluster: Cluster) -> None:
-    rows = await _fetch(pg_cluster.dsn, "SELECT name, setting FROM pg_settings WHERE name IN ('listen_addresses', "
+    rows = pg.fetch(pg_cluster.dsn, "SELECT name, setting FROM pg_settings WHERE name IN ('listen_addresses', "
                         "'port', 'unix_socket_directories', 'fsync', 'synchronous_commit', 'full_page_writes', "
                         "'max_connections')")
     settings = {r["name"]: r["setting"] for r in rows}
@@ -77,7 +69,7 @@ async def test_the_cluster_listens_on_loopback_alone_with_the_test_settings(pg_c
 async def test_a_fresh_database_is_empty_and_named_in_its_dsn(postgres_dsn: str, pg_cluster: Cluster) -> None:
     name = postgres_dsn.rsplit("/", 1)[1]
     assert postgres_dsn == f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/{name}"
-    [row] = await _fetch(postgres_dsn, "SELECT current_database() AS db, count(*) AS n FROM pg_class c "
+    [row] = pg.fetch(postgres_dsn, "SELECT current_database() AS db, count(*) AS n FROM pg_class c "
                          "JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname NOT IN "
                          "('pg_catalog', 'information_schema', 'pg_toast')")
     assert (row["db"], row["n"]) == (name, 0)
@@ -125,48 +117,36 @@ async def test_a_crash_loses_nothing_committed_synchronously(postgres_dsn: str, 
     await asyncio.to_thread(pg_cluster.crash)
     assert not pg_cluster.running
     await asyncio.to_thread(pg_cluster.start)
-    assert [r["x"] for r in await _fetch(postgres_dsn, "SELECT x FROM kept")] == [3]
+    assert [r["x"] for r in pg.fetch(postgres_dsn, "SELECT x FROM kept")] == [3]
 
 
 async def test_fresh_databases_are_distinct(pg_cluster: Cluster) -> None:
     first, second = pg.fresh_database(pg_cluster.dsn), pg.fresh_database(pg_cluster.dsn)
     try:
         assert first != second
-        conn = await asyncpg.connect(first, timeout=30)
-        try:
-            await conn.execute("CREATE TABLE only_here (x int)")
-        finally:
-            await conn.close()
-        assert await _fetch(second, "SELECT 1 FROM pg_class WHERE relname = 'only_here'") == []
+        pg.execute(first, "CREATE TABLE only_here (x int)")
+        assert pg.fetch(second, "SELECT 1 FROM pg_class WHERE relname = 'only_here'") == []
     finally:
         pg.drop_database(pg_cluster.dsn, first)
         pg.drop_database(pg_cluster.dsn, second)
-    names = await _fetch(pg_cluster.dsn, "SELECT datname FROM pg_database")
+    names = pg.fetch(pg_cluster.dsn, "SELECT datname FROM pg_database")
     assert {first.rsplit("/", 1)[1], second.rsplit("/", 1)[1]}.isdisjoint(r["datname"] for r in names)
 
 
 async def test_a_restart_keeps_the_data_and_the_port(postgres_dsn: str, pg_cluster: Cluster) -> None:
     port, pid = pg_cluster.port, pg_cluster.proc.pid if pg_cluster.proc else None
-    conn = await asyncpg.connect(postgres_dsn, timeout=30)
-    try:
-        await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
-    finally:
-        await conn.close()
+    pg.execute(postgres_dsn, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
 
     await asyncio.to_thread(pg_cluster.restart)
 
     assert pg_cluster.port == port and pg_cluster.running
     assert pg_cluster.proc is not None and pg_cluster.proc.pid != pid  # a new server, not the old one
-    assert [r["x"] for r in await _fetch(postgres_dsn, "SELECT x FROM kept")] == [42]
+    assert [r["x"] for r in pg.fetch(postgres_dsn, "SELECT x FROM kept")] == [42]
 
 
 async def test_stopped_it_refuses_connections_and_started_again_it_has_the_data(
         postgres_dsn: str, pg_cluster: Cluster) -> None:
-    conn = await asyncpg.connect(postgres_dsn, timeout=30)
-    try:
-        await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
-    finally:
-        await conn.close()
+    pg.execute(postgres_dsn, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
     await asyncio.to_thread(pg_cluster.stop_fast)
     try:
         assert not pg_cluster.running
@@ -174,7 +154,7 @@ async def test_stopped_it_refuses_connections_and_started_again_it_has_the_data(
             await asyncpg.connect(postgres_dsn, timeout=5)
     finally:
         await asyncio.to_thread(pg_cluster.start)
-    assert [r["x"] for r in await _fetch(postgres_dsn, "SELECT x FROM kept")] == [7]
+    assert [r["x"] for r in pg.fetch(postgres_dsn, "SELECT x FROM kept")] == [7]
 
 
 def test_stop_leaves_no_server_and_no_folder(pg_bindir: Path) -> None:

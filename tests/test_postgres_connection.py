@@ -3,27 +3,15 @@ is never reported as committed."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
-import asyncpg
 import pytest
 
 from engine.ledger import LedgerRefusing
 from engine.ledger.pg.conn import PgConnection
+from tests import pg
 
 
 def _terminate(admin_dsn: str, pid: int) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute("SELECT pg_terminate_backend($1)", pid)
-        finally:
-            await conn.close()
-
-    done = threading.Thread(target=asyncio.run, args=(run(),))
-    done.start()
-    done.join()
+    pg.execute(admin_dsn, "SELECT pg_terminate_backend($1)", pid)
 
 
 def test_a_commit_after_the_connection_was_lost_is_refused_not_reported_made(postgres_dsn: str) -> None:

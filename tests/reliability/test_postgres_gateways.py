@@ -23,11 +23,11 @@ import textwrap
 import time
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
 from engine.engine import Engine
+from tests import pg
 from tests.reliability import start_gateway
 from tests.reliability.test_crash_and_writers import ASK, _load_until_killed, _port, _prepare
 
@@ -62,13 +62,9 @@ async def _ledger(dsn: str) -> tuple[list[str], int, int]:
         return [e.request_id for e in events], made, await engine.open_holds()
 
 
-async def _worst_case(dsn: str) -> int:
+def _worst_case(dsn: str) -> int:
     """The largest amount one call held on the budget (a call's worst case)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("SELECT max(delta) FROM hold_journal WHERE reason = 'hold'"))
-    finally:
-        await conn.close()
+    return int(pg.fetch(dsn, "SELECT max(delta) FROM hold_journal WHERE reason = 'hold'")[0][0])
 
 
 async def _post(client: httpx.AsyncClient, url: str, secret: str) -> httpx.Response | None:
@@ -118,7 +114,7 @@ def test_a_thousand_calls_over_three_gateways_never_pass_one_hard_budget(
     assert codes.count(0) <= len(codes) // 20, f"{codes.count(0)} calls got no answer"
     assert codes.count(402) >= 3  # the budget did bind
     ids, made, open_holds = asyncio.run(_ledger(postgres_dsn))
-    worst = asyncio.run(_worst_case(postgres_dsn))
+    worst = _worst_case(postgres_dsn)
     assert made <= limit  # never above the limit
     assert limit - made < worst  # no more than one call's worst case below it
     assert open_holds == 0
