@@ -255,20 +255,27 @@ async def test_the_listener_reconnects_after_the_server_restarts(pg_cluster: Any
 # ---- the dashboard: a pushed change is read with the timer's refresh effectively off
 
 
+async def _budgets_showing_first(pilot: Any) -> Any:
+    """The dashboard's Budgets screen, once it shows the one policy ``first``."""
+    from tui.screens.budgets import BudgetsScreen
+
+    await pilot.press("3")
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause(0.05)
+    screen = pilot.app.screen
+    assert isinstance(screen, BudgetsScreen) and set(screen.policies) == {"first"}
+    return screen
+
+
 async def test_the_dashboard_reads_a_pushed_change_with_its_timer_off(postgres_dsn: str) -> None:
     from tui.app import BudgeteerApp
-    from tui.screens.budgets import BudgetsScreen
 
     async with await Engine.open(postgres_dsn) as one:
         await one.add_policy(build_policy(scope="global", metric="usd", window="day", hard="10", name="First",
                                           policy_id="first"))
         app = BudgeteerApp(db_path=postgres_dsn, refresh_seconds=3600)  # type: ignore[arg-type]
         async with app.run_test(size=(160, 48)) as pilot:
-            await pilot.press("3")
-            await app.workers.wait_for_complete()
-            await pilot.pause(0.05)
-            screen = app.screen
-            assert isinstance(screen, BudgetsScreen) and set(screen.policies) == {"first"}
+            screen = await _budgets_showing_first(pilot)
             assert app.engine is not None and app.engine.notifies
             await one.add_policy(build_policy(scope="team:ml", metric="usd", window="day", hard="5", name="Second",
                                               policy_id="second"))
@@ -305,11 +312,7 @@ async def test_a_change_heard_during_a_read_is_read_again_after_it(db_path: Path
                                           policy_id="first"))
         app = BudgeteerApp(db_path=db_path, refresh_seconds=3600)
         async with app.run_test(size=(160, 48)) as pilot:
-            await pilot.press("3")
-            await app.workers.wait_for_complete()
-            await pilot.pause(0.05)
-            screen = app.screen
-            assert isinstance(screen, BudgetsScreen) and set(screen.policies) == {"first"}
+            screen = await _budgets_showing_first(pilot)
             slow.set()
             await pilot.press("r")  # a read that has read already and ends in half a second
             await pilot.pause(0.05)

@@ -91,19 +91,25 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path: Path, provider:
     assert len(acknowledged) > loops  # the load really ran
 
     async def check() -> None:
-        async with await Engine.open(db) as engine:
-            ids = [e.request_id async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
-            assert len(ids) == len(set(ids))
-            missing = set(acknowledged) - set(ids)
-            assert not missing, f"{len(missing)} acknowledged calls are not in the ledger"
-            [status] = await engine.policy_status()  # counters rebuilt from the ledger by a fresh engine
-            assert status.consumed == (await engine.totals(status.window_start_ms, status.window_end_ms)).cost_nanos
+        await each_answered_once(db, acknowledged)
         later = FrozenClock(int(time.time() * 1000) + DEFAULT_HOLD_TTL_MS + 1_000)
         async with await Engine.open(db, clock=later) as engine:
             await engine.expire_holds()
             assert await engine.open_holds() == 0  # what the killed gateways held expires on time
 
     asyncio.run(check())
+
+
+async def each_answered_once(location: Path | str, acknowledged: list[str]) -> None:
+    """Every answered call is in the ledger at ``location``, each once, and the policy's
+    counters, rebuilt by a fresh engine, are what the ledger's totals say."""
+    async with await Engine.open(location) as engine:
+        ids = [e.request_id async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
+        assert len(ids) == len(set(ids))
+        missing = set(acknowledged) - set(ids)
+        assert not missing, f"{len(missing)} answered calls are not in the ledger"
+        [status] = await engine.policy_status()
+        assert status.consumed == (await engine.totals(status.window_start_ms, status.window_end_ms)).cost_nanos
 
 
 TRANSPORT_SCRIPT = textwrap.dedent("""

@@ -29,7 +29,7 @@ import pytest
 from engine.engine import Engine
 from tests import pg
 from tests.reliability import start_gateway
-from tests.reliability.test_crash_and_writers import ASK, _load_until_killed, _port, _prepare
+from tests.reliability.test_crash_and_writers import ASK, _load_until_killed, _port, _prepare, each_answered_once
 
 pytestmark = pytest.mark.xdist_group("postgres_gateways")
 
@@ -157,16 +157,7 @@ def test_sigkill_loop_across_two_gateways_loses_nothing_answered(postgres_dsn: s
         _stop(steady)
     assert len(acknowledged) > loops
 
-    async def check() -> None:
-        async with await Engine.open(postgres_dsn) as engine:
-            ids = [e.request_id async for e in engine.iter_events(0, engine.now_ms() + 60_000)]
-            assert len(ids) == len(set(ids))
-            missing = set(acknowledged) - set(ids)
-            assert not missing, f"{len(missing)} answered calls are not in the ledger"
-            [status] = await engine.policy_status()  # counters rebuilt from the ledger by a fresh engine
-            assert status.consumed == (await engine.totals(status.window_start_ms, status.window_end_ms)).cost_nanos
-
-    asyncio.run(check())
+    asyncio.run(each_answered_once(postgres_dsn, acknowledged))
 
 
 SKEWED_SCRIPT = textwrap.dedent("""
